@@ -1,0 +1,101 @@
+"""neuropil: memory-frugal building blocks for neural inference and neural memory.
+
+The hot loops live in a Rust core (``neuropil._native``) with runtime-dispatched
+SIMD and a rayon thread pool; this package is the Python face of it. Importing
+``neuropil`` never imports torch or transformers: ``neuropil.torch`` and
+``neuropil.hf`` do, when you use them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from . import _native
+from .errors import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "ArgumentError",
+    "DTypeError",
+    "FormatError",
+    "NeuropilError",
+    "ShapeError",
+    "__version__",
+    "get_num_threads",
+    "info",
+    "set_num_threads",
+    "simd_level",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads every parallel neuropil call uses.
+
+    The default is ``NEUROPIL_NUM_THREADS`` if set, else every core. Takes effect
+    for the next call; calls already running finish with their threads.
+
+    Args:
+        n: Positive thread count.
+
+    Raises:
+        ArgumentError: ``n`` is not a positive integer.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ArgumentError(f"n must be a positive integer; got {n!r}")
+    _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Returns the number of threads parallel neuropil calls use."""
+    return _native.get_num_threads()
+
+
+def simd_level() -> str:
+    """Returns the SIMD level the kernels run at: ``scalar``, ``avx2``, ``avx512`` or ``neon``.
+
+    The best level the CPU supports, unless ``NEUROPIL_KERNEL`` forces one.
+
+    Raises:
+        NeuropilError: ``NEUROPIL_KERNEL`` names an unknown level or one this CPU lacks.
+    """
+    return _native.simd_level()
+
+
+def info(probe_torch: bool = True) -> dict[str, Any]:
+    """Describes this installation.
+
+    Args:
+        probe_torch: Import torch (if installed) to report its version and CUDA.
+            ``False`` only reports whether torch is installed.
+
+    Returns:
+        A dict with ``version``, ``simd_level``, ``simd_levels`` (all the CPU
+        supports), ``cpu_features``, ``threads``, ``torch`` (version or None),
+        ``cuda`` (bool) and ``cuda_devices`` (names).
+    """
+    out: dict[str, Any] = {
+        "version": __version__,
+        "simd_level": _native.simd_level(),
+        "simd_levels": _native.simd_levels(),
+        "cpu_features": _native.cpu_features(),
+        "threads": _native.get_num_threads(),
+        "torch": None,
+        "cuda": False,
+        "cuda_devices": [],
+    }
+    if importlib.util.find_spec("torch") is None:
+        return out
+    if not probe_torch:
+        out["torch"] = "installed"
+        return out
+    import torch
+
+    out["torch"] = torch.__version__
+    out["cuda"] = bool(torch.cuda.is_available())
+    if out["cuda"]:
+        out["cuda_devices"] = [
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        ]
+    return out

@@ -1,0 +1,64 @@
+"""``neuropil bench [NAME]``: side-by-side ratios against the baselines installed.
+
+Each benchmark returns :class:`~neuropil._timing.Row` objects: neuropil's
+figure, the baselines' figures measured in the same run, and their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from ._registry import resolve, select
+from ._timing import Row, format_table
+
+# name -> "module:function(quick) -> list[Row]". Capabilities add their benchmark here.
+BENCHES: dict[str, str] = {
+    "simd": "._bench_system:simd",
+}
+
+
+def machine() -> str:
+    """CPU model and core count, for the record."""
+    import os
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def run(names: list[str] | None = None, as_json: bool = False, quick: bool = False) -> int:
+    from . import info
+
+    chosen = select(BENCHES, names, "NAME")
+    env = info()
+    env["machine"] = machine()
+    env["date"] = time.strftime("%Y-%m-%d")
+    results: dict[str, list[Row]] = {}
+    for name in chosen:
+        if not as_json:
+            print(f"\n== {name} ==")
+        rows = resolve(BENCHES[name])(quick=quick, verbose=not as_json)
+        results[name] = rows
+        if not as_json:
+            print(format_table(rows))
+    if as_json:
+        payload = {
+            "environment": env,
+            "results": {k: [r.as_dict() for r in v] for k, v in results.items()},
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        print(
+            f"\nmachine: {env['machine']}; SIMD {env['simd_level']}; "
+            f"threads {env['threads']}; {env['date']}"
+        )
+    return 0

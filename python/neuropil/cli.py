@@ -1,0 +1,85 @@
+"""The ``neuropil`` command line: ``info``, ``tour``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import info as _info
+from .errors import NeuropilError
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    data = _info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_tour(args: argparse.Namespace) -> int:
+    from . import _tour
+
+    return _tour.run(only=args.only, as_json=args.json, out_dir=args.out)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    return _bench.run(names=args.names, as_json=args.json, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import _bench, _tour
+
+    p = argparse.ArgumentParser(prog="neuropil", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="version, SIMD level, threads, torch/CUDA")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("tour", help="run every capability on real data and report")
+    s.add_argument(
+        "--only",
+        nargs="*",
+        metavar="SECTION",
+        help=f"sections to run (default: all of {', '.join(_tour.SECTIONS)})",
+    )
+    s.add_argument(
+        "--out", default="neuropil-tour", help="folder for figures (default: %(default)s)"
+    )
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=_cmd_tour)
+
+    s = sub.add_parser("bench", help="side-by-side benchmarks against installed baselines")
+    s.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run (default: all of {', '.join(_bench.BENCHES)})",
+    )
+    s.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    s.add_argument("--json", action="store_true", help="print rows as JSON")
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NeuropilError as e:
+        print(f"neuropil: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+//! Zero-copy input helper used by every binding.
+//!
+//! A float32, C-contiguous, aligned numpy array is borrowed in place: the core
+//! reads the very memory the caller owns. Anything else that numpy can view as
+//! a float array (float16/float64 arrays, non-contiguous views, CPU torch
+//! tensors, lists of floats) is converted once to a float32 C-contiguous copy.
+//! Non-float input (ints, bools, complex, objects) is rejected with `DTypeError`
+//! rather than cast silently.
+
+use numpy::{
+    PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
+
+use crate::errors::OrRaise;
+use neuropil::{validate, Error};
+
+/// A float32 C-contiguous view of a Python array argument.
+pub struct F32Input<'py> {
+    array: PyReadonlyArrayDyn<'py, f32>,
+    /// Whether the input had to be converted (false: the caller's memory is used).
+    pub copied: bool,
+}
+
+impl<'py> F32Input<'py> {
+    /// Whether the core can read `a` in place: C-contiguous and f32-aligned.
+    fn usable(a: &Bound<'py, PyArrayDyn<f32>>) -> bool {
+        a.is_c_contiguous() && (a.data() as usize).is_multiple_of(std::mem::align_of::<f32>())
+    }
+
+    fn new(a: &Bound<'py, PyArrayDyn<f32>>, copied: bool) -> PyResult<Self> {
+        let array = a.try_readonly()?;
+        // Checked once here so `as_slice` below can never fall back to a wrong answer.
+        if array.as_slice().is_err() {
+            return Err(crate::errors::NeuropilError::new_err(
+                "internal error: numpy returned a non-contiguous float32 array after conversion",
+            ));
+        }
+        Ok(F32Input { array, copied })
+    }
+
+    /// The elements, in C order.
+    pub fn as_slice(&self) -> &[f32] {
+        // `new` proved the array contiguous; it stays borrowed read-only while we hold it.
+        self.array.as_slice().unwrap_or(&[])
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.array.shape()
+    }
+
+    pub fn ptr(&self) -> usize {
+        self.array.as_array().as_ptr() as usize
+    }
+}
+
+fn numpy(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    static NUMPY: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    Ok(NUMPY
+        .get_or_try_init(py, || py.import("numpy").map(Bound::unbind))?
+        .bind(py))
+}
+
+/// Borrows or converts `obj` to float32, C-contiguous. `arg` names the argument
+/// in error messages.
+pub fn f32_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<F32Input<'py>> {
+    let py = obj.py();
+    if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+        if F32Input::usable(a) {
+            return F32Input::new(a, false);
+        }
+    }
+    let np = numpy(py)?;
+    // One view through numpy (no copy for arrays and CPU tensors), to read the dtype.
+    let viewed = if obj.cast::<PyUntypedArray>().is_ok() {
+        obj.clone()
+    } else {
+        np.call_method1("asarray", (obj,)).map_err(|e| {
+            let found = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+            crate::errors::DTypeError::new_err(format!(
+                "{arg} must be a float array (numpy, torch CPU tensor or nested list); got {found} ({e})"
+            ))
+        })?
+    };
+    let untyped = viewed.cast::<PyUntypedArray>()?;
+    let dtype = untyped.dtype();
+    let kind = dtype.kind();
+    if kind != b'f' {
+        return Err(Error::DType {
+            arg,
+            expected: "float32 (or another float dtype, converted once)".into(),
+            found: dtype.to_string(),
+        })
+        .or_raise();
+    }
+    // `asarray(order="C")` keeps 0-d arrays 0-d (ascontiguousarray would not);
+    // an unaligned float32 view still needs a real copy, hence `array(copy=True)`.
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("dtype", np.getattr("float32")?)?;
+    kwargs.set_item("order", "C")?;
+    let mut converted = np.call_method("asarray", (&viewed,), Some(&kwargs))?;
+    if !F32Input::usable(converted.cast::<PyArrayDyn<f32>>()?) {
+        kwargs.set_item("copy", true)?;
+        converted = np.call_method("array", (&viewed,), Some(&kwargs))?;
+    }
+    // A CPU tensor or other buffer already in float32 C order comes back from
+    // `asarray` as the very view made above: borrowed, not copied.
+    let copied = !converted.is(&viewed);
+    F32Input::new(converted.cast::<PyArrayDyn<f32>>()?, copied)
+}
+
+/// Argument checks applied after conversion; each error names `arg`.
+pub struct Expect {
+    arg: &'static str,
+    ndim: &'static [usize],
+    shape_hint: &'static str,
+    non_empty: bool,
+    finite: bool,
+}
+
+impl Expect {
+    /// `ndim`: the accepted ranks; `shape_hint`: how the message spells the
+    /// expected shape, e.g. `"(n,) or (n, d)"`.
+    pub const fn new(arg: &'static str, ndim: &'static [usize], shape_hint: &'static str) -> Self {
+        Expect {
+            arg,
+            ndim,
+            shape_hint,
+            non_empty: true,
+            finite: true,
+        }
+    }
+
+    /// Lets NaN and Inf through (for kernels where they propagate like numpy's).
+    pub const fn allow_non_finite(mut self) -> Self {
+        self.finite = false;
+        self
+    }
+
+    pub fn check(&self, input: &F32Input<'_>) -> PyResult<()> {
+        let shape = input.shape();
+        if !self.ndim.contains(&shape.len()) {
+            return Err(Error::shape(self.arg, self.shape_hint, shape)).or_raise();
+        }
+        if self.non_empty {
+            validate::non_empty(self.arg, shape).or_raise()?;
+        }
+        if self.finite {
+            validate::finite(self.arg, input.as_slice()).or_raise()?;
+        }
+        Ok(())
+    }
+
+    /// Converts and checks in one step.
+    pub fn read<'py>(&self, obj: &Bound<'py, PyAny>) -> PyResult<F32Input<'py>> {
+        let input = f32_input(obj, self.arg)?;
+        self.check(&input)?;
+        Ok(input)
+    }
+}

@@ -1,0 +1,39 @@
+//! The single place where core errors become Python exceptions.
+//!
+//! The exception classes are defined in Python (`neuropil/errors.py`) because
+//! they inherit from two bases (`ShapeError` is a `NeuropilError` and a
+//! `ValueError`), which a PyO3-created exception cannot.
+
+use pyo3::exceptions::PyIndexError;
+use pyo3::prelude::*;
+
+pyo3::import_exception!(neuropil.errors, NeuropilError);
+pyo3::import_exception!(neuropil.errors, ShapeError);
+pyo3::import_exception!(neuropil.errors, DTypeError);
+pyo3::import_exception!(neuropil.errors, FormatError);
+pyo3::import_exception!(neuropil.errors, ArgumentError);
+
+/// Converts a core error into the matching Python exception.
+pub fn to_py(err: neuropil::Error) -> PyErr {
+    use neuropil::Error as E;
+    let msg = err.to_string();
+    match err {
+        E::Shape { .. } | E::Empty { .. } => ShapeError::new_err(msg),
+        E::DType { .. } => DTypeError::new_err(msg),
+        E::Value { .. } => ArgumentError::new_err(msg),
+        E::Index { .. } => PyIndexError::new_err(msg),
+        E::Format { .. } => FormatError::new_err(msg),
+        E::Kernel { .. } | E::Threads(_) | E::Io(_) => NeuropilError::new_err(msg),
+    }
+}
+
+/// `?`-friendly conversion: `core_call().or_raise()?`.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> PyResult<T>;
+}
+
+impl<T> OrRaise<T> for neuropil::Result<T> {
+    fn or_raise(self) -> PyResult<T> {
+        self.map_err(to_py)
+    }
+}

@@ -1,0 +1,103 @@
+//! Process-level bindings: SIMD level, thread pool, and the dispatch-proving
+//! dot product.
+
+use pyo3::prelude::*;
+
+use crate::buffers::{f32_input, Expect};
+use crate::errors::OrRaise;
+use neuropil::simd::{self, Level};
+
+/// The SIMD level kernels use (`NEUROPIL_KERNEL` or the best the CPU has).
+#[pyfunction]
+fn simd_level() -> PyResult<&'static str> {
+    Ok(simd::level().or_raise()?.name())
+}
+
+/// Every level this CPU can run, lowest first.
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    Level::supported().iter().map(|l| l.name()).collect()
+}
+
+/// Optional CPU features detected at run time (e.g. `avx512vnni`).
+#[pyfunction]
+fn cpu_features() -> Vec<&'static str> {
+    simd::cpu_features()
+}
+
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    let n = usize::try_from(n)
+        .map_err(|_| neuropil::Error::value("n", "a positive integer", n))
+        .or_raise()?;
+    neuropil::threads::set_num_threads(n).or_raise()
+}
+
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    neuropil::threads::num_threads().or_raise()
+}
+
+// NaN and Inf propagate through a dot product, as they do in numpy.
+const A: Expect = Expect::new("a", &[1], "(n,)").allow_non_finite();
+const B: Expect = Expect::new("b", &[1], "(n,)").allow_non_finite();
+
+/// Dot product of two 1-D float vectors, parallel for long inputs; `level`
+/// forces one SIMD level for this call (tests compare every level).
+#[pyfunction]
+#[pyo3(signature = (a, b, level=None))]
+fn dot(
+    py: Python<'_>,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    level: Option<&str>,
+) -> PyResult<f32> {
+    let (a, b) = (A.read(a)?, B.read(b)?);
+    let forced = match level {
+        None => None,
+        Some(name) => Some(
+            Level::parse(name)
+                .ok_or_else(|| {
+                    neuropil::Error::value(
+                        "level",
+                        "one of scalar, avx2, avx512, neon",
+                        format!("{name:?}"),
+                    )
+                })
+                .or_raise()?,
+        ),
+    };
+    let (xa, xb) = (a.as_slice(), b.as_slice());
+    py.detach(|| match forced {
+        None => simd::dot(xa, xb),
+        Some(l) => simd::dot_at(l, xa, xb),
+    })
+    .or_raise()
+}
+
+/// Where the core would read `x` from, and whether it had to copy: the
+/// zero-copy guarantee made testable. With `checked`, `x` also goes through
+/// the checks every 1-D/2-D float input of a kernel gets (rank, non-empty,
+/// finite), so the binding layer's error messages are tested in one place.
+#[pyfunction]
+#[pyo3(signature = (x, checked=false))]
+fn _input_info(x: &Bound<'_, PyAny>, checked: bool) -> PyResult<(usize, bool)> {
+    const X: Expect = Expect::new("x", &[1, 2], "(d,) or (n, d)");
+    let input = if checked {
+        X.read(x)?
+    } else {
+        f32_input(x, "x")?
+    };
+    Ok((input.ptr(), input.copied))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(dot, m)?)?;
+    m.add_function(wrap_pyfunction!(_input_info, m)?)?;
+    Ok(())
+}

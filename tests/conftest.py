@@ -1,0 +1,43 @@
+"""Shared fixtures and markers for the neuropil test suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = False
+    if HAS_TORCH and any("cuda" in item.keywords for item in items):
+        import torch
+
+        cuda = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(skip)
+
+
+def run_python(
+    code: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (for import-time and env-var behaviour)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+@pytest.fixture
+def restore_threads():
+    import neuropil
+
+    before = neuropil.get_num_threads()
+    yield
+    neuropil.set_num_threads(before)

@@ -1,0 +1,75 @@
+"""The ``neuropil`` command line, run as users run it (console script and -m)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import neuropil
+from neuropil import cli
+
+
+def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    exe = [sys.executable, "-m", "neuropil"] if module else [shutil.which("neuropil") or "neuropil"]
+    return subprocess.run([*exe, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_info_json_via_console_script_and_module(module):
+    r = run_cli("info", "--json", module=module)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["version"] == neuropil.__version__
+    assert data["simd_level"] == neuropil.simd_level()
+
+
+def test_info_table(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "simd_level" in out and neuropil.simd_level() in out
+
+
+def test_tour_kernels_section_runs_on_real_text(tmp_path, capsys):
+    assert cli.main(["tour", "--only", "kernels", "--json", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)["kernels"]
+    assert report["texts"] >= 1 and report["dims"] == 729
+    assert report["max_abs_error_vs_float64"] < 1e-4
+    assert report["levels"] == neuropil._native.simd_levels()
+
+
+def test_tour_full_text_report(tmp_path):
+    r = run_cli("tour", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "== system ==" in r.stdout and "== kernels ==" in r.stdout
+    assert "sections ran" in r.stdout
+
+
+def test_bench_quick_json(capsys):
+    assert cli.main(["bench", "simd", "--quick", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    rows = payload["results"]["simd"]
+    assert payload["environment"]["machine"]
+    assert all(r["neuropil"] > 0 and r["ratios"]["numpy"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["tour", "--only", "nosuch"], "--only must be among system, kernels"),
+        (["bench", "nosuch"], "NAME must be among simd"),
+    ],
+)
+def test_unknown_names_are_clear_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "got nosuch" in err
+
+
+def test_no_subcommand_is_a_usage_error():
+    r = run_cli()
+    assert r.returncode == 2
+    assert "usage: neuropil" in r.stderr

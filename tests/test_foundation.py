@@ -1,0 +1,318 @@
+"""The package skeleton: dispatch, threads, errors, zero-copy inputs, info."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import neuropil
+from conftest import HAS_TORCH, run_python
+from neuropil import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError, _native
+
+
+def test_import_does_not_import_torch_or_transformers():
+    r = run_python(
+        "import sys, neuropil; neuropil.info(probe_torch=False); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+
+
+def test_info_reports_the_installation():
+    data = neuropil.info()
+    assert data["version"] == neuropil.__version__ == _native.__version__
+    assert data["simd_level"] in data["simd_levels"]
+    assert data["simd_levels"][0] == "scalar"
+    assert data["threads"] == neuropil.get_num_threads() >= 1
+    assert isinstance(data["cuda"], bool)
+    if HAS_TORCH:
+        import torch
+
+        assert data["torch"] == torch.__version__
+        assert data["cuda"] == torch.cuda.is_available()
+    else:
+        assert data["torch"] is None
+
+
+def test_exception_hierarchy():
+    assert issubclass(ShapeError, NeuropilError) and issubclass(ShapeError, ValueError)
+    assert issubclass(DTypeError, NeuropilError) and issubclass(DTypeError, TypeError)
+    assert issubclass(FormatError, NeuropilError) and issubclass(FormatError, ValueError)
+    assert issubclass(ArgumentError, NeuropilError) and issubclass(ArgumentError, ValueError)
+
+
+# ---------------------------------------------------------------- SIMD dispatch
+
+LEVELS = _native.simd_levels()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_dot_matches_float64_at_every_level(level, data):
+    n = data.draw(st.integers(1, 2000))
+    elems = st.floats(-1e3, 1e3, width=32)
+    a = data.draw(hnp.arrays(np.float32, n, elements=elems))
+    b = data.draw(hnp.arrays(np.float32, n, elements=elems))
+    want = float(a.astype(np.float64) @ b.astype(np.float64))
+    scale = float(np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)))
+    got = _native.dot(a, b, level=level)
+    assert abs(got - want) <= 1e-5 * scale + 1e-6
+
+
+def test_levels_agree_on_long_vectors():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 100_003), dtype=np.float32)
+    want = float(a.astype(np.float64) @ b.astype(np.float64))
+    for level in LEVELS:
+        assert _native.dot(a, b, level=level) == pytest.approx(want, rel=1e-4, abs=1e-2)
+    assert _native.dot(a, b) == pytest.approx(want, rel=1e-4, abs=1e-2)
+
+
+def test_nan_propagates_through_dot_like_numpy():
+    a = np.array([1.0, np.nan, 2.0], dtype=np.float32)
+    assert np.isnan(_native.dot(a, a))
+
+
+def test_unknown_level_argument():
+    a = np.ones(4, np.float32)
+    with pytest.raises(
+        ArgumentError, match=r"level must be one of scalar, avx2, avx512, neon; got \"sse9\""
+    ):
+        _native.dot(a, a, level="sse9")
+
+
+def test_unsupported_level_is_an_error_not_a_crash():
+    foreign = "avx2" if "neon" in LEVELS else "neon"
+    a = np.ones(4, np.float32)
+    with pytest.raises(NeuropilError, match="lacks the instructions"):
+        _native.dot(a, a, level=foreign)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_env_override_forces_each_supported_level(level):
+    r = run_python(
+        "import neuropil, numpy as np; a = np.arange(100, dtype=np.float32); "
+        "print(neuropil.simd_level(), neuropil._native.dot(a, a))",
+        env={"NEUROPIL_KERNEL": level},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [level, str(float(sum(i * i for i in range(100))))]
+
+
+@pytest.mark.parametrize(
+    "value,reason", [("sse9", "unknown level"), ("neon", "lacks the instructions")]
+)
+def test_env_override_invalid_level_raises_clear_error(value, reason):
+    if value in LEVELS:
+        pytest.skip(f"{value} is supported here")
+    r = run_python(
+        "import neuropil, numpy as np\n"
+        "try:\n"
+        "    neuropil._native.dot(np.ones(3, np.float32), np.ones(3, np.float32))\n"
+        "except neuropil.NeuropilError as e:\n"
+        "    print('raised:', e)\n",
+        env={"NEUROPIL_KERNEL": value},
+    )
+    assert r.returncode == 0, r.stderr  # no crash, no illegal instruction
+    assert f"raised: NEUROPIL_KERNEL={value} is not usable here" in r.stdout
+    assert reason in r.stdout and "scalar" in r.stdout
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_set_num_threads_resizes_the_pool(restore_threads):
+    neuropil.set_num_threads(1)
+    assert neuropil.get_num_threads() == 1
+    neuropil.set_num_threads(3)
+    assert neuropil.get_num_threads() == 3
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 500_000), dtype=np.float32)
+    three = _native.dot(a, b)
+    neuropil.set_num_threads(1)
+    assert _native.dot(a, b) == three  # chunked sum: independent of the thread count
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_set_num_threads_rejects_non_positive_integers(bad, restore_threads):
+    with pytest.raises(ArgumentError, match="n must be a positive integer"):
+        neuropil.set_num_threads(bad)
+
+
+def test_num_threads_env_var():
+    r = run_python(
+        "import neuropil; print(neuropil.get_num_threads())", env={"NEUROPIL_NUM_THREADS": "3"}
+    )
+    assert r.stdout.strip() == "3", r.stderr
+    r = run_python(
+        "import neuropil\ntry:\n    neuropil.get_num_threads()\n"
+        "except neuropil.ArgumentError as e:\n    print(e)",
+        env={"NEUROPIL_NUM_THREADS": "many"},
+    )
+    assert 'NEUROPIL_NUM_THREADS must be a positive integer; got "many"' in r.stdout, r.stderr
+
+
+def test_native_calls_release_the_gil():
+    """While one thread is inside a long native call, another runs Python code.
+
+    If the call held the GIL, the counter could not move during it (CPython
+    only switches threads between bytecodes of the thread holding the GIL).
+    """
+    a = np.random.default_rng(3).standard_normal(32 << 20, dtype=np.float32)
+    progress = {"n": 0}
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            progress["n"] += 1
+
+    results = []
+
+    def native_work():
+        for _ in range(3):
+            before = progress["n"]
+            _native.dot(a, a)
+            results.append(progress["n"] - before)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    workers = [threading.Thread(target=native_work) for _ in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        counter.join()
+    assert len(results) == 6
+    # Each native call lets the Python counter advance many times.
+    assert sorted(results)[len(results) // 2] > 100, results
+
+
+# ---------------------------------------------------------------- zero-copy inputs
+
+
+def test_float32_c_contiguous_is_borrowed_not_copied():
+    x = np.random.default_rng(4).standard_normal((64, 32), dtype=np.float32)
+    addr, copied = _native._input_info(x)
+    assert not copied
+    assert addr == x.__array_interface__["data"][0]
+    view = x[8:16]  # a C-contiguous slice is borrowed at its own offset
+    addr, copied = _native._input_info(view)
+    assert (addr, copied) == (view.__array_interface__["data"][0], False)
+
+
+def test_zero_copy_allocates_nothing_and_conversion_allocates_once():
+    x32 = np.ones(8 << 20, dtype=np.float32)  # 32 MiB
+    x64 = np.ones(8 << 20, dtype=np.float64)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        _native.dot(x32, x32)
+        peak_borrowed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        _native.dot(x64, x32)
+        peak_converted = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_borrowed < 1 << 20
+    # exactly one float32 copy of x64 (32 MiB), not a float64 one or two copies
+    assert 32 << 20 <= peak_converted < 40 << 20
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: a.astype(np.float64),
+        lambda a: a.astype(np.float16),
+        lambda a: np.asfortranarray(a),
+        lambda a: a[:, ::2],
+        lambda a: a.tolist(),
+    ],
+)
+def test_other_layouts_are_converted_once(make):
+    a = np.arange(48, dtype=np.float32).reshape(6, 8) / 8
+    x = make(a)
+    _addr, copied = _native._input_info(x)
+    assert copied
+    ref = np.ascontiguousarray(x, dtype=np.float32)
+    assert _native.dot(ref.ravel(), ref.ravel()) == pytest.approx(float((ref.ravel() ** 2).sum()))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_cpu_tensor_is_borrowed():
+    import torch
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    addr, copied = _native._input_info(t)
+    assert (addr, copied) == (t.data_ptr(), False)
+    assert _native.dot(t[1], t[2]) == float(t[1] @ t[2])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "x,exc,message",
+    [
+        (
+            np.arange(6, dtype=np.int64),
+            DTypeError,
+            "x must have dtype float32 (or another float dtype, converted once); got int64",
+        ),
+        (np.ones(3, dtype=bool), DTypeError, "got bool"),
+        (np.ones(3, dtype=np.complex64), DTypeError, "got complex64"),
+        (np.array(["a", "b"]), DTypeError, "got <U1"),
+        ([[1.0, 2.0], [3.0]], DTypeError, "x must be a float array"),
+        (
+            np.ones((2, 3, 4), np.float32),
+            ShapeError,
+            "x must have shape (d,) or (n, d); got (2, 3, 4)",
+        ),
+        (np.float32(3.0), ShapeError, "x must have shape (d,) or (n, d); got ()"),
+        (np.ones((3, 0), np.float32), ShapeError, "x must not be empty; got shape (3, 0)"),
+        (
+            np.array([1.0, np.nan, 3.0], np.float32),
+            ArgumentError,
+            "x must be finite (no NaN or Inf); got NaN at flat index 1",
+        ),
+        (np.array([[1.0, 2.0], [np.inf, 0.0]]), ArgumentError, "got inf at flat index 2"),
+    ],
+)
+def test_binding_layer_rejects_bad_input_with_clear_messages(x, exc, message):
+    with pytest.raises(exc) as info:
+        _native._input_info(x, checked=True)
+    assert message in str(info.value)
+
+
+def test_dot_rejects_mismatched_and_bad_arguments():
+    a = np.ones(4, np.float32)
+    with pytest.raises(ShapeError, match=r"b must have shape \(4,\) to match a; got \(3,\)"):
+        _native.dot(a, np.ones(3, np.float32))
+    with pytest.raises(ShapeError, match=r"a must have shape \(n,\); got \(2, 2\)"):
+        _native.dot(a.reshape(2, 2), a)
+    with pytest.raises(ShapeError, match=r"b must not be empty; got shape \(0,\)"):
+        _native.dot(a, np.ones(0, np.float32))
+    with pytest.raises(DTypeError, match="b must have dtype float32"):
+        _native.dot(a, np.ones(4, np.int32))
+
+
+def test_read_only_and_unaligned_inputs_are_handled():
+    a = np.ones(16, np.float32)
+    a.flags.writeable = False
+    assert _native.dot(a, a) == 16.0
+    raw = np.zeros(16 * 4 + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32)
+    unaligned[:] = 2.0
+    _addr, copied = _native._input_info(unaligned)
+    assert copied == (unaligned.__array_interface__["data"][0] % 4 != 0)
+    assert _native.dot(unaligned, unaligned) == 64.0
