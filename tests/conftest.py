@@ -41,3 +41,29 @@ def restore_threads():
     before = neuropil.get_num_threads()
     yield
     neuropil.set_num_threads(before)
+
+
+# Real models, loaded once per test session (SmolLM2 takes ~20 s on a CPU).
+# Missing data fails loudly rather than skipping: run `neuropil data --install`.
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32, eval mode."""
+    from neuropil.data import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 as a SentenceTransformer on the CPU."""
+    from neuropil.data import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def sentences():
+    """Several hundred real English sentences."""
+    from neuropil.data import real_sentences
+
+    return real_sentences(400)

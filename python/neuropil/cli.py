@@ -24,6 +24,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    if args.install:
+        for dist in data.install_missing():
+            print(f"installed {dist}")
+    missing = 0
+    for name, where in data.status().items():
+        print(f"{name:<18} {where}")
+        missing += where.startswith("missing")
+    return 1 if missing and args.install else 0
+
+
 def _cmd_tour(args: argparse.Namespace) -> int:
     from . import _tour
 
@@ -45,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="version, SIMD level, threads, torch/CUDA")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("data", help="where the real data of the tour and tests is")
+    s.add_argument("--install", action="store_true",
+                   help="pip-install the missing data packages (pinned versions)")
+    s.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("tour", help="run every capability on real data and report")
     s.add_argument(
