@@ -24,7 +24,10 @@ def digits(n: int = 1797, seed: int = 0) -> torch.Tensor:
 
 
 def photo_patches(size: int = 32, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """Grayscale ``size x size`` tiles of scikit-learn's sample photos in [0, 1]: ``(n, size, size)``."""
+    """Grayscale ``size x size`` tiles of scikit-learn's sample photos, in [0, 1].
+
+    Returns ``(n, size, size)`` float32.
+    """
     from sklearn.datasets import load_sample_images
 
     tiles = []
@@ -47,8 +50,15 @@ def fidelity(
 ) -> dict[str, float]:
     """Stores ``patterns`` (K, H, W) under keys 0..K-1 and reads them back."""
     K, H, W = patterns.shape
-    bank = MembraneBank(L, H, W, codes=codes, K=max(K, L) if codes in ("gaussian", "auto") else L,
-                        readout=readout, **kw)
+    bank = MembraneBank(
+        L,
+        H,
+        W,
+        codes=codes,
+        K=max(K, L) if codes in ("gaussian", "auto") else L,
+        readout=readout,
+        **kw,
+    )
     bank.store(patterns.to(bank.device, bank.dtype))
     y = bank.read(range(K))[0].to(patterns.device, patterns.dtype)
     return {"psnr": psnr(patterns, y, data_range=1.0), "rel_error": rel_error(patterns, y)}
@@ -62,8 +72,12 @@ def crosstalk(L: int, K: int, codes: str = "gaussian", seed: int = 0) -> dict[st
     bank.store(v)
     meas = rel_error(v, bank.read()[0])
     want = math.sqrt((K - 1) / L)
-    return {"measured": meas, "sqrt((K-1)/L)": want, "ratio": meas / want,
-            "code_crosstalk": bank.stats()["code_crosstalk"]}
+    return {
+        "measured": meas,
+        "sqrt((K-1)/L)": want,
+        "ratio": meas / want,
+        "code_crosstalk": bank.stats()["code_crosstalk"],
+    }
 
 
 def cleanup(patterns: torch.Tensor, L: int, K: int, iters: int = 3) -> dict[str, float]:
@@ -92,8 +106,14 @@ def persistence(lam: float = 0.95, T: int = 50) -> dict[str, float]:
     bank.step(T)
     y = bank.read()[0].double()
     amp = float((y * v.double()).sum() / v.double().pow(2).sum())
-    return {"lam": lam, "T": T, "amplitude": amp, "lam^T": lam**T,
-            "abs_error": abs(amp - lam**T), "half_life": bank.half_life}
+    return {
+        "lam": lam,
+        "T": T,
+        "amplitude": amp,
+        "lam^T": lam**T,
+        "abs_error": abs(amp - lam**T),
+        "half_life": bank.half_life,
+    }
 
 
 def adaptive_alpha(L: int = 64, seed: int = 0) -> dict[str, float]:
@@ -124,9 +144,13 @@ def adaptive_persistence(T: int = 40) -> dict[str, float]:
     y = bank.read()[0].double()
     amp = ((y * v.double()).sum((1, 2)) / v.double().pow(2).sum((1, 2))).tolist()
     want = (lam**T).tolist()
-    return {"hot_amplitude": amp[0], "cold_amplitude": amp[-1], "hot_expected": want[0],
-            "cold_expected": want[-1],
-            "max_abs_error": max(abs(a - b) for a, b in zip(amp, want, strict=True))}
+    return {
+        "hot_amplitude": amp[0],
+        "cold_amplitude": amp[-1],
+        "hot_expected": want[0],
+        "cold_expected": want[-1],
+        "max_abs_error": max(abs(a - b) for a, b in zip(amp, want, strict=True)),
+    }
 
 
 def hierarchical(L: int = 32) -> dict[str, float]:

@@ -25,6 +25,9 @@ __all__ = ["READOUTS", "MembraneBank"]
 READOUTS = ("correlation", "pinv")
 _CODE_KINDS = ("hadamard", "dct", "gaussian", "orthogonal", "auto")
 _PRECISIONS = ("highest", "tf32")
+# Sparse COO values denser than this are densified: the scatter path costs nnz * L
+# and wins over the dense GEMM only below about 0.3% non-zeros (BENCHMARKS.md).
+SPARSE_MAX_DENSITY = 0.003
 
 
 class MembraneBank:
@@ -90,7 +93,9 @@ class MembraneBank:
         device = torch.device("cpu" if device is None else device)
         if isinstance(codes, str):
             if codes not in _CODE_KINDS:
-                raise ArgumentError(f"codes must be one of {_CODE_KINDS} or a tensor; got {codes!r}")
+                raise ArgumentError(
+                    f"codes must be one of {_CODE_KINDS} or a tensor; got {codes!r}"
+                )
             K = L if K is None else K
             check_int("K", K)
             kw: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -168,8 +173,9 @@ class MembraneBank:
         """Writes patterns under their keys' codes: ``M[b] += sum_k alpha C[:, key] (x) V``.
 
         With automatic persistence the state first decays by ``lam`` (one step).
-        Sparse COO ``values`` take a scatter path whose cost is ``nnz * L``
-        instead of ``K * H * W * L`` (faster below about 1-2% density).
+        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.3%) non-zeros
+        take a scatter path costing ``nnz * L`` instead of the GEMM's
+        ``K * H * W * L``; denser ones are densified (the GEMM is faster there).
 
         Args:
             values: ``(K', H, W)`` (the same patterns for every bank) or
@@ -189,6 +195,8 @@ class MembraneBank:
         """
         sparse = isinstance(values, torch.Tensor) and values.layout == torch.sparse_coo
         values = check_values(values, self)
+        if sparse and values._nnz() > SPARSE_MAX_DENSITY * values.numel():
+            values, sparse = values.to_dense(), False  # the GEMM is faster above this density
         kp = values.shape[1]
         keys_t = as_keys(keys, kp, self.B, self.K, "keys")
         a = self._alphas(alphas, values, kp)
@@ -217,11 +225,21 @@ class MembraneBank:
         idx, val = v.indices(), v.values()  # (4, nnz): b, k, h, w
         b, k = idx[0], idx[1]
         n = idx[2] * self.W + idx[3]
-        cs3 = cs if cs.ndim == 3 else cs.unsqueeze(0).expand(self.B, -1, -1)
-        contrib = cs3[b, :, k] * val.unsqueeze(1)  # (nnz, L)
-        lidx = torch.arange(self.L, device=self.device)
-        flat = (b.unsqueeze(1) * self.L + lidx) * (self.H * self.W) + n.unsqueeze(1)
-        if self._grad(val, cs):
+        if cs.ndim == 2:
+            contrib = cs[:, k] * val  # (L, nnz)
+        else:
+            contrib = cs[b, :, k].T * val
+        grad = self._grad(val, cs)
+        if self.B == 1:
+            m2 = self.M.view(self.L, -1)
+            if grad:
+                self.M = m2.index_add(1, n, contrib).view_as(self.M)
+            else:
+                m2.index_add_(1, n, contrib)
+            return
+        lidx = torch.arange(self.L, device=self.device).unsqueeze(1)
+        flat = (b.unsqueeze(0) * self.L + lidx) * (self.H * self.W) + n.unsqueeze(0)
+        if grad:
             self.M = self.M.reshape(-1).index_add(0, flat.reshape(-1), contrib.reshape(-1))
             self.M = self.M.view(self.B, self.L, self.H, self.W)
         else:
@@ -232,7 +250,9 @@ class MembraneBank:
             return None
         if isinstance(alphas, str):
             if alphas != "adaptive":
-                raise ArgumentError(f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}")
+                raise ArgumentError(
+                    f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}"
+                )
             dense = values.to_dense() if values.layout == torch.sparse_coo else values
             norms = dense.detach().reshape(self.B, kp, -1).float().norm(dim=2)
             return (1.0 / norms.clamp_min(1e-12)).to(self.dtype)
@@ -243,7 +263,9 @@ class MembraneBank:
         if not isinstance(alphas, torch.Tensor):
             raise ArgumentError(f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}")
         if alphas.shape not in ((kp,), (self.B, kp)):
-            raise ShapeError(f"alphas must have shape ({kp},) or ({self.B}, {kp}); got {tuple(alphas.shape)}")
+            raise ShapeError(
+                f"alphas must have shape ({kp},) or ({self.B}, {kp}); got {tuple(alphas.shape)}"
+            )
         if alphas.device != self.device:
             raise ArgumentError(f"alphas must be on device {self.device}; got {alphas.device}")
         if not alphas.is_floating_point():
@@ -338,7 +360,8 @@ class MembraneBank:
         if len(stored) > self.L:
             raise ArgumentError(
                 f"readout 'pinv' separates at most L={self.L} stored keys; got {len(stored)} "
-                "distinct stored keys (use readout='correlation', optionally with a HopfieldCleanup)"
+                "distinct stored keys (use readout='correlation', optionally with a "
+                "HopfieldCleanup)"
             )
         if self._dual is None or self._dual_keys != stored:
             d = torch.zeros_like(self.C)

@@ -43,9 +43,7 @@ def _check_lk(L: Any, K: Any, *, at_most_l: bool, fn: str) -> None:
 
 def _finish(c: np.ndarray, device: Any, dtype: torch.dtype | None) -> torch.Tensor:
     c = c / np.linalg.norm(c, axis=0, keepdims=True)
-    return torch.from_numpy(np.ascontiguousarray(c)).to(
-        device=device, dtype=dtype or torch.float32
-    )
+    return torch.from_numpy(np.ascontiguousarray(c)).to(device=device, dtype=dtype or torch.float32)
 
 
 def hadamard_codes(
@@ -156,7 +154,6 @@ def _tight_frame(c: np.ndarray, fixed: int, iters: int) -> np.ndarray:
     A unit-norm tight frame meets the Welch bound on the mean squared coherence,
     (K - L) / (L (K - 1)); the first ``fixed`` columns are kept as they are.
     """
-    L, K = c.shape
     for _ in range(iters):
         u, _, vt = np.linalg.svd(c, full_matrices=False)
         t = u @ vt  # nearest matrix with orthogonal rows (or columns, when K <= L)

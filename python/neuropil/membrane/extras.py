@@ -33,7 +33,9 @@ class HopfieldCleanup:
         if not isinstance(patterns, torch.Tensor) or not patterns.is_floating_point():
             raise ArgumentError("patterns must be a floating torch.Tensor")
         if patterns.ndim not in (2, 3) or patterns.shape[0] == 0:
-            raise ShapeError(f"patterns must have shape (P, H, W) or (P, D); got {tuple(patterns.shape)}")
+            raise ShapeError(
+                f"patterns must have shape (P, H, W) or (P, D); got {tuple(patterns.shape)}"
+            )
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise ArgumentError(f"beta must be a positive number; got {beta!r}")
         self.shape = tuple(patterns.shape[1:])
@@ -42,9 +44,14 @@ class HopfieldCleanup:
         self._unit = _unit(self.patterns)
 
     def similarity(self, y: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity (mean-centred) of ``y`` (``(..., *shape)``) with each pattern: ``(..., P)``."""
+        """Mean-centred cosine similarity of ``y`` (``(..., *shape)``) with each pattern.
+
+        Returns ``(..., P)``.
+        """
         if tuple(y.shape[y.ndim - len(self.shape) :]) != self.shape:
-            raise ShapeError(f"y must have shape (..., {', '.join(map(str, self.shape))}); got {tuple(y.shape)}")
+            raise ShapeError(
+                f"y must have shape (..., {', '.join(map(str, self.shape))}); got {tuple(y.shape)}"
+            )
         lead = y.shape[: y.ndim - len(self.shape)]
         flat = y.reshape(-1, self._unit.shape[1]).to(self._unit.dtype)
         return (_unit(flat) @ self._unit.T).reshape(*lead, -1)
@@ -86,7 +93,9 @@ class HopfieldCleanup:
         if index >= bank.B:
             raise ArgumentError(f"index must be in [0, {bank.B}); got {index}")
         if self.shape != (bank.H, bank.W):
-            raise ShapeError(f"bank must hold patterns of shape {self.shape}; got ({bank.H}, {bank.W})")
+            raise ShapeError(
+                f"bank must hold patterns of shape {self.shape}; got ({bank.H}, {bank.W})"
+            )
         stored = [k for k in bank.stored_keys() if int(bank.counts[index, k]) > 0]
         if not stored:
             raise ArgumentError("bank holds no stored keys to decode")
@@ -94,7 +103,9 @@ class HopfieldCleanup:
         off = torch.zeros(bank.H, bank.W, dtype=bank.dtype, device=bank.device)
         if offset is not None:
             if tuple(offset.shape) != (bank.H, bank.W):
-                raise ShapeError(f"offset must have shape ({bank.H}, {bank.W}); got {tuple(offset.shape)}")
+                raise ShapeError(
+                    f"offset must have shape ({bank.H}, {bank.W}); got {tuple(offset.shape)}"
+                )
             off = offset.to(bank.device, bank.dtype)
         y0 = bank.read(keys, readout="correlation", unscale=True)[index] + off
         cs = bank.C[:, keys.to(bank.device)]
@@ -151,7 +162,9 @@ class AdaptivePersistence:
         self.base_lambda = _check_lambda(base_lambda, "base_lambda")
         self.max_lambda = _check_lambda(max_lambda, "max_lambda")
         if self.max_lambda < self.base_lambda:
-            raise ArgumentError(f"max_lambda must be >= base_lambda={base_lambda}; got {max_lambda}")
+            raise ArgumentError(
+                f"max_lambda must be >= base_lambda={base_lambda}; got {max_lambda}"
+            )
         check_int("saturation", saturation)
         self.saturation = int(saturation)
 
@@ -208,7 +221,7 @@ class HierarchicalMembraneBank:
 
     def _route(self, keys: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
-        for i, b in enumerate(self.banks):
+        for i in range(len(self.banks)):
             lo, hi = self.offsets[i], self.offsets[i + 1]
             pos = torch.nonzero((keys >= lo) & (keys < hi)).flatten()
             if pos.numel():

@@ -94,9 +94,7 @@ def ssim(
         raise ArgumentError(f"ssim: win_size must be an odd integer >= 3; got {win_size}")
     h, w = x.shape[-2:]
     if h < win_size or w < win_size:
-        raise ShapeError(
-            f"ssim: x must be at least {win_size}x{win_size} (win_size); got {h}x{w}"
-        )
+        raise ShapeError(f"ssim: x must be at least {win_size}x{win_size} (win_size); got {h}x{w}")
     r = _range(x, data_range, "ssim")
     x = x.reshape(-1, 1, h, w)
     y = y.reshape(-1, 1, h, w)
