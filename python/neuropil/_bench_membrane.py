@@ -14,26 +14,49 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ._timing import Row, median_seconds
+from ._timing import Row
 
 ORIGINAL_WRITES = 134_041.0
 ORIGINAL_READS = 341_295.0
 
 
-def _timer(device: Any) -> Callable[..., float]:
+def _paired(
+    fns: dict[str, Callable[[], Any]], device: Any = None, repeat: int = 7, min_time: float = 0.1
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured interleaved.
+
+    Each round times every function once (looping it for at least ``min_time``),
+    so load from other processes falls on all of them alike.
+    """
+    import statistics
+    import time
+
     import torch
 
-    if getattr(device, "type", device) != "cuda":
-        return median_seconds
+    cuda = getattr(device, "type", device) == "cuda"
 
-    def timed(fn: Callable[[], Any], repeat: int = 7, min_time: float = 0.0) -> float:
-        def run() -> None:
-            fn()
+    def sync() -> None:
+        if cuda:
             torch.cuda.synchronize()
 
-        return median_seconds(run, repeat=repeat, min_time=min_time)
-
-    return timed
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-9)))
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {n: statistics.median(v) for n, v in samples.items()}
 
 
 def _gemm_flops(device: Any, dtype: Any, n: int) -> float:
@@ -41,7 +64,7 @@ def _gemm_flops(device: Any, dtype: Any, n: int) -> float:
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    t = _timer(device)(lambda: torch.mm(a, b), repeat=5, min_time=0.05)
+    t = _paired({"mm": lambda: torch.mm(a, b)}, device, repeat=5, min_time=0.05)["mm"]
     return 2 * n**3 / t
 
 
@@ -60,7 +83,6 @@ def _case(
     )
     C = bank.C
     M = torch.zeros(B, L, H, W, device=device, dtype=dtype)
-    timer = _timer(device)
     rep = 3 if quick else 7
     mt = 0.02 if quick else 0.2
 
@@ -70,17 +92,24 @@ def _case(
     def ein_read() -> Any:
         return torch.einsum("blhw,lk->bkhw", M, C)
 
-    out: dict[str, float] = {}
     prec = torch.get_float32_matmul_precision()
     if precision == "tf32":
         torch.set_float32_matmul_precision("high")
     try:
-        out["einsum_store"] = B * L / timer(ein_store, repeat=rep, min_time=mt)
-        out["einsum_read"] = B * L / timer(ein_read, repeat=rep, min_time=mt)
+        t = _paired(
+            {
+                "einsum_store": ein_store,
+                "store": lambda: bank.store(v),
+                "einsum_read": ein_read,
+                "read": lambda: bank.read(),
+            },
+            device,
+            repeat=rep,
+            min_time=mt,
+        )
     finally:
         torch.set_float32_matmul_precision(prec)
-    out["store"] = B * L / timer(lambda: bank.store(v), repeat=rep, min_time=mt)
-    out["read"] = B * L / timer(lambda: bank.read(), repeat=rep, min_time=mt)
+    out = {name: B * L / sec for name, sec in t.items()}
     # fidelity of this precision on a fresh write
     bank.clear()
     bank.store(v)
@@ -229,13 +258,13 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
     v = torch.rand(Bn, 32, 16, 16, generator=torch.Generator().manual_seed(2))
     batched = MembraneBank(32, 16, 16, batch=Bn)
     singles = [MembraneBank(32, 16, 16) for _ in range(Bn)]
-    t_b = median_seconds(lambda: batched.store(v), repeat=5, min_time=0.05)
 
     def loop() -> None:
         for i, s in enumerate(singles):
             s.store(v[i])
 
-    t_l = median_seconds(loop, repeat=5, min_time=0.05)
+    tt = _paired({"batched": lambda: batched.store(v), "loop": loop}, repeat=5, min_time=0.05)
+    t_b, t_l = tt["batched"], tt["loop"]
     rows.append(
         Row(
             f"CPU batched store, {Bn} banks in one call",
@@ -247,17 +276,24 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
 
     # sparse patterns: scatter path vs dense GEMM
     Ls, Hs, Ks = 64, 64, 64
-    for density in (0.002, 0.01, 0.05):
+    for density in (0.0005, 0.001, 0.002, 0.01):
         g = torch.Generator().manual_seed(3)
         dense = torch.rand(Ks, Hs, Hs, generator=g)
         dense = dense * (torch.rand(Ks, Hs, Hs, generator=g) < density)
         sp = dense.to_sparse()
         bank = MembraneBank(Ls, Hs, Hs, codes="hadamard")
-        t_s = median_seconds(lambda sp=sp, bank=bank: bank.store(sp), repeat=5, min_time=0.05)
-        t_d = median_seconds(lambda d=dense, bank=bank: bank.store(d), repeat=5, min_time=0.05)
+        tt = _paired(
+            {
+                "s": lambda sp=sp, bank=bank: bank.store(sp),
+                "d": lambda d=dense, bank=bank: bank.store(d),
+            },
+            repeat=5,
+            min_time=0.05,
+        )
+        t_s, t_d = tt["s"], tt["d"]
         rows.append(
             Row(
-                f"CPU sparse store, density {density:.1%}, L={Ls}, {Hs}x{Hs}",
+                f"CPU sparse store, density {density:.2%}, L={Ls}, {Hs}x{Hs}",
                 "patterns/s",
                 Ks / t_s,
                 {"dense store": Ks / t_d},
@@ -267,7 +303,7 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
     # --- GPU ---
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
-        for L, H, W in ((32, 16, 16), (256, 128, 128)):
+        for L, H, W in ((32, 16, 16), (256, 64, 64) if quick else (256, 128, 128)):
             B = 64
             f32 = _case(L, H, W, B, gpu, torch.float32, "highest", quick)
             tf32 = _case(L, H, W, B, gpu, torch.float32, "tf32", quick)

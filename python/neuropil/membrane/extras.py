@@ -53,7 +53,7 @@ class HopfieldCleanup:
                 f"y must have shape (..., {', '.join(map(str, self.shape))}); got {tuple(y.shape)}"
             )
         lead = y.shape[: y.ndim - len(self.shape)]
-        flat = y.reshape(-1, self._unit.shape[1]).to(self._unit.dtype)
+        flat = y.reshape(-1, self._unit.shape[1]).to(self._unit.device, self._unit.dtype)
         return (_unit(flat) @ self._unit.T).reshape(*lead, -1)
 
     def nearest(self, y: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class HopfieldCleanup:
         out = y
         for _ in range(steps):
             p = torch.softmax(self.beta * self.similarity(out), dim=-1)
-            out = (p @ self.patterns.to(p.dtype)).reshape(y.shape).to(y.dtype)
+            out = (p @ self.patterns.to(p.dtype)).reshape(y.shape).to(y.device, y.dtype)
         return out
 
 
