@@ -559,12 +559,14 @@ def test_bench_quick_prints_every_acceptance_row(capsys):
         "top-1",
         "persistence",
         "CPU store, L=32",
-        "CPU read, L=256",
+        "CPU read, L=128",
         "sparse",
         "batched",
     ):
         assert needle in cases
     assert all(r["neuropil"] > 0 or "PSNR" in r["case"] for r in rows)
+    gemm = [r for r in rows if r["case"].startswith("CPU store, L=128")][0]
+    assert gemm["baselines"]["GEMM limit"] > 0 and gemm["baselines"]["torch einsum"] > 0
 
 
 # ---------------------------------------------------------------- CUDA

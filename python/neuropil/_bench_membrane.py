@@ -64,7 +64,7 @@ def _gemm_flops(device: Any, dtype: Any, n: int) -> float:
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    t = _paired({"mm": lambda: torch.mm(a, b)}, device, repeat=5, min_time=0.05)["mm"]
+    t = _paired({"mm": lambda: torch.mm(a, b)}, device, repeat=3, min_time=0.02)["mm"]
     return 2 * n**3 / t
 
 
@@ -83,8 +83,8 @@ def _case(
     )
     C = bank.C
     M = torch.zeros(B, L, H, W, device=device, dtype=dtype)
-    rep = 3 if quick else 7
-    mt = 0.02 if quick else 0.2
+    rep = 2 if quick else 7
+    mt = 0.002 if quick else 0.2
 
     def ein_store() -> None:
         M.add_(torch.einsum("lk,bkhw->blhw", C, v))
@@ -208,7 +208,7 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
 
     # --- CPU speed ---
     small = (32, 16, 16, 64)
-    big = (256, 64, 64, 1) if quick else (256, 128, 128, 1)
+    big = (128, 32, 32, 1) if quick else (256, 128, 128, 1)
     r = _case(*small, cpu, torch.float32, "highest", quick)
     lim = f"original: {ORIGINAL_WRITES:,.0f}/s; {threads} threads"
     rows.append(
@@ -229,7 +229,7 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
             limit=f"original: {ORIGINAL_READS:,.0f}/s",
         )
     )
-    flops = _gemm_flops(cpu, torch.float32, 512 if quick else 1024)
+    flops = _gemm_flops(cpu, torch.float32, 256 if quick else 1024)
     L, H, W, B = big
     gemm_limit = flops / (2 * L * H * W)
     r = _case(*big, cpu, torch.float32, "highest", quick)
@@ -263,7 +263,8 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
         for i, s in enumerate(singles):
             s.store(v[i])
 
-    tt = _paired({"batched": lambda: batched.store(v), "loop": loop}, repeat=5, min_time=0.05)
+    rep, mt = (2, 0.002) if quick else (5, 0.05)
+    tt = _paired({"batched": lambda: batched.store(v), "loop": loop}, repeat=rep, min_time=mt)
     t_b, t_l = tt["batched"], tt["loop"]
     rows.append(
         Row(
@@ -276,7 +277,7 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
 
     # sparse patterns: scatter path vs dense GEMM
     Ls, Hs, Ks = 64, 64, 64
-    for density in (0.0005, 0.001, 0.002, 0.01):
+    for density in (0.001, 0.01) if quick else (0.0005, 0.001, 0.002, 0.01):
         g = torch.Generator().manual_seed(3)
         dense = torch.rand(Ks, Hs, Hs, generator=g)
         dense = dense * (torch.rand(Ks, Hs, Hs, generator=g) < density)
@@ -287,8 +288,8 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
                 "s": lambda sp=sp, bank=bank: bank.store(sp),
                 "d": lambda d=dense, bank=bank: bank.store(d),
             },
-            repeat=5,
-            min_time=0.05,
+            repeat=rep,
+            min_time=mt,
         )
         t_s, t_d = tt["s"], tt["d"]
         rows.append(

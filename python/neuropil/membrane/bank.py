@@ -133,8 +133,11 @@ class MembraneBank:
         self.set_persistence(persistence)
         self.M = torch.zeros(self.B, self.L, self.H, self.W, device=device, dtype=dtype)
         self.gains = torch.ones(self.B, self.K, device=device, dtype=dtype)
-        self.counts = torch.zeros(self.B, self.K, dtype=torch.int64)
-        self.reads = torch.zeros(self.B, self.K, dtype=torch.int64)
+        self._counts = torch.zeros(self.B, self.K, dtype=torch.int64)
+        self._reads = torch.zeros(self.B, self.K, dtype=torch.int64)
+        # keys-None stores/reads touch a prefix 0..kp-1: counted here, applied lazily
+        self._pending_counts: dict[int, int] = {}
+        self._pending_reads: dict[int, int] = {}
         self.steps = 0
         self._dual: torch.Tensor | None = None
         self._dual_keys: tuple[int, ...] | None = None
@@ -142,6 +145,39 @@ class MembraneBank:
             self._dual_for(None)  # fails early on a rank-deficient code book
 
     # ------------------------------------------------------------------ properties
+    @property
+    def M(self) -> torch.Tensor:
+        return self._M
+
+    @M.setter
+    def M(self, value: torch.Tensor) -> None:
+        self._M = value
+        self._m3 = value.view(value.shape[0], value.shape[1], -1)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        for kp, n in self._pending_counts.items():
+            self._counts[:, :kp] += n
+        self._pending_counts.clear()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: torch.Tensor) -> None:
+        self._pending_counts.clear()
+        self._counts = value
+
+    @property
+    def reads(self) -> torch.Tensor:
+        for kp, n in self._pending_reads.items():
+            self._reads[:, :kp] += n
+        self._pending_reads.clear()
+        return self._reads
+
+    @reads.setter
+    def reads(self, value: torch.Tensor) -> None:
+        self._pending_reads.clear()
+        self._reads = value
+
     @property
     def device(self) -> torch.device:
         return self.M.device
@@ -206,7 +242,7 @@ class MembraneBank:
         cs = self._select(self.C, keys_t, kp)  # (L, K') or (B, L, K')
         if a is not None:
             cs = (cs if cs.ndim == 3 else cs.unsqueeze(0)) * a.unsqueeze(1)
-        m3 = self.M.view(self.B, self.L, -1)
+        m3 = self._m3
         with self._precision():
             if sparse:
                 self._store_sparse(values, cs)
@@ -274,7 +310,7 @@ class MembraneBank:
 
     def _book(self, keys: torch.Tensor | None, kp: int, a: torch.Tensor | None) -> None:
         if keys is None:
-            self.counts[:, :kp] += 1
+            self._pending_counts[kp] = self._pending_counts.get(kp, 0) + 1
             if a is not None:
                 self.gains[:, :kp] = a.detach()
             return
@@ -314,7 +350,7 @@ class MembraneBank:
         assert kp is not None
         codes = self.C if readout == "correlation" else self._dual_for(keys_t)
         rs = self._select(codes, keys_t, kp)
-        m3 = self.M.view(self.B, self.L, -1)
+        m3 = self._m3
         with self._precision():
             if rs.ndim == 2 and self.B == 1:
                 y = torch.mm(rs.t(), m3[0]).unsqueeze(0)
@@ -324,7 +360,7 @@ class MembraneBank:
             g = self.gains[:, :kp] if keys_t is None else self._gather_gains(keys_t)
             y = y / g.unsqueeze(-1)
         if keys_t is None:
-            self.reads[:, :kp] += 1
+            self._pending_reads[kp] = self._pending_reads.get(kp, 0) + 1
         else:
             k2 = keys_t.expand(self.B, kp) if keys_t.ndim == 1 else keys_t
             self.reads.scatter_add_(1, k2.cpu(), torch.ones(self.B, kp, dtype=torch.int64))
@@ -340,7 +376,7 @@ class MembraneBank:
 
     def _select(self, codes: torch.Tensor, keys: torch.Tensor | None, kp: int) -> torch.Tensor:
         if keys is None:
-            return codes[:, :kp]
+            return codes if kp == self.K else codes[:, :kp]
         keys = keys.to(codes.device)
         if keys.ndim == 1:
             return codes.index_select(1, keys)
@@ -482,17 +518,10 @@ class MembraneBank:
             self.M.requires_grad or any(t.requires_grad for t in ts)
         )
 
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        if self.precision == "tf32" and self.M.dtype == torch.float32 and self.M.is_cuda:
-            before = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("high")
-            try:
-                yield
-            finally:
-                torch.set_float32_matmul_precision(before)
-        else:
-            yield
+    def _precision(self) -> contextlib.AbstractContextManager[None]:
+        if self.precision == "tf32" and self._M.dtype == torch.float32 and self._M.is_cuda:
+            return _tf32()
+        return _NULL
 
     def __repr__(self) -> str:
         return (
@@ -500,6 +529,20 @@ class MembraneBank:
             f"codes={self.code_kind!r}, readout={self.readout!r}, dtype={dtype_name(self.dtype)}, "
             f"device={str(self.device)!r})"
         )
+
+
+_NULL = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """Lets float32 GEMMs use TF32 tensor cores for the duration, then restores."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _check_lambda(lam: Any, name: str) -> float:
