@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, NeuropilError
+from ..errors import ArgumentError, FormatError, NeuropilError
 
 FORMAT = "neuropil.membrane.MembraneBank"
 VERSION = 1
@@ -154,8 +154,8 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
     norms = t["C"].double().norm(dim=0)
     if bool((norms == 0).any()) or not math.isfinite(float(norms.sum())):
         raise FormatError(f"{path}: code book C has zero columns")
-    device = torch.device("cpu" if device is None else device)
     try:
+        device = torch.empty(0, device="cpu" if device is None else device).device
         bank = cls(
             L,
             H,
@@ -171,6 +171,10 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
         )
     except NeuropilError as e:
         raise FormatError(f"{path}: inconsistent metadata ({e})") from e
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ArgumentError(
+            f"device must be an available torch device; got {device!r} ({e})"
+        ) from e
     bank.M = t["M"].to(device)
     bank.gains = t["gains"].to(device)
     bank.counts = t["counts"].clone()

@@ -90,7 +90,13 @@ class MembraneBank:
             raise ArgumentError(f"readout must be one of {READOUTS}; got {readout!r}")
         if precision not in _PRECISIONS:
             raise ArgumentError(f"precision must be one of {_PRECISIONS}; got {precision!r}")
-        device = torch.device("cpu" if device is None else device)
+        try:
+            # a concrete device ("cuda" -> "cuda:0"), so device comparisons are exact
+            device = torch.empty(0, device="cpu" if device is None else device).device
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+            raise ArgumentError(
+                f"device must be an available torch device; got {device!r} ({e})"
+            ) from e
         if isinstance(codes, str):
             if codes not in _CODE_KINDS:
                 raise ArgumentError(
