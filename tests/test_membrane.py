@@ -286,6 +286,47 @@ def test_recall_is_exact_for_any_key_subset(L, frac, seed, readout):
         assert bank.read(others).abs().max() < 1e-10
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    L=st.sampled_from([64, 128, 256]),
+    batch=st.sampled_from([1, 2]),
+    frac=st.sampled_from([0.25, 0.5, 1.0]),
+    per_bank=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_factored_hadamard_equals_the_gemm(L, batch, frac, per_bank, seed):
+    g = torch.Generator().manual_seed(seed)
+    kp = int(frac * L)
+    v = torch.randn(batch, kp, 2, 3, generator=g, dtype=torch.float64)
+    shape = (batch, kp) if per_bank else (kp,)
+    keys = torch.randint(0, L, shape, generator=g)
+    alphas = torch.rand(batch, kp, generator=g, dtype=torch.float64) + 0.5
+    kw = {"batch": batch, "dtype": torch.float64}
+    fast = MembraneBank(L, 2, 3, fast_hadamard=True, **kw)
+    gemm = MembraneBank(L, 2, 3, fast_hadamard=False, **kw)
+    for bank in (fast, gemm):
+        bank.store(v, keys, alphas=alphas)
+        bank.store(v[:, :kp])
+    assert torch.allclose(fast.M, gemm.M, atol=1e-10)
+    assert torch.allclose(fast.read(keys), gemm.read(keys), atol=1e-10)
+    assert torch.allclose(fast.read(), gemm.read(), atol=1e-10)
+    assert torch.equal(fast.counts, gemm.counts) and torch.equal(fast.reads, gemm.reads)
+
+
+def test_factored_hadamard_is_differentiable_and_survives_save_load(tmp_path):
+    bank = MembraneBank(64, 2, 2)
+    assert bank._use_transform(64)
+    v = torch.rand(64, 2, 2, requires_grad=True)
+    bank.store(v)
+    w = torch.rand(64, 2, 2)
+    (bank.read()[0] * w).sum().backward()
+    assert torch.allclose(v.grad, w, atol=1e-5)
+    bank.save(tmp_path / "h.safetensors")
+    back = MembraneBank.load(tmp_path / "h.safetensors")
+    assert back.code_kind == "hadamard" and back._use_transform(64)
+    assert torch.allclose(back.read(), bank.read().detach(), atol=1e-6)
+
+
 # ---------------------------------------------------------------- metrics
 def test_psnr_known_values():
     x = torch.zeros(4, 4)
@@ -417,6 +458,7 @@ def _rewrite(path, edit_meta=None, edit_tensors=None):
         (None, lambda t: t["M"].__setitem__((0, 0, 0, 0), float("nan")), "non-finite"),
         (None, lambda t: t.pop("reads"), "tensors must be"),
         (None, lambda t: t.update(C=torch.zeros_like(t["C"])), "zero columns"),
+        (lambda m: m.update(code_kind="hadamard"), None, "not the Hadamard code book"),
     ],
 )
 def test_load_rejects_malformed_files(tmp_path, meta, tensors, msg):

@@ -69,18 +69,28 @@ def _gemm_flops(device: Any, dtype: Any, n: int) -> float:
 
 
 def _case(
-    L: int, H: int, W: int, B: int, device: Any, dtype: Any, precision: str, quick: bool
+    L: int,
+    H: int,
+    W: int,
+    B: int,
+    device: Any,
+    dtype: Any,
+    precision: str,
+    quick: bool,
+    fast: bool | None = None,
 ) -> dict[str, float]:
-    """Stores/s and reads/s of the bank and of plain einsum, one K = L write/read per call."""
+    """Stores/s and reads/s of the bank and of plain einsum, one K = L write/read per call.
+
+    With ``L >= 64`` the bank's GEMM path (``fast_hadamard=False``) is timed too.
+    """
     import torch
 
     from .membrane import MembraneBank
 
     g = torch.Generator().manual_seed(0)
     v = torch.rand(B, L, H, W, generator=g).to(device, dtype)
-    bank = MembraneBank(
-        L, H, W, batch=B, codes="hadamard", device=device, dtype=dtype, precision=precision
-    )
+    kw = {"batch": B, "codes": "hadamard", "device": device, "dtype": dtype}
+    bank = MembraneBank(L, H, W, precision=precision, fast_hadamard=fast, **kw)
     C = bank.C
     M = torch.zeros(B, L, H, W, device=device, dtype=dtype)
     rep = 2 if quick else 7
@@ -96,13 +106,18 @@ def _case(
     if precision == "tf32":
         torch.set_float32_matmul_precision("high")
     try:
+        fns = {
+            "einsum_store": ein_store,
+            "store": lambda: bank.store(v),
+            "einsum_read": ein_read,
+            "read": lambda: bank.read(),
+        }
+        if L >= 64:
+            gemm = MembraneBank(L, H, W, precision=precision, fast_hadamard=False, **kw)
+            fns["gemm_store"] = lambda: gemm.store(v)
+            fns["gemm_read"] = lambda: gemm.read()
         t = _paired(
-            {
-                "einsum_store": ein_store,
-                "store": lambda: bank.store(v),
-                "einsum_read": ein_read,
-                "read": lambda: bank.read(),
-            },
+            fns,
             device,
             repeat=rep,
             min_time=mt,
@@ -248,19 +263,27 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
     lim = f"GEMM limit {gemm_limit:,.0f}/s (torch.mm {flops / 1e9:.0f} GFLOP/s)"
     rows.append(
         Row(
-            f"CPU store, L={L}, {H}x{W}",
+            f"CPU store, L={L}, {H}x{W} (factored Hadamard)",
             "patterns/s",
             r["store"],
-            {"torch einsum": r["einsum_store"], "GEMM limit": gemm_limit},
+            {
+                "torch einsum": r["einsum_store"],
+                "GEMM limit": gemm_limit,
+                "bank GEMM path": r["gemm_store"],
+            },
             limit=lim,
         )
     )
     rows.append(
         Row(
-            f"CPU read, L={L}, {H}x{W}",
+            f"CPU read, L={L}, {H}x{W} (factored Hadamard)",
             "patterns/s",
             r["read"],
-            {"torch einsum": r["einsum_read"], "GEMM limit": gemm_limit},
+            {
+                "torch einsum": r["einsum_read"],
+                "GEMM limit": gemm_limit,
+                "bank GEMM path": r["gemm_read"],
+            },
             limit=lim,
         )
     )
@@ -338,6 +361,17 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
                     {"torch einsum fp32": f32["einsum_read"]},
                 )
             )
+            if L >= 64:
+                fh = _case(L, H, W, B, gpu, torch.float32, "highest", quick, fast=True)
+                for op in ("store", "read"):
+                    rows.append(
+                        Row(
+                            f"{name} {op} fp32, fast_hadamard=True (PSNR {fh['psnr']:.1f} dB)",
+                            "patterns/s",
+                            fh[op],
+                            {"bank fp32 GEMM": f32[op], "torch einsum fp32": f32[f"einsum_{op}"]},
+                        )
+                    )
             for tag, rr in (("tf32", tf32), ("bf16", bf16)):
                 rows.append(
                     Row(

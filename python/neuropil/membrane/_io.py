@@ -180,5 +180,11 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
     bank.counts = t["counts"].clone()
     bank.reads = t["reads"].clone()
     bank.steps = steps
+    if code_kind == "hadamard":
+        from .codes import hadamard_codes
+
+        if L & (L - 1) or K > L or not torch.equal(t["C"], hadamard_codes(L, K, dtype=dtype)):
+            raise FormatError(f"{path}: code_kind 'hadamard' but C is not the Hadamard code book")
     bank.code_kind = code_kind
+    bank._setup_transform(device, dtype)
     return bank
