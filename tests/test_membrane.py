@@ -266,6 +266,17 @@ def test_store_and_read_are_differentiable():
     assert v.grad is not None and torch.allclose(v.grad, w, atol=1e-6)
 
 
+def test_learnable_codes_get_gradients():
+    codes = orthogonal_codes(8, 8, seed=1).requires_grad_(True)
+    bank = MembraneBank(8, 2, 2, codes=codes)
+    v = torch.rand(8, 2, 2)
+    bank.store(v)
+    loss = (bank.read()[0] - v).pow(2).sum() + bank.read([0]).sum()
+    loss.backward()
+    assert codes.grad is not None and torch.isfinite(codes.grad).all()
+    assert codes.grad.abs().sum() > 0
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     L=st.sampled_from([4, 8, 16, 32]),

@@ -403,6 +403,11 @@ class MembraneBank:
         Returns:
             ``(B, K', H, W)`` tensor of the bank's dtype, on its device.
 
+        Past ``L`` stored keys the correlation readout degrades gracefully: each
+        recall carries crosstalk of relative size about sqrt((K - 1) / L) with
+        random codes (sqrt((K - L) / L) with ``codes="auto"``); a
+        :class:`HopfieldCleanup` restores exact recall up to about ``K = 2L``.
+
         Raises:
             ArgumentError: keys out of range; ``pinv`` with more than ``L``
                 distinct stored keys (it cannot separate them: use
