@@ -1,0 +1,99 @@
+"""Argument checks shared by the membrane modules: each error names the argument,
+the expected and the found value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError, DTypeError, ShapeError
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype)
+
+
+def check_int(name: str, v: Any, minimum: int = 1) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ArgumentError(f"{name} must be {what}; got {v!r}")
+
+
+def check_values(values: Any, bank: Any) -> torch.Tensor:
+    """``values`` as a ``(B, K', H, W)`` tensor (a view when given ``(K', H, W)``)."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    if not isinstance(values, torch.Tensor):
+        raise ArgumentError(f"values must be a torch.Tensor; got {type(values).__name__}")
+    want = f"(K, {bank.H}, {bank.W}) or ({bank.B}, K, {bank.H}, {bank.W})"
+    if values.ndim not in (3, 4) or tuple(values.shape[-2:]) != (bank.H, bank.W):
+        raise ShapeError(f"values must have shape {want}; got {tuple(values.shape)}")
+    if values.ndim == 4 and values.shape[0] != bank.B:
+        raise ShapeError(f"values must have shape {want}; got {tuple(values.shape)}")
+    if values.shape[-3] == 0:
+        raise ShapeError(f"values must hold at least one pattern; got shape {tuple(values.shape)}")
+    if values.dtype != bank.dtype:
+        raise DTypeError(
+            f"values must have the bank's dtype {bank.dtype}; got {values.dtype} "
+            f"(convert with values.to({bank.dtype}))"
+        )
+    if values.device != bank.device:
+        raise ArgumentError(
+            f"values must be on the bank's device {bank.device}; got {values.device}"
+        )
+    if values.ndim == 4:
+        return values
+    if values.layout == torch.sparse_coo:
+        v = values.coalesce()
+        idx, val = v.indices(), v.values()
+        nnz = val.shape[0]
+        b = torch.arange(bank.B, device=idx.device).repeat_interleave(nnz)
+        idx4 = torch.cat([b.unsqueeze(0), idx.repeat(1, bank.B)], 0)
+        return torch.sparse_coo_tensor(
+            idx4,
+            val.repeat(bank.B),
+            (bank.B, *values.shape),
+            is_coalesced=True,
+            check_invariants=False,
+        )
+    return values.unsqueeze(0).expand(bank.B, -1, -1, -1)
+
+
+def as_keys(keys: Any, kp: int | None, B: int, K: int, name: str) -> torch.Tensor | None:
+    """Validated int64 keys of shape ``(K',)`` or ``(B, K')``, or None for ``0 .. kp-1``."""
+    if keys is None:
+        if kp is not None and kp > K:
+            raise ShapeError(
+                f"values hold {kp} patterns but the bank has K={K} keys; pass keys or a "
+                "larger code book"
+            )
+        return None
+    if isinstance(keys, (int, np.integer)) and not isinstance(keys, bool):
+        t = torch.tensor([int(keys)], dtype=torch.int64)
+    elif isinstance(keys, torch.Tensor):
+        if keys.dtype in (torch.bool,) or keys.is_floating_point() or keys.is_complex():
+            raise DTypeError(f"{name} must be an integer tensor; got {keys.dtype}")
+        t = keys.to(torch.int64)
+        if t.ndim == 0:
+            t = t.reshape(1)
+    elif isinstance(keys, (Sequence, range, np.ndarray)) and not isinstance(keys, (str, bytes)):
+        arr = np.asarray(keys)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise DTypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+        t = torch.from_numpy(arr.astype(np.int64, copy=False).reshape(arr.shape))
+    else:
+        raise ArgumentError(f"{name} must be an int, a sequence or a tensor of ints; got {keys!r}")
+    if t.ndim not in (1, 2) or (t.ndim == 2 and t.shape[0] != B):
+        raise ShapeError(f"{name} must have shape (K',) or ({B}, K'); got {tuple(t.shape)}")
+    if kp is not None and t.shape[-1] != kp:
+        raise ShapeError(f"{name} must hold {kp} keys to match values; got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ShapeError(f"{name} must hold at least one key; got shape {tuple(t.shape)}")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= K:
+        bad = lo if lo < 0 else hi
+        raise ArgumentError(f"{name} must be in [0, {K}); got {bad}")
+    return t

@@ -1,0 +1,190 @@
+"""Saving and loading membrane banks: safetensors tensors plus a JSON metadata
+header (``__metadata__``) carrying the format name and version. Writes go to a
+temporary file in the same folder that is then renamed over the target, so a
+failed save never destroys an older file. Loading validates every field."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ArgumentError, FormatError, NeuropilError
+
+FORMAT = "neuropil.membrane.MembraneBank"
+VERSION = 1
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_TENSORS = ("M", "C", "gains", "counts", "reads")
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_bank(bank: Any, path: Any) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "L": bank.L,
+        "H": bank.H,
+        "W": bank.W,
+        "batch": bank.B,
+        "K": bank.K,
+        "dtype": _dtype_key(bank.dtype),
+        "readout": bank.readout,
+        "precision": bank.precision,
+        "persistence": bank.persistence,
+        "code_kind": bank.code_kind,
+        "seed": bank.seed,
+        "steps": bank.steps,
+    }
+    tensors = {
+        "M": bank.M.detach().cpu().contiguous(),
+        "C": bank.C.detach().cpu().contiguous(),
+        "gains": bank.gains.detach().cpu().contiguous(),
+        "counts": bank.counts.contiguous(),
+        "reads": bank.reads.contiguous(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"neuropil": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if name not in meta:
+        raise FormatError(f"{path}: metadata field {name!r} is missing")
+    v = meta[name]
+    if isinstance(v, bool) or not isinstance(v, kind):
+        raise FormatError(f"{path}: metadata field {name!r} must be {kind}; got {v!r}")
+    return v
+
+
+def load_bank(cls: Any, path: Any, device: Any) -> Any:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            names = set(f.keys())
+            if names != set(_TENSORS):
+                raise FormatError(
+                    f"{path}: tensors must be {sorted(_TENSORS)}; got {sorted(names)}"
+                )
+            t = {n: f.get_tensor(n) for n in _TENSORS}
+    except NeuropilError:
+        raise
+    except Exception as e:  # safetensors raises its own errors on truncated files
+        raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
+    if "neuropil" not in raw:
+        raise FormatError(f"{path}: no neuropil metadata; not a saved MembraneBank")
+    try:
+        meta = json.loads(raw["neuropil"])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: format must be {FORMAT!r}; got {meta.get('format')!r}")
+    version = _field(meta, "version", int, path)
+    if version != VERSION:
+        raise FormatError(f"{path}: format version must be {VERSION}; got {version}")
+    dims = {n: _field(meta, n, int, path) for n in ("L", "H", "W", "batch", "K")}
+    for n, v in dims.items():
+        if v < 1:
+            raise FormatError(f"{path}: metadata field {n!r} must be positive; got {v}")
+    dkey = _field(meta, "dtype", str, path)
+    if dkey not in _DTYPES:
+        raise FormatError(f"{path}: dtype must be one of {sorted(_DTYPES)}; got {dkey!r}")
+    dtype = _DTYPES[dkey]
+    readout = _field(meta, "readout", str, path)
+    precision = _field(meta, "precision", str, path)
+    code_kind = _field(meta, "code_kind", str, path)
+    seed = _field(meta, "seed", int, path)
+    steps = _field(meta, "steps", int, path)
+    if steps < 0:
+        raise FormatError(f"{path}: steps must be >= 0; got {steps}")
+    if "persistence" not in meta:
+        raise FormatError(f"{path}: metadata field 'persistence' is missing")
+    persistence = meta["persistence"]
+    if persistence is not None and (
+        isinstance(persistence, bool) or not isinstance(persistence, (int, float))
+    ):
+        raise FormatError(f"{path}: persistence must be a number or null; got {persistence!r}")
+    L, H, W, B, K = (dims[n] for n in ("L", "H", "W", "batch", "K"))
+    want = {
+        "M": ((B, L, H, W), dtype),
+        "C": ((L, K), dtype),
+        "gains": ((B, K), dtype),
+        "counts": ((B, K), torch.int64),
+        "reads": ((B, K), torch.int64),
+    }
+    for n, (shape, dt) in want.items():
+        if tuple(t[n].shape) != shape or t[n].dtype != dt:
+            raise FormatError(
+                f"{path}: tensor {n!r} must be {dt} of shape {shape}; "
+                f"got {t[n].dtype} of shape {tuple(t[n].shape)}"
+            )
+    for n in ("M", "C", "gains"):
+        if not bool(torch.isfinite(t[n]).all()):
+            raise FormatError(f"{path}: tensor {n!r} holds non-finite values")
+    for n in ("counts", "reads"):
+        if bool((t[n] < 0).any()):
+            raise FormatError(f"{path}: tensor {n!r} holds negative counts")
+    norms = t["C"].double().norm(dim=0)
+    if bool((norms == 0).any()) or not math.isfinite(float(norms.sum())):
+        raise FormatError(f"{path}: code book C has zero columns")
+    try:
+        device = torch.empty(0, device="cpu" if device is None else device).device
+        bank = cls(
+            L,
+            H,
+            W,
+            batch=B,
+            codes=t["C"].to(device),
+            readout=readout,
+            persistence=persistence,
+            device=device,
+            dtype=dtype,
+            precision=precision,
+            seed=seed,
+        )
+    except NeuropilError as e:
+        raise FormatError(f"{path}: inconsistent metadata ({e})") from e
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ArgumentError(
+            f"device must be an available torch device; got {device!r} ({e})"
+        ) from e
+    bank.M = t["M"].to(device)
+    bank.gains = t["gains"].to(device)
+    bank.counts = t["counts"].clone()
+    bank.reads = t["reads"].clone()
+    bank.steps = steps
+    if code_kind == "hadamard":
+        from .codes import hadamard_codes
+
+        if L & (L - 1) or K > L or not torch.equal(t["C"], hadamard_codes(L, K, dtype=dtype)):
+            raise FormatError(f"{path}: code_kind 'hadamard' but C is not the Hadamard code book")
+    bank.code_kind = code_kind
+    bank._setup_transform(device, dtype)
+    return bank

@@ -1,0 +1,642 @@
+"""The membrane bank: ``K`` patterns of ``H x W`` in superposition over ``L`` layers.
+
+Write: ``M[b] += sum_k alpha_bk C[:, k] (x) V_bk``. Read (correlation, the
+original): ``Y_bk = sum_l M[b, l] C[l, k]``; read (``pinv``): the same with the
+dual codes ``D = C (C^T C)^-1``, exact for any full-rank code book while at
+most ``L`` keys are stored. Both are single GEMMs over the flattened
+``(B, L, H*W)`` state, in torch, on the bank's device, and differentiable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import ArgumentError, DTypeError, ShapeError
+from . import codes as _codes
+from ._checks import as_keys, check_int, check_values, dtype_name
+
+__all__ = ["READOUTS", "MembraneBank"]
+
+READOUTS = ("correlation", "pinv")
+_CODE_KINDS = ("hadamard", "dct", "gaussian", "orthogonal", "auto")
+_PRECISIONS = ("highest", "tf32")
+# Sparse COO values denser than this are densified: the scatter path costs nnz * L
+# and wins over the dense GEMM only below about 0.1-0.2% non-zeros (BENCHMARKS.md).
+SPARSE_MAX_DENSITY = 0.002
+
+
+class MembraneBank:
+    """A tensor associative memory of ``batch`` banks, each ``(L, H, W)``.
+
+    Args:
+        L: Layers (code length).
+        H: Pattern height.
+        W: Pattern width.
+        batch: Number of independent banks ``B`` updated by one call.
+        codes: ``"hadamard"`` (L a power of two), ``"dct"``, ``"gaussian"``,
+            ``"orthogonal"``, ``"auto"`` (:func:`~neuropil.membrane.codes.generate_codes`),
+            or an ``(L, K)`` float tensor of your own codes.
+        K: Number of keys (code book size) when ``codes`` is a name; default ``L``.
+            Past ``L`` only ``"gaussian"`` and ``"auto"`` apply.
+        readout: ``"correlation"`` (``C^T M``) or ``"pinv"`` (dual codes; exact
+            while at most ``L`` keys are stored).
+        persistence: ``lam`` in (0, 1]: every :meth:`store` first decays the
+            state by ``lam`` (automatic persistence); ``None`` disables it.
+        device: Torch device of the state (default CPU).
+        dtype: Floating dtype of the state: float32 (default), float64,
+            bfloat16 or float16 (reduced precision, lower fidelity).
+        precision: ``"highest"`` or ``"tf32"``: float32 GEMMs may use TF32
+            tensor cores (CUDA only; about 2x faster, lower fidelity).
+        seed: Seed of the random code books (``np.random.default_rng``).
+        fast_hadamard: Use the factored Hadamard transform (``H_L = H_a (x) H_b``,
+            two small GEMMs with ``2 (a + b) L H W`` FLOPs instead of ``2 L K H W``)
+            for Hadamard banks with ``L >= 64`` when a call touches at least L/4
+            keys. ``None`` (default): on CPU only, where it measured 2-3x past the
+            GEMM limit; on CUDA the fp32 GEMM is already near the memory limit.
+
+    Attributes:
+        M: The state, ``(B, L, H, W)`` tensor of ``dtype`` on ``device``.
+        C: The code book, ``(L, K)``, unit columns.
+        counts: ``(B, K)`` int64 CPU tensor: stores per key since :meth:`clear`.
+        reads: ``(B, K)`` int64 CPU tensor: reads per key (used by
+            :class:`~neuropil.membrane.AdaptivePersistence`).
+        gains: ``(B, K)`` tensor: the alpha of each key's last store (1 before).
+        steps: Decay steps applied since :meth:`clear`.
+    """
+
+    def __init__(
+        self,
+        L: int,
+        H: int,
+        W: int,
+        batch: int = 1,
+        codes: str | torch.Tensor = "hadamard",
+        K: int | None = None,
+        readout: str = "correlation",
+        persistence: float | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+        precision: str = "highest",
+        seed: int = 0,
+        fast_hadamard: bool | None = None,
+    ) -> None:
+        for name, v in (("L", L), ("H", H), ("W", W), ("batch", batch)):
+            check_int(name, v)
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise DTypeError(
+                "dtype must be torch.float32, float64, bfloat16 or float16; "
+                f"got {dtype_name(dtype)}"
+            )
+        if readout not in READOUTS:
+            raise ArgumentError(f"readout must be one of {READOUTS}; got {readout!r}")
+        if precision not in _PRECISIONS:
+            raise ArgumentError(f"precision must be one of {_PRECISIONS}; got {precision!r}")
+        try:
+            # a concrete device ("cuda" -> "cuda:0"), so device comparisons are exact
+            device = torch.empty(0, device="cpu" if device is None else device).device
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+            raise ArgumentError(
+                f"device must be an available torch device; got {device!r} ({e})"
+            ) from e
+        if isinstance(codes, str):
+            if codes not in _CODE_KINDS:
+                raise ArgumentError(
+                    f"codes must be one of {_CODE_KINDS} or a tensor; got {codes!r}"
+                )
+            K = L if K is None else K
+            check_int("K", K)
+            kw: dict[str, Any] = {"device": device, "dtype": dtype}
+            if codes in ("gaussian", "orthogonal", "auto"):
+                kw["seed"] = seed
+            fn = {
+                "hadamard": _codes.hadamard_codes,
+                "dct": _codes.dct_codes,
+                "gaussian": _codes.gaussian_codes,
+                "orthogonal": _codes.orthogonal_codes,
+                "auto": _codes.generate_codes,
+            }[codes]
+            C = fn(L, K, **kw)
+            self.code_kind = codes
+        elif isinstance(codes, torch.Tensor):
+            if codes.ndim != 2 or codes.shape[0] != L:
+                raise ShapeError(f"codes must have shape ({L}, K); got {tuple(codes.shape)}")
+            if codes.dtype != dtype:
+                raise DTypeError(f"codes must have dtype {dtype_name(dtype)}; got {codes.dtype}")
+            if codes.device != device:
+                raise ArgumentError(f"codes must be on device {device}; got {codes.device}")
+            if not bool(torch.isfinite(codes).all()):
+                raise ArgumentError("codes must be finite")
+            C = codes
+            self.code_kind = "custom"
+        else:
+            raise ArgumentError(f"codes must be a name or a tensor; got {type(codes).__name__}")
+        self.L, self.H, self.W, self.B = int(L), int(H), int(W), int(batch)
+        self.K = int(C.shape[1])
+        self.C = C
+        self.readout = readout
+        self.precision = precision
+        self.seed = int(seed)
+        self.fast_hadamard = fast_hadamard
+        self._h: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._setup_transform(device, dtype)
+        self.persistence: float | None = None
+        self.set_persistence(persistence)
+        self.M = torch.zeros(self.B, self.L, self.H, self.W, device=device, dtype=dtype)
+        self.gains = torch.ones(self.B, self.K, device=device, dtype=dtype)
+        self._counts = torch.zeros(self.B, self.K, dtype=torch.int64)
+        self._reads = torch.zeros(self.B, self.K, dtype=torch.int64)
+        # keys-None stores/reads touch a prefix 0..kp-1: counted here, applied lazily
+        self._pending_counts: dict[int, int] = {}
+        self._pending_reads: dict[int, int] = {}
+        self.steps = 0
+        self._dual: torch.Tensor | None = None
+        self._dual_keys: tuple[int, ...] | None = None
+        if readout == "pinv" and self.K <= self.L:
+            self._dual_for(None)  # fails early on a rank-deficient code book
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def M(self) -> torch.Tensor:
+        return self._M
+
+    @M.setter
+    def M(self, value: torch.Tensor) -> None:
+        self._M = value
+        self._m3 = value.view(value.shape[0], value.shape[1], -1)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        for kp, n in self._pending_counts.items():
+            self._counts[:, :kp] += n
+        self._pending_counts.clear()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: torch.Tensor) -> None:
+        self._pending_counts.clear()
+        self._counts = value
+
+    @property
+    def reads(self) -> torch.Tensor:
+        for kp, n in self._pending_reads.items():
+            self._reads[:, :kp] += n
+        self._pending_reads.clear()
+        return self._reads
+
+    @reads.setter
+    def reads(self, value: torch.Tensor) -> None:
+        self._pending_reads.clear()
+        self._reads = value
+
+    @property
+    def device(self) -> torch.device:
+        return self.M.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.M.dtype
+
+    @property
+    def half_life(self) -> float:
+        """Steps after which automatic persistence halves a pattern: ln 2 / -ln(lam)."""
+        if self.persistence is None or self.persistence == 1.0:
+            return math.inf
+        return math.log(0.5) / math.log(self.persistence)
+
+    def set_persistence(self, lam: float | None) -> None:
+        """Sets (or with ``None`` disables) automatic persistence ``M <- lam M`` per store."""
+        if lam is not None:
+            lam = _check_lambda(lam, "persistence")
+        self.persistence = lam
+
+    # ------------------------------------------------------------------ writing
+    def store(
+        self,
+        values: torch.Tensor,
+        keys: Any = None,
+        alphas: float | torch.Tensor | str | None = None,
+    ) -> None:
+        """Writes patterns under their keys' codes: ``M[b] += sum_k alpha C[:, key] (x) V``.
+
+        With automatic persistence the state first decays by ``lam`` (one step).
+        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.2%) non-zeros
+        take a scatter path costing ``nnz * L`` instead of the GEMM's
+        ``K * H * W * L``; denser ones are densified (the GEMM is faster there).
+
+        Args:
+            values: ``(K', H, W)`` (the same patterns for every bank) or
+                ``(B, K', H, W)``, the bank's dtype and device; dense or sparse COO.
+            keys: ``None`` (keys ``0 .. K'-1``), an int, a sequence or an int
+                tensor of shape ``(K',)`` or ``(B, K')``, each in ``[0, K)``.
+                Repeated keys superpose.
+            alphas: ``None`` (1), a float, a ``(K',)`` or ``(B, K')`` tensor, or
+                ``"adaptive"``: ``1 / ||V||`` per pattern (energy-normalised, so
+                weak patterns are not drowned by strong ones' crosstalk; read
+                with ``unscale=True`` to get the original amplitude back).
+
+        Raises:
+            ShapeError: ``values`` or ``keys`` or ``alphas`` have the wrong shape.
+            DTypeError: ``values`` is not of the bank's dtype.
+            ArgumentError: keys out of range, device mismatch, non-finite alphas.
+        """
+        sparse = isinstance(values, torch.Tensor) and values.layout == torch.sparse_coo
+        values = check_values(values, self)
+        if sparse and values._nnz() > SPARSE_MAX_DENSITY * values.numel():
+            values, sparse = values.to_dense(), False  # the GEMM is faster above this density
+        kp = values.shape[1]
+        keys_t = as_keys(keys, kp, self.B, self.K, "keys")
+        a = self._alphas(alphas, values, kp)
+        if self.persistence is not None and self.persistence != 1.0:
+            self._scale_state(self.persistence)
+            self.steps += 1
+        if not sparse and self._use_transform(kp):
+            self._store_transform(values, keys_t, a)
+            self._book(keys_t, kp, a)
+            return
+        cs = self._select(self.C, keys_t, kp)  # (L, K') or (B, L, K')
+        if a is not None:
+            cs = (cs if cs.ndim == 3 else cs.unsqueeze(0)) * a.unsqueeze(1)
+        m3 = self._m3
+        with self._precision():
+            if sparse:
+                self._store_sparse(values, cs)
+            elif self._grad(values, cs):
+                delta = torch.matmul(cs, values.reshape(self.B, kp, -1))
+                self.M = (m3 + delta).view_as(self.M)
+            elif cs.ndim == 2 and self.B == 1:
+                m3[0].addmm_(cs, values.reshape(kp, -1))
+            else:
+                cs3 = cs if cs.ndim == 3 else cs.unsqueeze(0).expand(self.B, -1, -1)
+                m3.baddbmm_(cs3, values.reshape(self.B, kp, -1))
+        self._book(keys_t, kp, a)
+
+    def _setup_transform(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Factors of the Sylvester Hadamard code book, ``H_L = H_a (x) H_(L/a)``."""
+        self._h = None
+        if self.code_kind == "hadamard" and self.L >= 64:
+            a = 1 << ((self.L.bit_length() - 1) // 2)
+            self._h = (
+                _codes.hadamard_codes(a, a, device=device, dtype=dtype),
+                _codes.hadamard_codes(self.L // a, self.L // a, device=device, dtype=dtype),
+            )
+
+    def _use_transform(self, kp: int) -> bool:
+        if self._h is None or 4 * kp < self.L:
+            return False
+        if self.fast_hadamard is None:
+            return self._M.device.type == "cpu"
+        return self.fast_hadamard
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        """``H x`` along dim 1 of ``(B, L, N)``, with the factored Sylvester Hadamard."""
+        assert self._h is not None
+        h1, h2 = self._h
+        b, n = x.shape[0], x.shape[2]
+        t = torch.matmul(h1, x.reshape(b, h1.shape[0], -1))
+        return torch.matmul(h2, t.view(b, h1.shape[0], h2.shape[0], n)).view(b, self.L, n)
+
+    def _store_transform(
+        self, values: torch.Tensor, keys: torch.Tensor | None, a: torch.Tensor | None
+    ) -> None:
+        kp = values.shape[1]
+        v = values.reshape(self.B, kp, -1)
+        if a is not None:
+            v = v * a.unsqueeze(-1)
+        if keys is None and kp == self.L:
+            u = v
+        else:
+            u = torch.zeros_like(self._m3)
+            if keys is None:
+                u[:, :kp] = v
+            elif keys.ndim == 1:
+                u.index_add_(1, keys.to(self.device), v)
+            else:
+                idx = keys.to(self.device).unsqueeze(-1).expand(-1, -1, v.shape[2])
+                u.scatter_add_(1, idx, v)
+        delta = self._transform(u)
+        if self._grad(values, delta):
+            self.M = (self._m3 + delta).view_as(self._M)
+        else:
+            self._m3.add_(delta)
+
+    def _store_sparse(self, values: torch.Tensor, cs: torch.Tensor) -> None:
+        v = values.coalesce()
+        idx, val = v.indices(), v.values()  # (4, nnz): b, k, h, w
+        b, k = idx[0], idx[1]
+        n = idx[2] * self.W + idx[3]
+        if cs.ndim == 2:
+            contrib = cs[:, k] * val  # (L, nnz)
+        else:
+            contrib = cs[b, :, k].T * val
+        grad = self._grad(val, cs)
+        if self.B == 1:
+            m2 = self.M.view(self.L, -1)
+            if grad:
+                self.M = m2.index_add(1, n, contrib).view_as(self.M)
+            else:
+                m2.index_add_(1, n, contrib)
+            return
+        lidx = torch.arange(self.L, device=self.device).unsqueeze(1)
+        flat = (b.unsqueeze(0) * self.L + lidx) * (self.H * self.W) + n.unsqueeze(0)
+        if grad:
+            self.M = self.M.reshape(-1).index_add(0, flat.reshape(-1), contrib.reshape(-1))
+            self.M = self.M.view(self.B, self.L, self.H, self.W)
+        else:
+            self.M.view(-1).index_add_(0, flat.reshape(-1), contrib.reshape(-1))
+
+    def _alphas(self, alphas: Any, values: torch.Tensor, kp: int) -> torch.Tensor | None:
+        if alphas is None:
+            return None
+        if isinstance(alphas, str):
+            if alphas != "adaptive":
+                raise ArgumentError(
+                    f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}"
+                )
+            dense = values.to_dense() if values.layout == torch.sparse_coo else values
+            norms = dense.detach().reshape(self.B, kp, -1).float().norm(dim=2)
+            return (1.0 / norms.clamp_min(1e-12)).to(self.dtype)
+        if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
+            if not math.isfinite(alphas):
+                raise ArgumentError(f"alphas must be finite; got {alphas}")
+            return torch.full((self.B, kp), float(alphas), device=self.device, dtype=self.dtype)
+        if not isinstance(alphas, torch.Tensor):
+            raise ArgumentError(f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}")
+        if alphas.shape not in ((kp,), (self.B, kp)):
+            raise ShapeError(
+                f"alphas must have shape ({kp},) or ({self.B}, {kp}); got {tuple(alphas.shape)}"
+            )
+        if alphas.device != self.device:
+            raise ArgumentError(f"alphas must be on device {self.device}; got {alphas.device}")
+        if not alphas.is_floating_point():
+            raise DTypeError(f"alphas must be a floating tensor; got {alphas.dtype}")
+        return alphas.to(self.dtype).expand(self.B, kp)
+
+    def _book(self, keys: torch.Tensor | None, kp: int, a: torch.Tensor | None) -> None:
+        if keys is None:
+            self._pending_counts[kp] = self._pending_counts.get(kp, 0) + 1
+            if a is not None:
+                self.gains[:, :kp] = a.detach()
+            return
+        k2 = keys.expand(self.B, kp) if keys.ndim == 1 else keys
+        self.counts.scatter_add_(1, k2.cpu(), torch.ones(self.B, kp, dtype=torch.int64))
+        if a is not None:
+            self.gains.scatter_(1, k2.to(self.device), a.detach())
+
+    # ------------------------------------------------------------------ reading
+    def read(
+        self, keys: Any = None, readout: str | None = None, unscale: bool = False
+    ) -> torch.Tensor:
+        """Recalls the patterns stored under ``keys``.
+
+        Args:
+            keys: ``None`` (all ``K`` keys), an int, a sequence, or an int tensor
+                of shape ``(K',)`` or ``(B, K')``, each in ``[0, K)``.
+            readout: Overrides the bank's readout for this call.
+            unscale: Divide each recall by its key's last alpha (use after
+                ``store(..., alphas="adaptive")``).
+
+        Returns:
+            ``(B, K', H, W)`` tensor of the bank's dtype, on its device.
+
+        Past ``L`` stored keys the correlation readout degrades gracefully: each
+        recall carries crosstalk of relative size about sqrt((K - 1) / L) with
+        random codes (sqrt((K - L) / L) with ``codes="auto"``); a
+        :class:`HopfieldCleanup` restores exact recall up to about ``K = 2L``.
+
+        Raises:
+            ArgumentError: keys out of range; ``pinv`` with more than ``L``
+                distinct stored keys (it cannot separate them: use
+                ``"correlation"`` and a :class:`HopfieldCleanup`).
+        """
+        readout = self.readout if readout is None else readout
+        if readout not in READOUTS:
+            raise ArgumentError(f"readout must be one of {READOUTS}; got {readout!r}")
+        kp = self.K if keys is None else None
+        keys_t = as_keys(keys, kp, self.B, self.K, "keys")
+        if keys_t is not None:
+            kp = keys_t.shape[-1]
+        assert kp is not None
+        if self._use_transform(kp):  # the dual of an orthonormal code book is itself
+            y = self._transform(self._m3)
+            if keys_t is None:
+                y = y[:, :kp]
+            elif keys_t.ndim == 1:
+                y = y.index_select(1, keys_t.to(self.device))
+            else:
+                idx = keys_t.to(self.device).unsqueeze(-1).expand(-1, -1, y.shape[2])
+                y = torch.gather(y, 1, idx)
+            return self._finish_read(y, keys_t, kp, unscale)
+        codes = self.C if readout == "correlation" else self._dual_for(keys_t)
+        rs = self._select(codes, keys_t, kp)
+        m3 = self._m3
+        with self._precision():
+            if rs.ndim == 2 and self.B == 1:
+                y = torch.mm(rs.t(), m3[0]).unsqueeze(0)
+            else:
+                y = torch.matmul(rs.transpose(-1, -2), m3)
+        return self._finish_read(y, keys_t, kp, unscale)
+
+    def _finish_read(
+        self, y: torch.Tensor, keys_t: torch.Tensor | None, kp: int, unscale: bool
+    ) -> torch.Tensor:
+        if unscale:
+            g = self.gains[:, :kp] if keys_t is None else self._gather_gains(keys_t)
+            y = y / g.unsqueeze(-1)
+        if keys_t is None:
+            self._pending_reads[kp] = self._pending_reads.get(kp, 0) + 1
+        else:
+            k2 = keys_t.expand(self.B, kp) if keys_t.ndim == 1 else keys_t
+            self.reads.scatter_add_(1, k2.cpu(), torch.ones(self.B, kp, dtype=torch.int64))
+        return y.reshape(self.B, kp, self.H, self.W)
+
+    def read_all(self, readout: str | None = None) -> torch.Tensor:
+        """Recalls every key: ``(B, K, H, W)``. Same as ``read(None)``."""
+        return self.read(None, readout=readout)
+
+    def _gather_gains(self, keys: torch.Tensor) -> torch.Tensor:
+        k2 = keys.expand(self.B, -1) if keys.ndim == 1 else keys
+        return torch.gather(self.gains, 1, k2.to(self.device))
+
+    def _select(self, codes: torch.Tensor, keys: torch.Tensor | None, kp: int) -> torch.Tensor:
+        if keys is None:
+            return codes if kp == self.K else codes[:, :kp]
+        keys = keys.to(codes.device)
+        if keys.ndim == 1:
+            return codes.index_select(1, keys)
+        return codes[:, keys].permute(1, 0, 2)  # (B, L, K')
+
+    def stored_keys(self) -> list[int]:
+        """Keys stored in at least one bank since :meth:`clear`, ascending."""
+        return torch.nonzero(self.counts.sum(0)).flatten().tolist()
+
+    def _dual_for(self, keys: torch.Tensor | None) -> torch.Tensor:
+        """Dual codes ``D`` with ``D^T C_S = I`` over the stored keys ``S`` (all keys if K <= L)."""
+        if self.K <= self.L:
+            if self._dual is None:
+                self._dual = self._pinv_t(self.C, "the code book")
+            return self._dual
+        stored = tuple(self.stored_keys())
+        if len(stored) > self.L:
+            raise ArgumentError(
+                f"readout 'pinv' separates at most L={self.L} stored keys; got {len(stored)} "
+                "distinct stored keys (use readout='correlation', optionally with a "
+                "HopfieldCleanup)"
+            )
+        if self._dual is None or self._dual_keys != stored:
+            d = torch.zeros_like(self.C)
+            if stored:
+                idx = torch.tensor(stored, device=self.device)
+                d[:, idx] = self._pinv_t(self.C[:, idx], "the stored keys' codes")
+            self._dual, self._dual_keys = d, stored
+        return self._dual
+
+    def _pinv_t(self, c: torch.Tensor, what: str) -> torch.Tensor:
+        c64 = c.detach().to(torch.float64)
+        s = torch.linalg.svdvals(c64)
+        if s.numel() == 0 or float(s[-1]) <= 1e-7 * float(s[0]):
+            raise ArgumentError(
+                f"readout 'pinv' needs full-rank codes; {what} have condition number "
+                f"{float(s[0]) / max(float(s[-1]), 1e-300):.3g}"
+            )
+        return torch.linalg.pinv(c64).t().contiguous().to(self.dtype)
+
+    # ------------------------------------------------------------------ persistence
+    def decay(self, lam: float, steps: int = 1) -> None:
+        """Decays every stored pattern: ``M <- lam^steps M``.
+
+        Args:
+            lam: Factor in (0, 1].
+            steps: How many steps to apply at once (non-negative).
+        """
+        lam = _check_lambda(lam, "lam")
+        check_int("steps", steps, minimum=0)
+        if steps:
+            self._scale_state(lam**steps)
+            self.steps += steps
+
+    def step(self, n: int = 1) -> None:
+        """Applies ``n`` steps of the automatic persistence (no-op when it is off)."""
+        check_int("n", n, minimum=0)
+        if self.persistence is not None and n:
+            self.decay(self.persistence, n)
+
+    def _scale_state(self, f: float) -> None:
+        if self.M.requires_grad:
+            self.M = self.M * f
+        else:
+            self.M.mul_(f)
+
+    def clear(self) -> None:
+        """Forgets everything: zero state, counts, reads, gains and steps."""
+        self.M = torch.zeros_like(self.M, requires_grad=False)
+        self.gains = torch.ones_like(self.gains)
+        self.counts.zero_()
+        self.reads.zero_()
+        self.steps = 0
+        if self.K > self.L:
+            self._dual, self._dual_keys = None, None
+
+    # ------------------------------------------------------------------ telemetry
+    def stats(self) -> dict[str, Any]:
+        """Energy and capacity telemetry.
+
+        Returns:
+            dict with ``stored`` (distinct stored keys, max over banks),
+            ``load`` (stored / L), ``energy`` (``||M||_F^2`` per bank, list),
+            ``coherence`` (:func:`coherence_stats` of the stored keys' codes),
+            ``expected_crosstalk`` (sqrt((K-1)/L) for K stored: the relative
+            error of the correlation readout with random codes), ``code_crosstalk``
+            (the same from the actual codes' Gram matrix), ``half_life``, ``steps``.
+        """
+        per_bank = (self.counts > 0).sum(1)
+        k = int(per_bank.max()) if self.B else 0
+        stored = self.stored_keys()
+        cs = self.C[:, stored] if stored else self.C[:, :0]
+        coh = _codes.coherence_stats(cs) if stored else _codes.coherence_stats(self.C[:, :1])
+        if len(stored) > 1:
+            g = cs.detach().double().T @ cs.detach().double()
+            off = g - torch.diag(torch.diag(g))
+            code_xt = float(off.pow(2).sum(0).mean().sqrt())
+        else:
+            code_xt = 0.0
+        return {
+            "stored": k,
+            "load": k / self.L,
+            "energy": self.M.detach().double().pow(2).sum((1, 2, 3)).tolist(),
+            "coherence": coh,
+            "expected_crosstalk": math.sqrt(max(k - 1, 0) / self.L),
+            "code_crosstalk": code_xt,
+            "half_life": self.half_life,
+            "steps": self.steps,
+            "readout": self.readout,
+            "bytes": self.M.numel() * self.M.element_size(),
+        }
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: Any) -> None:
+        """Writes the bank to ``path`` (safetensors + JSON metadata, atomic rename)."""
+        from ._io import save_bank
+
+        save_bank(self, path)
+
+    @classmethod
+    def load(cls, path: Any, device: Any = None) -> MembraneBank:
+        """Reads a bank written by :meth:`save`, validating every field.
+
+        Args:
+            path: File written by :meth:`save`.
+            device: Device to load onto (default CPU).
+
+        Raises:
+            FormatError: The file is missing fields, truncated, inconsistent or
+                of an unknown format version.
+        """
+        from ._io import load_bank
+
+        return load_bank(cls, path, device)
+
+    # ------------------------------------------------------------------ helpers
+    def _grad(self, *ts: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            self.M.requires_grad or any(t.requires_grad for t in ts)
+        )
+
+    def _precision(self) -> contextlib.AbstractContextManager[None]:
+        if self.precision == "tf32" and self._M.dtype == torch.float32 and self._M.is_cuda:
+            return _tf32()
+        return _NULL
+
+    def __repr__(self) -> str:
+        return (
+            f"MembraneBank(L={self.L}, H={self.H}, W={self.W}, batch={self.B}, K={self.K}, "
+            f"codes={self.code_kind!r}, readout={self.readout!r}, dtype={dtype_name(self.dtype)}, "
+            f"device={str(self.device)!r})"
+        )
+
+
+_NULL = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """Lets float32 GEMMs use TF32 tensor cores for the duration, then restores."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _check_lambda(lam: Any, name: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise ArgumentError(f"{name} must be a number in (0, 1]; got {lam!r}")
+    lam = float(lam)
+    if not (0.0 < lam <= 1.0):
+        raise ArgumentError(f"{name} must be in (0, 1]; got {lam}")
+    return lam

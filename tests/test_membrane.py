@@ -1,0 +1,624 @@
+"""The membrane bank (neuropil.membrane): codes, fidelity, capacity, persistence,
+the improvement list, metrics, save/load and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import neuropil  # noqa: E402
+from conftest import run_python  # noqa: E402
+from neuropil.membrane import (  # noqa: E402
+    AdaptivePersistence,
+    HierarchicalMembraneBank,
+    HopfieldCleanup,
+    MembraneBank,
+    coherence_stats,
+    dct_codes,
+    gaussian_codes,
+    generate_codes,
+    hadamard_codes,
+    orthogonal_codes,
+    psnr,
+    ssim,
+)
+from neuropil.membrane import _evaluate as ev  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ev.digits()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return ev.photo_patches(32, 32)
+
+
+def test_import_neuropil_does_not_import_torch():
+    r = run_python("import sys, neuropil; assert 'torch' not in sys.modules; print('ok')")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- codes
+@pytest.mark.parametrize("fn", [hadamard_codes, dct_codes, orthogonal_codes])
+@pytest.mark.parametrize("L,K", [(8, 8), (64, 20), (128, 128)])
+def test_orthogonal_code_books_are_orthonormal(fn, L, K):
+    c = fn(L, K, dtype=torch.float64)
+    assert c.shape == (L, K)
+    assert torch.allclose(c.T @ c, torch.eye(K, dtype=torch.float64), atol=1e-12)
+    stats = coherence_stats(c)
+    assert stats["max"] < 1e-12
+
+
+def test_hadamard_entries_and_sylvester_order():
+    c = hadamard_codes(4, 4)
+    want = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2
+    assert torch.equal(c, want.float())
+
+
+def test_dct_matches_formula():
+    c = dct_codes(6, 3, dtype=torch.float64)
+    assert math.isclose(float(c[0, 0]), math.sqrt(1 / 6))
+    assert math.isclose(float(c[2, 1]), math.sqrt(2 / 6) * math.cos(math.pi * 2.5 / 6))
+
+
+def test_random_codes_are_seeded_and_documented_generator():
+    a = gaussian_codes(16, 40, seed=7)
+    assert torch.equal(a, gaussian_codes(16, 40, seed=7))
+    assert not torch.equal(a, gaussian_codes(16, 40, seed=8))
+    raw = np.random.default_rng(7).standard_normal((16, 40))
+    want = raw / np.linalg.norm(raw, axis=0)
+    assert np.allclose(a.numpy(), want, atol=1e-7)
+    assert torch.allclose(a.norm(dim=0), torch.ones(40))
+    assert torch.equal(orthogonal_codes(16, 5, seed=3), orthogonal_codes(16, 5, seed=3))
+
+
+def test_generate_codes_orthonormal_then_near_welch_bound():
+    assert torch.equal(generate_codes(32, 10), hadamard_codes(32, 10))
+    c = generate_codes(24, 10, dtype=torch.float64)
+    assert torch.allclose(c.T @ c, torch.eye(10, dtype=torch.float64), atol=1e-12)
+    c = generate_codes(32, 128, dtype=torch.float64)
+    s = coherence_stats(c)
+    # rms coherence of a unit-norm tight frame meets the Welch bound
+    assert s["rms"] == pytest.approx(s["welch_bound"], rel=0.01)
+    assert s["rms"] < coherence_stats(gaussian_codes(32, 128))["rms"] * 0.9
+
+
+def test_generate_codes_keeps_existing():
+    old = hadamard_codes(16, 6)
+    c = generate_codes(16, 12, existing=old)
+    assert torch.equal(c[:, :6], old)
+    assert coherence_stats(c)["max"] < 1e-6
+    c = generate_codes(16, 40, existing=old)
+    assert torch.allclose(c[:, :6], old) and c.shape == (16, 40)
+
+
+def test_coherence_stats_known_values():
+    c = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    s = coherence_stats(c)
+    # normalised: e1, (e1+e2)/sqrt2, e2 -> |g| = 1/sqrt2, 0, 1/sqrt2
+    assert s["max"] == pytest.approx(1 / math.sqrt(2))
+    assert s["mean"] == pytest.approx(math.sqrt(2) / 3)
+    assert s["welch_bound"] == pytest.approx(math.sqrt(1 / 4))
+
+
+@pytest.mark.parametrize(
+    "call,exc,msg",
+    [
+        (lambda: hadamard_codes(12, 4), neuropil.ArgumentError, "power of two"),
+        (lambda: dct_codes(8, 9), neuropil.ArgumentError, "K must be <= L=8"),
+        (lambda: gaussian_codes(0, 3), neuropil.ArgumentError, "L must be a positive integer"),
+        (lambda: generate_codes(8, 4, existing=torch.ones(7, 2)), neuropil.ShapeError, "(8, K0)"),
+        (lambda: coherence_stats(torch.ones(3)), neuropil.ShapeError, "(L, K)"),
+    ],
+)
+def test_code_errors(call, exc, msg):
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+# ---------------------------------------------------------------- fidelity
+@pytest.mark.parametrize("codes", ["hadamard", "dct"])
+def test_orthogonal_codes_recall_random_and_real_images_exactly(codes, digits, photos):
+    rnd = torch.rand(64, 16, 16, generator=torch.Generator().manual_seed(0))
+    for pats, L in ((rnd, 64), (digits[:64], 64), (photos, 32)):
+        f = ev.fidelity(pats, L, codes, "correlation")
+        assert f["psnr"] >= 100 and f["rel_error"] <= 1e-6, (codes, f)
+
+
+def test_pinv_rescues_gaussian_codes(digits, photos):
+    for pats, L in ((digits[:64], 64), (photos, 32)):
+        corr = ev.fidelity(pats, L, "gaussian", "correlation")
+        pinv = ev.fidelity(pats, L, "gaussian", "pinv")
+        assert corr["psnr"] < 20
+        assert pinv["psnr"] >= 100
+
+
+@pytest.mark.parametrize("K", [128, 256])
+def test_crosstalk_past_L_follows_sqrt_k_minus_1_over_L(K):
+    c = ev.crosstalk(64, K)
+    assert 0.8 <= c["ratio"] <= 1.2
+    bank = MembraneBank(64, 4, 4, codes="gaussian", K=K)
+    bank.store(torch.rand(K, 4, 4))
+    s = bank.stats()
+    assert s["stored"] == K and s["load"] == K / 64
+    assert s["expected_crosstalk"] == pytest.approx(math.sqrt((K - 1) / 64))
+    assert s["code_crosstalk"] == pytest.approx(c["code_crosstalk"], rel=1e-6)
+
+
+def test_cleanup_keeps_top1_recall_at_2L_on_digits(digits):
+    r = ev.cleanup(digits, 64, 128)
+    assert r["top1_readout"] < 0.9  # the readout alone does not
+    assert r["top1_cleanup"] >= 0.99
+    assert r["psnr_cleanup"] > 60
+
+
+def test_hopfield_step_snaps_to_nearest(digits):
+    hop = HopfieldCleanup(digits[:50], beta=1000.0)
+    noisy = digits[:50] + 0.1 * torch.randn(50, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hop.nearest(noisy), torch.arange(50))
+    assert torch.allclose(hop(noisy), digits[:50], atol=1e-4)
+
+
+# ---------------------------------------------------------------- persistence
+def test_automatic_persistence_amplitude_is_lam_to_the_T():
+    p = ev.persistence(0.95, 50)
+    assert p["abs_error"] <= 1e-5
+    assert p["half_life"] == pytest.approx(math.log(2) / -math.log(0.95))
+    bank = MembraneBank(8, 2, 2, codes="hadamard")
+    v = torch.rand(8, 2, 2)
+    bank.store(v)
+    bank.decay(0.5, steps=3)
+    assert torch.allclose(bank.read()[0], v / 8, atol=1e-6)
+    assert bank.steps == 3 and bank.half_life == math.inf
+    bank.step(5)  # persistence off: no-op
+    assert bank.steps == 3
+
+
+def test_adaptive_persistence_decays_by_access_count():
+    r = ev.adaptive_persistence(40)
+    assert r["max_abs_error"] <= 1e-5
+    assert r["hot_amplitude"] > 10 * r["cold_amplitude"]
+    bank = MembraneBank(8, 2, 2, codes="hadamard")
+    bank.store(torch.ones(8, 2, 2))
+    for _ in range(50):
+        bank.read([2])
+    ap = AdaptivePersistence(bank, base_lambda=0.5, max_lambda=0.9, saturation=100)
+    assert ap.lambdas()[0, 2] == pytest.approx(0.75) and ap.lambdas()[0, 0] == 0.5
+    ap.step(2)
+    y = bank.read()[0, :, 0, 0]
+    assert y[2] == pytest.approx(0.75**2, abs=1e-6) and y[0] == pytest.approx(0.25, abs=1e-6)
+    with pytest.raises(neuropil.ArgumentError, match="max_lambda must be >= base_lambda"):
+        AdaptivePersistence(bank, base_lambda=0.9, max_lambda=0.8)
+
+
+def test_adaptive_alpha_improves_the_weakest_pattern():
+    r = ev.adaptive_alpha()
+    assert r["worst_psnr_adaptive"] > r["worst_psnr_uniform"] + 10
+
+
+def test_adaptive_alpha_round_trips_with_unscale(digits):
+    bank = MembraneBank(64, 8, 8, codes="dct")
+    v = digits[:64] * torch.logspace(-2, 2, 64)[:, None, None]
+    bank.store(v, alphas="adaptive")
+    assert torch.allclose(bank.gains[0], 1 / v.reshape(64, -1).norm(dim=1), rtol=1e-5)
+    assert torch.allclose(bank.read(unscale=True)[0], v, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- improvements
+def test_hierarchical_bank_routes_keys_exactly(digits):
+    hb = HierarchicalMembraneBank(32, 8, 8, levels=3, codes="dct")
+    assert hb.K == 56 and [b.L for b in hb.banks] == [32, 16, 8]
+    keys = [55, 0, 40, 31, 32, 48]
+    hb.store(digits[:6], keys)
+    y = hb.read(keys)[0]
+    assert torch.allclose(y, digits[:6], atol=1e-5)
+    r = ev.hierarchical()
+    assert r["psnr_hierarchical"] >= 100 and r["bytes_hierarchical"] == r["bytes_flat"]
+
+
+def test_batched_banks_match_single_banks():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(3, 5, 4, 4, generator=g)
+    keys = torch.tensor([[0, 1, 2, 3, 4], [7, 6, 5, 4, 3], [2, 2, 9, 11, 15]])
+    batched = MembraneBank(16, 4, 4, batch=3, codes="gaussian", K=16)
+    alphas = torch.rand(3, 5, generator=g)
+    batched.store(v, keys, alphas=alphas)
+    for b in range(3):
+        single = MembraneBank(16, 4, 4, codes="gaussian", K=16)
+        single.store(v[b], keys[b], alphas=alphas[b])
+        assert torch.allclose(batched.M[b], single.M[0], atol=1e-6)
+        assert torch.allclose(batched.read(keys)[b], single.read(keys[b])[0], atol=1e-6)
+    assert batched.counts[2, 2] == 2 and batched.counts[2].sum() == 5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sparse_store_equals_dense(batch):
+    g = torch.Generator().manual_seed(1)
+    d = torch.rand(batch, 16, 32, 32, generator=g)
+    d = d * (torch.rand(batch, 16, 32, 32, generator=g) < 0.001)
+    a = MembraneBank(32, 32, 32, batch=batch)
+    b = MembraneBank(32, 32, 32, batch=batch)
+    a.store(d, range(3, 19))
+    b.store(d.to_sparse(), range(3, 19))
+    assert torch.allclose(a.M, b.M, atol=1e-6)
+    b.store(d[0].to_sparse(), range(16))  # (K, H, W) to every bank
+    a.store(d[0], range(16))
+    assert torch.allclose(a.M, b.M, atol=1e-6)
+
+
+def test_store_and_read_are_differentiable():
+    bank = MembraneBank(16, 3, 3, codes="hadamard")
+    v = torch.rand(16, 3, 3, requires_grad=True)
+    bank.store(v)
+    w = torch.rand(16, 3, 3)
+    (bank.read()[0] * w).sum().backward()
+    assert v.grad is not None and torch.allclose(v.grad, w, atol=1e-6)
+
+
+def test_learnable_codes_get_gradients():
+    codes = orthogonal_codes(8, 8, seed=1).requires_grad_(True)
+    bank = MembraneBank(8, 2, 2, codes=codes)
+    v = torch.rand(8, 2, 2)
+    bank.store(v)
+    loss = (bank.read()[0] - v).pow(2).sum() + bank.read([0]).sum()
+    loss.backward()
+    assert codes.grad is not None and torch.isfinite(codes.grad).all()
+    assert codes.grad.abs().sum() > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    L=st.sampled_from([4, 8, 16, 32]),
+    frac=st.floats(0.1, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    readout=st.sampled_from(["correlation", "pinv"]),
+)
+def test_recall_is_exact_for_any_key_subset(L, frac, seed, readout):
+    g = torch.Generator().manual_seed(seed)
+    K = max(1, int(frac * L))
+    keys = torch.randperm(L, generator=g)[:K]
+    v = torch.randn(K, 3, 5, generator=g, dtype=torch.float64)
+    bank = MembraneBank(L, 3, 5, codes="dct", readout=readout, dtype=torch.float64)
+    bank.store(v, keys)
+    assert torch.allclose(bank.read(keys)[0], v, atol=1e-10)
+    others = [k for k in range(L) if k not in set(keys.tolist())]
+    if others:
+        assert bank.read(others).abs().max() < 1e-10
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    L=st.sampled_from([64, 128, 256]),
+    batch=st.sampled_from([1, 2]),
+    frac=st.sampled_from([0.25, 0.5, 1.0]),
+    per_bank=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_factored_hadamard_equals_the_gemm(L, batch, frac, per_bank, seed):
+    g = torch.Generator().manual_seed(seed)
+    kp = int(frac * L)
+    v = torch.randn(batch, kp, 2, 3, generator=g, dtype=torch.float64)
+    shape = (batch, kp) if per_bank else (kp,)
+    keys = torch.randint(0, L, shape, generator=g)
+    alphas = torch.rand(batch, kp, generator=g, dtype=torch.float64) + 0.5
+    kw = {"batch": batch, "dtype": torch.float64}
+    fast = MembraneBank(L, 2, 3, fast_hadamard=True, **kw)
+    gemm = MembraneBank(L, 2, 3, fast_hadamard=False, **kw)
+    for bank in (fast, gemm):
+        bank.store(v, keys, alphas=alphas)
+        bank.store(v[:, :kp])
+    assert torch.allclose(fast.M, gemm.M, atol=1e-10)
+    assert torch.allclose(fast.read(keys), gemm.read(keys), atol=1e-10)
+    assert torch.allclose(fast.read(), gemm.read(), atol=1e-10)
+    assert torch.equal(fast.counts, gemm.counts) and torch.equal(fast.reads, gemm.reads)
+
+
+def test_factored_hadamard_is_differentiable_and_survives_save_load(tmp_path):
+    bank = MembraneBank(64, 2, 2)
+    assert bank._use_transform(64)
+    v = torch.rand(64, 2, 2, requires_grad=True)
+    bank.store(v)
+    w = torch.rand(64, 2, 2)
+    (bank.read()[0] * w).sum().backward()
+    assert torch.allclose(v.grad, w, atol=1e-5)
+    bank.save(tmp_path / "h.safetensors")
+    back = MembraneBank.load(tmp_path / "h.safetensors")
+    assert back.code_kind == "hadamard" and back._use_transform(64)
+    assert torch.allclose(back.read(), bank.read().detach(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- metrics
+def test_psnr_known_values():
+    x = torch.zeros(4, 4)
+    assert psnr(x, x + 1, data_range=255) == pytest.approx(20 * math.log10(255))
+    assert psnr(x, x + 0.1, data_range=1.0) == pytest.approx(20.0)
+    assert psnr(x, x, data_range=1.0) == math.inf
+    y = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    # default range 3; mse 0.25 -> 10 log10(9 / 0.25)
+    assert psnr(y, y + 0.5) == pytest.approx(10 * math.log10(36))
+
+
+def _ssim_reference(x: np.ndarray, y: np.ndarray, r: float, win: int = 7) -> float:
+    """scikit-image's formula written out by hand, window by window."""
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    n = win * win
+    vals = []
+    for i in range(x.shape[0] - win + 1):
+        for j in range(x.shape[1] - win + 1):
+            a = x[i : i + win, j : j + win].ravel()
+            b = y[i : i + win, j : j + win].ravel()
+            ma, mb = a.mean(), b.mean()
+            va = ((a - ma) ** 2).sum() / (n - 1)
+            vb = ((b - mb) ** 2).sum() / (n - 1)
+            cov = ((a - ma) * (b - mb)).sum() / (n - 1)
+            vals.append(
+                ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+            )
+    return float(np.mean(vals))
+
+
+def test_ssim_known_values():
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 15))
+    y = np.clip(x + 0.2 * rng.standard_normal((12, 15)), 0, 1)
+    got = ssim(torch.from_numpy(x), torch.from_numpy(y), data_range=1.0)
+    assert got == pytest.approx(_ssim_reference(x, y, 1.0), abs=1e-10)
+    assert ssim(torch.from_numpy(x), torch.from_numpy(x), data_range=1.0) == pytest.approx(1.0)
+    a, b = 0.3, 0.6  # constant images: only the luminance term remains
+    c1 = 0.01**2
+    want = (2 * a * b + c1) / (a * a + b * b + c1)
+    got = ssim(torch.full((9, 9), a), torch.full((9, 9), b), data_range=1.0)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_ssim_matches_scikit_image_if_installed():
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(1)
+    x = rng.random((20, 20))
+    y = np.clip(x + 0.1 * rng.standard_normal((20, 20)), 0, 1)
+    want = metrics.structural_similarity(x, y, data_range=1.0)
+    assert ssim(torch.from_numpy(x), torch.from_numpy(y), data_range=1.0) == pytest.approx(want)
+    assert psnr(torch.from_numpy(x), torch.from_numpy(y), data_range=1.0) == pytest.approx(
+        metrics.peak_signal_noise_ratio(x, y, data_range=1.0)
+    )
+
+
+def test_metric_errors():
+    with pytest.raises(neuropil.ShapeError, match="y must have the shape of x"):
+        psnr(torch.zeros(3, 3), torch.zeros(3, 4))
+    with pytest.raises(neuropil.ArgumentError, match="data_range"):
+        psnr(torch.zeros(3, 3), torch.ones(3, 3))
+    with pytest.raises(neuropil.ShapeError, match="at least 7x7"):
+        ssim(torch.rand(5, 5), torch.rand(5, 5))
+
+
+# ---------------------------------------------------------------- save / load
+def _saved(tmp_path, **kw):
+    bank = MembraneBank(16, 4, 4, batch=2, codes="gaussian", K=20, persistence=0.9, **kw)
+    bank.store(torch.rand(2, 5, 4, 4).to(bank.dtype), [1, 3, 5, 7, 19], alphas="adaptive")
+    bank.read([1, 3])
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    return bank, path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(tmp_path, dtype):
+    bank, path = _saved(tmp_path, dtype=dtype)
+    back = MembraneBank.load(path)
+    for name in ("M", "C", "gains", "counts", "reads"):
+        assert torch.equal(getattr(back, name), getattr(bank, name)), name
+    assert (back.persistence, back.steps, back.code_kind, back.K) == (0.9, 1, "gaussian", 20)
+    assert torch.equal(back.read([1, 3, 5]), bank.read([1, 3, 5]))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    bank, path = _saved(tmp_path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bank.save(path)
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    m = json.loads(meta["neuropil"])
+    if edit_meta:
+        edit_meta(m)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata={"neuropil": json.dumps(m)})
+
+
+@pytest.mark.parametrize(
+    "meta,tensors,msg",
+    [
+        (lambda m: m.update(version=2), None, "version must be 1"),
+        (lambda m: m.update(format="other"), None, "format must be"),
+        (lambda m: m.pop("L"), None, "'L' is missing"),
+        (lambda m: m.update(K="20"), None, "'K' must be"),
+        (lambda m: m.update(dtype="int8"), None, "dtype must be one of"),
+        (lambda m: m.update(readout="magic"), None, "inconsistent metadata"),
+        (lambda m: m.update(persistence=1.5), None, "inconsistent metadata"),
+        (lambda m: m.update(steps=-1), None, "steps must be >= 0"),
+        (lambda m: m.update(H=5), None, "tensor 'M' must be"),
+        (None, lambda t: t.update(counts=-t["counts"] - 1), "negative counts"),
+        (None, lambda t: t["M"].__setitem__((0, 0, 0, 0), float("nan")), "non-finite"),
+        (None, lambda t: t.pop("reads"), "tensors must be"),
+        (None, lambda t: t.update(C=torch.zeros_like(t["C"])), "zero columns"),
+        (lambda m: m.update(code_kind="hadamard"), None, "not the Hadamard code book"),
+    ],
+)
+def test_load_rejects_malformed_files(tmp_path, meta, tensors, msg):
+    _, path = _saved(tmp_path)
+    _rewrite(path, meta, tensors)
+    with pytest.raises(neuropil.FormatError, match=msg):
+        MembraneBank.load(path)
+
+
+def test_load_rejects_truncated_and_foreign_files(tmp_path):
+    _, path = _saved(tmp_path)
+    data = path.read_bytes()
+    for cut in (4, 50, len(data) - 8):
+        path.write_bytes(data[:cut])
+        with pytest.raises(neuropil.FormatError):
+            MembraneBank.load(path)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    with pytest.raises(neuropil.FormatError, match="tensors must be"):
+        MembraneBank.load(path)
+    path.write_text("not a safetensors file at all")
+    with pytest.raises(neuropil.FormatError):
+        MembraneBank.load(path)
+    with pytest.raises(FileNotFoundError):
+        MembraneBank.load(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture
+def bank():
+    return MembraneBank(8, 4, 4, batch=2, codes="hadamard")
+
+
+@pytest.mark.parametrize(
+    "call,exc,msg",
+    [
+        (
+            lambda b: b.store(torch.rand(2, 4, 4), [0, 8]),
+            neuropil.ArgumentError,
+            r"in \[0, 8\); got 8",
+        ),
+        (lambda b: b.store(torch.rand(2, 4, 4), [-1, 2]), neuropil.ArgumentError, "got -1"),
+        (lambda b: b.read([3, 9]), neuropil.ArgumentError, r"keys must be in \[0, 8\)"),
+        (lambda b: b.store(torch.rand(2, 4, 4), [0.0, 1.0]), neuropil.DTypeError, "integers"),
+        (
+            lambda b: b.store(torch.rand(2, 4, 4), torch.tensor([0.0, 1.0])),
+            neuropil.DTypeError,
+            "integer",
+        ),
+        (lambda b: b.store(torch.rand(2, 4, 4), [0, 1, 2]), neuropil.ShapeError, "hold 2 keys"),
+        (
+            lambda b: b.store(torch.rand(2, 4, 5), [0, 1]),
+            neuropil.ShapeError,
+            r"\(K, 4, 4\) or \(2, K, 4, 4\)",
+        ),
+        (
+            lambda b: b.store(torch.rand(3, 2, 4, 4), [0, 1]),
+            neuropil.ShapeError,
+            "got \\(3, 2, 4, 4\\)",
+        ),
+        (lambda b: b.store(torch.rand(4, 4)), neuropil.ShapeError, "values must have shape"),
+        (lambda b: b.store(torch.rand(9, 4, 4)), neuropil.ShapeError, "K=8 keys"),
+        (
+            lambda b: b.store(torch.rand(2, 4, 4, dtype=torch.float64)),
+            neuropil.DTypeError,
+            "float32",
+        ),
+        (lambda b: b.store(torch.ones(2, 4, 4, dtype=torch.int32)), neuropil.DTypeError, "dtype"),
+        (lambda b: b.store(torch.rand(2, 4, 4, device="meta")), neuropil.ArgumentError, "device"),
+        (lambda b: b.store(torch.rand(2, 4, 4), alphas="big"), neuropil.ArgumentError, "adaptive"),
+        (
+            lambda b: b.store(torch.rand(2, 4, 4), alphas=torch.ones(3)),
+            neuropil.ShapeError,
+            "alphas",
+        ),
+        (lambda b: b.read(readout="magic"), neuropil.ArgumentError, "readout must be one of"),
+        (lambda b: b.decay(1.5), neuropil.ArgumentError, r"lam must be in \(0, 1\]"),
+        (lambda b: b.decay(0.5, steps=-1), neuropil.ArgumentError, "steps"),
+        (lambda b: b.set_persistence(0.0), neuropil.ArgumentError, "persistence"),
+    ],
+)
+def test_bad_input_raises_clear_errors(bank, call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(bank)
+
+
+def test_constructor_errors_and_pinv_past_L():
+    with pytest.raises(neuropil.ArgumentError, match="power of two"):
+        MembraneBank(12, 4, 4, codes="hadamard")
+    with pytest.raises(neuropil.ArgumentError, match="K must be <= L"):
+        MembraneBank(8, 4, 4, codes="dct", K=9)
+    with pytest.raises(neuropil.DTypeError, match="dtype must be"):
+        MembraneBank(8, 4, 4, dtype=torch.int32)
+    with pytest.raises(neuropil.ArgumentError, match="device must be an available torch device"):
+        MembraneBank(8, 4, 4, device="nonsense")
+    with pytest.raises(neuropil.ShapeError, match=r"codes must have shape \(8, K\)"):
+        MembraneBank(8, 4, 4, codes=torch.rand(7, 3))
+    with pytest.raises(neuropil.ArgumentError, match="full-rank"):
+        MembraneBank(8, 4, 4, codes=torch.ones(8, 3), readout="pinv")
+    b = MembraneBank(8, 2, 2, codes="gaussian", K=32, readout="pinv")
+    v = torch.rand(8, 2, 2)
+    b.store(v, range(10, 18))  # 8 stored keys <= L: pinv is still exact
+    assert torch.allclose(b.read(range(10, 18))[0], v, atol=1e-4)
+    b.store(torch.rand(1, 2, 2), [0])
+    with pytest.raises(neuropil.ArgumentError, match="at most L=8 stored keys; got 9"):
+        b.read([0])
+    assert b.read([0], readout="correlation").shape == (1, 1, 2, 2)
+
+
+def test_clear_and_stats(bank):
+    bank.store(torch.rand(2, 3, 4, 4), [0, 1, 2])
+    s = bank.stats()
+    assert s["stored"] == 3 and s["energy"][0] > 0 and s["coherence"]["max"] < 1e-6
+    bank.clear()
+    s = bank.stats()
+    assert s["stored"] == 0 and s["energy"] == [0.0, 0.0] and bank.M.abs().max() == 0
+
+
+# ---------------------------------------------------------------- CLI
+def test_tour_section_writes_grid_and_capacity_plot(tmp_path, capsys):
+    from neuropil import cli
+
+    assert cli.main(["tour", "--only", "membrane", "--json", "--out", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)["membrane"]
+    for name in ("membrane_grid.png", "membrane_capacity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["photos_K=L=32"]["hadamard/correlation"]["psnr_db"] >= 100
+    assert r["cleanup_digits_K=2L"]["top1_cleanup"] >= 0.99
+    assert len(r["capacity"]["auto/correlation+cleanup"]["top1"]) == 5
+
+
+def test_bench_quick_prints_every_acceptance_row(capsys):
+    from neuropil import cli
+
+    assert cli.main(["bench", "membrane", "--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]["membrane"]
+    cases = " ".join(r["case"] for r in rows)
+    for needle in (
+        "PSNR hadamard",
+        "pinv",
+        "crosstalk",
+        "top-1",
+        "persistence",
+        "CPU store, L=32",
+        "CPU read, L=128",
+        "sparse",
+        "batched",
+    ):
+        assert needle in cases
+    assert all(r["neuropil"] > 0 or "PSNR" in r["case"] for r in rows)
+    gemm = next(r for r in rows if r["case"].startswith("CPU store, L=128"))
+    assert gemm["baselines"]["GEMM limit"] > 0 and gemm["baselines"]["torch einsum"] > 0
