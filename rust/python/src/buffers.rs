@@ -187,14 +187,15 @@ fn typed<'py, 'a, T: Element, D: Dimension>(
     obj: &'a Bound<'py, PyAny>,
     arg: &'static str,
 ) -> PyResult<&'a Bound<'py, PyArray<T, D>>> {
-    let py = obj.py();
-    let want = T::get_dtype(py).to_string();
-    let untyped = obj.cast::<PyUntypedArray>().map_err(|_| {
+    // Rendered only on error: str(dtype) runs Python code.
+    let wrong_type = || {
         crate::errors::DTypeError::new_err(format!(
-            "{arg} must be a numpy array of {want}; got {}",
+            "{arg} must be a numpy array of {}; got {}",
+            T::get_dtype(obj.py()),
             describe(obj)
         ))
-    })?;
+    };
+    let untyped = obj.cast::<PyUntypedArray>().map_err(|_| wrong_type())?;
     if let Some(nd) = D::NDIM {
         if untyped.ndim() != nd {
             return Err(crate::errors::ShapeError::new_err(format!(
@@ -203,12 +204,7 @@ fn typed<'py, 'a, T: Element, D: Dimension>(
             )));
         }
     }
-    let array = obj.cast::<PyArray<T, D>>().map_err(|_| {
-        crate::errors::DTypeError::new_err(format!(
-            "{arg} must be a numpy array of {want}; got {}",
-            describe(obj)
-        ))
-    })?;
+    let array = obj.cast::<PyArray<T, D>>().map_err(|_| wrong_type())?;
     if !array.is_c_contiguous() {
         return Err(crate::errors::ArgumentError::new_err(format!(
             "{arg} must be C-contiguous; got strides {:?}",
