@@ -41,6 +41,21 @@ fn bench_windows(c: &mut Criterion) {
             .expect("in range")
         })
     });
+    let mut k2 = 0usize;
+    group.bench_function("gather_without_software_prefetch", |bench| {
+        bench.iter(|| {
+            let lo = (k2 % (starts.len() / B)) * B;
+            k2 += 1;
+            neuropil::windows::gather::copy_windows(
+                rows,
+                black_box(&starts[lo..lo + B]),
+                0,
+                W * row_bytes,
+                &mut out,
+                false,
+            )
+        })
+    });
     // Copy limit: the windows of a batch laid end to end (one contiguous run).
     let contiguous: Vec<i64> = (0..B as i64).map(|b| b * W as i64).collect();
     let mut j = 0i64;

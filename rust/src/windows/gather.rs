@@ -4,7 +4,9 @@
 //! contiguous run of bytes, so a batch is `B` independent `memcpy`s of
 //! `rows * row_bytes` each (34 KB for 30 frames of 287 float32). The copy is
 //! byte-wise, so every element type (float32, float16, bfloat16, int64 labels)
-//! is gathered without conversion. Batches large enough to pay for it are
+//! is gathered without conversion. While one window is copied, the next one's
+//! lines are prefetched into L2 page by page: random windows otherwise restart
+//! the hardware prefetcher at every 4 KiB page. Batches large enough to pay for it are
 //! split across the neuropil thread pool; every source range is checked before
 //! the first byte is written, and an out-of-range start fails with
 //! [`Error::Index`] instead of being clamped.
@@ -89,21 +91,78 @@ pub fn gather(
     if item == 0 {
         return Ok(());
     }
-    let copy_one = |(dst, &s): (&mut [u8], &i64)| {
-        let from = (s as usize + shift as usize) * src.row_bytes;
-        dst.copy_from_slice(&src.data[from..from + item]);
+    copy_windows(src, starts, shift, item, out, true);
+    Ok(())
+}
+
+/// The copy itself, after every range was checked. With `prefetch`, each 4 KiB
+/// block of a window is copied after the matching block of the next window was
+/// prefetched, so the next window's DRAM reads overlap this window's copy
+/// (random windows defeat the hardware prefetcher at every page boundary).
+#[doc(hidden)]
+pub fn copy_windows(
+    src: Rows<'_>,
+    starts: &[i64],
+    shift: u64,
+    item: usize,
+    out: &mut [u8],
+    prefetch: bool,
+) {
+    let from = |s: i64| (s as usize + shift as usize) * src.row_bytes;
+    let task = |(dst, st): (&mut [u8], &[i64])| {
+        for (k, (d, &s)) in dst.chunks_mut(item).zip(st).enumerate() {
+            let cur = &src.data[from(s)..from(s) + item];
+            match st.get(k + 1) {
+                Some(&next) if prefetch => {
+                    let next = &src.data[from(next)..from(next) + item];
+                    for ((db, cb), nb) in d
+                        .chunks_mut(BLOCK)
+                        .zip(cur.chunks(BLOCK))
+                        .zip(next.chunks(BLOCK))
+                    {
+                        prefetch_block(nb);
+                        db.copy_from_slice(cb);
+                    }
+                }
+                _ => d.copy_from_slice(cur),
+            }
+        }
     };
     if out.len() < PARALLEL_MIN_BYTES {
-        out.chunks_mut(item).zip(starts).for_each(copy_one);
-        return Ok(());
+        task((out, starts));
+        return;
     }
-    let min_len = TASK_MIN_BYTES.div_ceil(item).max(1);
-    crate::threads::install(|| {
-        out.par_chunks_mut(item)
-            .zip(starts.par_iter())
-            .with_min_len(min_len)
-            .for_each(copy_one)
-    })
+    let per_task = TASK_MIN_BYTES.div_ceil(item).max(1);
+    // `install` only fails when the pool cannot start; copy on this thread then.
+    let done = crate::threads::install(|| {
+        out.par_chunks_mut(item * per_task)
+            .zip(starts.par_chunks(per_task))
+            .for_each(task)
+    });
+    if done.is_err() {
+        task((out, starts));
+    }
+}
+
+/// Bytes copied between two prefetch rounds (one page).
+const BLOCK: usize = 4096;
+
+/// Asks the CPU to start loading `block` into the cache (a hint: no effect on
+/// results, a no-op off x86-64).
+#[inline]
+fn prefetch_block(block: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in block.chunks(64) {
+        // SAFETY: `_mm_prefetch` is SSE, part of the x86-64 baseline; a prefetch
+        // never faults, and `line` is a valid in-bounds pointer anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr().cast::<i8>(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = block;
 }
 
 /// Whether two byte ranges overlap (an output must never alias its source).

@@ -206,8 +206,8 @@ mod tests {
                 prop_assert!(seen.iter().all(|&c| c <= 1));
                 prop_assert_eq!(seen.iter().filter(|&&c| c == 0).count() as u64, n - per * world);
             } else {
-                // Padding repeats at most world - 1 windows, each once more.
-                prop_assert!(seen.iter().all(|&c| (1..=2).contains(&c)));
+                // Every window at least once; fewer than `world` padding entries.
+                prop_assert!(seen.iter().all(|&c| c >= 1));
                 prop_assert!(per * world - n < world);
             }
         }
