@@ -439,3 +439,82 @@ def test_gpu_gather_code_path_runs_on_cpu_tensors():
         out = torch.empty((len(idx), *a.item_shape()), dtype=a.dtype)
         _cuda_gather(a, starts, out)
         assert torch.equal(out, want[a.name]), a.name
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip_memmapped(tmp_path):
+    f = np.random.default_rng(3).standard_normal((400, 7), dtype=np.float32)
+    y = np.arange(400, dtype=np.int32)
+    sw = SlidingWindows(f, 6, stride=2, episodes=[150, 250],
+                        targets={"y": y, "w": f[:, :2].astype(np.float16)},
+                        target_offset={"y": 1, "w": None})  # fmt: skip
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    for mmap in (True, False):
+        back = SlidingWindows.load(path, mmap=mmap)
+        assert isinstance(back.frames, np.memmap) == mmap
+        assert (back.window, back.stride, len(back)) == (6, 2, len(sw))
+        assert back.target_offset == {"y": 1, "w": None}
+        np.testing.assert_array_equal(back.episode_offsets, sw.episode_offsets)
+        for a, b in zip(sw.batches(64, seed=1), back.batches(64, seed=1), strict=True):
+            for k in a:
+                assert a[k].dtype == b[k].dtype
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_load_rejects_malformed_files_and_failed_save_keeps_old_file(tmp_path, monkeypatch):
+    import json
+    import struct
+
+    from neuropil import FormatError
+    from neuropil import _windows_store as store
+
+    sw = SlidingWindows(frames_for(50), 5, targets={"y": np.arange(50)}, target_offset=0)
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    good = path.read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + n])
+
+    def write(h=None, body=None, raw=None):
+        bad = tmp_path / "bad.safetensors"
+        if raw is None:
+            hb = json.dumps(h).encode()
+            raw = struct.pack("<Q", len(hb)) + hb + (good[8 + n :] if body is None else body)
+        bad.write_bytes(raw)
+        return bad
+
+    def edit(fn):
+        h = json.loads(json.dumps(header))
+        fn(h)
+        return write(h)
+
+    cases = {
+        "truncated": write(raw=good[:-10]),
+        "tiny": write(raw=good[:5]),
+        "header length": write(raw=struct.pack("<Q", 10**9) + good[8:]),
+        "not JSON": write(raw=struct.pack("<Q", 4) + b"{{{{" + good[8 + n :]),
+        "version": edit(lambda h: h["__metadata__"].update(version="2")),
+        "format": edit(lambda h: h["__metadata__"].update(format="other")),
+        "window": edit(lambda h: h["__metadata__"].update(window="0")),
+        "too long window": edit(lambda h: h["__metadata__"].update(window="51")),
+        "targets": edit(lambda h: h["__metadata__"].update(targets='["z"]')),
+        "offset": edit(lambda h: h["__metadata__"].update(target_offset='{"y": "a"}')),
+        "dtype": edit(lambda h: h["frames"].update(dtype="F99")),
+        "offsets": edit(lambda h: h["frames"].update(data_offsets=[0, 12])),
+        "shape": edit(lambda h: h["frames"].update(shape=[50, -3])),
+        "missing": edit(lambda h: h.pop("episodes")),
+        "episodes": edit(lambda h: h["episodes"].update(dtype="F64")),
+    }
+    for what, bad in cases.items():
+        with pytest.raises(FormatError):
+            SlidingWindows.load(bad)
+        assert what  # every case raised
+    # A save that fails midway leaves the old file and no temporary file behind.
+    monkeypatch.setattr(store, "_write_tensors", lambda f, arrays: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        SlidingWindows(frames_for(80), 3).save(path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "w.safetensors"]

@@ -304,7 +304,11 @@ class SlidingWindows:
         if self.torch:
             import torch
 
-            t = value.detach() if _is_torch(value) else torch.as_tensor(np.asarray(value))
+            if _is_torch(value):
+                t = value.detach()
+            else:
+                arr = np.asarray(value)  # torch refuses read-only memory (a memmap): copy it
+                t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
             t = t.to(self.device).contiguous()
             shape = tuple(t.shape)
         else:
@@ -588,6 +592,36 @@ class SlidingWindows:
             ]
             self._fill(all_starts[lo : lo + chunk], part)
         return {a.name: u for a, (u, _) in zip(self._arrays, buffers, strict=False)}
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes frames, episodes, targets and settings to one safetensors file.
+
+        The JSON metadata carries a format version; the file is written to a
+        temporary name and renamed, so a failed save leaves an old file intact.
+        CUDA tensors are copied to the host to be written.
+        """
+        from ._windows_store import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
+        """Reads a file written by :meth:`save`, validating every field.
+
+        Args:
+            path: The file.
+            mmap: Map the arrays from the file (``np.memmap``, read-only, paged
+                in as windows are read) instead of reading them into memory.
+
+        Raises:
+            FormatError: the file is malformed, truncated, inconsistent or of
+                another format version.
+        """
+        from ._windows_store import load
+
+        return load(path, mmap=mmap)
 
     # ------------------------------------------------------------ torch
 
