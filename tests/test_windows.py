@@ -518,3 +518,15 @@ def test_load_rejects_malformed_files_and_failed_save_keeps_old_file(tmp_path, m
         SlidingWindows(frames_for(80), 3).save(path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "w.safetensors"]
+
+
+@pytest.mark.slow
+def test_tour_section_on_minilm_embeddings(tmp_path, monkeypatch, minilm):
+    from neuropil import _tour_windows
+
+    monkeypatch.setattr(_tour_windows, "PER_TEXT", 20)
+    r = _tour_windows.windows(tmp_path, verbose=False, model=minilm)
+    assert r["windows_crossing_a_boundary"] == 0
+    assert 0 < r["windows"] < r["windows_if_boundaries_ignored"]
+    # Real text is locally coherent: each window's next sentence is closer to it.
+    assert r["cos(window mean, next sentence)"] > r["cos(window mean, another window's next)"]

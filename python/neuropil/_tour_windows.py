@@ -16,8 +16,11 @@ import numpy as np
 
 from . import data
 
+# Sentences kept per license text (the tour embeds about 700 in all).
+PER_TEXT = 60
 
-def _sentences_by_text(per_text: int = 60, min_words: int = 4) -> tuple[list[str], list[int]]:
+
+def _sentences_by_text(per_text: int, min_words: int = 4) -> tuple[list[str], list[int]]:
     sentences: list[str] = []
     lengths: list[int] = []
     for text in data.license_texts().values():
@@ -32,11 +35,13 @@ def _sentences_by_text(per_text: int = 60, min_words: int = 4) -> tuple[list[str
     return sentences, lengths
 
 
-def windows(out: Path, verbose: bool = True) -> dict[str, Any]:
+def windows(out: Path, verbose: bool = True, model: Any = None) -> dict[str, Any]:
+    """Runs the section; ``model``: a loaded MiniLM ``SentenceTransformer`` to reuse."""
     from .windows import SlidingWindows
 
-    sentences, lengths = _sentences_by_text()
-    model = data.load_minilm()
+    sentences, lengths = _sentences_by_text(PER_TEXT)
+    if model is None:
+        model = data.load_minilm()
     t0 = time.perf_counter()
     emb = model.encode(sentences, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
