@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from . import _native
-from ._timing import Row, median_seconds
+from ._timing import Row
 
 W, B = 30, 256
 
@@ -108,55 +108,62 @@ def _speed(n: int, d: int, repeat: int, quick: bool) -> list[Row]:
         k[0] += 1
         return starts[i * B : (i + 1) * B]
 
-    # Each case is timed over 20 consecutive batches of the shuffled order.
-    inner = 20
-
-    def per_batch(fn) -> float:
-        return (
-            median_seconds(lambda: [fn(next_starts()) for _ in range(inner)], repeat=repeat) / inner
-        )
-
     raw = sw._arrays[0].raw
     out_u8 = np.empty((B, W * d * 4), dtype=np.uint8)
-    t_native = per_batch(lambda s: _native.windows_gather(raw, s, 0, W, out_u8))
-    it_times = []
-    for _ in range(repeat):
-        it = sw.batches(B, seed=1, prefetch=0)  # the epoch order: once per epoch
-        t0 = time.perf_counter()
-        for j, _batch in enumerate(it):
-            if j + 1 == 4 * inner:
-                break
-        it_times.append((time.perf_counter() - t0) / (4 * inner))
-        it.close()
-    t_iter = float(np.median(it_times))
-
     view = np.lib.stride_tricks.sliding_window_view(frames, W, axis=0)  # (n-W+1, d, W)
-    t_swv = per_batch(lambda s: np.ascontiguousarray(view[s].transpose(0, 2, 1)))
     ar = np.arange(W)
     out_take = np.empty((B * W, d), dtype=np.float32)
-    t_take = per_batch(lambda s: np.take(frames, (s[:, None] + ar).ravel(), axis=0, out=out_take))
-    baselines = {"numpy take": 1 / t_take, "numpy sliding_window_view": 1 / t_swv}
+
+    def contiguous(s: np.ndarray) -> None:
+        # The copy limit: the same bytes from one contiguous run of frames (the
+        # batch's windows laid end to end), same kernel and threads: no gather.
+        first = int(s[0]) % (n - B * W)
+        _native.windows_gather(raw, first + W * np.arange(B, dtype=np.int64), 0, W, out_u8)
+
+    iterator = [sw.batches(B, seed=1, prefetch=0)]  # the epoch order: once per epoch
+
+    def from_iterator(_s: np.ndarray) -> None:
+        try:
+            next(iterator[0])
+        except StopIteration:
+            iterator[0] = sw.batches(B, seed=1, prefetch=0)
+            next(iterator[0])
+
+    cases = {
+        "neuropil": lambda s: _native.windows_gather(raw, s, 0, W, out_u8),
+        "iterator": from_iterator,
+        "numpy take": lambda s: np.take(frames, (s[:, None] + ar).ravel(), axis=0, out=out_take),
+        "numpy sliding_window_view": lambda s: np.ascontiguousarray(view[s].transpose(0, 2, 1)),
+        "copy": contiguous,
+    }
     try:
         import torch
 
-        tf = torch.from_numpy(frames)
-        unf = tf.unfold(0, W, 1)  # (n-W+1, d, W) view
+        unf = torch.from_numpy(frames).unfold(0, W, 1)  # (n-W+1, d, W) view
 
         def torch_unfold(s: np.ndarray) -> None:
             unf.index_select(0, torch.from_numpy(s)).transpose(1, 2).contiguous()
 
-        baselines["torch unfold+index_select"] = 1 / per_batch(torch_unfold)
+        cases["torch unfold+index_select"] = torch_unfold
     except ImportError:
         pass
-    # The copy limit: the same bytes copied from one contiguous run of frames (the
-    # batch's windows laid end to end), on the same threads: no gather at all.
+    # Round robin: every case times 20 consecutive batches of the shuffled order in
+    # each round, so load from other processes hits all cases alike; medians.
+    inner = 20
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn(next_starts())  # warm-up
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn(next_starts())
+            samples[name].append((time.perf_counter() - t0) / inner)
+    t = {name: float(np.median(v)) for name, v in samples.items()}
+    iterator[0].close()
+    t_native, t_iter, t_copy = t.pop("neuropil"), t.pop("iterator"), t.pop("copy")
+    baselines = {name: 1 / v for name, v in t.items()}
     span = B * W * d
-
-    def contiguous(s: np.ndarray) -> None:
-        first = int(s[0]) % (n - B * W)
-        _native.windows_gather(raw, first + W * np.arange(B, dtype=np.int64), 0, W, out_u8)
-
-    t_copy = per_batch(contiguous)
     limit = f"copy limit {1 / t_copy:,.0f} batches/s ({span * 4 / t_copy / 1e9:.1f} GB/s)"
     rows.append(
         Row(
