@@ -530,3 +530,31 @@ def test_tour_section_on_minilm_embeddings(tmp_path, monkeypatch, minilm):
     assert 0 < r["windows"] < r["windows_if_boundaries_ignored"]
     # Real text is locally coherent: each window's next sentence is closer to it.
     assert r["cos(window mean, next sentence)"] > r["cos(window mean, another window's next)"]
+
+
+def test_prefetch_thread_stops_when_iterator_is_dropped_or_closed():
+    import gc
+    import threading
+    import time
+
+    sw = SlidingWindows(frames_for(2000, 8), 10)
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name == "neuropil-windows-prefetch"]
+
+    before = len(prefetchers())
+    for j, _b in enumerate(sw.batches(16, prefetch=2)):
+        if j == 3:
+            break  # the iterator is dropped mid-epoch
+    with sw.batches(16, prefetch=3) as it:
+        next(it)
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while len(prefetchers()) > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(prefetchers()) == before
+    # An error in the background thread reaches the consumer.
+    it = sw.batches(16, prefetch=2)
+    it._make = lambda k: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        next(it)

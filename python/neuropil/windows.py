@@ -24,6 +24,7 @@ import operator
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -713,17 +714,25 @@ class WindowBatches(Iterator[dict[str, Any]]):
             buffers = self.sw._buffers(len(starts), self._pin)
         return slot, self.sw._fill(starts, buffers)
 
-    def _produce(self) -> None:
+    @staticmethod
+    def _produce(
+        ref: weakref.ref, n: int, free: threading.Semaphore, q: queue.Queue, stop: threading.Event
+    ) -> None:
+        # Holds the iterator only by weak reference between batches, so an
+        # iterator dropped mid-epoch (a `break`) is collected and stops this thread.
         try:
-            for k in range(self._n):
-                while not self._free.acquire(timeout=0.05):
-                    if self._stop.is_set():
+            for k in range(n):
+                while not free.acquire(timeout=0.05):
+                    if stop.is_set() or ref() is None:
                         return
-                if self._stop.is_set():
+                owner = ref()
+                if stop.is_set() or owner is None:
                     return
-                self._queue.put(self._make(k))
+                item = owner._make(k)
+                del owner
+                q.put(item)
         except BaseException as e:  # handed to the consumer
-            self._queue.put(e)
+            q.put(e)
 
     def __next__(self) -> dict[str, Any]:
         if self._k >= self._n:
@@ -734,7 +743,10 @@ class WindowBatches(Iterator[dict[str, Any]]):
         else:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._produce, name="neuropil-windows-prefetch", daemon=True
+                    target=WindowBatches._produce,
+                    args=(weakref.ref(self), self._n, self._free, self._queue, self._stop),
+                    name="neuropil-windows-prefetch",
+                    daemon=True,
                 )
                 self._thread.start()
             if self._held:
