@@ -17,6 +17,7 @@ from ._timing import Row, format_table
 BENCHES: dict[str, str] = {
     "simd": "._bench_system:simd",
     "membrane": "._bench_membrane:membrane",
+    "windows": "._bench_windows:windows",
 }
 
 

@@ -19,6 +19,7 @@ SECTIONS: dict[str, str] = {
     "system": "._tour_system:system",
     "kernels": "._tour_system:kernels",
     "membrane": "._tour_membrane:membrane",
+    "windows": "._tour_windows:windows",
 }
 
 

@@ -14,6 +14,7 @@ pub mod error;
 pub mod simd;
 pub mod threads;
 pub mod validate;
+pub mod windows;
 
 pub use error::{Error, Result};
 pub use simd::Level;

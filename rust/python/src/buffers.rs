@@ -7,9 +7,10 @@
 //! Non-float input (ints, bools, complex, objects) is rejected with `DTypeError`
 //! rather than cast silently.
 
+use numpy::ndarray::Dimension;
 use numpy::{
-    PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArray,
+    PyReadonlyArrayDyn, PyReadwriteArray, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -160,4 +161,79 @@ impl Expect {
         self.check(&input)?;
         Ok(input)
     }
+}
+
+/// Describes `obj` for an error message: `ndarray of int32, shape (3, 4)` or its type name.
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) => format!(
+            "ndarray of {}, shape {}",
+            a.dtype(),
+            neuropil::error::Shape(a.shape().to_vec())
+        ),
+        Err(_) => obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// Casts `obj` to a C-contiguous numpy array of exactly `T` and rank `D`,
+/// without any conversion (ints, bytes, index arrays, outputs). Anything else
+/// is a `DTypeError` (wrong type or dtype) or `ShapeError` (wrong rank), each
+/// naming `arg`; a non-contiguous array is an `ArgumentError`.
+fn typed<'py, 'a, T: Element, D: Dimension>(
+    obj: &'a Bound<'py, PyAny>,
+    arg: &'static str,
+) -> PyResult<&'a Bound<'py, PyArray<T, D>>> {
+    // Rendered only on error: str(dtype) runs Python code.
+    let wrong_type = || {
+        crate::errors::DTypeError::new_err(format!(
+            "{arg} must be a numpy array of {}; got {}",
+            T::get_dtype(obj.py()),
+            describe(obj)
+        ))
+    };
+    let untyped = obj.cast::<PyUntypedArray>().map_err(|_| wrong_type())?;
+    if let Some(nd) = D::NDIM {
+        if untyped.ndim() != nd {
+            return Err(crate::errors::ShapeError::new_err(format!(
+                "{arg} must have {nd} dimension(s); got shape {}",
+                neuropil::error::Shape(untyped.shape().to_vec())
+            )));
+        }
+    }
+    let array = obj.cast::<PyArray<T, D>>().map_err(|_| wrong_type())?;
+    if !array.is_c_contiguous() {
+        return Err(crate::errors::ArgumentError::new_err(format!(
+            "{arg} must be C-contiguous; got strides {:?}",
+            array.strides()
+        )));
+    }
+    Ok(array)
+}
+
+/// A read-only borrow of a C-contiguous `T` array of rank `D` (see [`typed`]).
+pub fn typed_input<'py, T: Element, D: Dimension>(
+    obj: &Bound<'py, PyAny>,
+    arg: &'static str,
+) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    typed::<T, D>(obj, arg)?
+        .try_readonly()
+        .map_err(|e| crate::errors::ArgumentError::new_err(format!("{arg} cannot be read: {e}")))
+}
+
+/// A writable borrow of a C-contiguous `T` array of rank `D`, for outputs the
+/// caller provides. Fails with `ArgumentError` when the array is read-only or
+/// overlaps another array borrowed by the same call.
+pub fn typed_output<'py, T: Element, D: Dimension>(
+    obj: &Bound<'py, PyAny>,
+    arg: &'static str,
+) -> PyResult<PyReadwriteArray<'py, T, D>> {
+    typed::<T, D>(obj, arg)?.try_readwrite().map_err(|e| {
+        crate::errors::ArgumentError::new_err(format!(
+            "{arg} must be a writeable array that overlaps no input: {e}"
+        ))
+    })
 }

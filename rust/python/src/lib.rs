@@ -9,10 +9,12 @@ use pyo3::prelude::*;
 mod buffers;
 mod errors;
 mod system;
+mod windows;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", neuropil::VERSION)?;
     system::register(m)?;
+    windows::register(m)?;
     Ok(())
 }

@@ -1,0 +1,214 @@
+"""Persistence of :class:`~neuropil.windows.SlidingWindows` as safetensors.
+
+One file holds the frames (``frames``), the episode offsets (``episodes``,
+int64), each target (``target.<name>``) and a JSON metadata header with a format
+version, the window, the stride and the target offsets. The file is written to
+a temporary name and renamed, so a failed save never destroys an old file.
+:func:`load` checks every field and raises :class:`~neuropil.FormatError` on
+anything malformed, truncated or of another version; with ``mmap=True`` the
+arrays are ``np.memmap`` views of the file (read in place, paged in on use).
+Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ArgumentError, FormatError, NeuropilError
+
+if TYPE_CHECKING:
+    from .windows import SlidingWindows
+
+FORMAT = "neuropil.windows"
+VERSION = "1"
+_MAX_HEADER = 100 << 20
+
+# safetensors dtype names <-> numpy; BF16 is read as int16 and viewed by torch.
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items() if k != "BF16"}
+
+
+def _host(data: Any) -> tuple[np.ndarray, str]:
+    """A C-contiguous numpy view/copy of ``data`` and its safetensors dtype name."""
+    if type(data).__module__.split(".")[0] == "torch":
+        import torch
+
+        t = data.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy(), "BF16"
+        arr = t.numpy()
+    else:
+        arr = np.ascontiguousarray(data)
+    name = _NAMES.get(arr.dtype.newbyteorder("=")) if arr.dtype.isnative else None
+    if name is None:
+        raise ArgumentError(f"save supports numeric native-endian dtypes; got {arr.dtype}")
+    return arr, name
+
+
+def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
+    """Writes ``sw`` to ``path`` (safetensors + JSON metadata; temp file, then rename)."""
+    path = Path(path)
+    tensors = [("frames", *_host(sw.frames)), ("episodes", sw.episode_offsets, "I64")]
+    tensors += [(f"target.{k}", *_host(v)) for k, v in sw.targets.items()]
+    header: dict[str, Any] = {
+        "__metadata__": {
+            "format": FORMAT,
+            "version": VERSION,
+            "window": str(sw.window),
+            "stride": str(sw.stride),
+            "targets": json.dumps(list(sw.targets)),
+            "target_offset": json.dumps(sw.target_offset),
+        }
+    }
+    offset = 0
+    for name, arr, dtype in tensors:
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            _write_tensors(f, [arr for _, arr, _ in tensors])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:
+    for arr in arrays:
+        # In slices of 64 MiB: a memmapped or huge array is never copied whole.
+        flat = arr.reshape(-1).view(np.uint8)
+        for lo in range(0, flat.size, 64 << 20):
+            f.write(memoryview(flat[lo : lo + (64 << 20)]))
+
+
+def _bad(path: Path, detail: str) -> FormatError:
+    return FormatError(f"{path}: {detail}")
+
+
+def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
+    """Reads a file written by :func:`save`, checking every field.
+
+    Raises:
+        FormatError: the file is not a neuropil windows file, has another
+            version, or is malformed, truncated or inconsistent.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    from .windows import SlidingWindows
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad(path, f"truncated: {size} bytes, no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _bad(path, f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "header must be a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(path, f"not a {FORMAT} file (metadata format {meta and meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise _bad(path, f"format version must be {VERSION}; got {meta.get('version')!r}")
+    window = _meta_int(path, meta, "window")
+    stride = _meta_int(path, meta, "stride")
+    try:
+        names = json.loads(meta.get("targets", "null"))
+        offsets = json.loads(meta.get("target_offset", "null"))
+    except (TypeError, json.JSONDecodeError):
+        raise _bad(path, "targets/target_offset metadata must be JSON") from None
+    if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+        raise _bad(path, f"targets metadata must be a list of names; got {names!r}")
+    if not isinstance(offsets, dict) or sorted(offsets) != sorted(names):
+        raise _bad(path, f"target_offset must name exactly the targets {names}; got {offsets!r}")
+    if not all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in offsets.values()
+    ):
+        raise _bad(path, f"target_offset values must be ints or null; got {offsets!r}")
+    want = {"frames", "episodes", *(f"target.{k}" for k in names)}
+    if set(header) != want:
+        raise _bad(path, f"tensors must be {sorted(want)}; got {sorted(header)}")
+    data_start = 8 + n
+    arrays = {k: _tensor(path, k, header[k], data_start, size, mmap) for k in sorted(want)}
+    if arrays["frames"][0].ndim != 2:
+        raise _bad(path, f"frames must be 2-D; got shape {arrays['frames'][0].shape}")
+    if arrays["episodes"][1] != "I64" or arrays["episodes"][0].ndim != 1:
+        raise _bad(path, "episodes must be a 1-D I64 tensor")
+    try:
+        return SlidingWindows(
+            arrays["frames"][0],
+            window,
+            stride,
+            episodes=np.asarray(arrays["episodes"][0]),
+            targets={k: arrays[f"target.{k}"][0] for k in names},
+            target_offset=offsets,
+        )
+    except NeuropilError as e:
+        raise _bad(path, f"inconsistent content: {e}") from None
+
+
+def _meta_int(path: Path, meta: dict, key: str) -> int:
+    v = meta.get(key)
+    if not (isinstance(v, str) and v.isdigit() and int(v) >= 1):
+        raise _bad(path, f"metadata {key} must be a positive integer; got {v!r}")
+    return int(v)
+
+
+def _tensor(
+    path: Path, name: str, entry: Any, start: int, size: int, mmap: bool
+) -> tuple[Any, str]:
+    if not isinstance(entry, dict):
+        raise _bad(path, f"tensor {name} entry must be an object")
+    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise _bad(path, f"tensor {name} dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
+    ints = (list, tuple)
+    if not (isinstance(shape, ints) and all(isinstance(x, int) and x >= 0 for x in shape)):
+        raise _bad(path, f"tensor {name} shape must be a list of non-negative ints; got {shape!r}")
+    if not (isinstance(offs, ints) and len(offs) == 2 and all(isinstance(x, int) for x in offs)):
+        raise _bad(path, f"tensor {name} data_offsets must be [begin, end]; got {offs!r}")
+    np_dtype = np.dtype(_DTYPES[dtype])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    begin, end = offs
+    if not (0 <= begin <= end and end - begin == nbytes):
+        raise _bad(path, f"tensor {name} data_offsets {offs} do not hold shape {shape} of {dtype}")
+    if start + end > size:
+        raise _bad(path, f"truncated: tensor {name} ends at byte {start + end} of {size}")
+    if nbytes == 0:
+        arr: Any = np.empty(shape, dtype=np_dtype)
+    elif mmap:
+        arr = np.memmap(path, dtype=np_dtype, mode="r", offset=start + begin, shape=tuple(shape))
+    else:
+        arr = np.fromfile(path, dtype=np_dtype, count=nbytes // np_dtype.itemsize,
+                          offset=start + begin).reshape(shape)  # fmt: skip
+    if dtype == "BF16":
+        import torch
+
+        arr = torch.from_numpy(np.array(arr)).view(torch.bfloat16)
+    return arr, dtype

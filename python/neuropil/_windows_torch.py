@@ -1,0 +1,76 @@
+"""torch interop of :mod:`neuropil.windows`: a ``Dataset`` with batched ``__getitems__``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .windows import SlidingWindows, _index_array
+
+__all__ = ["WindowBatch", "WindowDataset"]
+
+
+def _as_torch(v: Any) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+
+
+class WindowBatch(Sequence):
+    """A batch gathered in one call, seen as the sequence of its samples.
+
+    ``DataLoader`` passes what ``__getitems__`` returns to its ``collate_fn``:
+    :meth:`WindowDataset.collate` returns :attr:`batch` as is (no copy), while
+    torch's ``default_collate`` still works (it stacks the samples: one more
+    copy). Samples are views made on access.
+    """
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return int(self.batch["frames"].shape[0])
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return WindowBatch({k: v[i] for k, v in self.batch.items()})
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class WindowDataset(Dataset):
+    """The windows of a :class:`~neuropil.windows.SlidingWindows` as a torch ``Dataset``.
+
+    ``ds[i]`` is ``{"frames": (W, D) tensor, name: target}``;
+    ``ds.__getitems__(indices)`` gathers the whole batch with one parallel Rust
+    call (or one ``index_select`` for CUDA frames). Works with any sampler,
+    ``DistributedSampler`` included::
+
+        ds = sw.as_dataset()
+        loader = DataLoader(ds, batch_size=256, sampler=DistributedSampler(ds),
+                            collate_fn=ds.collate)
+
+    Keep ``num_workers=0``: the gather is already parallel and releases the GIL.
+    Out-of-range indices raise ``IndexError``.
+    """
+
+    def __init__(self, windows: SlidingWindows):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return WindowBatch(self.__getitems__([i]).batch)[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> WindowBatch:
+        batch = self.windows.take(_index_array(np.asarray(indices, dtype=np.int64)))
+        return WindowBatch({k: _as_torch(v) for k, v in batch.items()})
+
+    @staticmethod
+    def collate(samples: Any) -> Any:
+        """``collate_fn`` for ``DataLoader``: a gathered batch as is, else ``default_collate``."""
+        if isinstance(samples, WindowBatch):
+            return samples.batch
+        return default_collate(samples)

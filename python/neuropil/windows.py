@@ -1,0 +1,794 @@
+"""Lazy sliding windows: sequence batches sliced from the frames on demand.
+
+Temporal models train on windows of ``W`` consecutive frame embeddings. Building
+every window up front costs ``W`` times the frames (380k x 287 float32 frames are
+0.44 GB; their 30-frame windows 13.1 GB). :class:`SlidingWindows` keeps only the
+frames and copies each batch of windows when it is asked for: a parallel Rust
+gather into a reusable buffer, with the GIL released and the next batches
+prepared in the background. CUDA frames are gathered on the GPU by torch.
+
+Example:
+    >>> sw = SlidingWindows(frames, window=30, episodes=lengths,
+    ...                     targets={"action": actions}, target_offset=1)
+    >>> for batch in sw.batches(256, seed=0, epoch=epoch):
+    ...     batch["frames"]   # (256, 30, 287) float32, same library as frames
+    ...     batch["action"]   # (256,), the action one frame after each window
+
+``import neuropil.windows`` does not import torch; torch is imported when the
+frames are a torch tensor or :meth:`SlidingWindows.as_dataset` is called.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import ArgumentError, DTypeError, NeuropilError, ShapeError
+
+__all__ = ["MemoryPlan", "SlidingWindows", "WindowBatches", "WindowMemoryError"]
+
+
+class WindowMemoryError(NeuropilError, MemoryError):
+    """Materialising every window would not fit in the memory available."""
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ArgumentError(f"{name} must be an integer; got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ArgumentError(f"{name} must be an integer; got {value!r}") from None
+    if minimum is not None and v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ArgumentError(f"{name} must be {what}; got {v}")
+    return v
+
+
+def _index_array(indices: Any, name: str = "indices") -> np.ndarray:
+    """int64 C-contiguous 1-D copy/view of integer indices (numpy, torch, list)."""
+    if _is_torch(indices):
+        indices = indices.detach().cpu().numpy()
+    arr = np.asarray(indices)
+    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        if not (arr.size == 0 and arr.dtype.kind == "f"):
+            raise DTypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ShapeError(f"{name} must have shape (n,); got {arr.shape}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise IndexError(f"{name} holds {int(arr.max())}, out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class _Array:
+    """One array gathered per window: the frames, or a target.
+
+    ``rows`` consecutive rows starting at the window's first frame plus
+    ``shift`` are copied: frames and whole-window targets use ``rows = W,
+    shift = 0``; a target at the last frame plus ``k`` uses ``rows = 1, shift =
+    W - 1 + k``.
+    """
+
+    def __init__(self, name: str, data: Any, rows: int, shift: int, squeeze: bool):
+        self.name, self.data, self.rows, self.shift, self.squeeze = name, data, rows, shift, squeeze
+        self.torch = _is_torch(data)
+        self.cuda = self.torch and data.device.type != "cpu"
+        self.trail = tuple(data.shape[1:])
+        self.dtype = data.dtype
+        if self.cuda:
+            self.raw = None
+        elif self.torch:
+            import torch
+
+            flat = data.reshape(data.shape[0], -1)
+            self.raw = flat.view(torch.uint8).numpy() if flat.shape[1] else None
+        else:
+            self.raw = data.reshape(data.shape[0], -1).view(np.uint8)
+        self.row_bytes = int(np.prod(self.trail, dtype=np.int64)) * _itemsize(data)
+
+    def item_shape(self) -> tuple[int, ...]:
+        return self.trail if self.squeeze else (self.rows, *self.trail)
+
+    def new_buffer(self, n: int, pin: bool = False) -> tuple[Any, np.ndarray | None]:
+        """A (user view, uint8 native view) pair of ``n`` items."""
+        shape = (n, *self.item_shape())
+        if self.cuda:
+            import torch
+
+            return torch.empty(shape, dtype=self.dtype, device=self.data.device), None
+        nbytes = n * self.rows * self.row_bytes
+        if self.torch:
+            import torch
+
+            raw = torch.empty((n, self.rows * self.row_bytes), dtype=torch.uint8, pin_memory=pin)
+            return raw.view(self.dtype).view(shape), raw.numpy()
+        raw_np = np.empty((n, nbytes // max(n, 1)), dtype=np.uint8)
+        return raw_np.view(self.dtype).reshape(shape), raw_np
+
+    def gather(self, starts: Any, user: Any, raw: np.ndarray | None) -> None:
+        """Copies the windows at frame ``starts`` into the buffer pair."""
+        if self.cuda:
+            _cuda_gather(self, starts, user)
+        elif raw is not None and raw.shape[1]:
+            _native.windows_gather(
+                self.raw,
+                starts,
+                self.shift,
+                self.rows,
+                raw,
+                "frames" if self.name == "frames" else "targets",
+            )
+
+
+def _itemsize(data: Any) -> int:
+    return int(data.element_size()) if _is_torch(data) else int(data.dtype.itemsize)
+
+
+def _cuda_gather(a: _Array, starts: Any, out: Any) -> None:
+    """GPU gather: one ``index_select`` on a strided window view, into ``out``."""
+    import torch
+
+    data = a.data
+    n = data.shape[0]
+    if a.squeeze:
+        torch.index_select(data, 0, starts + a.shift, out=out)
+        return
+    # (n - rows + 1, rows, *trail) view sharing the frames' memory: window s is row s.
+    count = n - a.shift - a.rows + 1
+    strides = (data.stride(0), data.stride(0), *data.stride()[1:])
+    view = data.as_strided((count, a.rows, *a.trail), strides, data.storage_offset())
+    torch.index_select(view, 0, starts if a.shift == 0 else starts + a.shift, out=out)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What each mode would hold in memory, and the mode that fits.
+
+    Attributes:
+        mode: ``"eager"`` when every window fits in ``headroom`` of the memory
+            available, else ``"lazy"``.
+        frames_bytes: The frames and targets.
+        eager_bytes: Every window materialised (frames and targets are held too
+            while it is built).
+        lazy_bytes: Frames + ``prefetch + 1`` batch buffers + 8 bytes per window
+            (the epoch order).
+        available_bytes: Memory available (host: ``MemAvailable``; CUDA: free
+            device memory).
+        windows: Number of windows.
+    """
+
+    mode: str
+    frames_bytes: int
+    eager_bytes: int
+    lazy_bytes: int
+    available_bytes: int
+    windows: int
+
+    def __str__(self) -> str:
+        gb = 1e9
+        return (
+            f"{self.windows:,} windows: eager {self.eager_bytes / gb:.2f} GB, "
+            f"lazy {self.lazy_bytes / gb:.3f} GB (frames {self.frames_bytes / gb:.3f} GB), "
+            f"available {self.available_bytes / gb:.2f} GB -> {self.mode}"
+        )
+
+
+def available_memory(device: Any = None) -> int:
+    """Bytes available: ``MemAvailable`` of the host, or free memory of a CUDA device."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class SlidingWindows:
+    """Windows of ``window`` consecutive frames, sliced on demand.
+
+    Args:
+        frames: ``(N, D)`` frames: a numpy array (also ``np.memmap``, read in
+            place and paged in as windows are read) or a torch tensor on the CPU
+            (read in place through ``.numpy()``) or on a CUDA device (gathered on
+            that device). Any dtype numpy/torch can hold (float32, float16,
+            bfloat16, ints); batches keep it. A non-contiguous array is copied
+            once to C order.
+        window: Frames per window ``W >= 1``.
+        stride: Frames between the starts of consecutive windows, ``>= 1``.
+        episodes: Episode lengths (summing to ``N``) or offsets (``E + 1``
+            values from 0 to ``N``), ints; no window crosses an episode
+            boundary. ``None``: one episode. An array that reads as offsets
+            (starts at 0, never decreases, ends at ``N``) is taken as offsets.
+        targets: ``{name: (N, ...)}`` arrays aligned with the frames (actions,
+            labels, rewards), converted once to the frames' library and device.
+        target_offset: Where each target is read. ``None``: the whole window,
+            ``(B, W, ...)``. An int ``k``: the window's last frame plus ``k``,
+            ``(B, ...)``; ``k = 1`` is the frame after the window (windows whose
+            target would leave the episode are not made), ``-(W-1) <= k``. A
+            dict gives one of these per target name.
+
+    Raises:
+        ShapeError: ``frames`` is not 2-D or empty; a target's length is not ``N``.
+        DTypeError: ``frames`` or ``episodes`` has an unusable dtype.
+        ArgumentError: ``window``/``stride`` below 1, ``window`` longer than
+            every episode, ``episodes`` neither lengths nor offsets of ``N``
+            frames, ``target_offset`` out of range.
+    """
+
+    def __init__(
+        self,
+        frames: Any,
+        window: int,
+        stride: int = 1,
+        episodes: Any = None,
+        targets: Mapping[str, Any] | None = None,
+        target_offset: int | Mapping[str, int | None] | None = None,
+    ):
+        window = _int("window", window, 1)
+        stride = _int("stride", stride, 1)
+        self.frames = self._frames(frames)
+        self.torch = _is_torch(self.frames)
+        self.device = self.frames.device if self.torch else None
+        n = int(self.frames.shape[0])
+        self.targets: dict[str, Any] = {}
+        self.target_offset: dict[str, int | None] = {}
+        for name, value in (targets or {}).items():
+            if not isinstance(name, str) or name == "frames":
+                raise ArgumentError(f"targets keys must be names other than 'frames'; got {name!r}")
+            self.targets[name] = self._target(name, value, n)
+            off = target_offset.get(name) if isinstance(target_offset, Mapping) else target_offset
+            if off is not None:
+                off = _int(f"target_offset[{name!r}]", off, -(window - 1))
+            self.target_offset[name] = off
+        if isinstance(target_offset, Mapping):
+            extra = set(target_offset) - set(self.targets)
+            if extra:
+                raise ArgumentError(f"target_offset names unknown targets: {sorted(extra)}")
+        lookahead = max([0, *(k for k in self.target_offset.values() if k is not None)])
+        offsets, kind = self._episodes(episodes, n)
+        self._layout = _native.WindowLayout(n, window, stride, lookahead, offsets, kind)
+        self.window, self.stride = window, stride
+        self._arrays = [_Array("frames", self.frames, window, 0, False)]
+        for name, data in self.targets.items():
+            k = self.target_offset[name]
+            if k is None:
+                self._arrays.append(_Array(name, data, window, 0, False))
+            else:
+                self._arrays.append(_Array(name, data, 1, window - 1 + k, True))
+
+    # ------------------------------------------------------------ construction
+
+    @staticmethod
+    def _frames(frames: Any) -> Any:
+        if _is_torch(frames):
+            if frames.ndim != 2:
+                raise ShapeError(f"frames must have shape (n, d); got {tuple(frames.shape)}")
+            if frames.is_complex():
+                raise DTypeError(f"frames must be real numbers; got {frames.dtype}")
+            out = frames.detach()
+            out = out if out.is_contiguous() else out.contiguous()
+        else:
+            out = frames if isinstance(frames, np.ndarray) else np.asarray(frames)
+            if out.dtype.hasobject or out.dtype.kind not in "fiub":
+                raise DTypeError(f"frames must have a numeric dtype; got {out.dtype}")
+            if out.ndim != 2:
+                raise ShapeError(f"frames must have shape (n, d); got {out.shape}")
+            if not out.flags.c_contiguous:
+                out = np.ascontiguousarray(out)
+        if out.shape[0] == 0 or out.shape[1] == 0:
+            raise ShapeError(f"frames must not be empty; got shape {tuple(out.shape)}")
+        return out
+
+    def _target(self, name: str, value: Any, n: int) -> Any:
+        if self.torch:
+            import torch
+
+            if _is_torch(value):
+                t = value.detach()
+            else:
+                arr = np.asarray(value)  # torch refuses read-only memory (a memmap): copy it
+                t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            t = t.to(self.device).contiguous()
+            shape = tuple(t.shape)
+        else:
+            t = value.detach().cpu().numpy() if _is_torch(value) else np.asarray(value)
+            if t.dtype.hasobject or t.dtype.kind not in "fiub":
+                raise DTypeError(f"targets[{name!r}] must have a numeric dtype; got {t.dtype}")
+            t = np.ascontiguousarray(t)
+            shape = t.shape
+        if len(shape) == 0 or shape[0] != n:
+            raise ShapeError(
+                f"targets[{name!r}] must have shape ({n}, ...) to match frames; got {shape}"
+            )
+        return t
+
+    @staticmethod
+    def _episodes(episodes: Any, n: int) -> tuple[np.ndarray | None, str]:
+        if episodes is None:
+            return None, "offsets"
+        e = _index_array(episodes, "episodes")
+        if e.size and int(e.min()) < 0:
+            raise ArgumentError(f"episodes must be non-negative; got {int(e.min())}")
+        if e.size >= 2 and e[0] == 0 and e[-1] == n and bool(np.all(np.diff(e) >= 0)):
+            return e, "offsets"
+        total = int(e.sum())
+        if total != n:
+            first = int(e[0]) if e.size else None
+            last = int(e[-1]) if e.size else None
+            raise ArgumentError(
+                f"episodes must be lengths summing to {n} (the number of frames) or offsets "
+                f"from 0 to {n}; got {e.size} values summing to {total}, first {first}, last {last}"
+            )
+        return e, "lengths"
+
+    # ------------------------------------------------------------ window access
+
+    def __len__(self) -> int:
+        return len(self._layout)
+
+    def __repr__(self) -> str:
+        lib = f"torch {self.device}" if self.torch else "numpy"
+        return (
+            f"SlidingWindows({len(self):,} windows of {self.window} x {self.dim} "
+            f"{self.frames.dtype} ({lib}), stride {self.stride}, {self.num_episodes} episodes, "
+            f"targets {list(self.targets)})"
+        )
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def episode_offsets(self) -> np.ndarray:
+        """Episode boundaries, int64 ``(E + 1,)`` from 0 to ``N``."""
+        return self._layout.offsets()
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._layout.offsets()) - 1
+
+    @property
+    def starts(self) -> np.ndarray:
+        """First frame of every window in order, int64 ``(len(self),)``.
+
+        Computed per episode in Rust (one arithmetic run each): 8 bytes per
+        window and no Python object per window.
+        """
+        return self._layout.all_starts()
+
+    def start(self, i: int) -> int:
+        """First frame of window ``i`` (negative counts from the end).
+
+        Raises:
+            IndexError: ``i`` is out of range (never clamped).
+        """
+        return self._layout.start(_int("i", i))
+
+    def episode_of(self, i: int) -> int:
+        """Episode (0-based) holding window ``i``."""
+        return self._layout.episode_of(_int("i", i))
+
+    def __getitem__(self, i: int) -> Any:
+        """Window ``i``: a ``(W, D)`` view of the frames (no copy).
+
+        Raises:
+            IndexError: ``i`` is out of range (never clamped).
+        """
+        s = self.start(i)
+        return self.frames[s : s + self.window]
+
+    def target(self, name: str, i: int) -> Any:
+        """Target ``name`` of window ``i``: a view of ``(W, ...)`` or ``(...)``."""
+        s = self.start(i)
+        k = self.target_offset[name]
+        data = self.targets[name]
+        return data[s : s + self.window] if k is None else data[s + self.window - 1 + k]
+
+    def take(self, indices: Any) -> dict[str, Any]:
+        """Gathers windows ``indices`` into a new batch.
+
+        Args:
+            indices: ``(B,)`` window indices (ints; negative count from the end).
+
+        Returns:
+            ``{"frames": (B, W, D), name: (B, W, ...) or (B, ...)}``, in the
+            frames' library, dtype and device.
+
+        Raises:
+            IndexError: an index is out of range (never clamped).
+        """
+        starts = self._layout.starts(_index_array(indices))
+        return self._fill(starts, self._buffers(len(starts)))
+
+    def _buffers(self, n: int, pin: bool = False) -> list[tuple[Any, np.ndarray | None]]:
+        return [a.new_buffer(n, pin) for a in self._arrays]
+
+    def _fill(self, starts: Any, buffers: list[tuple[Any, np.ndarray | None]]) -> dict[str, Any]:
+        """Gathers the windows at frame ``starts`` into (prefixes of) ``buffers``."""
+        b = len(starts)
+        if self.device is not None and self.device.type != "cpu" and isinstance(starts, np.ndarray):
+            import torch
+
+            starts = torch.from_numpy(starts).to(self.device)
+        out = {}
+        for a, (user, raw) in zip(self._arrays, buffers, strict=False):
+            user, raw = user[:b], (raw[:b] if raw is not None else None)
+            a.gather(starts, user, raw)
+            out[a.name] = user
+        return out
+
+    # ------------------------------------------------------------ batches
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        device: Any = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+        reuse_buffers: bool = True,
+    ) -> WindowBatches:
+        """Iterates over this rank's batches of one epoch.
+
+        The order is a permutation of the windows seeded by ``(seed, epoch)``
+        (SplitMix64 + Fisher-Yates, documented in the Rust core,
+        ``rust/src/windows/order.rs``): the same on every OS, CPU and device,
+        and held as 8 bytes per window, never as Python objects.
+
+        Sharding follows ``torch.utils.data.DistributedSampler``: each rank
+        gets ``ceil(len / world_size)`` windows, the permuted list being padded
+        by repeating its first windows (so up to ``world_size - 1`` windows
+        are seen twice per epoch); with ``drop_last`` each rank gets
+        ``floor(len / world_size)`` (the last windows of the permutation are
+        skipped) and a last partial batch is dropped too. Every rank yields
+        the same number of batches.
+
+        Args:
+            batch_size: Windows per batch, ``>= 1``.
+            shuffle: Permute the windows (else in order).
+            seed: Seed in ``[0, 2**64)``.
+            epoch: Epoch number; each epoch has its own order.
+            drop_last: See above.
+            rank: This process's rank, ``0 <= rank < world_size``.
+            world_size: Number of ranks.
+            device: Torch device to move CPU batches to (``None``: stay where the
+                frames are). CUDA frames are always gathered on their device.
+            prefetch: Batches prepared ahead in a background thread (0: gather
+                on demand). The Rust gather releases the GIL, so it runs while
+                the training step does.
+            pin_memory: Gather CPU batches into page-locked memory (torch) so
+                the copy to ``device`` is asynchronous.
+            reuse_buffers: Gather into a ring of ``prefetch + 1`` buffers
+                reused across batches: a yielded batch stays valid until the
+                iterator is advanced again; keep a copy to hold it longer.
+                ``False``: fresh arrays every batch.
+
+        Returns:
+            A :class:`WindowBatches` iterator of dicts ``{"frames": (B, W, D),
+            name: (B, W, ...) or (B, ...)}`` with ``len()`` batches.
+        """
+        return WindowBatches(
+            self,
+            _int("batch_size", batch_size, 1),
+            bool(shuffle),
+            _int("seed", seed, 0),
+            _int("epoch", epoch, 0),
+            bool(drop_last),
+            _int("rank", rank, 0),
+            _int("world_size", world_size, 1),
+            device,
+            _int("prefetch", prefetch, 0),
+            bool(pin_memory),
+            bool(reuse_buffers),
+        )
+
+    def epoch_order(
+        self,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> np.ndarray:
+        """Window indices this rank visits in ``epoch``, in order (int64); see :meth:`batches`."""
+        if not 0 <= _int("seed", seed) < 2**64:
+            raise ArgumentError(f"seed must be in [0, 2**64); got {seed}")
+        return self._layout.epoch_order(
+            bool(shuffle),
+            seed,
+            _int("epoch", epoch, 0),
+            _int("rank", rank, 0),
+            _int("world_size", world_size, 1),
+            bool(drop_last),
+        )
+
+    # ------------------------------------------------------------ eager mode
+
+    def window_bytes(self) -> int:
+        """Bytes one window and its targets take in a batch."""
+        return sum(a.rows * a.row_bytes for a in self._arrays)
+
+    def memory_plan(
+        self,
+        batch_size: int = 256,
+        prefetch: int = 2,
+        available: int | None = None,
+        headroom: float = 0.8,
+    ) -> MemoryPlan:
+        """Reports the memory each mode needs and picks one.
+
+        Eager (every window materialised, :meth:`materialize`) is picked only
+        when it fits in ``headroom`` of the memory available; otherwise lazy.
+
+        Args:
+            batch_size: Windows per batch of the lazy mode.
+            prefetch: Batches prepared ahead in the lazy mode.
+            available: Bytes available (default: :func:`available_memory` of
+                the frames' device).
+            headroom: Fraction of ``available`` eager may use.
+        """
+        frames_bytes = sum(a.data.shape[0] * a.row_bytes for a in self._arrays)
+        m = len(self)
+        eager = m * self.window_bytes()
+        lazy = frames_bytes + (prefetch + 1) * batch_size * self.window_bytes() + 8 * m
+        avail = available_memory(self.device) if available is None else int(available)
+        mode = "eager" if frames_bytes + eager <= headroom * avail else "lazy"
+        return MemoryPlan(mode, frames_bytes, eager, lazy, avail, m)
+
+    def materialize(
+        self, force: bool = False, chunk: int = 4096, available: int | None = None
+    ) -> dict[str, Any]:
+        """Every window at once (eager mode, for comparison): ``{"frames": (M, W, D), ...}``.
+
+        Args:
+            force: Build even when :meth:`memory_plan` says it would not fit.
+            chunk: Windows gathered per call.
+            available: Bytes available (default: measured, see :meth:`memory_plan`).
+
+        Raises:
+            WindowMemoryError: eager would not fit and ``force`` is False.
+        """
+        plan = self.memory_plan(available=available)
+        if plan.mode != "eager" and not force:
+            raise WindowMemoryError(f"materialize would not fit: {plan}; use batches()")
+        m = len(self)
+        buffers = self._buffers(m)
+        all_starts = self._layout.all_starts()
+        for lo in range(0, m, chunk):
+            part = [
+                (u[lo : lo + chunk], r[lo : lo + chunk] if r is not None else None)
+                for u, r in buffers
+            ]
+            self._fill(all_starts[lo : lo + chunk], part)
+        return {a.name: u for a, (u, _) in zip(self._arrays, buffers, strict=False)}
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes frames, episodes, targets and settings to one safetensors file.
+
+        The JSON metadata carries a format version; the file is written to a
+        temporary name and renamed, so a failed save leaves an old file intact.
+        CUDA tensors are copied to the host to be written.
+        """
+        from ._windows_store import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
+        """Reads a file written by :meth:`save`, validating every field.
+
+        Args:
+            path: The file.
+            mmap: Map the arrays from the file (``np.memmap``, read-only, paged
+                in as windows are read) instead of reading them into memory.
+
+        Raises:
+            FormatError: the file is malformed, truncated, inconsistent or of
+                another format version.
+        """
+        from ._windows_store import load
+
+        return load(path, mmap=mmap)
+
+    # ------------------------------------------------------------ torch
+
+    def as_dataset(self) -> Any:
+        """A ``torch.utils.data.Dataset`` of these windows, with batched ``__getitems__``.
+
+        Use it with ``DataLoader(ds, batch_size=B, sampler=..., collate_fn=ds.collate)``
+        (``DistributedSampler`` works as a sampler): each batch is one Rust
+        gather. See :class:`neuropil._windows_torch.WindowDataset`.
+        """
+        from ._windows_torch import WindowDataset
+
+        return WindowDataset(self)
+
+
+class WindowBatches(Iterator[dict[str, Any]]):
+    """One epoch of batches of one rank; see :meth:`SlidingWindows.batches`."""
+
+    def __init__(
+        self,
+        sw: SlidingWindows,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        device: Any,
+        prefetch: int,
+        pin_memory: bool,
+        reuse_buffers: bool,
+    ):
+        if seed >= 2**64:
+            raise ArgumentError(f"seed must be in [0, 2**64); got {seed}")
+        self.sw, self.batch_size, self.drop_last = sw, batch_size, drop_last
+        # This rank's window starts in visiting order: 8 bytes per window.
+        self.order_starts = sw._layout.epoch_starts(
+            shuffle, seed, epoch, rank, world_size, drop_last
+        )
+        per_rank = len(self.order_starts)
+        self._n = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+        self._k = 0
+        self._cuda_frames = sw.device is not None and sw.device.type != "cpu"
+        self._starts: Any = self.order_starts
+        if self._cuda_frames:
+            import torch
+
+            self._starts = torch.from_numpy(self.order_starts).to(sw.device)
+            prefetch = 0  # kernel launches are asynchronous already
+        self.device = None
+        if device is not None and not self._cuda_frames:
+            import torch
+
+            self.device = torch.device(device)
+            if self.device.type == "cpu":
+                self.device = None
+        pin = pin_memory and sw.torch and self.device is not None
+        self._ring = prefetch + 1
+        self._reuse = reuse_buffers
+        self._pin = pin
+        self._slots = (
+            [sw._buffers(batch_size, pin) for _ in range(self._ring)] if reuse_buffers else []
+        )
+        self._events: list[Any] = [None] * self._ring
+        self._prefetch = prefetch
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._free = threading.Semaphore(self._ring)
+        self._held = False
+        self._stop = threading.Event()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> WindowBatches:
+        return self
+
+    def _make(self, k: int) -> tuple[int, dict[str, Any]]:
+        lo = k * self.batch_size
+        starts = self._starts[lo : lo + self.batch_size]
+        slot = k % self._ring
+        if self._reuse:
+            event = self._events[slot]
+            if event is not None:
+                event.synchronize()  # the async copy out of this buffer is done
+            buffers = self._slots[slot]
+        else:
+            buffers = self.sw._buffers(len(starts), self._pin)
+        return slot, self.sw._fill(starts, buffers)
+
+    @staticmethod
+    def _produce(
+        ref: weakref.ref, n: int, free: threading.Semaphore, q: queue.Queue, stop: threading.Event
+    ) -> None:
+        # Holds the iterator only by weak reference between batches, so an
+        # iterator dropped mid-epoch (a `break`) is collected and stops this thread.
+        try:
+            for k in range(n):
+                while not free.acquire(timeout=0.05):
+                    if stop.is_set() or ref() is None:
+                        return
+                owner = ref()
+                if stop.is_set() or owner is None:
+                    return
+                item = owner._make(k)
+                del owner
+                q.put(item)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    def __next__(self) -> dict[str, Any]:
+        if self._k >= self._n:
+            self.close()
+            raise StopIteration
+        if self._prefetch == 0:
+            slot, batch = self._make(self._k)
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=WindowBatches._produce,
+                    args=(weakref.ref(self), self._n, self._free, self._queue, self._stop),
+                    name="neuropil-windows-prefetch",
+                    daemon=True,
+                )
+                self._thread.start()
+            if self._held:
+                self._free.release()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            slot, batch = item
+            self._held = True
+        self._k += 1
+        if self.device is not None:
+            import torch
+
+            batch = {
+                k: (v if _is_torch(v) else torch.from_numpy(v)).to(
+                    self.device, non_blocking=self._pin
+                )
+                for k, v in batch.items()
+            }
+            if self._pin and self._reuse and self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self._events[slot] = event
+        return batch
+
+    def close(self) -> None:
+        """Stops the prefetch thread (also done at the end of the epoch)."""
+        self._stop.set()
+        if self._held:
+            self._free.release()
+            self._held = False
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> WindowBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)  # absent when __init__ failed
+        if stop is not None:
+            stop.set()
