@@ -40,7 +40,8 @@ class MembraneBank:
         batch: Number of independent banks ``B`` updated by one call.
         codes: ``"hadamard"`` (L a power of two), ``"dct"``, ``"gaussian"``,
             ``"orthogonal"``, ``"auto"`` (:func:`~neuropil.membrane.codes.generate_codes`),
-            or an ``(L, K)`` float tensor of your own codes.
+            or an ``(L, K)`` float tensor of your own codes (used as given, not
+            normalised; it may require grad, to learn codes).
         K: Number of keys (code book size) when ``codes`` is a name; default ``L``.
             Past ``L`` only ``"gaussian"`` and ``"auto"`` apply.
         readout: ``"correlation"`` (``C^T M``) or ``"pinv"`` (dual codes; exact
@@ -123,7 +124,7 @@ class MembraneBank:
             C = fn(L, K, **kw)
             self.code_kind = codes
         elif isinstance(codes, torch.Tensor):
-            if codes.ndim != 2 or codes.shape[0] != L:
+            if codes.ndim != 2 or codes.shape[0] != L or codes.shape[1] < 1:
                 raise ShapeError(f"codes must have shape ({L}, K); got {tuple(codes.shape)}")
             if codes.dtype != dtype:
                 raise DTypeError(f"codes must have dtype {dtype_name(dtype)}; got {codes.dtype}")
