@@ -506,6 +506,32 @@ class MembraneBank:
             )
         return torch.linalg.pinv(c64).t().contiguous().to(self.dtype)
 
+    def grow(self, K: int) -> None:
+        """Extends the code book to ``K`` keys without disturbing stored patterns.
+
+        The existing codes stay as the first columns; the new ones come from
+        :func:`~neuropil.membrane.codes.generate_codes` (orthonormal completion
+        while ``K <= L``, a low-coherence frame past ``L``), seeded by ``seed``.
+
+        Args:
+            K: New number of keys, at least the current ``K``.
+        """
+        check_int("K", K, minimum=self.K)
+        if K == self.K:
+            return
+        extra = K - self.K
+        self.C = _codes.generate_codes(self.L, K, existing=self.C.detach(), seed=self.seed)
+        self.gains = torch.cat(
+            [self.gains, torch.ones_like(self.gains[:, :1]).expand(-1, extra)], 1
+        )
+        zeros = torch.zeros(self.B, extra, dtype=torch.int64)
+        self.counts = torch.cat([self.counts, zeros], 1)
+        self.reads = torch.cat([self.reads, zeros], 1)
+        self.K = K
+        self.code_kind = "grown"
+        self._h = None
+        self._dual, self._dual_keys = None, None
+
     # ------------------------------------------------------------------ persistence
     def decay(self, lam: float, steps: int = 1) -> None:
         """Decays every stored pattern: ``M <- lam^steps M``.
