@@ -319,11 +319,15 @@ class MembraneBank:
             else:
                 idx = keys.to(self.device).unsqueeze(-1).expand(-1, -1, v.shape[2])
                 u.scatter_add_(1, idx, v)
-        delta = self._transform(u)
-        if self._grad(values, delta):
-            self.M = (self._m3 + delta).view_as(self._M)
-        else:
-            self._m3.add_(delta)
+        if self._grad(values, u):
+            self.M = (self._m3 + self._transform(u)).view_as(self._M)
+            return
+        # second factor accumulates straight into the state: no temporary, one pass less
+        assert self._h is not None
+        h1, h2 = self._h
+        na, nb, n = h1.shape[0], h2.shape[0], u.shape[2]
+        t = torch.matmul(h1, u.reshape(self.B, na, -1)).view(self.B * na, nb, n)
+        self._m3.view(self.B * na, nb, n).baddbmm_(h2.expand(self.B * na, nb, nb), t)
 
     def _store_sparse(self, values: torch.Tensor, cs: torch.Tensor) -> None:
         v = values.coalesce()
