@@ -26,8 +26,8 @@ READOUTS = ("correlation", "pinv")
 _CODE_KINDS = ("hadamard", "dct", "gaussian", "orthogonal", "auto")
 _PRECISIONS = ("highest", "tf32")
 # Sparse COO values denser than this are densified: the scatter path costs nnz * L
-# and wins over the dense GEMM only below about 0.1-0.2% non-zeros (BENCHMARKS.md).
-SPARSE_MAX_DENSITY = 0.002
+# and wins over the dense write only below about 0.1-0.15% non-zeros (BENCHMARKS.md).
+SPARSE_MAX_DENSITY = 0.0015
 
 
 class MembraneBank:
@@ -225,7 +225,7 @@ class MembraneBank:
         """Writes patterns under their keys' codes: ``M[b] += sum_k alpha C[:, key] (x) V``.
 
         With automatic persistence the state first decays by ``lam`` (one step).
-        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.2%) non-zeros
+        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.15%) non-zeros
         take a scatter path costing ``nnz * L`` instead of the GEMM's
         ``K * H * W * L``; denser ones are densified (the GEMM is faster there).
 
