@@ -579,6 +579,22 @@ def test_constructor_errors_and_pinv_past_L():
     assert b.read([0], readout="correlation").shape == (1, 1, 2, 2)
 
 
+def test_grow_keeps_stored_patterns_and_adds_codes():
+    bank = MembraneBank(16, 3, 3, codes="dct", K=8)
+    v = torch.rand(8, 3, 3)
+    bank.store(v)
+    bank.grow(16)  # orthonormal completion: still exact
+    assert bank.K == 16 and bank.C.shape == (16, 16) and bank.counts.shape == (1, 16)
+    w = torch.rand(8, 3, 3)
+    bank.store(w, range(8, 16))
+    assert torch.allclose(bank.read(range(16))[0], torch.cat([v, w]), atol=1e-5)
+    assert coherence_stats(bank.C)["max"] < 1e-5
+    bank.grow(40)  # past L: low coherence, old codes unchanged
+    assert coherence_stats(bank.C)["rms"] < coherence_stats(gaussian_codes(16, 40))["rms"]
+    with pytest.raises(neuropil.ArgumentError, match="K must be an integer >= 40"):
+        bank.grow(20)
+
+
 def test_clear_and_stats(bank):
     bank.store(torch.rand(2, 3, 4, 4), [0, 1, 2])
     s = bank.stats()

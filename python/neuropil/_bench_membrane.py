@@ -10,6 +10,7 @@ persistence figures of the acceptance list are printed as rows too.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -320,8 +321,8 @@ def membrane(quick: bool = False, verbose: bool = True) -> list[Row]:
         bank = MembraneBank(Ls, Hs, Hs, codes="hadamard")
         tt = _paired(
             {
-                "s": lambda sp=sp, bank=bank: bank.store(sp),
-                "d": lambda d=dense, bank=bank: bank.store(d),
+                "s": functools.partial(bank.store, sp),
+                "d": functools.partial(bank.store, dense),
             },
             repeat=rep,
             min_time=mt,

@@ -90,9 +90,9 @@ def membrane(out: Path, verbose: bool = True) -> dict[str, Any]:
             v = digits[:K]
             hop = HopfieldCleanup(v, beta=1000.0)
             if clean:
-                r = ev.cleanup(digits, L, K)
-                ps.append(min(r["psnr_cleanup"], 150.0))
-                top.append(r["top1_cleanup"])
+                res = ev.cleanup(digits, L, K)
+                ps.append(min(res["psnr_cleanup"], 150.0))
+                top.append(res["top1_cleanup"])
                 continue
             bank = MembraneBank(L, 8, 8, codes=codes, K=max(K, L), readout=readout)
             bank.store(v)
@@ -129,10 +129,10 @@ def membrane(out: Path, verbose: bool = True) -> dict[str, Any]:
 
     if verbose:
         print("  32 real photo tiles (32x32) in a bank of L = 32 layers:")
-        for name, f in fid.items():
+        for name, fd in fid.items():
             print(
-                f"    {name:<22} PSNR {f['psnr_db']:>6} dB  SSIM {f['ssim']:.4f}  "
-                f"rel.err {f['rel_error']:.2g}"
+                f"    {name:<22} PSNR {fd['psnr_db']:>6} dB  SSIM {fd['ssim']:.4f}  "
+                f"rel.err {fd['rel_error']:.2g}"
             )
         c = report["crosstalk_gaussian_K=2L"]
         print(

@@ -26,8 +26,8 @@ READOUTS = ("correlation", "pinv")
 _CODE_KINDS = ("hadamard", "dct", "gaussian", "orthogonal", "auto")
 _PRECISIONS = ("highest", "tf32")
 # Sparse COO values denser than this are densified: the scatter path costs nnz * L
-# and wins over the dense GEMM only below about 0.1-0.2% non-zeros (BENCHMARKS.md).
-SPARSE_MAX_DENSITY = 0.002
+# and wins over the dense write only below about 0.1-0.15% non-zeros (BENCHMARKS.md).
+SPARSE_MAX_DENSITY = 0.0015
 
 
 class MembraneBank:
@@ -40,7 +40,8 @@ class MembraneBank:
         batch: Number of independent banks ``B`` updated by one call.
         codes: ``"hadamard"`` (L a power of two), ``"dct"``, ``"gaussian"``,
             ``"orthogonal"``, ``"auto"`` (:func:`~neuropil.membrane.codes.generate_codes`),
-            or an ``(L, K)`` float tensor of your own codes.
+            or an ``(L, K)`` float tensor of your own codes (used as given, not
+            normalised; it may require grad, to learn codes).
         K: Number of keys (code book size) when ``codes`` is a name; default ``L``.
             Past ``L`` only ``"gaussian"`` and ``"auto"`` apply.
         readout: ``"correlation"`` (``C^T M``) or ``"pinv"`` (dual codes; exact
@@ -123,7 +124,7 @@ class MembraneBank:
             C = fn(L, K, **kw)
             self.code_kind = codes
         elif isinstance(codes, torch.Tensor):
-            if codes.ndim != 2 or codes.shape[0] != L:
+            if codes.ndim != 2 or codes.shape[0] != L or codes.shape[1] < 1:
                 raise ShapeError(f"codes must have shape ({L}, K); got {tuple(codes.shape)}")
             if codes.dtype != dtype:
                 raise DTypeError(f"codes must have dtype {dtype_name(dtype)}; got {codes.dtype}")
@@ -224,7 +225,7 @@ class MembraneBank:
         """Writes patterns under their keys' codes: ``M[b] += sum_k alpha C[:, key] (x) V``.
 
         With automatic persistence the state first decays by ``lam`` (one step).
-        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.2%) non-zeros
+        Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.15%) non-zeros
         take a scatter path costing ``nnz * L`` instead of the GEMM's
         ``K * H * W * L``; denser ones are densified (the GEMM is faster there).
 
@@ -318,11 +319,15 @@ class MembraneBank:
             else:
                 idx = keys.to(self.device).unsqueeze(-1).expand(-1, -1, v.shape[2])
                 u.scatter_add_(1, idx, v)
-        delta = self._transform(u)
-        if self._grad(values, delta):
-            self.M = (self._m3 + delta).view_as(self._M)
-        else:
-            self._m3.add_(delta)
+        if self._grad(values, u):
+            self.M = (self._m3 + self._transform(u)).view_as(self._M)
+            return
+        # second factor accumulates straight into the state: no temporary, one pass less
+        assert self._h is not None
+        h1, h2 = self._h
+        na, nb, n = h1.shape[0], h2.shape[0], u.shape[2]
+        t = torch.matmul(h1, u.reshape(self.B, na, -1)).view(self.B * na, nb, n)
+        self._m3.view(self.B * na, nb, n).baddbmm_(h2.expand(self.B * na, nb, nb), t)
 
     def _store_sparse(self, values: torch.Tensor, cs: torch.Tensor) -> None:
         v = values.coalesce()
@@ -504,6 +509,32 @@ class MembraneBank:
                 f"{float(s[0]) / max(float(s[-1]), 1e-300):.3g}"
             )
         return torch.linalg.pinv(c64).t().contiguous().to(self.dtype)
+
+    def grow(self, K: int) -> None:
+        """Extends the code book to ``K`` keys without disturbing stored patterns.
+
+        The existing codes stay as the first columns; the new ones come from
+        :func:`~neuropil.membrane.codes.generate_codes` (orthonormal completion
+        while ``K <= L``, a low-coherence frame past ``L``), seeded by ``seed``.
+
+        Args:
+            K: New number of keys, at least the current ``K``.
+        """
+        check_int("K", K, minimum=self.K)
+        if K == self.K:
+            return
+        extra = K - self.K
+        self.C = _codes.generate_codes(self.L, K, existing=self.C.detach(), seed=self.seed)
+        self.gains = torch.cat(
+            [self.gains, torch.ones_like(self.gains[:, :1]).expand(-1, extra)], 1
+        )
+        zeros = torch.zeros(self.B, extra, dtype=torch.int64)
+        self.counts = torch.cat([self.counts, zeros], 1)
+        self.reads = torch.cat([self.reads, zeros], 1)
+        self.K = K
+        self.code_kind = "grown"
+        self._h = None
+        self._dual, self._dual_keys = None, None
 
     # ------------------------------------------------------------------ persistence
     def decay(self, lam: float, steps: int = 1) -> None:

@@ -66,7 +66,7 @@ class HopfieldCleanup:
         iters: int = 3,
         offset: torch.Tensor | None = None,
         index: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Recalls every stored key of ``bank`` jointly, past ``K = L``.
 
         Reads each stored key (correlation readout, unscaled by its alpha),
