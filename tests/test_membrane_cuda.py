@@ -47,8 +47,10 @@ def test_cuda_batched_keys_alphas_and_persistence():
     cpu.step(3)
     gpu.step(3)
     assert torch.allclose(gpu.M.cpu(), cpu.M, atol=1e-6)
-    assert torch.allclose(
-        gpu.read(keys, unscale=True).cpu(), cpu.read(keys, unscale=True), atol=1e-5
+    # cuBLAS and the CPU BLAS sum in different orders; `unscale` divides by the code
+    # norms, so compare relatively (float32 round-off, not a different answer).
+    torch.testing.assert_close(
+        gpu.read(keys, unscale=True).cpu(), cpu.read(keys, unscale=True), rtol=1e-4, atol=1e-5
     )
     assert torch.equal(gpu.counts, cpu.counts)
 
