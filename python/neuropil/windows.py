@@ -88,8 +88,10 @@ class _Array:
         self.cuda = self.torch and data.device.type != "cpu"
         self.trail = tuple(data.shape[1:])
         self.dtype = data.dtype
+        self.wide = None
         if self.cuda:
             self.raw = None
+            self.wide = _wide_rows(data, _itemsize(data) * int(np.prod(self.trail, dtype=np.int64)))
         elif self.torch:
             import torch
 
@@ -137,20 +139,45 @@ def _itemsize(data: Any) -> int:
     return int(data.element_size()) if _is_torch(data) else int(data.dtype.itemsize)
 
 
-def _cuda_gather(a: _Array, starts: Any, out: Any) -> None:
-    """GPU gather: one ``index_select`` on a strided window view, into ``out``."""
+def _wide_rows(t: Any, row_bytes: int) -> Any:
+    """``t`` (rows first, C-contiguous) as a 2-D tensor of the widest integer type
+    (8, 4, 2 or 1 bytes) that divides a row and the data's alignment."""
     import torch
 
-    data = a.data
-    n = data.shape[0]
-    if a.squeeze:
-        torch.index_select(data, 0, starts + a.shift, out=out)
+    flat = t.reshape(t.shape[0], -1).view(torch.uint8)
+    offset = t.storage_offset() * t.element_size()
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_bytes % size == 0 and offset % size == 0 and t.data_ptr() % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def _cuda_gather(a: _Array, starts: Any, out: Any) -> None:
+    """GPU gather: one ``index_select`` into ``out``, a byte copy like the CPU kernel.
+
+    The rows are seen as the widest integer type that fits (8-byte elements for
+    288 float32), so each GPU thread moves 8 bytes; a window of ``rows``
+    consecutive rows is one row of a strided 2-D view ``(n - rows + 1, rows *
+    row)`` of the same memory, so the whole batch is a single kernel launch.
+    """
+    import torch
+
+    if a.row_bytes == 0 or out.numel() == 0:
         return
-    # (n - rows + 1, rows, *trail) view sharing the frames' memory: window s is row s.
-    count = n - a.shift - a.rows + 1
-    strides = (data.stride(0), data.stride(0), *data.stride()[1:])
-    view = data.as_strided((count, a.rows, *a.trail), strides, data.storage_offset())
-    torch.index_select(view, 0, starts if a.shift == 0 else starts + a.shift, out=out)
+    src = a.wide if a.wide is not None else _wide_rows(a.data, a.row_bytes)
+    dst = out.reshape(out.shape[0], -1).view(torch.uint8)
+    if out.data_ptr() % src.element_size() == 0:
+        dst = dst.view(src.dtype)
+    else:  # an oddly aligned output: element by element in the data's own type
+        src, dst = a.data.reshape(a.data.shape[0], -1), out.reshape(out.shape[0], -1)
+    width = src.shape[1]
+    idx = starts if a.shift == 0 else starts + a.shift
+    if a.rows == 1:
+        torch.index_select(src, 0, idx, out=dst)
+        return
+    count = src.shape[0] - a.shift - a.rows + 1
+    view = src.as_strided((count, a.rows * width), (width, 1), src.storage_offset())
+    torch.index_select(view, 0, idx, out=dst)
 
 
 @dataclass(frozen=True)
