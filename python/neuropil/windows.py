@@ -190,8 +190,8 @@ class MemoryPlan:
         frames_bytes: The frames and targets.
         eager_bytes: Every window materialised (frames and targets are held too
             while it is built).
-        lazy_bytes: Frames + ``prefetch + 1`` batch buffers + 8 bytes per window
-            (the epoch order).
+        lazy_bytes: Frames + ``prefetch + 1`` batch buffers + the epoch order
+            (4 bytes per window, 8 beyond 2**31 frames).
         available_bytes: Memory available (host: ``MemAvailable``; CUDA: free
             device memory).
         windows: Number of windows.
@@ -491,7 +491,8 @@ class SlidingWindows:
         The order is a permutation of the windows seeded by ``(seed, epoch)``
         (SplitMix64 + Fisher-Yates, documented in the Rust core,
         ``rust/src/windows/order.rs``): the same on every OS, CPU and device,
-        and held as 8 bytes per window, never as Python objects.
+        and held as 4 bytes per window (8 beyond 2**31 frames), never as Python
+        objects.
 
         Sharding follows ``torch.utils.data.DistributedSampler``: each rank
         gets ``ceil(len / world_size)`` windows, the permuted list being padded
@@ -589,7 +590,8 @@ class SlidingWindows:
         frames_bytes = sum(a.data.shape[0] * a.row_bytes for a in self._arrays)
         m = len(self)
         eager = m * self.window_bytes()
-        lazy = frames_bytes + (prefetch + 1) * batch_size * self.window_bytes() + 8 * m
+        order = 4 if self.num_frames < 2**31 else 8  # bytes per window of the epoch order
+        lazy = frames_bytes + (prefetch + 1) * batch_size * self.window_bytes() + order * m
         avail = available_memory(self.device) if available is None else int(available)
         mode = "eager" if frames_bytes + eager <= headroom * avail else "lazy"
         return MemoryPlan(mode, frames_bytes, eager, lazy, avail, m)
@@ -686,7 +688,8 @@ class WindowBatches(Iterator[dict[str, Any]]):
         if seed >= 2**64:
             raise ArgumentError(f"seed must be in [0, 2**64); got {seed}")
         self.sw, self.batch_size, self.drop_last = sw, batch_size, drop_last
-        # This rank's window starts in visiting order: 8 bytes per window.
+        # This rank's window starts in visiting order: int32 (4 bytes a window)
+        # below 2**31 frames, else int64.
         self.order_starts = sw._layout.epoch_starts(
             shuffle, seed, epoch, rank, world_size, drop_last
         )

@@ -56,10 +56,10 @@ impl<'a> Rows<'a> {
 /// `arg` names the array in error messages. Fails with [`Error::Shape`] when
 /// `out` has the wrong size and with [`Error::Index`] when a window would read
 /// outside `src`; in both cases `out` is untouched.
-pub fn gather(
+pub fn gather<S: Copy + Sync + Into<i64>>(
     arg: &'static str,
     src: Rows<'_>,
-    starts: &[i64],
+    starts: &[S],
     shift: u64,
     rows: usize,
     out: &mut [u8],
@@ -78,7 +78,7 @@ pub fn gather(
         ));
     }
     let n = src.n_rows() as u64;
-    for &s in starts {
+    for s in starts.iter().map(|&s| s.into()) {
         let last = (s as u64).checked_add(shift + rows as u64);
         if s < 0 || last.is_none_or(|end| end > n) {
             return Err(Error::Index {
@@ -100,16 +100,16 @@ pub fn gather(
 /// prefetched, so the next window's DRAM reads overlap this window's copy
 /// (random windows defeat the hardware prefetcher at every page boundary).
 #[doc(hidden)]
-pub fn copy_windows(
+pub fn copy_windows<S: Copy + Sync + Into<i64>>(
     src: Rows<'_>,
-    starts: &[i64],
+    starts: &[S],
     shift: u64,
     item: usize,
     out: &mut [u8],
     prefetch: bool,
 ) {
-    let from = |s: i64| (s as usize + shift as usize) * src.row_bytes;
-    let task = |(dst, st): (&mut [u8], &[i64])| {
+    let from = |s: S| (s.into() as usize + shift as usize) * src.row_bytes;
+    let task = |(dst, st): (&mut [u8], &[S])| {
         for (k, (d, &s)) in dst.chunks_mut(item).zip(st).enumerate() {
             let cur = &src.data[from(s)..from(s) + item];
             match st.get(k + 1) {
