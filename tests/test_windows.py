@@ -295,7 +295,7 @@ def test_materialize_and_memory_plan(tmp_path):
     plan = sw.memory_plan(batch_size=8, prefetch=2, available=10**12)
     assert plan.mode == "eager"
     assert plan.eager_bytes == len(sw) * (6 * 16 + 8)
-    assert plan.lazy_bytes == 60 * 16 + 60 * 8 + 3 * 8 * (6 * 16 + 8) + 8 * len(sw)
+    assert plan.lazy_bytes == 60 * 16 + 60 * 8 + 3 * 8 * (6 * 16 + 8) + 4 * len(sw)
     small = sw.memory_plan(available=plan.frames_bytes + plan.eager_bytes // 2)
     assert small.mode == "lazy" and "lazy" in str(small)
     # The 13.1 GB case of the issue, planned without allocating it.

@@ -38,23 +38,26 @@ import json, resource, sys
 import numpy as np
 from neuropil.windows import SlidingWindows
 n, d, w, b, prefetch = (int(a) for a in sys.argv[1:6])
-def peak():
-    # VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's
-    # peak across fork + exec).
+def status(key):
+    # /proc/self/status: VmHWM is this process image's peak RSS (ru_maxrss would
+    # carry the parent's peak across fork + exec), VmRSS the current one.
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-# Warm up first (rayon pool, prefetch thread, imports), so base holds the fixed overhead.
-warm = SlidingWindows(np.zeros((4 * w, d), dtype=np.float32), w)
-for batch in warm.batches(2, prefetch=prefetch):
+def peak():
+    return status("VmHWM")
+# Warm up first, so base holds the fixed overhead of the process: imports, the
+# rayon pool's threads (a batch over 1 MB runs in parallel) and the prefetch thread.
+warm = SlidingWindows(np.zeros((w + 64, d), dtype=np.float32), w)
+for batch in warm.batches(64, prefetch=prefetch):
     pass
 del warm, batch
-base = peak()
+base = status("VmRSS")  # resident now: the warm-up's freed buffers are not counted
 frames = np.empty((n, d), dtype=np.float32)
 rng = np.random.default_rng(0)
 for lo in range(0, n, 65536):

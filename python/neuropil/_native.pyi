@@ -74,12 +74,12 @@ class WindowLayout:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
-    ) -> npt.NDArray[np.int64]: ...
+    ) -> npt.NDArray[np.int32] | npt.NDArray[np.int64]: ...
 
 def windows_permutation(n: int, seed: int, epoch: int) -> npt.NDArray[np.int64]: ...
 def windows_gather(
     src: npt.NDArray[np.uint8],
-    starts: npt.NDArray[np.int64],
+    starts: npt.NDArray[np.int64] | npt.NDArray[np.int32],
     shift: int,
     rows: int,
     out: npt.NDArray[np.uint8],

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import operator
 import os
-import queue
-import threading
-import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +31,13 @@ import numpy as np
 from . import _native
 from .errors import ArgumentError, DTypeError, NeuropilError, ShapeError
 
-__all__ = ["MemoryPlan", "SlidingWindows", "WindowBatches", "WindowMemoryError"]
+__all__ = [
+    "MemoryPlan",
+    "SlidingWindows",
+    "WindowBatches",
+    "WindowMemoryError",
+    "available_memory",
+]
 
 
 class WindowMemoryError(NeuropilError, MemoryError):
@@ -88,8 +91,10 @@ class _Array:
         self.cuda = self.torch and data.device.type != "cpu"
         self.trail = tuple(data.shape[1:])
         self.dtype = data.dtype
+        self.wide = None
         if self.cuda:
             self.raw = None
+            self.wide = _wide_rows(data, _itemsize(data) * int(np.prod(self.trail, dtype=np.int64)))
         elif self.torch:
             import torch
 
@@ -137,20 +142,45 @@ def _itemsize(data: Any) -> int:
     return int(data.element_size()) if _is_torch(data) else int(data.dtype.itemsize)
 
 
-def _cuda_gather(a: _Array, starts: Any, out: Any) -> None:
-    """GPU gather: one ``index_select`` on a strided window view, into ``out``."""
+def _wide_rows(t: Any, row_bytes: int) -> Any:
+    """``t`` (rows first, C-contiguous) as a 2-D tensor of the widest integer type
+    (8, 4, 2 or 1 bytes) that divides a row and the data's alignment."""
     import torch
 
-    data = a.data
-    n = data.shape[0]
-    if a.squeeze:
-        torch.index_select(data, 0, starts + a.shift, out=out)
+    flat = t.reshape(t.shape[0], -1).view(torch.uint8)
+    offset = t.storage_offset() * t.element_size()
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_bytes % size == 0 and offset % size == 0 and t.data_ptr() % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def _cuda_gather(a: _Array, starts: Any, out: Any) -> None:
+    """GPU gather: one ``index_select`` into ``out``, a byte copy like the CPU kernel.
+
+    The rows are seen as the widest integer type that fits (8-byte elements for
+    288 float32), so each GPU thread moves 8 bytes; a window of ``rows``
+    consecutive rows is one row of a strided 2-D view ``(n - rows + 1, rows *
+    row)`` of the same memory, so the whole batch is a single kernel launch.
+    """
+    import torch
+
+    if a.row_bytes == 0 or out.numel() == 0:
         return
-    # (n - rows + 1, rows, *trail) view sharing the frames' memory: window s is row s.
-    count = n - a.shift - a.rows + 1
-    strides = (data.stride(0), data.stride(0), *data.stride()[1:])
-    view = data.as_strided((count, a.rows, *a.trail), strides, data.storage_offset())
-    torch.index_select(view, 0, starts if a.shift == 0 else starts + a.shift, out=out)
+    src = a.wide if a.wide is not None else _wide_rows(a.data, a.row_bytes)
+    dst = out.reshape(out.shape[0], -1).view(torch.uint8)
+    if out.data_ptr() % src.element_size() == 0:
+        dst = dst.view(src.dtype)
+    else:  # an oddly aligned output: element by element in the data's own type
+        src, dst = a.data.reshape(a.data.shape[0], -1), out.reshape(out.shape[0], -1)
+    width = src.shape[1]
+    idx = starts if a.shift == 0 else starts + a.shift
+    if a.rows == 1:
+        torch.index_select(src, 0, idx, out=dst)
+        return
+    count = src.shape[0] - a.shift - a.rows + 1
+    view = src.as_strided((count, a.rows * width), (width, 1), src.storage_offset())
+    torch.index_select(view, 0, idx, out=dst)
 
 
 @dataclass(frozen=True)
@@ -163,8 +193,8 @@ class MemoryPlan:
         frames_bytes: The frames and targets.
         eager_bytes: Every window materialised (frames and targets are held too
             while it is built).
-        lazy_bytes: Frames + ``prefetch + 1`` batch buffers + 8 bytes per window
-            (the epoch order).
+        lazy_bytes: Frames + ``prefetch + 1`` batch buffers + the epoch order
+            (4 bytes per window, 8 beyond 2**31 frames).
         available_bytes: Memory available (host: ``MemAvailable``; CUDA: free
             device memory).
         windows: Number of windows.
@@ -464,7 +494,8 @@ class SlidingWindows:
         The order is a permutation of the windows seeded by ``(seed, epoch)``
         (SplitMix64 + Fisher-Yates, documented in the Rust core,
         ``rust/src/windows/order.rs``): the same on every OS, CPU and device,
-        and held as 8 bytes per window, never as Python objects.
+        and held as 4 bytes per window (8 beyond 2**31 frames), never as Python
+        objects.
 
         Sharding follows ``torch.utils.data.DistributedSampler``: each rank
         gets ``ceil(len / world_size)`` windows, the permuted list being padded
@@ -562,7 +593,8 @@ class SlidingWindows:
         frames_bytes = sum(a.data.shape[0] * a.row_bytes for a in self._arrays)
         m = len(self)
         eager = m * self.window_bytes()
-        lazy = frames_bytes + (prefetch + 1) * batch_size * self.window_bytes() + 8 * m
+        order = 4 if self.num_frames < 2**31 else 8  # bytes per window of the epoch order
+        lazy = frames_bytes + (prefetch + 1) * batch_size * self.window_bytes() + order * m
         avail = available_memory(self.device) if available is None else int(available)
         mode = "eager" if frames_bytes + eager <= headroom * avail else "lazy"
         return MemoryPlan(mode, frames_bytes, eager, lazy, avail, m)
@@ -638,157 +670,5 @@ class SlidingWindows:
         return WindowDataset(self)
 
 
-class WindowBatches(Iterator[dict[str, Any]]):
-    """One epoch of batches of one rank; see :meth:`SlidingWindows.batches`."""
-
-    def __init__(
-        self,
-        sw: SlidingWindows,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        epoch: int,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
-        device: Any,
-        prefetch: int,
-        pin_memory: bool,
-        reuse_buffers: bool,
-    ):
-        if seed >= 2**64:
-            raise ArgumentError(f"seed must be in [0, 2**64); got {seed}")
-        self.sw, self.batch_size, self.drop_last = sw, batch_size, drop_last
-        # This rank's window starts in visiting order: 8 bytes per window.
-        self.order_starts = sw._layout.epoch_starts(
-            shuffle, seed, epoch, rank, world_size, drop_last
-        )
-        per_rank = len(self.order_starts)
-        self._n = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
-        self._k = 0
-        self._cuda_frames = sw.device is not None and sw.device.type != "cpu"
-        self._starts: Any = self.order_starts
-        if self._cuda_frames:
-            import torch
-
-            self._starts = torch.from_numpy(self.order_starts).to(sw.device)
-            prefetch = 0  # kernel launches are asynchronous already
-        self.device = None
-        if device is not None and not self._cuda_frames:
-            import torch
-
-            self.device = torch.device(device)
-            if self.device.type == "cpu":
-                self.device = None
-        pin = pin_memory and sw.torch and self.device is not None
-        self._ring = prefetch + 1
-        self._reuse = reuse_buffers
-        self._pin = pin
-        self._slots = (
-            [sw._buffers(batch_size, pin) for _ in range(self._ring)] if reuse_buffers else []
-        )
-        self._events: list[Any] = [None] * self._ring
-        self._prefetch = prefetch
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._free = threading.Semaphore(self._ring)
-        self._held = False
-        self._stop = threading.Event()
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __iter__(self) -> WindowBatches:
-        return self
-
-    def _make(self, k: int) -> tuple[int, dict[str, Any]]:
-        lo = k * self.batch_size
-        starts = self._starts[lo : lo + self.batch_size]
-        slot = k % self._ring
-        if self._reuse:
-            event = self._events[slot]
-            if event is not None:
-                event.synchronize()  # the async copy out of this buffer is done
-            buffers = self._slots[slot]
-        else:
-            buffers = self.sw._buffers(len(starts), self._pin)
-        return slot, self.sw._fill(starts, buffers)
-
-    @staticmethod
-    def _produce(
-        ref: weakref.ref, n: int, free: threading.Semaphore, q: queue.Queue, stop: threading.Event
-    ) -> None:
-        # Holds the iterator only by weak reference between batches, so an
-        # iterator dropped mid-epoch (a `break`) is collected and stops this thread.
-        try:
-            for k in range(n):
-                while not free.acquire(timeout=0.05):
-                    if stop.is_set() or ref() is None:
-                        return
-                owner = ref()
-                if stop.is_set() or owner is None:
-                    return
-                item = owner._make(k)
-                del owner
-                q.put(item)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    def __next__(self) -> dict[str, Any]:
-        if self._k >= self._n:
-            self.close()
-            raise StopIteration
-        if self._prefetch == 0:
-            slot, batch = self._make(self._k)
-        else:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=WindowBatches._produce,
-                    args=(weakref.ref(self), self._n, self._free, self._queue, self._stop),
-                    name="neuropil-windows-prefetch",
-                    daemon=True,
-                )
-                self._thread.start()
-            if self._held:
-                self._free.release()
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self.close()
-                raise item
-            slot, batch = item
-            self._held = True
-        self._k += 1
-        if self.device is not None:
-            import torch
-
-            batch = {
-                k: (v if _is_torch(v) else torch.from_numpy(v)).to(
-                    self.device, non_blocking=self._pin
-                )
-                for k, v in batch.items()
-            }
-            if self._pin and self._reuse and self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-                self._events[slot] = event
-        return batch
-
-    def close(self) -> None:
-        """Stops the prefetch thread (also done at the end of the epoch)."""
-        self._stop.set()
-        if self._held:
-            self._free.release()
-            self._held = False
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> WindowBatches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        stop = getattr(self, "_stop", None)  # absent when __init__ failed
-        if stop is not None:
-            stop.set()
+# The iterator lives in its own module; it needs the helpers above.
+from ._windows_batches import WindowBatches  # noqa: E402

@@ -73,6 +73,13 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
     Ok(pool()?.install(f))
 }
 
+/// Runs `f` on the calling thread with a scope of the pool: jobs `f` spawns run
+/// on pool threads while the caller keeps working, so a caller that does its
+/// share needs no hand-off; returns once every spawned job has finished.
+pub fn in_place_scope<'scope, R>(f: impl FnOnce(&rayon::Scope<'scope>) -> R) -> Result<R> {
+    Ok(pool()?.in_place_scope(f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

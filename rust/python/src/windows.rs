@@ -165,10 +165,11 @@ impl WindowLayout {
         Ok(to_numpy(py, order))
     }
 
-    /// First frames of the windows rank `rank` visits in `epoch`, in order, int64.
-    #[pyo3(signature = (shuffle, seed, epoch, rank=0, world_size=1, drop_last=false))]
+    /// First frames of the windows rank `rank` visits in `epoch`, in order: int32
+    /// (4 bytes a window) when every frame number fits, else int64.
     // The Python signature (keyword arguments of `SlidingWindows.batches`).
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (shuffle, seed, epoch, rank=0, world_size=1, drop_last=false))]
     fn epoch_starts<'py>(
         &self,
         py: Python<'py>,
@@ -178,13 +179,26 @@ impl WindowLayout {
         rank: i64,
         world_size: i64,
         drop_last: bool,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (e, r, w) = (
             nonneg("epoch", epoch)?,
             nonneg("rank", rank)?,
             nonneg("world_size", world_size)?,
         );
         let n = self.inner.len();
+        if self.inner.n_frames() <= i32::MAX as u64 {
+            let starts = py
+                .detach(|| {
+                    let mut order =
+                        windows::epoch_order_of::<u32>(n, shuffle, seed, e, r, w, drop_last)?;
+                    self.inner.starts_in_place(&mut order)?;
+                    Ok::<_, Error>(order)
+                })
+                .or_raise()?;
+            // Frame numbers below 2^31: the same values as int32 (index_select takes int32).
+            let narrow: Vec<i32> = starts.into_iter().map(|x| x as i32).collect();
+            return Ok(PyArray1::from_vec(py, narrow).into_any());
+        }
         let starts = py
             .detach(|| {
                 let mut order = windows::epoch_order(n, shuffle, seed, e, r, w, drop_last)?;
@@ -192,7 +206,7 @@ impl WindowLayout {
                 Ok::<_, Error>(order)
             })
             .or_raise()?;
-        Ok(to_numpy(py, starts))
+        Ok(to_numpy(py, starts).into_any())
     }
 }
 
@@ -229,8 +243,16 @@ fn windows_gather(
     };
     let (shift, rows) = (nonneg("shift", shift)?, nonneg("rows", rows)? as usize);
     let src = typed_input::<u8, Ix2>(src, "src")?;
-    let starts = typed_input::<i64, Ix1>(starts, "starts")?;
-    let expected = [starts.len(), rows * src.shape()[1]];
+    // int64 or int32 start frames (the epoch order is int32 when frames fit).
+    let (wide, narrow) = if starts.cast::<PyArray1<i32>>().is_ok() {
+        (None, Some(typed_input::<i32, Ix1>(starts, "starts")?))
+    } else {
+        (Some(typed_input::<i64, Ix1>(starts, "starts")?), None)
+    };
+    let count = wide
+        .as_ref()
+        .map_or_else(|| narrow.as_ref().map_or(0, |a| a.len()), |a| a.len());
+    let expected = [count, rows * src.shape()[1]];
     let mut out = typed_output::<u8, Ix2>(out, "out")?;
     if out.shape() != expected {
         return Err(Error::shape(
@@ -241,12 +263,25 @@ fn windows_gather(
         .or_raise();
     }
     let row_bytes = src.shape()[1];
-    let (src_bytes, starts) = (src.as_slice()?, starts.as_slice()?);
+    let src_bytes = src.as_slice()?;
     let out_bytes = out.as_slice_mut()?;
-    py.detach(|| {
-        let rows_view = windows::Rows::new(src_bytes, row_bytes.max(1))?;
-        windows::gather(arg, rows_view, starts, shift, rows, out_bytes)
-    })
+    match (&wide, &narrow) {
+        (Some(a), _) => {
+            let starts = a.as_slice()?;
+            py.detach(|| {
+                let rows_view = windows::Rows::new(src_bytes, row_bytes.max(1))?;
+                windows::gather(arg, rows_view, starts, shift, rows, out_bytes)
+            })
+        }
+        (None, Some(a)) => {
+            let starts = a.as_slice()?;
+            py.detach(|| {
+                let rows_view = windows::Rows::new(src_bytes, row_bytes.max(1))?;
+                windows::gather(arg, rows_view, starts, shift, rows, out_bytes)
+            })
+        }
+        (None, None) => Ok(()),
+    }
     .or_raise()
 }
 

@@ -4,14 +4,17 @@
 //! contiguous run of bytes, so a batch is `B` independent `memcpy`s of
 //! `rows * row_bytes` each (34 KB for 30 frames of 287 float32). The copy is
 //! byte-wise, so every element type (float32, float16, bfloat16, int64 labels)
-//! is gathered without conversion. While one window is copied, the next one's
-//! lines are prefetched into L2 page by page: random windows otherwise restart
-//! the hardware prefetcher at every 4 KiB page. Batches large enough to pay for it are
-//! split across the neuropil thread pool; every source range is checked before
-//! the first byte is written, and an out-of-range start fails with
-//! [`Error::Index`] instead of being clamped.
+//! is gathered without conversion.
+//!
+//! Batches over 1 MiB are cut into chunks of about 256 KiB that the calling
+//! thread and `threads - 1` pool threads take from one queue: the caller works
+//! instead of waiting, and a thread the OS deschedules holds up one chunk at
+//! most. While one window is copied, the next one's lines are prefetched into
+//! L2 page by page (random windows restart the hardware prefetcher at every
+//! 4 KiB page). Every source range is checked before the first byte is
+//! written; an out-of-range start fails with [`Error::Index`], never clamped.
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -56,10 +59,10 @@ impl<'a> Rows<'a> {
 /// `arg` names the array in error messages. Fails with [`Error::Shape`] when
 /// `out` has the wrong size and with [`Error::Index`] when a window would read
 /// outside `src`; in both cases `out` is untouched.
-pub fn gather(
+pub fn gather<S: Copy + Sync + Into<i64>>(
     arg: &'static str,
     src: Rows<'_>,
-    starts: &[i64],
+    starts: &[S],
     shift: u64,
     rows: usize,
     out: &mut [u8],
@@ -78,7 +81,7 @@ pub fn gather(
         ));
     }
     let n = src.n_rows() as u64;
-    for &s in starts {
+    for s in starts.iter().map(|&s| s.into()) {
         let last = (s as u64).checked_add(shift + rows as u64);
         if s < 0 || last.is_none_or(|end| end > n) {
             return Err(Error::Index {
@@ -100,16 +103,16 @@ pub fn gather(
 /// prefetched, so the next window's DRAM reads overlap this window's copy
 /// (random windows defeat the hardware prefetcher at every page boundary).
 #[doc(hidden)]
-pub fn copy_windows(
+pub fn copy_windows<S: Copy + Sync + Into<i64>>(
     src: Rows<'_>,
-    starts: &[i64],
+    starts: &[S],
     shift: u64,
     item: usize,
     out: &mut [u8],
     prefetch: bool,
 ) {
-    let from = |s: i64| (s as usize + shift as usize) * src.row_bytes;
-    let task = |(dst, st): (&mut [u8], &[i64])| {
+    let from = |s: S| (s.into() as usize + shift as usize) * src.row_bytes;
+    let task = |(dst, st): (&mut [u8], &[S])| {
         for (k, (d, &s)) in dst.chunks_mut(item).zip(st).enumerate() {
             let cur = &src.data[from(s)..from(s) + item];
             match st.get(k + 1) {
@@ -132,16 +135,35 @@ pub fn copy_windows(
         task((out, starts));
         return;
     }
+    // A shared queue of chunks, drained by the calling thread and `threads - 1`
+    // pool threads: the caller works instead of waiting, and whoever runs takes
+    // the next chunk, so a thread the OS descheduled delays nobody.
     let per_task = TASK_MIN_BYTES.div_ceil(item).max(1);
-    // `install` only fails when the pool cannot start; copy on this thread then.
-    let done = crate::threads::install(|| {
-        out.par_chunks_mut(item * per_task)
-            .zip(starts.par_chunks(per_task))
-            .for_each(task)
+    let chunks: Vec<(&mut [u8], &[S])> = out
+        .chunks_mut(item * per_task)
+        .zip(starts.chunks(per_task))
+        .collect();
+    let helpers = crate::threads::num_threads()
+        .unwrap_or(1)
+        .min(chunks.len())
+        .saturating_sub(1);
+    let queue = Mutex::new(chunks);
+    let drain = || loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match next {
+            Some(chunk) => task(chunk),
+            None => break,
+        }
+    };
+    // `in_place_scope` only fails when the pool cannot start: the caller then
+    // drains the whole queue alone.
+    let _ = crate::threads::in_place_scope(|scope| {
+        for _ in 0..helpers {
+            scope.spawn(|_| drain());
+        }
+        drain();
     });
-    if done.is_err() {
-        task((out, starts));
-    }
+    drain();
 }
 
 /// Bytes copied between two prefetch rounds (one page).

@@ -12,6 +12,7 @@
 //! O(windows), and a lookup costs O(log episodes).
 
 use crate::error::{Error, Result};
+use crate::windows::order::WindowIndex;
 
 /// Where every window of a frame sequence starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,17 +185,25 @@ impl Layout {
 
     /// Maps resolved window indices (`< len`, e.g. an epoch order) to first
     /// frames, in place.
-    pub fn starts_in_place(&self, indices: &mut [u64]) -> Result<()> {
-        for i in indices.iter_mut() {
-            if *i >= self.len() {
+    pub fn starts_in_place<T: WindowIndex>(&self, indices: &mut [T]) -> Result<()> {
+        if self.n_frames().saturating_sub(1) > T::MAX {
+            return Err(Error::value(
+                "frames",
+                format!("at most {} rows for this index type", T::MAX as u128 + 1),
+                self.n_frames(),
+            ));
+        }
+        for v in indices.iter_mut() {
+            let i = v.to_u64();
+            if i >= self.len() {
                 return Err(Error::Index {
                     arg: "window",
-                    index: *i as i64,
+                    index: i as i64,
                     len: self.len() as usize,
                 });
             }
-            let e = self.episode_of_resolved(*i);
-            *i = self.offsets[e] + (*i - self.cum[e]) * self.stride;
+            let e = self.episode_of_resolved(i);
+            *v = T::from_u64(self.offsets[e] + (i - self.cum[e]) * self.stride);
         }
         Ok(())
     }
@@ -350,10 +359,13 @@ mod tests {
     fn in_place_mapping_rejects_out_of_range() {
         let l = Layout::from_lengths(20, &[10, 10], 4, 2, 0).unwrap();
         assert_eq!(l.len(), 8);
-        let mut v = vec![0, 3, 4, 7];
+        let mut v = vec![0u64, 3, 4, 7];
         l.starts_in_place(&mut v).unwrap();
         assert_eq!(v, vec![0, 6, 10, 16]);
-        let mut bad = vec![8];
+        let mut narrow = vec![0u32, 3, 4, 7];
+        l.starts_in_place(&mut narrow).unwrap();
+        assert_eq!(narrow, vec![0, 6, 10, 16]);
+        let mut bad = vec![8u64];
         assert!(matches!(
             l.starts_in_place(&mut bad),
             Err(Error::Index { index: 8, .. })

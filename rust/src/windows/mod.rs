@@ -13,4 +13,4 @@ pub mod order;
 
 pub use gather::{gather, overlaps, Rows};
 pub use layout::Layout;
-pub use order::{batch_count, epoch_order, permutation, shard_len};
+pub use order::{batch_count, epoch_order, epoch_order_of, permutation, shard_len, WindowIndex};

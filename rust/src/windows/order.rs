@@ -71,9 +71,49 @@ impl SplitMix64 {
     }
 }
 
+/// An unsigned integer type that holds window indices (and start frames):
+/// `u32` (4 bytes a window) whenever the values fit, else `u64`.
+pub trait WindowIndex: Copy + Send + Sync + 'static {
+    /// Largest value the type holds.
+    const MAX: u64;
+    /// `v`, which the caller has checked is at most [`WindowIndex::MAX`].
+    fn from_u64(v: u64) -> Self;
+    fn to_u64(self) -> u64;
+}
+
+impl WindowIndex for u32 {
+    const MAX: u64 = u32::MAX as u64;
+    #[inline]
+    fn from_u64(v: u64) -> Self {
+        v as u32
+    }
+    #[inline]
+    fn to_u64(self) -> u64 {
+        self as u64
+    }
+}
+
+impl WindowIndex for u64 {
+    const MAX: u64 = u64::MAX;
+    #[inline]
+    fn from_u64(v: u64) -> Self {
+        v
+    }
+    #[inline]
+    fn to_u64(self) -> u64 {
+        self
+    }
+}
+
 /// A seeded permutation of `0..n` (Fisher-Yates, see the module docs).
 pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
-    let mut a: Vec<u64> = (0..n).collect();
+    permutation_of::<u64>(n, seed, epoch)
+}
+
+/// [`permutation`] held in `T` (the same values for every `T`: the generator
+/// only ever sees `u64`). `n - 1` must fit in `T`.
+pub fn permutation_of<T: WindowIndex>(n: u64, seed: u64, epoch: u64) -> Vec<T> {
+    let mut a: Vec<T> = (0..n).map(T::from_u64).collect();
     let mut rng = SplitMix64::new(seed, epoch);
     for i in (1..a.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -127,12 +167,32 @@ pub fn epoch_order(
     world_size: u64,
     drop_last: bool,
 ) -> Result<Vec<u64>> {
+    epoch_order_of::<u64>(n, shuffle, seed, epoch, rank, world_size, drop_last)
+}
+
+/// [`epoch_order`] held in `T`; fails with [`Error::Value`] when `n - 1` does not fit.
+pub fn epoch_order_of<T: WindowIndex>(
+    n: u64,
+    shuffle: bool,
+    seed: u64,
+    epoch: u64,
+    rank: u64,
+    world_size: u64,
+    drop_last: bool,
+) -> Result<Vec<T>> {
     check_shard(n, rank, world_size, drop_last)?;
+    if n.saturating_sub(1) > T::MAX {
+        return Err(Error::value(
+            "windows",
+            format!("at most {} for this index type", T::MAX as u128 + 1),
+            n,
+        ));
+    }
     let per_rank = shard_len(n, world_size, drop_last);
-    let perm = if shuffle {
-        permutation(n, seed, epoch)
+    let perm: Vec<T> = if shuffle {
+        permutation_of(n, seed, epoch)
     } else {
-        (0..n).collect()
+        (0..n).map(T::from_u64).collect()
     };
     if world_size == 1 {
         let mut out = perm;
@@ -172,6 +232,15 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, permutation(10, 0, 1));
         assert_ne!(a, permutation(10, 1, 0));
+    }
+
+    #[test]
+    fn compact_indices_give_the_same_order() {
+        let wide = epoch_order(1000, true, 5, 2, 1, 3, false).unwrap();
+        let narrow = epoch_order_of::<u32>(1000, true, 5, 2, 1, 3, false).unwrap();
+        assert!(wide.iter().zip(&narrow).all(|(a, b)| *a == *b as u64));
+        assert_eq!(wide.len(), narrow.len());
+        assert!(epoch_order_of::<u32>(u32::MAX as u64 + 2, false, 0, 0, 0, 1, false).is_err());
     }
 
     #[test]
