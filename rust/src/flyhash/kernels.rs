@@ -1,0 +1,362 @@
+//! Projection kernels: the activations of a batch of up to 16 input vectors.
+//!
+//! The 16 vectors of a batch sit side by side in "lanes" (`[f32; 16]`, one
+//! AVX-512 register, two AVX2 registers, four SSE2/NEON registers). Every lane
+//! runs the very same sequence of IEEE float additions, in an order fixed here,
+//! so the activations (and thus the codes) are bit-identical at every SIMD
+//! level: the levels differ only in how many lanes one instruction covers.
+//! Rust never contracts or reassociates float arithmetic, which is what makes
+//! the per-level copies of one generic body (`#[target_feature]` wrappers,
+//! vectorised by LLVM) safe to compare bit for bit.
+//!
+//! Canonical arithmetic (per vector `x`):
+//! - Sign / seeded: inputs are cut into groups of 8. For each group a table of
+//!   the 256 signed sums is built: `T[0] = (((-x0) - x1) - ...) - x7`,
+//!   `T[b] = T[b & (b - 1)] + (x_t + x_t)` with `t` the lowest set bit of `b`.
+//!   Activation `r` = `((0 + T_0[byte_0]) + T_1[byte_1]) + ...`, where `byte_g`
+//!   is byte `g` of row `r`'s bits. One table lookup replaces 8 multiply-adds.
+//! - Sparse: the +1 connections (`P`) and the -1 connections (`N`) of a row are
+//!   summed in stored order into four partial sums by position mod 4, combined
+//!   as `(s0 + s1) + (s2 + s3)`; activation = `P - N`.
+
+use super::projection::{sign_word, Weights};
+use crate::simd::Level;
+
+/// Vectors per batch.
+pub const LANES: usize = 16;
+/// One value per vector of a batch.
+pub type Lane = [f32; LANES];
+
+const ZERO: Lane = [0.0; LANES];
+
+#[inline(always)]
+fn add(a: &mut Lane, b: &Lane) {
+    for i in 0..LANES {
+        a[i] += b[i];
+    }
+}
+
+#[inline(always)]
+fn plus(a: &Lane, b: &Lane) -> Lane {
+    let mut o = *a;
+    add(&mut o, b);
+    o
+}
+
+/// Per-thread working memory of the kernels, reused across batches.
+pub struct Scratch {
+    /// `m` activations per lane.
+    pub acc: Vec<Lane>,
+    tables: Vec<Lane>,
+    xt: Vec<Lane>,
+}
+
+impl Scratch {
+    pub fn new(m: usize, d: usize, sparse: bool) -> Self {
+        Scratch {
+            acc: vec![ZERO; m],
+            tables: if sparse {
+                Vec::new()
+            } else {
+                vec![ZERO; 8 * 256]
+            },
+            xt: if sparse { vec![ZERO; d] } else { Vec::new() },
+        }
+    }
+}
+
+/// What the kernels read: the projection and its dimensions.
+#[derive(Clone, Copy)]
+pub struct Proj<'a> {
+    pub d: usize,
+    pub m: usize,
+    pub seed: u64,
+    pub weights: &'a Weights,
+}
+
+/// Fills `scratch.acc[..m]` with the activations of the `nb <= 16` vectors in
+/// `x` (`nb * d` floats, row-major). Lanes past `nb` hold those of zero vectors.
+/// `level` must be supported (checked by the caller).
+pub fn activations(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    debug_assert!(nb <= LANES && x.len() == nb * p.d && level.is_supported());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that `Level::check` accepted, so the CPU has AVX2+FMA.
+        Level::Avx2 => unsafe { avx2(p, x, nb, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, the CPU has AVX-512 F/BW/VL.
+        Level::Avx512 => unsafe { avx512(p, x, nb, s) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, the CPU has NEON.
+        Level::Neon => unsafe { neon(p, x, nb, s) },
+        _ => body(Level::Scalar, p, x, nb, s),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Avx2, p, x, nb, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn avx512(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Avx512, p, x, nb, s)
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn neon(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Neon, p, x, nb, s)
+}
+
+#[inline(always)]
+fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    match p.weights {
+        Weights::Sign(bits) => sign(level, p, Some(bits), x, nb, s),
+        Weights::Seeded => sign(level, p, None, x, nb, s),
+        Weights::Sparse {
+            c,
+            indices,
+            positives,
+            ..
+        } => sparse(level, p, *c, indices, positives, x, nb, s),
+    }
+}
+
+/// Builds the 256-entry tables of the (up to 8) groups of input word `w`.
+#[inline(always)]
+fn build_tables(d: usize, w: usize, groups: usize, x: &[f32], nb: usize, tables: &mut [Lane]) {
+    for gi in 0..groups {
+        let base = 64 * w + 8 * gi;
+        let mut xs = [ZERO; 8];
+        for (i, lane) in xs.iter_mut().enumerate() {
+            if base + i < d {
+                for v in 0..nb {
+                    lane[v] = x[v * d + base + i];
+                }
+            }
+        }
+        let t = &mut tables[gi * 256..(gi + 1) * 256];
+        let mut t0 = ZERO;
+        for v in 0..LANES {
+            let mut acc = -xs[0][v];
+            for lane in &xs[1..] {
+                acc -= lane[v];
+            }
+            t0[v] = acc;
+        }
+        t[0] = t0;
+        let mut twice = [ZERO; 8];
+        for (tw, lane) in twice.iter_mut().zip(&xs) {
+            *tw = plus(lane, lane);
+        }
+        for b in 1..256usize {
+            t[b] = plus(&t[b & (b - 1)], &twice[b.trailing_zeros() as usize]);
+        }
+    }
+}
+
+#[inline(always)]
+fn sign(
+    level: Level,
+    p: Proj<'_>,
+    stored: Option<&Vec<u8>>,
+    x: &[f32],
+    nb: usize,
+    s: &mut Scratch,
+) {
+    let (d, m) = (p.d, p.m);
+    let rb = super::projection::sign_row_bytes(d);
+    let acc = &mut s.acc[..m];
+    acc.fill(ZERO);
+    for w in 0..d.div_ceil(64) {
+        let groups = (d - 64 * w).div_ceil(8).min(8);
+        build_tables(d, w, groups, x, nb, &mut s.tables);
+        let tables = &s.tables[..groups * 256];
+        let word = |r: usize| match stored {
+            Some(bits) => {
+                let at = r * rb + 8 * w;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&bits[at..at + 8]);
+                u64::from_le_bytes(b)
+            }
+            None => sign_word(p.seed, d, r, w),
+        };
+        #[cfg(target_arch = "x86_64")]
+        match level {
+            Level::Avx512 => {
+                // SAFETY: the level was checked; groups <= 8 and tables hold groups * 256 lanes.
+                unsafe { super::kernels_x86::sign_rows_avx512(acc, tables, groups, word) };
+                continue;
+            }
+            Level::Avx2 => {
+                // SAFETY: as above, with AVX2.
+                unsafe { super::kernels_x86::sign_rows_avx2(acc, tables, groups, word) };
+                continue;
+            }
+            _ => {}
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let word = word(r);
+            let mut v = *a;
+            for (gi, t) in tables.chunks_exact(256).enumerate() {
+                add(&mut v, &t[((word >> (8 * gi)) & 0xff) as usize]);
+            }
+            *a = v;
+        }
+    }
+}
+
+#[inline(always)]
+fn sum4(xt: &[Lane], idx: &[u16]) -> Lane {
+    let mut s = [ZERO; 4];
+    let mut quads = idx.chunks_exact(4);
+    for q in &mut quads {
+        add(&mut s[0], &xt[q[0] as usize]);
+        add(&mut s[1], &xt[q[1] as usize]);
+        add(&mut s[2], &xt[q[2] as usize]);
+        add(&mut s[3], &xt[q[3] as usize]);
+    }
+    for (k, &i) in quads.remainder().iter().enumerate() {
+        add(&mut s[k], &xt[i as usize]);
+    }
+    plus(&plus(&s[0], &s[1]), &plus(&s[2], &s[3]))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn sparse(
+    level: Level,
+    p: Proj<'_>,
+    c: usize,
+    indices: &[u16],
+    positives: &[u32],
+    x: &[f32],
+    nb: usize,
+    s: &mut Scratch,
+) {
+    let d = p.d;
+    let xt = &mut s.xt[..d];
+    xt.fill(ZERO);
+    for v in 0..nb {
+        for (i, lane) in xt.iter_mut().enumerate() {
+            lane[v] = x[v * d + i];
+        }
+    }
+    let acc = &mut s.acc[..p.m];
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        Level::Avx512 => {
+            // SAFETY: the level was checked; indices < d = xt.len() by construction
+            // (generated, or loaded and compared with the regenerated projection).
+            return unsafe {
+                super::kernels_x86::sparse_rows_avx512(acc, xt, indices, positives, c)
+            };
+        }
+        Level::Avx2 => {
+            // SAFETY: as above, with AVX2.
+            return unsafe { super::kernels_x86::sparse_rows_avx2(acc, xt, indices, positives, c) };
+        }
+        _ => {}
+    }
+    for (r, a) in acc.iter_mut().enumerate() {
+        let row = &indices[r * c..(r + 1) * c];
+        let (pos, neg) = row.split_at(positives[r] as usize);
+        let (sp, sn) = (sum4(xt, pos), sum4(xt, neg));
+        for v in 0..LANES {
+            a[v] = sp[v] - sn[v];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::projection::{generate_sign, generate_sparse};
+    use super::*;
+
+    fn reference(p: Proj<'_>, x: &[f32]) -> Vec<f64> {
+        let d = p.d;
+        (0..p.m)
+            .map(|r| match p.weights {
+                Weights::Sign(bits) => (0..d)
+                    .map(|i| {
+                        let on = bits[r * d.div_ceil(64) * 8 + i / 8] >> (i % 8) & 1 == 1;
+                        if on {
+                            x[i] as f64
+                        } else {
+                            -(x[i] as f64)
+                        }
+                    })
+                    .sum(),
+                Weights::Sparse {
+                    c, indices, signs, ..
+                } => (0..*c)
+                    .map(|j| {
+                        let i = indices[r * c + j] as usize;
+                        let neg = signs[r * c.div_ceil(8) + j / 8] >> (j % 8) & 1 == 1;
+                        if neg {
+                            -(x[i] as f64)
+                        } else {
+                            x[i] as f64
+                        }
+                    })
+                    .sum(),
+                Weights::Seeded => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_level_is_bit_identical_and_close_to_f64() {
+        let (d, m) = (77, 130);
+        let x: Vec<f32> = (0..5 * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let sign_w = Weights::Sign(generate_sign(9, d, m));
+        let sparse_w = generate_sparse(9, d, m, 11, false);
+        let seeded_w = Weights::Seeded;
+        for w in [&sign_w, &sparse_w, &seeded_w] {
+            let p = Proj {
+                d,
+                m,
+                seed: 9,
+                weights: w,
+            };
+            let mut first: Option<Vec<Lane>> = None;
+            for level in Level::supported() {
+                let mut s = Scratch::new(m, d, matches!(w, Weights::Sparse { .. }));
+                activations(level, p, &x, 5, &mut s);
+                match &first {
+                    None => first = Some(s.acc.clone()),
+                    Some(f) => {
+                        for (a, b) in f.iter().zip(&s.acc) {
+                            for v in 0..LANES {
+                                assert_eq!(a[v].to_bits(), b[v].to_bits(), "{level}");
+                            }
+                        }
+                    }
+                }
+            }
+            let acc = first.unwrap();
+            let ref_p = Proj {
+                weights: if matches!(w, Weights::Seeded) {
+                    &sign_w
+                } else {
+                    w
+                },
+                ..p
+            };
+            for v in 0..5 {
+                let want = reference(ref_p, &x[v * d..(v + 1) * d]);
+                for r in 0..m {
+                    assert!((acc[r][v] as f64 - want[r]).abs() < 1e-3, "{r} {v}");
+                }
+            }
+            for lane in &acc {
+                assert!(lane[5..].iter().all(|&a| a == 0.0));
+            }
+        }
+    }
+}
