@@ -29,6 +29,9 @@ pub type Lane = [f32; LANES];
 
 const ZERO: Lane = [0.0; LANES];
 
+/// Rows per block of the sign kernel.
+const ROW_BLOCK: usize = 2048;
+
 #[inline(always)]
 fn add(a: &mut Lane, b: &Lane) {
     for i in 0..LANES {
@@ -125,11 +128,11 @@ fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
     }
 }
 
-/// Builds the 256-entry tables of the (up to 8) groups of input word `w`.
+/// Builds the 256-entry tables of groups `g0 .. g0 + groups` (8 inputs each).
 #[inline(always)]
-fn build_tables(d: usize, w: usize, groups: usize, x: &[f32], nb: usize, tables: &mut [Lane]) {
+fn build_tables(d: usize, g0: usize, groups: usize, x: &[f32], nb: usize, tables: &mut [Lane]) {
     for gi in 0..groups {
-        let base = 64 * w + 8 * gi;
+        let base = 8 * (g0 + gi);
         let mut xs = [ZERO; 8];
         for (i, lane) in xs.iter_mut().enumerate() {
             if base + i < d {
@@ -169,42 +172,50 @@ fn sign(
 ) {
     let (d, m) = (p.d, p.m);
     let rb = super::projection::sign_row_bytes(d);
-    let acc = &mut s.acc[..m];
-    acc.fill(ZERO);
-    for w in 0..d.div_ceil(64) {
-        let groups = (d - 64 * w).div_ceil(8).min(8);
-        build_tables(d, w, groups, x, nb, &mut s.tables);
-        let tables = &s.tables[..groups * 256];
-        let word = |r: usize| match stored {
-            Some(bits) => {
-                let at = r * rb + 8 * w;
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&bits[at..at + 8]);
-                u64::from_le_bytes(b)
+    s.acc[..m].fill(ZERO);
+    // Rows are taken in blocks of ROW_BLOCK (their activations, 128 KiB, stay in
+    // L2) and, within a block, in passes of 8 groups = one 64-bit word of each
+    // row (128 KiB of tables). Tables are rebuilt per block (8 x 255 additions
+    // per pass against ROW_BLOCK x 8 lookups). The sum order does not depend on
+    // the blocking: groups in ascending order.
+    let total = d.div_ceil(8);
+    for r0 in (0..m).step_by(ROW_BLOCK) {
+        let acc = &mut s.acc[r0..m.min(r0 + ROW_BLOCK)];
+        for w in 0..total.div_ceil(8) {
+            let groups = 8.min(total - 8 * w);
+            build_tables(d, 8 * w, groups, x, nb, &mut s.tables);
+            let tables = &s.tables[..groups * 256];
+            let word = move |r: usize| match stored {
+                Some(bits) => {
+                    let at = (r0 + r) * rb + 8 * w;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&bits[at..at + 8]);
+                    u64::from_le_bytes(b)
+                }
+                None => sign_word(p.seed, d, r0 + r, w),
+            };
+            #[cfg(target_arch = "x86_64")]
+            match level {
+                Level::Avx512 => {
+                    // SAFETY: the level was checked; groups <= 8 and tables hold groups * 256 lanes.
+                    unsafe { super::kernels_x86::sign_rows_avx512(acc, tables, groups, word) };
+                    continue;
+                }
+                Level::Avx2 => {
+                    // SAFETY: as above, with AVX2.
+                    unsafe { super::kernels_x86::sign_rows_avx2(acc, tables, groups, word) };
+                    continue;
+                }
+                _ => {}
             }
-            None => sign_word(p.seed, d, r, w),
-        };
-        #[cfg(target_arch = "x86_64")]
-        match level {
-            Level::Avx512 => {
-                // SAFETY: the level was checked; groups <= 8 and tables hold groups * 256 lanes.
-                unsafe { super::kernels_x86::sign_rows_avx512(acc, tables, groups, word) };
-                continue;
+            for (r, a) in acc.iter_mut().enumerate() {
+                let word = word(r);
+                let mut v = *a;
+                for (gi, t) in tables.chunks_exact(256).enumerate() {
+                    add(&mut v, &t[((word >> (8 * gi)) & 0xff) as usize]);
+                }
+                *a = v;
             }
-            Level::Avx2 => {
-                // SAFETY: as above, with AVX2.
-                unsafe { super::kernels_x86::sign_rows_avx2(acc, tables, groups, word) };
-                continue;
-            }
-            _ => {}
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let word = word(r);
-            let mut v = *a;
-            for (gi, t) in tables.chunks_exact(256).enumerate() {
-                add(&mut v, &t[((word >> (8 * gi)) & 0xff) as usize]);
-            }
-            *a = v;
         }
     }
 }

@@ -78,9 +78,25 @@ macro_rules! sum4 {
         let mut s: [$ty; 4] = [$zero; 4];
         let mut quads = idx.chunks_exact(4);
         for q in &mut quads {
-            for k in 0..4 {
-                s[k] = $add(s[k], $load(xt.add(q[k] as usize * 16)));
-            }
+            // Four indices as one little-endian u64, split with shifts: keeps the
+            // index arithmetic on the integer ports (LLVM would otherwise build
+            // the offsets in a vector register and extract them on the ports the
+            // additions need).
+            let w = u64::from_le_bytes([
+                q[0] as u8,
+                (q[0] >> 8) as u8,
+                q[1] as u8,
+                (q[1] >> 8) as u8,
+                q[2] as u8,
+                (q[2] >> 8) as u8,
+                q[3] as u8,
+                (q[3] >> 8) as u8,
+            ]);
+            let w = std::hint::black_box(w);
+            s[0] = $add(s[0], $load(xt.add((w & 0xffff) as usize * 16)));
+            s[1] = $add(s[1], $load(xt.add(((w >> 16) & 0xffff) as usize * 16)));
+            s[2] = $add(s[2], $load(xt.add(((w >> 32) & 0xffff) as usize * 16)));
+            s[3] = $add(s[3], $load(xt.add((w >> 48) as usize * 16)));
         }
         for (k, &i) in quads.remainder().iter().enumerate() {
             s[k] = $add(s[k], $load(xt.add(i as usize * 16)));
