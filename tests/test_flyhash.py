@@ -249,7 +249,7 @@ def test_oversized_requests_fail_before_allocating():
         FlyHash(1_000_000, 100_000.0, seed=0)
     with pytest.raises(neuropil.ArgumentError, match="at most 8 GiB"):
         FlyHash(10, 4e9, seed=0, projection="seeded")
-    with pytest.raises(neuropil.ArgumentError, match=r"at most 65536 for projection='sparse'"):
+    with pytest.raises(neuropil.ArgumentError, match=r"at most 65535 for projection='sparse'"):
         FlyHash(70_000, 1.0, seed=0, projection="sparse")
     fh = FlyHash(1, 3e8, 0.5, seed=0, projection="seeded")
     with pytest.raises(neuropil.ArgumentError, match="8 GiB"):

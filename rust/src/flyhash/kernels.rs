@@ -10,16 +10,19 @@
 //! vectorised by LLVM) safe to compare bit for bit.
 //!
 //! Canonical arithmetic (per vector `x`):
-//! - Sign / seeded: inputs are cut into groups of 8. For each group a table of
-//!   the 256 signed sums is built: `T[0] = (((-x0) - x1) - ...) - x7`,
+//! - Sign / seeded: inputs are cut into groups of 4. For each group a table of
+//!   the 16 signed sums is built: `T[0] = ((-x0) - x1) - x2) - x3`,
 //!   `T[b] = T[b & (b - 1)] + (x_t + x_t)` with `t` the lowest set bit of `b`.
-//!   Activation `r` = `((0 + T_0[byte_0]) + T_1[byte_1]) + ...`, where `byte_g`
-//!   is byte `g` of row `r`'s bits. One table lookup replaces 8 multiply-adds.
-//! - Sparse: the +1 connections (`P`) and the -1 connections (`N`) of a row are
-//!   summed in stored order into four partial sums by position mod 4, combined
-//!   as `(s0 + s1) + (s2 + s3)`; activation = `P - N`.
+//!   Activation `r` = `((0 + T_0[nib_0]) + T_1[nib_1]) + ...`, where `nib_g`
+//!   is bits `4g .. 4g + 4` of row `r`'s bits. One lookup replaces 4 multiply-adds
+//!   for 16 vectors; the 16 tables of a 64-bit word fill 16 KiB (L1).
+//! - Sparse: inputs are cut into blocks of 384 (their 16 lanes fill 24 KiB, in
+//!   L1). Per block `b`, the row's +1 connections into it (`P_b`) and its -1
+//!   connections (`N_b`) are summed in stored order into four partial sums by
+//!   position mod 4, combined as `(s0 + s1) + (s2 + s3)`; activation =
+//!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`.
 
-use super::projection::{sign_word, Weights};
+use super::projection::{block_range, sign_word, sparse_blocks, Weights, SPARSE_BLOCK};
 use crate::simd::Level;
 
 /// Vectors per batch.
@@ -61,9 +64,13 @@ impl Scratch {
             tables: if sparse {
                 Vec::new()
             } else {
-                vec![ZERO; 8 * 256]
+                vec![ZERO; GPW * TS]
             },
-            xt: if sparse { vec![ZERO; d] } else { Vec::new() },
+            xt: if sparse {
+                vec![ZERO; d.min(SPARSE_BLOCK)]
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -120,20 +127,22 @@ fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
         Weights::Sign(bits) => sign(level, p, Some(bits), x, nb, s),
         Weights::Seeded => sign(level, p, None, x, nb, s),
         Weights::Sparse {
-            c,
-            indices,
-            positives,
-            ..
-        } => sparse(level, p, *c, indices, positives, x, nb, s),
+            c, indices, bounds, ..
+        } => sparse(level, p, *c, indices, bounds, x, nb, s),
     }
 }
 
-/// Builds the 256-entry tables of groups `g0 .. g0 + groups` (8 inputs each).
+/// Inputs per table group, entries per table, groups per 64-bit row word.
+pub const GW: usize = 4;
+pub const TS: usize = 1 << GW;
+pub const GPW: usize = 64 / GW;
+
+/// Builds the `TS`-entry tables of groups `g0 .. g0 + groups` (`GW` inputs each).
 #[inline(always)]
 fn build_tables(d: usize, g0: usize, groups: usize, x: &[f32], nb: usize, tables: &mut [Lane]) {
     for gi in 0..groups {
-        let base = 8 * (g0 + gi);
-        let mut xs = [ZERO; 8];
+        let base = GW * (g0 + gi);
+        let mut xs = [ZERO; GW];
         for (i, lane) in xs.iter_mut().enumerate() {
             if base + i < d {
                 for v in 0..nb {
@@ -141,7 +150,7 @@ fn build_tables(d: usize, g0: usize, groups: usize, x: &[f32], nb: usize, tables
                 }
             }
         }
-        let t = &mut tables[gi * 256..(gi + 1) * 256];
+        let t = &mut tables[gi * TS..(gi + 1) * TS];
         let mut t0 = ZERO;
         for v in 0..LANES {
             let mut acc = -xs[0][v];
@@ -151,11 +160,11 @@ fn build_tables(d: usize, g0: usize, groups: usize, x: &[f32], nb: usize, tables
             t0[v] = acc;
         }
         t[0] = t0;
-        let mut twice = [ZERO; 8];
+        let mut twice = [ZERO; GW];
         for (tw, lane) in twice.iter_mut().zip(&xs) {
             *tw = plus(lane, lane);
         }
-        for b in 1..256usize {
+        for b in 1..TS {
             t[b] = plus(&t[b & (b - 1)], &twice[b.trailing_zeros() as usize]);
         }
     }
@@ -174,17 +183,18 @@ fn sign(
     let rb = super::projection::sign_row_bytes(d);
     s.acc[..m].fill(ZERO);
     // Rows are taken in blocks of ROW_BLOCK (their activations, 128 KiB, stay in
-    // L2) and, within a block, in passes of 8 groups = one 64-bit word of each
-    // row (128 KiB of tables). Tables are rebuilt per block (8 x 255 additions
-    // per pass against ROW_BLOCK x 8 lookups). The sum order does not depend on
-    // the blocking: groups in ascending order.
-    let total = d.div_ceil(8);
+    // L2) and, within a block, in passes of one 64-bit word of each row: 16
+    // groups of 4 inputs, whose tables (16 x 16 lanes = 16 KiB) stay in L1.
+    // Tables are rebuilt per block (16 x 15 additions per pass against
+    // ROW_BLOCK x 16 lookups). The sum order does not depend on the blocking:
+    // groups in ascending order.
+    let total = d.div_ceil(GW);
     for r0 in (0..m).step_by(ROW_BLOCK) {
         let acc = &mut s.acc[r0..m.min(r0 + ROW_BLOCK)];
-        for w in 0..total.div_ceil(8) {
-            let groups = 8.min(total - 8 * w);
-            build_tables(d, 8 * w, groups, x, nb, &mut s.tables);
-            let tables = &s.tables[..groups * 256];
+        for w in 0..total.div_ceil(GPW) {
+            let groups = GPW.min(total - GPW * w);
+            build_tables(d, GPW * w, groups, x, nb, &mut s.tables);
+            let tables = &s.tables[..groups * TS];
             let word = move |r: usize| match stored {
                 Some(bits) => {
                     let at = (r0 + r) * rb + 8 * w;
@@ -197,7 +207,7 @@ fn sign(
             #[cfg(target_arch = "x86_64")]
             match level {
                 Level::Avx512 => {
-                    // SAFETY: the level was checked; groups <= 8 and tables hold groups * 256 lanes.
+                    // SAFETY: the level was checked; groups <= GPW and tables hold groups * TS lanes.
                     unsafe { super::kernels_x86::sign_rows_avx512(acc, tables, groups, word) };
                     continue;
                 }
@@ -208,11 +218,15 @@ fn sign(
                 }
                 _ => {}
             }
+            if groups == GPW {
+                sign_rows_g::<GPW>(acc, tables, word);
+                continue;
+            }
             for (r, a) in acc.iter_mut().enumerate() {
                 let word = word(r);
                 let mut v = *a;
-                for (gi, t) in tables.chunks_exact(256).enumerate() {
-                    add(&mut v, &t[((word >> (8 * gi)) & 0xff) as usize]);
+                for (gi, t) in tables.chunks_exact(TS).enumerate() {
+                    add(&mut v, &t[((word >> (GW * gi)) as usize) & (TS - 1)]);
                 }
                 *a = v;
             }
@@ -220,18 +234,34 @@ fn sign(
     }
 }
 
+/// Portable sign rows with a constant group count (unrolled, constant shifts).
 #[inline(always)]
-fn sum4(xt: &[Lane], idx: &[u16]) -> Lane {
+fn sign_rows_g<const G: usize>(acc: &mut [Lane], tables: &[Lane], word: impl Fn(usize) -> u64) {
+    for (r, a) in acc.iter_mut().enumerate() {
+        let w = word(r);
+        let mut v = *a;
+        for gi in 0..G {
+            add(
+                &mut v,
+                &tables[gi * TS + (((w >> (GW * gi)) as usize) & (TS - 1))],
+            );
+        }
+        *a = v;
+    }
+}
+
+#[inline(always)]
+fn sum4(xt: &[Lane], lo: usize, idx: &[u16]) -> Lane {
     let mut s = [ZERO; 4];
     let mut quads = idx.chunks_exact(4);
     for q in &mut quads {
-        add(&mut s[0], &xt[q[0] as usize]);
-        add(&mut s[1], &xt[q[1] as usize]);
-        add(&mut s[2], &xt[q[2] as usize]);
-        add(&mut s[3], &xt[q[3] as usize]);
+        add(&mut s[0], &xt[q[0] as usize - lo]);
+        add(&mut s[1], &xt[q[1] as usize - lo]);
+        add(&mut s[2], &xt[q[2] as usize - lo]);
+        add(&mut s[3], &xt[q[3] as usize - lo]);
     }
     for (k, &i) in quads.remainder().iter().enumerate() {
-        add(&mut s[k], &xt[i as usize]);
+        add(&mut s[k], &xt[i as usize - lo]);
     }
     plus(&plus(&s[0], &s[1]), &plus(&s[2], &s[3]))
 }
@@ -243,41 +273,58 @@ fn sparse(
     p: Proj<'_>,
     c: usize,
     indices: &[u16],
-    positives: &[u32],
+    bounds: &[u16],
     x: &[f32],
     nb: usize,
     s: &mut Scratch,
 ) {
     let d = p.d;
-    let xt = &mut s.xt[..d];
-    xt.fill(ZERO);
-    for v in 0..nb {
-        for (i, lane) in xt.iter_mut().enumerate() {
-            lane[v] = x[v * d + i];
-        }
-    }
+    let nblocks = sparse_blocks(d);
+    let nbr = 2 * nblocks - 1;
     let acc = &mut s.acc[..p.m];
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        Level::Avx512 => {
-            // SAFETY: the level was checked; indices < d = xt.len() by construction
-            // (generated, or loaded and compared with the regenerated projection).
-            return unsafe {
-                super::kernels_x86::sparse_rows_avx512(acc, xt, indices, positives, c)
-            };
+    acc.fill(ZERO);
+    for b in 0..nblocks {
+        let lo = b * SPARSE_BLOCK;
+        let hi = d.min(lo + SPARSE_BLOCK);
+        let xt = &mut s.xt[..hi - lo];
+        xt.fill(ZERO);
+        for v in 0..nb {
+            for (i, lane) in xt.iter_mut().enumerate() {
+                lane[v] = x[v * d + lo + i];
+            }
         }
-        Level::Avx2 => {
-            // SAFETY: as above, with AVX2.
-            return unsafe { super::kernels_x86::sparse_rows_avx2(acc, xt, indices, positives, c) };
+        let xt = &s.xt[..hi - lo];
+        #[cfg(target_arch = "x86_64")]
+        match level {
+            Level::Avx512 => {
+                // SAFETY: the level was checked; every index of block b lies in
+                // lo..hi by construction (generated, or loaded and compared with
+                // the regenerated projection), so it addresses `xt`.
+                unsafe {
+                    super::kernels_x86::sparse_rows_avx512(
+                        acc, xt, lo, indices, bounds, nblocks, b, c,
+                    )
+                };
+                continue;
+            }
+            Level::Avx2 => {
+                // SAFETY: as above, with AVX2.
+                unsafe {
+                    super::kernels_x86::sparse_rows_avx2(
+                        acc, xt, lo, indices, bounds, nblocks, b, c,
+                    )
+                };
+                continue;
+            }
+            _ => {}
         }
-        _ => {}
-    }
-    for (r, a) in acc.iter_mut().enumerate() {
-        let row = &indices[r * c..(r + 1) * c];
-        let (pos, neg) = row.split_at(positives[r] as usize);
-        let (sp, sn) = (sum4(xt, pos), sum4(xt, neg));
-        for v in 0..LANES {
-            a[v] = sp[v] - sn[v];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let row = &indices[r * c..(r + 1) * c];
+            let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
+            let (sp, sn) = (sum4(xt, lo, &row[ps..pe]), sum4(xt, lo, &row[ns..ne]));
+            for v in 0..LANES {
+                a[v] += sp[v] - sn[v];
+            }
         }
     }
 }

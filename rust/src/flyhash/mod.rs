@@ -31,8 +31,8 @@ pub use projection::{Kind, Weights};
 /// Larger requests fail with a message before anything is allocated.
 pub const MAX_BYTES: usize = 8 << 30;
 
-/// Largest input dimension of a sparse projection (its indices are `u16`).
-pub const MAX_SPARSE_DIM: usize = 1 << 16;
+/// Largest input dimension of a sparse projection (indices and row positions are `u16`).
+pub const MAX_SPARSE_DIM: usize = 65_535;
 
 /// What the user asks for; [`FlyHash::new`] validates it.
 #[derive(Debug, Clone, PartialEq)]
