@@ -312,3 +312,103 @@ fn drive_raw(level: Level, p: Proj<'_>, sparse: bool, x: &[f32], out: &mut [f32]
             )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kind: Kind) -> Config {
+        Config {
+            input_dim: 1536,
+            expansion_ratio: 13.0,
+            active_fraction: 0.05,
+            seed: 42,
+            kind,
+            connectivity: 0.1,
+            binary: false,
+        }
+    }
+
+    #[test]
+    fn sizes_and_memory_at_the_issue_size() {
+        let sign = FlyHash::new(cfg(Kind::Sign)).unwrap();
+        assert_eq!((sign.output_dim, sign.active_bits), (19_968, 998));
+        assert!(sign.memory_bytes() <= 4_000_000);
+        let sparse = FlyHash::new(cfg(Kind::Sparse)).unwrap();
+        assert_eq!(sparse.connections, 154);
+        assert!(
+            sparse.memory_bytes() <= 7_000_000,
+            "{}",
+            sparse.memory_bytes()
+        );
+        assert_eq!(FlyHash::new(cfg(Kind::Seeded)).unwrap().memory_bytes(), 0);
+    }
+
+    #[test]
+    fn encode_outputs_agree_and_levels_match() {
+        let mut c = cfg(Kind::Sparse);
+        c.input_dim = 50;
+        let fh = FlyHash::new(c).unwrap();
+        let (n, m, k) = (19, fh.output_dim, fh.active_bits);
+        let x: Vec<f32> = (0..n * 50)
+            .map(|i| ((i * 7919) % 97) as f32 - 48.0)
+            .collect();
+        let mut idx = vec![0u32; n * k];
+        fh.encode(&x, n, Output::Indices(&mut idx)).unwrap();
+        let mut dense = vec![0f32; n * m];
+        fh.encode(&x, n, Output::Dense(&mut dense)).unwrap();
+        let mut packed = vec![0u8; n * fh.code_bytes()];
+        fh.encode(&x, n, Output::Packed(&mut packed)).unwrap();
+        for v in 0..n {
+            let row = &idx[v * k..(v + 1) * k];
+            assert!(row.windows(2).all(|w| w[0] < w[1]));
+            let ones: u32 = packed[v * fh.code_bytes()..(v + 1) * fh.code_bytes()]
+                .iter()
+                .map(|b| b.count_ones())
+                .sum();
+            assert_eq!(ones as usize, k);
+            for &i in row {
+                assert_eq!(
+                    packed[v * fh.code_bytes() + i as usize / 8] >> (i % 8) & 1,
+                    1
+                );
+            }
+            let drow = &dense[v * m..(v + 1) * m];
+            let nonzero_off_winners = (0..m as u32)
+                .filter(|i| row.binary_search(i).is_err())
+                .any(|i| drow[i as usize] != 0.0);
+            assert!(!nonzero_off_winners);
+        }
+        for level in Level::supported() {
+            let mut other = vec![0u32; n * k];
+            fh.encode_at(level, &x, n, Output::Indices(&mut other))
+                .unwrap();
+            assert_eq!(other, idx, "{level}");
+        }
+    }
+
+    #[test]
+    fn bad_configurations_and_inputs() {
+        let mut c = cfg(Kind::Sign);
+        c.active_fraction = 1.5;
+        assert!(FlyHash::new(c.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("active_bits <= output_dim"));
+        c.active_fraction = 0.05;
+        c.expansion_ratio = 1e9;
+        assert!(FlyHash::new(c).unwrap_err().to_string().contains("GiB"));
+        let fh = FlyHash::new(cfg(Kind::Seeded)).unwrap();
+        let mut out = vec![0u32; fh.active_bits];
+        let err = fh
+            .encode(&[0.0; 1535], 1, Output::Indices(&mut out))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x must have shape (n, 1536); got (1, 1535)"
+        );
+        let mut x = vec![0.0f32; 1536];
+        x[3] = f32::NAN;
+        assert!(fh.encode(&x, 1, Output::Indices(&mut out)).is_err());
+    }
+}
