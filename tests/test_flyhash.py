@@ -463,6 +463,39 @@ def test_torch_cpu_tensors():
     assert np.array_equal(fh.hash(t).numpy(), fh.hash(x))
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_torch_path_logic_on_cpu_tensors(projection):
+    """The GPU code path, run on CPU tensors: same winners as the Rust core."""
+    import torch
+
+    from neuropil import _flyhash_torch
+
+    fh = FlyHash(100, 6.0, 0.05, seed=3, projection=projection)
+    x = rand(30, 100)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(
+        _flyhash_torch.encode(fh, t, "activations").numpy(), fh.activations(x), atol=1e-4
+    )
+    idx = _flyhash_torch.encode(fh, t, "encode_indices").numpy()
+    same = (idx == fh.encode_indices(x)).all(axis=1)
+    assert same.mean() >= 0.9
+    codes = _flyhash_torch.encode(fh, t, "hash").numpy()
+    assert np.array_equal(codes[same], fh.hash(x)[same])
+    dense = _flyhash_torch.encode(fh, t, "encode").numpy()
+    assert (np.count_nonzero(dense, axis=1) == fh.active_bits).all()
+    zeros = torch.zeros((2, 100))
+    assert np.array_equal(
+        _flyhash_torch.encode(fh, zeros, "encode_indices")[0].numpy(), np.arange(fh.active_bits)
+    )
+    bad = t.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(neuropil.ArgumentError):
+        _flyhash_torch.encode(fh, bad, "hash")
+    with pytest.raises(neuropil.ShapeError):
+        _flyhash_torch.encode(fh, t[:, :99], "hash")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_cuda_codes_match_cpu(projection):
@@ -506,8 +539,8 @@ def test_quality_protocol_on_digits_beats_lsh():
 def test_quality_on_minilm_embeddings(minilm, sentences):
     from neuropil import _flyhash_quality
 
-    emb = np.asarray(minilm.encode(sentences[:300], batch_size=64), dtype=np.float32)
-    res = _flyhash_quality.evaluate(emb, ks=(4,), n_queries=50, repeats=2)
+    emb = np.asarray(minilm.encode(sentences[:200], batch_size=64), dtype=np.float32)
+    res = _flyhash_quality.evaluate(emb, ks=(4,), n_queries=60, repeats=3)
     assert res["FlyHash"][0] > res["LSH"][0]
 
 

@@ -88,6 +88,32 @@ def flyhash(quick: bool = False, verbose: bool = True, quality: bool = False) ->
             )
             rows.append(Row(f"encode {p}, {size}, n={n}, {level}", "vectors/s", n / t, base))
 
+    # ---- the torch CUDA path, when a GPU is present (same codes up to float ties)
+    if not quick and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            xc = torch.from_numpy(x).cuda()
+            for p, fh in enc.items():
+                cpu_idx = fh.encode_indices(x).astype(np.int64)
+
+                def gpu(fh=fh):
+                    out = fh.encode_indices(xc)
+                    torch.cuda.synchronize()
+                    return out
+
+                t = median_seconds(gpu, repeat=repeat)
+                agree = float((gpu().cpu().numpy() == cpu_idx).all(axis=1).mean())
+                rows.append(
+                    Row(
+                        f"encode {p} on {torch.cuda.get_device_name()} (torch), {size}, n={n}",
+                        "vectors/s",
+                        n / t,
+                        base,
+                        limit=f"codes equal to the CPU's: {agree:.1%} of rows",
+                    )
+                )
+
     # ---- Hamming top-10 over packed codes
     nb_codes, nq = (10_000, 100) if quick else (100_000, 1000)
     rng = np.random.default_rng(2)
