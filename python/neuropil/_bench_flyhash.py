@@ -81,12 +81,23 @@ def flyhash(quick: bool = False, verbose: bool = True, quality: bool = False) ->
     t_pv = median_seconds(per_vector, repeat=1 if quick else 3)
     base["per-vector int8->float"] = len(few) / t_pv
     best = _native.simd_level()
+    speed: dict[str, float] = {}
     for p, fh in enc.items():
         for level in dict.fromkeys([best, "scalar"]):
             t = median_seconds(
                 lambda fh=fh, lv=level: fh.encode_indices(x, level=lv), repeat=repeat
             )
+            speed[f"{p}/{level}"] = n / t
             rows.append(Row(f"encode {p}, {size}, n={n}, {level}", "vectors/s", n / t, base))
+    rows.append(
+        Row(
+            f"seeded encode vs sign (same codes, nothing stored), {best}",
+            "vectors/s",
+            speed[f"seeded/{best}"],
+            {"sign (stored bits)": speed[f"sign/{best}"]},
+            limit="ratio < 1 = the seeded slowdown",
+        )
+    )
 
     # ---- the torch CUDA path, when a GPU is present (same codes up to float ties)
     if not quick and importlib.util.find_spec("torch") is not None:
