@@ -1,21 +1,16 @@
 # Type stubs of the Rust extension; CI checks them against the built module (mypy stubtest).
 from collections.abc import Sequence
-from os import PathLike
-from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
 __all__ = [
-    "BinaryIndex",
-    "FlyHash",
     "__version__",
     "_input_info",
     "cpu_features",
     "dot",
     "get_num_threads",
-    "popcount_kernel",
     "set_num_threads",
     "simd_level",
     "simd_levels",
@@ -31,7 +26,12 @@ def get_num_threads() -> int: ...
 def dot(a: _ArrayLike, b: _ArrayLike, level: str | None = None) -> float: ...
 def _input_info(x: _ArrayLike, checked: bool = False) -> tuple[int, bool]: ...
 
-# ---- flyhash (issue 5) ----
+# ---------------------------------------------------------------- flyhash (neuropil.flyhash)
+__all__ += ["BinaryIndex", "FlyHash", "popcount_kernel"]
+
+from os import PathLike  # noqa: E402
+from typing import Any, final  # noqa: E402
+
 @final
 class FlyHash:
     def __new__(

@@ -112,56 +112,6 @@ pub fn f32_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<F3
     F32Input::new(converted.cast::<PyArrayDyn<f32>>()?, copied)
 }
 
-/// Argument checks applied after conversion; each error names `arg`.
-pub struct Expect {
-    arg: &'static str,
-    ndim: &'static [usize],
-    shape_hint: &'static str,
-    non_empty: bool,
-    finite: bool,
-}
-
-impl Expect {
-    /// `ndim`: the accepted ranks; `shape_hint`: how the message spells the
-    /// expected shape, e.g. `"(n,) or (n, d)"`.
-    pub const fn new(arg: &'static str, ndim: &'static [usize], shape_hint: &'static str) -> Self {
-        Expect {
-            arg,
-            ndim,
-            shape_hint,
-            non_empty: true,
-            finite: true,
-        }
-    }
-
-    /// Lets NaN and Inf through (for kernels where they propagate like numpy's).
-    pub const fn allow_non_finite(mut self) -> Self {
-        self.finite = false;
-        self
-    }
-
-    pub fn check(&self, input: &F32Input<'_>) -> PyResult<()> {
-        let shape = input.shape();
-        if !self.ndim.contains(&shape.len()) {
-            return Err(Error::shape(self.arg, self.shape_hint, shape)).or_raise();
-        }
-        if self.non_empty {
-            validate::non_empty(self.arg, shape).or_raise()?;
-        }
-        if self.finite {
-            validate::finite(self.arg, input.as_slice()).or_raise()?;
-        }
-        Ok(())
-    }
-
-    /// Converts and checks in one step.
-    pub fn read<'py>(&self, obj: &Bound<'py, PyAny>) -> PyResult<F32Input<'py>> {
-        let input = f32_input(obj, self.arg)?;
-        self.check(&input)?;
-        Ok(input)
-    }
-}
-
 /// A C-contiguous view of an integer array argument (codes, ids, indices).
 pub struct IntInput<'py, T: numpy::Element> {
     array: PyReadonlyArrayDyn<'py, T>,
@@ -227,4 +177,54 @@ pub fn int_input<'py, T: numpy::Element>(
     Ok(IntInput {
         array: converted.cast::<PyArrayDyn<T>>()?.try_readonly()?,
     })
+}
+
+/// Argument checks applied after conversion; each error names `arg`.
+pub struct Expect {
+    arg: &'static str,
+    ndim: &'static [usize],
+    shape_hint: &'static str,
+    non_empty: bool,
+    finite: bool,
+}
+
+impl Expect {
+    /// `ndim`: the accepted ranks; `shape_hint`: how the message spells the
+    /// expected shape, e.g. `"(n,) or (n, d)"`.
+    pub const fn new(arg: &'static str, ndim: &'static [usize], shape_hint: &'static str) -> Self {
+        Expect {
+            arg,
+            ndim,
+            shape_hint,
+            non_empty: true,
+            finite: true,
+        }
+    }
+
+    /// Lets NaN and Inf through (for kernels where they propagate like numpy's).
+    pub const fn allow_non_finite(mut self) -> Self {
+        self.finite = false;
+        self
+    }
+
+    pub fn check(&self, input: &F32Input<'_>) -> PyResult<()> {
+        let shape = input.shape();
+        if !self.ndim.contains(&shape.len()) {
+            return Err(Error::shape(self.arg, self.shape_hint, shape)).or_raise();
+        }
+        if self.non_empty {
+            validate::non_empty(self.arg, shape).or_raise()?;
+        }
+        if self.finite {
+            validate::finite(self.arg, input.as_slice()).or_raise()?;
+        }
+        Ok(())
+    }
+
+    /// Converts and checks in one step.
+    pub fn read<'py>(&self, obj: &Bound<'py, PyAny>) -> PyResult<F32Input<'py>> {
+        let input = f32_input(obj, self.arg)?;
+        self.check(&input)?;
+        Ok(input)
+    }
 }
