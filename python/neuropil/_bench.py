@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from inspect import signature
 
 from ._registry import resolve, select
 from ._timing import Row, format_table
@@ -18,6 +19,7 @@ BENCHES: dict[str, str] = {
     "simd": "._bench_system:simd",
     "membrane": "._bench_membrane:membrane",
     "windows": "._bench_windows:windows",
+    "flyhash": "._bench_flyhash:flyhash",
 }
 
 
@@ -37,7 +39,12 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def run(names: list[str] | None = None, as_json: bool = False, quick: bool = False) -> int:
+def run(
+    names: list[str] | None = None,
+    as_json: bool = False,
+    quick: bool = False,
+    quality: bool = False,
+) -> int:
     from . import info
 
     chosen = select(BENCHES, names, "NAME")
@@ -48,7 +55,9 @@ def run(names: list[str] | None = None, as_json: bool = False, quick: bool = Fal
     for name in chosen:
         if not as_json:
             print(f"\n== {name} ==")
-        rows = resolve(BENCHES[name])(quick=quick, verbose=not as_json)
+        fn = resolve(BENCHES[name])
+        extra = {"quality": True} if quality and "quality" in signature(fn).parameters else {}
+        rows = fn(quick=quick, verbose=not as_json, **extra)
         results[name] = rows
         if not as_json:
             print(format_table(rows))

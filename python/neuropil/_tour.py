@@ -20,6 +20,7 @@ SECTIONS: dict[str, str] = {
     "kernels": "._tour_system:kernels",
     "membrane": "._tour_membrane:membrane",
     "windows": "._tour_windows:windows",
+    "flyhash": "._tour_flyhash:flyhash",
 }
 
 

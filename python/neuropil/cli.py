@@ -46,7 +46,7 @@ def _cmd_tour(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
-    return _bench.run(names=args.names, as_json=args.json, quick=args.quick)
+    return _bench.run(names=args.names, as_json=args.json, quick=args.quick, quality=args.quality)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     s.add_argument("--json", action="store_true", help="print rows as JSON")
+    s.add_argument(
+        "--quality", action="store_true", help="also run quality evaluations (e.g. flyhash mAP)"
+    )
     s.set_defaults(func=_cmd_bench)
     return p
 

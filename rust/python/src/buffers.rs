@@ -113,6 +113,73 @@ pub fn f32_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<F3
     F32Input::new(converted.cast::<PyArrayDyn<f32>>()?, copied)
 }
 
+/// A C-contiguous view of an integer array argument (codes, ids, indices).
+pub struct IntInput<'py, T: numpy::Element> {
+    array: PyReadonlyArrayDyn<'py, T>,
+}
+
+impl<'py, T: numpy::Element> IntInput<'py, T> {
+    /// The elements, in C order.
+    pub fn as_slice(&self) -> &[T] {
+        // `int_input` made the array C-contiguous; it stays borrowed read-only.
+        self.array.as_slice().unwrap_or(&[])
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.array.shape()
+    }
+}
+
+/// Reads `obj` as a C-contiguous array of `T` (borrowed when it already is one).
+///
+/// `accept(kind, itemsize)` decides which source dtypes are taken (numpy kind
+/// characters: `b'u'`, `b'i'`...); accepted ones are converted to `T` with
+/// numpy's "safe" casting, so no value is ever wrapped or truncated. Anything
+/// else is a `DTypeError` naming `arg` and `expected`.
+pub fn int_input<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &'static str,
+    expected: &'static str,
+    accept: fn(u8, usize) -> bool,
+) -> PyResult<IntInput<'py, T>> {
+    let py = obj.py();
+    if let Ok(a) = obj.cast::<PyArrayDyn<T>>() {
+        if a.is_c_contiguous() {
+            return Ok(IntInput {
+                array: a.try_readonly()?,
+            });
+        }
+    }
+    let np = numpy(py)?;
+    let viewed = np.call_method1("asarray", (obj,)).map_err(|e| {
+        crate::errors::DTypeError::new_err(format!("{arg} must be {expected}; got {e}"))
+    })?;
+    let untyped = viewed.cast::<PyUntypedArray>()?;
+    let dtype = untyped.dtype();
+    if !accept(dtype.kind(), dtype.itemsize()) {
+        return Err(Error::DType {
+            arg,
+            expected: expected.into(),
+            found: dtype.to_string(),
+        })
+        .or_raise();
+    }
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("order", "C")?;
+    kwargs.set_item("casting", "safe")?;
+    kwargs.set_item("copy", false)?;
+    let converted = viewed
+        .call_method("astype", (numpy::dtype::<T>(py),), Some(&kwargs))
+        .map_err(|e| {
+            crate::errors::DTypeError::new_err(format!(
+                "{arg} must be {expected}; got {dtype} ({e})"
+            ))
+        })?;
+    Ok(IntInput {
+        array: converted.cast::<PyArrayDyn<T>>()?.try_readonly()?,
+    })
+}
+
 /// Argument checks applied after conversion; each error names `arg`.
 pub struct Expect {
     arg: &'static str,

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 mod buffers;
 mod errors;
+mod flyhash;
 mod system;
 mod windows;
 
@@ -16,5 +17,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", neuropil::VERSION)?;
     system::register(m)?;
     windows::register(m)?;
+    flyhash::register(m)?;
     Ok(())
 }

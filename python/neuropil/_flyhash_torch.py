@@ -1,0 +1,115 @@
+"""The torch path of :class:`neuropil.flyhash.FlyHash` for tensors on a GPU.
+
+The projection comes from the Rust core as packed arrays (sign bits, or sparse
+indices and sign bits: the same bytes on every device), is uploaded once per
+device and expanded to ±1 (or 0/1) float32 rows in blocks during encode, so
+the GPU holds the compact projection plus one block. Activations are float32
+matmuls at full precision (TF32 off); winner-take-all is a stable descending
+sort, which keeps the lowest index among equal values: the CPU's tie rule.
+Codes therefore equal the CPU's except where two activations are within float
+rounding of each other at the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import ArgumentError, DTypeError, ShapeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .flyhash import FlyHash
+
+_BLOCK_ROWS = 4096
+
+
+def _weights(fh: FlyHash, device: torch.device) -> dict[str, torch.Tensor]:
+    import torch
+
+    key = str(device)
+    cached = fh._torch_cache.get(key)
+    if cached is None:
+        cached = {
+            name: torch.from_numpy(
+                arr.astype("int64") if arr.dtype.kind == "u" and arr.dtype.itemsize == 2 else arr
+            ).to(device)
+            for name, arr in fh.projection_arrays().items()
+        }
+        fh._torch_cache[key] = cached
+    return cached
+
+
+def _block(fh: FlyHash, w: dict[str, torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of the projection as a dense float32 ``(r1 - r0, d)`` tensor."""
+    import torch
+
+    d = fh.input_dim
+    if "sign_bits" in w:
+        bits = w["sign_bits"][r0:r1]
+        shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+        unpacked = (bits.unsqueeze(-1) >> shifts) & 1
+        on = unpacked.reshape(r1 - r0, -1)[:, :d].to(torch.float32)
+        return on * 2 - 1
+    idx = w["indices"][r0:r1]
+    c = idx.shape[1]
+    signs = w["signs"][r0:r1]
+    shifts = torch.arange(8, device=idx.device, dtype=torch.uint8)
+    neg = ((signs.unsqueeze(-1) >> shifts) & 1).reshape(r1 - r0, -1)[:, :c]
+    vals = 1.0 - 2.0 * neg.to(torch.float32)
+    dense = torch.zeros((r1 - r0, d), dtype=torch.float32, device=idx.device)
+    return dense.scatter_(1, idx, vals)
+
+
+def activations(fh: FlyHash, x: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` -> ``(n, m)`` float32 activations on ``x``'s device."""
+    import torch
+
+    if not x.is_floating_point():
+        raise DTypeError(f"x must have a float dtype; got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != fh.input_dim or x.shape[0] == 0:
+        raise ShapeError(f"x must have shape (n, {fh.input_dim}); got {tuple(x.shape)}")
+    x = x.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise ArgumentError("x must be finite (no NaN or Inf); got a non-finite value")
+    w = _weights(fh, x.device)
+    m = fh.output_dim
+    out = torch.empty((x.shape[0], m), dtype=torch.float32, device=x.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for r0 in range(0, m, _BLOCK_ROWS):
+            r1 = min(m, r0 + _BLOCK_ROWS)
+            out[:, r0:r1] = x @ _block(fh, w, r0, r1).T
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return out
+
+
+def winners(fh: FlyHash, acts: torch.Tensor) -> torch.Tensor:
+    """``(n, k)`` int64 winner indices, ascending (ties: lowest index)."""
+    import torch
+
+    order = torch.sort(acts + 0.0, dim=1, descending=True, stable=True).indices
+    return torch.sort(order[:, : fh.active_bits], dim=1).values
+
+
+def encode(fh: FlyHash, x: Any, want: str) -> Any:
+    import torch
+
+    acts = activations(fh, x)
+    if want == "activations":
+        return acts
+    win = winners(fh, acts)
+    if want == "encode_indices":
+        return win
+    if want == "encode":
+        out = torch.zeros_like(acts)
+        return out.scatter_(1, win, acts.gather(1, win))
+    # hash: packed bits, bit j % 8 of byte j // 8
+    n, m = acts.shape
+    nb = (m + 7) // 8
+    bits = torch.zeros((n, nb * 8), dtype=torch.uint8, device=acts.device)
+    bits.scatter_(1, win, 1)
+    weights = (1 << torch.arange(8, device=acts.device, dtype=torch.int32)).to(torch.uint8)
+    return (bits.reshape(n, nb, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)

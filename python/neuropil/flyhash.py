@@ -1,0 +1,388 @@
+"""FlyHash sparse codes and exact search over packed binary codes.
+
+FlyHash (Dasgupta, Stevens, Navlakha, *Science* 2017) expands a ``d``-dimensional
+input to ``m >> d`` outputs through a random projection and keeps the ``k``
+largest (winner-take-all): a locality-sensitive sparse code. The projection is
+stored compactly (``sign``: 1 bit per weight; ``sparse``: ``uint16`` indices and
+sign bits; ``seeded``: nothing) and generated from ``seed`` by SplitMix64, a
+counter-based integer generator, so a seed gives the same projection bytes and
+codes on every OS, SIMD level and device.
+
+Example:
+    >>> import numpy as np
+    >>> from neuropil.flyhash import FlyHash, BinaryIndex
+    >>> fh = FlyHash(384, expansion_ratio=13.0, active_fraction=0.05, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((100, 384), dtype=np.float32)
+    >>> codes = fh.hash(x)                       # (100, 624) uint8, faiss layout
+    >>> index = BinaryIndex(fh.output_dim)
+    >>> index.add(codes)
+    >>> distances, ids = index.search(codes[:3], k=5)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from .errors import ArgumentError, ShapeError
+
+__all__ = ["BinaryIndex", "FlyHash"]
+
+_PROJECTIONS = ("sign", "sparse", "seeded")
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentError(f"{name} must be an integer; got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ArgumentError(f"{name} must be an integer {bound}; got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ArgumentError(f"{name} must be a number; got {value!r}")
+    return float(value)
+
+
+def _rows(x: Any, name: str = "x") -> tuple[Any, bool]:
+    """``x`` as a 2-D array-like and whether it was 1-D."""
+    if not hasattr(x, "ndim"):
+        x = np.asarray(x)
+    if x.ndim == 1:
+        return x[None, :], True
+    if x.ndim != 2:
+        raise ShapeError(f"{name} must have shape (d,) or (n, d); got {tuple(x.shape)}")
+    return x, False
+
+
+class FlyHash:
+    """A FlyHash encoder: random expansion ``d -> m`` then the top ``k`` (winner-take-all).
+
+    Args:
+        input_dim: ``d``, the input dimension.
+        expansion_ratio: ``m = floor(d * expansion_ratio)`` outputs.
+        active_fraction: ``k = floor(m * active_fraction)`` winners (1 <= k <= m).
+        seed: Seed of the projection (an integer in [0, 2**64)); ``None`` draws one
+            from the OS (read it back from :attr:`seed`).
+        projection: ``"sign"`` (dense ±1, 1 bit per weight), ``"sparse"``
+            (``round(connectivity * d)`` inputs per output, ``uint16`` indices and
+            sign bits) or ``"seeded"`` (the ``sign`` projection of the same seed,
+            regenerated during encode: nothing stored, same codes, slower).
+        connectivity: Fraction of the inputs each output of a ``sparse`` projection reads.
+        binary: ``sparse`` only: 0/1 weights (the paper's), instead of ±1.
+
+    Winner-take-all keeps the ``k`` largest activations; ties go to the lowest
+    output index. The generator is SplitMix64: row ``r`` uses the stream
+    started at output ``r`` of the stream started at ``seed`` (see the core
+    crate's ``flyhash::rng`` for the exact bit layout).
+
+    Raises:
+        ArgumentError: a parameter is out of range, e.g. ``active_fraction`` that
+            gives 0 winners or more winners than outputs, ``connectivity`` outside
+            (0, 1], or a projection that would need more than 8 GiB.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        expansion_ratio: float = 13.0,
+        active_fraction: float = 0.05,
+        seed: int | None = None,
+        projection: str = "sign",
+        connectivity: float = 0.1,
+        binary: bool = False,
+    ) -> None:
+        input_dim = _check_int("input_dim", input_dim, 1)
+        if seed is None:
+            seed = secrets.randbits(64)
+        seed = _check_int("seed", seed, 0, 2**64 - 1)
+        if projection not in _PROJECTIONS:
+            raise ArgumentError(f"projection must be one of {_PROJECTIONS}; got {projection!r}")
+        if not isinstance(binary, (bool, np.bool_)):
+            raise ArgumentError(f"binary must be True or False; got {binary!r}")
+        self._native = _native.FlyHash(
+            input_dim,
+            _check_float("expansion_ratio", expansion_ratio),
+            _check_float("active_fraction", active_fraction),
+            seed,
+            projection,
+            _check_float("connectivity", connectivity),
+            bool(binary),
+        )
+        self._torch_cache: dict[str, Any] = {}
+
+    @classmethod
+    def _wrap(cls, native: _native.FlyHash) -> FlyHash:
+        obj = cls.__new__(cls)
+        obj._native = native
+        obj._torch_cache = {}
+        return obj
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def input_dim(self) -> int:
+        """``d``."""
+        return self._native.input_dim
+
+    @property
+    def output_dim(self) -> int:
+        """``m``, the number of outputs (bits of a code)."""
+        return self._native.output_dim
+
+    @property
+    def active_bits(self) -> int:
+        """``k``, the winners per code."""
+        return self._native.active_bits
+
+    @property
+    def seed(self) -> int:
+        """The seed the projection was generated from."""
+        return self._native.seed
+
+    @property
+    def projection(self) -> str:
+        """``"sign"``, ``"sparse"`` or ``"seeded"``."""
+        return self._native.projection
+
+    @property
+    def expansion_ratio(self) -> float:
+        return self._native.expansion_ratio
+
+    @property
+    def active_fraction(self) -> float:
+        return self._native.active_fraction
+
+    @property
+    def connectivity(self) -> float:
+        return self._native.connectivity
+
+    @property
+    def connections(self) -> int:
+        """Inputs per output of a sparse projection (0 otherwise)."""
+        return self._native.connections
+
+    @property
+    def binary(self) -> bool:
+        return self._native.binary
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the projection occupies (0 for ``seeded``)."""
+        return self._native.memory_bytes
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one packed code, ``ceil(m / 8)``."""
+        return (self.output_dim + 7) // 8
+
+    def __repr__(self) -> str:
+        extra = (
+            f", connectivity={self.connectivity}, binary={self.binary}"
+            if self.projection == "sparse"
+            else ""
+        )
+        return (
+            f"FlyHash(input_dim={self.input_dim}, output_dim={self.output_dim}, "
+            f"active_bits={self.active_bits}, projection={self.projection!r}{extra}, "
+            f"seed={self.seed})"
+        )
+
+    def projection_arrays(self) -> dict[str, npt.NDArray[Any]]:
+        """The projection as arrays (regenerated for ``seeded``).
+
+        Returns:
+            ``{"sign_bits": (m, ceil(d/64)*8) uint8}`` for ``sign``/``seeded``
+            (bit ``i % 8`` of byte ``i // 8`` of a row set = weight +1 on input
+            ``i``), or ``{"indices": (m, c) uint16, "signs": (m, ceil(c/8)) uint8}``
+            for ``sparse`` (+1 connections first, then -1; sign bit set = -1).
+        """
+        return dict(self._native.projection_arrays())
+
+    # ------------------------------------------------------------------ encoding
+    def _run(self, x: Any, want: str, level: str | None) -> Any:
+        x2, one = _rows(x)
+        if _is_torch(x2):
+            if x2.device.type != "cpu":
+                from . import _flyhash_torch
+
+                out = _flyhash_torch.encode(self, x2, want)
+                return out[0] if one else out
+            import torch
+
+            if x2.is_floating_point() and x2.dtype != torch.float32:
+                x2 = x2.float()
+            res = getattr(self._native, want)(x2.detach().contiguous().numpy(), level)
+            t = torch.from_numpy(res.astype(np.int64) if res.dtype == np.uint32 else res)
+            return t[0] if one else t
+        out = getattr(self._native, want)(x2, level)
+        return out[0] if one else out
+
+    def encode(self, x: Any, level: str | None = None) -> Any:
+        """Sparse code with the winners' activations.
+
+        Args:
+            x: ``(d,)`` or ``(n, d)`` floats (numpy, torch CPU/CUDA, lists). float32
+                C-contiguous numpy input is read in place; other floats are
+                converted once; NaN/Inf are refused.
+            level: Force a SIMD level (``"scalar"``, ``"avx2"``, ``"avx512"``) for
+                this call; the result is identical at every level.
+
+        Returns:
+            ``(m,)`` or ``(n, m)`` float32: the ``k`` winners' activations, zeros
+            elsewhere (a torch tensor on the input's device for torch input).
+        """
+        return self._run(x, "encode", level)
+
+    def activations(self, x: Any, level: str | None = None) -> Any:
+        """All ``m`` activations before winner-take-all, ``(n, m)`` float32."""
+        return self._run(x, "activations", level)
+
+    def encode_indices(self, x: Any, level: str | None = None) -> Any:
+        """The winners' output indices, ascending.
+
+        Returns:
+            ``(k,)`` or ``(n, k)`` uint32 (int64 for torch input).
+        """
+        return self._run(x, "encode_indices", level)
+
+    def hash(self, x: Any, level: str | None = None) -> Any:
+        """Packed binary codes: winner ``j`` sets bit ``j % 8`` of byte ``j // 8``.
+
+        This is faiss's binary layout: the codes go straight into
+        :class:`BinaryIndex` or ``faiss.IndexBinaryFlat(m)`` (when ``m % 8 == 0``).
+
+        Returns:
+            ``(ceil(m/8),)`` or ``(n, ceil(m/8))`` uint8.
+        """
+        return self._run(x, "hash", level)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the encoder to a safetensors file (configuration in the metadata,
+        format version 1), through a temporary file and a rename."""
+        self._native.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FlyHash:
+        """Reads an encoder written by :meth:`save`.
+
+        Raises:
+            FormatError: the file is not a FlyHash file, is truncated, has a
+                malformed or unknown field, or its projection differs from the one
+                its seed generates.
+        """
+        return cls._wrap(_native.FlyHash.load(os.fspath(path)))
+
+
+class BinaryIndex:
+    """Exact search over packed binary codes (faiss's bit layout).
+
+    Each code gets a stable ``int64`` id: the ones passed to :meth:`add`, or an
+    insertion counter (0, 1, 2, ...). :meth:`remove` never renumbers the others.
+    Results are ordered by distance, ties by insertion order. Distances use the
+    AVX-512 VPOPCNTDQ popcount where the CPU has it (``popcnt`` or portable code
+    otherwise; identical results).
+
+    Args:
+        nbits: Bits per code (``ceil(nbits / 8)`` bytes; bits past ``nbits`` must be 0).
+    """
+
+    def __init__(self, nbits: int) -> None:
+        self._native = _native.BinaryIndex(_check_int("nbits", nbits, 1))
+
+    @property
+    def nbits(self) -> int:
+        return self._native.nbits
+
+    @property
+    def code_bytes(self) -> int:
+        return self._native.code_bytes
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    def __repr__(self) -> str:
+        return f"BinaryIndex(nbits={self.nbits}, len={len(self)})"
+
+    @staticmethod
+    def _codes(codes: Any, name: str) -> Any:
+        if _is_torch(codes):
+            codes = codes.detach().cpu().numpy()
+        return _rows(codes, name)[0]
+
+    def add(self, codes: Any, ids: Any = None) -> None:
+        """Adds ``(n, code_bytes)`` uint8 codes, with optional ``(n,)`` non-negative ids.
+
+        Raises:
+            ShapeError: the codes do not have ``code_bytes`` columns.
+            DTypeError: the codes are not uint8 or the ids not integers.
+            ArgumentError: bits past ``nbits`` are set, or an id is negative.
+        """
+        if ids is not None and _is_torch(ids):
+            ids = ids.detach().cpu().numpy()
+        self._native.add(self._codes(codes, "codes"), ids)
+
+    def search(self, queries: Any, k: int, metric: str = "hamming") -> tuple[Any, Any]:
+        """The ``k`` nearest codes of each query.
+
+        Args:
+            queries: ``(nq, code_bytes)`` or ``(code_bytes,)`` uint8.
+            k: Neighbours per query; missing ones (fewer codes than ``k``) get id
+                -1 and distance ``2**31 - 1`` (Hamming) or ``inf`` (Jaccard).
+            metric: ``"hamming"`` (differing bits, int32) or ``"jaccard"``
+                (``1 - |a & b| / |a | b|``, float32; 0 between two empty codes).
+
+        Returns:
+            ``(distances, ids)``, both ``(nq, k)``; ids are int64.
+        """
+        k = _check_int("k", k, 1)
+        return self._native.search(self._codes(queries, "queries"), k, metric)
+
+    def range_search(self, queries: Any, max_distance: int) -> tuple[Any, Any, Any]:
+        """Every code within Hamming distance ``max_distance`` (inclusive) of each query.
+
+        faiss's form: query ``i``'s results are ``distances[lims[i]:lims[i+1]]`` and
+        ``ids[lims[i]:lims[i+1]]``, here sorted nearest first. (faiss's ``radius``
+        is exclusive: ``radius = max_distance + 1``.)
+
+        Returns:
+            ``(lims (nq+1,) int64, distances (total,) int32, ids (total,) int64)``.
+        """
+        max_distance = _check_int("max_distance", max_distance, 0, 2**32 - 1)
+        return self._native.range_search(self._codes(queries, "queries"), max_distance)
+
+    def remove(self, ids: Any) -> int:
+        """Removes the codes with these ids; returns how many were removed."""
+        if _is_torch(ids):
+            ids = ids.detach().cpu().numpy()
+        arr = np.atleast_1d(np.asarray(ids))
+        if arr.size == 0:
+            return 0
+        return self._native.remove(arr)
+
+    def contents(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """Copies of the stored ``(codes (n, code_bytes) uint8, ids (n,) int64)``."""
+        return self._native.contents()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes codes and ids to a safetensors file (temporary file + rename)."""
+        self._native.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BinaryIndex:
+        """Reads an index written by :meth:`save`; ``FormatError`` on any malformed field."""
+        obj = cls.__new__(cls)
+        obj._native = _native.BinaryIndex.load(os.fspath(path))
+        return obj

@@ -1,0 +1,404 @@
+//! safetensors persistence of [`FlyHash`] encoders and [`BinaryIndex`]es.
+//!
+//! A file holds the tensors plus string metadata (`__metadata__`) with
+//! `format` (`neuropil.FlyHash` / `neuropil.BinaryIndex`), `format_version`
+//! and every constructor field. Saving writes a temporary file beside the
+//! target and renames it over the target, so a failed save never destroys an
+//! old file. Loading checks every field: unknown or missing keys, wrong
+//! dtypes/shapes, and (for encoders) that the stored projection is exactly the
+//! one its seed generates; anything else is a `Format` error.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use super::{BinaryIndex, Config, FlyHash, Kind, Weights};
+use crate::error::{Error, Result};
+
+pub const FLYHASH_FORMAT: &str = "neuropil.FlyHash";
+pub const INDEX_FORMAT: &str = "neuropil.BinaryIndex";
+pub const FORMAT_VERSION: &str = "1";
+
+fn fmt_err(path: &Path, detail: impl Into<String>) -> Error {
+    Error::format(format!("{}", path.display()), detail)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", path.display()),
+        ))
+    })
+}
+
+fn serialize(
+    tensors: Vec<(&str, TensorView<'_>)>,
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| Error::format("safetensors", e.to_string()))
+}
+
+fn view<'a>(dtype: Dtype, shape: Vec<usize>, data: &'a [u8]) -> Result<TensorView<'a>> {
+    TensorView::new(dtype, shape, data).map_err(|e| Error::format("safetensors", e.to_string()))
+}
+
+/// Reads a file into memory and parses its header and metadata.
+struct Parsed {
+    bytes: Vec<u8>,
+    meta: HashMap<String, String>,
+}
+
+fn read(path: &Path, format: &str) -> Result<Parsed> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot read {}: {e}", path.display()),
+        ))
+    })?;
+    let (_, md) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| fmt_err(path, format!("not a valid safetensors file ({e})")))?;
+    SafeTensors::deserialize(&bytes)
+        .map_err(|e| fmt_err(path, format!("not a valid safetensors file ({e})")))?;
+    let meta = md
+        .metadata()
+        .clone()
+        .ok_or_else(|| fmt_err(path, "no __metadata__ header"))?;
+    let found = meta
+        .get("format")
+        .map(String::as_str)
+        .unwrap_or("<missing>");
+    if found != format {
+        return Err(fmt_err(
+            path,
+            format!("format must be {format:?}; got {found:?}"),
+        ));
+    }
+    let version = meta
+        .get("format_version")
+        .map(String::as_str)
+        .unwrap_or("<missing>");
+    if version != FORMAT_VERSION {
+        return Err(fmt_err(
+            path,
+            format!("format_version must be {FORMAT_VERSION:?}; got {version:?}"),
+        ));
+    }
+    Ok(Parsed { bytes, meta })
+}
+
+impl Parsed {
+    fn field<T: std::str::FromStr>(&self, path: &Path, key: &str, what: &str) -> Result<T> {
+        let raw = self
+            .meta
+            .get(key)
+            .ok_or_else(|| fmt_err(path, format!("metadata field {key:?} is missing")))?;
+        raw.parse().map_err(|_| {
+            fmt_err(
+                path,
+                format!("metadata field {key:?} must be {what}; got {raw:?}"),
+            )
+        })
+    }
+
+    fn only_keys(&self, path: &Path, keys: &[&str]) -> Result<()> {
+        let mut unknown: Vec<&String> = self
+            .meta
+            .keys()
+            .filter(|k| !keys.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        if let Some(k) = unknown.first() {
+            return Err(fmt_err(path, format!("unknown metadata field {k:?}")));
+        }
+        Ok(())
+    }
+
+    /// The tensor `name`, required to have `dtype` and `shape`.
+    fn tensor(&self, path: &Path, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Vec<u8>> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| fmt_err(path, e.to_string()))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| fmt_err(path, format!("tensor {name:?} is missing")))?;
+        if t.dtype() != dtype || t.shape() != shape {
+            return Err(fmt_err(
+                path,
+                format!(
+                    "tensor {name:?} must be {dtype:?} {shape:?}; got {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                ),
+            ));
+        }
+        Ok(t.data().to_vec())
+    }
+
+    fn tensor_names(&self, path: &Path) -> Result<Vec<String>> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| fmt_err(path, e.to_string()))?;
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+const FLYHASH_KEYS: [&str; 11] = [
+    "format",
+    "format_version",
+    "input_dim",
+    "expansion_ratio",
+    "active_fraction",
+    "seed",
+    "projection",
+    "connectivity",
+    "binary",
+    "output_dim",
+    "active_bits",
+];
+
+/// Saves an encoder (its configuration and projection tensors).
+pub fn save_flyhash(fh: &FlyHash, path: &Path) -> Result<()> {
+    let c = &fh.config;
+    let meta: HashMap<String, String> = [
+        ("format", FLYHASH_FORMAT.to_string()),
+        ("format_version", FORMAT_VERSION.to_string()),
+        ("input_dim", c.input_dim.to_string()),
+        ("expansion_ratio", format!("{:?}", c.expansion_ratio)),
+        ("active_fraction", format!("{:?}", c.active_fraction)),
+        ("seed", c.seed.to_string()),
+        ("projection", c.kind.name().to_string()),
+        ("connectivity", format!("{:?}", c.connectivity)),
+        ("binary", c.binary.to_string()),
+        ("output_dim", fh.output_dim.to_string()),
+        ("active_bits", fh.active_bits.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let m = fh.output_dim;
+    let idx_bytes: Vec<u8>;
+    let tensors = match &fh.weights {
+        Weights::Sign(bits) => vec![("sign_bits", view(Dtype::U8, vec![m, bits.len() / m], bits)?)],
+        Weights::Seeded => vec![],
+        Weights::Sparse {
+            c, indices, signs, ..
+        } => {
+            idx_bytes = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
+            vec![
+                ("indices", view(Dtype::U16, vec![m, *c], &idx_bytes)?),
+                ("signs", view(Dtype::U8, vec![m, signs.len() / m], signs)?),
+            ]
+        }
+    };
+    write_atomic(path, &serialize(tensors, meta)?)
+}
+
+/// Loads an encoder saved by [`save_flyhash`], validating every field.
+pub fn load_flyhash(path: &Path) -> Result<FlyHash> {
+    let p = read(path, FLYHASH_FORMAT)?;
+    p.only_keys(path, &FLYHASH_KEYS)?;
+    let proj: String = p.field(path, "projection", "sign, sparse or seeded")?;
+    let kind = Kind::parse(&proj).ok_or_else(|| {
+        fmt_err(
+            path,
+            format!("metadata field \"projection\" must be sign, sparse or seeded; got {proj:?}"),
+        )
+    })?;
+    let config = Config {
+        input_dim: p.field(path, "input_dim", "a positive integer")?,
+        expansion_ratio: p.field(path, "expansion_ratio", "a number")?,
+        active_fraction: p.field(path, "active_fraction", "a number")?,
+        seed: p.field(path, "seed", "an unsigned 64-bit integer")?,
+        kind,
+        connectivity: p.field(path, "connectivity", "a number")?,
+        binary: p.field(path, "binary", "true or false")?,
+    };
+    let fh =
+        FlyHash::new(config).map_err(|e| fmt_err(path, format!("invalid configuration: {e}")))?;
+    let m: usize = p.field(path, "output_dim", "a positive integer")?;
+    let k: usize = p.field(path, "active_bits", "a positive integer")?;
+    if (m, k) != (fh.output_dim, fh.active_bits) {
+        return Err(fmt_err(
+            path,
+            format!(
+                "output_dim/active_bits must be {}/{} for this configuration; got {m}/{k}",
+                fh.output_dim, fh.active_bits
+            ),
+        ));
+    }
+    let names = p.tensor_names(path)?;
+    let stored_matches = match &fh.weights {
+        Weights::Seeded => {
+            if !names.is_empty() {
+                return Err(fmt_err(
+                    path,
+                    format!("a seeded projection stores no tensors; got {names:?}"),
+                ));
+            }
+            true
+        }
+        Weights::Sign(bits) => {
+            if names != ["sign_bits"] {
+                return Err(fmt_err(
+                    path,
+                    format!("tensors must be [\"sign_bits\"]; got {names:?}"),
+                ));
+            }
+            p.tensor(path, "sign_bits", Dtype::U8, &[m, bits.len() / m])? == *bits
+        }
+        Weights::Sparse {
+            c, indices, signs, ..
+        } => {
+            if names != ["indices", "signs"] {
+                return Err(fmt_err(
+                    path,
+                    format!("tensors must be [\"indices\", \"signs\"]; got {names:?}"),
+                ));
+            }
+            let idx = p.tensor(path, "indices", Dtype::U16, &[m, *c])?;
+            let sg = p.tensor(path, "signs", Dtype::U8, &[m, signs.len() / m])?;
+            idx.chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .eq(indices.iter().copied())
+                && sg == *signs
+        }
+    };
+    if !stored_matches {
+        return Err(fmt_err(
+            path,
+            "the stored projection differs from the one its seed generates (file altered or corrupt)",
+        ));
+    }
+    Ok(fh)
+}
+
+const INDEX_KEYS: [&str; 5] = ["format", "format_version", "nbits", "count", "next_id"];
+
+/// Saves an index (codes and ids).
+pub fn save_index(ix: &BinaryIndex, path: &Path) -> Result<()> {
+    let (codes, ids, next_id) = ix.parts();
+    let meta: HashMap<String, String> = [
+        ("format", INDEX_FORMAT.to_string()),
+        ("format_version", FORMAT_VERSION.to_string()),
+        ("nbits", ix.nbits().to_string()),
+        ("count", ix.len().to_string()),
+        ("next_id", next_id.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let n = ix.len();
+    let tensors = vec![
+        ("codes", view(Dtype::U8, vec![n, ix.code_bytes()], codes)?),
+        ("ids", view(Dtype::I64, vec![n], &id_bytes)?),
+    ];
+    write_atomic(path, &serialize(tensors, meta)?)
+}
+
+/// Loads an index saved by [`save_index`], validating every field.
+pub fn load_index(path: &Path) -> Result<BinaryIndex> {
+    let p = read(path, INDEX_FORMAT)?;
+    p.only_keys(path, &INDEX_KEYS)?;
+    let nbits: usize = p.field(path, "nbits", "a positive integer")?;
+    let n: usize = p.field(path, "count", "a non-negative integer")?;
+    let next_id: i64 = p.field(path, "next_id", "a non-negative integer")?;
+    let names = p.tensor_names(path)?;
+    if names != ["codes", "ids"] {
+        return Err(fmt_err(
+            path,
+            format!("tensors must be [\"codes\", \"ids\"]; got {names:?}"),
+        ));
+    }
+    if nbits == 0 || nbits > (1 << 30) {
+        return Err(fmt_err(
+            path,
+            format!("metadata field \"nbits\" must be in [1, 2^30]; got {nbits}"),
+        ));
+    }
+    let codes = p.tensor(path, "codes", Dtype::U8, &[n, nbits.div_ceil(8)])?;
+    let ids: Vec<i64> = p
+        .tensor(path, "ids", Dtype::I64, &[n])?
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+        .collect();
+    if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= next_id) {
+        return Err(fmt_err(
+            path,
+            format!("ids must lie in [0, next_id={next_id}); got {bad}"),
+        ));
+    }
+    BinaryIndex::from_parts(nbits, codes, ids, next_id).map_err(|e| fmt_err(path, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kind: Kind) -> Config {
+        Config {
+            input_dim: 40,
+            expansion_ratio: 5.0,
+            active_fraction: 0.1,
+            seed: 11,
+            kind,
+            connectivity: 0.2,
+            binary: false,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_tamper_detection() {
+        let dir = std::env::temp_dir().join(format!("neuropil-flyhash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for kind in [Kind::Sign, Kind::Sparse, Kind::Seeded] {
+            let fh = FlyHash::new(cfg(kind)).unwrap();
+            let path = dir.join(format!("{}.safetensors", kind.name()));
+            save_flyhash(&fh, &path).unwrap();
+            let back = load_flyhash(&path).unwrap();
+            assert_eq!(back.weights, fh.weights);
+            assert_eq!(back.config, fh.config);
+            if kind != Kind::Seeded {
+                let mut bytes = std::fs::read(&path).unwrap();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                std::fs::write(&path, &bytes).unwrap();
+                let err = load_flyhash(&path).unwrap_err().to_string();
+                assert!(
+                    err.contains("differs from the one its seed generates"),
+                    "{err}"
+                );
+                std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+                assert!(matches!(load_flyhash(&path), Err(Error::Format { .. })));
+            }
+        }
+        let mut ix = BinaryIndex::new(20).unwrap();
+        ix.add(&[1, 2, 3, 4, 5, 6], 2, None).unwrap();
+        let path = dir.join("ix.safetensors");
+        save_index(&ix, &path).unwrap();
+        let back = load_index(&path).unwrap();
+        assert_eq!(back.parts(), ix.parts());
+        assert!(matches!(load_flyhash(&path), Err(Error::Format { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,420 @@
+//! Projection kernels: the activations of a batch of up to 16 input vectors.
+//!
+//! The 16 vectors of a batch sit side by side in "lanes" (`[f32; 16]`, one
+//! AVX-512 register, two AVX2 registers, four SSE2/NEON registers). Every lane
+//! runs the very same sequence of IEEE float additions, in an order fixed here,
+//! so the activations (and thus the codes) are bit-identical at every SIMD
+//! level: the levels differ only in how many lanes one instruction covers.
+//! Rust never contracts or reassociates float arithmetic, which is what makes
+//! the per-level copies of one generic body (`#[target_feature]` wrappers,
+//! vectorised by LLVM) safe to compare bit for bit.
+//!
+//! Canonical arithmetic (per vector `x`):
+//! - Sign / seeded: inputs are cut into groups of 4. For each group a table of
+//!   the 16 signed sums is built: `T[0] = ((-x0) - x1) - x2) - x3`,
+//!   `T[b] = T[b & (b - 1)] + (x_t + x_t)` with `t` the lowest set bit of `b`.
+//!   Activation `r` = `((0 + T_0[nib_0]) + T_1[nib_1]) + ...`, where `nib_g`
+//!   is bits `4g .. 4g + 4` of row `r`'s bits. One lookup replaces 4 multiply-adds
+//!   for 16 vectors; the 16 tables of a 64-bit word fill 16 KiB (L1).
+//! - Sparse: inputs are cut into blocks of 384 (their 16 lanes fill 24 KiB, in
+//!   L1). Per block `b`, the row's +1 connections into it (`P_b`) and its -1
+//!   connections (`N_b`) are summed in stored order into four partial sums by
+//!   position mod 4, combined as `(s0 + s1) + (s2 + s3)`; activation =
+//!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`.
+
+use super::projection::{block_range, sign_word, sparse_blocks, Weights, SPARSE_BLOCK};
+use crate::simd::Level;
+
+/// Vectors per batch.
+pub const LANES: usize = 16;
+/// One value per vector of a batch.
+pub type Lane = [f32; LANES];
+
+const ZERO: Lane = [0.0; LANES];
+
+/// Rows per block of the sign kernel.
+const ROW_BLOCK: usize = 2048;
+
+#[inline(always)]
+fn add(a: &mut Lane, b: &Lane) {
+    for i in 0..LANES {
+        a[i] += b[i];
+    }
+}
+
+#[inline(always)]
+fn plus(a: &Lane, b: &Lane) -> Lane {
+    let mut o = *a;
+    add(&mut o, b);
+    o
+}
+
+/// Per-thread working memory of the kernels, reused across batches.
+pub struct Scratch {
+    /// `m` activations per lane.
+    pub acc: Vec<Lane>,
+    tables: Vec<Lane>,
+    xt: Vec<Lane>,
+}
+
+impl Scratch {
+    pub fn new(m: usize, d: usize, sparse: bool) -> Self {
+        Scratch {
+            acc: vec![ZERO; m],
+            tables: if sparse {
+                Vec::new()
+            } else {
+                vec![ZERO; GPW * TS]
+            },
+            xt: if sparse {
+                vec![ZERO; d.min(SPARSE_BLOCK)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// What the kernels read: the projection and its dimensions.
+#[derive(Clone, Copy)]
+pub struct Proj<'a> {
+    pub d: usize,
+    pub m: usize,
+    pub seed: u64,
+    pub weights: &'a Weights,
+}
+
+/// Fills `scratch.acc[..m]` with the activations of the `nb <= 16` vectors in
+/// `x` (`nb * d` floats, row-major). Lanes past `nb` hold those of zero vectors.
+/// `level` must be supported (checked by the caller).
+pub fn activations(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    debug_assert!(nb <= LANES && x.len() == nb * p.d && level.is_supported());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that `Level::check` accepted, so the CPU has AVX2+FMA.
+        Level::Avx2 => unsafe { avx2(p, x, nb, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, the CPU has AVX-512 F/BW/VL.
+        Level::Avx512 => unsafe { avx512(p, x, nb, s) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, the CPU has NEON.
+        Level::Neon => unsafe { neon(p, x, nb, s) },
+        _ => body(Level::Scalar, p, x, nb, s),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Avx2, p, x, nb, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn avx512(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Avx512, p, x, nb, s)
+}
+
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn neon(p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    body(Level::Neon, p, x, nb, s)
+}
+
+#[inline(always)]
+fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    match p.weights {
+        Weights::Sign(bits) => sign(level, p, Some(bits), x, nb, s),
+        Weights::Seeded => sign(level, p, None, x, nb, s),
+        Weights::Sparse {
+            c, indices, bounds, ..
+        } => sparse(level, p, *c, indices, bounds, x, nb, s),
+    }
+}
+
+/// Inputs per table group, entries per table, groups per 64-bit row word.
+pub const GW: usize = 4;
+pub const TS: usize = 1 << GW;
+pub const GPW: usize = 64 / GW;
+
+/// Builds the `TS`-entry tables of groups `g0 .. g0 + groups` (`GW` inputs each).
+#[inline(always)]
+fn build_tables(d: usize, g0: usize, groups: usize, x: &[f32], nb: usize, tables: &mut [Lane]) {
+    for gi in 0..groups {
+        let base = GW * (g0 + gi);
+        let mut xs = [ZERO; GW];
+        for (i, lane) in xs.iter_mut().enumerate() {
+            if base + i < d {
+                for v in 0..nb {
+                    lane[v] = x[v * d + base + i];
+                }
+            }
+        }
+        let t = &mut tables[gi * TS..(gi + 1) * TS];
+        let mut t0 = ZERO;
+        for v in 0..LANES {
+            let mut acc = -xs[0][v];
+            for lane in &xs[1..] {
+                acc -= lane[v];
+            }
+            t0[v] = acc;
+        }
+        t[0] = t0;
+        let mut twice = [ZERO; GW];
+        for (tw, lane) in twice.iter_mut().zip(&xs) {
+            *tw = plus(lane, lane);
+        }
+        for b in 1..TS {
+            t[b] = plus(&t[b & (b - 1)], &twice[b.trailing_zeros() as usize]);
+        }
+    }
+}
+
+#[inline(always)]
+fn sign(
+    level: Level,
+    p: Proj<'_>,
+    stored: Option<&Vec<u8>>,
+    x: &[f32],
+    nb: usize,
+    s: &mut Scratch,
+) {
+    let (d, m) = (p.d, p.m);
+    let rb = super::projection::sign_row_bytes(d);
+    s.acc[..m].fill(ZERO);
+    // Rows are taken in blocks of ROW_BLOCK (their activations, 128 KiB, stay in
+    // L2) and, within a block, in passes of one 64-bit word of each row: 16
+    // groups of 4 inputs, whose tables (16 x 16 lanes = 16 KiB) stay in L1.
+    // Tables are rebuilt per block (16 x 15 additions per pass against
+    // ROW_BLOCK x 16 lookups). The sum order does not depend on the blocking:
+    // groups in ascending order.
+    let total = d.div_ceil(GW);
+    for r0 in (0..m).step_by(ROW_BLOCK) {
+        let acc = &mut s.acc[r0..m.min(r0 + ROW_BLOCK)];
+        for w in 0..total.div_ceil(GPW) {
+            let groups = GPW.min(total - GPW * w);
+            build_tables(d, GPW * w, groups, x, nb, &mut s.tables);
+            let tables = &s.tables[..groups * TS];
+            let word = move |r: usize| match stored {
+                Some(bits) => {
+                    let at = (r0 + r) * rb + 8 * w;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&bits[at..at + 8]);
+                    u64::from_le_bytes(b)
+                }
+                None => sign_word(p.seed, d, r0 + r, w),
+            };
+            #[cfg(target_arch = "x86_64")]
+            match level {
+                Level::Avx512 => {
+                    // SAFETY: the level was checked; groups <= GPW and tables hold groups * TS lanes.
+                    unsafe { super::kernels_x86::sign_rows_avx512(acc, tables, groups, word) };
+                    continue;
+                }
+                Level::Avx2 => {
+                    // SAFETY: as above, with AVX2.
+                    unsafe { super::kernels_x86::sign_rows_avx2(acc, tables, groups, word) };
+                    continue;
+                }
+                _ => {}
+            }
+            if groups == GPW {
+                sign_rows_g::<GPW>(acc, tables, word);
+                continue;
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let word = word(r);
+                let mut v = *a;
+                for (gi, t) in tables.chunks_exact(TS).enumerate() {
+                    add(&mut v, &t[((word >> (GW * gi)) as usize) & (TS - 1)]);
+                }
+                *a = v;
+            }
+        }
+    }
+}
+
+/// Portable sign rows with a constant group count (unrolled, constant shifts).
+#[inline(always)]
+fn sign_rows_g<const G: usize>(acc: &mut [Lane], tables: &[Lane], word: impl Fn(usize) -> u64) {
+    for (r, a) in acc.iter_mut().enumerate() {
+        let w = word(r);
+        let mut v = *a;
+        for gi in 0..G {
+            add(
+                &mut v,
+                &tables[gi * TS + (((w >> (GW * gi)) as usize) & (TS - 1))],
+            );
+        }
+        *a = v;
+    }
+}
+
+#[inline(always)]
+fn sum4(xt: &[Lane], lo: usize, idx: &[u16]) -> Lane {
+    let mut s = [ZERO; 4];
+    let mut quads = idx.chunks_exact(4);
+    for q in &mut quads {
+        add(&mut s[0], &xt[q[0] as usize - lo]);
+        add(&mut s[1], &xt[q[1] as usize - lo]);
+        add(&mut s[2], &xt[q[2] as usize - lo]);
+        add(&mut s[3], &xt[q[3] as usize - lo]);
+    }
+    for (k, &i) in quads.remainder().iter().enumerate() {
+        add(&mut s[k], &xt[i as usize - lo]);
+    }
+    plus(&plus(&s[0], &s[1]), &plus(&s[2], &s[3]))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn sparse(
+    level: Level,
+    p: Proj<'_>,
+    c: usize,
+    indices: &[u16],
+    bounds: &[u16],
+    x: &[f32],
+    nb: usize,
+    s: &mut Scratch,
+) {
+    let d = p.d;
+    let nblocks = sparse_blocks(d);
+    let nbr = 2 * nblocks - 1;
+    let acc = &mut s.acc[..p.m];
+    acc.fill(ZERO);
+    for b in 0..nblocks {
+        let lo = b * SPARSE_BLOCK;
+        let hi = d.min(lo + SPARSE_BLOCK);
+        let xt = &mut s.xt[..hi - lo];
+        xt.fill(ZERO);
+        for v in 0..nb {
+            for (i, lane) in xt.iter_mut().enumerate() {
+                lane[v] = x[v * d + lo + i];
+            }
+        }
+        let xt = &s.xt[..hi - lo];
+        #[cfg(target_arch = "x86_64")]
+        match level {
+            Level::Avx512 => {
+                // SAFETY: the level was checked; every index of block b lies in
+                // lo..hi by construction (generated, or loaded and compared with
+                // the regenerated projection), so it addresses `xt`.
+                unsafe {
+                    super::kernels_x86::sparse_rows_avx512(
+                        acc, xt, lo, indices, bounds, nblocks, b, c,
+                    )
+                };
+                continue;
+            }
+            Level::Avx2 => {
+                // SAFETY: as above, with AVX2.
+                unsafe {
+                    super::kernels_x86::sparse_rows_avx2(
+                        acc, xt, lo, indices, bounds, nblocks, b, c,
+                    )
+                };
+                continue;
+            }
+            _ => {}
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let row = &indices[r * c..(r + 1) * c];
+            let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
+            let (sp, sn) = (sum4(xt, lo, &row[ps..pe]), sum4(xt, lo, &row[ns..ne]));
+            for v in 0..LANES {
+                a[v] += sp[v] - sn[v];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::projection::{generate_sign, generate_sparse};
+    use super::*;
+
+    fn reference(p: Proj<'_>, x: &[f32]) -> Vec<f64> {
+        let d = p.d;
+        (0..p.m)
+            .map(|r| match p.weights {
+                Weights::Sign(bits) => (0..d)
+                    .map(|i| {
+                        let on = bits[r * d.div_ceil(64) * 8 + i / 8] >> (i % 8) & 1 == 1;
+                        if on {
+                            x[i] as f64
+                        } else {
+                            -(x[i] as f64)
+                        }
+                    })
+                    .sum(),
+                Weights::Sparse {
+                    c, indices, signs, ..
+                } => (0..*c)
+                    .map(|j| {
+                        let i = indices[r * c + j] as usize;
+                        let neg = signs[r * c.div_ceil(8) + j / 8] >> (j % 8) & 1 == 1;
+                        if neg {
+                            -(x[i] as f64)
+                        } else {
+                            x[i] as f64
+                        }
+                    })
+                    .sum(),
+                Weights::Seeded => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_level_is_bit_identical_and_close_to_f64() {
+        let (d, m) = (77, 130);
+        let x: Vec<f32> = (0..5 * d)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let sign_w = Weights::Sign(generate_sign(9, d, m));
+        let sparse_w = generate_sparse(9, d, m, 11, false);
+        let seeded_w = Weights::Seeded;
+        for w in [&sign_w, &sparse_w, &seeded_w] {
+            let p = Proj {
+                d,
+                m,
+                seed: 9,
+                weights: w,
+            };
+            let mut first: Option<Vec<Lane>> = None;
+            for level in Level::supported() {
+                let mut s = Scratch::new(m, d, matches!(w, Weights::Sparse { .. }));
+                activations(level, p, &x, 5, &mut s);
+                match &first {
+                    None => first = Some(s.acc.clone()),
+                    Some(f) => {
+                        for (a, b) in f.iter().zip(&s.acc) {
+                            for v in 0..LANES {
+                                assert_eq!(a[v].to_bits(), b[v].to_bits(), "{level}");
+                            }
+                        }
+                    }
+                }
+            }
+            let acc = first.unwrap();
+            let ref_p = Proj {
+                weights: if matches!(w, Weights::Seeded) {
+                    &sign_w
+                } else {
+                    w
+                },
+                ..p
+            };
+            for v in 0..5 {
+                let want = reference(ref_p, &x[v * d..(v + 1) * d]);
+                for r in 0..m {
+                    assert!((acc[r][v] as f64 - want[r]).abs() < 1e-3, "{r} {v}");
+                }
+            }
+            for lane in &acc {
+                assert!(lane[5..].iter().all(|&a| a == 0.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Explicit AVX-512 and AVX2 versions of the two inner row loops of
+//! [`super::kernels`]. They perform exactly the additions of the portable
+//! loops, in the same order, one 16-vector lane per `__m512` (or two
+//! `__m256`), so every level returns bit-identical activations.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::kernels::{Lane, GPW, GW, TS};
+use super::projection::block_range;
+
+/// Sign rows: `acc[r] += T_g[byte g of row r's word]` for the `groups` tables.
+/// `word(r)` yields row `r`'s 64-bit word.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `tables.len() >= groups * TS`, `groups <= GPW`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sign_rows_avx512(
+    acc: &mut [Lane],
+    tables: &[Lane],
+    groups: usize,
+    word: impl Fn(usize) -> u64,
+) {
+    debug_assert!(groups <= GPW && tables.len() >= groups * TS);
+    // A constant group count lets the compiler unroll the lookups with
+    // constant shifts (a variable `shr r, cl` costs 3 uops).
+    // SAFETY: forwarded contract; G == groups.
+    unsafe {
+        match groups {
+            GPW => sign_rows_avx512_g::<GPW>(acc, tables, word),
+            _ => sign_rows_avx512_dyn(acc, tables, groups, word),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sign_rows_avx512_g<const G: usize>(
+    acc: &mut [Lane],
+    tables: &[Lane],
+    word: impl Fn(usize) -> u64,
+) {
+    let t = tables.as_ptr() as *const f32;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let w = word(r);
+        let p = a.as_mut_ptr();
+        // SAFETY: `a` is one Lane of 16 f32.
+        let mut v = unsafe { _mm512_loadu_ps(p) };
+        for gi in 0..G {
+            let at = gi * TS + (((w >> (GW * gi)) as usize) & (TS - 1));
+            // SAFETY: at < G * TS <= tables.len(); each entry is 16 f32.
+            v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(t.add(at * 16)) });
+        }
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(p, v) };
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sign_rows_avx512_dyn(
+    acc: &mut [Lane],
+    tables: &[Lane],
+    groups: usize,
+    word: impl Fn(usize) -> u64,
+) {
+    let t = tables.as_ptr() as *const f32;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let w = word(r);
+        let p = a.as_mut_ptr();
+        // SAFETY: `a` is one Lane of 16 f32.
+        let mut v = unsafe { _mm512_loadu_ps(p) };
+        for gi in 0..groups {
+            let at = gi * TS + (((w >> (GW * gi)) as usize) & (TS - 1));
+            // SAFETY: at < groups * TS <= tables.len(); each entry is 16 f32.
+            v = _mm512_add_ps(v, unsafe { _mm512_loadu_ps(t.add(at * 16)) });
+        }
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(p, v) };
+    }
+}
+
+/// AVX2 twin of [`sign_rows_avx512`].
+///
+/// # Safety
+/// The CPU must have AVX2; same bounds as [`sign_rows_avx512`].
+#[target_feature(enable = "avx2")]
+pub unsafe fn sign_rows_avx2(
+    acc: &mut [Lane],
+    tables: &[Lane],
+    groups: usize,
+    word: impl Fn(usize) -> u64,
+) {
+    debug_assert!(groups <= GPW && tables.len() >= groups * TS);
+    let t = tables.as_ptr() as *const f32;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let w = word(r);
+        let p = a.as_mut_ptr();
+        // SAFETY: `a` is one Lane of 16 f32 (two halves of 8).
+        let (mut lo, mut hi) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) };
+        for gi in 0..groups {
+            let at = (gi * TS + (((w >> (GW * gi)) as usize) & (TS - 1))) * 16;
+            // SAFETY: at / 16 < groups * TS <= tables.len().
+            unsafe {
+                lo = _mm256_add_ps(lo, _mm256_loadu_ps(t.add(at)));
+                hi = _mm256_add_ps(hi, _mm256_loadu_ps(t.add(at + 8)));
+            }
+        }
+        // SAFETY: as above.
+        unsafe {
+            _mm256_storeu_ps(p, lo);
+            _mm256_storeu_ps(p.add(8), hi);
+        }
+    }
+}
+
+macro_rules! sum4 {
+    ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $idx:expr) => {{
+        let xt: *const f32 = $xt;
+        let idx: &[u16] = $idx;
+        let mut s: [$ty; 4] = [$zero; 4];
+        let mut quads = idx.chunks_exact(4);
+        for q in &mut quads {
+            for k in 0..4 {
+                s[k] = $add(s[k], $load(xt.wrapping_add(q[k] as usize * 16)));
+            }
+        }
+        for (k, &i) in quads.remainder().iter().enumerate() {
+            s[k] = $add(s[k], $load(xt.wrapping_add(i as usize * 16)));
+        }
+        $add($add(s[0], s[1]), $add(s[2], s[3]))
+    }};
+}
+
+/// Sparse rows, input block `b` (inputs `lo..lo + xt.len()`):
+/// `acc[r] += P_rb - N_rb` (see [`super::kernels`] for the order).
+///
+/// # Safety
+/// The CPU must have AVX-512 F; every index of block `b` of every row lies in
+/// `lo..lo + xt.len()`; `indices` holds `acc.len() * c` entries and `bounds`
+/// `acc.len() * (2 * nblocks - 1)` valid positions.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sparse_rows_avx512(
+    acc: &mut [Lane],
+    xt: &[Lane],
+    lo: usize,
+    indices: &[u16],
+    bounds: &[u16],
+    nblocks: usize,
+    b: usize,
+    c: usize,
+) {
+    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
+    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
+    let load = |p: *const f32| unsafe { _mm512_loadu_ps(p) };
+    let add = |a: __m512, b: __m512| _mm512_add_ps(a, b);
+    let nbr = 2 * nblocks - 1;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let row = &indices[r * c..(r + 1) * c];
+        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
+        // The indices of block b lie in lo..lo + xt.len(), so every load is in `xt`.
+        let (sp, sn) = {
+            (
+                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ps..pe]),
+                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ns..ne]),
+            )
+        };
+        let p = a.as_mut_ptr();
+        // SAFETY: `a` is one Lane of 16 f32.
+        unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_sub_ps(sp, sn))) };
+    }
+}
+
+/// AVX2 twin of [`sparse_rows_avx512`] (two 8-float halves per lane).
+///
+/// # Safety
+/// The CPU must have AVX2; same bounds as [`sparse_rows_avx512`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+pub unsafe fn sparse_rows_avx2(
+    acc: &mut [Lane],
+    xt: &[Lane],
+    lo: usize,
+    indices: &[u16],
+    bounds: &[u16],
+    nblocks: usize,
+    b: usize,
+    c: usize,
+) {
+    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
+    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
+    let load = |p: *const f32| unsafe { _mm256_loadu_ps(p) };
+    let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
+    let nbr = 2 * nblocks - 1;
+    for (r, a) in acc.iter_mut().enumerate() {
+        let row = &indices[r * c..(r + 1) * c];
+        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
+        let (pos, neg) = (&row[ps..pe], &row[ns..ne]);
+        // As in the AVX-512 version; `hb` reads floats 8..16 of each lane.
+        let (lo8, hi8) = {
+            let hb = base.wrapping_add(8);
+            (
+                _mm256_sub_ps(
+                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, pos),
+                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, neg),
+                ),
+                _mm256_sub_ps(
+                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, pos),
+                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, neg),
+                ),
+            )
+        };
+        let p = a.as_mut_ptr();
+        // SAFETY: `a` is one Lane of 16 f32.
+        unsafe {
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo8));
+            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi8));
+        }
+    }
+}
