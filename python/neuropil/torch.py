@@ -1,0 +1,10 @@
+"""torch integration of neuropil: nn modules and data utilities (imports torch).
+
+Each capability keeps its torch code in its own module; this one re-exports it.
+"""
+
+from __future__ import annotations
+
+from ._torch_quant import QuantizedLinear, load_quantized, quantize_model, save_quantized
+
+__all__ = ["QuantizedLinear", "load_quantized", "quantize_model", "save_quantized"]
