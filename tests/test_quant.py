@@ -115,6 +115,16 @@ def test_gguf_reading_rejects_bad_blocks():
 # ------------------------------------------------------------------ kernels
 
 
+def _int8_bound(d: np.ndarray, x: np.ndarray, g: int) -> np.ndarray:
+    """|x W^T - x_int8 W^T| bound per (n, rows): sum over groups of max|x_k| / 254 * sum|w_k|."""
+    rows, cols = d.shape
+    pad = -cols % g
+    xa = np.pad(np.abs(x.astype(np.float64)), ((0, 0), (0, pad))).reshape(len(x), -1, g)
+    dx = xa.max(-1) / 127  # (n, groups)
+    wa = np.pad(np.abs(d), ((0, 0), (0, pad))).reshape(rows, -1, g).sum(-1)  # (rows, groups)
+    return dx @ wa.T / 2 * 1.01
+
+
 @FAST
 @given(
     bits=st.sampled_from([2, 3, 4, 8]),
@@ -137,13 +147,16 @@ def test_matvec_matches_the_dequantized_product_at_every_level(
     x = _matrix(seed + 1, n, cols)
     want = x.astype(np.float64) @ d.T
     tol = 1e-4 * np.sqrt(cols) * (1 + np.abs(want))
+    # the VNNI path (4-bit, AVX-512, batch < 4) rounds x to int8 per group
+    vnni = tol + _int8_bound(d, x, g)
     for level in _native.simd_levels():
+        int8 = level == "avx512" and bits == 4
         y1 = q.matvec(x[0], level=level)
         assert y1.shape == (rows,)
-        assert np.all(np.abs(y1 - want[0]) <= tol[0])
+        assert np.all(np.abs(y1 - want[0]) <= (vnni if int8 else tol)[0])
         yn = q.matvec(x, level=level)
         assert yn.shape == (n, rows)
-        assert np.all(np.abs(yn - want) <= tol)
+        assert np.all(np.abs(yn - want) <= (vnni if int8 and n < 4 else tol))
         pick = np.array([rows - 1, 0, rows // 2, rows - 1])
         assert np.array_equal(q.matvec_rows(x[0], pick, level=level), y1[pick])
 
@@ -154,7 +167,9 @@ def test_matvec_reads_torch_tensors_and_returns_torch():
     x = torch.randn(64)
     y = q.matvec(x)
     assert isinstance(y, torch.Tensor) and y.shape == (16,)
-    assert np.allclose(y.numpy(), q.dequantize() @ x.numpy(), atol=1e-4)
+    d = q.dequantize()
+    bound = _int8_bound(d, x.numpy()[None], 64)[0] + 1e-4
+    assert np.all(np.abs(y.numpy() - d @ x.numpy()) <= bound)
 
 
 def test_bandwidth_probe_reports_a_positive_rate():
@@ -328,7 +343,9 @@ def test_quantized_linear_matches_its_weights_and_round_trips_state(tmp_path):
     got = ql(x)
     assert got.shape == (2, 3, 24) and got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-4)
-    assert torch.allclose(ql(x[0, 0]), want[0, 0], atol=1e-4)
+    one = x[0, 0].numpy()[None]
+    bound = torch.from_numpy(_int8_bound(w.numpy(), one, 32)[0]).float() + 1e-4
+    assert torch.all((ql(x[0, 0]) - want[0, 0]).abs() <= bound)
     assert torch.allclose(ql(x, force_torch=True), want, atol=1e-4)
     assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
     fresh = QuantizedLinear(100, 24, bias=True, bits=4, group_size=32)
@@ -430,7 +447,7 @@ def test_cuda_quantized_linear_matches_cpu():
 def test_minilm_accuracy_per_bit_width(minilm, sentences):
     from neuropil._quant_eval import linear_bytes, minilm_cosine
 
-    few = sentences[:96]
+    few = sentences[:64]
     res = minilm_cosine(
         minilm,
         few,
@@ -491,8 +508,11 @@ def test_smollm2_perplexity_is_unchanged_at_8_bit_and_4_bit_g32(smollm2):
     model, tok = smollm2
     text = gpl3_text()
     base = perplexity(model, tok, text, 256)
-    for bits, g in ((8, 64), (4, 32)):
-        m = quantize_model(copy.deepcopy(model), bits, g)
+    # 8-bit g32 with float32 scales holds the Q4_1 grid (15 steps = 255 / 17) almost
+    # exactly; 4-bit g32 asym is the Q4_1 grid itself (lm_head, tied to the Q8_0
+    # embedding, stays float at 4 bits).
+    for bits, g, sdt, skip in ((8, 32, "float32", ()), (4, 32, "float16", ("lm_head",))):
+        m = quantize_model(copy.deepcopy(model), bits, g, scale_dtype=sdt, skip=skip)
         ppl = perplexity(m, tok, text, 256)
-        assert abs(ppl / base - 1) < 1e-3, (bits, g, ppl, base)
+        assert abs(ppl / base - 1) < 1e-3, (bits, g, sdt, ppl, base)
         del m

@@ -195,10 +195,11 @@ class QuantizedLinear(nn.Module):
             return F.linear(x.to(dtype), w, b).to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
-        mins = self.mins.numpy().view(np.uint16) if self.mins.numel() else None
         scales = self.scales.numpy()
-        if scales.dtype == np.float16:
+        mins = self.mins.numpy() if self.mins.numel() else None
+        if scales.dtype == np.float16:  # the core takes float16 as its uint16 bits
             scales = scales.view(np.uint16)
+            mins = None if mins is None else mins.view(np.uint16)
         xn = x2.numpy()
         arg = xn[0] if xn.shape[0] == 1 else xn
         y = _native.quant_matvec(

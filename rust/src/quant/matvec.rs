@@ -2,16 +2,19 @@
 //!
 //! Per group `k` of row `r`: `y += scale * dot(u, x_k) + min * sum(x_k)`, with
 //! the group sums of `x` computed once per call, so the float matrix is never
-//! materialised. Activations stay float32 on every path (no int8 rounding of
-//! `x`): that keeps 8-bit weights as accurate as their codes, and the 4-bit
-//! kernels are memory-bound already.
+//! materialised.
 //!
-//! Kernels: 4-bit has hand-written AVX-512 and AVX2 kernels (nibbles widened
-//! to 16 or 8 float lanes, FMA against contiguous activations); every other
-//! width runs the portable unpack-and-dot loop, compiled once per level so
-//! LLVM vectorises it with that level's registers. Rows run in parallel
-//! (rayon, the neuropil pool). [`matvec_rows`] computes a subset of rows, for
-//! callers that know which outputs they need (sparse FFNs).
+//! Paths (chosen per call from the SIMD level and the bit width):
+//! - 4-bit at the AVX-512 level on a CPU with VNNI: int8 activations per group
+//!   and `vpdpbusd` (see `vnni.rs`; error bounded by the activation rounding);
+//! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
+//!   to 16 or 8 float lanes, FMA against float32 activations;
+//! - 2-, 3- and 8-bit at AVX-512/AVX2: codes unpacked to bytes per group, then
+//!   widened to float lanes (8-bit reads its codes in place), float32 activations;
+//! - scalar: portable loops, float32 activations.
+//!
+//! Rows run in parallel (rayon, the neuropil pool). [`matvec_rows`] computes a
+//! subset of rows, for callers that know which outputs they need (sparse FFNs).
 
 use rayon::prelude::*;
 
@@ -372,9 +375,24 @@ pub fn matvec_at(
             });
         }
     }
-    let a = Activations::new(q, x);
     let ng = q.groups();
     let chunk = chunk_rows(q);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && q.params.bits == 4 && super::vnni::available() {
+        let a = super::vnni::Int8Activations::new(q, x);
+        return crate::threads::install(|| {
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+                for (i, y) in o.iter_mut().enumerate() {
+                    let j = c * chunk + i;
+                    let r = rows.map_or(j, |idx| idx[j] as usize);
+                    // SAFETY: `available()` proved AVX-512 F/BW/VL + VNNI; 4-bit
+                    // weights; `a` was built from `q`; r < q.rows (checked above).
+                    *y = unsafe { super::vnni::row4_vnni(q, r, &a) };
+                }
+            })
+        });
+    }
+    let a = Activations::new(q, x);
     crate::threads::install(|| {
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
             let mut s = vec![0f32; ng];
@@ -404,7 +422,7 @@ pub fn matvec_rows(q: &QuantRef<'_>, x: &[f32], rows: &[u32]) -> Result<Vec<f32>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::format::{Params, ScaleType, Scheme};
     use super::super::quantize::{dequantize, quantize};
     use super::*;
@@ -420,6 +438,17 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    /// How far int8 activations (the VNNI path) may move a row's dot product.
+    pub(crate) fn int8_bound(w: &[f32], x: &[f32], g: usize) -> f64 {
+        x.chunks(g)
+            .zip(w.chunks(g))
+            .map(|(xs, ws)| {
+                let dx = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                dx / 2.0 * ws.iter().map(|v| v.abs() as f64).sum::<f64>() * 1.01
+            })
+            .sum()
     }
 
     proptest! {
@@ -443,7 +472,10 @@ mod tests {
                 matvec_at(level, &q.view(), &x, None, &mut y).unwrap();
                 for r in 0..rows {
                     let want: f64 = (0..cols).map(|c| d[r * cols + c] as f64 * x[c] as f64).sum();
-                    let tol = 1e-4 * (cols as f64).sqrt() * (1.0 + want.abs());
+                    let mut tol = 1e-4 * (cols as f64).sqrt() * (1.0 + want.abs());
+                    if level == Level::Avx512 && bits == 4 {
+                        tol += int8_bound(&d[r * cols..(r + 1) * cols], &x, g);
+                    }
                     prop_assert!((y[r] as f64 - want).abs() <= tol, "{level} row {r}: {} vs {want}", y[r]);
                 }
                 let pick = [rows as u32 - 1, 0, rows as u32 - 1];

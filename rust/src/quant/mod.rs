@@ -8,6 +8,7 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gguf`]: GGUF block conversion;
+//! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
 pub mod bandwidth;
@@ -17,6 +18,7 @@ pub mod matmul;
 pub mod matvec;
 pub mod pack;
 pub mod quantize;
+pub(crate) mod vnni;
 
 pub use bandwidth::read_bandwidth;
 pub use format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scales, Scheme};
