@@ -96,3 +96,25 @@ def linear_bytes(model: Any) -> int:
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total
+
+
+def minilm_table(
+    n_sentences: int = 200,
+    bits: tuple[int, ...] = (8, 4, 3, 2),
+    groups: tuple[int, ...] = (32, 64, 128),
+) -> list[dict[str, Any]]:
+    """The accuracy table: numpy round-to-nearest vs neuropil (plain and ``search=True``)
+    for every bit width and group size, all-MiniLM-L6-v2 on real sentences."""
+    from . import data
+
+    model = data.load_minilm()
+    sentences = data.real_sentences(n_sentences)
+    configs = []
+    for b in bits:
+        for g in groups:
+            configs += [
+                {"bits": b, "group_size": g, "reference": True},
+                {"bits": b, "group_size": g},
+                {"bits": b, "group_size": g, "search": True},
+            ]
+    return minilm_cosine(model, sentences, configs)

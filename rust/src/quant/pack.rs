@@ -110,11 +110,16 @@ pub fn unpack_group_u8(bits: u8, bytes: &[u8], out: &mut [u8]) {
         3 => {
             let q = g / 4;
             unpack2_u8(&bytes[..q], out);
+            // SWAR: 4 bytes of the high plane at a time, one bit plane per k.
             let e = g / 8;
-            let high = &bytes[q..q + e];
-            for (k, part) in out.chunks_exact_mut(e).enumerate() {
-                for (o, b) in part.iter_mut().zip(high) {
-                    *o |= ((b >> k) & 1) << 2;
+            for (c, h4) in bytes[q..q + e].chunks_exact(4).enumerate() {
+                let h = u32::from_le_bytes([h4[0], h4[1], h4[2], h4[3]]);
+                for k in 0..8 {
+                    let at = k * e + 4 * c;
+                    let o = &mut out[at..at + 4];
+                    let v = u32::from_le_bytes([o[0], o[1], o[2], o[3]])
+                        | (((h >> k) & 0x0101_0101) << 2);
+                    o.copy_from_slice(&v.to_le_bytes());
                 }
             }
         }
@@ -122,13 +127,15 @@ pub fn unpack_group_u8(bits: u8, bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// 2-bit planes to bytes, SWAR over 4 packed bytes at a time.
 #[inline(always)]
 fn unpack2_u8(bytes: &[u8], out: &mut [u8]) {
     let q = out.len() / 4;
-    for (k, part) in out.chunks_exact_mut(q).enumerate() {
-        let shift = 2 * k as u32;
-        for (o, b) in part.iter_mut().zip(&bytes[..q]) {
-            *o = (b >> shift) & 3;
+    for (c, b4) in bytes[..q].chunks_exact(4).enumerate() {
+        let h = u32::from_le_bytes([b4[0], b4[1], b4[2], b4[3]]);
+        for k in 0..4 {
+            let at = k * q + 4 * c;
+            out[at..at + 4].copy_from_slice(&((h >> (2 * k)) & 0x0303_0303).to_le_bytes());
         }
     }
 }
