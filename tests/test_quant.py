@@ -321,7 +321,8 @@ def test_truncated_gguf_raises_format_error(tmp_path):
     from neuropil._quant_cli import read_any
     from neuropil.data import smollm2_gguf
 
-    head = smollm2_gguf().read_bytes()[: 1 << 20]
+    with open(smollm2_gguf(), "rb") as f:
+        head = f.read(1 << 20)
     (tmp_path / "cut.gguf").write_bytes(head)
     with pytest.raises(FormatError, match="not a valid GGUF"):
         read_any(tmp_path / "cut.gguf")
@@ -419,6 +420,27 @@ def test_bench_quick_prints_every_figure():
     assert all(r.neuropil > 0 for r in rows)
 
 
+def test_triton_kernel_matches_the_torch_path_in_the_interpreter():
+    """The CUDA batch-1 kernel's logic, run by Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from neuropil.torch import QuantizedLinear
+from neuropil import _triton_quant as T
+assert T.HAVE_TRITON
+torch.manual_seed(0)
+for g, scheme, cols in ((64, "asym", 300), (32, "q4_0", 96)):
+    ql = QuantizedLinear.from_linear(torch.nn.Linear(cols, 40), 4, g, scheme)
+    x = torch.randn(cols)
+    y = T._launch(ql, x)
+    want = ql(x[None], force_torch=True)[0] - ql.bias
+    assert (y - want).abs().max().item() < 1e-4, (g, scheme)
+print("ok")
+"""
+    r = run_python(code, env={"TRITON_INTERPRET": "1"}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 @pytest.mark.cuda
 def test_cuda_quantized_linear_matches_cpu():
     import torch
@@ -438,6 +460,13 @@ def test_cuda_quantized_linear_matches_cpu():
     y16 = gpu(x.cuda().half())
     assert y16.dtype == torch.float16
     assert torch.allclose(y16.float().cpu(), cpu, atol=5e-2, rtol=1e-2)
+    # batch 1: the Triton kernel on the packed codes (or the torch fallback)
+    from neuropil import _triton_quant
+
+    one = gpu(x[0].cuda())
+    assert one.shape == (256,) and torch.allclose(one.cpu(), cpu[0], atol=1e-3)
+    assert torch.allclose(gpu(x[0].cuda(), force_torch=True).cpu(), cpu[0], atol=1e-3)
+    print("triton path:", _triton_quant.HAVE_TRITON and _triton_quant._STATE["ok"])
 
 
 # ------------------------------------------------------------------ real models

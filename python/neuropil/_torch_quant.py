@@ -183,17 +183,38 @@ class QuantizedLinear(nn.Module):
         w = u * s + m
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize on the buffers' device, then ``F.linear`` (any device)."""
+        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        w = self.dequantized_weight(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), w, b).to(x.dtype)
+
     def forward(self, x: torch.Tensor, force_torch: bool = False) -> torch.Tensor:
+        """``x @ W.T + bias`` for ``x`` (..., in_features).
+
+        CPU: the Rust kernels on the packed buffers (batch 1 streams the codes;
+        larger batches dequantize cache-sized tiles). CUDA: batch 1 with 4-bit
+        weights runs a Triton kernel on the packed codes when Triton is available;
+        otherwise (and with ``force_torch``) the weight is dequantized on the
+        device for this call and ``F.linear`` runs. Inference only (no gradients).
+        """
         if x.shape[-1] != self.in_features:
             from .errors import ShapeError
 
             raise ShapeError(f"x must have shape (..., {self.in_features}); got {tuple(x.shape)}")
-        if x.device.type != "cpu" or self.qdata.device.type != "cpu" or force_torch:
-            dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-            w = self.dequantized_weight(dtype)
-            b = None if self.bias is None else self.bias.to(dtype)
-            return F.linear(x.to(dtype), w, b).to(x.dtype)
         lead = x.shape[:-1]
+        if x.device.type == "cuda" and self.qdata.device == x.device and not force_torch:
+            if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
+                from ._triton_quant import gemv4
+
+                y = gemv4(self, x, lambda: self._torch_forward(x))
+                if y is not None:
+                    if self.bias is not None:
+                        y = y + self.bias.float()
+                    return y.reshape(*lead, self.out_features).to(x.dtype)
+        if x.device.type != "cpu" or self.qdata.device.type != "cpu" or force_torch:
+            return self._torch_forward(x)
         x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
         scales = self.scales.numpy()
         mins = self.mins.numpy() if self.mins.numel() else None
