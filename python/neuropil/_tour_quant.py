@@ -46,12 +46,16 @@ def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     base = perplexity(model, tok, text, 256)
     fp32 = linear_bytes(model)
     rows = [("float32", fp32, base)]
-    for label, bits, g, skip in (
-        ("8-bit g64", 8, 64, ()),
-        ("4-bit g32", 4, 32, ("lm_head",)),
-        ("4-bit g32 + lm_head", 4, 32, ()),
+    # Its weights are Q4_1 g32 already: 4-bit g32 and 8-bit g32 with float32
+    # scales (255 = 15 x 17 steps) hold that grid; g64 groups re-round it.
+    for label, bits, g, sdt, skip in (
+        ("8-bit g64", 8, 64, "float16", ()),
+        ("8-bit g32", 8, 32, "float16", ()),
+        ("8-bit g32, f32 scales", 8, 32, "float32", ()),
+        ("4-bit g32 (lm_head fp32)", 4, 32, "float16", ("lm_head",)),
+        ("4-bit g32", 4, 32, "float16", ()),
     ):
-        m = quantize_model(copy.deepcopy(model), bits, g, skip=skip)
+        m = quantize_model(copy.deepcopy(model), bits, g, skip=skip, scale_dtype=sdt)
         rows.append((label, linear_bytes(m), perplexity(m, tok, text, 256)))
         del m
     del model
@@ -61,7 +65,7 @@ def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     ]
     say("  SmolLM2-135M, perplexity on 256 tokens of GPL-3 (Linear weights):")
     for label, b, p in rows:
-        say(f"    {label:<22} {b / 2**20:7.1f} MiB   ppl {p:.4f} ({(p / base - 1) * 100:+.3f}%)")
+        say(f"    {label:<26} {b / 2**20:7.1f} MiB   ppl {p:.4f} ({(p / base - 1) * 100:+.3f}%)")
 
     # ---- MiniLM cosine
     st = data.load_minilm()

@@ -130,14 +130,9 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
         }
         Scheme::Q4_0 => {
             // gguf: imax = argmax |x| (first); d = x[imax] / -8; q = trunc(x / d + 8.5) clip 15
-            let mut amax = 0f32;
-            let mut max = 0f32;
-            for v in w {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = *v;
-                }
-            }
+            let (lo, hi) = min_max(w);
+            let amax = hi.max(-lo);
+            let max = w.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
             let d = max / -8.0;
             let id = if d == 0.0 { 0.0 } else { 1.0 / d };
             for (c, v) in codes.iter_mut().zip(w) {
