@@ -47,6 +47,30 @@ def test_round_trip_error_is_at_most_half_a_step(bits, g, scheme, sdt, rows, col
     assert np.all(np.abs(w - d) <= bound)
 
 
+@FAST
+@given(
+    scheme=st.sampled_from(["q4_0", "q4_1", "q8_0"]),
+    rows=st.integers(1, 4),
+    blocks=st.integers(1, 5),
+    spread=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_gguf_round_trip_error_bounds(scheme, rows, blocks, spread, seed):
+    """ggml's rules: half a step, except Q4_0's positive side (a full step: its scale
+    maps the signed extreme to -8, so +8 clips to +7); plus the float16 rounding
+    of the scale (times the code) and of Q4_1's min."""
+    w = _matrix(seed, rows, 32 * blocks, spread)
+    q = quantize(w, scheme=scheme)
+    d = q.dequantize()
+    s = np.repeat(np.abs(q.scales.astype(np.float32)), 32, axis=1)
+    steps = {"q4_0": 1.0, "q4_1": 0.5, "q8_0": 0.5}[scheme]
+    top = {"q4_0": 8, "q4_1": 15, "q8_0": 127}[scheme]
+    bound = s * (steps + top * 2.0**-10) + 1e-6 * np.abs(w)
+    if q.mins is not None:
+        bound += np.repeat(np.abs(q.mins.astype(np.float32)), 32, axis=1) * 2.0**-10
+    assert np.all(np.abs(w - d) <= bound)
+
+
 def test_four_bit_g64_costs_four_and_a_half_bits_per_weight():
     q = quantize(_matrix(0, 64, 1024), 4, 64)
     assert q.bits_per_weight == 4.5
