@@ -336,6 +336,25 @@ fn row_at(
     }
 }
 
+/// How many rows ahead [`prefetch_row`] asks for.
+const PREFETCH_ROWS: usize = 4;
+
+/// Asks the memory system for row `r`'s codes (memory-level parallelism beyond
+/// what the hardware prefetcher keeps in flight for one core).
+#[inline]
+fn prefetch_row(q: &QuantRef<'_>, r: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in q.row(r).chunks(64) {
+            // SAFETY: prefetch never faults, and the address is inside the row.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (q, r);
+}
+
 fn check_x(q: &QuantRef<'_>, x: &[f32]) -> Result<()> {
     if x.len() != q.cols {
         return Err(Error::shape(
@@ -393,6 +412,7 @@ pub fn matvec_at(
         });
     }
     let a = Activations::new(q, x);
+    let n_out = out.len();
     crate::threads::install(|| {
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
             let mut s = vec![0f32; ng];
@@ -400,6 +420,12 @@ pub fn matvec_at(
             for (i, y) in o.iter_mut().enumerate() {
                 let j = c * chunk + i;
                 let r = rows.map_or(j, |idx| idx[j] as usize);
+                if j + PREFETCH_ROWS < n_out && level != Level::Scalar {
+                    prefetch_row(
+                        q,
+                        rows.map_or(j + PREFETCH_ROWS, |idx| idx[j + PREFETCH_ROWS] as usize),
+                    );
+                }
                 *y = row_at(level, q, r, &a, &mut s, &mut m);
             }
         })
