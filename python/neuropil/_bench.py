@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "membrane": "._bench_membrane:membrane",
     "windows": "._bench_windows:windows",
     "flyhash": "._bench_flyhash:flyhash",
+    "quant": "._bench_quant:quant",
 }
 
 

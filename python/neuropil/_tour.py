@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "membrane": "._tour_membrane:membrane",
     "windows": "._tour_windows:windows",
     "flyhash": "._tour_flyhash:flyhash",
+    "quant": "._tour_quant:quant",
 }
 
 

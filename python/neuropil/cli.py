@@ -1,4 +1,4 @@
-"""The ``neuropil`` command line: ``info``, ``tour``, ``bench``."""
+"""The ``neuropil`` command line: ``info``, ``data``, ``tour``, ``bench``, ``quantize``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return _bench.run(names=args.names, as_json=args.json, quick=args.quick, quality=args.quality)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import _quant_cli
+
+    return _quant_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import _bench, _tour
 
@@ -93,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality", action="store_true", help="also run quality evaluations (e.g. flyhash mAP)"
     )
     s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("quantize", help="pack a safetensors or GGUF file's weights (2/3/4/8-bit)")
+    s.add_argument("input", help="safetensors or GGUF file")
+    s.add_argument("output", help="safetensors file to write (neuropil.torch.load_quantized)")
+    s.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
+    s.add_argument("--group-size", type=int, default=None, help="32, 64, 128, 256 (default 64)")
+    s.add_argument("--scheme", default="asym", help="asym, sym, q4_0, q4_1, q8_0")
+    s.add_argument("--search", action="store_true", help="error-minimising scale search")
+    s.add_argument("--skip", nargs="*", metavar="PATTERN", help="tensor names to keep (glob)")
+    s.add_argument("--min-size", type=int, default=4096, help="smallest tensor to quantize")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=_cmd_quantize)
     return p
 
 

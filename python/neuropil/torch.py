@@ -5,6 +5,14 @@ Each capability keeps its torch code in its own module; this one re-exports it.
 
 from __future__ import annotations
 
+from ._torch_quant import QuantizedLinear, load_quantized, quantize_model, save_quantized
 from ._windows_torch import WindowBatch, WindowDataset
 
-__all__ = ["WindowBatch", "WindowDataset"]
+__all__ = [
+    "QuantizedLinear",
+    "WindowBatch",
+    "WindowDataset",
+    "load_quantized",
+    "quantize_model",
+    "save_quantized",
+]

@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod flyhash;
+pub mod quant;
 pub mod simd;
 pub mod threads;
 pub mod validate;

@@ -303,4 +303,34 @@ pub fn typed_output<'py, T: Element, D: Dimension>(
             "{arg} must be a writeable array that overlaps no input: {e}"
         ))
     })
+/// Borrows `obj` as a numpy array of exactly element type `T`, any rank (`dtype` names it
+/// in messages): no conversion of the values, since for packed integer data a
+/// cast would be a silent wrong answer. A non-contiguous array of the right
+/// type is copied once to C order.
+pub fn exact_input<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &'static str,
+    dtype: &'static str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let Ok(a) = obj.cast::<PyArrayDyn<T>>() else {
+        let found = match obj.cast::<PyUntypedArray>() {
+            Ok(u) => u.dtype().to_string(),
+            Err(_) => obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        };
+        return Err(Error::DType {
+            arg,
+            expected: dtype.into(),
+            found,
+        })
+        .or_raise();
+    };
+    if a.is_c_contiguous() {
+        return Ok(a.try_readonly()?);
+    }
+    let c = numpy(obj.py())?.call_method1("ascontiguousarray", (a,))?;
+    Ok(c.cast::<PyArrayDyn<T>>()?.try_readonly()?)
 }

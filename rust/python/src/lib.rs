@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod buffers;
 mod errors;
 mod flyhash;
+mod quant;
 mod system;
 mod windows;
 
@@ -18,5 +19,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     system::register(m)?;
     windows::register(m)?;
     flyhash::register(m)?;
+    quant::register(m)?;
     Ok(())
 }

@@ -1,0 +1,182 @@
+"""``neuropil quantize IN OUT``: a safetensors or GGUF file in, a packed safetensors file out.
+
+Every 2-D float tensor with at least ``--min-size`` elements whose name matches
+no ``--skip`` pattern is quantized; everything else is copied (bfloat16 as
+float32). GGUF tensors already in the target block format (``Q4_0``, ``Q4_1``,
+``Q8_0``) are carried over byte for byte; other GGUF block types are
+dequantized by the ``gguf`` package first. The output loads with
+``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _quant_io
+from .errors import FormatError, NeuropilError
+from .quant import QuantizedWeights, _resolve, quantize, save_file
+
+_GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+
+def _read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    tensors, _, dtypes = _quant_io.read(path)
+    out = {}
+    for name, arr in tensors.items():
+        nbytes = arr.nbytes
+        if dtypes[name] == "BF16":
+            arr = _quant_io.bf16_to_f32(arr)
+        out[name] = (arr, nbytes)
+    return out
+
+
+def _read_gguf(path: Path) -> dict[str, tuple[Any, int]]:
+    """name -> (float array or (scheme, raw blocks, shape), bytes in the file)."""
+    try:
+        from gguf import GGMLQuantizationType, GGUFReader
+        from gguf.quants import dequantize
+    except ImportError as e:  # pragma: no cover - the hf extra installs gguf
+        raise NeuropilError(
+            "reading GGUF needs the gguf package: pip install 'neuropil[hf]'"
+        ) from e
+    try:
+        reader = GGUFReader(path)
+        out: dict[str, tuple[Any, int]] = {}
+        for t in reader.tensors:
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            kind = t.tensor_type.name
+            if kind in _GGUF_SCHEMES and len(shape) == 2:
+                out[t.name] = ((_GGUF_SCHEMES[kind], np.asarray(t.data), shape), int(t.n_bytes))
+            elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                out[t.name] = (np.asarray(t.data).reshape(shape), int(t.n_bytes))
+            else:
+                arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+                out[t.name] = (arr.astype(np.float32), int(t.n_bytes))
+        return out
+    except NeuropilError:
+        raise
+    except Exception as e:  # the gguf reader raises many kinds on a bad file
+        raise FormatError(f"{path}: not a valid GGUF file: {type(e).__name__}: {e}") from e
+
+
+def read_any(path: str | Path) -> dict[str, tuple[Any, int]]:
+    """Reads a safetensors or GGUF file (told apart by GGUF's magic bytes)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e}") from e
+    return _read_gguf(path) if magic == b"GGUF" else _read_safetensors(path)
+
+
+def _rel_error(w: np.ndarray, d: np.ndarray) -> float:
+    w = w.astype(np.float32)
+    return float(np.linalg.norm(w - d) / max(np.linalg.norm(w), 1e-30))
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    bits: int | None = None,
+    group_size: int | None = None,
+    scheme: str = "asym",
+    skip: tuple[str, ...] = (),
+    min_size: int = 4096,
+    search: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantizes the tensors of ``src`` into ``dst``; returns the report."""
+    from tqdm import tqdm
+
+    bits, group_size, scheme = _resolve(bits, group_size, scheme)
+    entries = read_any(src)
+    out: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    before = after = 0
+    for name, (value, nbytes) in tqdm(
+        entries.items(), desc="quantize", disable=not progress, unit="tensor"
+    ):
+        before += nbytes
+        if isinstance(value, tuple):  # GGUF blocks
+            gscheme, raw, shape = value
+            if gscheme == scheme:
+                q = QuantizedWeights.from_gguf(raw, gscheme, shape)
+                out[name] = q
+                after += q.memory_bytes
+                rows.append(
+                    {"tensor": name, "shape": list(shape), "from": gscheme, "rel_error": 0.0}
+                )
+                continue
+            value = QuantizedWeights.from_gguf(raw, gscheme, shape).dequantize()
+        arr = np.asarray(value)
+        wanted = (
+            arr.ndim == 2
+            and arr.dtype.kind == "f"
+            and arr.size >= min_size
+            and not any(fnmatch.fnmatchcase(name, p) for p in skip)
+        )
+        if not wanted:
+            out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+            after += out[name].nbytes
+            continue
+        q = quantize(arr, bits, group_size, scheme, search=search)
+        out[name] = q
+        after += q.memory_bytes
+        rows.append(
+            {
+                "tensor": name,
+                "shape": list(arr.shape),
+                "rel_error": _rel_error(arr, q.dequantize()),
+            }
+        )
+    save_file(dst, out)
+    return {
+        "input": str(src),
+        "output": str(dst),
+        "bits": bits,
+        "group_size": group_size,
+        "scheme": scheme,
+        "bytes_before": before,
+        "bytes_after": after,
+        "quantized_tensors": len(rows),
+        "tensors": rows,
+    }
+
+
+def main(args: Any) -> int:
+    report = convert(
+        args.input,
+        args.output,
+        args.bits,
+        args.group_size,
+        args.scheme,
+        tuple(args.skip or ()),
+        args.min_size,
+        args.search,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    worst = sorted(report["tensors"], key=lambda r: -r["rel_error"])[:10]
+    if worst:
+        print("tensor | shape | relative RMS error")
+        for r in worst:
+            print(f"{r['tensor']} | {tuple(r['shape'])} | {r['rel_error']:.4g}")
+        mean = np.mean([r["rel_error"] for r in report["tensors"]])
+        print(f"... {len(report['tensors'])} tensors quantized, mean relative error {mean:.4g}")
+    mb = 1 << 20
+    print(
+        f"{report['input']}: {report['bytes_before'] / mb:.1f} MiB -> {report['output']}: "
+        f"{report['bytes_after'] / mb:.1f} MiB "
+        f"({report['bytes_before'] / max(report['bytes_after'], 1):.2f}x smaller)",
+        file=sys.stdout,
+    )
+    return 0

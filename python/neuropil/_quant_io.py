@@ -1,0 +1,158 @@
+"""A strict, dependency-free safetensors reader and writer (numpy only).
+
+The file layout is the standard one (readable by the ``safetensors`` package):
+an 8-byte little-endian header length, a JSON header mapping each tensor name to
+``{"dtype", "shape", "data_offsets"}`` plus an optional ``"__metadata__"`` of
+string values, then the raw little-endian tensor bytes. Every field is checked
+on load; anything malformed, truncated or inconsistent raises
+:class:`~neuropil.errors.FormatError`. Saving writes a temporary file beside the
+target and renames it, so a failed save never destroys an existing file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+
+_DTYPES: dict[str, np.dtype] = {
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # read as raw bits; see read(bf16_as_f32=...)
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items() if k not in ("BF16",)}
+
+MAX_HEADER = 100 << 20
+
+
+def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Writes ``tensors`` (numpy arrays, any shape) and string ``metadata`` atomically."""
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    offset = 0
+    arrays = []
+    for name, arr in tensors.items():
+        a = np.ascontiguousarray(arr)
+        key = _NAMES.get(a.dtype.newbyteorder("<").str)
+        if key is None:
+            raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[name] = {
+            "dtype": key,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for a in arrays:
+                f.write(a.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fail(path: Path, detail: str) -> FormatError:
+    return FormatError(f"{path}: not a valid safetensors file: {detail}")
+
+
+def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Reads a safetensors file.
+
+    Returns:
+        ``(tensors, metadata, dtypes)``: arrays by name (BF16 tensors as their
+        ``uint16`` bits), the ``__metadata__`` strings, and each tensor's
+        safetensors dtype name.
+
+    Raises:
+        FormatError: the file is truncated, its header is not valid JSON of the
+            expected structure, or a tensor's offsets disagree with its shape.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e}") from e
+    if len(blob) < 8:
+        raise _fail(path, f"{len(blob)} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(MAX_HEADER, len(blob) - 8):
+        raise _fail(path, f"header length {n} exceeds the file ({len(blob)} bytes)")
+    try:
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    data = memoryview(blob)[8 + n :]
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"entry {name!r} is not an object")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in _DTYPES:
+            raise _fail(path, f"tensor {name!r} has unknown dtype {dt!r}")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
+            raise _fail(path, f"tensor {name!r} has invalid shape {shape!r}")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            and 0 <= offs[0] <= offs[1] <= len(data)
+        ):
+            raise _fail(path, f"tensor {name!r} has data_offsets {offs!r} outside the data")
+        dtype = _DTYPES[dt]
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if offs[1] - offs[0] != count * dtype.itemsize:
+            raise _fail(
+                path,
+                f"tensor {name!r}: shape {shape} of {dt} needs {count * dtype.itemsize} bytes; "
+                f"data_offsets span {offs[1] - offs[0]}",
+            )
+        tensors[name] = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape).copy()
+        dtypes[name] = dt
+        spans.append((offs[0], offs[1]))
+    spans.sort()
+    end = 0
+    for a, b in spans:
+        if a < end:
+            raise _fail(path, "tensors overlap")
+        end = b
+    if end != len(data):
+        raise _fail(path, f"{len(data) - end} trailing bytes after the last tensor")
+    return tensors, meta, dtypes
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) to float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,330 @@
+"""``QuantizedLinear`` and ``quantize_model``: packed weights inside torch models.
+
+The module keeps the packed codes, scales and mins as buffers (so ``state_dict``,
+``.to(device)`` and safetensors files carry them packed). On the CPU, forward
+hands those buffers to the Rust kernels without copying (``Tensor.numpy()``
+shares memory); on a CUDA device a torch path unpacks one layer's codes on
+the device right before ``F.linear`` (the packed buffers stay resident; the
+float weight lives only for that call).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _native
+from .errors import ArgumentError, FormatError
+from .quant import QuantizedWeights, _resolve, load_file, quantize, save_file
+
+__all__ = ["QuantizedLinear", "load_quantized", "quantize_model", "save_quantized"]
+
+_EXTRA_VERSION = 1
+
+
+def _row_bytes(cols: int, bits: int, group_size: int) -> int:
+    return -(-cols // group_size) * group_size * bits // 8
+
+
+def unpack_codes(qdata: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Unpacks codes (rows, row_bytes) uint8 to (rows, groups, group_size) uint8, on any device."""
+    rows = qdata.shape[0]
+    g = group_size
+    b = qdata.reshape(rows, -1, g * bits // 8)
+    if bits == 8:
+        return b
+    if bits == 4:
+        return torch.cat([b & 15, b >> 4], dim=-1)
+    if bits == 2:
+        return torch.cat([(b >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+    low = b[..., : g // 4]
+    high = b[..., g // 4 :]
+    lo = torch.cat([(low >> s) & 3 for s in (0, 2, 4, 6)], dim=-1)
+    hi = torch.cat([(high >> k) & 1 for k in range(8)], dim=-1)
+    return lo | (hi << 2)
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in ``nn.Linear`` with packed group-wise quantized weights (inference only).
+
+    Buffers: ``qdata`` uint8 (out_features, row_bytes), ``scales`` float16/float32
+    (out_features, groups), ``mins`` (same, or empty for symmetric schemes);
+    ``bias`` is a float32 parameter or ``None``. Input of any shape (..., in_features),
+    float dtype; output (..., out_features) in the input's dtype and device.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int = 64,
+        scheme: str = "asym",
+        scale_dtype: str = "float16",
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
+        if scale_dtype not in ("float16", "float32"):
+            raise ArgumentError(f"scale_dtype must be float16 or float32; got {scale_dtype!r}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        groups = -(-self.in_features // self.group_size)
+        sdt = getattr(torch, scale_dtype)
+        rb = _row_bytes(self.in_features, self.bits, self.group_size)
+        has_min = self.scheme in ("asym", "q4_1")
+        self.register_buffer(
+            "qdata", torch.zeros(out_features, rb, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=sdt, device=device))
+        self.register_buffer(
+            "mins", torch.zeros(out_features if has_min else 0, groups, dtype=sdt, device=device)
+        )
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.zeros(out_features, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeights, bias: torch.Tensor | None = None
+    ) -> QuantizedLinear:
+        rows, cols = qw.shape
+        m = cls(cols, rows, bias is not None, qw.bits, qw.group_size, qw.scheme, qw.scale_dtype)
+        m.qdata = torch.from_numpy(np.ascontiguousarray(qw.data))
+        m.scales = torch.from_numpy(np.ascontiguousarray(qw.scales))
+        if qw.mins is not None:
+            m.mins = torch.from_numpy(np.ascontiguousarray(qw.mins))
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().float().cpu().clone(), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int | None = None,
+        group_size: int | None = None,
+        scheme: str = "asym",
+        *,
+        scale_dtype: str = "float16",
+        search: bool = False,
+    ) -> QuantizedLinear:
+        """Quantizes an ``nn.Linear`` (any device; the result lands on the same device)."""
+        device = linear.weight.device
+        qw = quantize(
+            linear.weight, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
+        )
+        return cls.from_quantized(qw, linear.bias).to(device)
+
+    def quantized(self) -> QuantizedWeights:
+        """The weights as :class:`~neuropil.quant.QuantizedWeights` (CPU buffers shared)."""
+        mins = self.mins.cpu().numpy() if self.mins.numel() else None
+        return QuantizedWeights(
+            self.qdata.cpu().numpy(),
+            self.scales.cpu().numpy(),
+            mins,
+            (self.out_features, self.in_features),
+            self.bits,
+            self.group_size,
+            self.scheme,
+        )
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the packed weight (codes, scales, mins), without the bias."""
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scales, self.mins))
+
+    # ----------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "format_version": _EXTRA_VERSION,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scheme": self.scheme,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format_version") != _EXTRA_VERSION:
+            raise FormatError(f"QuantizedLinear state must have format_version 1; got {state!r}")
+        want = self.get_extra_state()
+        if any(state.get(k) != want[k] for k in want):
+            raise FormatError(f"QuantizedLinear state {state} does not match this module's {want}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+            f"scheme={self.scheme!r}"
+        )
+
+    # --------------------------------------------------------------- forward
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (out, in), computed with torch on the buffers' device."""
+        u = unpack_codes(self.qdata, self.bits, self.group_size).to(dtype)
+        s = self.scales.to(dtype).unsqueeze(-1)
+        if self.mins.numel():
+            m = self.mins.to(dtype).unsqueeze(-1)
+        else:
+            m = s * -float(1 << (self.bits - 1))
+        w = u * s + m
+        return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize on the buffers' device, then ``F.linear`` (any device)."""
+        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        w = self.dequantized_weight(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), w, b).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, force_torch: bool = False) -> torch.Tensor:
+        """``x @ W.T + bias`` for ``x`` (..., in_features).
+
+        CPU: the Rust kernels on the packed buffers (batch 1 streams the codes;
+        larger batches dequantize cache-sized tiles). CUDA: batch 1 with 4-bit
+        weights runs a Triton kernel on the packed codes when Triton is available;
+        otherwise (and with ``force_torch``) the weight is dequantized on the
+        device for this call and ``F.linear`` runs. Inference only (no gradients).
+        """
+        if x.shape[-1] != self.in_features:
+            from .errors import ShapeError
+
+            raise ShapeError(f"x must have shape (..., {self.in_features}); got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        if x.device.type == "cuda" and self.qdata.device == x.device and not force_torch:
+            if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
+                from ._triton_quant import gemv4
+
+                y = gemv4(self, x, lambda: self._torch_forward(x))
+                if y is not None:
+                    if self.bias is not None:
+                        y = y + self.bias.float()
+                    return y.reshape(*lead, self.out_features).to(x.dtype)
+        if x.device.type != "cpu" or self.qdata.device.type != "cpu" or force_torch:
+            return self._torch_forward(x)
+        x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
+        scales = self.scales.numpy()
+        mins = self.mins.numpy() if self.mins.numel() else None
+        if scales.dtype == np.float16:  # the core takes float16 as its uint16 bits
+            scales = scales.view(np.uint16)
+            mins = None if mins is None else mins.view(np.uint16)
+        xn = x2.numpy()
+        arg = xn[0] if xn.shape[0] == 1 else xn
+        y = _native.quant_matvec(
+            self.qdata.numpy(),
+            scales,
+            mins,
+            self.out_features,
+            self.in_features,
+            self.bits,
+            self.group_size,
+            self.scheme,
+            arg,
+        )
+        out = torch.from_numpy(y).reshape(*lead, self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) or pat in name.split(".") for pat in skip)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int | None = None,
+    group_size: int | None = None,
+    scheme: str = "asym",
+    skip: Iterable[str] = (),
+    *,
+    scale_dtype: str = "float16",
+    search: bool = False,
+) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` in place by a :class:`QuantizedLinear`.
+
+    Args:
+        model: any module; it is modified and returned.
+        bits, group_size, scheme, scale_dtype, search: as :func:`neuropil.quant.quantize`.
+        skip: module names to keep in float: glob patterns on the full name
+            (``"lm_head"``, ``"*.attn.*"``) or exact name components.
+
+    Returns:
+        ``model``.
+    """
+    skip = tuple(skip)
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not _skipped(name, skip)
+    ]
+    for name, mod in targets:
+        q = QuantizedLinear.from_linear(
+            mod, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, q)
+    return model
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> None:
+    """Writes a model's quantized layers and every other tensor of its state to one
+    safetensors file (the format of ``neuropil quantize``)."""
+    entries: dict[str, Any] = {}
+    covered: set[str] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            entries[f"{name}.weight"] = mod.quantized()
+            covered.update(f"{name}.{b}" for b in ("qdata", "scales", "mins", "_extra_state"))
+    for key, t in model.state_dict().items():
+        if key not in covered and isinstance(t, torch.Tensor):
+            entries[key] = t.detach().float().cpu().numpy() if t.is_floating_point() else t.numpy()
+    save_file(path, entries)
+
+
+def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Loads a file of ``neuropil quantize`` / :func:`save_quantized` into ``model``:
+    each quantized ``<name>.weight`` replaces the ``nn.Linear`` ``<name>``, other
+    tensors load as state.
+
+    Raises:
+        FormatError: the file is malformed, or (``strict``) names a layer the model lacks.
+    """
+    entries = load_file(path)
+    plain: dict[str, torch.Tensor] = {}
+    for key, v in entries.items():
+        if isinstance(v, QuantizedWeights):
+            name = key.removesuffix(".weight")
+            try:
+                old = model.get_submodule(name)
+            except AttributeError as e:
+                if strict:
+                    raise FormatError(f"{path}: model has no layer {name!r}") from e
+                continue
+            bias = getattr(old, "bias", None)
+            new = QuantizedLinear.from_quantized(
+                v, bias if isinstance(bias, torch.Tensor) else None
+            )
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+        else:
+            plain[key] = torch.from_numpy(np.ascontiguousarray(v))
+    missing_ok = model.load_state_dict(plain, strict=False)
+    if strict and missing_ok.unexpected_keys:
+        raise FormatError(f"{path}: tensors the model lacks: {missing_ok.unexpected_keys[:5]}")
+    return model

@@ -1,0 +1,377 @@
+"""Packed quantization of weight matrices.
+
+``quantize(w)`` turns a float (rows, cols) matrix into :class:`QuantizedWeights`:
+groups of ``group_size`` consecutive weights along a row (32, 64, 128 or 256)
+share one scale (and, for the asymmetric scheme, one min), and each weight is a
+``bits``-bit code (2, 3, 4 or 8) packed densely (two 4-bit codes per byte).
+
+Schemes:
+    ``asym`` (default): ``w = scale * u + min``, scale and min from the group's range.
+    ``sym``: ``w = scale * (u - 2**(bits-1))``, scale from the largest magnitude.
+    ``q4_0``, ``q4_1``, ``q8_0``: GGUF's block formats (groups of 32), byte-exact
+    with the ``gguf`` package's quantize and dequantize; :meth:`QuantizedWeights.to_gguf`
+    gives the GGUF blocks.
+
+A row whose length is not a multiple of the group size is padded with zeros to
+the next multiple; padding is stored but never returned and meets zero
+activations in the kernels. Scales and mins are float16 (``scale_dtype="float32"``
+for ranges beyond float16). With ``search=True`` each group's clipping range is
+searched to minimise the squared error (calibration-free, deterministic).
+
+Every method runs in the Rust core on the packed bytes: ``matvec`` never builds
+the float matrix (batch 1 streams the codes; larger batches dequantize one
+cache-sized tile at a time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native, _quant_io
+from .errors import ArgumentError, FormatError
+
+__all__ = ["SCHEMES", "QuantizedWeights", "load_file", "quantize", "save_file"]
+
+SCHEMES = ("asym", "sym", "q4_0", "q4_1", "q8_0")
+_GGUF = {"q4_0": (4, 32), "q4_1": (4, 32), "q8_0": (8, 32)}
+FORMAT = "neuropil.quant"
+FORMAT_VERSION = 1
+
+
+def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int, int, str]:
+    if not isinstance(scheme, str) or scheme.lower() not in SCHEMES:
+        raise ArgumentError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+    scheme = scheme.lower()
+    if scheme in _GGUF:
+        b, g = _GGUF[scheme]
+        bits = b if bits is None else bits
+        group_size = g if group_size is None else group_size
+    bits = 4 if bits is None else bits
+    group_size = 64 if group_size is None else group_size
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ArgumentError(f"{name} must be an integer; got {v!r}")
+    return int(bits), int(group_size), scheme
+
+
+def _as_numpy(w: Any) -> Any:
+    if type(w).__module__.startswith("torch"):
+        import torch
+
+        w = w.detach().cpu()
+        if w.dtype not in (torch.float32, torch.float16, torch.float64):
+            w = w.float()  # bfloat16 has no numpy dtype; ints are refused by the core
+        return w.numpy()
+    return w
+
+
+class QuantizedWeights:
+    """A (rows, cols) matrix stored as packed codes plus per-group scales (and mins).
+
+    Attributes:
+        data: ``uint8`` array (rows, row_bytes), the packed codes.
+        scales: ``float16`` (or ``float32``) array (rows, groups).
+        mins: like ``scales`` for asymmetric schemes, else ``None``.
+        shape: ``(rows, cols)`` of the original matrix.
+        bits, group_size, scheme: the format.
+    """
+
+    __slots__ = ("bits", "data", "group_size", "mins", "scales", "scheme", "shape")
+
+    def __init__(
+        self,
+        data: npt.NDArray[np.uint8],
+        scales: npt.NDArray[Any],
+        mins: npt.NDArray[Any] | None,
+        shape: tuple[int, int],
+        bits: int,
+        group_size: int,
+        scheme: str,
+    ) -> None:
+        self.data = data
+        self.scales = scales
+        self.mins = mins
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
+        _native.quant_check(*self._args())
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _native_scales(s: Any) -> Any:
+        if s is None:
+            return None
+        return s.view(np.uint16) if s.dtype == np.float16 else s
+
+    def _args(self) -> tuple[Any, ...]:
+        return (
+            self.data,
+            self._native_scales(self.scales),
+            self._native_scales(self.mins),
+            self.shape[0],
+            self.shape[1],
+            self.bits,
+            self.group_size,
+            self.scheme,
+        )
+
+    @classmethod
+    def _from_native(cls, out: tuple[Any, Any, Any], shape, bits, group_size, scheme):
+        data, scales, mins = out
+        if scales.dtype == np.uint16:
+            scales = scales.view(np.float16)
+            mins = None if mins is None else mins.view(np.float16)
+        return cls(data, scales, mins, shape, bits, group_size, scheme)
+
+    # --------------------------------------------------------------- properties
+    @property
+    def scale_dtype(self) -> str:
+        """``"float16"`` or ``"float32"``."""
+        return str(self.scales.dtype)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of codes, scales and mins (padding included)."""
+        return int(
+            self.data.nbytes + self.scales.nbytes + (0 if self.mins is None else self.mins.nbytes)
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``memory_bytes * 8 / (rows * cols)``: 4.5 for 4-bit g64 with float16 scale and min."""
+        return self.memory_bytes * 8 / (self.shape[0] * self.shape[1])
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedWeights(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, "
+            f"scheme={self.scheme!r}, scale_dtype={self.scale_dtype!r}, "
+            f"memory_bytes={self.memory_bytes})"
+        )
+
+    # ------------------------------------------------------------------ compute
+    def dequantize(self) -> npt.NDArray[np.float32]:
+        """The float32 matrix (rows, cols) the codes stand for (padding dropped)."""
+        return _native.quant_dequantize(*self._args())
+
+    def matvec(self, x: Any, level: str | None = None) -> Any:
+        """``W @ x`` without building ``W``.
+
+        Args:
+            x: float array of shape (cols,) or (n, cols); float32 C-contiguous
+                input is read in place, other floats are converted once. A CPU
+                torch tensor gives a torch tensor back.
+            level: force one SIMD level (``scalar``, ``avx2``, ``avx512``) for this call.
+
+        Returns:
+            float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``).
+
+        Raises:
+            ShapeError: ``x``'s last dimension is not ``cols``.
+        """
+        is_torch = type(x).__module__.startswith("torch")
+        y = _native.quant_matvec(*self._args(), _as_numpy(x), level)
+        if is_torch:
+            import torch
+
+            return torch.from_numpy(y)
+        return y
+
+    def matvec_rows(self, x: Any, rows: Any, level: str | None = None) -> npt.NDArray[np.float32]:
+        """Selected rows of ``W @ x``: ``out[i] = W[rows[i]] @ x`` (a sparse FFN's up-projection).
+
+        Args:
+            x: float array (cols,).
+            rows: integer indices into ``range(rows)``, any order, repeats allowed.
+
+        Raises:
+            IndexError: an index is negative or >= rows.
+        """
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu":
+            raise ArgumentError(f"rows must be integer indices; got dtype {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        return _native.quant_matvec_rows(*self._args(), _as_numpy(x), idx, level)
+
+    # ---------------------------------------------------------------------- GGUF
+    def to_gguf(self) -> npt.NDArray[np.uint8]:
+        """The GGUF blocks (``uint8``, 1-D) of a ``q4_0``/``q4_1``/``q8_0`` matrix."""
+        return _native.quant_to_gguf(*self._args())
+
+    @classmethod
+    def from_gguf(cls, raw: Any, scheme: str, shape: tuple[int, int]) -> QuantizedWeights:
+        """Reads GGUF blocks of a (rows, cols) tensor without re-quantizing.
+
+        Raises:
+            FormatError: wrong byte count for the shape, or a non-finite scale.
+        """
+        bits, g, scheme = _resolve(None, None, scheme)
+        raw = np.ascontiguousarray(np.asarray(raw, dtype=np.uint8).reshape(-1))
+        out = _native.quant_from_gguf(raw, scheme, int(shape[0]), int(shape[1]))
+        return cls._from_native(out, shape, bits, g, scheme)
+
+    # ---------------------------------------------------------------- persistence
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scheme": self.scheme,
+            "scale_dtype": self.scale_dtype,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Writes a safetensors file (tensors ``weight.qdata``, ``weight.scales``,
+        ``weight.mins``; the format in the JSON metadata), atomically."""
+        save_file(path, {"weight": self})
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> QuantizedWeights:
+        """Reads a file written by :meth:`save` (or the entry ``name`` of :func:`save_file`).
+
+        Raises:
+            FormatError: the file or any metadata field is malformed or inconsistent.
+        """
+        entries = load_file(path)
+        quantized = {k: v for k, v in entries.items() if isinstance(v, QuantizedWeights)}
+        if name is None:
+            if len(quantized) != 1:
+                raise FormatError(
+                    f"{path}: holds {len(quantized)} quantized tensors; pass name= one of "
+                    f"{sorted(quantized)}"
+                )
+            return next(iter(quantized.values()))
+        if name not in quantized:
+            raise FormatError(f"{path}: no quantized tensor {name!r}; found {sorted(quantized)}")
+        return quantized[name]
+
+
+def quantize(
+    w: Any,
+    bits: int | None = None,
+    group_size: int | None = None,
+    scheme: str = "asym",
+    *,
+    scale_dtype: str = "float16",
+    search: bool = False,
+) -> QuantizedWeights:
+    """Quantizes a float matrix group-wise along its rows.
+
+    Args:
+        w: float array or CPU/CUDA torch tensor of shape (rows, cols); float32
+            C-contiguous numpy input is read in place.
+        bits: 2, 3, 4 or 8 (default 4; fixed by GGUF schemes).
+        group_size: 32, 64, 128 or 256 (default 64; 32 for GGUF schemes).
+        scheme: ``asym``, ``sym``, ``q4_0``, ``q4_1`` or ``q8_0``.
+        scale_dtype: ``float16`` (default) or ``float32`` scales and mins.
+        search: search each group's clipping range for the least squared error
+            instead of round-to-nearest over the full range.
+
+    Returns:
+        The packed matrix.
+
+    Raises:
+        ArgumentError: unsupported bits, group size, scheme, or NaN/Inf weights.
+        ShapeError: ``w`` is not 2-D or is empty.
+    """
+    bits, group_size, scheme = _resolve(bits, group_size, scheme)
+    arr = _as_numpy(w)
+    out = _native.quant_quantize(arr, bits, group_size, scheme, scale_dtype, bool(search))
+    shape = np.shape(arr)
+    return QuantizedWeights._from_native(out, shape, bits, group_size, scheme)
+
+
+def save_file(path: str | Path, entries: dict[str, Any]) -> None:
+    """Writes quantized matrices and plain arrays to one safetensors file.
+
+    A :class:`QuantizedWeights` entry ``name`` becomes tensors ``name.qdata``,
+    ``name.scales`` (and ``name.mins``) plus its format in the metadata key
+    ``neuropil.quant``; a numpy array is stored as is.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    formats: dict[str, Any] = {}
+    for name, v in entries.items():
+        if isinstance(v, QuantizedWeights):
+            tensors[f"{name}.qdata"] = v.data
+            tensors[f"{name}.scales"] = v.scales
+            if v.mins is not None:
+                tensors[f"{name}.mins"] = v.mins
+            formats[name] = v._meta()
+        else:
+            tensors[name] = np.asarray(v)
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "neuropil.quant": json.dumps(formats, separators=(",", ":")),
+    }
+    _quant_io.write(path, tensors, meta)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Reads a file written by :func:`save_file`: ``{name: QuantizedWeights | ndarray}``.
+
+    Raises:
+        FormatError: not safetensors, wrong format or version, a missing or
+            malformed field, or buffers inconsistent with the recorded format.
+    """
+    tensors, meta, _ = _quant_io.read(path)
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: metadata format must be {FORMAT!r}; got {meta.get('format')!r}")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise FormatError(
+            f"{path}: format_version must be {FORMAT_VERSION}; got {meta.get('format_version')!r}"
+        )
+    try:
+        formats = json.loads(meta.get("neuropil.quant", ""))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: metadata neuropil.quant is not JSON ({e})") from e
+    if not isinstance(formats, dict):
+        raise FormatError(f"{path}: metadata neuropil.quant must be a JSON object")
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for name, f in formats.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(f, dict):
+            raise FormatError(f"{where}: format entry must be an object; got {f!r}")
+        try:
+            shape = f["shape"]
+            bits, g, scheme, sdt = f["bits"], f["group_size"], f["scheme"], f["scale_dtype"]
+        except KeyError as e:
+            raise FormatError(f"{where}: format entry lacks {e}") from e
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        ):
+            raise FormatError(f"{where}: shape must be two positive integers; got {shape!r}")
+        if sdt not in ("float16", "float32"):
+            raise FormatError(f"{where}: scale_dtype must be float16 or float32; got {sdt!r}")
+        keys = [f"{name}.qdata", f"{name}.scales"] + (
+            [f"{name}.mins"] if f"{name}.mins" in tensors else []
+        )
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise FormatError(f"{where}: missing tensors {missing}")
+        used.update(keys)
+        scales = tensors[f"{name}.scales"]
+        mins = tensors.get(f"{name}.mins")
+        for arr, what in ((scales, "scales"), (mins, "mins")):
+            if arr is not None and str(arr.dtype) != sdt:
+                raise FormatError(f"{where}: {what} dtype must be {sdt}; got {arr.dtype}")
+        try:
+            qw = QuantizedWeights(
+                tensors[f"{name}.qdata"], scales, mins, tuple(shape), bits, g, scheme
+            )
+        except (ArgumentError, ValueError, TypeError, OverflowError) as e:
+            raise FormatError(f"{where}: {e}") from e
+        for arr, what in ((scales, "scales"), (mins, "mins")):
+            if arr is not None and not np.isfinite(arr).all():
+                raise FormatError(f"{where}: {what} hold NaN or Inf")
+        out[name] = qw
+    for name, arr in tensors.items():
+        if name not in used:
+            out[name] = arr
+    return out

@@ -1,0 +1,145 @@
+//! Fused mat-mul for a batch of `n` activation rows: `Y (n, rows) = X (n, cols) W^T`.
+//!
+//! Small batches (n < 4) are `n` mat-vecs (each reads the packed weights once).
+//! Larger batches are compute-bound: the weights are dequantized one tile of
+//! rows at a time (about 1 MiB of float32, so it stays in the core's cache),
+//! and each tile is multiplied with `X` by `matrixmultiply`'s packed SGEMM.
+//! Only one tile per thread ever exists as floats; the full float matrix is
+//! never materialised. Tiles run in parallel in the neuropil pool.
+
+use rayon::prelude::*;
+
+use super::format::QuantRef;
+use super::matvec::matvec_at;
+use super::quantize::{dequant_row_at, fast_dequant};
+use crate::error::{Error, Result};
+use crate::simd::Level;
+
+/// Below this batch size, `n` mat-vecs beat dequantize + SGEMM.
+const MIN_GEMM_BATCH: usize = 4;
+
+/// Rows per dequantized tile: ~256 Ki floats (1 MiB), a multiple of 8.
+fn tile_rows(cols: usize) -> usize {
+    ((1usize << 18) / cols.max(1)).clamp(8, 256) / 8 * 8
+}
+
+/// `out (n, rows) = x (n, cols) . W^T` at an explicit level.
+pub fn matmul_at(
+    level: Level,
+    q: &QuantRef<'_>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    level.check()?;
+    let (rows, cols) = (q.rows, q.cols);
+    if x.len() != n * cols {
+        return Err(Error::shape(
+            "x",
+            format!("(n, {cols}) to match the weights' columns"),
+            &[n, x.len() / n.max(1)],
+        ));
+    }
+    if out.len() != n * rows {
+        return Err(Error::shape("out", format!("({n}, {rows})"), &[out.len()]));
+    }
+    if n < MIN_GEMM_BATCH {
+        let mut col = vec![0f32; rows];
+        for i in 0..n {
+            matvec_at(level, q, &x[i * cols..(i + 1) * cols], None, &mut col)?;
+            out[i * rows..(i + 1) * rows].copy_from_slice(&col);
+        }
+        return Ok(());
+    }
+    let fast = fast_dequant(level);
+    let tr = tile_rows(cols);
+    let tiles: Vec<(usize, Vec<f32>)> = crate::threads::install(|| {
+        (0..rows.div_ceil(tr))
+            .into_par_iter()
+            .map(|t| {
+                let r0 = t * tr;
+                let m = tr.min(rows - r0);
+                let mut w = vec![0f32; m * cols];
+                for (i, dst) in w.chunks_exact_mut(cols).enumerate() {
+                    dequant_row_at(fast, q, r0 + i, dst);
+                }
+                let mut y = vec![0f32; n * m];
+                // SAFETY: matrixmultiply reads x as n x cols (row stride cols),
+                // w^T as cols x m (w is m x cols, so row stride 1, column stride
+                // cols) and writes y as n x m (row stride m): every index stays
+                // inside the three vectors, whose lengths are exactly those sizes.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        n,
+                        cols,
+                        m,
+                        1.0,
+                        x.as_ptr(),
+                        cols as isize,
+                        1,
+                        w.as_ptr(),
+                        1,
+                        cols as isize,
+                        0.0,
+                        y.as_mut_ptr(),
+                        m as isize,
+                        1,
+                    );
+                }
+                (r0, y)
+            })
+            .collect()
+    })?;
+    for (r0, y) in tiles {
+        let m = y.len() / n;
+        for i in 0..n {
+            out[i * rows + r0..i * rows + r0 + m].copy_from_slice(&y[i * m..(i + 1) * m]);
+        }
+    }
+    Ok(())
+}
+
+/// `X W^T` for `n` activation rows (`x` row-major, n x cols); returns n x rows.
+pub fn matmul(q: &QuantRef<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; n * q.rows];
+    matmul_at(crate::simd::level()?, q, x, n, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::{Params, ScaleType, Scheme};
+    use super::super::quantize::{dequantize, quantize};
+    use super::*;
+
+    #[test]
+    fn matmul_matches_dequantized_product_for_every_batch_path() {
+        let (rows, cols) = (37, 100);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 211) as f32 / 105.0 - 1.0)
+            .collect();
+        let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
+        let q = quantize(&w, rows, cols, p, false).unwrap();
+        let d = dequantize(&q.view()).unwrap();
+        for n in [1usize, 3, 4, 9] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            for level in Level::supported() {
+                let mut y = vec![0f32; n * rows];
+                matmul_at(level, &q.view(), &x, n, &mut y).unwrap();
+                for i in 0..n {
+                    for r in 0..rows {
+                        let want: f32 = (0..cols).map(|c| d[r * cols + c] * x[i * cols + c]).sum();
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let dr = &d[r * cols..(r + 1) * cols];
+                        let slack = super::super::matvec::tests::int8_bound(dr, xi, 32) as f32;
+                        let tol = 1e-3 * (1.0 + want.abs()) + slack;
+                        assert!((y[i * rows + r] - want).abs() < tol, "{level} n={n}");
+                    }
+                }
+            }
+        }
+        assert!(matmul(&q.view(), &[0.0; 99], 1).is_err());
+    }
+}

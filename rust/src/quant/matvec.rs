@@ -1,0 +1,528 @@
+//! Fused mat-vec: `y[r] = sum_c deq(W)[r, c] * x[c]` straight from packed codes.
+//!
+//! Per group `k` of row `r`: `y += scale * dot(u, x_k) + min * sum(x_k)`, with
+//! the group sums of `x` computed once per call, so the float matrix is never
+//! materialised.
+//!
+//! Paths (chosen per call from the SIMD level and the bit width):
+//! - 4-bit at the AVX-512 level on a CPU with VNNI: int8 activations per group
+//!   and `vpdpbusd` (see `vnni.rs`; error bounded by the activation rounding);
+//! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
+//!   to 16 or 8 float lanes, FMA against float32 activations;
+//! - 2-, 3- and 8-bit at AVX-512/AVX2: codes unpacked to bytes per group, then
+//!   widened to float lanes (8-bit reads its codes in place), float32 activations;
+//! - scalar: portable loops, float32 activations.
+//!
+//! Rows run in parallel (rayon, the neuropil pool). [`matvec_rows`] computes a
+//! subset of rows, for callers that know which outputs they need (sparse FFNs).
+
+use rayon::prelude::*;
+
+use super::format::QuantRef;
+use super::pack::unpack_group_u8;
+use crate::error::{Error, Result};
+use crate::simd::Level;
+
+/// `x` padded with zeros to whole groups, and its per-group sums.
+pub(crate) struct Activations {
+    pub x: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+impl Activations {
+    pub fn new(q: &QuantRef<'_>, x: &[f32]) -> Activations {
+        let g = q.params.group_size;
+        let mut xp = vec![0f32; q.params.padded_cols(q.cols)];
+        xp[..x.len()].copy_from_slice(x);
+        let sums = xp.chunks_exact(g).map(|c| c.iter().sum()).collect();
+        Activations { x: xp, sums }
+    }
+}
+
+/// Portable row kernel: unpack each group to integer codes, dot with `x`.
+#[inline(always)]
+fn row_generic(q: &QuantRef<'_>, r: usize, a: &Activations, s: &mut [f32], m: &mut [f32]) -> f32 {
+    let p = &q.params;
+    let (g, gb) = (p.group_size, p.group_bytes());
+    q.row_scales(r, s, m);
+    let mut buf = [0u8; 256];
+    let mut acc = 0f32;
+    for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
+        let codes: &[u8] = if p.bits == 8 {
+            bytes
+        } else {
+            unpack_group_u8(p.bits, bytes, &mut buf[..g]);
+            &buf[..g]
+        };
+        let mut lanes = [0f32; 16];
+        for (c, x) in codes
+            .chunks_exact(16)
+            .zip(a.x[k * g..(k + 1) * g].chunks_exact(16))
+        {
+            for i in 0..16 {
+                lanes[i] += c[i] as f32 * x[i];
+            }
+        }
+        acc += s[k] * lanes.iter().sum::<f32>() + m[k] * a.sums[k];
+    }
+    acc
+}
+
+/// Any width, AVX2: codes unpacked to bytes, 8 at a time widened to float lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_generic_avx2(
+    q: &QuantRef<'_>,
+    r: usize,
+    a: &Activations,
+    s: &mut [f32],
+    m: &mut [f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let p = &q.params;
+    let (g, gb) = (p.group_size, p.group_bytes());
+    q.row_scales(r, s, m);
+    let mut buf = [0u8; 256];
+    let mut acc = _mm256_setzero_ps();
+    let mut tail = 0f32;
+    for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
+        let codes: &[u8] = if p.bits == 8 {
+            bytes
+        } else {
+            unpack_group_u8(p.bits, bytes, &mut buf[..g]);
+            &buf[..g]
+        };
+        let (pc, px) = (codes.as_ptr(), a.x[k * g..].as_ptr());
+        let mut d0 = _mm256_setzero_ps();
+        let mut d1 = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < g {
+            // SAFETY: codes holds g bytes and x from k*g holds >= g floats; c + 16 <= g (g % 32 == 0).
+            unsafe {
+                let v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    pc.add(c) as *const __m128i
+                )));
+                let v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    pc.add(c + 8) as *const __m128i
+                )));
+                d0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(px.add(c)), d0);
+                d1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(px.add(c + 8)), d1);
+            }
+            c += 16;
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), _mm256_add_ps(d0, d1), acc);
+        tail += m[k] * a.sums[k];
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Any width, AVX-512: codes unpacked to bytes, 16 at a time widened to float lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn row_generic_avx512(
+    q: &QuantRef<'_>,
+    r: usize,
+    a: &Activations,
+    s: &mut [f32],
+    m: &mut [f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let p = &q.params;
+    let (g, gb) = (p.group_size, p.group_bytes());
+    q.row_scales(r, s, m);
+    let mut buf = [0u8; 256];
+    let mut acc = _mm512_setzero_ps();
+    let mut tail = 0f32;
+    for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
+        let codes: &[u8] = if p.bits == 8 {
+            bytes
+        } else {
+            unpack_group_u8(p.bits, bytes, &mut buf[..g]);
+            &buf[..g]
+        };
+        let (pc, px) = (codes.as_ptr(), a.x[k * g..].as_ptr());
+        let mut d0 = _mm512_setzero_ps();
+        let mut d1 = _mm512_setzero_ps();
+        let mut c = 0;
+        while c < g {
+            // SAFETY: codes holds g bytes and x from k*g holds >= g floats; c + 32 <= g.
+            unsafe {
+                let v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    pc.add(c) as *const __m128i
+                )));
+                let v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    pc.add(c + 16) as *const __m128i
+                )));
+                d0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(px.add(c)), d0);
+                d1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(px.add(c + 16)), d1);
+            }
+            c += 32;
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), _mm512_add_ps(d0, d1), acc);
+        tail += m[k] * a.sums[k];
+    }
+    _mm512_reduce_add_ps(acc) + tail
+}
+
+/// Scales (and mins) of groups `k0..k0+16` of row `r` as 16 float lanes;
+/// lanes past the row's last group are zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn lanes16(
+    s: super::format::ScaleSlice<'_>,
+    start: usize,
+    n: usize,
+) -> std::arch::x86_64::__m512 {
+    use super::format::ScaleSlice;
+    use std::arch::x86_64::*;
+    let mask: __mmask16 = if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    };
+    match s {
+        // SAFETY: the mask enables only lanes start..start+n, all inside the slice
+        // (the caller passes n <= groups left in the row).
+        ScaleSlice::F16(v) => unsafe {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                v.as_ptr().add(start) as *const i16,
+            ))
+        },
+        // SAFETY: as above.
+        ScaleSlice::F32(v) => unsafe { _mm512_maskz_loadu_ps(mask, v.as_ptr().add(start)) },
+    }
+}
+
+/// 4-bit, AVX-512: 16 bytes -> 16 low and 16 high nibbles as float lanes;
+/// scales converted 16 groups at a time, the min term as one vector dot.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn row4_avx512(
+    q: &QuantRef<'_>,
+    r: usize,
+    a: &Activations,
+    _s: &mut [f32],
+    _m: &mut [f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    let g = q.params.group_size;
+    let h = g / 2;
+    let ng = q.groups();
+    let data = q.row(r);
+    let (px, pd) = (a.x.as_ptr(), data.as_ptr());
+    let mask = _mm512_set1_epi32(15);
+    let off = -(q.params.offset() as f32);
+    let mut acc = _mm512_setzero_ps();
+    let mut macc = _mm512_setzero_ps();
+    let mut sl = [0f32; 16];
+    let mut k0 = 0;
+    while k0 < ng {
+        let n = (ng - k0).min(16);
+        let lmask: __mmask16 = if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        };
+        // SAFETY: n <= groups left in row r; the scale/min slices hold rows * ng entries.
+        let sv = unsafe { lanes16(q.scales, r * ng + k0, n) };
+        let mv = match q.mins {
+            // SAFETY: as above.
+            Some(m) => unsafe { lanes16(m, r * ng + k0, n) },
+            None => _mm512_mul_ps(sv, _mm512_set1_ps(off)),
+        };
+        // SAFETY: a.sums holds ng floats; the mask keeps lanes inside k0..k0+n.
+        let xs = unsafe { _mm512_maskz_loadu_ps(lmask, a.sums.as_ptr().add(k0)) };
+        macc = _mm512_fmadd_ps(mv, xs, macc);
+        // SAFETY: `sl` holds 16 floats.
+        unsafe { _mm512_storeu_ps(sl.as_mut_ptr(), sv) };
+        for (j, sk) in sl.iter().enumerate().take(n) {
+            let k = k0 + j;
+            let mut lo_acc = _mm512_setzero_ps();
+            let mut hi_acc = _mm512_setzero_ps();
+            let mut c = 0;
+            while c < h {
+                // SAFETY: the row holds ng * g/2 bytes and x holds ng * g floats
+                // (checked by QuantRef::new / Activations::new); c + 16 <= h, g % 32 == 0.
+                unsafe {
+                    let b = _mm_loadu_si128(pd.add(k * h + c) as *const __m128i);
+                    let v = _mm512_cvtepu8_epi32(b);
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    lo_acc = _mm512_fmadd_ps(lo, _mm512_loadu_ps(px.add(k * g + c)), lo_acc);
+                    hi_acc = _mm512_fmadd_ps(hi, _mm512_loadu_ps(px.add(k * g + h + c)), hi_acc);
+                }
+                c += 16;
+            }
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(*sk), _mm512_add_ps(lo_acc, hi_acc), acc);
+        }
+        k0 += n;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc, macc))
+}
+
+/// 4-bit, AVX2: 8 bytes -> 8 low and 8 high nibbles as float lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row4_avx2(
+    q: &QuantRef<'_>,
+    r: usize,
+    a: &Activations,
+    s: &mut [f32],
+    m: &mut [f32],
+) -> f32 {
+    use std::arch::x86_64::*;
+    q.row_scales(r, s, m);
+    let g = q.params.group_size;
+    let h = g / 2;
+    let data = q.row(r);
+    let (px, pd) = (a.x.as_ptr(), data.as_ptr());
+    let mask = _mm256_set1_epi32(15);
+    let mut acc = _mm256_setzero_ps();
+    let mut tail = 0f32;
+    for k in 0..s.len() {
+        let mut lo_acc = _mm256_setzero_ps();
+        let mut hi_acc = _mm256_setzero_ps();
+        let mut c = 0;
+        while c < h {
+            // SAFETY: as in row4_avx512; c + 8 <= h.
+            unsafe {
+                let b = _mm_loadl_epi64(pd.add(k * h + c) as *const __m128i);
+                let v = _mm256_cvtepu8_epi32(b);
+                let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+                let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                lo_acc = _mm256_fmadd_ps(lo, _mm256_loadu_ps(px.add(k * g + c)), lo_acc);
+                hi_acc = _mm256_fmadd_ps(hi, _mm256_loadu_ps(px.add(k * g + h + c)), hi_acc);
+            }
+            c += 8;
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), _mm256_add_ps(lo_acc, hi_acc), acc);
+        tail += m[k] * a.sums[k];
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One output row at `level` (already checked).
+#[inline]
+fn row_at(
+    level: Level,
+    q: &QuantRef<'_>,
+    r: usize,
+    a: &Activations,
+    s: &mut [f32],
+    m: &mut [f32],
+) -> f32 {
+    let four = q.params.bits == 4;
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level passed `Level::check` (AVX-512 F/BW/VL).
+        Level::Avx512 if four => unsafe { row4_avx512(q, r, a, s, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level passed `Level::check` (AVX-512 F/BW/VL, which implies AVX2 + FMA here).
+        Level::Avx512 => unsafe { row_generic_avx512(q, r, a, s, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level passed `Level::check` (AVX2 + FMA).
+        Level::Avx2 if four => unsafe { row4_avx2(q, r, a, s, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level passed `Level::check` (AVX2 + FMA).
+        Level::Avx2 => unsafe { row_generic_avx2(q, r, a, s, m) },
+        _ => row_generic(q, r, a, s, m),
+    }
+}
+
+/// How many rows ahead [`prefetch_row`] asks for.
+const PREFETCH_ROWS: usize = 4;
+
+/// Asks the memory system for row `r`'s codes (memory-level parallelism beyond
+/// what the hardware prefetcher keeps in flight for one core).
+#[inline]
+fn prefetch_row(q: &QuantRef<'_>, r: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in q.row(r).chunks(64) {
+            // SAFETY: prefetch never faults, and the address is inside the row.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (q, r);
+}
+
+fn check_x(q: &QuantRef<'_>, x: &[f32]) -> Result<()> {
+    if x.len() != q.cols {
+        return Err(Error::shape(
+            "x",
+            format!("({},) to match the weights' columns", q.cols),
+            &[x.len()],
+        ));
+    }
+    Ok(())
+}
+
+/// Rows per parallel task: enough work (>= ~64 KiB of codes) to amortise scheduling.
+fn chunk_rows(q: &QuantRef<'_>) -> usize {
+    (65536 / q.params.row_bytes(q.cols).max(1)).clamp(1, 256)
+}
+
+/// `out[i] = row(rows[i]) . x` (all rows when `rows` is `None`) at an explicit level.
+pub fn matvec_at(
+    level: Level,
+    q: &QuantRef<'_>,
+    x: &[f32],
+    rows: Option<&[u32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    level.check()?;
+    check_x(q, x)?;
+    let n = rows.map_or(q.rows, <[u32]>::len);
+    if out.len() != n {
+        return Err(Error::shape("out", format!("({n},)"), &[out.len()]));
+    }
+    if let Some(idx) = rows {
+        if let Some(bad) = idx.iter().find(|&&i| i as usize >= q.rows) {
+            return Err(Error::Index {
+                arg: "rows",
+                index: *bad as i64,
+                len: q.rows,
+            });
+        }
+    }
+    let ng = q.groups();
+    let chunk = chunk_rows(q);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && q.params.bits == 4 && super::vnni::available() {
+        let a = super::vnni::Int8Activations::new(q, x);
+        return crate::threads::install(|| {
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+                for (i, y) in o.iter_mut().enumerate() {
+                    let j = c * chunk + i;
+                    let r = rows.map_or(j, |idx| idx[j] as usize);
+                    // SAFETY: `available()` proved AVX-512 F/BW/VL + VNNI; 4-bit
+                    // weights; `a` was built from `q`; r < q.rows (checked above).
+                    *y = unsafe { super::vnni::row4_vnni(q, r, &a) };
+                }
+            })
+        });
+    }
+    let a = Activations::new(q, x);
+    let n_out = out.len();
+    crate::threads::install(|| {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            let mut s = vec![0f32; ng];
+            let mut m = vec![0f32; ng];
+            for (i, y) in o.iter_mut().enumerate() {
+                let j = c * chunk + i;
+                let r = rows.map_or(j, |idx| idx[j] as usize);
+                if j + PREFETCH_ROWS < n_out && level != Level::Scalar {
+                    prefetch_row(
+                        q,
+                        rows.map_or(j + PREFETCH_ROWS, |idx| idx[j + PREFETCH_ROWS] as usize),
+                    );
+                }
+                *y = row_at(level, q, r, &a, &mut s, &mut m);
+            }
+        })
+    })
+}
+
+/// `W x` for one vector `x` of length `cols`; returns `rows` outputs.
+pub fn matvec(q: &QuantRef<'_>, x: &[f32]) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; q.rows];
+    matvec_at(crate::simd::level()?, q, x, None, &mut out)?;
+    Ok(out)
+}
+
+/// The selected rows of `W x`: `out[i] = W[rows[i]] . x`. Indices may repeat
+/// and come in any order; one out of range is an [`Error::Index`].
+pub fn matvec_rows(q: &QuantRef<'_>, x: &[f32], rows: &[u32]) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; rows.len()];
+    matvec_at(crate::simd::level()?, q, x, Some(rows), &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::format::{Params, ScaleType, Scheme};
+    use super::super::quantize::{dequantize, quantize};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// How far int8 activations (the VNNI path) may move a row's dot product.
+    pub(crate) fn int8_bound(w: &[f32], x: &[f32], g: usize) -> f64 {
+        x.chunks(g)
+            .zip(w.chunks(g))
+            .map(|(xs, ws)| {
+                let dx = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                dx / 2.0 * ws.iter().map(|v| v.abs() as f64).sum::<f64>() * 1.01
+            })
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn every_level_matches_dequantized_reference(
+            bits in prop::sample::select(vec![2u8, 3, 4, 8]),
+            g in prop::sample::select(vec![32usize, 64, 128, 256]),
+            scheme in prop::sample::select(vec![Scheme::Asym, Scheme::Sym]),
+            rows in 1usize..9,
+            cols in 1usize..400,
+            seed in any::<u64>(),
+        ) {
+            let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+            let w = data(seed, rows * cols);
+            let x = data(seed ^ 0x5555, cols);
+            let q = quantize(&w, rows, cols, p, false).unwrap();
+            let d = dequantize(&q.view()).unwrap();
+            for level in Level::supported() {
+                let mut y = vec![0f32; rows];
+                matvec_at(level, &q.view(), &x, None, &mut y).unwrap();
+                for r in 0..rows {
+                    let want: f64 = (0..cols).map(|c| d[r * cols + c] as f64 * x[c] as f64).sum();
+                    let mut tol = 1e-4 * (cols as f64).sqrt() * (1.0 + want.abs());
+                    if level == Level::Avx512 && bits == 4 {
+                        tol += int8_bound(&d[r * cols..(r + 1) * cols], &x, g);
+                    }
+                    prop_assert!((y[r] as f64 - want).abs() <= tol, "{level} row {r}: {} vs {want}", y[r]);
+                }
+                let pick = [rows as u32 - 1, 0, rows as u32 - 1];
+                let mut ys = vec![0f32; 3];
+                matvec_at(level, &q.view(), &x, Some(&pick), &mut ys).unwrap();
+                prop_assert_eq!(ys[0].to_bits(), y[rows - 1].to_bits());
+                prop_assert_eq!(ys[1].to_bits(), y[0].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments() {
+        let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
+        let q = quantize(&data(1, 64), 2, 32, p, false).unwrap();
+        let e = matvec(&q.view(), &[0.0; 31]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x must have shape (32,) to match the weights' columns; got (31,)"
+        );
+        let e = matvec_rows(&q.view(), &[0.0; 32], &[0, 2]).unwrap_err();
+        assert_eq!(e.to_string(), "rows index 2 is out of range for length 2");
+    }
+}

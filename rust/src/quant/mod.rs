@@ -1,0 +1,28 @@
+//! Packed quantization of weight matrices: group-wise 2/3/4/8-bit codes with
+//! float16 (or float32) scales and mins, GGUF `Q4_0`/`Q4_1`/`Q8_0` blocks, and
+//! fused kernels that multiply with the packed codes directly.
+//!
+//! - [`format`]: the layout ([`Params`], [`QuantRef`], [`QuantizedWeights`]);
+//! - [`pack`]: packing one group of codes;
+//! - [`quantize`](mod@quantize): quantize / dequantize (round-to-nearest or error-minimising search);
+//! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
+//! - [`matmul`](mod@matmul): fused mat-mul for batches;
+//! - [`gguf`]: GGUF block conversion;
+//! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
+//! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
+
+pub mod bandwidth;
+pub mod format;
+pub mod gguf;
+pub mod matmul;
+pub mod matvec;
+pub mod pack;
+pub mod quantize;
+pub(crate) mod vnni;
+
+pub use bandwidth::read_bandwidth;
+pub use format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scales, Scheme};
+pub use gguf::{from_gguf, to_gguf};
+pub use matmul::{matmul, matmul_at};
+pub use matvec::{matvec, matvec_at, matvec_rows};
+pub use quantize::{dequantize, dequantize_into, quantize, quantize_at};

@@ -1,0 +1,587 @@
+//! Quantize and dequantize: per-group rules and the row-parallel drivers.
+//!
+//! Round-to-nearest (the default) picks the scale and min from the group's
+//! range, rounded *outward* to the storage type (the min down, the scale up),
+//! so every weight lands inside the code range and `|w - deq(q(w))| <= scale / 2`
+//! holds up to float32 rounding. GGUF schemes follow the `gguf` package's
+//! float32 arithmetic step by step, so their bytes are identical to it.
+//!
+//! `search = true` tries a grid of clipping ranges per group and refits scale
+//! and min by least squares for each candidate's codes (in the spirit of
+//! ggml's K-quant `make_qkx` search), keeping the lowest squared error.
+//! It is calibration-free and deterministic.
+//!
+//! Results are identical at every SIMD level: the code is plain f32 arithmetic
+//! (no fused multiply-add, which Rust never introduces on its own), compiled
+//! once per level only so LLVM may use wider vectors.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::format::{Params, QuantRef, QuantizedWeights, ScaleType, Scales, Scheme};
+use super::pack::{pack_group, unpack_group_f32};
+use crate::error::{Error, Result};
+use crate::simd::Level;
+use crate::validate;
+
+/// Rounds `x` to the storage type: `dir` < 0 down, > 0 up, 0 to nearest.
+#[inline(always)]
+fn to_storage(x: f32, t: ScaleType, dir: i8) -> f32 {
+    match t {
+        ScaleType::F32 => x,
+        ScaleType::F16 => {
+            let h = f16::from_f32(x);
+            let y = h.to_f32();
+            if (dir > 0 && y < x) || (dir < 0 && y > x) {
+                f16_step(h, dir > 0).to_f32()
+            } else {
+                y
+            }
+        }
+    }
+}
+
+/// The next float16 up or down from `h`.
+fn f16_step(h: f16, up: bool) -> f16 {
+    let b = h.to_bits();
+    let neg = b & 0x8000 != 0;
+    let nb = if b & 0x7fff == 0 {
+        if up {
+            0x0001
+        } else {
+            0x8001
+        }
+    } else if neg == up {
+        b - 1
+    } else {
+        b + 1
+    };
+    f16::from_bits(nb)
+}
+
+#[inline(always)]
+fn min_max(w: &[f32]) -> (f32, f32) {
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    for c in w.chunks_exact(8) {
+        for i in 0..8 {
+            lo[i] = lo[i].min(c[i]);
+            hi[i] = hi[i].max(c[i]);
+        }
+    }
+    let (l, h) = (
+        lo.iter().fold(f32::INFINITY, |a, b| a.min(*b)),
+        hi.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)),
+    );
+    w.chunks_exact(8)
+        .remainder()
+        .iter()
+        .fold((l, h), |(l, h), v| (l.min(*v), h.max(*v)))
+}
+
+/// Codes for fixed `scale`/`min`: `u = clamp(round((w - min) / scale))`.
+#[inline(always)]
+fn codes_for(w: &[f32], s: f32, m: f32, maxq: f32, codes: &mut [u8]) {
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    for (c, v) in codes.iter_mut().zip(w) {
+        *c = ((*v - m) * inv + 0.5).clamp(0.0, maxq) as u8;
+    }
+}
+
+#[inline(always)]
+fn sq_error(w: &[f32], s: f32, m: f32, codes: &[u8]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (cw, cc) in w.chunks_exact(8).zip(codes.chunks_exact(8)) {
+        for i in 0..8 {
+            let d = cw[i] - (s * cc[i] as f32 + m);
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Quantizes one group; returns (scale, min) as stored (min is the folded
+/// `-offset * scale` for symmetric schemes and is not stored).
+#[inline(always)]
+fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    let maxq = p.max_code() as f32;
+    let t = p.scale_type;
+    match p.scheme {
+        Scheme::Asym => {
+            let (lo, hi) = min_max(w);
+            let m = to_storage(lo, t, -1);
+            let s = to_storage((hi - m) / maxq, t, 1);
+            codes_for(w, s, m, maxq, codes);
+            if search && hi > lo {
+                return search_asym(p, w, lo, hi, (s, m), codes);
+            }
+            (s, m)
+        }
+        Scheme::Sym => {
+            let off = p.offset() as f32;
+            let (lo, hi) = min_max(w);
+            let a = hi.max(-lo);
+            let s = to_storage(a / (off - 1.0), t, 1);
+            codes_for(w, s, -off * s, maxq, codes);
+            if search && a > 0.0 {
+                return search_sym(p, w, a, s, codes);
+            }
+            (s, -off * s)
+        }
+        Scheme::Q4_0 => {
+            // gguf: imax = argmax |x| (first); d = x[imax] / -8; q = trunc(x / d + 8.5) clip 15
+            let (lo, hi) = min_max(w);
+            let amax = hi.max(-lo);
+            let max = w.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+            let d = max / -8.0;
+            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+            for (c, v) in codes.iter_mut().zip(w) {
+                *c = ((v * id + 8.5).trunc() as u8).min(15);
+            }
+            let d = f16::from_f32(d).to_f32();
+            (d, -8.0 * d)
+        }
+        Scheme::Q4_1 => {
+            let (lo, hi) = min_max(w);
+            let d = (hi - lo) / 15.0;
+            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+            for (c, v) in codes.iter_mut().zip(w) {
+                *c = (((v - lo) * id + 0.5).trunc() as u8).min(15);
+            }
+            (f16::from_f32(d).to_f32(), f16::from_f32(lo).to_f32())
+        }
+        Scheme::Q8_0 => {
+            let (lo, hi) = min_max(w);
+            let d = hi.max(-lo) / 127.0;
+            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+            for (c, v) in codes.iter_mut().zip(w) {
+                // round half away from zero, as ggml's roundf
+                *c = ((v * id).round().clamp(-128.0, 127.0) as i32 + 128) as u8;
+            }
+            let d = f16::from_f32(d).to_f32();
+            (d, -128.0 * d)
+        }
+    }
+}
+
+/// Least-squares scale and min of `w` against fixed codes.
+#[inline(always)]
+fn fit(w: &[f32], codes: &[u8]) -> Option<(f32, f32)> {
+    let n = w.len() as f32;
+    let (mut sl, mut sl2, mut sw, mut slw) = (0f32, 0f32, 0f32, 0f32);
+    for (v, c) in w.iter().zip(codes) {
+        let l = *c as f32;
+        sl += l;
+        sl2 += l * l;
+        sw += v;
+        slw += l * v;
+    }
+    let det = n * sl2 - sl * sl;
+    if det <= 0.0 {
+        return None;
+    }
+    let s = (n * slw - sl * sw) / det;
+    (s > 0.0).then(|| (s, (sw - s * sl) / n))
+}
+
+fn search_asym(
+    p: &Params,
+    w: &[f32],
+    lo: f32,
+    hi: f32,
+    rtn: (f32, f32),
+    codes: &mut [u8],
+) -> (f32, f32) {
+    let maxq = p.max_code() as f32;
+    let t = p.scale_type;
+    let mut best = rtn;
+    let mut best_err = sq_error(w, rtn.0, rtn.1, codes);
+    let mut trial = [0u8; 256];
+    let trial = &mut trial[..w.len()];
+    for step in 0..=20 {
+        let iscale = (maxq - 1.0 + 0.1 * step as f32) / (hi - lo);
+        for (c, v) in trial.iter_mut().zip(w) {
+            *c = ((v - lo) * iscale + 0.5).clamp(0.0, maxq) as u8;
+        }
+        let Some((s, m)) = fit(w, trial) else {
+            continue;
+        };
+        let (s, m) = (to_storage(s, t, 0), to_storage(m, t, 0));
+        if !(s > 0.0 && s.is_finite() && m.is_finite()) {
+            continue;
+        }
+        codes_for(w, s, m, maxq, trial);
+        let err = sq_error(w, s, m, trial);
+        if err < best_err {
+            best_err = err;
+            best = (s, m);
+            codes.copy_from_slice(trial);
+        }
+    }
+    best
+}
+
+fn search_sym(p: &Params, w: &[f32], amax: f32, s0: f32, codes: &mut [u8]) -> (f32, f32) {
+    let maxq = p.max_code() as f32;
+    let off = p.offset() as f32;
+    let t = p.scale_type;
+    let mut best = s0;
+    let mut best_err = sq_error(w, s0, -off * s0, codes);
+    let mut trial = [0u8; 256];
+    let trial = &mut trial[..w.len()];
+    for step in 0..=16 {
+        let s = amax / (off - 1.0 + 0.125 * step as f32);
+        codes_for(w, s, -off * s, maxq, trial);
+        // refit the scale alone: s = sum(q w) / sum(q^2), q = u - offset
+        let (mut qw, mut qq) = (0f32, 0f32);
+        for (v, c) in w.iter().zip(trial.iter()) {
+            let q = *c as f32 - off;
+            qw += q * v;
+            qq += q * q;
+        }
+        if qq <= 0.0 {
+            continue;
+        }
+        let s = to_storage(qw / qq, t, 0);
+        if !(s > 0.0 && s.is_finite()) {
+            continue;
+        }
+        codes_for(w, s, -off * s, maxq, trial);
+        let err = sq_error(w, s, -off * s, trial);
+        if err < best_err {
+            best_err = err;
+            best = s;
+            codes.copy_from_slice(trial);
+        }
+    }
+    (best, -off * best)
+}
+
+/// Quantizes one row into its packed bytes and per-group scales/mins (f32).
+#[inline(always)]
+fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+    let g = p.group_size;
+    let gb = p.group_bytes();
+    let mut buf = [0f32; 256];
+    let mut codes = [0u8; 256];
+    for (k, (dst, (sk, mk))) in out
+        .chunks_exact_mut(gb)
+        .zip(s.iter_mut().zip(m.iter_mut()))
+        .enumerate()
+    {
+        let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
+        let wg: &[f32] = if src.len() == g {
+            src
+        } else {
+            buf[..src.len()].copy_from_slice(src);
+            buf[src.len()..g].fill(0.0);
+            &buf[..g]
+        };
+        let (sc, mn) = group(p, search, wg, &mut codes[..g]);
+        pack_group(p.bits, &codes[..g], dst);
+        *sk = sc;
+        *mk = mn;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(
+    p: &Params,
+    search: bool,
+    w: &[f32],
+    out: &mut [u8],
+    s: &mut [f32],
+    m: &mut [f32],
+) {
+    row(p, search, w, out, s, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn row_avx512(
+    p: &Params,
+    search: bool,
+    w: &[f32],
+    out: &mut [u8],
+    s: &mut [f32],
+    m: &mut [f32],
+) {
+    row(p, search, w, out, s, m)
+}
+
+fn row_at(
+    level: Level,
+    p: &Params,
+    search: bool,
+    w: &[f32],
+    out: &mut [u8],
+    s: &mut [f32],
+    m: &mut [f32],
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
+        Level::Avx2 => unsafe { row_avx2(p, search, w, out, s, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX-512 F/BW/VL).
+        Level::Avx512 => unsafe { row_avx512(p, search, w, out, s, m) },
+        _ => row(p, search, w, out, s, m),
+    }
+}
+
+/// Quantizes a row-major (rows, cols) matrix at the process-wide SIMD level.
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    params: Params,
+    search: bool,
+) -> Result<QuantizedWeights> {
+    quantize_at(crate::simd::level()?, w, rows, cols, params, search)
+}
+
+/// Quantizes at an explicit level (the result is the same at every level).
+pub fn quantize_at(
+    level: Level,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    p: Params,
+    search: bool,
+) -> Result<QuantizedWeights> {
+    level.check()?;
+    validate::non_empty("w", &[rows, cols])?;
+    if w.len() != rows * cols {
+        return Err(Error::shape("w", format!("({rows}, {cols})"), &[w.len()]));
+    }
+    if p.scheme.gguf_shape().is_some() && !cols.is_multiple_of(32) {
+        return Err(Error::value(
+            "w",
+            format!(
+                "a row length divisible by 32 for scheme {}",
+                p.scheme.name()
+            ),
+            format!("{cols} columns"),
+        ));
+    }
+    validate::finite("w", w)?;
+    let groups = p.groups(cols);
+    let rb = p.row_bytes(cols);
+    let mut data = vec![0u8; rows * rb];
+    let mut s = vec![0f32; rows * groups];
+    let mut m = vec![0f32; rows * groups];
+    crate::threads::install(|| {
+        data.par_chunks_mut(rb)
+            .zip(s.par_chunks_mut(groups).zip(m.par_chunks_mut(groups)))
+            .zip(w.par_chunks(cols))
+            .with_min_len(8)
+            .for_each(|((out, (sr, mr)), wr)| row_at(level, &p, search, wr, out, sr, mr));
+    })?;
+    let bad = s
+        .iter()
+        .zip(&m)
+        .position(|(a, b)| !(a.is_finite() && b.is_finite()));
+    if let Some(i) = bad {
+        return Err(Error::value(
+            "w",
+            format!(
+                "a range that {} scales can hold (use scale_dtype=float32)",
+                p.scale_type.name()
+            ),
+            format!(
+                "row {} group {} with scale {} and min {}",
+                i / groups,
+                i % groups,
+                s[i],
+                m[i]
+            ),
+        ));
+    }
+    let store = |v: Vec<f32>| match p.scale_type {
+        ScaleType::F32 => Scales::F32(v),
+        ScaleType::F16 => Scales::F16(v.iter().map(|x| f16::from_f32(*x).to_bits()).collect()),
+    };
+    let mins = p.scheme.has_min().then(|| store(m));
+    Ok(QuantizedWeights {
+        params: p,
+        rows,
+        cols,
+        data,
+        scales: store(s),
+        mins,
+    })
+}
+
+#[inline(always)]
+fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    let p = &q.params;
+    let (g, gb) = (p.group_size, p.group_bytes());
+    let mut s = [0f32; 64];
+    let mut m = [0f32; 64];
+    let mut buf = [0f32; 256];
+    for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
+        if k % 64 == 0 {
+            let n = (q.groups() - k).min(64);
+            q.row_scales_range(r, k, &mut s[..n], &mut m[..n]);
+        }
+        unpack_group_f32(p.bits, bytes, &mut buf[..g]);
+        let dst = &mut out[k * g..((k + 1) * g).min(q.cols)];
+        let (sk, mk) = (s[k % 64], m[k % 64]);
+        if q.mins.is_some() {
+            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+                *o = sk * u + mk;
+            }
+        } else {
+            // scale * (u - offset): the integer is exact, and the sign of a zero
+            // follows the scale's, as in ggml's `d * q`.
+            let off = p.offset() as f32;
+            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+                *o = sk * (u - off);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dequant_row_avx512(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    dequant_row(q, r, out)
+}
+
+/// Whether the AVX-512 + F16C build of the dequantize loop can run at `level`.
+pub(crate) fn fast_dequant(level: Level) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return level == Level::Avx512 && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// Dequantizes row `r` into `out` (`q.cols` floats).
+#[inline]
+pub(crate) fn dequant_row_at(fast: bool, q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    if fast {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `fast` comes from `fast_dequant`, true only when the CPU has
+        // AVX-512 F/BW/VL and F16C.
+        unsafe {
+            return dequant_row_avx512(q, r, out);
+        }
+    }
+    dequant_row(q, r, out)
+}
+
+/// Dequantizes rows `0..q.rows` into `out` (rows x cols, padding dropped).
+pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
+    let fast = fast_dequant(crate::simd::level()?);
+    if out.len() != q.rows * q.cols {
+        return Err(Error::shape(
+            "out",
+            format!("({}, {})", q.rows, q.cols),
+            &[out.len()],
+        ));
+    }
+    crate::threads::install(|| {
+        out.par_chunks_mut(q.cols)
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(r, o)| dequant_row_at(fast, q, r, o))
+    })
+}
+
+/// Dequantizes to a new row-major (rows, cols) vector.
+pub fn dequantize(q: &QuantRef<'_>) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; q.rows * q.cols];
+    dequantize_into(q, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lcg(seed: u64, n: usize, spread: f32) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn round_trip_within_half_a_step(
+            bits in prop::sample::select(vec![2u8, 3, 4, 8]),
+            g in prop::sample::select(vec![32usize, 64, 128, 256]),
+            sym in any::<bool>(),
+            f32s in any::<bool>(),
+            cols in 1usize..300,
+            seed in any::<u64>(),
+        ) {
+            let scheme = if sym { Scheme::Sym } else { Scheme::Asym };
+            let t = if f32s { ScaleType::F32 } else { ScaleType::F16 };
+            let p = Params::new(bits, g, scheme, t).unwrap();
+            let rows = 3;
+            let w = lcg(seed, rows * cols, 4.0);
+            let want = quantize_at(Level::Scalar, &w, rows, cols, p, false).unwrap();
+            for level in Level::supported() {
+                let q = quantize_at(level, &w, rows, cols, p, false).unwrap();
+                prop_assert_eq!(&q, &want, "level {}", level);
+            }
+            let v = want.view();
+            let d = dequantize(&v).unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let s = v.scales.get(r * p.groups(cols) + c / g);
+                    let (x, y) = (w[r * cols + c], d[r * cols + c]);
+                    prop_assert!((x - y).abs() <= s / 2.0 * 1.0001 + 1e-6 * x.abs().max(1.0), "{x} vs {y}, scale {s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn search_never_increases_error() {
+        for (bits, scheme) in [
+            (4, Scheme::Asym),
+            (3, Scheme::Asym),
+            (4, Scheme::Sym),
+            (2, Scheme::Asym),
+        ] {
+            let p = Params::new(bits, 64, scheme, ScaleType::F16).unwrap();
+            let w = lcg(7, 64 * 64, 2.0);
+            let err = |search| {
+                let q = quantize(&w, 64, 64, p, search).unwrap();
+                let d = dequantize(&q.view()).unwrap();
+                w.iter()
+                    .zip(&d)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+            };
+            let (plain, searched) = (err(false), err(true));
+            assert!(
+                searched <= plain,
+                "{bits}-bit {scheme:?}: {searched} > {plain}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
+        let e = quantize(&[1.0, f32::NAN], 1, 2, p, false).unwrap_err();
+        assert!(e.to_string().contains("finite"), "{e}");
+        let e = quantize(&[1e30, -1e30], 1, 2, p, false).unwrap_err();
+        assert!(e.to_string().contains("float32"), "{e}");
+        let q = Params::new(4, 32, Scheme::Q4_0, ScaleType::F16).unwrap();
+        assert!(quantize(&[1.0; 40], 1, 40, q, false).is_err());
+    }
+}
