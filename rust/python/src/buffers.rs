@@ -303,6 +303,8 @@ pub fn typed_output<'py, T: Element, D: Dimension>(
             "{arg} must be a writeable array that overlaps no input: {e}"
         ))
     })
+}
+
 /// Borrows `obj` as a numpy array of exactly element type `T`, any rank (`dtype` names it
 /// in messages): no conversion of the values, since for packed integer data a
 /// cast would be a silent wrong answer. A non-contiguous array of the right
