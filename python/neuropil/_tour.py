@@ -18,6 +18,7 @@ from ._registry import resolve, select
 SECTIONS: dict[str, str] = {
     "system": "._tour_system:system",
     "kernels": "._tour_system:kernels",
+    "range": "._tour_range:range_tour",
 }
 
 
