@@ -83,11 +83,12 @@ def test_exact_against_brute_force_with_adds(n, d, rank, seed, frac, method, add
         assert np.array_equal(ids, flat[1]) and np.array_equal(scores, flat[2])
 
 
-def test_real_smollm2_keys_exact_and_pruned(tmp_path_factory):
+@pytest.mark.slow
+def test_real_smollm2_keys_exact_and_pruned(tmp_path_factory, smollm2):
     """Real keys captured from SmolLM2 (post-RoPE) are answered exactly, reading few keys."""
     from neuropil._range_data import smollm2_keys, top_fraction_thresholds
 
-    z = _cached_keys(tmp_path_factory, smollm2_keys)
+    z = _cached_keys(tmp_path_factory, smollm2_keys, smollm2)
     for li, h in [(0, 0), (2, 1)]:
         k, q = z["keys"][li, h], z["queries"][li, h, :32]
         t = top_fraction_thresholds(k, q)
@@ -105,12 +106,10 @@ def test_real_smollm2_keys_exact_and_pruned(tmp_path_factory):
 _KEYS: dict[str, dict] = {}
 
 
-def _cached_keys(tmp_path_factory, fn):
+def _cached_keys(tmp_path_factory, fn, model_and_tok):
     if "z" not in _KEYS:
-        import os
-
-        os.environ.setdefault("NEUROPIL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        _KEYS["z"] = fn(2048, queries_per_head=32)
+        cache = tmp_path_factory.mktemp("keys")
+        _KEYS["z"] = fn(2048, queries_per_head=32, model_and_tok=model_and_tok, cache=cache)
     return _KEYS["z"]
 
 
@@ -265,7 +264,9 @@ def test_sparse_cache_generation(smollm2):
     model, tok = smollm2
     impl = model.config._attn_implementation
     texts = neuropil.data.real_sentences(12)
+    side, tok.padding_side = tok.padding_side, "left"
     batch = tok([texts[0], texts[5] + " " + texts[6]], return_tensors="pt", padding=True)
+    tok.padding_side = side
     single = tok(texts[1], return_tensors="pt")
     try:
         with torch.inference_mode():

@@ -52,7 +52,11 @@ def _token_windows(tok: Any, n_tokens: int) -> list[list[int]]:
 
 
 def smollm2_keys(
-    n_keys: int, queries_per_head: int = 256, model_and_tok: Any = None, verbose: bool = False
+    n_keys: int,
+    queries_per_head: int = 256,
+    model_and_tok: Any = None,
+    verbose: bool = False,
+    cache: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Keys ``(L, H, n_keys, 64)`` and queries ``(L, H, queries_per_head, 64)``
     (float32) of SmolLM2-135M layers :data:`LAYERS`, kv heads 0..2.
@@ -60,7 +64,9 @@ def smollm2_keys(
     Queries of kv head ``h`` are drawn (seeded, numpy PCG64 seed 0) from its
     grouped query heads at random positions of the captured windows.
     """
-    path = cache_dir() / f"smollm2_qk_{n_keys}_{queries_per_head}_{'-'.join(map(str, LAYERS))}.npz"
+    path = (
+        cache or cache_dir()
+    ) / f"smollm2_qk_{n_keys}_{queries_per_head}_{'-'.join(map(str, LAYERS))}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {"keys": z["keys"], "queries": z["queries"]}

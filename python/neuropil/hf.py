@@ -258,6 +258,16 @@ def _select_cpu(
     return [ids[lims[r] : lims[r + 1]] for r in range(rows)], t.astype(np.float64) * scaling
 
 
+def _gather(key, value, query, b, h, groups, r, sel, forced, allowed, scaling):
+    ids = np.union1d(sel, forced)
+    if allowed is not None:
+        ids = ids[allowed[ids]]
+    idt = torch.from_numpy(ids)
+    ks, vs = key[b, h].index_select(0, idt), value[b, h].index_select(0, idt)
+    z = (ks.float() @ query[b, h * groups + r, 0].float()) * scaling
+    return ids, z, float(z.max()), vs
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = getattr(key, "_neuropil_layer", None)
     if layer is None or layer.cache is None:
@@ -309,13 +319,18 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             q = query[b, h * groups : (h + 1) * groups, 0].detach().to(torch.float32).numpy()
             sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling)
             for r in range(groups):
-                ids = np.union1d(sel[r], forced)
-                if allowed is not None:
-                    ids = ids[allowed[ids]]
-                idt = torch.from_numpy(ids)
-                ks, vs = key[b, h].index_select(0, idt), value[b, h].index_select(0, idt)
-                z = (ks.float() @ query[b, h * groups + r, 0].float()) * scaling
-                zmax = float(z.max())
+                ids, z, zmax, vs = _gather(
+                    key, value, query, b, h, groups, r, sel[r], forced, allowed, scaling
+                )
+                if cache.strategy == "top_p" and allowed is not None:
+                    # The best key may be masked (padding): certify against the best allowed one.
+                    t2 = zmax + math.log1p(-cache.top_p) - math.log(n)
+                    if t2 < z_t[r]:
+                        z_t[r] = t2
+                        _, more, _ = layer.index(b, h).search(q[r : r + 1], t2 / scaling)
+                        ids, z, zmax, vs = _gather(
+                            key, value, query, b, h, groups, r, more, forced, allowed, scaling
+                        )
                 w = torch.softmax(z, dim=0)
                 out[b, 0, h * groups + r] = (w.to(vs.dtype) @ vs).to(query.dtype)
                 n_drop = n_ok - len(ids)
