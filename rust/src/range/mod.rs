@@ -342,7 +342,11 @@ impl RangeIndex {
         block_units(self.pending.blocks(), Unit::Pending, &mut units);
         let preps: Vec<search::Prepared> = match (&self.tree, prune) {
             (Some(tree), true) => {
-                tree_units(tree, 0, &mut units);
+                if tree.codes.is_some() {
+                    block_units(tree.keys.blocks(), Unit::Quant, &mut units);
+                } else {
+                    tree_units(tree, 0, &mut units);
+                }
                 queries
                     .chunks_exact(d)
                     .map(|q| search::prepare(level, Some(tree), q, self.knorm))
@@ -371,6 +375,10 @@ impl RangeIndex {
                                 Unit::TreeFlat(a, b) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");
                                     search::flat_range(level, &tree.keys, a, b, q, t, &mut hits)
+                                }
+                                Unit::Quant(a, b) => {
+                                    let tree = self.tree.as_ref().expect("tree units need a tree");
+                                    search::quant_range(level, tree, &preps[qi], a, b, t, &mut hits)
                                 }
                                 Unit::Node(node) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");
@@ -517,6 +525,8 @@ enum Unit {
     TreeFlat(usize, usize),
     /// A subtree.
     Node(usize),
+    /// Blocks a..b under the 8-bit bound.
+    Quant(usize, usize),
 }
 
 fn block_units(nb: usize, make: fn(usize, usize) -> Unit, out: &mut Vec<Unit>) {

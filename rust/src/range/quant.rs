@@ -155,6 +155,97 @@ pub fn int_dots(level: Level, vnni: bool, q: &QueryCodes, block: &[u8], out: &mu
     int_portable(q, block, out);
 }
 
+/// Per block `first..end`, the lanes whose bound
+/// `sigma (b . c) + (sigma / 2) |c|_1 + err` reaches `thr`, as bit masks.
+#[allow(clippy::too_many_arguments)]
+pub fn masks(
+    level: Level,
+    vnni: bool,
+    q: &QueryCodes,
+    codes: &Codes,
+    first: usize,
+    end: usize,
+    thr: f32,
+    out: &mut Vec<u16>,
+) {
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vnni {
+            // SAFETY: `vnni` is only true when `has_vnni` saw AVX-512 F and VNNI;
+            // `first..end` are blocks of `codes` (checked by the slicing inside).
+            unsafe { masks_vnni(q, codes, first, end, thr, out) };
+            return;
+        }
+    }
+    let (sigma, half, err) = (q.sigma as f32, (q.sigma * 0.5) as f32, q.err as f32);
+    let mut ints = [0i32; LANES];
+    for b in first..end {
+        int_dots(level, false, q, codes.block(b), &mut ints);
+        let l1 = &codes.l1[b * LANES..(b + 1) * LANES];
+        let mut m = 0u16;
+        for lane in 0..LANES {
+            if sigma * ints[lane] as f32 + half * l1[lane] + err >= thr {
+                m |= 1 << lane;
+            }
+        }
+        out.push(m);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn masks_vnni(
+    q: &QueryCodes,
+    codes: &Codes,
+    first: usize,
+    end: usize,
+    thr: f32,
+    out: &mut Vec<u16>,
+) {
+    use std::arch::x86_64::*;
+    let n = q.words.len();
+    let all = &codes.codes[first * n * 64..end * n * 64];
+    let l1s = &codes.l1[first * LANES..end * LANES];
+    let sigma = _mm512_set1_ps(q.sigma as f32);
+    let half = _mm512_set1_ps((q.sigma * 0.5) as f32);
+    let err = _mm512_set1_ps(q.err as f32);
+    let thr = _mm512_set1_ps(thr);
+    let off = _mm512_set1_epi32(q.offset);
+    let w: Vec<__m512i> = q.words.iter().map(|&x| _mm512_set1_epi32(x)).collect();
+    for (blk, l1) in all.chunks_exact(n * 64).zip(l1s.chunks_exact(LANES)) {
+        let p = blk.as_ptr();
+        let mut acc0 = _mm512_setzero_si512();
+        let mut acc1 = _mm512_setzero_si512();
+        let mut g = 0;
+        while g + 2 <= n {
+            // SAFETY: g + 1 < n and the block holds n * 64 bytes.
+            let (k0, k1) = unsafe {
+                (
+                    _mm512_loadu_si512(p.add(g * 64) as *const _),
+                    _mm512_loadu_si512(p.add(g * 64 + 64) as *const _),
+                )
+            };
+            acc0 = _mm512_dpbusd_epi32(acc0, k0, w[g]);
+            acc1 = _mm512_dpbusd_epi32(acc1, k1, w[g + 1]);
+            g += 2;
+        }
+        if g < n {
+            // SAFETY: g < n.
+            let k0 = unsafe { _mm512_loadu_si512(p.add(g * 64) as *const _) };
+            acc0 = _mm512_dpbusd_epi32(acc0, k0, w[g]);
+        }
+        let ints = _mm512_sub_epi32(_mm512_add_epi32(acc0, acc1), off);
+        // SAFETY: `l1` holds exactly 16 f32.
+        let l1v = unsafe { _mm512_loadu_ps(l1.as_ptr()) };
+        let ub = _mm512_add_ps(
+            _mm512_mul_ps(sigma, _mm512_cvtepi32_ps(ints)),
+            _mm512_add_ps(_mm512_mul_ps(half, l1v), err),
+        );
+        out.push(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(ub, thr));
+    }
+}
+
 #[inline(always)]
 fn int_portable(q: &QueryCodes, block: &[u8], out: &mut [i32; LANES]) {
     let mut acc = [0i32; LANES];

@@ -220,7 +220,6 @@ pub fn tree_range(
     let thr_rot = (t64 - p.qmu - p.margin) as f32;
     let mut stack = vec![root];
     let mut pending: Vec<usize> = Vec::with_capacity(GROUP);
-    let mut gather = Gather::new(tree.keys.d);
     while let Some(node) = stack.pop() {
         if node_bound(tree, p, node) + p.margin < t64 {
             continue;
@@ -230,23 +229,6 @@ pub fn tree_range(
             for k in (nd.kids.0..nd.kids.1).rev() {
                 stack.push(tree.kids[k as usize] as usize);
             }
-            continue;
-        }
-        if let (Some(codes), Some(qc)) = (&tree.codes, &p.qcodes) {
-            let blocks = nd.blocks.0 as usize..nd.blocks.1 as usize;
-            quant_leaf(
-                level,
-                tree,
-                codes,
-                qc,
-                p,
-                blocks,
-                thr_rot,
-                t,
-                &mut gather,
-                out,
-                &mut scan,
-            );
             continue;
         }
         let mut b = nd.blocks.0 as usize;
@@ -273,16 +255,6 @@ pub fn tree_range(
             b += GROUP;
         }
     }
-    gather.flush(
-        level,
-        &p.q,
-        &mut |id, s| {
-            if s >= t {
-                out.push((id, s))
-            }
-        },
-        &mut scan,
-    );
     scan
 }
 
@@ -357,30 +329,34 @@ fn quant_mask(
     mask
 }
 
-/// The 8-bit bound over a leaf's blocks, then exact scores for the survivors:
-/// whole blocks when many lanes survive, gathered lanes otherwise.
+/// The 8-bit bound over blocks `first..end`, then exact scores for the
+/// survivors: whole blocks when many lanes survive, gathered lanes otherwise.
 #[allow(clippy::too_many_arguments)]
-fn quant_leaf(
+pub fn quant_range(
     level: Level,
     tree: &Tree,
-    codes: &quant::Codes,
-    qc: &QueryCodes,
     p: &Prepared,
-    blocks: std::ops::Range<usize>,
-    thr_rot: f32,
+    first: usize,
+    end: usize,
     t: f32,
-    gather: &mut Gather,
     out: &mut Vec<(u32, f32)>,
-    scan: &mut Scan,
-) {
+) -> Scan {
+    let mut scan = Scan::default();
+    let (Some(codes), Some(qc)) = (&tree.codes, &p.qcodes) else {
+        return flat_range(level, &tree.keys, first, end, &p.q, t, out);
+    };
+    let thr_rot = (t as f64 - p.qmu - p.margin) as f32;
+    let mut masks = Vec::with_capacity(end - first);
+    quant::masks(level, p.vnni, qc, codes, first, end, thr_rot, &mut masks);
+    scan.prefix += ((end - first) * LANES) as f64 * 0.25;
+    let mut gather = Gather::new(tree.keys.d);
     let mut emit = |id: u32, s: f32| {
         if s >= t {
             out.push((id, s))
         }
     };
-    for b in blocks {
-        let mut mask = quant_mask(level, codes, qc, p.vnni, b, thr_rot);
-        scan.prefix += LANES as f64 * 0.25;
+    for (b, &m) in (first..end).zip(&masks) {
+        let mut mask = m as u32;
         if mask == 0 {
             continue;
         }
@@ -403,10 +379,12 @@ fn quant_leaf(
             }
             gather.push(&tree.keys, b, lane);
             if gather.fill == LANES {
-                gather.flush(level, &p.q, &mut emit, scan);
+                gather.flush(level, &p.q, &mut emit, &mut scan);
             }
         }
     }
+    gather.flush(level, &p.q, &mut emit, &mut scan);
+    scan
 }
 
 /// A (score, id) pair ordered "better first": higher score, then lower id.
