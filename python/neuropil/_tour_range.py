@@ -82,7 +82,7 @@ def range_tour(out: Path, verbose: bool = True, tokens: int = 200) -> dict[str, 
             f"{g['tokens']} tokens agree; keys read {100 * g['fraction_read']:.1f}%, "
             f"dropped softmax mass <= {g['max_dropped_bound']:.4f}"
         )
-    report["perplexity"] = perplexity_shift(model, tok, 256)
+    report["perplexity"] = perplexity_shift(model, tok, 160)
     if verbose:
         pp = report["perplexity"]
         print(

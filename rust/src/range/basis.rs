@@ -31,19 +31,36 @@ impl Basis {
             }
         }
         mean.iter_mut().for_each(|m| *m /= n.max(1) as f64);
-        // Covariance accumulated in f64 (upper triangle, mirrored below).
-        let mut cov = vec![0.0f64; d * d];
-        let mut c = vec![0.0f64; d];
-        for k in keys.chunks_exact(d) {
-            for j in 0..d {
-                c[j] = k[j] as f64 - mean[j];
-            }
-            for a in 0..d {
-                let ca = c[a];
-                let row = &mut cov[a * d..(a + 1) * d];
-                for b in a..d {
-                    row[b] += ca * c[b];
+        // Covariance accumulated in f64 (upper triangle, mirrored below), over
+        // chunks of 4096 keys in the thread pool, summed in chunk order (the
+        // result does not depend on the thread count).
+        let chunk_cov = |chunk: &[f32]| {
+            let mut cov = vec![0.0f64; d * d];
+            let mut c = vec![0.0f64; d];
+            for k in chunk.chunks_exact(d) {
+                for j in 0..d {
+                    c[j] = k[j] as f64 - mean[j];
                 }
+                for a in 0..d {
+                    let ca = c[a];
+                    let row = &mut cov[a * d..(a + 1) * d];
+                    for b in a..d {
+                        row[b] += ca * c[b];
+                    }
+                }
+            }
+            cov
+        };
+        let parts: Vec<Vec<f64>> = {
+            use rayon::prelude::*;
+            let chunks: Vec<&[f32]> = keys.chunks(4096 * d).collect();
+            crate::threads::install(|| chunks.par_iter().map(|c| chunk_cov(c)).collect())
+                .unwrap_or_else(|_| chunks.iter().map(|c| chunk_cov(c)).collect())
+        };
+        let mut cov = vec![0.0f64; d * d];
+        for p in parts {
+            for (x, y) in cov.iter_mut().zip(p) {
+                *x += y;
             }
         }
         for a in 0..d {

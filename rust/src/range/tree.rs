@@ -80,8 +80,16 @@ pub fn build_pca(keys: &[f32], d: usize, leaf: usize, with_codes: bool) -> Tree 
     let b = stages[0];
     // Rotated coordinates in f64 (n x d), used for ordering, prefixes and tails.
     let mut rot = vec![0.0f64; n * d];
-    for (i, k) in keys.chunks_exact(d).enumerate() {
-        basis.rotate(k, true, &mut rot[i * d..(i + 1) * d]);
+    let rotate_all = |rot: &mut [f64]| {
+        use rayon::prelude::*;
+        rot.par_chunks_mut(d)
+            .zip(keys.par_chunks(d))
+            .for_each(|(r, k)| basis.rotate(k, true, r));
+    };
+    if crate::threads::install(|| rotate_all(&mut rot)).is_err() {
+        for (i, k) in keys.chunks_exact(d).enumerate() {
+            basis.rotate(k, true, &mut rot[i * d..(i + 1) * d]);
+        }
     }
     let mut perm: Vec<u32> = (0..n as u32).collect();
     let mut nodes = Vec::new();
