@@ -308,14 +308,15 @@ def test_sparse_cache_generation(smollm2):
         hf.SparseCache(object())
 
 
-def test_sparse_decode_attention_torch_matches_dense():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sparse_decode_attention_torch_matches_dense(device):
     torch = pytest.importorskip("torch")
     from neuropil.hf import sparse_decode_attention
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 6, 1, 32, generator=g)
-    k = torch.randn(2, 3, 300, 32, generator=g)
-    v = torch.randn(2, 3, 300, 32, generator=g)
+    q = torch.randn(2, 6, 1, 32, generator=g).to(device)
+    k = torch.randn(2, 3, 300, 32, generator=g).to(device)
+    v = torch.randn(2, 3, 300, 32, generator=g).to(device)
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     ).transpose(1, 2)

@@ -368,6 +368,7 @@ impl RangeIndex {
             units
                 .par_iter()
                 .map(|unit| {
+                    let mut scratch = search::Scratch::new(d);
                     queries
                         .chunks_exact(d)
                         .zip(thresholds)
@@ -384,7 +385,16 @@ impl RangeIndex {
                                 }
                                 Unit::Quant(a, b) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");
-                                    search::quant_range(level, tree, &preps[qi], a, b, t, &mut hits)
+                                    search::quant_range(
+                                        level,
+                                        tree,
+                                        &preps[qi],
+                                        a,
+                                        b,
+                                        t,
+                                        &mut hits,
+                                        &mut scratch,
+                                    )
                                 }
                                 Unit::Node(node) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");

@@ -212,7 +212,7 @@ unsafe fn masks_vnni(
     let err = _mm512_set1_ps(q.err as f32);
     let thr = _mm512_set1_ps(thr);
     let off = _mm512_set1_epi32(q.offset);
-    let w: Vec<__m512i> = q.words.iter().map(|&x| _mm512_set1_epi32(x)).collect();
+    let w = &q.words;
     for (blk, l1) in all.chunks_exact(n * 64).zip(l1s.chunks_exact(LANES)) {
         let p = blk.as_ptr();
         let mut acc0 = _mm512_setzero_si512();
@@ -226,14 +226,14 @@ unsafe fn masks_vnni(
                     _mm512_loadu_si512(p.add(g * 64 + 64) as *const _),
                 )
             };
-            acc0 = _mm512_dpbusd_epi32(acc0, k0, w[g]);
-            acc1 = _mm512_dpbusd_epi32(acc1, k1, w[g + 1]);
+            acc0 = _mm512_dpbusd_epi32(acc0, k0, _mm512_set1_epi32(w[g]));
+            acc1 = _mm512_dpbusd_epi32(acc1, k1, _mm512_set1_epi32(w[g + 1]));
             g += 2;
         }
         if g < n {
             // SAFETY: g < n.
             let k0 = unsafe { _mm512_loadu_si512(p.add(g * 64) as *const _) };
-            acc0 = _mm512_dpbusd_epi32(acc0, k0, w[g]);
+            acc0 = _mm512_dpbusd_epi32(acc0, k0, _mm512_set1_epi32(w[g]));
         }
         let ints = _mm512_sub_epi32(_mm512_add_epi32(acc0, acc1), off);
         // SAFETY: `l1` holds exactly 16 f32.

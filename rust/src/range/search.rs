@@ -258,6 +258,21 @@ pub fn tree_range(
     scan
 }
 
+/// Buffers reused across the queries of a work unit.
+pub struct Scratch {
+    pub masks: Vec<u16>,
+    pub gather: Gather,
+}
+
+impl Scratch {
+    pub fn new(d: usize) -> Self {
+        Scratch {
+            masks: Vec::new(),
+            gather: Gather::new(d),
+        }
+    }
+}
+
 /// Keys of different blocks copied into one block, so the few survivors of
 /// the 8-bit bound get their exact score from the same FMA chain.
 pub struct Gather {
@@ -340,22 +355,22 @@ pub fn quant_range(
     end: usize,
     t: f32,
     out: &mut Vec<(u32, f32)>,
+    scratch: &mut Scratch,
 ) -> Scan {
     let mut scan = Scan::default();
     let (Some(codes), Some(qc)) = (&tree.codes, &p.qcodes) else {
         return flat_range(level, &tree.keys, first, end, &p.q, t, out);
     };
     let thr_rot = (t as f64 - p.qmu - p.margin) as f32;
-    let mut masks = Vec::with_capacity(end - first);
-    quant::masks(level, p.vnni, qc, codes, first, end, thr_rot, &mut masks);
+    let Scratch { masks, gather } = scratch;
+    quant::masks(level, p.vnni, qc, codes, first, end, thr_rot, masks);
     scan.prefix += ((end - first) * LANES) as f64 * 0.25;
-    let mut gather = Gather::new(tree.keys.d);
     let mut emit = |id: u32, s: f32| {
         if s >= t {
             out.push((id, s))
         }
     };
-    for (b, &m) in (first..end).zip(&masks) {
+    for (b, &m) in (first..end).zip(masks.iter()) {
         let mut mask = m as u32;
         if mask == 0 {
             continue;
