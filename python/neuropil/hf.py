@@ -307,7 +307,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = torch.empty(bsz, 1, n_heads, d, dtype=query.dtype)
     fractions, bounds = [], []
     forced = np.unique(
-        np.r_[np.arange(min(cache.sinks, n)), np.arange(max(0, n - cache.window), n)]
+        # The current token is always read, so no query ever attends to nothing.
+        np.r_[np.arange(min(cache.sinks, n)), np.arange(max(0, n - max(cache.window, 1)), n)]
     )
     for b in range(bsz):
         allowed = None
@@ -391,7 +392,7 @@ def sparse_decode_attention(
     else:
         zt = zmax + math.log1p(-top_p) - torch.log(n_ok)
     pos = torch.arange(n, device=z.device)
-    forced = (pos < sinks) | (pos >= n - window)
+    forced = (pos < sinks) | (pos >= n - max(window, 1))
     sel = ((z >= zt) | forced) & ok
     count = sel.sum(-1)  # (b, kv, g)
     c = int(count.max())
