@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "windows": "._bench_windows:windows",
     "flyhash": "._bench_flyhash:flyhash",
     "quant": "._bench_quant:quant",
+    "range": "._bench_range:range_bench",
 }
 
 

@@ -1,5 +1,6 @@
 # Type stubs of the Rust extension; CI checks them against the built module (mypy stubtest).
 from collections.abc import Sequence
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
@@ -233,3 +234,38 @@ def quant_from_gguf(
     raw: npt.NDArray[np.uint8], scheme: str, rows: int, cols: int
 ) -> _Packed: ...
 def memory_read_bandwidth(mib: int = 512, repeat: int = 5) -> float: ...
+
+__all__ += ["_RangeIndex"]
+
+
+# ---- range: exact halfspace range search (neuropil.range) ----
+_I64 = npt.NDArray[np.int64]
+_F32 = npt.NDArray[np.float32]
+
+@final
+class _RangeIndex:
+    def __new__(
+        cls,
+        keys: _ArrayLike,
+        method: str = "auto",
+        leaf: int = 64,
+        branching: int = 8,
+        rebuild_fraction: float = 0.25,
+        rebuild_min: int = 256,
+        seed: int = 0,
+    ) -> _RangeIndex: ...
+    def search(
+        self, queries: _ArrayLike, thresholds: _ArrayLike, level: str | None = None
+    ) -> tuple[_I64, _I64, _F32, _F32, _F32]: ...
+    def topk(
+        self, queries: _ArrayLike, k: int, level: str | None = None
+    ) -> tuple[_I64, _F32, _F32]: ...
+    def add(self, keys: _ArrayLike) -> None: ...
+    def rebuild(self) -> None: ...
+    def keys(self) -> _F32: ...
+    def stats(self) -> dict[str, object]: ...
+    @property
+    def d(self) -> int: ...
+    @property
+    def method(self) -> str: ...
+    def __len__(self) -> int: ...

@@ -22,6 +22,7 @@ SECTIONS: dict[str, str] = {
     "windows": "._tour_windows:windows",
     "flyhash": "._tour_flyhash:flyhash",
     "quant": "._tour_quant:quant",
+    "range": "._tour_range:range_tour",
 }
 
 

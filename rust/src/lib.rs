@@ -13,6 +13,7 @@
 pub mod error;
 pub mod flyhash;
 pub mod quant;
+pub mod range;
 pub mod simd;
 pub mod threads;
 pub mod validate;

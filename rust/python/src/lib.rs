@@ -10,6 +10,7 @@ mod buffers;
 mod errors;
 mod flyhash;
 mod quant;
+mod range;
 mod system;
 mod windows;
 
@@ -20,5 +21,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     windows::register(m)?;
     flyhash::register(m)?;
     quant::register(m)?;
+    range::register(m)?;
     Ok(())
 }

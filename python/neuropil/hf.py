@@ -1,0 +1,420 @@
+"""Sparse decode attention for ``transformers`` (>= 5), on exact range search.
+
+Usage::
+
+    from neuropil import hf
+    model.set_attn_implementation(hf.ATTENTION)  # or from_pretrained(attn_implementation=...)
+    cache = hf.SparseCache(model, strategy="top_p", top_p=0.99)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=50, do_sample=False)
+    print(cache.summary())                            # fraction of keys read, dropped-mass bound
+
+:class:`SparseCache` is a ``transformers.Cache`` made of :class:`SparseLayer`
+layers (``CacheLayerMixin``). Each layer keeps one :class:`~neuropil.range.RangeIndex`
+per batch row and kv head, built at prefill and extended as tokens append. The
+attention function registered as :data:`ATTENTION` (with a matching mask
+function) runs prefill densely (sdpa) and, at each decode step, reads only the
+keys the strategy selects, plus the attention sinks and a recent window:
+
+- ``"threshold"``: keys with logit ``scaling * q.k >= threshold``;
+- ``"top_k"``: the ``top_k`` keys of highest logit;
+- ``"top_p"``: every key whose logit is within ``log(n / (1 - top_p))`` of the
+  best one: the keys left out then hold at most ``1 - top_p`` of the softmax
+  mass (certified: ``n_dropped * exp(z_t) <= (1 - top_p) * exp(z_max)``);
+- ``None``: every key (dense sdpa; reproduces ``DynamicCache`` exactly).
+
+Each step records, per layer, batch row and query head, the fraction of keys
+read and an upper bound on the softmax mass dropped:
+``n_dropped e^{z_t} / (S + n_dropped e^{z_t})`` with ``S`` the selected mass and
+``z_t`` a logit no dropped key reaches. CUDA tensors take a torch path
+(:func:`sparse_decode_attention`) that stays on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import ArgumentError, NeuropilError
+from .range import RangeIndex
+
+__all__ = ["ATTENTION", "STRATEGIES", "SparseCache", "SparseLayer", "sparse_decode_attention"]
+
+#: Name of the attention function (and mask function) registered in transformers.
+ATTENTION = "neuropil_sparse"
+STRATEGIES = (None, "threshold", "top_k", "top_p")
+
+
+class SparseLayer(DynamicLayer):
+    """One layer's keys and values (``(batch, kv_heads, n, head_dim)``) plus a
+    range index per batch row and kv head."""
+
+    def __init__(self, cache: SparseCache | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cache = cache
+        self.indexes: list[list[RangeIndex]] = []
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if (
+            self.cache is not None
+            and self.cache.strategy is not None
+            and key_states.shape[-2] > 1
+            and keys.device.type == "cpu"
+        ):
+            self._build()
+        keys._neuropil_layer = self  # the attention function finds its layer here
+        return keys, values
+
+    def _build(self) -> None:
+        assert self.cache is not None and self.keys is not None
+        k = self.keys.detach().to(torch.float32)
+        self.indexes = [
+            [RangeIndex(k[b, h].numpy(), self.cache.method) for h in range(k.shape[1])]
+            for b in range(k.shape[0])
+        ]
+
+    def index(self, b: int, h: int) -> RangeIndex:
+        """The index of batch row ``b``, kv head ``h``, brought up to date."""
+        assert self.keys is not None
+        if not self.indexes:
+            self._build()
+        ix = self.indexes[b][h]
+        n = self.keys.shape[-2]
+        if len(ix) < n:
+            ix.add(self.keys[b, h, len(ix) : n].detach().to(torch.float32).numpy())
+        return ix
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexes = []
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.indexes = []
+
+    def reorder_cache(self, beam_idx) -> None:
+        super().reorder_cache(beam_idx)
+        self.indexes = []
+
+    def batch_select_indices(self, indices) -> None:
+        super().batch_select_indices(indices)
+        self.indexes = []
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.indexes = []
+
+
+class SparseCache(Cache):
+    """A ``transformers`` cache whose decode steps read only the keys that matter.
+
+    Args:
+        model: The model (or its config). Must be a decoder with full attention
+            in every layer and ``attn_implementation`` set to :data:`ATTENTION`
+            (``model.set_attn_implementation(neuropil.hf.ATTENTION)``).
+        strategy: ``"top_p"`` (default), ``"top_k"``, ``"threshold"`` or ``None``
+            (all keys).
+        top_p: Softmax mass kept, in (0, 1).
+        top_k: Key budget per query head (besides sinks and window).
+        threshold: Logit threshold (``scaling * q.k``) for ``"threshold"``.
+        sinks: First keys always read (attention sinks).
+        window: Most recent keys always read.
+        method: :class:`~neuropil.range.RangeIndex` method.
+
+    Raises:
+        ArgumentError: bad strategy parameters.
+        NeuropilError: an unsupported model (what it lacks is named).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        strategy: str | None = "top_p",
+        *,
+        top_p: float = 0.99,
+        top_k: int = 256,
+        threshold: float | None = None,
+        sinks: int = 4,
+        window: int = 32,
+        method: str = "auto",
+    ) -> None:
+        config = getattr(model, "config", model)
+        _check_model(model, config)
+        if strategy not in STRATEGIES:
+            raise ArgumentError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if strategy == "top_p" and not 0.0 < top_p < 1.0:
+            raise ArgumentError(f"top_p must be in (0, 1); got {top_p!r}")
+        if strategy == "top_k" and (not isinstance(top_k, int) or top_k < 1):
+            raise ArgumentError(f"top_k must be a positive integer; got {top_k!r}")
+        if strategy == "threshold" and (threshold is None or not math.isfinite(threshold)):
+            raise ArgumentError(f"threshold must be a finite logit; got {threshold!r}")
+        if sinks < 0 or window < 0:
+            raise ArgumentError(f"sinks and window must be >= 0; got {sinks}, {window}")
+        self.strategy, self.top_p, self.top_k, self.threshold = strategy, top_p, top_k, threshold
+        self.sinks, self.window, self.method = sinks, window, method
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[SparseLayer(self) for _ in range(n_layers)])
+        #: One dict per decode step: ``fraction_read`` (mean over layers, rows,
+        #: heads), ``dropped_bound`` (max), ``keys`` (n).
+        self.steps: list[dict[str, float]] = []
+        self._current: list[tuple[float, float]] = []
+        self._step_layer = -1
+
+    # Per-step bookkeeping, called by the attention function.
+    def _record(self, layer_idx: int, n: int, fractions: list[float], bounds: list[float]) -> None:
+        if layer_idx <= self._step_layer:
+            self._flush()
+        self._step_layer = layer_idx
+        self._n = n
+        self._current.extend(zip(fractions, bounds, strict=True))
+
+    def _flush(self) -> None:
+        if self._current:
+            f = [x[0] for x in self._current]
+            b = [x[1] for x in self._current]
+            self.steps.append(
+                {
+                    "fraction_read": float(np.mean(f)),
+                    "dropped_bound": float(max(b)),
+                    "keys": self._n,
+                }
+            )
+        self._current = []
+        self._step_layer = -1
+
+    def summary(self) -> dict[str, float]:
+        """Mean fraction of keys read and the largest dropped-mass bound over
+        the decode steps so far."""
+        self._flush()
+        if not self.steps:
+            return {"steps": 0, "fraction_read": 1.0, "dropped_bound": 0.0}
+        return {
+            "steps": len(self.steps),
+            "fraction_read": float(np.mean([s["fraction_read"] for s in self.steps])),
+            "dropped_bound": float(max(s["dropped_bound"] for s in self.steps)),
+        }
+
+
+def _check_model(model: Any, config: Any) -> None:
+    if not hasattr(config, "get_text_config"):
+        raise NeuropilError(
+            f"SparseCache needs a transformers model or config; got {type(model).__name__}"
+        )
+    text = config.get_text_config(decoder=True)
+    missing = [
+        a
+        for a in ("num_hidden_layers", "num_attention_heads", "hidden_size")
+        if getattr(text, a, None) is None
+    ]
+    if missing:
+        raise NeuropilError(
+            f"SparseCache does not support model type {getattr(text, 'model_type', '?')!r}: "
+            f"its config lacks {', '.join(missing)}"
+        )
+    layer_types = getattr(text, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other or (
+        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    ):
+        raise NeuropilError(
+            f"SparseCache supports full attention in every layer; model type "
+            f"{getattr(text, 'model_type', '?')!r} has {other or ['sliding_attention']} layers"
+        )
+    impl = getattr(config, "_attn_implementation", None)
+    if model is not config and impl != ATTENTION:
+        raise NeuropilError(
+            f"model attn_implementation must be {ATTENTION!r} for SparseCache; got {impl!r} "
+            f"(call model.set_attn_implementation(neuropil.hf.ATTENTION))"
+        )
+
+
+# ----------------------------------------------------------------- attention
+def _select_cpu(
+    layer: SparseLayer, cache: SparseCache, q: np.ndarray, b: int, h: int, n: int, scaling: float
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Selected key ids per query row of kv head ``h`` and the logit no
+    dropped key reaches (per row)."""
+    ix = layer.index(b, h)
+    rows = q.shape[0]
+    if cache.strategy == "top_k":
+        k = min(cache.top_k, n)
+        ids, scores = ix.topk(q, k)
+        z_t = scores[:, -1].astype(np.float64) * scaling
+        return [ids[r] for r in range(rows)], z_t
+    if cache.strategy == "threshold":
+        t = np.full(rows, cache.threshold / scaling, dtype=np.float32)
+    else:  # top_p
+        _, best = ix.topk(q, 1)
+        t = best[:, 0].astype(np.float64) + (math.log1p(-cache.top_p) - math.log(n)) / scaling
+        t = t.astype(np.float32)
+    lims, ids, _ = ix.search(q, t)
+    return [ids[lims[r] : lims[r + 1]] for r in range(rows)], t.astype(np.float64) * scaling
+
+
+def _gather(key, value, query, b, h, groups, r, sel, forced, allowed, scaling):
+    ids = np.union1d(sel, forced)
+    if allowed is not None:
+        ids = ids[allowed[ids]]
+    idt = torch.from_numpy(ids)
+    ks, vs = key[b, h].index_select(0, idt), value[b, h].index_select(0, idt)
+    z = (ks.float() @ query[b, h * groups + r, 0].float()) * scaling
+    return ids, z, float(z.max()), vs
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = getattr(key, "_neuropil_layer", None)
+    if layer is None or layer.cache is None:
+        raise NeuropilError(
+            f"attn_implementation={ATTENTION!r} needs past_key_values=neuropil.hf.SparseCache(...) "
+            "(and use_cache=True); got keys from another cache or none"
+        )
+    cache: SparseCache = layer.cache
+    if query.shape[2] != 1 or cache.strategy is None:
+        if query.shape[2] == 1:
+            cache._record(module.layer_idx, key.shape[2], [1.0], [0.0])
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    scaling = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if query.device.type != "cpu":
+        out, info = sparse_decode_attention(
+            query,
+            key,
+            value,
+            scaling,
+            strategy=cache.strategy,
+            top_p=cache.top_p,
+            top_k=cache.top_k,
+            threshold=cache.threshold,
+            sinks=cache.sinks,
+            window=cache.window,
+            attention_mask=attention_mask,
+        )
+        cache._record(
+            module.layer_idx, key.shape[2], [info["fraction_read"]], [info["dropped_bound"]]
+        )
+        return out, None
+    bsz, n_heads, _, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = n_heads // kv_heads
+    out = torch.empty(bsz, 1, n_heads, d, dtype=query.dtype)
+    fractions, bounds = [], []
+    forced = np.unique(
+        # The current token is always read, so no query ever attends to nothing.
+        np.r_[np.arange(min(cache.sinks, n)), np.arange(max(0, n - max(cache.window, 1)), n)]
+    )
+    for b in range(bsz):
+        allowed = None
+        if attention_mask is not None:
+            m = attention_mask[b, 0, -1, :n]
+            allowed = (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2).numpy()
+        n_ok = n if allowed is None else int(allowed.sum())
+        for h in range(kv_heads):
+            q = query[b, h * groups : (h + 1) * groups, 0].detach().to(torch.float32).numpy()
+            sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling)
+            for r in range(groups):
+                ids, z, zmax, vs = _gather(
+                    key, value, query, b, h, groups, r, sel[r], forced, allowed, scaling
+                )
+                if cache.strategy == "top_p" and allowed is not None:
+                    # The best key may be masked (padding): certify against the best allowed one.
+                    t2 = zmax + math.log1p(-cache.top_p) - math.log(n)
+                    if t2 < z_t[r]:
+                        z_t[r] = t2
+                        _, more, _ = layer.index(b, h).search(q[r : r + 1], t2 / scaling)
+                        ids, z, zmax, vs = _gather(
+                            key, value, query, b, h, groups, r, more, forced, allowed, scaling
+                        )
+                w = torch.softmax(z, dim=0)
+                out[b, 0, h * groups + r] = (w.to(vs.dtype) @ vs).to(query.dtype)
+                n_drop = n_ok - len(ids)
+                s_sel = float(torch.exp(z - zmax).sum())
+                e = n_drop * math.exp(min(float(z_t[r]) - zmax, 0.0)) if n_drop > 0 else 0.0
+                fractions.append(len(ids) / max(n_ok, 1))
+                bounds.append(e / (s_sel + e))
+    cache._record(module.layer_idx, n, fractions, bounds)
+    return out, None
+
+
+def sparse_decode_attention(
+    query,
+    key,
+    value,
+    scaling: float,
+    *,
+    strategy: str | None = "top_p",
+    top_p: float = 0.99,
+    top_k: int = 256,
+    threshold: float | None = None,
+    sinks: int = 4,
+    window: int = 32,
+    attention_mask=None,
+):
+    """Decode attention over the selected keys only, in torch (any device).
+
+    Args:
+        query: ``(batch, heads, 1, d)``.
+        key, value: ``(batch, kv_heads, n, d)``; ``heads`` a multiple of ``kv_heads``.
+        scaling: Logit scale (usually ``d ** -0.5``).
+        strategy, top_p, top_k, threshold, sinks, window: as :class:`SparseCache`.
+        attention_mask: Optional ``(batch, 1, 1, n)`` bool (True = attend) or additive float mask.
+
+    Returns:
+        ``(out, info)``: ``out`` ``(batch, 1, heads, d)``; ``info`` with
+        ``fraction_read`` (mean) and ``dropped_bound`` (max over heads).
+    """
+    bsz, n_heads, _, d = query.shape
+    kv, n = key.shape[1], key.shape[2]
+    g = n_heads // kv
+    q = query.reshape(bsz, kv, g, d).float()
+    z = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * scaling  # (b, kv, g, n)
+    ok = torch.ones(bsz, 1, 1, n, dtype=torch.bool, device=z.device)
+    if attention_mask is not None:
+        m = attention_mask[:, :, -1:, :n]
+        ok = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        ok = ok.reshape(bsz, 1, 1, n)
+    z = z.masked_fill(~ok, float("-inf"))
+    n_ok = ok.sum(-1, keepdim=True).float()
+    zmax = z.amax(-1, keepdim=True)
+    if strategy is None:
+        zt = torch.full_like(zmax, float("-inf"))
+    elif strategy == "top_k":
+        zt = z.topk(min(top_k, n), dim=-1).values[..., -1:]
+    elif strategy == "threshold":
+        zt = torch.full_like(zmax, float(threshold))
+    else:
+        zt = zmax + math.log1p(-top_p) - torch.log(n_ok)
+    pos = torch.arange(n, device=z.device)
+    forced = (pos < sinks) | (pos >= n - max(window, 1))
+    sel = ((z >= zt) | forced) & ok
+    count = sel.sum(-1)  # (b, kv, g)
+    c = int(count.max())
+    zs = z.masked_fill(~sel, float("-inf"))
+    top_z, idx = zs.topk(c, dim=-1)  # the selected keys (and -inf padding)
+    vsel = torch.gather(
+        value.float()[:, :, None].expand(bsz, kv, g, n, d),
+        3,
+        idx[..., None].expand(-1, -1, -1, -1, d),
+    )
+    w = torch.softmax(top_z, dim=-1)
+    out = (w[..., None] * vsel).sum(-2).reshape(bsz, n_heads, d)[:, None].to(query.dtype)
+    s_sel = torch.exp(top_z - zmax).sum(-1, keepdim=True)
+    n_drop = n_ok - count[..., None].float()
+    e = n_drop * torch.exp(torch.clamp(zt - zmax, max=0.0))
+    bound = torch.where(n_drop > 0, e / (s_sel + e), torch.zeros_like(e))
+    info = {
+        "fraction_read": float((count[..., None].float() / n_ok).mean()),
+        "dropped_bound": float(bound.max()),
+    }
+    return out, info
+
+
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

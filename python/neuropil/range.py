@@ -1,0 +1,494 @@
+"""Exact halfspace range search over keys: every key with ``q . k >= t``.
+
+:class:`RangeIndex` answers, for a batch of queries each with its own
+threshold, *every* key whose score reaches the threshold and nothing else, in
+faiss's ``range_search`` layout; :meth:`RangeIndex.topk` returns the ``k`` best.
+It is built for attention keys of language models: the default method
+(``quant``) bounds every ``q . k`` from above by an exact integer dot product
+of 8-bit codes of key and query in the keys' principal basis, plus the
+quantisation error, and computes the float score only of keys whose bound
+reaches the threshold (about 1.5% of them at a top-1% threshold on SmolLM2
+keys). ``pca`` bounds by ``q.mu + q_p . k_p + |q_r| |k_r|`` over the top
+principal directions under a k-d tree; ``kmeans`` is the original
+hierarchical k-means with exact radii; ``flat`` scans everything.
+
+Scores are one FMA chain in dimension order, identical on every SIMD level and
+for every method, so the answer is exactly the set a full scan in that order
+gives. Against another summation order (numpy's BLAS, float64) scores differ
+by rounding only: a key is a tie when ``|q . k - t| <= 2 d 2^-24 |q| |k|``,
+and ties may fall on either side; every other key is classified identically.
+
+CUDA tensors take a torch path on their device (dense matmul + threshold on
+the GPU, the fastest exact method there); answers come back as tensors on that
+device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+
+__all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
+
+#: Version written into saved files; :meth:`RangeIndex.load` accepts only this one.
+FORMAT_VERSION = 1
+#: Index methods: ``auto`` (default), ``quant``, ``pca``, ``kmeans``, ``flat``.
+METHODS = ("auto", "quant", "pca", "kmeans", "flat")
+_FORMAT_NAME = "neuropil.range"
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+def _is_cuda(x: Any) -> bool:
+    return _is_torch(x) and x.device.type == "cuda"
+
+
+class RangeIndex:
+    """An exact range-search index over keys ``(n, d)``.
+
+    Args:
+        keys: ``(n, d)`` float array (numpy, CPU or CUDA torch tensor), finite,
+            ``n >= 1``. float32 C-contiguous numpy input is read in place while
+            building; the index keeps its own blocked copy.
+        method: ``"auto"`` (``quant`` that falls back to a full SIMD scan while
+            pruning does not pay, measured on the searches themselves),
+            ``"quant"``, ``"pca"``, ``"kmeans"`` (hierarchical k-means with exact
+            radii, the original design) or ``"flat"``.
+        leaf: Keys per tree leaf (rounded up to a multiple of 16).
+        branching: Children per ``kmeans`` node.
+        rebuild_fraction: Keys appended by :meth:`add` are scanned in full
+            until they exceed this fraction of the indexed keys (and
+            ``rebuild_min``); the index is then rebuilt.
+        rebuild_min: See ``rebuild_fraction``.
+        seed: Seed of the k-means++ seeding (SplitMix64 generator; the same
+            seed gives the same tree on every OS and CPU level). ``pca`` is
+            deterministic without one.
+
+    Raises:
+        ShapeError: ``keys`` is not 2-D or is empty.
+        DTypeError: ``keys`` is not a float array.
+        ArgumentError: non-finite keys, unknown ``method``, bad parameters.
+    """
+
+    def __init__(
+        self,
+        keys: Any,
+        method: str = "auto",
+        *,
+        leaf: int = 64,
+        branching: int = 8,
+        rebuild_fraction: float = 0.25,
+        rebuild_min: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if method not in METHODS:
+            raise ArgumentError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        for name, v, lo in [
+            ("leaf", leaf, 1),
+            ("branching", branching, 2),
+            ("rebuild_min", rebuild_min, 0),
+            ("seed", seed, 0),
+        ]:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ArgumentError(f"{name} must be an integer >= {lo}; got {v!r}")
+        self._params = {
+            "method": method,
+            "leaf": int(leaf),
+            "branching": int(branching),
+            "rebuild_fraction": float(rebuild_fraction),
+            "rebuild_min": int(rebuild_min),
+            "seed": int(seed),
+        }
+        self._torch: _TorchRange | None = None
+        self._native: Any = None
+        if _is_cuda(keys):
+            self._torch = _TorchRange(keys)
+        else:
+            self._native = _native._RangeIndex(_host(keys, "keys"), **self._params)
+
+    # ------------------------------------------------------------------ queries
+    def search(self, queries: Any, thresholds: Any) -> tuple[Any, Any, Any]:
+        """Every key with ``queries[i] . k >= thresholds[i]``.
+
+        Args:
+            queries: ``(nq, d)`` float array.
+            thresholds: ``(nq,)`` float array (or a Python float for all queries).
+
+        Returns:
+            ``(lims, ids, scores)`` as faiss's ``range_search``: the hits of query
+            ``i`` are ``ids[lims[i]:lims[i+1]]`` (int64, ascending) with their
+            float32 ``scores``. numpy arrays, or torch tensors on the input's
+            device for torch input. The fraction of keys scored in full per query
+            is in ``self.last_scanned``.
+
+        Raises:
+            ShapeError: wrong ranks, ``d`` mismatch, thresholds of the wrong length.
+            ArgumentError: NaN or Inf in queries or thresholds.
+        """
+        want_torch = _is_torch(queries)
+        if self._torch is not None:
+            return self._torch.search(queries, thresholds, self)
+        q = _host(queries, "queries")
+        t = _thresholds(thresholds, q)
+        lims, ids, scores, scanned, work = self._native.search(q, t)
+        self.last_scanned = scanned
+        self.last_work = work
+        return _like(queries, want_torch, lims, ids, scores)
+
+    def topk(self, queries: Any, k: int) -> tuple[Any, Any]:
+        """The ``k`` keys of highest score per query, best first (ties: lower id).
+
+        Args:
+            queries: ``(nq, d)`` float array.
+            k: ``1 <= k <= len(self)``.
+
+        Returns:
+            ``(ids, scores)``: int64 and float32, shape ``(nq, k)``.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ArgumentError(f"k must be an integer; got {k!r}")
+        if self._torch is not None:
+            return self._torch.topk(queries, int(k), self)
+        ids, scores, scanned = self._native.topk(_host(queries, "queries"), int(k))
+        self.last_scanned = scanned
+        return _like(queries, _is_torch(queries), ids, scores)
+
+    def add(self, keys: Any) -> None:
+        """Appends keys ``(m, d)``; they get ids ``len(self) .. len(self) + m - 1``."""
+        if self._torch is not None:
+            self._torch.add(keys)
+        else:
+            self._native.add(_host(keys, "keys"))
+
+    def rebuild(self) -> None:
+        """Rebuilds the tree over every key now (``add`` does it by policy)."""
+        if self._native is not None:
+            self._native.rebuild()
+
+    def keys(self) -> Any:
+        """Every key, ``(n, d)`` float32, by id (a copy)."""
+        if self._torch is not None:
+            return self._torch.keys[: self._torch.n].clone()
+        return self._native.keys()
+
+    @property
+    def d(self) -> int:
+        """Key dimension."""
+        return self._torch.d if self._torch is not None else self._native.d
+
+    @property
+    def method(self) -> str:
+        return self._params["method"]
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or the torch device the keys live on."""
+        return str(self._torch.keys.device) if self._torch is not None else "cpu"
+
+    def __len__(self) -> int:
+        return self._torch.n if self._torch is not None else len(self._native)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Sizes and counters: ``n``, ``d``, ``method``, ``indexed``, ``pending``
+        (appended, not yet in the tree), ``nodes``, ``blocks``, ``builds``,
+        ``bytes``, ``stages`` (principal prefixes checked), ``explained_variance``
+        (per stage), ``auto_work`` (``auto``: running mean of pruning work over
+        a full scan's) and the build parameters."""
+        if self._torch is not None:
+            return {
+                "n": self._torch.n,
+                "d": self._torch.d,
+                "method": "torch-dense",
+                "device": self.device,
+                **self._params,
+            }
+        return dict(self._native.stats())
+
+    def __repr__(self) -> str:
+        return (
+            f"RangeIndex(n={len(self)}, d={self.d}, method={self.method!r}, device={self.device!r})"
+        )
+
+    # ------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the keys and build parameters as safetensors with a JSON
+        metadata header (format version :data:`FORMAT_VERSION`), to a temp file
+        renamed into place. :meth:`load` rebuilds the same index."""
+        keys = self.keys()
+        if _is_torch(keys):
+            keys = keys.detach().cpu().numpy()
+        keys = np.ascontiguousarray(keys, dtype="<f4")
+        meta = {
+            "format": _FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            **{k: str(v) for k, v in self._params.items()},
+        }
+        _write_safetensors(Path(path), {"keys": keys}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | None = None) -> RangeIndex:
+        """Reads an index written by :meth:`save`.
+
+        Args:
+            path: The file.
+            device: A torch device (e.g. ``"cuda"``) for the torch path; default CPU.
+
+        Raises:
+            FormatError: the file is not a neuropil range index, is truncated,
+                of another format version, or any field is malformed.
+        """
+        tensors, meta = _read_safetensors(Path(path))
+        if meta.get("format") != _FORMAT_NAME:
+            raise FormatError(
+                f"{path}: format must be {_FORMAT_NAME!r}; got {meta.get('format')!r}"
+            )
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise FormatError(
+                f"{path}: format_version must be {FORMAT_VERSION}; "
+                f"got {meta.get('format_version')!r}"
+            )
+        try:
+            params: dict[str, Any] = {
+                "method": meta["method"],
+                "leaf": int(meta["leaf"]),
+                "branching": int(meta["branching"]),
+                "rebuild_fraction": float(meta["rebuild_fraction"]),
+                "rebuild_min": int(meta["rebuild_min"]),
+                "seed": int(meta["seed"]),
+            }
+        except (KeyError, ValueError) as e:
+            raise FormatError(f"{path}: malformed metadata field: {e}") from None
+        if set(tensors) != {"keys"}:
+            raise FormatError(f"{path}: tensors must be exactly ['keys']; got {sorted(tensors)}")
+        keys = tensors["keys"]
+        if keys.ndim != 2 or keys.shape[0] == 0 or not np.isfinite(keys).all():
+            raise FormatError(
+                f"{path}: keys must be a finite non-empty (n, d) array; got {keys.shape}"
+            )
+        method = params.pop("method")
+        if method not in METHODS:
+            raise FormatError(f"{path}: method must be one of {METHODS}; got {method!r}")
+        if device is not None and device != "cpu":
+            import torch
+
+            return cls(torch.from_numpy(keys).to(device), method, **params)
+        try:
+            return cls(keys, method, **params)
+        except (ArgumentError, ShapeError) as e:
+            raise FormatError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- helpers
+def _host(x: Any, arg: str) -> Any:
+    """CPU view for the native core: torch CPU tensors via ``.numpy()`` (no copy)."""
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise ArgumentError(f"{arg} must be on the index's device (cpu); got {x.device}")
+        return x.detach().numpy()
+    return x
+
+
+def _thresholds(t: Any, q: Any) -> Any:
+    if _is_torch(t):
+        t = t.detach().cpu().numpy()
+    if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
+        nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
+        return np.full(nq, float(t), dtype=np.float32)
+    return t
+
+
+def _like(src: Any, want_torch: bool, *arrays: Any) -> tuple[Any, ...]:
+    if not want_torch:
+        return arrays
+    import torch
+
+    return tuple(torch.from_numpy(np.asarray(a)) for a in arrays)
+
+
+class _TorchRange:
+    """The CUDA path: keys on the device, exact scores by dense matmul."""
+
+    def __init__(self, keys: Any) -> None:
+        import torch
+
+        if keys.ndim != 2:
+            raise ShapeError(f"keys must have shape (n, d); got {tuple(keys.shape)}")
+        if keys.shape[0] == 0 or keys.shape[1] == 0:
+            raise ShapeError(f"keys must not be empty; got shape {tuple(keys.shape)}")
+        if not keys.is_floating_point():
+            raise DTypeError(
+                f"keys must have dtype float32 (or another float dtype); got {keys.dtype}"
+            )
+        keys = keys.detach().to(torch.float32).contiguous()
+        if not torch.isfinite(keys).all():
+            raise ArgumentError("keys must be finite (no NaN or Inf)")
+        self.keys = keys
+        self.n, self.d = keys.shape
+
+    def _q(self, queries: Any) -> Any:
+        import torch
+
+        q = queries if _is_torch(queries) else torch.as_tensor(np.asarray(queries))
+        if not q.is_floating_point():
+            raise DTypeError(
+                f"queries must have dtype float32 (or another float dtype); got {q.dtype}"
+            )
+        if q.ndim != 2 or q.shape[1] != self.d:
+            raise ShapeError(
+                f"queries must have shape (nq, {self.d}) to match the keys; got {tuple(q.shape)}"
+            )
+        q = q.to(self.keys.device, torch.float32)
+        if not torch.isfinite(q).all():
+            raise ArgumentError("queries must be finite (no NaN or Inf)")
+        return q
+
+    def scores(self, q: Any) -> Any:
+        with _NoTF32():
+            return q @ self.keys[: self.n].T
+
+    def search(self, queries: Any, thresholds: Any, owner: RangeIndex) -> tuple[Any, Any, Any]:
+        import torch
+
+        q = self._q(queries)
+        t = torch.as_tensor(
+            _thresholds(thresholds, q.cpu()) if not _is_torch(thresholds) else thresholds
+        )
+        t = t.to(q.device, torch.float32).reshape(-1)
+        if t.shape[0] != q.shape[0]:
+            raise ShapeError(
+                f"thresholds must have shape ({q.shape[0]},) to match the number of queries; "
+                f"got {tuple(t.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise ArgumentError("thresholds must be finite (no NaN or Inf)")
+        s = self.scores(q)
+        rows, ids = torch.nonzero(s >= t[:, None], as_tuple=True)
+        counts = torch.bincount(rows, minlength=q.shape[0])
+        lims = torch.zeros(q.shape[0] + 1, dtype=torch.int64, device=q.device)
+        lims[1:] = torch.cumsum(counts, 0)
+        owner.last_scanned = np.ones(q.shape[0], dtype=np.float32)
+        return lims, ids.to(torch.int64), s[rows, ids]
+
+    def topk(self, queries: Any, k: int, owner: RangeIndex) -> tuple[Any, Any]:
+        q = self._q(queries)
+        if not 1 <= k <= self.n:
+            raise ArgumentError(f"k must be between 1 and the number of keys ({self.n}); got {k}")
+        s, ids = self.scores(q).topk(k, dim=1)
+        owner.last_scanned = np.ones(q.shape[0], dtype=np.float32)
+        return ids, s
+
+    def add(self, keys: Any) -> None:
+        import torch
+
+        k = keys if _is_torch(keys) else torch.as_tensor(np.asarray(keys))
+        if k.ndim != 2 or k.shape[1] != self.d:
+            raise ShapeError(
+                f"keys must have shape (m, {self.d}) to match the index; got {tuple(k.shape)}"
+            )
+        k = k.to(self.keys.device, torch.float32)
+        if not torch.isfinite(k).all():
+            raise ArgumentError("keys must be finite (no NaN or Inf)")
+        m = k.shape[0]
+        if self.n + m > self.keys.shape[0]:
+            cap = max(self.n + m, 2 * self.keys.shape[0])
+            grown = torch.empty(cap, self.d, dtype=torch.float32, device=self.keys.device)
+            grown[: self.n] = self.keys[: self.n]
+            self.keys = grown
+        self.keys[self.n : self.n + m] = k
+        self.n += m
+
+
+class _NoTF32:
+    """Context manager: full float32 matmuls (no TF32) inside."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = self._old
+
+
+# ------------------------------------------------------------ safetensors I/O
+_DTYPES = {"F32": np.dtype("<f4")}
+
+
+def _write_safetensors(
+    path: Path, tensors: dict[str, npt.NDArray[Any]], meta: dict[str, str]
+) -> None:
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for arr in tensors.values():
+                f.write(arr.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, npt.NDArray[Any]], dict[str, str]]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e}") from None
+    if len(data) < 8:
+        raise FormatError(f"{path}: truncated (no safetensors header)")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8:
+        raise FormatError(f"{path}: header length {hlen} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: __metadata__ must be an object of strings")
+    body = memoryview(data)[8 + hlen :]
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            lo, hi = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: tensor {name!r} has a malformed entry: {e!r}") from None
+        if any(s < 0 for s in shape) or not 0 <= lo <= hi <= len(body):
+            raise FormatError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        if hi - lo != int(np.prod(shape)) * dtype.itemsize:
+            raise FormatError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {shape}")
+        out[name] = np.frombuffer(body[lo:hi], dtype=dtype).reshape(shape).astype(np.float32)
+    return out, meta

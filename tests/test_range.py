@@ -1,0 +1,347 @@
+"""Exact range search (neuropil.range) and sparse attention (neuropil.hf)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import neuropil
+from neuropil import _native
+from neuropil.range import METHODS, RangeIndex
+
+LEVELS = _native.simd_levels()
+
+
+def low_rank(n: int, d: int, rank: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((rank, d))
+    coef = rng.standard_normal((n, rank)) * (4.0 / np.arange(1, rank + 1))
+    return (coef @ basis + 0.3 + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def brute(keys: np.ndarray, q: np.ndarray, t: np.ndarray):
+    """float64 answers and the tie band of the module docstring."""
+    s = q.astype(np.float64) @ keys.astype(np.float64).T
+    tol = 2 * keys.shape[1] * 2.0**-24 * np.linalg.norm(q, axis=1)[:, None]
+    tol = tol * np.linalg.norm(keys, axis=1)[None, :]
+    return s >= t[:, None], np.abs(s - t[:, None]) <= tol
+
+
+def as_mask(lims, ids, nq, n):
+    m = np.zeros((nq, n), dtype=bool)
+    for i in range(nq):
+        m[i, ids[lims[i] : lims[i + 1]]] = True
+    return m
+
+
+def quantile_thresholds(keys, q, frac):
+    s = q.astype(np.float64) @ keys.astype(np.float64).T
+    k = max(1, int(frac * keys.shape[0]))
+    return np.partition(s, -k, axis=1)[:, -k].astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    d=st.integers(1, 48),
+    rank=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    frac=st.floats(0.0, 0.3),
+    method=st.sampled_from(METHODS),
+    adds=st.lists(st.integers(1, 20), max_size=4),
+)
+def test_exact_against_brute_force_with_adds(n, d, rank, seed, frac, method, adds):
+    total = n + sum(adds)
+    keys = low_rank(total, d, rank, seed)
+    ix = RangeIndex(keys[:n], method, rebuild_min=8, rebuild_fraction=0.2)
+    pos = n
+    for m in adds:
+        ix.add(keys[pos : pos + m])
+        pos += m
+    assert len(ix) == total
+    np.testing.assert_array_equal(ix.keys(), keys)
+    q = low_rank(4, d, rank, seed + 1)
+    t = quantile_thresholds(keys, q, frac)
+    want, tie = brute(keys, q, t)
+    flat = None
+    for level in LEVELS:
+        lims, ids, scores, _, _ = ix._native.search(q, t, level=level)
+        got = as_mask(lims, ids, len(q), total)
+        assert not np.any((got != want) & ~tie), (method, level)
+        # Precision: every reported score reaches its threshold; ids ascend per query.
+        for i in range(len(q)):
+            assert np.all(scores[lims[i] : lims[i + 1]] >= t[i])
+            assert np.all(np.diff(ids[lims[i] : lims[i + 1]]) > 0)
+        # Bit-identical across levels and methods.
+        if flat is None:
+            flat = RangeIndex(keys, "flat")._native.search(q, t, level=level)
+        assert np.array_equal(ids, flat[1]) and np.array_equal(scores, flat[2])
+
+
+@pytest.mark.slow
+def test_real_smollm2_keys_exact_and_pruned(tmp_path_factory, smollm2):
+    """Real keys captured from SmolLM2 (post-RoPE) are answered exactly, reading few keys."""
+    from neuropil._range_data import smollm2_keys, top_fraction_thresholds
+
+    z = _cached_keys(tmp_path_factory, smollm2_keys, smollm2)
+    for li, h in [(0, 0), (2, 1)]:
+        k, q = z["keys"][li, h], z["queries"][li, h, :32]
+        t = top_fraction_thresholds(k, q)
+        want, tie = brute(k, q, t)
+        for method in ("auto", "pca", "kmeans"):
+            ix = RangeIndex(k, method)
+            lims, ids, _ = ix.search(q, t)
+            got = as_mask(lims, ids, len(q), len(k))
+            assert not np.any((got != want) & ~tie), method
+        ix = RangeIndex(k)
+        ix.search(q, t)
+        assert np.median(ix.last_scanned) < 0.2
+
+
+_KEYS: dict[str, dict] = {}
+
+
+def _cached_keys(tmp_path_factory, fn, model_and_tok):
+    if "z" not in _KEYS:
+        cache = tmp_path_factory.mktemp("keys")
+        _KEYS["z"] = fn(2048, queries_per_head=32, model_and_tok=model_and_tok, cache=cache)
+    return _KEYS["z"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_matches_sorted_scores(method):
+    keys = low_rank(500, 24, 3, 1)
+    q = low_rank(5, 24, 3, 2)
+    ix = RangeIndex(keys, method)
+    ids, scores = ix.topk(q, 7)
+    assert ids.shape == (5, 7) and scores.shape == (5, 7)
+    s = q.astype(np.float64) @ keys.astype(np.float64).T
+    for i in range(5):
+        assert np.all(np.diff(scores[i]) <= 0)
+        kth = np.sort(s[i])[-7]
+        assert np.all(s[i, ids[i]] >= kth - 1e-4)
+
+
+def test_save_load_roundtrip_and_atomic(tmp_path):
+    keys = low_rank(300, 16, 3, 5)
+    ix = RangeIndex(keys, "kmeans", seed=7, leaf=32)
+    ix.add(low_rank(3, 16, 3, 6))
+    path = tmp_path / "ix.safetensors"
+    ix.save(path)
+    back = RangeIndex.load(path)
+    assert back.method == "kmeans" and back.stats["seed"] == 7 and back.stats["leaf"] == 32
+    np.testing.assert_array_equal(back.keys(), ix.keys())
+    q = low_rank(3, 16, 3, 9)
+    a, b = ix.search(q, 1.0), back.search(q, 1.0)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _rewrite(path, mutate):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    mutate(header)
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n :])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda h: h["__metadata__"].update(format_version="99"),
+        lambda h: h["__metadata__"].update(format="other"),
+        lambda h: h["__metadata__"].update(leaf="many"),
+        lambda h: h["__metadata__"].update(method="hnsw"),
+        lambda h: h["keys"].update(shape=[999, 16]),
+        lambda h: h["keys"].update(dtype="I8"),
+        lambda h: h.pop("keys"),
+    ],
+)
+def test_malformed_files_raise_format_error(tmp_path, mutate):
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    _rewrite(path, mutate)
+    with pytest.raises(neuropil.FormatError):
+        RangeIndex.load(path)
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    raw = path.read_bytes()
+    for bad in (raw[:5], raw[:-10], b"\xff" * 64):
+        path.write_bytes(bad)
+        with pytest.raises(neuropil.FormatError):
+            RangeIndex.load(path)
+
+
+def test_bad_input_errors():
+    keys = low_rank(100, 8, 2, 1)
+    ix = RangeIndex(keys)
+    with pytest.raises(
+        neuropil.ShapeError, match=r"queries must have shape \(nq, 8\).*got \(2, 7\)"
+    ):
+        ix.search(np.ones((2, 7), np.float32), [0.0, 0.0])
+    with pytest.raises(neuropil.ShapeError, match="thresholds"):
+        ix.search(np.ones((2, 8), np.float32), np.zeros(3, np.float32))
+    bad = np.ones((2, 8), np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(neuropil.ArgumentError, match="queries must be finite"):
+        ix.search(bad, [0.0, 0.0])
+    with pytest.raises(neuropil.ArgumentError, match="thresholds must be finite"):
+        ix.search(np.ones((1, 8), np.float32), [np.inf])
+    with pytest.raises(neuropil.ShapeError, match="keys must not be empty"):
+        RangeIndex(np.zeros((0, 8), np.float32))
+    k2 = keys.copy()
+    k2[5, 0] = np.inf
+    with pytest.raises(neuropil.ArgumentError, match="keys must be finite"):
+        RangeIndex(k2)
+    with pytest.raises(neuropil.DTypeError):
+        RangeIndex(np.ones((4, 8), np.int32))
+    with pytest.raises(neuropil.ArgumentError, match="method"):
+        RangeIndex(keys, "hnsw")
+    with pytest.raises(neuropil.ArgumentError, match="k must be between 1"):
+        ix.topk(keys[:1], 101)
+    with pytest.raises(neuropil.ShapeError, match=r"keys must have shape \(m, 8\)"):
+        ix.add(np.ones((1, 9), np.float32))
+
+
+def test_torch_cpu_inputs_give_tensors():
+    torch = pytest.importorskip("torch")
+    keys = low_rank(200, 16, 2, 3)
+    ix = RangeIndex(torch.from_numpy(keys))
+    _, ids, _ = ix.search(torch.from_numpy(keys[:2]), 5.0)
+    assert isinstance(ids, torch.Tensor) and ids.dtype == torch.int64
+    ref = ix.search(keys[:2], 5.0)
+    np.testing.assert_array_equal(ids.numpy(), ref[1])
+
+
+def test_stats_and_rebuild_policy():
+    keys = low_rank(1000, 16, 3, 4)
+    ix = RangeIndex(keys[:500], rebuild_min=64, rebuild_fraction=0.25)
+    for i in range(500, 1000):
+        ix.add(keys[i : i + 1])
+    s = ix.stats
+    assert s["n"] == 1000 and s["builds"] >= 2 and s["pending"] <= 0.25 * s["indexed"] + 64
+    assert s["method"] == "auto"
+
+
+@pytest.mark.cuda
+def test_cuda_path_matches_cpu_sets():
+    import torch
+
+    keys = low_rank(5000, 64, 6, 1)
+    q = low_rank(16, 64, 6, 2)
+    t = quantile_thresholds(keys, q, 0.01)
+    gpu = RangeIndex(torch.from_numpy(keys).cuda())
+    lims, ids, _ = gpu.search(torch.from_numpy(q).cuda(), torch.from_numpy(t).cuda())
+    assert ids.device.type == "cuda"
+    want, tie = brute(keys, q, t)
+    got = as_mask(lims.cpu().numpy(), ids.cpu().numpy(), len(q), len(keys))
+    assert not np.any((got != want) & ~tie)
+    gpu.add(torch.from_numpy(keys[:10]).cuda())
+    assert len(gpu) == 5010
+    tk_ids, _ = gpu.topk(torch.from_numpy(q).cuda(), 5)
+    cpu_ids, _ = RangeIndex(np.concatenate([keys, keys[:10]])).topk(q, 5)
+    assert (tk_ids.cpu().numpy()[:, 0] % 5000 == cpu_ids[:, 0] % 5000).all()
+
+
+# ------------------------------------------------------------------- transformers
+@pytest.mark.slow
+def test_sparse_cache_generation(smollm2):
+    import torch
+    from transformers import DynamicCache
+
+    from neuropil import hf
+
+    model, tok = smollm2
+    impl = model.config._attn_implementation
+    texts = neuropil.data.real_sentences(12)
+    side, tok.padding_side = tok.padding_side, "left"
+    batch = tok([texts[0], texts[5] + " " + texts[6]], return_tensors="pt", padding=True)
+    tok.padding_side = side
+    single = tok(texts[1], return_tensors="pt")
+    try:
+        with torch.inference_mode():
+            ref = model.generate(
+                **single, max_new_tokens=6, do_sample=False, past_key_values=DynamicCache()
+            )
+            ref_b = model.generate(
+                **batch, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache()
+            )
+            model.set_attn_implementation(hf.ATTENTION)
+            # No threshold: token for token the same as DynamicCache + sdpa.
+            dense = hf.SparseCache(model, None)
+            got = model.generate(**single, max_new_tokens=6, do_sample=False, past_key_values=dense)
+            assert torch.equal(got, ref)
+            # top-p 0.99, batch of 2 with padding, grouped-query attention (9 q / 3 kv heads).
+            cache = hf.SparseCache(model, "top_p", top_p=0.99, window=4, sinks=2)
+            got_b = model.generate(
+                **batch, max_new_tokens=4, do_sample=False, past_key_values=cache
+            )
+            assert (got_b == ref_b).float().mean() > 0.9
+            s = cache.summary()
+            assert s["steps"] == 3 and 0 < s["fraction_read"] < 1
+            assert 0 <= s["dropped_bound"] <= 0.01 + 1e-6
+            for strategy, kw in [("top_k", {"top_k": 8}), ("threshold", {"threshold": 0.0})]:
+                c = hf.SparseCache(model, strategy, **kw)
+                model.generate(**single, max_new_tokens=3, do_sample=False, past_key_values=c)
+                assert c.summary()["steps"] == 2
+            # The attention function without the cache: a clear error.
+            with pytest.raises(neuropil.NeuropilError, match="SparseCache"):
+                model.generate(
+                    **single, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache()
+                )
+    finally:
+        model.set_attn_implementation(impl)
+    # A model whose attention is not ours: the cache says what is missing.
+    with pytest.raises(neuropil.NeuropilError, match="attn_implementation"):
+        hf.SparseCache(model)
+    with pytest.raises(neuropil.NeuropilError, match="config"):
+        hf.SparseCache(object())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sparse_decode_attention_torch_matches_dense(device):
+    torch = pytest.importorskip("torch")
+    from neuropil.hf import sparse_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 32, generator=g).to(device)
+    k = torch.randn(2, 3, 300, 32, generator=g).to(device)
+    v = torch.randn(2, 3, 300, 32, generator=g).to(device)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    ).transpose(1, 2)
+    out, info = sparse_decode_attention(q, k, v, 32**-0.5, strategy=None)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    out, info = sparse_decode_attention(q, k, v, 32**-0.5, strategy="top_p", top_p=0.99)
+    assert info["dropped_bound"] <= 0.01 + 1e-6
+    assert (out - dense).abs().max() < 0.05
+
+
+def test_bench_quick_runs(monkeypatch, tmp_path):
+    """`neuropil bench range --quick` prints every figure (small data, cached keys)."""
+    from neuropil import _bench_range, _range_data
+
+    z = {
+        "keys": np.stack(
+            [np.stack([low_rank(8192, 64, 6, s + 3 * li) for s in range(3)]) for li in range(4)]
+        ),
+        "queries": np.stack(
+            [np.stack([low_rank(256, 64, 6, 100 + s) for s in range(3)]) for _ in range(4)]
+        ),
+    }
+    monkeypatch.setattr(_bench_range, "smollm2_keys", lambda *a, **k: z)
+    assert _range_data.LAYERS
+    rows = _bench_range.range_bench(quick=True, verbose=False)
+    assert rows and all(r.neuropil > 0 for r in rows)
+    assert any("faiss" in r.baselines for r in rows)
+    assert all("exact=yes" in r.limit for r in rows if "faiss" in r.baselines)
