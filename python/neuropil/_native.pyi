@@ -30,7 +30,6 @@ def _input_info(x: _ArrayLike, checked: bool = False) -> tuple[int, bool]: ...
 # ---------------------------------------------------------------- windows (neuropil.windows)
 __all__ += ["WindowLayout", "windows_gather", "windows_permutation"]
 
-from typing import final  # noqa: E402
 
 @final
 class WindowLayout:
