@@ -11,6 +11,7 @@
 //! - [`validate`]: argument checks shared by every entry point.
 
 pub mod error;
+pub mod neurons;
 pub mod simd;
 pub mod threads;
 pub mod validate;

@@ -8,11 +8,13 @@ use pyo3::prelude::*;
 
 mod buffers;
 mod errors;
+mod neurons;
 mod system;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", neuropil::VERSION)?;
     system::register(m)?;
+    neurons::register(m)?;
     Ok(())
 }
