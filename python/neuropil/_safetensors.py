@@ -42,7 +42,11 @@ def save(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         dt = _NAMES[a.dtype]
         raw = a.tobytes()
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": dt,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         blobs.append(raw)
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()

@@ -148,7 +148,10 @@ def _find_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     for name, mod in model.named_modules():
         if isinstance(mod, SparseMLP):
             found.append((name, mod, "sparse"))
-        elif all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+        elif all(
+            isinstance(getattr(mod, a, None), nn.Linear)
+            for a in ("gate_proj", "up_proj", "down_proj")
+        ):
             found.append((name, mod, "llama"))
         elif isinstance(getattr(getattr(mod, "intermediate", None), "dense", None), nn.Linear) and (
             isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)
@@ -166,7 +169,9 @@ def _run_calibration(model: nn.Module, calibration: Any, tokenizer: Any) -> None
         if isinstance(item, torch.Tensor):
             model(item.to(device) if item.dim() == 2 else item.reshape(1, -1).to(device))
         elif isinstance(item, dict) or hasattr(item, "keys"):
-            model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()})
+            model(
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+            )
         else:
             raise ArgumentError(
                 "calibration must be input ids (tensor), a tokenizer batch (dict), a list of "
@@ -176,12 +181,18 @@ def _run_calibration(model: nn.Module, calibration: Any, tokenizer: Any) -> None
     with torch.no_grad():
         if callable(calibration) and not isinstance(calibration, nn.Module):
             calibration()
-        elif isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], str):
+        elif (
+            isinstance(calibration, (list, tuple))
+            and calibration
+            and isinstance(calibration[0], str)
+        ):
             if tokenizer is None:
                 raise ArgumentError("calibration texts need tokenizer=...")
             for text in calibration:
                 one(tokenizer(text, return_tensors="pt", truncation=True, max_length=512))
-        elif isinstance(calibration, Iterable) and not isinstance(calibration, (torch.Tensor, dict)):
+        elif isinstance(calibration, Iterable) and not isinstance(
+            calibration, (torch.Tensor, dict)
+        ):
             items = list(calibration)
             if not items:
                 raise ArgumentError("calibration must not be empty")

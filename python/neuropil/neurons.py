@@ -178,7 +178,9 @@ class NeuronCache:
         if a.ndim != 1:
             raise ShapeError(f"active ids must have shape (k,); got {a.shape}")
         if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
-            raise IndexError(f"active index {int(a.max())} is out of range for length {self.num_neurons}")
+            raise IndexError(
+                f"active index {int(a.max())} is out of range for length {self.num_neurons}"
+            )
         self._c.record_indices(np.ascontiguousarray(a, dtype=np.int64))
 
     record_activations = record  # the seed's name
@@ -255,7 +257,8 @@ class NeuronCache:
             raise FormatError(f"{path}: not a neuron cache file (format {meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise FormatError(
-                f"{path}: format_version must be {FORMAT_VERSION}; got {meta.get('format_version')!r}"
+                f"{path}: format_version must be {FORMAT_VERSION}; "
+                f"got {meta.get('format_version')!r}"
             )
         try:
             args = json.loads(meta["config"])
@@ -265,7 +268,9 @@ class NeuronCache:
                     "hysteresis", "reclassify_every"}  # fmt: skip
             if not isinstance(args, dict) or set(args) != keys:
                 raise ValueError(f"config keys must be {sorted(keys)}")
-            if not isinstance(counters, list) or not all(isinstance(c, int) and c >= 0 for c in counters):
+            if not isinstance(counters, list) or not all(
+                isinstance(c, int) and c >= 0 for c in counters
+            ):
                 raise ValueError("counters must be non-negative integers")
             if not isinstance(classified, bool):
                 raise ValueError("classified must be a bool")
@@ -345,7 +350,9 @@ class SparseFFN:
         if dtype not in ("float32", "float16"):
             raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
-        self._ffn = _native._SparseFfn(conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4])
+        self._ffn = _native._SparseFfn(
+            conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
+        )
         self.activation = activation
         h = self._ffn.num_neurons
         if hot_capacity is not None and _int("hot_capacity", hot_capacity) > h:
@@ -443,7 +450,9 @@ class SparseFFN:
         if a.size and (a.dtype.kind not in "iu" or a.min() < 0):
             raise ArgumentError("ids must be non-negative integer neuron ids")
         if a.size and a.max() >= self.num_neurons:
-            raise IndexError(f"hot index {int(a.max())} is out of range for length {self.num_neurons}")
+            raise IndexError(
+                f"hot index {int(a.max())} is out of range for length {self.num_neurons}"
+            )
         self._ffn.set_hot(np.ascontiguousarray(a, dtype=np.uint32))
 
     def hot_neurons(self) -> npt.NDArray[np.uint32]:
