@@ -129,7 +129,11 @@ def test_hot_tier_serves_hits_without_changing_results():
     np.testing.assert_allclose(y, cold(samples[:4]), atol=1e-5)
     s = ffn.stats()
     assert s["hot_fetches"] > 0 and s["cold_fetches"] > 0
-    assert s["cold_bytes"] == s["cold_fetches"] * ffn.bytes_per_neuron == s["cold_fetches"] * 3 * 32 * 4
+    assert (
+        s["cold_bytes"]
+        == s["cold_fetches"] * ffn.bytes_per_neuron
+        == s["cold_fetches"] * 3 * 32 * 4
+    )
     # The calibrated hot set is the most frequently active neurons.
     freq = (np.abs(ffn.activations(samples)) > t).mean(0)
     assert freq[ffn.hot_neurons()].min() >= np.sort(freq)[-50] - 1e-12
@@ -147,7 +151,7 @@ def test_torch_input_gives_torch_output():
 
 def test_sparse_ffn_bad_input():
     g, u, dn = weights()
-    with pytest.raises(neuropil.ArgumentError, match="bits=8.*not available yet"):
+    with pytest.raises(neuropil.ArgumentError, match=r"bits=8.*not available yet"):
         SparseFFN(g, u, dn, bits=8)
     with pytest.raises(neuropil.ArgumentError, match="bits must be None, 8 or 4"):
         SparseFFN(g, u, dn, bits=3)
@@ -185,7 +189,12 @@ def test_seed_api_and_out_of_range_ids_raise():
     assert len(c.cold_neurons()) == 95
     assert c.activation_frequency(0) == 1.0
     s = c.stats()
-    assert (s["num_hot"], s["num_cold"], s["total_activations"], s["hot_ratio"]) == (5, 95, 100, 0.05)
+    assert (s["num_hot"], s["num_cold"], s["total_activations"], s["hot_ratio"]) == (
+        5,
+        95,
+        100,
+        0.05,
+    )
     with pytest.raises(IndexError, match="active index 100 is out of range for length 100"):
         c.record([1, 100])
     with pytest.raises(IndexError):

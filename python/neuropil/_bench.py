@@ -16,6 +16,7 @@ from ._timing import Row, format_table
 # name -> "module:function(quick) -> list[Row]". Capabilities add their benchmark here.
 BENCHES: dict[str, str] = {
     "simd": "._bench_system:simd",
+    "neurons": "._bench_neurons:neurons",
 }
 
 

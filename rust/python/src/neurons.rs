@@ -110,7 +110,12 @@ impl PyNeuronCache {
     }
 
     fn counts<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        self.inner.counts().to_vec().into_pyarray(py)
+        self.inner
+            .counts()
+            .iter()
+            .map(|&c| u64::from(c))
+            .collect::<Vec<u64>>()
+            .into_pyarray(py)
     }
 
     fn activation_frequency(&self, neuron: i64) -> PyResult<f64> {

@@ -94,7 +94,8 @@ pub struct CacheState {
 pub struct NeuronCache {
     n: usize,
     cfg: CacheConfig,
-    counts: Vec<u64>,
+    /// Per-neuron activation counts, saturating at `u32::MAX` (4.3 G tokens).
+    counts: Vec<u32>,
     scores: Vec<f32>,
     last: Vec<u64>,
     is_hot: Vec<u8>,
@@ -200,7 +201,7 @@ impl NeuronCache {
         let mut hits = 0u64;
         for &j in ids {
             let j = j as usize;
-            self.counts[j] += 1;
+            self.counts[j] = self.counts[j].saturating_add(1);
             hits += u64::from(self.is_hot[j]);
             if !self.scores.is_empty() {
                 self.scores[j] += 1.0;
@@ -265,7 +266,7 @@ impl NeuronCache {
         let (counts, is_hot) = (&mut self.counts, &self.is_hot);
         let scores = &mut self.scores;
         let last = &mut self.last;
-        let block = |(b, (cnt, hot)): (usize, (&mut [u64], &[u8])),
+        let block = |(b, (cnt, hot)): (usize, (&mut [u32], &[u8])),
                      sc: Option<&mut [f32]>,
                      ls: Option<&mut [u64]>| {
             let j0 = b * BLOCK;
@@ -297,7 +298,7 @@ impl NeuronCache {
             }
             let (mut ev, mut hits) = (0u64, 0u64);
             for ((c, l), h) in cnt.iter_mut().zip(local.iter()).zip(hot) {
-                *c += u64::from(*l);
+                *c = c.saturating_add(*l);
                 ev += u64::from(*l);
                 hits += u64::from(*l) * u64::from(*h);
             }
@@ -334,7 +335,6 @@ impl NeuronCache {
         let h = self.cfg.hysteresis;
         let sat = |v: u64| v.min(u32::MAX as u64) as u32;
         let now = self.tokens;
-        let hfix = (h as f64 * 65536.0) as u64;
         let fill = |b: usize, o: &mut [u32]| {
             let r = b * BLOCK..b * BLOCK + o.len();
             let hot = &self.is_hot[r.clone()];
@@ -356,13 +356,13 @@ impl NeuronCache {
                         *o = (sc * (1.0 + h * f32::from(ht))).max(0.0).to_bits();
                     }
                 }
-                _ => {
-                    // Fixed-point boost (16 fractional bits): integer math vectorises.
+                _ if h > 0.0 => {
                     for ((o, &c), &ht) in o.iter_mut().zip(&self.counts[r]).zip(hot) {
-                        let c = c.min(u32::MAX as u64);
-                        *o = sat(c + (((c * hfix) >> 16) & 0u64.wrapping_sub(u64::from(ht))));
+                        // `as` saturates; above 2^24 the boost is approximate.
+                        *o = (c as f32 * (1.0 + h * f32::from(ht))) as u32;
                     }
                 }
+                _ => o.copy_from_slice(&self.counts[r]),
             }
         };
         let par = crate::threads::install(|| {
@@ -381,13 +381,6 @@ impl NeuronCache {
         }
     }
 
-    #[cfg(test)]
-    pub(crate) fn keys(&self) -> Vec<u32> {
-        let mut k = vec![0; self.n];
-        self.keys_into(&mut k);
-        k
-    }
-
     /// Re-chooses the hot set (O(n)). A `Static` cache does so only once.
     pub fn reclassify(&mut self) {
         self.pending = 0;
@@ -398,28 +391,25 @@ impl NeuronCache {
         keys.resize(self.n, 0);
         self.keys_into(&mut keys);
         let (cut, mut ties) = top_cut(&keys, self.cfg.capacity, &mut self.hist);
-        // Branch-free marking and compaction (the hot set is a random ~subset).
-        let n = self.n;
+        // One branch-free pass marks and compacts (the hot set is a random
+        // subset, so branches would mispredict); ties at the cut go to the
+        // lowest ids, so the list comes out sorted.
         self.hot.clear();
-        self.hot.resize(n + 1, 0);
+        self.hot.reserve(self.n);
+        let spare = &mut self.hot.spare_capacity_mut()[..self.n];
         let mut len = 0usize;
         for (j, (&k, flag)) in keys.iter().zip(self.is_hot.iter_mut()).enumerate() {
-            let on = k > cut;
-            *flag = u8::from(on);
-            self.hot[len] = j as u32;
-            len += usize::from(on);
+            let tie = usize::from(k == cut) & usize::from(ties > 0);
+            ties -= tie;
+            let on = usize::from(k > cut) | tie;
+            *flag = on as u8;
+            // `len <= j < n`: in bounds; slots past the final `len` are never read.
+            spare[len].write(j as u32);
+            len += on;
         }
-        self.hot.truncate(len);
-        if ties > 0 {
-            for (j, &k) in keys.iter().enumerate() {
-                if k == cut && ties > 0 {
-                    self.is_hot[j] = 1;
-                    self.hot.push(j as u32);
-                    ties -= 1;
-                }
-            }
-            self.hot.sort_unstable();
-        }
+        // SAFETY: the first `len` slots were written above (each slot < len got
+        // the id that was marked there before `len` moved past it).
+        unsafe { self.hot.set_len(len) };
         self.scratch = keys;
         self.classified = true;
     }
@@ -493,7 +483,7 @@ impl NeuronCache {
     }
 
     /// Activation counts of every neuron.
-    pub fn counts(&self) -> &[u64] {
+    pub fn counts(&self) -> &[u32] {
         &self.counts
     }
 
@@ -546,7 +536,7 @@ impl NeuronCache {
     /// The full state (for saving).
     pub fn state(&self) -> CacheState {
         CacheState {
-            counts: self.counts.clone(),
+            counts: self.counts.iter().map(|&c| u64::from(c)).collect(),
             scores: self.scores.clone(),
             last: self.last.clone(),
             hot: self.hot.clone(),
@@ -596,7 +586,11 @@ impl NeuronCache {
         }
         let hot: Vec<i64> = st.hot.iter().map(|&j| j as i64).collect();
         c.set_hot(&hot).map_err(|e| bad("hot", e.to_string()))?;
-        c.counts = st.counts;
+        c.counts = st
+            .counts
+            .iter()
+            .map(|&k| k.min(u32::MAX as u64) as u32)
+            .collect();
         c.scores = st.scores;
         c.last = st.last;
         (c.tokens, c.events, c.hits, c.misses, c.pending) = (tokens, events, hits, misses, pending);

@@ -20,8 +20,9 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
     const NAME: &'static str;
     /// Rounds an f32 to this type (round-to-nearest-even).
     fn from_f32(v: f32) -> Self;
-    /// Writes `src` as f32 into `dst` (same length).
-    fn to_f32(src: &[Self], dst: &mut [f32]);
+    /// Writes `src` as f32 into `dst` (same length), with vector
+    /// instructions where `level` allows.
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]);
     /// The row itself when it is already f32 (no conversion needed).
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
@@ -33,7 +34,7 @@ impl Elem for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
-    fn to_f32(src: &[Self], dst: &mut [f32]) {
+    fn to_f32(_level: Level, src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
     fn as_f32(src: &[Self]) -> Option<&[f32]> {
@@ -46,10 +47,41 @@ impl Elem for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
-    fn to_f32(src: &[Self], dst: &mut [f32]) {
-        // `half` uses the F16C / NEON conversion instructions when the CPU has them.
-        use half::slice::HalfFloatSliceExt;
-        src.convert_to_f32_slice(dst);
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if level >= Level::Avx2
+            && level.is_supported()
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX2 (level checked) and F16C (detected) are present.
+            unsafe { f16c_to_f32(src, dst) };
+            return;
+        }
+        let _ = level;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+/// f16 -> f32 with `vcvtph2ps`, 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16c_to_f32(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let (ps, pd) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n: 8 halves (16 bytes) read, 8 floats written, unaligned.
+        unsafe {
+            let h = _mm_loadu_si128(ps.add(i) as *const __m128i);
+            _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
     }
 }
 
@@ -66,7 +98,7 @@ pub fn dot_rows<E: Elem>(level: Level, w: &[E], xs: &[f32], out: &mut [f32]) {
     let mut buf = [0.0f32; CHUNK];
     for (c, wc) in w.chunks(CHUNK).enumerate() {
         let b = &mut buf[..wc.len()];
-        E::to_f32(wc, b);
+        E::to_f32(level, wc, b);
         let start = c * CHUNK;
         for (o, x) in out.iter_mut().zip(xs.chunks_exact(d)) {
             *o += dot_at(level, b, &x[start..start + wc.len()]).unwrap_or(0.0);
@@ -88,7 +120,7 @@ pub fn axpy_rows<E: Elem>(level: Level, w: &[E], coef: &[f32], ys: &mut [f32]) {
     let mut buf = [0.0f32; CHUNK];
     for (c, wc) in w.chunks(CHUNK).enumerate() {
         let b = &mut buf[..wc.len()];
-        E::to_f32(wc, b);
+        E::to_f32(level, wc, b);
         let start = c * CHUNK;
         for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
             if a != 0.0 {
@@ -107,7 +139,12 @@ mod tests {
         let w32: Vec<f32> = (0..d).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
         let w: Vec<E> = w32.iter().map(|&v| E::from_f32(v)).collect();
         let mut back = vec![0.0; d];
-        E::to_f32(&w, &mut back);
+        E::to_f32(Level::Scalar, &w, &mut back);
+        for level in Level::supported() {
+            let mut other = vec![0.0; d];
+            E::to_f32(level, &w, &mut other);
+            assert_eq!(back, other);
+        }
         let xs: Vec<f32> = (0..2 * d).map(|i| ((i % 11) as f32 - 5.0) / 5.0).collect();
         for level in Level::supported() {
             let mut out = [0.0f32; 2];

@@ -236,11 +236,15 @@ fn reclassify_timing() {
         c.record_batch(&m, 64).unwrap();
         let rec = t.elapsed();
         c.reclassify();
+        let mut keys = vec![0u32; n];
+        c.keys_into(&mut keys);
         let t = std::time::Instant::now();
-        let keys = c.keys();
+        c.keys_into(&mut keys);
         let tk = t.elapsed();
+        let mut hist = Vec::new();
+        super::cache::top_cut(&keys, n / 5, &mut hist);
         let t = std::time::Instant::now();
-        let cut = super::cache::top_cut(&keys, n / 5, &mut Vec::new());
+        let cut = super::cache::top_cut(&keys, n / 5, &mut hist);
         let tc = t.elapsed();
         let t = std::time::Instant::now();
         for _ in 0..10 {

@@ -135,10 +135,14 @@ impl<E: Elem> Bundled<E> {
         let off = usize::from(self.gated);
         for j in 0..h {
             if let Some(g) = gate.as_mut() {
-                E::to_f32(self.part(j, 0), &mut g[j * d..(j + 1) * d]);
+                E::to_f32(Level::Scalar, self.part(j, 0), &mut g[j * d..(j + 1) * d]);
             }
-            E::to_f32(self.part(j, off), &mut up[j * d..(j + 1) * d]);
-            E::to_f32(self.part(j, off + 1), &mut row);
+            E::to_f32(
+                Level::Scalar,
+                self.part(j, off),
+                &mut up[j * d..(j + 1) * d],
+            );
+            E::to_f32(Level::Scalar, self.part(j, off + 1), &mut row);
             for (i, v) in row.iter().enumerate() {
                 down[i * h + j] = *v;
             }
