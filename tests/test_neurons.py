@@ -61,18 +61,31 @@ def f16(a):
 # ------------------------------------------------------------------ SparseFFN
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+FORMATS = [("float32", None), ("float16", None), ("int8", 8), ("int4", 4)]
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("gated", [True, False])
-def test_sparse_ffn_matches_numpy_masking(dtype, act, gated):
+def test_sparse_ffn_matches_numpy_masking(dtype, bits, act, gated):
     g, u, dn = weights(gated=gated)
     rng = np.random.default_rng(1)
     ub = rng.standard_normal(96).astype(np.float32) * 0.1 if not gated else None
     db = rng.standard_normal(40).astype(np.float32) * 0.1
     x = rng.standard_normal((3, 40)).astype(np.float32)
-    ffn = SparseFFN(g, u, dn, activation=act, dtype=dtype, up_bias=ub, down_bias=db)
-    # The reference sees the weights the kernel stores (rounded to f16 for float16).
-    rg, ru, rd = (f16(a) for a in (g, u, dn)) if dtype == "float16" else (g, u, dn)
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(g, u, dn, activation=act, up_bias=ub, down_bias=db, **kw)
+    assert ffn.dtype == dtype
+    # The reference sees the weights the kernel stores (rounded or dequantized).
+    rg, ru, rd = ffn.weights()
+    if dtype == "float16":
+        for got, orig in ((rg, g), (ru, u), (rd, dn)):
+            if orig is not None:
+                np.testing.assert_array_equal(got, f16(orig))
+    if bits:
+        # Row quantization error is at most half a step of each row's scale.
+        step = np.abs(u).max(1, keepdims=True) / (127 if bits == 8 else 7)
+        assert np.all(np.abs(ru - u) <= step / 2 + 1e-6)
     np.testing.assert_allclose(
         ffn(x), ffn_reference(x, rg, ru, rd, act, up_bias=ub, down_bias=db), atol=2e-4, rtol=1e-4
     )
@@ -81,7 +94,7 @@ def test_sparse_ffn_matches_numpy_masking(dtype, act, gated):
         want = ffn_reference(x, rg, ru, rd, act, threshold=t, up_bias=ub, down_bias=db)
         np.testing.assert_allclose(ffn(x), want, atol=2e-4, rtol=1e-4)
         np.testing.assert_allclose(ffn(x[1]), want[1], atol=2e-4, rtol=1e-4)
-    sparse = SparseFFN(g, u, dn, activation=act, dtype=dtype, up_bias=ub, down_bias=db, top_k=17)
+    sparse = SparseFFN(g, u, dn, activation=act, up_bias=ub, down_bias=db, top_k=17, **kw)
     want = ffn_reference(x, rg, ru, rd, act, top_k=17, up_bias=ub, down_bias=db)
     np.testing.assert_allclose(sparse(x), want, atol=2e-4, rtol=1e-4)
     if dtype == "float32":
@@ -151,8 +164,10 @@ def test_torch_input_gives_torch_output():
 
 def test_sparse_ffn_bad_input():
     g, u, dn = weights()
-    with pytest.raises(neuropil.ArgumentError, match=r"bits=8.*not available yet"):
-        SparseFFN(g, u, dn, bits=8)
+    with pytest.raises(neuropil.ArgumentError, match="not both"):
+        SparseFFN(g, u, dn, bits=8, dtype="float16")
+    with pytest.raises(neuropil.ArgumentError, match="divisible by 2 for int4"):
+        SparseFFN(g[:, :-1], u[:, :-1], dn[:-1], bits=4)
     with pytest.raises(neuropil.ArgumentError, match="bits must be None, 8 or 4"):
         SparseFFN(g, u, dn, bits=3)
     with pytest.raises(neuropil.ShapeError, match=r"down must have shape \(40, 96\)"):
@@ -419,3 +434,44 @@ def test_cuda_path_matches_cpu(smollm2, smollm2_ids):
         mlp_c, mlp_g = cpu.model.layers[3].mlp, gpu.model.layers[3].mlp
         np.testing.assert_allclose(mlp_g(x.cuda()).cpu().numpy(), mlp_c(x).numpy(), atol=1e-3)
     assert torch.allclose(a, b, atol=5e-2, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_path_matches_cpu_on_a_tiny_llama():
+    """Needs no model files: a seeded random Llama, sparsified on the CPU, run on both."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuropil.torch import sparsify_mlp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    cpu = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    sparsify_mlp(cpu, 0.5, calibration=ids)
+    gpu = copy.deepcopy(cpu).cuda()
+    with torch.no_grad():
+        a = cpu(ids).logits
+        b = gpu(ids.cuda()).logits.cpu()
+        x = torch.randn(1, 1, 64)
+        y_cpu = cpu.model.layers[0].mlp(x)  # one token: the Rust kernel
+        y_gpu = gpu.model.layers[0].mlp(x.cuda()).cpu()  # the torch path on the GPU
+    torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(y_gpu, y_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_acceptance_figure():
+    from neuropil._bench_neurons import neurons
+
+    rows = neurons(quick=True, verbose=False)
+    cases = " | ".join(r.case for r in rows)
+    for needle in ("NeuronCache.record", "NeuronCache.reclassify", "sparsity 50%", "sparsity 70%",
+                   "sparsity 90%", "576x1536 float16", "torch dense"):  # fmt: skip
+        assert needle in cases or any(needle in r.baselines for r in rows), needle
+    assert all(r.neuropil > 0 for r in rows)

@@ -70,8 +70,10 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
     # Eight inputs in turn, so a sparse call's active set changes from call to call.
     xs = rng.standard_normal((8, d), dtype=np.float32)
     it = itertools.cycle(xs)
-    ffn = SparseFFN(gate, up, down, activation="silu", dtype=dtype)
-    mib = 3 * h * d * (4 if dtype == "float32" else 2) / 2**20
+    bits = {"int8": 8, "int4": 4}.get(dtype)
+    kw: dict[str, Any] = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(gate, up, down, activation="silu", **kw)
+    mib = h * ffn.bytes_per_neuron / 2**20
     rep = 7 if quick else 15
     t_dense = median_seconds(lambda: ffn(next(it), dense=True), repeat=rep, min_time=0.02)
     base: dict[str, float] = {}
@@ -190,7 +192,7 @@ def neurons(quick: bool = False, verbose: bool = True) -> list[Row]:
     rows = _cache_rows(quick)
     shapes = [(1536, 576)] + ([(2816, 1024)] if quick else [(11008, 4096)])
     for h, d in shapes:
-        for dtype in ("float32", "float16"):
+        for dtype in ("float32", "float16", "int8", "int4"):
             rows += _ffn_rows(h, d, dtype, quick, torch)
             if verbose:
                 print(f"  measured FFN {d}x{h} {dtype}")

@@ -18,6 +18,7 @@ from ._registry import resolve, select
 SECTIONS: dict[str, str] = {
     "system": "._tour_system:system",
     "kernels": "._tour_system:kernels",
+    "neurons": "._tour_neurons:neurons",
 }
 
 

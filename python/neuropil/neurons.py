@@ -311,8 +311,9 @@ class SparseFFN:
         up: (h, d) float.
         down: (d, h) float.
         activation: ``"silu"``, ``"gelu"`` (exact erf form) or ``"relu"``.
-        bits: None (store ``dtype``). 8 and 4 (row-quantized weights) are not
-            available yet and raise ``ArgumentError``.
+        bits: None (store ``dtype``), 8 or 4: row-quantized weights (symmetric,
+            one f32 scale per gate/up row and per down column; codes in
+            [-127, 127] or [-7, 7], 4-bit packed two per byte, needs an even d).
         hot_capacity: Neurons kept in the dense hot tier after :meth:`calibrate`
             (the most frequently active on the calibration samples). None: no tier.
         dtype: ``"float32"`` or ``"float16"`` weight storage.
@@ -341,13 +342,14 @@ class SparseFFN:
         top_k: int | None = None,
     ) -> None:
         if bits is not None:
-            if bits in (8, 4) and not isinstance(bits, bool):
+            if isinstance(bits, bool) or bits not in (8, 4):
+                raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
+            if dtype != "float32":
                 raise ArgumentError(
-                    f"bits={bits} (row-quantized sparse FFN weights) is not available yet; "
-                    "use bits=None with dtype='float32' or 'float16'"
+                    f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}"
                 )
-            raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
-        if dtype not in ("float32", "float16"):
+            dtype = "int8" if bits == 8 else "int4"
+        elif dtype not in ("float32", "float16"):
             raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
         self._ffn = _native._SparseFfn(
@@ -387,7 +389,7 @@ class SparseFFN:
 
     @property
     def dtype(self) -> str:
-        """Weight storage type."""
+        """Weight storage type: ``float32``, ``float16``, ``int8`` or ``int4``."""
         return self._ffn.dtype
 
     @property
@@ -473,7 +475,7 @@ class SparseFFN:
         self._ffn.reset_stats()
 
     def weights(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """The stored weights in torch layout as float32: (gate or None, up, down)."""
+        """The stored weights in torch layout as float32 (dequantized): (gate or None, up, down)."""
         return self._ffn.to_matrices()
 
     def _rows(self, x: Any) -> tuple[Any, bool]:

@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use crate::buffers::Expect;
 use crate::errors::OrRaise;
 use neuropil::neurons::{
-    Activation, Bundled, CacheConfig, CacheState, NeuronCache, NeuronWeights, Policy, Select,
+    Activation, Bundled, Q4, Q8, CacheConfig, CacheState, NeuronCache, NeuronWeights, Policy, Select,
     SparseFfn,
 };
 use neuropil::Error;
@@ -208,6 +208,8 @@ impl PyNeuronCache {
 enum Ffn {
     F32(SparseFfn<Bundled<f32>>),
     F16(SparseFfn<Bundled<f16>>),
+    Q8(SparseFfn<Bundled<Q8>>),
+    Q4(SparseFfn<Bundled<Q4>>),
 }
 
 /// Runs `$body` with `$f` bound to the typed FFN.
@@ -216,6 +218,8 @@ macro_rules! with_ffn {
         match $self {
             Ffn::F32($f) => $body,
             Ffn::F16($f) => $body,
+            Ffn::Q8($f) => $body,
+            Ffn::Q4($f) => $body,
         }
     };
 }
@@ -299,10 +303,22 @@ impl PySparseFfn {
                         ub,
                         db,
                     )?),
+                    "int8" => Ffn::Q8(SparseFfn::new(
+                        Bundled::from_matrices(gs, us, ds, h, d)?,
+                        act,
+                        ub,
+                        db,
+                    )?),
+                    "int4" => Ffn::Q4(SparseFfn::new(
+                        Bundled::from_matrices(gs, us, ds, h, d)?,
+                        act,
+                        ub,
+                        db,
+                    )?),
                     other => {
                         return Err(Error::value(
                             "dtype",
-                            "'float32' or 'float16'",
+                            "one of 'float32', 'float16', 'int8', 'int4'",
                             format!("{other:?}"),
                         ));
                     }
@@ -337,6 +353,8 @@ impl PySparseFfn {
         match self.inner {
             Ffn::F32(_) => "float32",
             Ffn::F16(_) => "float16",
+            Ffn::Q8(_) => "int8",
+            Ffn::Q4(_) => "int4",
         }
     }
 

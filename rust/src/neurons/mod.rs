@@ -3,7 +3,8 @@
 //! active neurons of neuron-major bundled weights.
 //!
 //! - [`cache`]: [`NeuronCache`], recording activity and choosing the hot set.
-//! - [`weights`]: the [`NeuronWeights`] storage trait and [`Bundled`] f32/f16 weights.
+//! - [`weights`]: the [`NeuronWeights`] storage trait and [`Bundled`] weights
+//!   (f32, f16, 8-bit and 4-bit row-quantized).
 //! - [`elem`]: element types and the row kernels shared by every type.
 //! - [`axpy`]: the dispatched `y += a * w` kernel.
 //! - [`ffn`]: [`SparseFfn`], the sparse forward pass.
@@ -15,7 +16,7 @@ pub mod ffn;
 pub mod weights;
 
 pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};
-pub use elem::Elem;
+pub use elem::{Elem, Q4, Q8};
 pub use ffn::{Activation, FfnStats, Select, SparseFfn};
 pub use weights::{Bundled, NeuronWeights};
 

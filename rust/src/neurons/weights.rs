@@ -36,10 +36,13 @@ pub trait NeuronWeights: Send + Sync {
         Self: Sized;
 }
 
-/// Bundled weights in element type `E` (f32, f16).
+/// Bundled weights in element type `E` (f32, f16, or row-quantized
+/// [`super::elem::Q8`] / [`super::elem::Q4`] with one scale per row and column).
 #[derive(Debug, Clone)]
 pub struct Bundled<E: Elem> {
     data: Vec<E>,
+    /// One scale per (neuron, part); all 1.0 for plain float types.
+    scales: Vec<f32>,
     h: usize,
     d: usize,
     gated: bool,
@@ -67,7 +70,7 @@ impl<E: Elem> Bundled<E> {
             return Err(Error::shape(
                 "up",
                 format!("({h}, {d})"),
-                &[up.len() / d.max(1), d],
+                &[up.len() / d, d],
             ));
         }
         if let Some(g) = gate {
@@ -86,33 +89,57 @@ impl<E: Elem> Bundled<E> {
                 &[down.len() / h, h],
             ));
         }
+        if !d.is_multiple_of(E::LANES) {
+            return Err(Error::value(
+                "up",
+                format!("a model size d divisible by {} for {}", E::LANES, E::NAME),
+                d,
+            ));
+        }
         let k = if gate.is_some() { 3 } else { 2 };
-        let mut data = vec![E::default(); h * k * d];
-        for (j, bundle) in data.chunks_exact_mut(k * d).enumerate() {
-            let mut parts = bundle.chunks_exact_mut(d);
-            let mut put = |src: &mut dyn Iterator<Item = f32>| {
-                if let Some(dst) = parts.next() {
-                    for (o, v) in dst.iter_mut().zip(src) {
-                        *o = E::from_f32(v);
-                    }
+        let units = d / E::LANES;
+        let mut data = vec![E::default(); h * k * units];
+        let mut scales = vec![1.0f32; h * k];
+        let mut column = vec![0.0f32; d];
+        for (j, (bundle, sc)) in data
+            .chunks_exact_mut(k * units)
+            .zip(scales.chunks_exact_mut(k))
+            .enumerate()
+        {
+            let mut parts = bundle.chunks_exact_mut(units).zip(sc.iter_mut());
+            let mut put = |src: &[f32]| {
+                if let Some((dst, scale)) = parts.next() {
+                    *scale = E::encode(src, dst);
                 }
             };
             if let Some(g) = gate {
-                put(&mut g[j * d..(j + 1) * d].iter().copied());
+                put(&g[j * d..(j + 1) * d]);
             }
-            put(&mut up[j * d..(j + 1) * d].iter().copied());
-            put(&mut (0..d).map(|i| down[i * h + j]));
+            put(&up[j * d..(j + 1) * d]);
+            for (i, c) in column.iter_mut().enumerate() {
+                *c = down[i * h + j];
+            }
+            put(&column);
         }
         Ok(Bundled {
             data,
+            scales,
             h,
             d,
             gated: gate.is_some(),
         })
     }
 
+    fn parts(&self) -> usize {
+        if self.gated {
+            3
+        } else {
+            2
+        }
+    }
+
     fn bundle_len(&self) -> usize {
-        self.d * if self.gated { 3 } else { 2 }
+        self.d / E::LANES * self.parts()
     }
 
     fn bundle(&self, j: usize) -> &[E] {
@@ -120,12 +147,25 @@ impl<E: Elem> Bundled<E> {
         &self.data[j * b..(j + 1) * b]
     }
 
-    /// The part `p` (0: pre, 1: up or down, 2: down) of neuron `j`.
-    fn part(&self, j: usize, p: usize) -> &[E] {
-        &self.bundle(j)[p * self.d..(p + 1) * self.d]
+    /// The part `p` (0: pre, 1: up or down, 2: down) of neuron `j`, and its scale.
+    fn part(&self, j: usize, p: usize) -> (&[E], f32) {
+        let u = self.d / E::LANES;
+        (
+            &self.bundle(j)[p * u..(p + 1) * u],
+            self.scales[j * self.parts() + p],
+        )
     }
 
-    /// Back to torch layout `(gate, up, down)` as f32, for checks and saving.
+    /// Decodes part `p` of neuron `j` to f32, scale applied.
+    fn decode(&self, j: usize, p: usize, out: &mut [f32]) {
+        let (w, scale) = self.part(j, p);
+        E::to_f32(Level::Scalar, w, out);
+        for v in out.iter_mut() {
+            *v *= scale;
+        }
+    }
+
+    /// Back to torch layout `(gate, up, down)` as f32 (dequantized), for checks.
     pub fn to_matrices(&self) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
         let (h, d) = (self.h, self.d);
         let mut row = vec![0.0f32; d];
@@ -135,14 +175,10 @@ impl<E: Elem> Bundled<E> {
         let off = usize::from(self.gated);
         for j in 0..h {
             if let Some(g) = gate.as_mut() {
-                E::to_f32(Level::Scalar, self.part(j, 0), &mut g[j * d..(j + 1) * d]);
+                self.decode(j, 0, &mut g[j * d..(j + 1) * d]);
             }
-            E::to_f32(
-                Level::Scalar,
-                self.part(j, off),
-                &mut up[j * d..(j + 1) * d],
-            );
-            E::to_f32(Level::Scalar, self.part(j, off + 1), &mut row);
+            self.decode(j, off, &mut up[j * d..(j + 1) * d]);
+            self.decode(j, off + 1, &mut row);
             for (i, v) in row.iter().enumerate() {
                 down[i * h + j] = *v;
             }
@@ -162,26 +198,33 @@ impl<E: Elem> NeuronWeights for Bundled<E> {
         self.gated
     }
     fn bytes_per_neuron(&self) -> usize {
-        self.bundle_len() * std::mem::size_of::<E>()
+        let scales = if E::QUANTIZED { self.parts() * 4 } else { 0 };
+        self.bundle_len() * std::mem::size_of::<E>() + scales
     }
     fn pre(&self, level: Level, j: usize, xs: &[f32], out: &mut [f32]) {
-        dot_rows(level, self.part(j, 0), xs, out);
+        let (w, scale) = self.part(j, 0);
+        dot_rows(level, w, scale, xs, out);
     }
     fn up(&self, level: Level, j: usize, xs: &[f32], out: &mut [f32]) {
-        dot_rows(level, self.part(j, 1), xs, out);
+        let (w, scale) = self.part(j, 1);
+        dot_rows(level, w, scale, xs, out);
     }
     fn down_axpy(&self, level: Level, j: usize, coef: &[f32], ys: &mut [f32]) {
-        let p = if self.gated { 2 } else { 1 };
-        axpy_rows(level, self.part(j, p), coef, ys);
+        let (w, scale) = self.part(j, self.parts() - 1);
+        axpy_rows(level, w, scale, coef, ys);
     }
     fn subset(&self, ids: &[u32]) -> Self {
-        let b = self.bundle_len();
+        let (b, k) = (self.bundle_len(), self.parts());
         let mut data = Vec::with_capacity(ids.len() * b);
+        let mut scales = Vec::with_capacity(ids.len() * k);
         for &j in ids {
-            data.extend_from_slice(self.bundle(j as usize));
+            let j = j as usize;
+            data.extend_from_slice(self.bundle(j));
+            scales.extend_from_slice(&self.scales[j * k..(j + 1) * k]);
         }
         Bundled {
             data,
+            scales,
             h: ids.len(),
             d: self.d,
             gated: self.gated,
@@ -204,8 +247,8 @@ mod tests {
         assert_eq!((g2.unwrap(), u2, d2), (g.clone(), u.clone(), dn.clone()));
         assert_eq!(w.bytes_per_neuron(), 3 * d * 4);
         let sub = w.subset(&[4, 1]);
-        assert_eq!(sub.part(0, 0), &g[12..15]);
-        assert_eq!(sub.part(1, 2), &[dn[1], dn[6], dn[11]]);
+        assert_eq!(sub.part(0, 0).0, &g[12..15]);
+        assert_eq!(sub.part(1, 2).0, &[dn[1], dn[6], dn[11]]);
         let err = Bundled::<f32>::from_matrices(Some(&g), &u, &dn[1..], h, d).unwrap_err();
         assert!(
             err.to_string().starts_with("down must have shape (3, 5)"),
