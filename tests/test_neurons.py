@@ -475,3 +475,32 @@ def test_bench_quick_reports_every_acceptance_figure():
                    "sparsity 90%", "576x1536 float16", "torch dense"):  # fmt: skip
         assert needle in cases or any(needle in r.baselines for r in rows), needle
     assert all(r.neuropil > 0 for r in rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+def test_sparse_ffn_cuda_tensor_matches_cpu(dtype, bits):
+    import torch
+
+    g, u, dn = weights()
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(g, u, dn, threshold=0.1, **kw)
+    x = torch.randn(3, 40)
+    y = ffn(x.cuda())
+    assert y.device.type == "cuda"
+    np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_torch_device_path_logic_matches_the_kernel(gated):
+    """The torch path CUDA tensors take, run here on CPU tensors."""
+    torch = pytest.importorskip("torch")
+    g, u, dn = weights(gated=gated)
+    rng = np.random.default_rng(5)
+    ub = rng.standard_normal(96).astype(np.float32) * 0.1 if not gated else None
+    db = rng.standard_normal(40).astype(np.float32) * 0.1
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    for kw in ({"threshold": 0.1}, {"top_k": 20}, {}):
+        ffn = SparseFFN(g, u, dn, activation="gelu", up_bias=ub, down_bias=db, **kw)
+        got = ffn._torch_forward(torch.from_numpy(x), dense=False).numpy()
+        np.testing.assert_allclose(got, ffn(x), atol=1e-5, rtol=1e-5)

@@ -352,6 +352,8 @@ class SparseFFN:
         elif dtype not in ("float32", "float16"):
             raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
+        self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
+        self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
         self._ffn = _native._SparseFfn(
             conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
         )
@@ -488,14 +490,18 @@ class SparseFFN:
         """The FFN output.
 
         Args:
-            x: (d,) or (n, d) float (numpy or CPU torch tensor); small n is the
-                intended case (rows share one pass over the weights).
+            x: (d,) or (n, d) float (numpy or torch tensor); small n is the
+                intended case (rows share one pass over the weights). A CUDA
+                tensor is computed with torch on its device (same masking; the
+                stored weights are copied there once).
             dense: Compute every neuron (the dense FFN through the same kernel).
 
         Returns:
             (d,) or (n, d) float32, numpy or torch like ``x``.
         """
         is_torch = type(x).__module__.startswith("torch")
+        if is_torch and x.device.type != "cpu":
+            return self._torch_forward(x, dense)
         a, single = self._rows(x)
         if dense or (self.threshold is None and self.top_k is None):
             y = self._ffn.forward(a, "dense", 0.0)
@@ -509,6 +515,38 @@ class SparseFFN:
 
             return torch.from_numpy(out)
         return out
+
+    def _torch_forward(self, x: Any, dense: bool) -> Any:
+        """The same masked FFN with torch ops on ``x``'s device (CUDA), from the
+        stored (dequantized) weights, copied to that device once."""
+        import torch
+        import torch.nn.functional as F
+
+        key = (str(x.device), x.dtype)
+        if getattr(self, "_dev_key", None) != key:
+            ws = self.weights()
+            self._dev = [
+                None if w is None else torch.from_numpy(w).to(x.device, x.dtype) for w in ws
+            ]
+            self._dev_key = key
+        gate, up, down = self._dev
+        acts = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
+        if self._bias_up is not None or self._bias_down is not None:
+            ub, db = (
+                None if b is None else torch.from_numpy(b).to(x.device, x.dtype)
+                for b in (self._bias_up, self._bias_down)
+            )
+        else:
+            ub = db = None
+        a = acts(F.linear(x, gate) if gate is not None else F.linear(x, up, ub))
+        if not dense and self.top_k is not None:
+            kth = a.abs().topk(self.top_k, dim=-1).values[..., -1:]
+            a = torch.where(a.abs() >= kth, a, torch.zeros_like(a))
+        elif not dense and self.threshold is not None:
+            a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
+        if gate is not None:
+            a = a * F.linear(x, up)
+        return F.linear(a, down, db)
 
     def __repr__(self) -> str:
         mode = (
