@@ -48,8 +48,10 @@ def neurons(out: Path, verbose: bool = True) -> dict[str, Any]:
     g = xe @ w[0].T
     a = g / (1 + np.exp(-g))
     ref = (np.where(np.abs(a) > t, a, 0) * (xe @ w[1].T)) @ w[2].T
-    ffn.reset_stats()
     got = ffn(xe)
+    ffn.reset_stats()
+    for row in xe[:128]:  # token by token, as in decoding
+        ffn(row)
     st = ffn.stats()
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     x1 = xe[len(xe) // 2]

@@ -10,8 +10,8 @@ use pyo3::types::PyDict;
 use crate::buffers::Expect;
 use crate::errors::OrRaise;
 use neuropil::neurons::{
-    Activation, Bundled, Q4, Q8, CacheConfig, CacheState, NeuronCache, NeuronWeights, Policy, Select,
-    SparseFfn,
+    Activation, Bundled, CacheConfig, CacheState, NeuronCache, NeuronWeights, Policy, Select,
+    SparseFfn, Q4, Q8,
 };
 use neuropil::Error;
 

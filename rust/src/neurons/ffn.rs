@@ -264,6 +264,101 @@ impl<W: NeuronWeights> SparseFfn<W> {
         Ok(out)
     }
 
+    /// Dense or threshold selection in one sweep over the bundles: each
+    /// neuron's pre row is read, and its up row and down column right after it
+    /// only if some row keeps it, so the memory traffic is one sequential pass.
+    fn forward_fused(
+        &self,
+        level: Level,
+        xs: &[f32],
+        rows: usize,
+        t: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        let (h, d) = (self.all.num_neurons(), self.all.dim());
+        let gated = self.all.gated();
+        type State = (Vec<f32>, Vec<f32>, Vec<f32>, [u64; 3]);
+        let init = || -> State {
+            (
+                vec![0.0; rows * d],
+                vec![0.0; rows],
+                vec![0.0; rows],
+                [0; 3],
+            )
+        };
+        let work = |(mut acc, mut a, mut u, mut n): State, c: usize| -> State {
+            for j in c * GRAIN..h.min((c + 1) * GRAIN) {
+                let slot = self.hot_slot[j];
+                let (w, jj) = if slot == COLD {
+                    (&self.all, j)
+                } else {
+                    (&self.hot, slot as usize)
+                };
+                w.pre(level, jj, xs, &mut a);
+                let b = self.pre_bias.as_ref().map_or(0.0, |b| b[j]);
+                let mut kept = 0u64;
+                for v in a.iter_mut() {
+                    let y = self.act.apply(*v + b);
+                    let keep = t.is_none_or(|t| y.abs() > t);
+                    *v = if keep { y } else { 0.0 };
+                    kept += u64::from(keep);
+                }
+                if kept == 0 {
+                    continue;
+                }
+                n[0] += kept;
+                n[if slot == COLD { 2 } else { 1 }] += 1;
+                if gated {
+                    w.up(level, jj, xs, &mut u);
+                    for (ui, ai) in u.iter_mut().zip(&a) {
+                        *ui *= ai;
+                    }
+                    w.down_axpy(level, jj, &u, &mut acc);
+                } else {
+                    w.down_axpy(level, jj, &a, &mut acc);
+                }
+            }
+            (acc, a, u, n)
+        };
+        let (mut ys, _, _, n) = crate::threads::install(|| {
+            (0..h.div_ceil(GRAIN))
+                .into_par_iter()
+                .fold(init, work)
+                .reduce(init, |mut x, y| {
+                    for (p, q) in x.0.iter_mut().zip(&y.0) {
+                        *p += q;
+                    }
+                    for k in 0..3 {
+                        x.3[k] += y.3[k];
+                    }
+                    x
+                })
+        })?;
+        self.finish(&mut ys, rows, n[0], n[1], n[2]);
+        Ok(ys)
+    }
+
+    /// Adds the output bias and the counters.
+    fn finish(&self, ys: &mut [f32], rows: usize, pairs: u64, hot: u64, cold: u64) {
+        if let Some(b) = &self.down_bias {
+            for y in ys.chunks_exact_mut(self.all.dim()) {
+                for (yi, bi) in y.iter_mut().zip(b) {
+                    *yi += bi;
+                }
+            }
+        }
+        let add = [
+            1,
+            rows as u64,
+            pairs,
+            hot,
+            cold,
+            cold * self.all.bytes_per_neuron() as u64,
+        ];
+        for (a, v) in self.counters.iter().zip(add) {
+            a.fetch_add(v, Relaxed);
+        }
+    }
+
     /// The FFN output for `rows` inputs `xs` (`rows x d`, row-major), computing
     /// only the neurons `select` keeps.
     pub fn forward(&self, xs: &[f32], rows: usize, select: Select) -> Result<Vec<f32>> {
@@ -279,6 +374,11 @@ impl<W: NeuronWeights> SparseFfn<W> {
             _ => {}
         }
         let level = simd::level()?;
+        match select {
+            Select::Dense => return self.forward_fused(level, xs, rows, None),
+            Select::Threshold(t) => return self.forward_fused(level, xs, rows, Some(t)),
+            Select::TopK(_) => {}
+        }
         let mut coef = self.activations_nm(level, xs, rows)?;
         let mut active: Vec<u32> = Vec::with_capacity(h);
         match select {
@@ -371,29 +471,11 @@ impl<W: NeuronWeights> SparseFfn<W> {
                     },
                 )
         })?;
-        if let Some(b) = &self.down_bias {
-            for y in ys.chunks_exact_mut(d) {
-                for (yi, bi) in y.iter_mut().zip(b) {
-                    *yi += bi;
-                }
-            }
-        }
         let hot = active
             .iter()
             .filter(|&&j| self.hot_slot[j as usize] != COLD)
             .count() as u64;
-        let cold = active.len() as u64 - hot;
-        let add = [
-            1,
-            rows as u64,
-            pairs,
-            hot,
-            cold,
-            cold * self.all.bytes_per_neuron() as u64,
-        ];
-        for (a, v) in self.counters.iter().zip(add) {
-            a.fetch_add(v, Relaxed);
-        }
+        self.finish(&mut ys, rows, pairs, hot, active.len() as u64 - hot);
         Ok(ys)
     }
 }
