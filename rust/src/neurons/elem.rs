@@ -102,11 +102,8 @@ impl Elem for Q8 {
         }
         scale
     }
-    fn to_f32(_level: Level, src: &[Self], dst: &mut [f32]) {
-        // A plain widening loop: LLVM vectorises it at every level.
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from(s.0);
-        }
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        widened(level, src, dst);
     }
 }
 
@@ -128,12 +125,52 @@ impl Elem for Q4 {
         }
         scale
     }
-    fn to_f32(_level: Level, src: &[Self], dst: &mut [f32]) {
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        widened(level, src, dst);
+    }
+}
+
+/// A code type whose decoding is a plain loop the compiler can vectorise.
+trait PlainDecode: Sized {
+    fn decode(src: &[Self], dst: &mut [f32]);
+}
+
+impl PlainDecode for Q8 {
+    #[inline(always)]
+    fn decode(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from(s.0);
+        }
+    }
+}
+
+impl PlainDecode for Q4 {
+    #[inline(always)]
+    fn decode(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.chunks_exact_mut(2).zip(src) {
             d[0] = f32::from(s.0 & 15) - 8.0;
             d[1] = f32::from(s.0 >> 4) - 8.0;
         }
     }
+}
+
+/// Runs `E::decode` compiled for AVX2 when `level` allows (the same loop,
+/// widened by the compiler to 256-bit vectors), else for the baseline.
+fn widened<E: PlainDecode>(level: Level, src: &[E], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 && level.is_supported() {
+        // SAFETY: AVX2 is present (level checked against the CPU).
+        unsafe { decode_avx2(src, dst) };
+        return;
+    }
+    let _ = level;
+    E::decode(src, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_avx2<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
+    E::decode(src, dst);
 }
 
 /// f16 -> f32 with `vcvtph2ps`, 8 lanes at a time.
