@@ -351,8 +351,8 @@ def smollm2_ids(smollm2):
     _, tok = smollm2
     calib = "\n".join(t for n, t in license_texts().items() if n != "GPL-3")
     return (
-        tok(calib[:6000], return_tensors="pt").input_ids[:, :256],
-        tok(gpl3_text()[:4000], return_tensors="pt").input_ids[:, :192],
+        tok(calib[:4000], return_tensors="pt").input_ids[:, :160],
+        tok(gpl3_text()[:3000], return_tensors="pt").input_ids[:, :128],
     )
 
 
@@ -372,10 +372,7 @@ def test_sparsify_smollm2_rust_and_torch_paths_agree(smollm2, smollm2_ids):
     assert len(th) == model.config.num_hidden_layers and all(t > 0 for t in th.values())
     mlp = model.model.layers[5].mlp
     assert isinstance(mlp, SparseMLP)
-    # The realised sparsity on the calibration text is the target.
     ffn = mlp.rust_ffn()
-    with torch.no_grad():
-        hidden = model.model.embed_tokens(calib[:, :64])[0].numpy()
     x = torch.randn(1, 3, 576)
     with torch.no_grad():
         y_rust = mlp(x)
@@ -386,7 +383,6 @@ def test_sparsify_smollm2_rust_and_torch_paths_agree(smollm2, smollm2_ids):
     np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=2e-3, rtol=1e-4)
     assert ffn.stats()["rows"] == 3
     assert dense_loss < sparse_loss < dense_loss + 0.5  # perplexity within ~65%
-    assert hidden.shape == (64, 576)
     with pytest.raises(neuropil.ArgumentError, match="sparsity"):
         sparsify_mlp(model, sparsity=1.0, calibration=calib)
     sparsify_mlp(model, sparsity=0.0)  # back to dense
