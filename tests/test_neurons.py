@@ -3,16 +3,19 @@ force, persistence, bad input, and sparsify_mlp on the real models."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.special import erf
 
 import neuropil
 from neuropil.neurons import NeuronCache, SparseFFN
 
 # ------------------------------------------------------------------ references
+
+erf = np.vectorize(math.erf)
 
 
 def act_np(name, x):
