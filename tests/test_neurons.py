@@ -409,6 +409,17 @@ def test_sparsify_minilm_embeddings_stay_close(minilm, sentences):
     sparse = model.encode(texts[32:], normalize_embeddings=True)
     cos = (dense * sparse).sum(1)
     assert cos.mean() > 0.95 and cos.min() > 0.8
+    # BERT-style FFN (biases, GELU): the Rust kernel and the torch path agree.
+    import torch
+
+    mlp = model[0].auto_model.encoder.layer[2].intermediate
+    x = torch.randn(1, 3, 384)
+    with torch.no_grad():
+        y_rust = mlp(x)
+        mlp.rust_max_rows = 0
+        y_torch = mlp(x)
+    assert mlp.rust_ffn().stats()["rows"] == 3
+    np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
