@@ -70,6 +70,20 @@ fn bench_ffn(c: &mut Criterion) {
     group.bench_function("dense", |b| {
         b.iter(|| ffn.forward(black_box(&x), 1, Select::Dense).unwrap())
     });
+    // Thresholds at the 50/70/90% quantiles of |act| for this input: the single-sweep path.
+    let mut mags: Vec<f32> = ffn
+        .activations(&x, 1)
+        .unwrap()
+        .iter()
+        .map(|v| v.abs())
+        .collect();
+    mags.sort_by(f32::total_cmp);
+    for s in [0.5f64, 0.7, 0.9] {
+        let t = mags[(s * h as f64) as usize];
+        group.bench_function(BenchmarkId::new("threshold_sparsity", s), |b| {
+            b.iter(|| ffn.forward(black_box(&x), 1, Select::Threshold(t)).unwrap())
+        });
+    }
     for k in [768usize, 461, 154] {
         group.bench_function(BenchmarkId::new("top_k", k), |b| {
             b.iter(|| ffn.forward(black_box(&x), 1, Select::TopK(k)).unwrap())
