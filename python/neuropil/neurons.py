@@ -269,7 +269,7 @@ class NeuronCache:
             if not isinstance(args, dict) or set(args) != keys:
                 raise ValueError(f"config keys must be {sorted(keys)}")
             if not isinstance(counters, list) or not all(
-                isinstance(c, int) and c >= 0 for c in counters
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**64 for c in counters
             ):
                 raise ValueError("counters must be non-negative integers")
             if not isinstance(classified, bool):
