@@ -238,6 +238,8 @@ impl<W: NeuronWeights> SparseFfn<W> {
                 .for_each(|(c, chunk)| {
                     for (i, out) in chunk.chunks_exact_mut(rows).enumerate() {
                         let j = c * GRAIN + i;
+                        // Pre rows are 1 in 2 or 3 of the bundle: keep the stream going.
+                        self.all.prefetch(j + 1);
                         self.all.pre(level, j, xs, out);
                         let b = self.pre_bias.as_ref().map_or(0.0, |b| b[j]);
                         for v in out.iter_mut() {
@@ -293,6 +295,9 @@ impl<W: NeuronWeights> SparseFfn<W> {
                 } else {
                     (&self.hot, slot as usize)
                 };
+                if t.is_some() {
+                    self.all.prefetch(j + 1);
+                }
                 w.pre(level, jj, xs, &mut a);
                 let b = self.pre_bias.as_ref().map_or(0.0, |b| b[j]);
                 let mut kept = 0u64;

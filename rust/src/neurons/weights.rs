@@ -14,6 +14,9 @@ use super::elem::{axpy_rows, dot_rows, Elem};
 use crate::error::{Error, Result};
 use crate::simd::Level;
 
+/// Bytes of the next neuron's pre row requested ahead of the sweep.
+const PREFETCH_BYTES: usize = 2048;
+
 /// What a sparse FFN kernel needs from its weight storage.
 pub trait NeuronWeights: Send + Sync {
     /// Number of neurons (hidden size `h`).
@@ -30,6 +33,9 @@ pub trait NeuronWeights: Send + Sync {
     fn up(&self, level: Level, j: usize, xs: &[f32], out: &mut [f32]);
     /// `ys[r] += coef[r] * down_j` for every row `r`.
     fn down_axpy(&self, level: Level, j: usize, coef: &[f32], ys: &mut [f32]);
+    /// Hints the CPU to start loading neuron `j`'s pre row (a sparse sweep
+    /// jumps over inactive neurons, which stalls the hardware prefetcher).
+    fn prefetch(&self, _j: usize) {}
     /// A copy holding only the neurons `ids`, in that order (a hot tier).
     fn subset(&self, ids: &[u32]) -> Self
     where
@@ -212,6 +218,24 @@ impl<E: Elem> NeuronWeights for Bundled<E> {
     fn down_axpy(&self, level: Level, j: usize, coef: &[f32], ys: &mut [f32]) {
         let (w, scale) = self.part(j, self.parts() - 1);
         axpy_rows(level, w, scale, coef, ys);
+    }
+    fn prefetch(&self, j: usize) {
+        if j >= self.h {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let (w, _) = self.part(j, 0);
+            let bytes = std::mem::size_of_val(w).min(PREFETCH_BYTES);
+            let p = w.as_ptr() as *const i8;
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: `off < size_of_val(w)`: the address lies inside the row;
+                // SSE (and so `prefetcht0`) is part of the x86-64 baseline, and a
+                // prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+            }
+        }
     }
     fn subset(&self, ids: &[u32]) -> Self {
         let (b, k) = (self.bundle_len(), self.parts());
