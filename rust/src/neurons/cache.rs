@@ -358,8 +358,11 @@ impl NeuronCache {
                 }
                 _ if h > 0.0 => {
                     for ((o, &c), &ht) in o.iter_mut().zip(&self.counts[r]).zip(hot) {
-                        // `as` saturates; above 2^24 the boost is approximate.
-                        *o = (c as f32 * (1.0 + h * f32::from(ht))) as u32;
+                        // Through i32, whose conversions vectorise (u32's do not on
+                        // the x86-64 baseline); above 2^24 the boost is approximate
+                        // and counts saturate at 2^30.
+                        let v = c.min(1 << 30) as i32 as f32 * (1.0 + h * f32::from(ht));
+                        *o = v.min(2.0e9) as i32 as u32;
                     }
                 }
                 _ => o.copy_from_slice(&self.counts[r]),
