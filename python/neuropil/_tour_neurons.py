@@ -29,7 +29,9 @@ def neurons(out: Path, verbose: bool = True) -> dict[str, Any]:
 
     say = print if verbose else (lambda *a, **k: None)
     model, tok = data.load_smollm2()
-    calib, ev = real.texts_for_smollm2(tok, 256, 512)
+    # Short texts keep the section to about a minute on 2 cores; `neuropil bench
+    # neurons` measures the same on 512 + 1024 tokens.
+    calib, ev = real.texts_for_smollm2(tok, 192, 384)
     report: dict[str, Any] = {}
 
     # 1. One real FFN, fed the hidden states that reach it on real text.
@@ -90,7 +92,7 @@ def neurons(out: Path, verbose: bool = True) -> dict[str, Any]:
 
     # 3. Accuracy through sparsify_mlp (shorter than `neuropil bench neurons`).
     acc = real.accuracy_table(
-        sparsities=(0.25, 0.5), calib_tokens=256, eval_tokens=512, sentences=100,
+        sparsities=(0.25, 0.5), calib_tokens=192, eval_tokens=384, sentences=80,
         smollm2=(model, tok),
     )  # fmt: skip
     dense = acc["smollm2"][0.0]
