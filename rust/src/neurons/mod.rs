@@ -7,12 +7,15 @@
 //!   (f32, f16, 8-bit and 4-bit row-quantized).
 //! - [`elem`]: element types and the row kernels shared by every type.
 //! - [`axpy`]: the dispatched `y += a * w` kernel.
-//! - [`ffn`]: [`SparseFfn`], the sparse forward pass.
+//! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
+//! - `select`: the O(n) radix selection of the hot set.
 
+pub mod activation;
 pub mod axpy;
 pub mod cache;
 pub mod elem;
 pub mod ffn;
+mod select;
 pub mod weights;
 
 pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};

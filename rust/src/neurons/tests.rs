@@ -242,9 +242,9 @@ fn reclassify_timing() {
         c.keys_into(&mut keys);
         let tk = t.elapsed();
         let mut hist = Vec::new();
-        super::cache::top_cut(&keys, n / 5, &mut hist);
+        super::select::top_cut(&keys, n / 5, &mut hist);
         let t = std::time::Instant::now();
-        let cut = super::cache::top_cut(&keys, n / 5, &mut hist);
+        let cut = super::select::top_cut(&keys, n / 5, &mut hist);
         let tc = t.elapsed();
         let mut best = std::time::Duration::MAX;
         for _ in 0..10 {
