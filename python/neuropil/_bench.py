@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "flyhash": "._bench_flyhash:flyhash",
     "quant": "._bench_quant:quant",
     "range": "._bench_range:range_bench",
+    "neurons": "._bench_neurons:neurons",
 }
 
 

@@ -23,6 +23,7 @@ SECTIONS: dict[str, str] = {
     "flyhash": "._tour_flyhash:flyhash",
     "quant": "._tour_quant:quant",
     "range": "._tour_range:range_tour",
+    "neurons": "._tour_neurons:neurons",
 }
 
 

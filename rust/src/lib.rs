@@ -14,6 +14,7 @@ pub mod error;
 pub mod flyhash;
 pub mod quant;
 pub mod range;
+pub mod neurons;
 pub mod simd;
 pub mod threads;
 pub mod validate;

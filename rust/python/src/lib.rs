@@ -11,6 +11,7 @@ mod errors;
 mod flyhash;
 mod quant;
 mod range;
+mod neurons;
 mod system;
 mod windows;
 
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     flyhash::register(m)?;
     quant::register(m)?;
     range::register(m)?;
+    neurons::register(m)?;
     Ok(())
 }

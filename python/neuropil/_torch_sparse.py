@@ -1,0 +1,285 @@
+"""``sparsify_mlp``: activation-sparse FFNs for ``transformers`` models.
+
+Each Llama-style MLP (``gate_proj``/``up_proj``/``down_proj``, e.g. SmolLM2) and
+each BERT-style FFN (``intermediate.dense`` + ``output.dense``, e.g. MiniLM) is
+replaced by a :class:`SparseMLP` with a per-layer threshold calibrated on real
+inputs (CATS): neurons with ``|act(pre)| <= threshold`` contribute zero.
+
+Execution paths (same masking, same result up to float rounding):
+
+- CPU, float32, at most ``rust_max_rows`` tokens (decoding): neuropil's Rust
+  :class:`~neuropil.neurons.SparseFFN`, which reads only the active neurons'
+  up rows and down columns.
+- Otherwise (long prompts, CUDA tensors, other dtypes): torch ops on the
+  tensor's own device: the dense pre-activation, the mask, then up/down.
+  On CUDA this keeps the accuracy semantics; it does not skip work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ArgumentError
+
+__all__ = ["SparseMLP", "sparsify_mlp"]
+
+_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+# Values kept per layer for the calibration quantile (a strided subsample beyond).
+_CALIB_VALUES = 1 << 22
+
+
+class SparseMLP(nn.Module):
+    """An FFN computing only neurons with ``|act(pre)| > threshold``.
+
+    Gated: ``down(act(gate x) * up x)``; ungated (``gate=None``):
+    ``down(act(up x))``, biases included. The linear layers are the model's
+    own (shared, not copied); the Rust kernel's bundled copy is built on the
+    first CPU call that uses it.
+
+    Args:
+        gate: ``nn.Linear`` (h <- d) or None.
+        up: ``nn.Linear`` (h <- d).
+        down: ``nn.Linear`` (d <- h).
+        activation: ``"silu"``, ``"gelu"`` or ``"relu"``.
+        threshold: Keep neurons with ``|act(pre)|`` above it; None: dense.
+        rust_max_rows: Largest token count sent to the Rust kernel.
+    """
+
+    def __init__(
+        self,
+        gate: nn.Linear | None,
+        up: nn.Linear,
+        down: nn.Linear,
+        activation: str,
+        threshold: float | None = None,
+        rust_max_rows: int = 8,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTS:
+            raise ArgumentError(f"activation must be one of {sorted(_ACTS)}; got {activation!r}")
+        self.gate, self.up, self.down = gate, up, down
+        self.activation = "silu" if activation == "swish" else activation
+        self.threshold = threshold
+        self.rust_max_rows = rust_max_rows
+        self._ffn: Any = None
+        self._calib: list[torch.Tensor] | None = None
+        self._calib_count = 0
+
+    def extra_repr(self) -> str:
+        t = "dense" if self.threshold is None else f"threshold={self.threshold:.4g}"
+        return f"{self.activation}, {t}"
+
+    def _rust_ok(self, x: torch.Tensor, rows: int) -> bool:
+        return (
+            self.threshold is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and rows <= self.rust_max_rows
+            and not torch.is_grad_enabled()
+            and (self.gate is None or (self.gate.bias is None and self.up.bias is None))
+        )
+
+    def rust_ffn(self) -> Any:
+        """The Rust :class:`~neuropil.neurons.SparseFFN` of these weights (built once)."""
+        if self._ffn is None:
+            from .neurons import SparseFFN
+
+            def w(lin: nn.Linear | None) -> Any:
+                return None if lin is None else lin.weight.detach().float().cpu().numpy()
+
+            def b(lin: nn.Linear) -> Any:
+                return None if lin.bias is None else lin.bias.detach().float().cpu().numpy()
+
+            self._ffn = SparseFFN(
+                w(self.gate), w(self.up), w(self.down), activation=self.activation,
+                up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
+            )  # fmt: skip
+        return self._ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        if self._calib is None and self._rust_ok(x, rows):
+            ffn = self.rust_ffn()
+            ffn.set_threshold(self.threshold)
+            y = ffn(x.reshape(rows, shape[-1]))
+            return y.reshape(*shape[:-1], -1)
+        act = _ACTS[self.activation]
+        a = act((self.gate or self.up)(x))
+        if self._calib is not None:
+            self._record(a)
+        if self.threshold is not None:
+            a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
+        if self.gate is not None:
+            a = a * self.up(x)
+        return self.down(a)
+
+    def _record(self, a: torch.Tensor) -> None:
+        flat = a.detach().abs().reshape(-1).float().cpu()
+        self._calib_count += flat.numel()
+        assert self._calib is not None
+        self._calib.append(flat)
+        total = sum(t.numel() for t in self._calib)
+        if total > 2 * _CALIB_VALUES:
+            merged = torch.cat(self._calib)
+            self._calib = [merged[:: max(2, merged.numel() // _CALIB_VALUES)]]
+
+
+def _act_name(model: nn.Module, default: str) -> str:
+    cfg = getattr(model, "config", None)
+    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+    return act if isinstance(act, str) else default
+
+
+def _find_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) for every FFN: kind 'llama', 'bert' or 'sparse' (already done)."""
+    found = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseMLP):
+            found.append((name, mod, "sparse"))
+        elif all(
+            isinstance(getattr(mod, a, None), nn.Linear)
+            for a in ("gate_proj", "up_proj", "down_proj")
+        ):
+            found.append((name, mod, "llama"))
+        elif isinstance(getattr(getattr(mod, "intermediate", None), "dense", None), nn.Linear) and (
+            isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)
+        ):
+            found.append((name, mod, "bert"))
+    return found
+
+
+def _run_calibration(model: nn.Module, calibration: Any, tokenizer: Any) -> None:
+    device = next(model.parameters()).device
+
+    def one(item: Any) -> None:
+        if isinstance(item, str):
+            raise ArgumentError("calibration texts need tokenizer=...")
+        if isinstance(item, torch.Tensor):
+            model(item.to(device) if item.dim() == 2 else item.reshape(1, -1).to(device))
+        elif isinstance(item, dict) or hasattr(item, "keys"):
+            model(
+                **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+            )
+        else:
+            raise ArgumentError(
+                "calibration must be input ids (tensor), a tokenizer batch (dict), a list of "
+                f"them, texts with tokenizer=..., or a callable; got {type(item).__name__}"
+            )
+
+    with torch.no_grad():
+        if callable(calibration) and not isinstance(calibration, nn.Module):
+            calibration()
+        elif (
+            isinstance(calibration, (list, tuple))
+            and calibration
+            and isinstance(calibration[0], str)
+        ):
+            if tokenizer is None:
+                raise ArgumentError("calibration texts need tokenizer=...")
+            for text in calibration:
+                one(tokenizer(text, return_tensors="pt", truncation=True, max_length=512))
+        elif isinstance(calibration, Iterable) and not isinstance(
+            calibration, (torch.Tensor, dict)
+        ):
+            items = list(calibration)
+            if not items:
+                raise ArgumentError("calibration must not be empty")
+            for item in items:
+                one(item)
+        else:
+            one(calibration)
+
+
+def sparsify_mlp(
+    model: nn.Module,
+    sparsity: float = 0.5,
+    calibration: Any = None,
+    *,
+    tokenizer: Any = None,
+    rust_max_rows: int = 8,
+) -> dict[str, float]:
+    """Makes every FFN of ``model`` activation-sparse, in place.
+
+    Llama-style MLPs (``gate_proj``/``up_proj``/``down_proj``) are replaced by a
+    :class:`SparseMLP`; in BERT-style layers ``intermediate`` becomes the
+    :class:`SparseMLP` (ending with ``output.dense``) and ``output.dense`` an
+    identity. Calling it again on a sparsified model recalibrates (sparsity 0
+    makes it dense again).
+
+    Args:
+        model: A ``transformers`` model (or any module holding such FFNs).
+        sparsity: Target fraction of inactive neurons per layer, in [0, 1),
+            measured on the calibration inputs.
+        calibration: What to run the dense model on: input ids (tensor
+            ``(b, t)``), a tokenizer batch (dict), a list of those, a list of
+            texts (with ``tokenizer``), or a zero-argument callable that runs
+            the model (e.g. ``lambda: st_model.encode(sentences)``).
+        tokenizer: Tokenizes calibration texts.
+        rust_max_rows: Token counts up to this go to the Rust kernel on CPU.
+
+    Returns:
+        The threshold chosen for each FFN, by module name.
+
+    Raises:
+        ArgumentError: sparsity outside [0, 1), no FFN found, an unsupported
+            activation, or calibration missing or of an unknown kind.
+    """
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ArgumentError(f"sparsity must be in [0, 1); got {sparsity!r}")
+    if s > 0 and calibration is None:
+        raise ArgumentError("calibration is required for sparsity > 0")
+    found = _find_mlps(model)
+    if not found:
+        raise ArgumentError("model has no Llama-style (gate/up/down) or BERT-style MLP to sparsify")
+    sparse: dict[str, SparseMLP] = {}
+    for name, mod, kind in found:
+        if kind == "sparse":
+            assert isinstance(mod, SparseMLP)
+            sparse[name] = mod
+        elif kind == "llama":
+            sm = SparseMLP(mod.gate_proj, mod.up_proj, mod.down_proj, _act_name(model, "silu"),
+                           rust_max_rows=rust_max_rows)  # fmt: skip
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, sm)
+            sparse[name] = sm
+        else:
+            inter, out = mod.intermediate, mod.output
+            sm = SparseMLP(None, inter.dense, out.dense, _act_name(model, "gelu"),
+                           rust_max_rows=rust_max_rows)  # fmt: skip
+            mod.intermediate = sm
+            out.dense = nn.Identity()
+            sparse[f"{name}.intermediate" if name else "intermediate"] = sm
+    for sm in sparse.values():
+        sm.threshold = None
+        sm._ffn = None
+    if s == 0.0:
+        return dict.fromkeys(sparse, 0.0)
+    for sm in sparse.values():
+        sm._calib, sm._calib_count = [], 0
+    try:
+        _run_calibration(model, calibration, tokenizer)
+        out: dict[str, float] = {}
+        for name, sm in sparse.items():
+            if not sm._calib:
+                raise ArgumentError(f"calibration did not run FFN {name!r}")
+            vals = torch.cat(sm._calib).numpy()
+            out[name] = float(np.quantile(vals, s))
+    finally:
+        for sm in sparse.values():
+            sm._calib = None
+    for name, sm in sparse.items():
+        sm.threshold = out[name]
+    return out

@@ -1,0 +1,559 @@
+"""Neuron cache and sparse FFN: keep the neurons that fire in fast memory, and
+compute only the active neurons of a feed-forward block.
+
+``NeuronCache`` records which of a layer's neurons are active on each token
+(index lists, boolean masks, or a whole ``(n, num_neurons)`` batch mask in one
+call), keeps a hot set bounded by a capacity (neurons or bytes) chosen by a
+policy (``frequency`` with optional exponential decay, ``window`` over the last
+``k`` tokens, or a ``static`` calibrated set), with hysteresis, and reports
+hit rates and bytes fetched.
+
+``SparseFFN`` stores an FFN's weights neuron-major (each neuron's gate row, up
+row and down column contiguous), computes the gate (or, ungated, the up
+pre-activation) densely, keeps the neurons whose ``|activation|`` exceeds a
+calibrated threshold (or the top-k), and reads the up rows and down columns of
+those neurons only. Hot neurons are copied into a separate dense tier.
+
+Example:
+    >>> import numpy as np
+    >>> from neuropil.neurons import SparseFFN
+    >>> rng = np.random.default_rng(0)
+    >>> gate, up = rng.standard_normal((2, 1536, 576), dtype=np.float32) * 0.05
+    >>> down = rng.standard_normal((576, 1536), dtype=np.float32) * 0.05
+    >>> ffn = SparseFFN(gate, up, down, activation="silu")
+    >>> t = ffn.calibrate(rng.standard_normal((64, 576), dtype=np.float32), sparsity=0.5)
+    >>> y = ffn(rng.standard_normal(576, dtype=np.float32))  # (576,), half the neurons
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native, _safetensors
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+
+__all__ = ["NeuronCache", "SparseFFN"]
+
+FORMAT = "neuropil.neuron_cache"
+FORMAT_VERSION = 1
+_POLICIES = ("frequency", "window", "static")
+
+
+def _int(name: str, v: Any, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
+        raise ArgumentError(f"{name} must be an integer >= {lo}; got {v!r}")
+    return int(v)
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like or a CPU torch tensor (CUDA tensors are copied to the host)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        return x.numpy()
+    return np.asarray(x)
+
+
+class NeuronCache:
+    """Tracks which neurons of a layer fire and keeps a bounded hot set.
+
+    Args:
+        num_neurons: Neurons in the layer (e.g. 1536 for SmolLM2-135M's FFN).
+        capacity: Most hot neurons (int). Default: 20% of ``num_neurons``.
+        capacity_bytes: Alternatively a byte budget; needs ``bytes_per_neuron``.
+        bytes_per_neuron: Bytes one neuron's weights take (for the byte figures).
+        policy: ``"frequency"`` (most often active; ``decay`` in (0, 1] weighs a
+            token ``t`` tokens old by ``decay**t``), ``"window"`` (active in the
+            last ``window`` tokens, most recent first) or ``"static"`` (chosen
+            once, at the first :meth:`reclassify` or by :meth:`set_hot`, then kept).
+        decay: Per-token decay of the ``frequency`` policy (None: plain counts).
+        window: Tokens of the ``window`` policy.
+        hysteresis: A hot neuron's score counts ``1 + hysteresis`` times (for
+            ``window``: ``hysteresis * window`` extra tokens), so neurons near
+            the boundary don't flip on every reclassify.
+        reclassify_every: Re-choose the hot set automatically every this many
+            recorded tokens (0: only when :meth:`reclassify` is called). A batch
+            is split at these points, so results do not depend on batching.
+
+    Raises:
+        ArgumentError: capacity above ``num_neurons``, unknown policy, decay
+            outside (0, 1], a window of 0, negative hysteresis.
+    """
+
+    def __init__(
+        self,
+        num_neurons: int,
+        capacity: int | None = None,
+        *,
+        capacity_bytes: int | None = None,
+        bytes_per_neuron: int = 0,
+        policy: str = "frequency",
+        decay: float | None = None,
+        window: int | None = None,
+        hysteresis: float = 0.0,
+        reclassify_every: int = 0,
+    ) -> None:
+        n = _int("num_neurons", num_neurons, 1)
+        bpn = _int("bytes_per_neuron", bytes_per_neuron)
+        if capacity is not None and capacity_bytes is not None:
+            raise ArgumentError("give capacity or capacity_bytes, not both")
+        if capacity_bytes is not None:
+            if bpn == 0:
+                raise ArgumentError("capacity_bytes needs bytes_per_neuron > 0; got 0")
+            cap = _int("capacity_bytes", capacity_bytes) // bpn
+        elif capacity is None:
+            cap = n // 5
+        else:
+            cap = _int("capacity", capacity)
+        if cap > n:
+            raise ArgumentError(f"capacity must be at most num_neurons = {n}; got {cap}")
+        if policy not in _POLICIES:
+            raise ArgumentError(f"policy must be one of {_POLICIES}; got {policy!r}")
+        self._args = {
+            "num_neurons": n,
+            "capacity": cap,
+            "bytes_per_neuron": bpn,
+            "policy": policy,
+            "decay": None if decay is None else float(decay),
+            "window": None if window is None else _int("window", window, 1),
+            "hysteresis": float(hysteresis),
+            "reclassify_every": _int("reclassify_every", reclassify_every),
+        }
+        a = self._args
+        self._c = _native._NeuronCache(
+            n, cap, bpn, policy, a["decay"], a["window"], a["hysteresis"], a["reclassify_every"]
+        )
+
+    @property
+    def num_neurons(self) -> int:
+        """Neurons in the layer."""
+        return self._args["num_neurons"]
+
+    @property
+    def capacity(self) -> int:
+        """Most hot neurons."""
+        return self._args["capacity"]
+
+    @property
+    def policy(self) -> str:
+        """The policy name."""
+        return self._args["policy"]
+
+    def record(self, active: Any) -> None:
+        """Records activity.
+
+        Args:
+            active: One token's active neuron ids (list or integer array, shape
+                (k,)); one token's boolean mask (bool, shape (num_neurons,)); or
+                a batch of tokens (bool, shape (n, num_neurons)), recorded in one
+                parallel pass. numpy arrays or torch tensors.
+
+        Raises:
+            IndexError: an id outside ``[0, num_neurons)`` (nothing is recorded).
+            ShapeError: a mask whose width is not ``num_neurons``.
+            DTypeError: floats or other non-integer, non-bool input.
+        """
+        a = _as_numpy(active)
+        if a.dtype == np.bool_:
+            if a.ndim not in (1, 2) or a.shape[-1] != self.num_neurons:
+                raise ShapeError(
+                    f"active mask must have shape ({self.num_neurons},) or "
+                    f"(n, {self.num_neurons}); got {a.shape}"
+                )
+            m = np.ascontiguousarray(a.reshape(-1, self.num_neurons)).view(np.uint8)
+            self._c.record_batch(m)
+            return
+        if a.size == 0:
+            a = a.astype(np.int64)
+        if a.dtype.kind not in "iu":
+            raise DTypeError(
+                f"active must be neuron ids (integers) or a bool mask; got dtype {a.dtype}"
+            )
+        if a.ndim != 1:
+            raise ShapeError(f"active ids must have shape (k,); got {a.shape}")
+        if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+            raise IndexError(
+                f"active index {int(a.max())} is out of range for length {self.num_neurons}"
+            )
+        self._c.record_indices(np.ascontiguousarray(a, dtype=np.int64))
+
+    record_activations = record  # the seed's name
+
+    def reclassify(self) -> None:
+        """Re-chooses the hot set by the policy, in O(num_neurons)."""
+        self._c.reclassify()
+
+    def set_hot(self, ids: Any) -> None:
+        """Makes ``ids`` the hot set (e.g. a calibrated static set).
+
+        Raises:
+            IndexError: an id out of range. ArgumentError: repeated ids or more than capacity.
+        """
+        a = np.asarray(_as_numpy(ids))
+        if a.size and a.dtype.kind not in "iu":
+            raise DTypeError(f"ids must be integers; got dtype {a.dtype}")
+        self._c.set_hot(np.ascontiguousarray(a.reshape(-1), dtype=np.int64))
+
+    def hot_neurons(self) -> npt.NDArray[np.uint32]:
+        """Hot neuron ids, ascending (uint32, shape (num_hot,))."""
+        return self._c.hot_neurons()
+
+    def cold_neurons(self) -> npt.NDArray[np.uint32]:
+        """Cold neuron ids, ascending (uint32, shape (num_cold,))."""
+        return self._c.cold_neurons()
+
+    def activation_frequency(self, neuron: int | None = None) -> Any:
+        """Fraction of recorded tokens in which ``neuron`` fired (float); with no
+        argument, every neuron's (float64, shape (num_neurons,))."""
+        if neuron is None:
+            tokens = self._c.stats()["total_activations"]
+            return self._c.counts() / max(tokens, 1)
+        return self._c.activation_frequency(_int("neuron", neuron, -(2**62)))
+
+    def stats(self) -> dict[str, Any]:
+        """``num_hot``, ``num_cold``, ``total_activations`` (tokens recorded),
+        ``events`` (activations), ``hits``/``misses`` (activations recorded while
+        a hot set existed, served by it or not), ``hot_ratio``, ``hit_rate``,
+        ``bytes_fetched`` (misses x bytes_per_neuron), ``hot_bytes``."""
+        return dict(self._c.stats())
+
+    def reset_stats(self) -> None:
+        """Zeroes hits and misses; keeps the activity and the hot set."""
+        self._c.reset_stats()
+
+    def clear(self) -> None:
+        """Forgets everything recorded, and the hot set."""
+        self._c.clear()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the cache (settings, counts, hot set) as safetensors + JSON metadata."""
+        counts, scores, last, hot, counters, classified = self._c.state()
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "config": json.dumps(self._args),
+            "counters": json.dumps([int(c) for c in counters]),
+            "classified": json.dumps(bool(classified)),
+        }
+        tensors = {"counts": counts, "scores": scores, "last": last, "hot": hot}
+        _safetensors.save(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuronCache:
+        """Reads a cache written by :meth:`save`.
+
+        Raises:
+            FormatError: not such a file, an unknown version, or any field
+                missing, malformed or inconsistent.
+        """
+        tensors, meta = _safetensors.load(path)
+        if meta.get("format") != FORMAT:
+            raise FormatError(f"{path}: not a neuron cache file (format {meta.get('format')!r})")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise FormatError(
+                f"{path}: format_version must be {FORMAT_VERSION}; "
+                f"got {meta.get('format_version')!r}"
+            )
+        try:
+            args = json.loads(meta["config"])
+            counters = json.loads(meta["counters"])
+            classified = json.loads(meta["classified"])
+            keys = {"num_neurons", "capacity", "bytes_per_neuron", "policy", "decay", "window",
+                    "hysteresis", "reclassify_every"}  # fmt: skip
+            if not isinstance(args, dict) or set(args) != keys:
+                raise ValueError(f"config keys must be {sorted(keys)}")
+            if not isinstance(counters, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**64 for c in counters
+            ):
+                raise ValueError("counters must be non-negative integers")
+            if not isinstance(classified, bool):
+                raise ValueError("classified must be a bool")
+            obj = cls(**args)
+        except (KeyError, ValueError, TypeError, ArgumentError) as e:
+            raise FormatError(f"{path}: invalid metadata ({e})") from e
+        want = {"counts": np.uint64, "scores": np.float32, "last": np.uint64, "hot": np.uint32}
+        for name, dt in want.items():
+            t = tensors.get(name)
+            if t is None or t.dtype != dt or t.ndim != 1:
+                raise FormatError(f"{path}: tensor {name!r} missing or not a 1-D {np.dtype(dt)}")
+        obj._c.load_state(
+            tensors["counts"], tensors["scores"], tensors["last"], tensors["hot"], counters,
+            classified,
+        )  # fmt: skip
+        return obj
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"NeuronCache({self.num_neurons} neurons, policy={self.policy!r}, "
+            f"hot {s['num_hot']}/{self.capacity}, hit rate {s['hit_rate']:.3f})"
+        )
+
+
+class SparseFFN:
+    """A feed-forward block that computes only its active neurons.
+
+    Gated (Llama/SmolLM2 SwiGLU): ``y = down @ (act(gate @ x) * (up @ x))``;
+    ungated (BERT): ``y = down @ act(up @ x + up_bias) + down_bias``. A neuron is
+    active where ``|act(pre)| > threshold`` (per input row), ``pre`` being the
+    gate (gated) or up (ungated) pre-activation; inactive neurons contribute
+    exactly zero.
+
+    Args:
+        gate: (h, d) float array or tensor (torch ``nn.Linear.weight`` layout), or
+            None for an ungated FFN.
+        up: (h, d) float.
+        down: (d, h) float.
+        activation: ``"silu"``, ``"gelu"`` (exact erf form) or ``"relu"``.
+        bits: None (store ``dtype``), 8 or 4: row-quantized weights (symmetric,
+            one f32 scale per gate/up row and per down column; codes in
+            [-127, 127] or [-7, 7], 4-bit packed two per byte, needs an even d).
+        hot_capacity: Neurons kept in the dense hot tier after :meth:`calibrate`
+            (the most frequently active on the calibration samples). None: no tier.
+        dtype: ``"float32"`` or ``"float16"`` weight storage.
+        up_bias: (h,) float, ungated FFNs (BERT's intermediate bias).
+        down_bias: (d,) float.
+        threshold: A known threshold (else :meth:`calibrate` sets one; none: dense).
+        top_k: Keep the ``top_k`` neurons of largest ``|act(pre)|`` per row instead.
+
+    Float inputs other than float32 are converted once; the weights are copied
+    into the bundled layout (the originals are not kept).
+    """
+
+    def __init__(
+        self,
+        gate: Any,
+        up: Any,
+        down: Any,
+        activation: str = "silu",
+        bits: int | None = None,
+        hot_capacity: int | None = None,
+        *,
+        dtype: str = "float32",
+        up_bias: Any = None,
+        down_bias: Any = None,
+        threshold: float | None = None,
+        top_k: int | None = None,
+    ) -> None:
+        if bits is not None:
+            if isinstance(bits, bool) or bits not in (8, 4):
+                raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
+            if dtype != "float32":
+                raise ArgumentError(
+                    f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}"
+                )
+            dtype = "int8" if bits == 8 else "int4"
+        elif dtype not in ("float32", "float16"):
+            raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+        conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
+        self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
+        self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
+        self._ffn = _native._SparseFfn(
+            conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
+        )
+        self.activation = activation
+        h = self._ffn.num_neurons
+        if hot_capacity is not None and _int("hot_capacity", hot_capacity) > h:
+            raise ArgumentError(f"hot_capacity must be at most the {h} neurons; got {hot_capacity}")
+        self.hot_capacity = hot_capacity
+        self.cache: NeuronCache | None = None
+        self.sparsity = 0.0
+        self.threshold: float | None = None
+        self.top_k: int | None = None
+        if threshold is not None:
+            self.set_threshold(threshold)
+        if top_k is not None:
+            k = _int("top_k", top_k, 1)
+            if k > h:
+                raise ArgumentError(f"top_k must be in [1, {h}]; got {k}")
+            self.top_k = k
+
+    @property
+    def num_neurons(self) -> int:
+        """Hidden size h."""
+        return self._ffn.num_neurons
+
+    @property
+    def dim(self) -> int:
+        """Model size d."""
+        return self._ffn.dim
+
+    @property
+    def gated(self) -> bool:
+        """Whether there is a gate projection."""
+        return self._ffn.gated
+
+    @property
+    def dtype(self) -> str:
+        """Weight storage type: ``float32``, ``float16``, ``int8`` or ``int4``."""
+        return self._ffn.dtype
+
+    @property
+    def bytes_per_neuron(self) -> int:
+        """Bytes of one neuron's bundle (gate row, up row, down column)."""
+        return self._ffn.bytes_per_neuron
+
+    def set_threshold(self, threshold: float) -> None:
+        """Keeps neurons with ``|act(pre)| > threshold`` from now on."""
+        t = float(threshold)
+        if not (t >= 0 and np.isfinite(t)):
+            raise ArgumentError(f"threshold must be a finite value >= 0; got {threshold!r}")
+        self.threshold = t
+        self.top_k = None
+
+    def activations(self, x: Any) -> npt.NDArray[np.float32]:
+        """``act(pre)`` of every neuron: x (d,) or (n, d) -> (h,) or (n, h) float32."""
+        a, single = self._rows(x)
+        out = self._ffn.activations(a)
+        return out[0] if single else out
+
+    def calibrate(self, samples: Any, sparsity: float) -> float:
+        """Chooses the threshold that makes ``sparsity`` of the samples' neuron
+        activations inactive (CATS-style), and fills the hot tier.
+
+        Args:
+            samples: (n, d) float inputs of this FFN (e.g. hidden states of real text).
+            sparsity: Target fraction of inactive (row, neuron) pairs, in [0, 1).
+
+        Returns:
+            The threshold (0.0 for sparsity 0, which computes every neuron).
+
+        Raises:
+            ArgumentError: sparsity outside [0, 1).
+        """
+        s = float(sparsity)
+        if not 0.0 <= s < 1.0:
+            raise ArgumentError(f"sparsity must be in [0, 1); got {sparsity!r}")
+        acts = np.abs(self.activations(np.atleast_2d(_as_numpy(samples))))
+        self.sparsity = s
+        self.top_k = None
+        if s == 0.0:
+            self.threshold = None
+            t = 0.0
+        else:
+            t = float(np.quantile(acts, s))
+            self.threshold = t
+        if self.hot_capacity:
+            self.cache = NeuronCache(
+                self.num_neurons, self.hot_capacity, bytes_per_neuron=self.bytes_per_neuron
+            )
+            self.cache.record(acts > t if s > 0 else np.ones_like(acts, dtype=bool))
+            self.cache.reclassify()
+            self._ffn.set_hot(self.cache.hot_neurons())
+        return t
+
+    def set_hot(self, ids: Any) -> None:
+        """Copies neurons ``ids`` into the hot tier (replacing it)."""
+        a = np.asarray(_as_numpy(ids)).reshape(-1)
+        if a.size and (a.dtype.kind not in "iu" or a.min() < 0):
+            raise ArgumentError("ids must be non-negative integer neuron ids")
+        if a.size and a.max() >= self.num_neurons:
+            raise IndexError(
+                f"hot index {int(a.max())} is out of range for length {self.num_neurons}"
+            )
+        self._ffn.set_hot(np.ascontiguousarray(a, dtype=np.uint32))
+
+    def hot_neurons(self) -> npt.NDArray[np.uint32]:
+        """Neurons of the hot tier, ascending."""
+        return self._ffn.hot_neurons()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation or :meth:`reset_stats`: ``calls``, ``rows``,
+        ``active_pairs``, ``hot_fetches``/``cold_fetches`` (neurons read from the
+        hot tier / the backing store), ``cold_bytes``, and ``density``
+        (active_pairs / (rows x h))."""
+        s = dict(self._ffn.stats())
+        s["density"] = s["active_pairs"] / max(s["rows"] * self.num_neurons, 1)
+        return s
+
+    def reset_stats(self) -> None:
+        """Zeroes the counters."""
+        self._ffn.reset_stats()
+
+    def weights(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The stored weights in torch layout as float32 (dequantized): (gate or None, up, down)."""
+        return self._ffn.to_matrices()
+
+    def _rows(self, x: Any) -> tuple[Any, bool]:
+        a = _as_numpy(x)
+        if a.ndim == 1:
+            return a.reshape(1, -1), True
+        return a, False
+
+    def __call__(self, x: Any, *, dense: bool = False) -> Any:
+        """The FFN output.
+
+        Args:
+            x: (d,) or (n, d) float (numpy or torch tensor); small n is the
+                intended case (rows share one pass over the weights). A CUDA
+                tensor is computed with torch on its device (same masking; the
+                stored weights are copied there once).
+            dense: Compute every neuron (the dense FFN through the same kernel).
+
+        Returns:
+            (d,) or (n, d) float32, numpy or torch like ``x``.
+        """
+        is_torch = type(x).__module__.startswith("torch")
+        if is_torch and x.device.type != "cpu":
+            return self._torch_forward(x, dense)
+        a, single = self._rows(x)
+        if dense or (self.threshold is None and self.top_k is None):
+            y = self._ffn.forward(a, "dense", 0.0)
+        elif self.top_k is not None:
+            y = self._ffn.forward(a, "topk", float(self.top_k))
+        else:
+            y = self._ffn.forward(a, "threshold", float(self.threshold))
+        out = y[0] if single else y
+        if is_torch:
+            import torch
+
+            return torch.from_numpy(out)
+        return out
+
+    def _torch_forward(self, x: Any, dense: bool) -> Any:
+        """The same masked FFN with torch ops on ``x``'s device (CUDA), from the
+        stored (dequantized) weights, copied to that device once."""
+        import torch
+        import torch.nn.functional as F
+
+        key = (str(x.device), x.dtype)
+        if getattr(self, "_dev_key", None) != key:
+            ws = self.weights()
+            self._dev = [
+                None if w is None else torch.from_numpy(w).to(x.device, x.dtype) for w in ws
+            ]
+            self._dev_key = key
+        gate, up, down = self._dev
+        acts = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
+        if self._bias_up is not None or self._bias_down is not None:
+            ub, db = (
+                None if b is None else torch.from_numpy(b).to(x.device, x.dtype)
+                for b in (self._bias_up, self._bias_down)
+            )
+        else:
+            ub = db = None
+        a = acts(F.linear(x, gate) if gate is not None else F.linear(x, up, ub))
+        if not dense and self.top_k is not None:
+            kth = a.abs().topk(self.top_k, dim=-1).values[..., -1:]
+            a = torch.where(a.abs() >= kth, a, torch.zeros_like(a))
+        elif not dense and self.threshold is not None:
+            a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
+        if gate is not None:
+            a = a * F.linear(x, up)
+        return F.linear(a, down, db)
+
+    def __repr__(self) -> str:
+        mode = (
+            f"top_k={self.top_k}" if self.top_k else
+            f"threshold={self.threshold:.4g}" if self.threshold is not None else "dense"
+        )  # fmt: skip
+        return (
+            f"SparseFFN(h={self.num_neurons}, d={self.dim}, {self.activation}, {self.dtype}, "
+            f"{mode}, hot tier {len(self.hot_neurons())})"
+        )

@@ -1,0 +1,294 @@
+//! Element types a neuron's weights can be stored in, and the two row
+//! operations a sparse FFN needs (dot with the inputs, scaled add into the
+//! outputs), written once for every element type.
+//!
+//! A type either lends its rows as `f32` directly (no copy) or converts them in
+//! L1-sized chunks to `f32`, which the dispatched f32 kernels then consume: one
+//! kernel per operation, not one per dtype. Adding bf16 is one `impl`.
+//!
+//! Row-quantized types ([`Q8`], [`Q4`]) fit the same scheme: a row is encoded
+//! with one f32 scale (symmetric absmax), decoding yields the integer codes as
+//! f32, and the row kernels multiply the dot product (or the axpy coefficient)
+//! by the scale once per row.
+
+use half::f16;
+
+use super::axpy::axpy_at;
+use crate::simd::{dot_at, Level};
+
+/// Elements converted per chunk (2 KiB of f32: stays in L1 next to the inputs).
+const CHUNK: usize = 512;
+
+/// A weight element type.
+pub trait Elem: Copy + Send + Sync + Default + 'static {
+    /// Name as the Python API spells it (`float32`, `float16`).
+    const NAME: &'static str;
+    /// Values per stored unit (2 for packed 4-bit codes).
+    const LANES: usize = 1;
+    /// Whether rows carry a scale (quantized types); plain types use 1.0.
+    const QUANTIZED: bool = false;
+    /// Encodes the row `src` (`dst.len() * LANES` values) into `dst` and
+    /// returns its scale (decoded value = code x scale).
+    fn encode(src: &[f32], dst: &mut [Self]) -> f32;
+    /// Writes the codes of `src` as f32 into `dst` (`src.len() * LANES`
+    /// values), with vector instructions where `level` allows.
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]);
+    /// The row itself when it is already f32 (no conversion needed).
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "float32";
+    fn encode(src: &[f32], dst: &mut [Self]) -> f32 {
+        dst.copy_from_slice(src);
+        1.0
+    }
+    fn to_f32(_level: Level, src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
+    }
+}
+
+impl Elem for f16 {
+    const NAME: &'static str = "float16";
+    fn encode(src: &[f32], dst: &mut [Self]) -> f32 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = f16::from_f32(v);
+        }
+        1.0
+    }
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if level >= Level::Avx2
+            && level.is_supported()
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: AVX2 (level checked) and F16C (detected) are present.
+            unsafe { f16c_to_f32(src, dst) };
+            return;
+        }
+        let _ = level;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+}
+
+/// Symmetric absmax scale for codes in `[-qmax, qmax]` (1.0 for an all-zero row).
+fn absmax_scale(src: &[f32], qmax: f32) -> f32 {
+    let m = src.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    if m > 0.0 && m.is_finite() {
+        m / qmax
+    } else {
+        1.0
+    }
+}
+
+/// 8-bit row-quantized weight: codes in [-127, 127], one scale per row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Q8(pub i8);
+
+impl Elem for Q8 {
+    const NAME: &'static str = "int8";
+    const QUANTIZED: bool = true;
+    fn encode(src: &[f32], dst: &mut [Self]) -> f32 {
+        let scale = absmax_scale(src, 127.0);
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = Q8((v / scale).round().clamp(-127.0, 127.0) as i8);
+        }
+        scale
+    }
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        widened(level, src, dst);
+    }
+}
+
+/// 4-bit row-quantized weights, two per byte (low nibble first): codes in
+/// [-7, 7] stored as `code + 8`, one scale per row. Rows need an even length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Q4(pub u8);
+
+impl Elem for Q4 {
+    const NAME: &'static str = "int4";
+    const LANES: usize = 2;
+    const QUANTIZED: bool = true;
+    fn encode(src: &[f32], dst: &mut [Self]) -> f32 {
+        let scale = absmax_scale(src, 7.0);
+        let code = |v: f32| ((v / scale).round().clamp(-7.0, 7.0) as i8 + 8) as u8;
+        for (d, pair) in dst.iter_mut().zip(src.chunks(2)) {
+            let hi = pair.get(1).map_or(8, |&v| code(v));
+            *d = Q4(code(pair[0]) | (hi << 4));
+        }
+        scale
+    }
+    fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
+        widened(level, src, dst);
+    }
+}
+
+/// A code type whose decoding is a plain loop the compiler can vectorise.
+trait PlainDecode: Sized {
+    fn decode(src: &[Self], dst: &mut [f32]);
+}
+
+impl PlainDecode for Q8 {
+    #[inline(always)]
+    fn decode(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from(s.0);
+        }
+    }
+}
+
+impl PlainDecode for Q4 {
+    #[inline(always)]
+    fn decode(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+            d[0] = f32::from(s.0 & 15) - 8.0;
+            d[1] = f32::from(s.0 >> 4) - 8.0;
+        }
+    }
+}
+
+/// Runs `E::decode` compiled for AVX2 when `level` allows (the same loop,
+/// widened by the compiler to 256-bit vectors), else for the baseline.
+fn widened<E: PlainDecode>(level: Level, src: &[E], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 && level.is_supported() {
+        // SAFETY: AVX2 is present (level checked against the CPU).
+        unsafe { decode_avx2(src, dst) };
+        return;
+    }
+    let _ = level;
+    E::decode(src, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_avx2<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
+    E::decode(src, dst);
+}
+
+/// f16 -> f32 with `vcvtph2ps`, 8 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16c_to_f32(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let (ps, pd) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n: 8 halves (16 bytes) read, 8 floats written, unaligned.
+        unsafe {
+            let h = _mm_loadu_si128(ps.add(i) as *const __m128i);
+            _mm256_storeu_ps(pd.add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
+}
+
+/// `out[r] = scale * (w · xs[r])` for each of the `out.len()` rows of `xs`
+/// (row length `w.len() * E::LANES`).
+pub fn dot_rows<E: Elem>(level: Level, w: &[E], scale: f32, xs: &[f32], out: &mut [f32]) {
+    let d = w.len() * E::LANES;
+    if let Some(wf) = E::as_f32(w) {
+        for (o, x) in out.iter_mut().zip(xs.chunks_exact(d)) {
+            *o = dot_at(level, wf, x).unwrap_or(0.0) * scale;
+        }
+        return;
+    }
+    out.fill(0.0);
+    let mut buf = [0.0f32; CHUNK];
+    for (c, wc) in w.chunks(CHUNK / E::LANES).enumerate() {
+        let b = &mut buf[..wc.len() * E::LANES];
+        E::to_f32(level, wc, b);
+        let start = c * CHUNK;
+        for (o, x) in out.iter_mut().zip(xs.chunks_exact(d)) {
+            *o += dot_at(level, b, &x[start..start + b.len()]).unwrap_or(0.0);
+        }
+    }
+    for o in out.iter_mut() {
+        *o *= scale;
+    }
+}
+
+/// `ys[r] += coef[r] * scale * w` for each row `r` whose coefficient is non-zero.
+pub fn axpy_rows<E: Elem>(level: Level, w: &[E], scale: f32, coef: &[f32], ys: &mut [f32]) {
+    let d = w.len() * E::LANES;
+    if let Some(wf) = E::as_f32(w) {
+        for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
+            if a != 0.0 {
+                axpy_at(level, a * scale, wf, y);
+            }
+        }
+        return;
+    }
+    let mut buf = [0.0f32; CHUNK];
+    for (c, wc) in w.chunks(CHUNK / E::LANES).enumerate() {
+        let b = &mut buf[..wc.len() * E::LANES];
+        E::to_f32(level, wc, b);
+        let start = c * CHUNK;
+        for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
+            if a != 0.0 {
+                axpy_at(level, a * scale, b, &mut y[start..start + b.len()]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<E: Elem>(tol: f64) {
+        let d = 1300; // several chunks and a ragged tail
+        let w32: Vec<f32> = (0..d).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+        let mut w = vec![E::default(); d / E::LANES];
+        let scale = E::encode(&w32, &mut w);
+        let mut back = vec![0.0; d];
+        E::to_f32(Level::Scalar, &w, &mut back);
+        for level in Level::supported() {
+            let mut other = vec![0.0; d];
+            E::to_f32(level, &w, &mut other);
+            assert_eq!(back, other);
+        }
+        for (b, v) in back.iter_mut().zip(&w32) {
+            *b *= scale;
+            assert!((*b - v).abs() as f64 <= tol, "{} {b} vs {v}", E::NAME);
+        }
+        let xs: Vec<f32> = (0..2 * d).map(|i| ((i % 11) as f32 - 5.0) / 5.0).collect();
+        for level in Level::supported() {
+            let mut out = [0.0f32; 2];
+            dot_rows(level, &w, scale, &xs, &mut out);
+            for r in 0..2 {
+                let want: f64 = back
+                    .iter()
+                    .zip(&xs[r * d..(r + 1) * d])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!((out[r] as f64 - want).abs() < 1e-3, "{level} {}", E::NAME);
+            }
+            let mut ys = vec![1.0f32; 2 * d];
+            axpy_rows(level, &w, scale, &[0.5, 0.0], &mut ys);
+            for i in 0..d {
+                assert!((ys[i] - (1.0 + 0.5 * back[i])).abs() < 1e-5);
+                assert_eq!(ys[d + i], 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn every_element_type_round_trips_and_computes() {
+        check::<f32>(0.0);
+        check::<f16>(1e-3);
+        check::<Q8>(1.0 / 127.0);
+        check::<Q4>(1.0 / 7.0);
+    }
+}

@@ -1,0 +1,27 @@
+//! Activation sparsity: a neuron cache that keeps the frequently active FFN
+//! neurons in a bounded hot set, and sparse FFN kernels that compute only the
+//! active neurons of neuron-major bundled weights.
+//!
+//! - [`cache`]: [`NeuronCache`], recording activity and choosing the hot set.
+//! - [`weights`]: the [`NeuronWeights`] storage trait and [`Bundled`] weights
+//!   (f32, f16, 8-bit and 4-bit row-quantized).
+//! - [`elem`]: element types and the row kernels shared by every type.
+//! - [`axpy`]: the dispatched `y += a * w` kernel.
+//! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
+//! - `select`: the O(n) radix selection of the hot set.
+
+pub mod activation;
+pub mod axpy;
+pub mod cache;
+pub mod elem;
+pub mod ffn;
+mod select;
+pub mod weights;
+
+pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};
+pub use elem::{Elem, Q4, Q8};
+pub use ffn::{Activation, FfnStats, Select, SparseFfn};
+pub use weights::{Bundled, NeuronWeights};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,516 @@
+"""Neuron cache and sparse FFN: exactness against numpy, policies against brute
+force, persistence, bad input, and sparsify_mlp on the real models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import neuropil
+from neuropil.neurons import NeuronCache, SparseFFN
+
+# ------------------------------------------------------------------ references
+
+erf = np.vectorize(math.erf)
+
+
+def act_np(name, x):
+    x = x.astype(np.float64)
+    if name == "silu":
+        return x / (1 + np.exp(-x))
+    if name == "gelu":
+        return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    return np.maximum(x, 0)
+
+
+def ffn_reference(x, gate, up, down, act, threshold=None, top_k=None, up_bias=None, down_bias=None):
+    """The dense FFN in float64 with the same masking rule as SparseFFN."""
+    x = np.atleast_2d(x).astype(np.float64)
+    pre = x @ (gate if gate is not None else up).T.astype(np.float64)
+    if gate is None and up_bias is not None:
+        pre = pre + up_bias
+    a = act_np(act, pre)
+    if threshold is not None:
+        a = np.where(np.abs(a) > threshold, a, 0.0)
+    if top_k is not None:
+        keep = np.zeros_like(a, dtype=bool)
+        idx = np.argsort(-np.abs(a), axis=1, kind="stable")[:, :top_k]
+        np.put_along_axis(keep, idx, True, axis=1)
+        a = np.where(keep, a, 0.0)
+    if gate is not None:
+        a = a * (x @ up.T.astype(np.float64))
+    y = a @ down.T.astype(np.float64)
+    if down_bias is not None:
+        y = y + down_bias
+    return y
+
+
+def weights(h=96, d=40, seed=0, gated=True):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((h, d)).astype(np.float32) * 0.3 if gated else None
+    u = rng.standard_normal((h, d)).astype(np.float32) * 0.3
+    dn = rng.standard_normal((d, h)).astype(np.float32) * 0.3
+    return g, u, dn
+
+
+def f16(a):
+    return None if a is None else a.astype(np.float16).astype(np.float32)
+
+
+# ------------------------------------------------------------------ SparseFFN
+
+
+FORMATS = [("float32", None), ("float16", None), ("int8", 8), ("int4", 4)]
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_sparse_ffn_matches_numpy_masking(dtype, bits, act, gated):
+    g, u, dn = weights(gated=gated)
+    rng = np.random.default_rng(1)
+    ub = rng.standard_normal(96).astype(np.float32) * 0.1 if not gated else None
+    db = rng.standard_normal(40).astype(np.float32) * 0.1
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(g, u, dn, activation=act, up_bias=ub, down_bias=db, **kw)
+    assert ffn.dtype == dtype
+    # The reference sees the weights the kernel stores (rounded or dequantized).
+    rg, ru, rd = ffn.weights()
+    if dtype == "float16":
+        for got, orig in ((rg, g), (ru, u), (rd, dn)):
+            if orig is not None:
+                np.testing.assert_array_equal(got, f16(orig))
+    if bits:
+        # Row quantization error is at most half a step of each row's scale.
+        step = np.abs(u).max(1, keepdims=True) / (127 if bits == 8 else 7)
+        assert np.all(np.abs(ru - u) <= step / 2 + 1e-6)
+    np.testing.assert_allclose(
+        ffn(x), ffn_reference(x, rg, ru, rd, act, up_bias=ub, down_bias=db), atol=2e-4, rtol=1e-4
+    )
+    for t in (0.05, 0.3, 1.0):
+        ffn.set_threshold(t)
+        want = ffn_reference(x, rg, ru, rd, act, threshold=t, up_bias=ub, down_bias=db)
+        np.testing.assert_allclose(ffn(x), want, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(ffn(x[1]), want[1], atol=2e-4, rtol=1e-4)
+    sparse = SparseFFN(g, u, dn, activation=act, up_bias=ub, down_bias=db, top_k=17, **kw)
+    want = ffn_reference(x, rg, ru, rd, act, top_k=17, up_bias=ub, down_bias=db)
+    np.testing.assert_allclose(sparse(x), want, atol=2e-4, rtol=1e-4)
+    if dtype == "float32":
+        back = ffn.weights()
+        np.testing.assert_array_equal(back[1], u)
+        np.testing.assert_array_equal(back[2], dn)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(1, 130),
+    d=st.integers(1, 70),
+    n=st.integers(1, 4),
+    sparsity=st.floats(0.0, 0.95),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_calibrated_threshold_is_exact_and_hits_the_sparsity(h, d, n, sparsity, seed):
+    g, u, dn = weights(h, d, seed % 1000)
+    rng = np.random.default_rng(seed)
+    samples = rng.standard_normal((64, d)).astype(np.float32)
+    ffn = SparseFFN(g, u, dn, hot_capacity=h // 3)
+    t = ffn.calibrate(samples, sparsity)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    want = ffn_reference(x, g, u, dn, "silu", threshold=t if sparsity > 0 else None)
+    np.testing.assert_allclose(ffn(x), want, atol=1e-4, rtol=1e-4)
+    ffn.reset_stats()
+    ffn(samples)
+    if sparsity > 0:
+        density = ffn.stats()["density"]
+        assert density <= 1 - sparsity + 1.5 / h + 0.02
+    assert len(ffn.hot_neurons()) <= h // 3
+
+
+def test_hot_tier_serves_hits_without_changing_results():
+    g, u, dn = weights(200, 32)
+    rng = np.random.default_rng(3)
+    samples = rng.standard_normal((128, 32)).astype(np.float32)
+    ffn = SparseFFN(g, u, dn, hot_capacity=50)
+    cold = SparseFFN(g, u, dn)
+    t = ffn.calibrate(samples, 0.7)
+    cold.set_threshold(t)
+    assert len(ffn.hot_neurons()) == 50
+    ffn.reset_stats()
+    y = ffn(samples[:4])
+    np.testing.assert_allclose(y, cold(samples[:4]), atol=1e-5)
+    s = ffn.stats()
+    assert s["hot_fetches"] > 0 and s["cold_fetches"] > 0
+    assert (
+        s["cold_bytes"]
+        == s["cold_fetches"] * ffn.bytes_per_neuron
+        == s["cold_fetches"] * 3 * 32 * 4
+    )
+    # The calibrated hot set is the most frequently active neurons.
+    freq = (np.abs(ffn.activations(samples)) > t).mean(0)
+    assert freq[ffn.hot_neurons()].min() >= np.sort(freq)[-50] - 1e-12
+
+
+def test_torch_input_gives_torch_output():
+    torch = pytest.importorskip("torch")
+    g, u, dn = weights()
+    ffn = SparseFFN(torch.from_numpy(g), torch.from_numpy(u), torch.from_numpy(dn), threshold=0.1)
+    x = torch.randn(2, 40)
+    y = ffn(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 40)
+    np.testing.assert_allclose(y.numpy(), ffn(x.numpy()), atol=0)
+
+
+def test_sparse_ffn_bad_input():
+    g, u, dn = weights()
+    with pytest.raises(neuropil.ArgumentError, match="not both"):
+        SparseFFN(g, u, dn, bits=8, dtype="float16")
+    with pytest.raises(neuropil.ArgumentError, match="divisible by 2 for int4"):
+        SparseFFN(g[:, :-1], u[:, :-1], dn[:-1], bits=4)
+    with pytest.raises(neuropil.ArgumentError, match="bits must be None, 8 or 4"):
+        SparseFFN(g, u, dn, bits=3)
+    with pytest.raises(neuropil.ShapeError, match=r"down must have shape \(40, 96\)"):
+        SparseFFN(g, u, dn[:, :-1])
+    with pytest.raises(neuropil.ShapeError, match="gate must have shape"):
+        SparseFFN(g[:-1], u, dn)
+    with pytest.raises(neuropil.ArgumentError, match="activation"):
+        SparseFFN(g, u, dn, activation="tanh")
+    with pytest.raises(neuropil.ArgumentError, match="hot_capacity"):
+        SparseFFN(g, u, dn, hot_capacity=97)
+    ffn = SparseFFN(g, u, dn)
+    with pytest.raises(neuropil.ShapeError, match=r"x must have shape \(n, 40\)"):
+        ffn(np.zeros((2, 39), np.float32))
+    with pytest.raises(neuropil.DTypeError):
+        ffn(np.zeros(40, np.int32))
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(neuropil.ArgumentError, match=r"sparsity must be in \[0, 1\)"):
+            ffn.calibrate(np.zeros((4, 40), np.float32), bad)
+    with pytest.raises(neuropil.ArgumentError, match="threshold"):
+        ffn.set_threshold(-1)
+    with pytest.raises(IndexError):
+        ffn.set_hot([96])
+
+
+# ------------------------------------------------------------------ NeuronCache
+
+
+def test_seed_api_and_out_of_range_ids_raise():
+    c = NeuronCache(100, capacity=5)
+    for _ in range(100):
+        c.record_activations([0, 1, 2, 3, 4])
+    c.reclassify()
+    assert c.hot_neurons().tolist() == [0, 1, 2, 3, 4]
+    assert len(c.cold_neurons()) == 95
+    assert c.activation_frequency(0) == 1.0
+    s = c.stats()
+    assert (s["num_hot"], s["num_cold"], s["total_activations"], s["hot_ratio"]) == (
+        5,
+        95,
+        100,
+        0.05,
+    )
+    with pytest.raises(IndexError, match="active index 100 is out of range for length 100"):
+        c.record([1, 100])
+    with pytest.raises(IndexError):
+        c.record(np.array([-1]))
+    assert c.stats()["total_activations"] == 100  # nothing recorded by the failed calls
+    with pytest.raises(IndexError):
+        c.activation_frequency(100)
+    with pytest.raises(neuropil.ShapeError, match=r"\(100,\) or \(n, 100\)"):
+        c.record(np.zeros((2, 99), bool))
+    with pytest.raises(neuropil.DTypeError):
+        c.record(np.array([0.5, 1.0]))
+    c.clear()
+    assert c.stats()["total_activations"] == 0 and len(c.hot_neurons()) == 0
+
+
+def test_bad_cache_arguments():
+    with pytest.raises(neuropil.ArgumentError, match="capacity must be at most num_neurons = 10"):
+        NeuronCache(10, capacity=11)
+    with pytest.raises(neuropil.ArgumentError, match="capacity must be at most"):
+        NeuronCache(10, capacity_bytes=1100, bytes_per_neuron=100)
+    with pytest.raises(neuropil.ArgumentError, match="bytes_per_neuron"):
+        NeuronCache(10, capacity_bytes=100)
+    with pytest.raises(neuropil.ArgumentError, match="policy"):
+        NeuronCache(10, policy="lru")
+    with pytest.raises(neuropil.ArgumentError, match="decay"):
+        NeuronCache(10, decay=1.5)
+    with pytest.raises(neuropil.ArgumentError, match="window"):
+        NeuronCache(10, policy="window")
+    with pytest.raises(neuropil.ArgumentError, match="hysteresis"):
+        NeuronCache(10, hysteresis=-0.5)
+    assert NeuronCache(10, capacity_bytes=450, bytes_per_neuron=100).capacity == 4
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 500),
+    rows=st.integers(1, 12),
+    cap=st.floats(0, 1),
+    density=st.floats(0.01, 0.9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_batch_mask_index_lists_and_brute_force_agree(n, rows, cap, density, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((rows, n)) < density
+    capacity = int(cap * n)
+    a, b, c = (NeuronCache(n, capacity) for _ in range(3))
+    a.record(mask)
+    for row in mask:
+        b.record(np.flatnonzero(row))
+        c.record(row)
+    for x in (a, b, c):
+        x.reclassify()
+    np.testing.assert_array_equal(a.activation_frequency(), mask.mean(0))
+    counts = mask.sum(0)
+    order = sorted((j for j in range(n) if counts[j] > 0), key=lambda j: (-counts[j], j))
+    want = sorted(order[:capacity])
+    for x in (a, b, c):
+        assert x.hot_neurons().tolist() == want
+    # Hit statistics: the next tokens served by the hot set.
+    nxt = rng.random((3, n)) < density
+    a.record(nxt)
+    s = a.stats()
+    hits = int(nxt[:, want].sum()) if want else 0
+    assert (s["hits"], s["misses"]) == (hits, int(nxt.sum()) - hits)
+
+
+def test_policies_window_decay_static_and_hysteresis():
+    w = NeuronCache(6, capacity=3, policy="window", window=2)
+    for ids in ([0, 1], [2], [3]):
+        w.record(ids)
+    w.reclassify()
+    assert w.hot_neurons().tolist() == [2, 3]
+    d = NeuronCache(4, capacity=1, decay=0.5)
+    d.record(np.array([[1, 0, 0, 0]] * 5 + [[0, 1, 0, 0]] * 3, dtype=bool))
+    d.reclassify()
+    assert d.hot_neurons().tolist() == [1]
+    s = NeuronCache(3, capacity=1, policy="static")
+    s.set_hot([2])
+    s.record(np.ones((4, 3), bool))
+    s.reclassify()
+    assert s.hot_neurons().tolist() == [2]
+    h = NeuronCache(3, capacity=1, hysteresis=0.5)
+    h.record(np.array([[1, 0, 0]] * 2, bool))
+    h.reclassify()
+    h.record(np.array([[0, 1, 0]] * 3, bool))
+    h.reclassify()
+    assert h.hot_neurons().tolist() == [0]  # 3 < 2 * 1.5: stays
+    auto = NeuronCache(2, capacity=1, policy="window", window=1, reclassify_every=1)
+    auto.record(np.array([[1, 0], [1, 0], [0, 1], [0, 1]], bool))
+    assert (auto.stats()["hits"], auto.stats()["misses"]) == (2, 1)
+
+
+def test_cache_save_load_round_trip_and_malformed_files(tmp_path):
+    c = NeuronCache(50, capacity=10, policy="frequency", decay=0.9, bytes_per_neuron=64)
+    rng = np.random.default_rng(0)
+    c.record(rng.random((20, 50)) < 0.3)
+    c.reclassify()
+    c.record(rng.random((5, 50)) < 0.3)
+    path = tmp_path / "cache.safetensors"
+    c.save(path)
+    d = NeuronCache.load(path)
+    assert d.stats() == c.stats()
+    np.testing.assert_array_equal(d.hot_neurons(), c.hot_neurons())
+    np.testing.assert_array_equal(d.activation_frequency(), c.activation_frequency())
+    raw = path.read_bytes()
+    cases = {
+        "truncated": raw[: len(raw) - 9],
+        "short": raw[:5],
+        "bad json": raw[:8] + b"[" + raw[9:],
+        "version": raw.replace(b'"format_version":"1"', b'"format_version":"9"'),
+        "config": raw.replace(b'\\"capacity\\": 10', b'\\"capacity\\": 99'),
+    }
+    for name, blob in cases.items():
+        assert blob != raw, name
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(neuropil.FormatError):
+            NeuronCache.load(bad)
+    # An inconsistent hot set (an id beyond the layer) is caught by the core.
+    from neuropil import _safetensors
+
+    tensors, meta = _safetensors.load(path)
+    tensors["hot"] = np.array([7, 60], np.uint32)
+    _safetensors.save(tmp_path / "hot.safetensors", tensors, meta)
+    with pytest.raises(neuropil.FormatError, match="hot"):
+        NeuronCache.load(tmp_path / "hot.safetensors")
+    # The file is plain safetensors.
+    safetensors = pytest.importorskip("safetensors.numpy")
+    assert set(safetensors.load_file(str(path))) == {"counts", "scores", "last", "hot"}
+
+
+# ------------------------------------------------------------------ sparsify_mlp
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids(smollm2):
+    from neuropil.data import gpl3_text, license_texts
+
+    _, tok = smollm2
+    calib = "\n".join(t for n, t in license_texts().items() if n != "GPL-3")
+    return (
+        tok(calib[:4000], return_tensors="pt").input_ids[:, :160],
+        tok(gpl3_text()[:3000], return_tensors="pt").input_ids[:, :128],
+    )
+
+
+@pytest.mark.slow
+def test_sparsify_smollm2_rust_and_torch_paths_agree(smollm2, smollm2_ids):
+    import copy
+
+    import torch
+
+    from neuropil.torch import SparseMLP, sparsify_mlp
+
+    model = copy.deepcopy(smollm2[0])
+    calib, ev = smollm2_ids
+    with torch.no_grad():
+        dense_loss = float(model(ev, labels=ev).loss)
+    th = sparsify_mlp(model, sparsity=0.4, calibration=calib)
+    assert len(th) == model.config.num_hidden_layers and all(t > 0 for t in th.values())
+    mlp = model.model.layers[5].mlp
+    assert isinstance(mlp, SparseMLP)
+    ffn = mlp.rust_ffn()
+    x = torch.randn(1, 3, 576)
+    with torch.no_grad():
+        y_rust = mlp(x)
+        mlp.rust_max_rows = 0
+        y_torch = mlp(x)
+        mlp.rust_max_rows = 8
+        sparse_loss = float(model(ev, labels=ev).loss)
+    np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=2e-3, rtol=1e-4)
+    assert ffn.stats()["rows"] == 3
+    assert dense_loss < sparse_loss < dense_loss + 0.5  # perplexity within ~65%
+    with pytest.raises(neuropil.ArgumentError, match="sparsity"):
+        sparsify_mlp(model, sparsity=1.0, calibration=calib)
+    sparsify_mlp(model, sparsity=0.0)  # back to dense
+    with torch.no_grad():
+        assert abs(float(model(ev, labels=ev).loss) - dense_loss) < 1e-4
+    with pytest.raises(neuropil.ArgumentError, match="no Llama-style"):
+        sparsify_mlp(torch.nn.Linear(2, 2), sparsity=0.5, calibration=calib)
+
+
+@pytest.mark.slow
+def test_sparsify_minilm_embeddings_stay_close(minilm, sentences):
+    import copy
+
+    from neuropil.torch import sparsify_mlp
+
+    model = copy.deepcopy(minilm)
+    texts = sentences[:64]
+    dense = model.encode(texts[32:], normalize_embeddings=True)
+    th = sparsify_mlp(model[0].auto_model, 0.25, calibration=lambda: model.encode(texts[:32]))
+    assert len(th) == 6
+    sparse = model.encode(texts[32:], normalize_embeddings=True)
+    cos = (dense * sparse).sum(1)
+    assert cos.mean() > 0.95 and cos.min() > 0.8
+    # BERT-style FFN (biases, GELU): the Rust kernel and the torch path agree.
+    import torch
+
+    mlp = model[0].auto_model.encoder.layer[2].intermediate
+    x = torch.randn(1, 3, 384)
+    with torch.no_grad():
+        y_rust = mlp(x)
+        mlp.rust_max_rows = 0
+        y_torch = mlp(x)
+    assert mlp.rust_ffn().stats()["rows"] == 3
+    np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_cuda_path_matches_cpu(smollm2, smollm2_ids):
+    import copy
+
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    calib, ev = smollm2_ids
+    cpu = copy.deepcopy(smollm2[0])
+    th = sparsify_mlp(cpu, 0.5, calibration=calib)
+    gpu = copy.deepcopy(cpu).cuda()
+    for name, t in th.items():
+        assert gpu.get_submodule(name).threshold == t
+    with torch.no_grad():
+        a = cpu(ev).logits
+        b = gpu(ev.cuda()).logits.cpu()
+        x = torch.randn(1, 1, 576)
+        mlp_c, mlp_g = cpu.model.layers[3].mlp, gpu.model.layers[3].mlp
+        np.testing.assert_allclose(mlp_g(x.cuda()).cpu().numpy(), mlp_c(x).numpy(), atol=1e-3)
+    assert torch.allclose(a, b, atol=5e-2, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_path_matches_cpu_on_a_tiny_llama():
+    """Needs no model files: a seeded random Llama, sparsified on the CPU, run on both."""
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuropil.torch import sparsify_mlp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    cpu = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    sparsify_mlp(cpu, 0.5, calibration=ids)
+    gpu = copy.deepcopy(cpu).cuda()
+    with torch.no_grad():
+        a = cpu(ids).logits
+        b = gpu(ids.cuda()).logits.cpu()
+        x = torch.randn(1, 1, 64)
+        y_cpu = cpu.model.layers[0].mlp(x)  # one token: the Rust kernel
+        y_gpu = gpu.model.layers[0].mlp(x.cuda()).cpu()  # the torch path on the GPU
+    torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(y_gpu, y_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_every_acceptance_figure():
+    from neuropil._bench_neurons import neurons
+
+    rows = neurons(quick=True, verbose=False)
+    cases = " | ".join(r.case for r in rows)
+    for needle in ("NeuronCache.record", "NeuronCache.reclassify", "sparsity 50%", "sparsity 70%",
+                   "sparsity 90%", "576x1536 float16", "torch dense"):  # fmt: skip
+        assert needle in cases or any(needle in r.baselines for r in rows), needle
+    assert all(r.neuropil > 0 for r in rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+def test_sparse_ffn_cuda_tensor_matches_cpu(dtype, bits):
+    import torch
+
+    g, u, dn = weights()
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(g, u, dn, threshold=0.1, **kw)
+    x = torch.randn(3, 40)
+    y = ffn(x.cuda())
+    assert y.device.type == "cuda"
+    np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_torch_device_path_logic_matches_the_kernel(gated):
+    """The torch path CUDA tensors take, run here on CPU tensors."""
+    torch = pytest.importorskip("torch")
+    g, u, dn = weights(gated=gated)
+    rng = np.random.default_rng(5)
+    ub = rng.standard_normal(96).astype(np.float32) * 0.1 if not gated else None
+    db = rng.standard_normal(40).astype(np.float32) * 0.1
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    for kw in ({"threshold": 0.1}, {"top_k": 20}, {}):
+        ffn = SparseFFN(g, u, dn, activation="gelu", up_bias=ub, down_bias=db, **kw)
+        got = ffn._torch_forward(torch.from_numpy(x), dense=False).numpy()
+        np.testing.assert_allclose(got, ffn(x), atol=1e-5, rtol=1e-5)
