@@ -30,7 +30,6 @@ def _input_info(x: _ArrayLike, checked: bool = False) -> tuple[int, bool]: ...
 # ---------------------------------------------------------------- windows (neuropil.windows)
 __all__ += ["WindowLayout", "windows_gather", "windows_permutation"]
 
-
 @final
 class WindowLayout:
     def __new__(
@@ -85,7 +84,6 @@ def windows_gather(
     out: npt.NDArray[np.uint8],
     arg: str = "frames",
 ) -> None: ...
-
 
 # ---------------------------------------------------------------- flyhash (neuropil.flyhash)
 __all__ += ["BinaryIndex", "FlyHash", "popcount_kernel"]
@@ -160,8 +158,16 @@ class BinaryIndex:
 def popcount_kernel(level: str | None = None) -> str: ...
 
 # ---------------------------------------------------------------- quant (neuropil.quant)
-__all__ += ["memory_read_bandwidth", "quant_check", "quant_dequantize", "quant_from_gguf", "quant_matvec", "quant_matvec_rows", "quant_quantize", "quant_to_gguf"]
-
+__all__ += [
+    "memory_read_bandwidth",
+    "quant_check",
+    "quant_dequantize",
+    "quant_from_gguf",
+    "quant_matvec",
+    "quant_matvec_rows",
+    "quant_quantize",
+    "quant_to_gguf",
+]
 
 # ---- quant (packed quantization); scales/mins: uint16 float16 bits or float32
 _Packed = tuple[npt.NDArray[np.uint8], npt.NDArray[np.generic], npt.NDArray[np.generic] | None]
@@ -229,13 +235,10 @@ def quant_to_gguf(
     group_size: int,
     scheme: str,
 ) -> npt.NDArray[np.uint8]: ...
-def quant_from_gguf(
-    raw: npt.NDArray[np.uint8], scheme: str, rows: int, cols: int
-) -> _Packed: ...
+def quant_from_gguf(raw: npt.NDArray[np.uint8], scheme: str, rows: int, cols: int) -> _Packed: ...
 def memory_read_bandwidth(mib: int = 512, repeat: int = 5) -> float: ...
 
 __all__ += ["_RangeIndex"]
-
 
 # ---- range: exact halfspace range search (neuropil.range) ----
 _I64 = npt.NDArray[np.int64]
@@ -270,7 +273,6 @@ class _RangeIndex:
     def __len__(self) -> int: ...
 
 __all__ += ["_NeuronCache", "_SparseFfn"]
-
 
 # ---- neurons (neuropil.neurons wraps these)
 

@@ -12,9 +12,9 @@
 
 pub mod error;
 pub mod flyhash;
+pub mod neurons;
 pub mod quant;
 pub mod range;
-pub mod neurons;
 pub mod simd;
 pub mod threads;
 pub mod validate;

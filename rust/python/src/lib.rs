@@ -9,9 +9,9 @@ use pyo3::prelude::*;
 mod buffers;
 mod errors;
 mod flyhash;
+mod neurons;
 mod quant;
 mod range;
-mod neurons;
 mod system;
 mod windows;
 
