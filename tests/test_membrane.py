@@ -638,3 +638,10 @@ def test_bench_quick_prints_every_acceptance_row(capsys):
     assert all(r["neuropil"] > 0 or "PSNR" in r["case"] for r in rows)
     gemm = next(r for r in rows if r["case"].startswith("CPU store, L=128"))
     assert gemm["baselines"]["GEMM limit"] > 0 and gemm["baselines"]["torch einsum"] > 0
+
+
+def test_repeated_key_in_one_store_keeps_the_last_alpha():
+    bank = MembraneBank(8, 2, 2, codes="hadamard")
+    v = torch.rand(3, 2, 2)
+    bank.store(v, torch.tensor([3, 5, 3]), alphas=torch.tensor([0.5, 1.5, 2.0]))
+    assert bank.gains[0, 3].item() == 2.0 and bank.gains[0, 5].item() == 1.5

@@ -390,7 +390,10 @@ class MembraneBank:
         k2 = keys.expand(self.B, kp) if keys.ndim == 1 else keys
         self.counts.scatter_add_(1, k2.cpu(), torch.ones(self.B, kp, dtype=torch.int64))
         if a is not None:
-            self.gains.scatter_(1, k2.to(self.device), a.detach())
+            k2 = k2.to(self.device)
+            # scatter_ with repeated keys keeps an unspecified one on CUDA: give every
+            # occurrence the alpha of the key's last store, so each device agrees.
+            self.gains.scatter_(1, k2, _last_occurrence(k2, a.detach()))
 
     # ------------------------------------------------------------------ reading
     def read(
@@ -671,3 +674,17 @@ def _check_lambda(lam: Any, name: str) -> float:
     if not (0.0 < lam <= 1.0):
         raise ArgumentError(f"{name} must be in (0, 1]; got {lam}")
     return lam
+
+
+def _last_occurrence(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For ``(B, n)`` keys and values: each position gets the value of the last
+    position in its row holding the same key (stable sort, then the end of each run)."""
+    sorted_keys, order = torch.sort(keys, dim=1, stable=True)
+    n = keys.shape[1]
+    idx = torch.arange(n, device=keys.device).expand_as(sorted_keys)
+    run_end = torch.ones_like(sorted_keys, dtype=torch.bool)
+    run_end[:, :-1] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    end = torch.where(run_end, idx, torch.full_like(idx, n))
+    end = torch.flip(torch.cummin(torch.flip(end, [1]), 1).values, [1])
+    last = torch.gather(torch.gather(values, 1, order), 1, end)
+    return torch.empty_like(values).scatter_(1, order, last)
