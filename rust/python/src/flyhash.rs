@@ -15,19 +15,7 @@ use neuropil::Error;
 const X: Expect = Expect::new("x", &[2], "(n, d)");
 
 fn level_of(level: Option<&str>) -> PyResult<Level> {
-    match level {
-        None => simd::level().or_raise(),
-        Some(name) => Level::parse(name)
-            .ok_or_else(|| {
-                Error::value(
-                    "level",
-                    "one of scalar, avx2, avx512, neon",
-                    format!("{name:?}"),
-                )
-            })
-            .and_then(Level::check)
-            .or_raise(),
-    }
+    simd::resolve(level).or_raise()
 }
 
 fn u8_codes<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<IntInput<'py, u8>> {

@@ -97,18 +97,7 @@ impl<'py> Packed<'py> {
 }
 
 fn level_arg(level: Option<&str>) -> PyResult<Level> {
-    match level {
-        None => simd::level().or_raise(),
-        Some(name) => Level::parse(name)
-            .ok_or_else(|| {
-                Error::value(
-                    "level",
-                    "one of scalar, avx2, avx512, neon",
-                    format!("{name:?}"),
-                )
-            })
-            .or_raise(),
-    }
+    simd::resolve(level).or_raise()
 }
 
 type PackedOut<'py> = (

@@ -15,18 +15,7 @@ const QUERIES: Expect = Expect::new("queries", &[2], "(nq, d)");
 const THRESHOLDS: Expect = Expect::new("thresholds", &[1], "(nq,)");
 
 fn level_of(level: Option<&str>) -> PyResult<Level> {
-    match level {
-        None => simd::level().or_raise(),
-        Some(name) => Level::parse(name)
-            .ok_or_else(|| {
-                Error::value(
-                    "level",
-                    "one of scalar, avx2, avx512, neon",
-                    format!("{name:?}"),
-                )
-            })
-            .or_raise(),
-    }
+    simd::resolve(level).or_raise()
 }
 
 /// Exact halfspace range search index (see `neuropil.range.RangeIndex`).

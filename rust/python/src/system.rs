@@ -55,17 +55,7 @@ fn dot(
     let (a, b) = (A.read(a)?, B.read(b)?);
     let forced = match level {
         None => None,
-        Some(name) => Some(
-            Level::parse(name)
-                .ok_or_else(|| {
-                    neuropil::Error::value(
-                        "level",
-                        "one of scalar, avx2, avx512, neon",
-                        format!("{name:?}"),
-                    )
-                })
-                .or_raise()?,
-        ),
+        Some(_) => Some(simd::resolve(level).or_raise()?),
     };
     let (xa, xb) = (a.as_slice(), b.as_slice());
     py.detach(|| match forced {

@@ -147,6 +147,23 @@ pub fn level() -> Result<Level> {
     }
 }
 
+/// Resolves a per-call `level` argument: `None` is the process-wide [`level`];
+/// a name must parse and be supported by this CPU.
+pub fn resolve(requested: Option<&str>) -> Result<Level> {
+    match requested {
+        None => level(),
+        Some(name) => Level::parse(name)
+            .ok_or_else(|| {
+                Error::value(
+                    "level",
+                    "one of scalar, avx2, avx512, neon",
+                    format!("{name:?}"),
+                )
+            })?
+            .check(),
+    }
+}
+
 /// Optional CPU features some kernels use beyond their level's baseline.
 pub fn cpu_features() -> Vec<&'static str> {
     #[allow(unused_mut)]
@@ -213,6 +230,17 @@ mod tests {
         for l in Level::ALL {
             assert_eq!(choose(Some(l.name())).is_ok(), l.is_supported());
         }
+    }
+
+    #[test]
+    fn resolve_parses_checks_and_defaults() {
+        assert_eq!(resolve(Some("scalar")).unwrap(), Level::Scalar);
+        let err = resolve(Some("sse9")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "level must be one of scalar, avx2, avx512, neon; got \"sse9\""
+        );
+        assert!(resolve(None).is_ok());
     }
 
     #[test]

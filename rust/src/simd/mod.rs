@@ -10,5 +10,5 @@
 mod dispatch;
 mod dot;
 
-pub use dispatch::{cpu_features, level, Level};
+pub use dispatch::{cpu_features, level, resolve, Level};
 pub use dot::{dot, dot_at};
