@@ -29,6 +29,7 @@
 //! index is then rebuilt, so the cost of an append stays amortised O(d log n).
 
 pub mod basis;
+pub mod batch;
 pub mod blocks;
 pub mod kernel;
 pub mod quant;
@@ -341,6 +342,20 @@ impl RangeIndex {
         validate::finite("thresholds", thresholds)?;
         let prune = self.prune_now();
         let d = self.d;
+        if let (Some(tree), true) = (&self.tree, prune) {
+            if tree.codes.is_some() {
+                let per = batch::search(
+                    level,
+                    tree,
+                    &self.pending,
+                    self.knorm,
+                    queries,
+                    thresholds,
+                    d,
+                )?;
+                return Ok(self.collect(per, prune));
+            }
+        }
         // Work units of about CHUNK keys (subtrees, or block ranges when not
         // pruning), each run for every query while its keys sit in cache;
         // rayon spreads the units over threads.
@@ -348,11 +363,7 @@ impl RangeIndex {
         block_units(self.pending.blocks(), Unit::Pending, &mut units);
         let preps: Vec<search::Prepared> = match (&self.tree, prune) {
             (Some(tree), true) => {
-                if tree.codes.is_some() {
-                    block_units(tree.keys.blocks(), Unit::Quant, &mut units);
-                } else {
-                    tree_units(tree, 0, &mut units);
-                }
+                tree_units(tree, 0, &mut units);
                 queries
                     .chunks_exact(d)
                     .map(|q| search::prepare(level, Some(tree), q, self.knorm))
@@ -368,7 +379,6 @@ impl RangeIndex {
             units
                 .par_iter()
                 .map(|unit| {
-                    let mut scratch = search::Scratch::new(d);
                     queries
                         .chunks_exact(d)
                         .zip(thresholds)
@@ -382,19 +392,6 @@ impl RangeIndex {
                                 Unit::TreeFlat(a, b) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");
                                     search::flat_range(level, &tree.keys, a, b, q, t, &mut hits)
-                                }
-                                Unit::Quant(a, b) => {
-                                    let tree = self.tree.as_ref().expect("tree units need a tree");
-                                    search::quant_range(
-                                        level,
-                                        tree,
-                                        &preps[qi],
-                                        a,
-                                        b,
-                                        t,
-                                        &mut hits,
-                                        &mut scratch,
-                                    )
                                 }
                                 Unit::Node(node) => {
                                     let tree = self.tree.as_ref().expect("tree units need a tree");
@@ -415,6 +412,15 @@ impl RangeIndex {
                 per[qi].1.prefix += scan.prefix;
             }
         }
+        for (hits, _) in &mut per {
+            hits.sort_unstable_by_key(|h| h.0);
+        }
+        Ok(self.collect(per, prune))
+    }
+
+    /// Answers in faiss's layout from per-query hits sorted by id; feeds `auto`.
+    fn collect(&self, per: Vec<QueryHits>, prune: bool) -> RangeResult {
+        let nq = per.len();
         let mut out = RangeResult {
             lims: Vec::with_capacity(nq + 1),
             ..Default::default()
@@ -422,8 +428,10 @@ impl RangeIndex {
         out.lims.push(0);
         let n = self.n.max(1) as f64;
         let mut work_sum = 0.0;
-        for (mut hits, scan) in per {
-            hits.sort_unstable_by_key(|h| h.0);
+        let total: usize = per.iter().map(|p| p.0.len()).sum();
+        out.ids.reserve(total);
+        out.scores.reserve(total);
+        for (hits, scan) in per {
             out.ids.extend(hits.iter().map(|h| h.0 as i64));
             out.scores.extend(hits.iter().map(|h| h.1));
             out.lims.push(out.ids.len());
@@ -435,7 +443,7 @@ impl RangeIndex {
         if prune && nq > 0 {
             self.record(work_sum / nq as f64);
         }
-        Ok(out)
+        out
     }
 
     /// Top-k at the process-wide SIMD level.
@@ -509,6 +517,7 @@ impl RangeIndex {
             bytes: t.map_or(0, |t| {
                 t.keys.bytes()
                     + t.rot.len() * 4
+                    + t.rows.len() * 4
                     + t.tails.len() * 4
                     + t.codes.as_ref().map_or(0, |c| c.bytes())
             }) + self.pending.bytes(),
@@ -526,8 +535,7 @@ impl RangeIndex {
     }
 }
 
-/// One query's hits in one unit, and the work done.
-type QueryHits = (Vec<(u32, f32)>, Scan);
+use batch::QueryHits;
 
 /// Keys per work unit: the blocks of a unit (original + rotated prefixes)
 /// stay in a core's L2 while every query of a batch runs over them.
@@ -541,8 +549,6 @@ enum Unit {
     TreeFlat(usize, usize),
     /// A subtree.
     Node(usize),
-    /// Blocks a..b under the 8-bit bound.
-    Quant(usize, usize),
 }
 
 fn block_units(nb: usize, make: fn(usize, usize) -> Unit, out: &mut Vec<Unit>) {

@@ -155,10 +155,11 @@ pub fn int_dots(level: Level, vnni: bool, q: &QueryCodes, block: &[u8], out: &mu
     int_portable(q, block, out);
 }
 
-/// Per block `first..end`, the lanes whose bound
-/// `sigma (b . c) + (sigma / 2) |c|_1 + err` reaches `thr`, as bit masks.
+/// Appends to `out` the position (`b * 16 + lane`) of every key in blocks
+/// `first..end` whose bound `sigma (b . c) + (sigma / 2) |c|_1 + err` reaches
+/// `thr`, in increasing order. Padding lanes may appear (callers skip them).
 #[allow(clippy::too_many_arguments)]
-pub fn masks(
+pub fn survivors(
     level: Level,
     vnni: bool,
     q: &QueryCodes,
@@ -166,15 +167,16 @@ pub fn masks(
     first: usize,
     end: usize,
     thr: f32,
-    out: &mut Vec<u16>,
+    out: &mut Vec<u32>,
 ) {
-    out.clear();
     #[cfg(target_arch = "x86_64")]
     {
         if vnni {
+            out.reserve((end - first) * LANES);
             // SAFETY: `vnni` is only true when `has_vnni` saw AVX-512 F and VNNI;
-            // `first..end` are blocks of `codes` (checked by the slicing inside).
-            unsafe { masks_vnni(q, codes, first, end, thr, out) };
+            // `first..end` are blocks of `codes` (checked by the slicing inside);
+            // room for every lane of every block was reserved just above.
+            unsafe { survivors_vnni(q, codes, first, end, thr, out) };
             return;
         }
     }
@@ -183,25 +185,29 @@ pub fn masks(
     for b in first..end {
         int_dots(level, false, q, codes.block(b), &mut ints);
         let l1 = &codes.l1[b * LANES..(b + 1) * LANES];
-        let mut m = 0u16;
         for lane in 0..LANES {
             if sigma * ints[lane] as f32 + half * l1[lane] + err >= thr {
-                m |= 1 << lane;
+                out.push((b * LANES + lane) as u32);
             }
         }
-        out.push(m);
     }
 }
 
+/// The VNNI kernel: 16 `vpdpbusd` per block at d = 64, and the surviving
+/// lanes' positions written with one compress-store, so the sparse survivors
+/// cost no branch per block.
+///
+/// Safety: needs AVX-512 F + VNNI, and `out` must have spare capacity for
+/// `(end - first) * 16` more elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn masks_vnni(
+unsafe fn survivors_vnni(
     q: &QueryCodes,
     codes: &Codes,
     first: usize,
     end: usize,
     thr: f32,
-    out: &mut Vec<u16>,
+    out: &mut Vec<u32>,
 ) {
     use std::arch::x86_64::*;
     let n = q.words.len();
@@ -212,7 +218,13 @@ unsafe fn masks_vnni(
     let err = _mm512_set1_ps(q.err as f32);
     let thr = _mm512_set1_ps(thr);
     let off = _mm512_set1_epi32(q.offset);
+    let step = _mm512_set1_epi32(LANES as i32);
+    let mut pos = _mm512_add_epi32(
+        _mm512_set1_epi32((first * LANES) as i32),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    );
     let w = &q.words;
+    let mut len = out.len();
     for (blk, l1) in all.chunks_exact(n * 64).zip(l1s.chunks_exact(LANES)) {
         let p = blk.as_ptr();
         let mut acc0 = _mm512_setzero_si512();
@@ -242,8 +254,16 @@ unsafe fn masks_vnni(
             _mm512_mul_ps(sigma, _mm512_cvtepi32_ps(ints)),
             _mm512_add_ps(_mm512_mul_ps(half, l1v), err),
         );
-        out.push(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(ub, thr));
+        let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(ub, thr);
+        // SAFETY: the caller reserved 16 elements per block past the initial
+        // length, and `len` grows by at most 16 per block.
+        unsafe { _mm512_mask_compressstoreu_epi32(out.as_mut_ptr().add(len) as *mut _, m, pos) };
+        len += m.count_ones() as usize;
+        pos = _mm512_add_epi32(pos, step);
     }
+    // SAFETY: elements up to `len` were written by the compress-stores above,
+    // within the reserved capacity.
+    unsafe { out.set_len(len) };
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use super::blocks::{BlockSet, PAD};
-use super::kernel::{fma_blocks, GROUP, LANES};
+use super::kernel::{fma_blocks, score_rows, GROUP, LANES};
 use super::quant::{self, QueryCodes};
 use super::tree::{Bounds, Tree};
 use crate::simd::Level;
@@ -259,66 +259,11 @@ pub fn tree_range(
 }
 
 /// Buffers reused across the queries of a work unit.
+#[derive(Default)]
 pub struct Scratch {
-    pub masks: Vec<u16>,
-    pub gather: Gather,
-}
-
-impl Scratch {
-    pub fn new(d: usize) -> Self {
-        Scratch {
-            masks: Vec::new(),
-            gather: Gather::new(d),
-        }
-    }
-}
-
-/// Keys of different blocks copied into one block, so the few survivors of
-/// the 8-bit bound get their exact score from the same FMA chain.
-pub struct Gather {
-    d: usize,
-    buf: Vec<f32>,
-    ids: [u32; LANES],
-    fill: usize,
-}
-
-impl Gather {
-    pub fn new(d: usize) -> Self {
-        Gather {
-            d,
-            buf: vec![0.0; d * LANES],
-            ids: [PAD; LANES],
-            fill: 0,
-        }
-    }
-
-    fn push(&mut self, set: &BlockSet, b: usize, lane: usize) {
-        let blk = set.block(b);
-        for j in 0..self.d {
-            self.buf[j * LANES + self.fill] = blk[j * LANES + lane];
-        }
-        self.ids[self.fill] = set.block_ids(b)[lane];
-        self.fill += 1;
-    }
-
-    pub fn flush(
-        &mut self,
-        level: Level,
-        q: &[f32],
-        emit: &mut impl FnMut(u32, f32),
-        scan: &mut Scan,
-    ) {
-        if self.fill == 0 {
-            return;
-        }
-        let mut acc = [[0.0f32; LANES]; GROUP];
-        fma_blocks(level, q, &[self.buf.as_slice()], &mut acc);
-        for (&id, &s) in self.ids[..self.fill].iter().zip(&acc[0]) {
-            scan.exact += 1;
-            emit(id, s);
-        }
-        self.fill = 0;
-    }
+    /// Positions of the keys that survived the bound, and their scores.
+    pub survivors: Vec<u32>,
+    pub scores: Vec<f32>,
 }
 
 /// Lanes of block `b` whose 8-bit upper bound reaches `thr` (on the rotated part).
@@ -346,6 +291,9 @@ fn quant_mask(
 
 /// The 8-bit bound over blocks `first..end`, then exact scores for the
 /// survivors: whole blocks when many lanes survive, gathered lanes otherwise.
+/// Range search of one prepared query over blocks `first..end` of a `quant`
+/// tree: the 8-bit bound for every key, then exact scores, from the keys'
+/// rows, for the few that survive it.
 #[allow(clippy::too_many_arguments)]
 pub fn quant_range(
     level: Level,
@@ -362,43 +310,20 @@ pub fn quant_range(
         return flat_range(level, &tree.keys, first, end, &p.q, t, out);
     };
     let thr_rot = (t as f64 - p.qmu - p.margin) as f32;
-    let Scratch { masks, gather } = scratch;
-    quant::masks(level, p.vnni, qc, codes, first, end, thr_rot, masks);
+    let Scratch { survivors, scores } = scratch;
+    survivors.clear();
+    quant::survivors(level, p.vnni, qc, codes, first, end, thr_rot, survivors);
     scan.prefix += ((end - first) * LANES) as f64 * 0.25;
-    let mut emit = |id: u32, s: f32| {
+    // Padding lanes (only in the last block) carry no key.
+    survivors.retain(|&pos| tree.keys.ids[pos as usize] != PAD);
+    scores.clear();
+    score_rows(level, &p.q, &tree.rows, survivors, scores);
+    scan.exact += survivors.len();
+    for (&pos, &s) in survivors.iter().zip(scores.iter()) {
         if s >= t {
-            out.push((id, s))
-        }
-    };
-    for (b, &m) in (first..end).zip(masks.iter()) {
-        let mut mask = m as u32;
-        if mask == 0 {
-            continue;
-        }
-        if mask.count_ones() > 6 {
-            let mut acc = [[0.0f32; LANES]; GROUP];
-            fma_blocks(level, &p.q, &[tree.keys.block(b)], &mut acc);
-            for (lane, &id) in tree.keys.block_ids(b).iter().enumerate() {
-                if id != PAD {
-                    scan.exact += 1;
-                    emit(id, acc[0][lane]);
-                }
-            }
-            continue;
-        }
-        while mask != 0 {
-            let lane = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            if tree.keys.block_ids(b)[lane] == PAD {
-                continue;
-            }
-            gather.push(&tree.keys, b, lane);
-            if gather.fill == LANES {
-                gather.flush(level, &p.q, &mut emit, &mut scan);
-            }
+            out.push((tree.keys.ids[pos as usize], s));
         }
     }
-    gather.flush(level, &p.q, &mut emit, &mut scan);
     scan
 }
 

@@ -52,8 +52,12 @@ pub struct Tree {
     pub stages: Vec<usize>,
     pub rot: Vec<f32>,
     pub tails: Vec<f32>,
-    /// `quant` / `auto` only: 8-bit codes of the rotated keys, in block order.
+    /// `quant` / `auto` only: 8-bit codes of the rotated keys, in block order,
+    /// and the keys again row-major in the same order (`rows[pos * d + j]`), so
+    /// the few survivors of the bound are scored from 4 cache lines each
+    /// instead of one line per dimension of the dimension-major blocks.
     pub codes: Option<Codes>,
+    pub rows: Vec<f32>,
 }
 
 /// Prefix lengths checked in turn by the `pca` method for dimension `d`.
@@ -154,6 +158,14 @@ pub fn build_pca(keys: &[f32], d: usize, leaf: usize, with_codes: bool) -> Tree 
         }
         Codes::build(&by_pos, d, nb)
     });
+    let rows = if with_codes {
+        perm.iter()
+            .flat_map(|&id| &keys[id as usize * d..(id as usize + 1) * d])
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
     // The quant methods read codes, not prefixes: keep one copy of the data.
     let (rot32, tails) = if with_codes {
         (Vec::new(), Vec::new())
@@ -170,6 +182,7 @@ pub fn build_pca(keys: &[f32], d: usize, leaf: usize, with_codes: bool) -> Tree 
         rot: rot32,
         tails,
         codes,
+        rows,
     }
 }
 
@@ -289,6 +302,7 @@ pub fn build_kmeans(keys: &[f32], d: usize, leaf: usize, branching: usize, seed:
         rot: Vec::new(),
         tails: Vec::new(),
         codes: None,
+        rows: Vec::new(),
     }
 }
 
