@@ -8,11 +8,13 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gguf`]: GGUF block conversion;
+//! - [`gemm_vnni`]: the 4-bit mat-mul with int8 activations (AVX-512 VNNI);
 //! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
 pub mod bandwidth;
 pub mod format;
+pub mod gemm_vnni;
 pub mod gguf;
 pub mod matmul;
 pub mod matvec;
