@@ -477,8 +477,8 @@ def test_cuda_quantized_linear_matches_cpu():
     lin = torch.nn.Linear(512, 256)
     ql = QuantizedLinear.from_linear(lin, bits=4, group_size=64)
     x = torch.randn(3, 512)
-    # Batch >= 4 keeps float activations on the CPU (batch < 4 rounds them to int8 per
-    # group on VNNI machines), which is what the GPU computes: compare with that.
+    # Batch >= 4 on the CPU keeps float activations or (VNNI) rounds them to int16 per
+    # group (error ~1e-5); batch < 4 on VNNI rounds to int8. Compare with batch 6.
     cpu = ql(torch.cat([x, x]))[:3]
     gpu = ql.to("cuda")
     assert gpu.qdata.is_cuda and gpu.qdata.dtype == torch.uint8
@@ -494,7 +494,9 @@ def test_cuda_quantized_linear_matches_cpu():
     one = gpu(x[0].cuda())
     assert one.shape == (256,) and torch.allclose(one.cpu(), cpu[0], atol=1e-3)
     assert torch.allclose(gpu(x[0].cuda(), force_torch=True).cpu(), cpu[0], atol=1e-3)
-    print("triton path:", _triton_quant.HAVE_TRITON and _triton_quant._STATE["ok"])
+    if _triton_quant.HAVE_TRITON:
+        # The kernel passed its first-call check (a bias-free reference): it runs.
+        assert _triton_quant._STATE == {"checked": True, "ok": True}
 
 
 # ------------------------------------------------------------------ real models
