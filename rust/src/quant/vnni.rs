@@ -136,53 +136,67 @@ pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int8Activations) 
     );
     let mut facc = _mm512_setzero_ps();
     // Whole blocks of 16 groups (16 h bytes, a multiple of 64): the 16 scales
-    // times dx are formed once per block, and each 64-byte chunk only picks its
-    // groups' lanes with one permute (no masks, no per-chunk conversion).
+    // times dx (and the min term) are formed once per block, and each 64-byte
+    // chunk only picks its groups' lanes with one permute (no masks, no
+    // per-chunk conversion). Two chunks per step feed two FMA chains.
     let blocks = ng / 16;
     let per_block = 16 * h / 64;
+    // h is a power of two (group sizes 32..256): (64 j) / h as a shift.
+    let shift = h.trailing_zeros();
+    let off = -(q.params.offset() as f32);
     let mut facc2 = _mm512_setzero_ps();
+    let mut macc = _mm512_setzero_ps();
     for blk in 0..blocks {
         let k16 = blk * 16;
-        // SAFETY: groups k16..k16 + 16 exist in row r and in `dx` (padded to 16).
+        // SAFETY: groups k16..k16 + 16 exist in row r and in `dx`/`sums` (padded to 16).
         let sv = unsafe {
-            _mm512_mul_ps(
-                lanes16(q.scales, r * ng + k16, 16),
-                _mm512_loadu_ps(a.dx.as_ptr().add(k16)),
-            )
+            let sc = lanes16(q.scales, r * ng + k16, 16);
+            let mv = match q.mins {
+                Some(m) => lanes16(m, r * ng + k16, 16),
+                None => _mm512_mul_ps(sc, _mm512_set1_ps(off)),
+            };
+            macc = _mm512_fmadd_ps(mv, _mm512_loadu_ps(a.sums.as_ptr().add(k16)), macc);
+            _mm512_mul_ps(sc, _mm512_loadu_ps(a.dx.as_ptr().add(k16)))
         };
         let base = blk * 16 * h;
-        for j in 0..per_block {
+        let mut j = 0;
+        while j < per_block {
             let c = base + j * 64;
             // Memory-level parallelism: ask for the bytes PREFETCH ahead (the
             // next rows of this task); prefetch never faults, and wrapping_add
             // keeps the address arithmetic defined.
             _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().wrapping_add(c + PREFETCH) as *const i8);
-            // Group of lane L in this block: (64 j + 4 L) / h = 64 j / h + 4 L / h
+            _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().wrapping_add(c + PREFETCH + 64) as *const i8);
+            // Group of lane L in chunk j: (64 j + 4 L) / h = 64 j / h + 4 L / h
             // (h divides 64, or 64 j / h rounds down the same way when h = 128).
-            let lane_groups = _mm512_add_epi32(idx, _mm512_set1_epi32((j * 64 / h) as i32));
-            // SAFETY: c + 64 <= blocks * 16 h <= rb; lo/hi hold rb rounded up to 64.
+            let g0 = _mm512_add_epi32(idx, _mm512_set1_epi32(((j * 64) >> shift) as i32));
+            let g1 = _mm512_add_epi32(idx, _mm512_set1_epi32((((j + 1) * 64) >> shift) as i32));
+            // SAFETY: per_block is even (h >= 16), so c + 128 <= blocks * 16 h <= rb;
+            // lo/hi hold rb rounded up to 64.
             unsafe {
-                let v = _mm512_loadu_si512(data.as_ptr().add(c) as *const _);
-                let lo = _mm512_and_si512(v, nib);
-                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-                let acc_lo = _mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    lo,
-                    _mm512_loadu_si512(a.lo.as_ptr().add(c) as *const _),
-                );
-                let acc = _mm512_dpbusd_epi32(
-                    acc_lo,
-                    hi,
-                    _mm512_loadu_si512(a.hi.as_ptr().add(c) as *const _),
-                );
-                let sl = _mm512_permutexvar_ps(lane_groups, sv);
-                // Two accumulators: chunks alternate, halving the FMA chain.
-                if j % 2 == 0 {
-                    facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sl, facc);
-                } else {
-                    facc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sl, facc2);
+                // (a macro, not a closure: the intrinsics must inline into this
+                // target-feature function)
+                macro_rules! chunk {
+                    ($c:expr) => {{
+                        let v = _mm512_loadu_si512(data.as_ptr().add($c) as *const _);
+                        let lo = _mm512_and_si512(v, nib);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                        let acc = _mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            lo,
+                            _mm512_loadu_si512(a.lo.as_ptr().add($c) as *const _),
+                        );
+                        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
+                            acc,
+                            hi,
+                            _mm512_loadu_si512(a.hi.as_ptr().add($c) as *const _),
+                        ))
+                    }};
                 }
+                facc = _mm512_fmadd_ps(chunk!(c), _mm512_permutexvar_ps(g0, sv), facc);
+                facc2 = _mm512_fmadd_ps(chunk!(c + 64), _mm512_permutexvar_ps(g1, sv), facc2);
             }
+            j += 2;
         }
     }
     facc = _mm512_add_ps(facc, facc2);
@@ -225,10 +239,8 @@ pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int8Activations) 
         }
         c += 64;
     }
-    // min term over groups, 16 at a time
-    let off = -(q.params.offset() as f32);
-    let mut macc = _mm512_setzero_ps();
-    let mut k0 = 0;
+    // min term over the remaining groups, 16 at a time
+    let mut k0 = blocks * 16;
     while k0 < ng {
         let n = (ng - k0).min(16);
         // SAFETY: groups k0..k0+n exist in row r; `sums` is padded to a multiple of 16.
