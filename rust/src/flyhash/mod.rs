@@ -16,6 +16,7 @@ pub mod kernels;
 mod kernels_x86;
 pub mod projection;
 pub mod rng;
+mod scan;
 pub mod wta;
 
 use rayon::prelude::*;
