@@ -15,8 +15,9 @@ use super::index::Metric;
 use crate::error::Result;
 use crate::simd::Level;
 
-/// Queries per parallel task, and bytes of codes per scanned chunk: a chunk
-/// (and the block's counts over it) stays in L2 while the block runs over it.
+/// At most this many queries per parallel task (fewer when there are few
+/// queries, so every thread gets work), and bytes of codes per scanned chunk: a
+/// chunk (and the block's counts over it) stays in L2 while the block runs over it.
 const QUERY_BLOCK: usize = 16;
 const CHUNK_BYTES: usize = 128 << 10;
 /// Distances per run of the filter.
@@ -57,9 +58,11 @@ where
         Metric::Jaccard => Op::And,
     };
     let mut out: Vec<Vec<u64>> = vec![Vec::new(); nq];
+    let tasks = 4 * crate::threads::num_threads()?;
+    let qblock = nq.div_ceil(tasks).clamp(1, QUERY_BLOCK);
     crate::threads::install(|| {
-        out.par_chunks_mut(QUERY_BLOCK)
-            .zip(q.par_chunks(QUERY_BLOCK * nb))
+        out.par_chunks_mut(qblock)
+            .zip(q.par_chunks(qblock * nb))
             .for_each(|(res, qb)| {
                 let nqb = res.len();
                 let q_ones: Vec<u32> = qb.chunks_exact(nb).map(popcount).collect();
@@ -160,24 +163,39 @@ fn post_body<F, B>(
             *c = jaccard_bits(*c, q_ones + o - *c);
         }
     }
-    let mut lim = bound(acc);
-    let offer = |at: usize, run: &[u32], lim: &mut u64, acc: &mut Vec<u64>| {
-        for (i, &d) in run.iter().enumerate() {
-            if (d as u64) < *lim {
+    // Distances are below u32::MAX (Hamming <= 2^30 bits, Jaccard <= 1.0), so a
+    // bound clamped to u32::MAX rejects exactly what the u64 bound rejects.
+    let clamp = |b: u64| b.min(u32::MAX as u64) as u32;
+    let mut lim = clamp(bound(acc));
+    let offer = |at: usize, run: &[u32], mut mask: u32, lim: &mut u32, acc: &mut Vec<u64>| {
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let d = run[i];
+            // The list may have tightened since the mask was taken.
+            if d < *lim {
                 keep(((d as u64) << 32) | (at + i) as u64, acc);
-                *lim = bound(acc);
+                *lim = clamp(bound(acc));
             }
         }
     };
     let mut runs = row.chunks_exact(RUN);
     for (r, run) in (&mut runs).enumerate() {
-        let min = run.iter().fold(u32::MAX, |m, &d| m.min(d));
-        if (min as u64) < lim {
-            offer(start + r * RUN, run, &mut lim, acc);
+        // A compare and a mask move per run of 16: no branch per code.
+        let mask = run
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (i, &d)| m | ((d < lim) as u32) << i);
+        if mask != 0 {
+            offer(start + r * RUN, run, mask, &mut lim, acc);
         }
     }
     let rest = runs.remainder();
-    offer(start + row.len() - rest.len(), rest, &mut lim, acc);
+    let mask = rest
+        .iter()
+        .enumerate()
+        .fold(0u32, |m, (i, &d)| m | ((d < lim) as u32) << i);
+    offer(start + row.len() - rest.len(), rest, mask, &mut lim, acc);
 }
 
 /// Bits of the Jaccard distance `1 - inter / union` (non-negative, so its f32
