@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use super::scan::{self, popcount, scan, Codes};
+use super::scan::{popcount, scan, Codes};
 use super::MAX_BYTES;
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -355,6 +355,7 @@ impl BinaryIndex {
 
 #[cfg(test)]
 mod tests {
+    use super::super::scan;
     use super::*;
 
     fn codes(n: usize, nb: usize, seed: u64) -> Vec<u8> {
