@@ -215,6 +215,16 @@ fn sign(
             let word = move |r: usize| match stored {
                 Some(bits) => {
                     let at = (r0 + r) * rb + 8 * w;
+                    // Rows are 192 bytes apart (d = 1536): ask for the word 32 rows
+                    // ahead so the L2 -> L1 trip overlaps the lookups.
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: a prefetch never faults, whatever the address.
+                    unsafe {
+                        use std::arch::x86_64::*;
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            bits.as_ptr().wrapping_add(at + 32 * rb) as *const i8
+                        );
+                    }
                     let mut b = [0u8; 8];
                     b.copy_from_slice(&bits[at..at + 8]);
                     u64::from_le_bytes(b)

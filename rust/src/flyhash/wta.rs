@@ -16,53 +16,63 @@ fn descending_bits(v: f32) -> u32 {
     !ascending
 }
 
-/// Reusable buffer for [`winners`].
+/// Reusable buffers for [`Wta::winners`].
 #[derive(Default)]
 pub struct Wta {
+    hi: Vec<u32>,
     keys: Vec<u64>,
+    idx: Vec<u32>,
 }
 
 impl Wta {
     /// Writes the indices of the `k` winners of `values`, ascending, to `out`.
+    ///
+    /// Three passes and no sort: (1) each value's order bits and a histogram of
+    /// their top 12 bits, which finds the bucket holding the k-th key; (2) the
+    /// keys of that bucket only, where a selection finds the k-th key `t`
+    /// exactly; (3) every index whose key is `<= t`, in index order.
     pub fn winners(&mut self, values: &[f32], k: usize, out: &mut [u32]) {
         debug_assert!(k >= 1 && k <= values.len() && out.len() == k);
         let m = values.len();
-        self.keys.clear();
         if k == m {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = i as u32;
             }
             return;
         }
-        // Pre-filter: a histogram of the top 12 key bits finds the bucket that
-        // holds the k-th key; only keys up to that bucket are selected from.
+        self.hi.clear();
+        self.hi.extend(values.iter().map(|&v| descending_bits(v)));
         let mut hist = [0u32; 4096];
-        for &v in values {
-            hist[(descending_bits(v) >> 20) as usize] += 1;
+        for &h in &self.hi {
+            hist[(h >> 20) as usize] += 1;
         }
-        let mut seen = 0usize;
+        let mut below = 0usize;
         let mut cut = 0u32;
         for (b, &h) in hist.iter().enumerate() {
-            seen += h as usize;
-            if seen >= k {
+            if below + h as usize >= k {
                 cut = b as u32;
                 break;
             }
+            below += h as usize;
         }
-        for (i, &v) in values.iter().enumerate() {
-            let hi = descending_bits(v);
-            if hi >> 20 <= cut {
-                self.keys.push(((hi as u64) << 32) | i as u64);
+        self.keys.clear();
+        for (i, &h) in self.hi.iter().enumerate() {
+            if h >> 20 == cut {
+                self.keys.push(((h as u64) << 32) | i as u64);
             }
         }
-        let keys = &mut self.keys;
-        if keys.len() > k {
-            keys.select_nth_unstable(k - 1);
+        // The k-th key overall is the (k - below)-th of the cut bucket.
+        let (_, &mut t, _) = self.keys.select_nth_unstable(k - below - 1);
+        let (th, ti) = ((t >> 32) as u32, t as u32);
+        // Branch-free compaction: the n-th winner is written at n <= i < m.
+        self.idx.resize(m, 0);
+        let mut n = 0;
+        for (i, &h) in self.hi.iter().enumerate() {
+            self.idx[n] = i as u32;
+            n += (h < th || (h == th && i as u32 <= ti)) as usize;
         }
-        for (o, key) in out.iter_mut().zip(keys.iter()) {
-            *o = *key as u32;
-        }
-        out.sort_unstable();
+        debug_assert_eq!(n, k);
+        out.copy_from_slice(&self.idx[..k]);
     }
 }
 
