@@ -286,7 +286,7 @@ fn drive<T: Send>(
                     let values = &mut t.values[..nb * p.m];
                     kernels::unpack(&t.scratch.acc[..p.m], nb, values);
                     for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len)) {
-                        t.wta.winners(vals, k, &mut t.winners);
+                        t.wta.winners(level, vals, k, &mut t.winners);
                         write(vals, &t.winners, row);
                     }
                 },
