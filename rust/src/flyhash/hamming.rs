@@ -68,7 +68,7 @@ pub fn counts(level: Level, op: Op, q: &[u8], codes: &[u8], out: &mut [u32]) {
 /// `out[j * n + i] = popcount(queries[j] OP codes[i])` for the `nq` queries in
 /// `queries` (`nq * nbytes`) and the `n` codes in `codes`. `level` must be supported.
 pub fn counts_tile(level: Level, op: Op, queries: &[u8], nq: usize, codes: &[u8], out: &mut [u32]) {
-    debug_assert!(nq > 0 && queries.len() % nq == 0);
+    debug_assert!(nq > 0 && queries.len().is_multiple_of(nq));
     let nbytes = queries.len() / nq;
     let n = codes.len() / nbytes.max(1);
     debug_assert!(nbytes > 0 && codes.len() == n * nbytes && out.len() == nq * n);
