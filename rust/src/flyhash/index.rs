@@ -355,7 +355,6 @@ impl BinaryIndex {
 
 #[cfg(test)]
 mod tests {
-    use super::super::scan;
     use super::*;
 
     fn codes(n: usize, nb: usize, seed: u64) -> Vec<u8> {
@@ -391,81 +390,6 @@ mod tests {
                         assert_eq!(hits.ids[qi * k + j], id);
                     }
                 }
-            }
-        }
-    }
-
-    /// Several chunks and query blocks, a code width with a tail past whole
-    /// 64-byte blocks, code and query counts off the tile sizes: top-k, Jaccard
-    /// and range search equal brute force at every level.
-    #[test]
-    fn tiled_scan_matches_brute_force_at_every_level() {
-        let (nb, n, nq) = (130, 2 * (128 << 10) / 130 + 37, 21);
-        let mut ix = BinaryIndex::new(nb * 8 - 3).unwrap();
-        let mut data = codes(n, nb, 5);
-        let mut q = codes(nq, nb, 6);
-        for c in data.chunks_exact_mut(nb).chain(q.chunks_exact_mut(nb)) {
-            c[nb - 1] &= 0x1f;
-        }
-        // Duplicates and all-zero codes exercise the tie rule and 0 / 0.
-        data.copy_within(0..nb, 700 * nb);
-        data[900 * nb..901 * nb].fill(0);
-        q[3 * nb..4 * nb].fill(0);
-        q[..nb].copy_from_slice(&data[..nb]);
-        ix.add(&data, n, None).unwrap();
-        let pairs = |qi: usize| -> Vec<(u32, u32, u32)> {
-            let a = &q[qi * nb..(qi + 1) * nb];
-            (0..n)
-                .map(|i| {
-                    let b = &data[i * nb..(i + 1) * nb];
-                    let x = a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum();
-                    let and = a.iter().zip(b).map(|(x, y)| (x & y).count_ones()).sum();
-                    let or = a.iter().zip(b).map(|(x, y)| (x | y).count_ones()).sum();
-                    (x, and, or)
-                })
-                .collect()
-        };
-        let radius = 8 * nb as u32 / 2 - 40;
-        for level in Level::supported() {
-            let k = 10;
-            let ham = ix.search_hamming(level, &q, nq, k).unwrap();
-            let jac = ix.search_jaccard(level, &q, nq, k).unwrap();
-            let range = ix.range_search(level, &q, nq, radius).unwrap();
-            for qi in 0..nq {
-                let p = pairs(qi);
-                let mut want: Vec<(u32, usize)> = p.iter().map(|t| t.0).zip(0..).collect();
-                want.sort();
-                let got: Vec<(u32, usize)> = (0..k)
-                    .map(|j| {
-                        (
-                            ham.distances[qi * k + j] as u32,
-                            ham.ids[qi * k + j] as usize,
-                        )
-                    })
-                    .collect();
-                assert_eq!(got, want[..k], "{level} hamming q{qi}");
-                let mut wj: Vec<(u32, usize)> = p
-                    .iter()
-                    .map(|t| scan::jaccard_bits(t.1, t.2))
-                    .zip(0..)
-                    .collect();
-                wj.sort();
-                let got: Vec<(u32, usize)> = (0..k)
-                    .map(|j| {
-                        (
-                            jac.distances[qi * k + j].to_bits(),
-                            jac.ids[qi * k + j] as usize,
-                        )
-                    })
-                    .collect();
-                assert_eq!(got, wj[..k], "{level} jaccard q{qi}");
-                let wr: Vec<(u32, usize)> =
-                    want.iter().copied().filter(|t| t.0 <= radius).collect();
-                let (lo, hi) = (range.lims[qi] as usize, range.lims[qi + 1] as usize);
-                let got: Vec<(u32, usize)> = (lo..hi)
-                    .map(|j| (range.distances[j] as u32, range.ids[j] as usize))
-                    .collect();
-                assert_eq!(got, wr, "{level} range q{qi}");
             }
         }
     }
