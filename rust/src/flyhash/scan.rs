@@ -4,9 +4,9 @@
 //!
 //! The filter keeps selection cheap: `bound(list)` is an exclusive limit on
 //! the distance a candidate needs to enter the query's list (the current k-th
-//! distance, the range radius + 1, ...). Runs of 16 distances are rejected by
-//! their minimum (a vector min, no branch per code); only a run holding a
-//! candidate below the limit is walked and handed to `keep`, in position order.
+//! distance, the range radius + 1, ...). Runs of 16 distances are compared
+//! with it at once (a compare and a mask move, no branch per code); only the
+//! set bits of a run's mask are handed to `keep`, in position order.
 
 use rayon::prelude::*;
 
