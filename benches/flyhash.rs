@@ -1,9 +1,10 @@
 //! Criterion benches of FlyHash: batch encode (d = 1536, m = 19,968, k = 998)
-//! for each projection at every supported level, the popcount kernels, and
+//! for each projection at every supported level, the popcount kernels (one
+//! query, and the 16-query tile the search runs), and
 //! Hamming top-10 over 100k 1024-bit codes.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use neuropil::flyhash::hamming::{counts, Op};
+use neuropil::flyhash::hamming::{counts, counts_tile, Op};
 use neuropil::flyhash::rng::Stream;
 use neuropil::flyhash::{BinaryIndex, Config, FlyHash, Kind, Output};
 use neuropil::simd::Level;
@@ -57,6 +58,27 @@ fn bench_hamming(c: &mut Criterion) {
         group.bench_function(
             BenchmarkId::new("counts_100k_x_1024bit", level.name()),
             |b| b.iter(|| counts(level, Op::Xor, black_box(&queries[..nb]), &codes, &mut out)),
+        );
+    }
+    // The search kernel: 16 queries x one 128 KiB chunk (1024 codes).
+    let chunk = (128 << 10) / nb;
+    let mut tile = vec![0u32; 16 * chunk];
+    group.throughput(Throughput::Bytes((16 * chunk * nb) as u64));
+    for level in Level::supported() {
+        group.bench_function(
+            BenchmarkId::new("counts_tile_16q_x_1024", level.name()),
+            |b| {
+                b.iter(|| {
+                    counts_tile(
+                        level,
+                        Op::Xor,
+                        black_box(&queries[..16 * nb]),
+                        16,
+                        &codes[..chunk * nb],
+                        &mut tile,
+                    )
+                })
+            },
         );
     }
     let mut ix = BinaryIndex::new(nb * 8).unwrap();

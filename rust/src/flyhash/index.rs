@@ -5,13 +5,12 @@
 //! insertion counter 0, 1, 2, ...; `remove` never renumbers the others) and
 //! their popcounts. Results are ordered by distance, then by insertion order.
 //! Search runs queries in parallel blocks; each block scans the codes in
-//! L2-sized chunks so a chunk is read from memory once per block of queries.
+//! L2-sized chunks so a chunk is read from memory once per block of queries
+//! (see [`super::scan`]).
 
 use std::collections::HashSet;
 
-use rayon::prelude::*;
-
-use super::hamming::{counts, Op};
+use super::scan::{popcount, scan, Codes};
 use super::MAX_BYTES;
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -25,9 +24,6 @@ pub enum Metric {
     Jaccard,
 }
 
-/// Queries per parallel task, and codes per scanned chunk.
-const QUERY_BLOCK: usize = 8;
-const CHUNK_BYTES: usize = 256 << 10;
 /// `k` from which a query collects every candidate and selects, instead of
 /// keeping a sorted top-k list.
 const SELECT_FROM: usize = 64;
@@ -256,6 +252,7 @@ impl BinaryIndex {
                     acc.push(key);
                 }
             },
+            |_| max_distance as u64 + 1,
             |acc| acc.sort_unstable(),
         )?;
         let mut lims = Vec::with_capacity(nq + 1);
@@ -293,6 +290,7 @@ impl BinaryIndex {
                 q,
                 nq,
                 |key, acc: &mut Vec<u64>| acc.push(key),
+                |_| u64::MAX,
                 |acc| {
                     if acc.len() > k {
                         acc.select_nth_unstable(k - 1);
@@ -318,76 +316,41 @@ impl BinaryIndex {
                 let at = acc.partition_point(|&x| x < key);
                 acc.insert(at, key);
             },
+            // A full list takes only distances below its last (a tie comes later).
+            |acc| {
+                if acc.len() == k {
+                    acc[k - 1] >> 32
+                } else {
+                    u64::MAX
+                }
+            },
             |_| {},
         )
     }
 
-    fn scan_with<F, G>(
+    #[allow(clippy::too_many_arguments)]
+    fn scan_with<F, B, G>(
         &self,
         level: Level,
         metric: Metric,
         q: &[u8],
         nq: usize,
         keep: F,
+        bound: B,
         finish: G,
     ) -> Result<Vec<Vec<u64>>>
     where
         F: Fn(u64, &mut Vec<u64>) + Sync,
+        B: Fn(&Vec<u64>) -> u64 + Sync,
         G: Fn(&mut Vec<u64>) + Sync,
     {
-        level.check()?;
-        let nb = self.nbytes;
-        let chunk = (CHUNK_BYTES / nb).max(1);
-        let op = match metric {
-            Metric::Hamming => Op::Xor,
-            Metric::Jaccard => Op::And,
+        let data = Codes {
+            codes: &self.codes,
+            ones: &self.ones,
+            nbytes: self.nbytes,
         };
-        let mut out: Vec<Vec<u64>> = vec![Vec::new(); nq];
-        crate::threads::install(|| {
-            out.par_chunks_mut(QUERY_BLOCK)
-                .zip(q.par_chunks(QUERY_BLOCK * nb))
-                .for_each(|(res, qb)| {
-                    let mut buf = vec![0u32; chunk.min(self.len())];
-                    for (start, codes) in (0..).step_by(chunk).zip(self.codes.chunks(chunk * nb)) {
-                        let n = codes.len() / nb;
-                        for (acc, qq) in res.iter_mut().zip(qb.chunks_exact(nb)) {
-                            counts(level, op, qq, codes, &mut buf[..n]);
-                            let q_ones = if metric == Metric::Jaccard {
-                                popcount(qq)
-                            } else {
-                                0
-                            };
-                            for (i, &c) in buf[..n].iter().enumerate() {
-                                let pos = start + i;
-                                let dist = match metric {
-                                    Metric::Hamming => c,
-                                    Metric::Jaccard => jaccard_bits(c, q_ones + self.ones[pos] - c),
-                                };
-                                keep(((dist as u64) << 32) | pos as u64, acc);
-                            }
-                        }
-                    }
-                    for acc in res.iter_mut() {
-                        finish(acc);
-                    }
-                })
-        })?;
-        Ok(out)
+        scan(level, metric, data, q, nq, keep, bound, finish)
     }
-}
-
-/// Bits of the Jaccard distance `1 - inter / union` (non-negative, so its f32
-/// bits order like its value).
-#[inline(always)]
-fn jaccard_bits(inter: u32, union: u32) -> u32 {
-    if union == 0 {
-        return 0.0f32.to_bits();
-    }
-    (1.0f32 - inter as f32 / union as f32).max(0.0).to_bits()
-}
-
-fn popcount(c: &[u8]) -> u32 {
-    c.iter().map(|b| b.count_ones()).sum()
 }
 
 #[cfg(test)]

@@ -132,6 +132,23 @@ fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
     }
 }
 
+/// Writes lane `v < nb` of `acc` to `out[v * m .. (v + 1) * m]` (`m = acc.len()`):
+/// one vector's activations per row. Rows go in blocks that stay in L1, so
+/// `acc` is read from L2/L3 once rather than once per vector.
+pub fn unpack(acc: &[Lane], nb: usize, out: &mut [f32]) {
+    const RB: usize = 64;
+    let m = acc.len();
+    debug_assert!(nb <= LANES && out.len() == nb * m);
+    for (b, blk) in acc.chunks(RB).enumerate() {
+        for v in 0..nb {
+            let at = v * m + b * RB;
+            for (o, a) in out[at..at + blk.len()].iter_mut().zip(blk) {
+                *o = a[v];
+            }
+        }
+    }
+}
+
 /// Inputs per table group, entries per table, groups per 64-bit row word.
 pub const GW: usize = 4;
 pub const TS: usize = 1 << GW;
@@ -198,6 +215,16 @@ fn sign(
             let word = move |r: usize| match stored {
                 Some(bits) => {
                     let at = (r0 + r) * rb + 8 * w;
+                    // Rows are 192 bytes apart (d = 1536): ask for the word 32 rows
+                    // ahead so the L2 -> L1 trip overlaps the lookups.
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: a prefetch never faults, whatever the address.
+                    unsafe {
+                        use std::arch::x86_64::*;
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            bits.as_ptr().wrapping_add(at + 32 * rb) as *const i8
+                        );
+                    }
                     let mut b = [0u8; 8];
                     b.copy_from_slice(&bits[at..at + 8]);
                     u64::from_le_bytes(b)

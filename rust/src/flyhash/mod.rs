@@ -16,6 +16,7 @@ pub mod kernels;
 mod kernels_x86;
 pub mod projection;
 pub mod rng;
+mod scan;
 pub mod wta;
 
 use rayon::prelude::*;
@@ -275,19 +276,18 @@ fn drive<T: Send>(
             .for_each_init(
                 || Task {
                     scratch: Scratch::new(p.m, p.d, sparse),
-                    values: vec![0.0; p.m],
+                    values: vec![0.0; LANES * p.m],
                     winners: vec![0; k],
                     wta: wta::Wta::default(),
                 },
                 |t, (o, xb)| {
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, &mut t.scratch);
-                    for (v, row) in o.chunks_exact_mut(row_len).enumerate() {
-                        for (val, a) in t.values.iter_mut().zip(&t.scratch.acc) {
-                            *val = a[v];
-                        }
-                        t.wta.winners(&t.values, k, &mut t.winners);
-                        write(&t.values, &t.winners, row);
+                    let values = &mut t.values[..nb * p.m];
+                    kernels::unpack(&t.scratch.acc[..p.m], nb, values);
+                    for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len)) {
+                        t.wta.winners(level, vals, k, &mut t.winners);
+                        write(vals, &t.winners, row);
                     }
                 },
             )
@@ -303,11 +303,7 @@ fn drive_raw(level: Level, p: Proj<'_>, sparse: bool, x: &[f32], out: &mut [f32]
                 |s, (o, xb)| {
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, s);
-                    for (v, row) in o.chunks_exact_mut(p.m).enumerate() {
-                        for (val, a) in row.iter_mut().zip(&s.acc) {
-                            *val = a[v];
-                        }
-                    }
+                    kernels::unpack(&s.acc[..p.m], nb, o);
                 },
             )
     })

@@ -7,6 +7,12 @@
 //! Activations are mapped to `u64` keys whose ascending order is exactly that
 //! order (high 32 bits: the float's bits flipped into descending order; low 32
 //! bits: the index), and the `k` smallest keys are selected.
+//!
+//! The two scans that pick indices out of all `m` (the cut bucket's members,
+//! then the winners) run as compare + compress, 16 indices per instruction, at
+//! the AVX-512 level; integer logic only, so every level picks the same winners.
+
+use crate::simd::Level;
 
 /// Maps `v` to a `u32` that sorts descending in `v` (ascending key = larger value).
 #[inline(always)]
@@ -16,54 +22,147 @@ fn descending_bits(v: f32) -> u32 {
     !ascending
 }
 
-/// Reusable buffer for [`winners`].
+/// Reusable buffers for [`Wta::winners`].
 #[derive(Default)]
 pub struct Wta {
+    hi: Vec<u32>,
     keys: Vec<u64>,
+    idx: Vec<u32>,
 }
 
 impl Wta {
     /// Writes the indices of the `k` winners of `values`, ascending, to `out`.
-    pub fn winners(&mut self, values: &[f32], k: usize, out: &mut [u32]) {
+    ///
+    /// Three passes and no sort: (1) each value's order bits and a histogram of
+    /// their top 12 bits, which finds the bucket holding the k-th key; (2) the
+    /// keys of that bucket only, where a selection finds the k-th key `t`
+    /// exactly; (3) every index whose key is `<= t`, in index order.
+    /// `level` must be supported (checked by the caller).
+    pub fn winners(&mut self, level: Level, values: &[f32], k: usize, out: &mut [u32]) {
         debug_assert!(k >= 1 && k <= values.len() && out.len() == k);
         let m = values.len();
-        self.keys.clear();
         if k == m {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = i as u32;
             }
             return;
         }
-        // Pre-filter: a histogram of the top 12 key bits finds the bucket that
-        // holds the k-th key; only keys up to that bucket are selected from.
+        self.hi.clear();
+        self.hi.extend(values.iter().map(|&v| descending_bits(v)));
         let mut hist = [0u32; 4096];
-        for &v in values {
-            hist[(descending_bits(v) >> 20) as usize] += 1;
+        for &h in &self.hi {
+            hist[(h >> 20) as usize] += 1;
         }
-        let mut seen = 0usize;
+        let mut below = 0usize;
         let mut cut = 0u32;
         for (b, &h) in hist.iter().enumerate() {
-            seen += h as usize;
-            if seen >= k {
+            if below + h as usize >= k {
                 cut = b as u32;
                 break;
             }
+            below += h as usize;
         }
-        for (i, &v) in values.iter().enumerate() {
-            let hi = descending_bits(v);
-            if hi >> 20 <= cut {
-                self.keys.push(((hi as u64) << 32) | i as u64);
+        // Pass 2: the cut bucket's keys; the k-th key overall is their
+        // (k - below)-th.
+        self.idx.resize(m + 16, 0);
+        let n = pick(level, &self.hi, Pick::Bucket(cut), &mut self.idx);
+        self.keys.clear();
+        let hi = &self.hi;
+        self.keys.extend(
+            self.idx[..n]
+                .iter()
+                .map(|&i| ((hi[i as usize] as u64) << 32) | i as u64),
+        );
+        let (_, &mut t, _) = self.keys.select_nth_unstable(k - below - 1);
+        // Pass 3: every index whose key is <= t, in index order.
+        let n = pick(
+            level,
+            &self.hi,
+            Pick::Upto((t >> 32) as u32, t as u32),
+            &mut self.idx,
+        );
+        debug_assert_eq!(n, k);
+        out.copy_from_slice(&self.idx[..k]);
+    }
+}
+
+/// Which indices [`pick`] keeps: order bits whose top 12 bits are the bucket,
+/// or keys `(h, i) <= (th, ti)`.
+#[derive(Clone, Copy)]
+enum Pick {
+    Bucket(u32),
+    Upto(u32, u32),
+}
+
+impl Pick {
+    #[inline(always)]
+    fn keeps(self, h: u32, i: u32) -> bool {
+        match self {
+            Pick::Bucket(b) => h >> 20 == b,
+            Pick::Upto(th, ti) => h < th || (h == th && i <= ti),
+        }
+    }
+}
+
+/// Writes the indices `i` with `p.keeps(hi[i], i)`, ascending, to `out`
+/// (`out.len() >= hi.len() + 16`); returns how many.
+fn pick(level: Level, hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
+    assert!(out.len() >= hi.len() + 16 && hi.len() < u32::MAX as usize);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: the caller checked the level (AVX-512 F); `out` is long enough (asserted).
+        return unsafe { pick_avx512(hi, p, out) };
+    }
+    let _ = level;
+    // Branch-free compaction: the n-th kept index is written at n <= i.
+    let mut n = 0;
+    for (i, &h) in hi.iter().enumerate() {
+        out[n] = i as u32;
+        n += p.keeps(h, i as u32) as usize;
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pick_avx512(hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let mask = |h: __m512i, i: __m512i| -> __mmask16 {
+        match p {
+            Pick::Bucket(b) => {
+                _mm512_cmpeq_epi32_mask(_mm512_srli_epi32::<20>(h), _mm512_set1_epi32(b as i32))
+            }
+            Pick::Upto(th, ti) => {
+                let t = _mm512_set1_epi32(th as i32);
+                _mm512_cmplt_epu32_mask(h, t)
+                    | (_mm512_cmpeq_epi32_mask(h, t)
+                        & _mm512_cmple_epu32_mask(i, _mm512_set1_epi32(ti as i32)))
             }
         }
-        let keys = &mut self.keys;
-        if keys.len() > k {
-            keys.select_nth_unstable(k - 1);
-        }
-        for (o, key) in out.iter_mut().zip(keys.iter()) {
-            *o = *key as u32;
-        }
-        out.sort_unstable();
+    };
+    let m = hi.len();
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut n = 0usize;
+    for at in (0..m).step_by(16) {
+        let live: __mmask16 = if m - at >= 16 {
+            0xffff
+        } else {
+            (1 << (m - at)) - 1
+        };
+        // SAFETY: the mask enables only hi[at .. min(at + 16, m)].
+        let h = unsafe { _mm512_maskz_loadu_epi32(live, hi.as_ptr().add(at) as *const _) };
+        let keep = mask(h, idx) & live;
+        // SAFETY: n <= at, so out[n .. n + 16] lies inside out (len >= m + 16).
+        unsafe {
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(n) as *mut _,
+                _mm512_maskz_compress_epi32(keep, idx),
+            )
+        };
+        n += keep.count_ones() as usize;
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
     }
+    n
 }
 
 /// Reference implementation: full sort by the tie rule.
@@ -88,10 +187,12 @@ mod tests {
     fn lowest_index_wins_ties() {
         let mut w = Wta::default();
         let mut out = [0u32; 2];
-        w.winners(&[1.0, 3.0, 2.0, 3.0, 3.0], 2, &mut out);
-        assert_eq!(out, [1, 3]);
-        w.winners(&[-0.0, 0.0, -1.0, 0.0], 2, &mut out);
-        assert_eq!(out, [0, 1]);
+        for level in Level::supported() {
+            w.winners(level, &[1.0, 3.0, 2.0, 3.0, 3.0], 2, &mut out);
+            assert_eq!(out, [1, 3]);
+            w.winners(level, &[-0.0, 0.0, -1.0, 0.0], 2, &mut out);
+            assert_eq!(out, [0, 1]);
+        }
     }
 
     proptest! {
@@ -103,8 +204,11 @@ mod tests {
             let values: Vec<f32> = v.iter().map(|&i| i as f32 / 8.0).collect();
             let k = 1 + ((values.len() - 1) as f64 * kf) as usize;
             let mut out = vec![0u32; k];
-            Wta::default().winners(&values, k, &mut out);
-            prop_assert_eq!(out, winners_by_sorting(&values, k));
+            let want = winners_by_sorting(&values, k);
+            for level in Level::supported() {
+                Wta::default().winners(level, &values, k, &mut out);
+                prop_assert_eq!(&out, &want, "{}", level);
+            }
         }
     }
 }
