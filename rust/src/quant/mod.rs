@@ -14,6 +14,7 @@
 pub mod bandwidth;
 pub mod format;
 pub mod gguf;
+mod kernels;
 pub mod matmul;
 pub mod matvec;
 pub mod pack;

@@ -19,6 +19,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::format::{Params, QuantRef, QuantizedWeights, ScaleType, Scales, Scheme};
+use super::kernels;
 use super::pack::{pack_group, unpack_group_f32};
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -43,9 +44,14 @@ fn to_storage(x: f32, t: ScaleType, dir: i8) -> f32 {
 
 /// The next float16 up or down from `h`.
 fn f16_step(h: f16, up: bool) -> f16 {
-    let b = h.to_bits();
+    f16::from_bits(f16_step_bits(h.to_bits(), up))
+}
+
+/// The next float16 bit pattern up or down from `b`.
+#[inline(always)]
+pub(super) fn f16_step_bits(b: u16, up: bool) -> u16 {
     let neg = b & 0x8000 != 0;
-    let nb = if b & 0x7fff == 0 {
+    if b & 0x7fff == 0 {
         if up {
             0x0001
         } else {
@@ -55,8 +61,7 @@ fn f16_step(h: f16, up: bool) -> f16 {
         b - 1
     } else {
         b + 1
-    };
-    f16::from_bits(nb)
+    }
 }
 
 #[inline(always)]
@@ -257,18 +262,63 @@ fn search_sym(p: &Params, w: &[f32], amax: f32, s0: f32, codes: &mut [u8]) -> (f
     (best, -off * best)
 }
 
-/// Quantizes one row into its packed bytes and per-group scales/mins (f32).
+/// One row's scales (or mins) as stored.
+enum ScaleRow<'a> {
+    F16(&'a mut [u16]),
+    F32(&'a mut [f32]),
+}
+
+impl ScaleRow<'_> {
+    #[inline(always)]
+    fn set(&mut self, k: usize, v: f32) {
+        match self {
+            ScaleRow::F16(s) => s[k] = f16::from_f32(v).to_bits(),
+            ScaleRow::F32(s) => s[k] = v,
+        }
+    }
+}
+
+fn scale_rows(s: &mut Scales, groups: usize) -> Vec<ScaleRow<'_>> {
+    match s {
+        Scales::F16(v) => v.chunks_mut(groups).map(ScaleRow::F16).collect(),
+        Scales::F32(v) => v.chunks_mut(groups).map(ScaleRow::F32).collect(),
+    }
+}
+
+/// Where a row's per-group scales and mins go, and the first group whose
+/// scale or min is not finite (the storage type's range was exceeded).
+struct Sink<'a> {
+    s: ScaleRow<'a>,
+    m: Option<ScaleRow<'a>>,
+    bad: Option<(usize, f32, f32)>,
+}
+
+impl Sink<'_> {
+    #[inline(always)]
+    fn put(&mut self, k: usize, s: f32, m: f32) {
+        if self.bad.is_none() && !(s.is_finite() && m.is_finite()) {
+            self.bad = Some((k, s, m));
+        }
+        self.s.set(k, s);
+        if let Some(mins) = &mut self.m {
+            mins.set(k, m);
+        }
+    }
+}
+
+/// Quantizes one row into its packed bytes and per-group scales/mins (the
+/// scalar reference, and every level's `search` path); returns whether the
+/// row holds a NaN or an infinity (then nothing is written).
 #[inline(always)]
-fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    if w.iter().any(|v| !v.is_finite()) {
+        return true;
+    }
     let g = p.group_size;
     let gb = p.group_bytes();
     let mut buf = [0f32; 256];
     let mut codes = [0u8; 256];
-    for (k, (dst, (sk, mk))) in out
-        .chunks_exact_mut(gb)
-        .zip(s.iter_mut().zip(m.iter_mut()))
-        .enumerate()
-    {
+    for (k, dst) in out.chunks_exact_mut(gb).enumerate() {
         let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
         let wg: &[f32] = if src.len() == g {
             src
@@ -279,9 +329,9 @@ fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], s: &mut [f32], m: &m
         };
         let (sc, mn) = group(p, search, wg, &mut codes[..g]);
         pack_group(p.bits, &codes[..g], dst);
-        *sk = sc;
-        *mk = mn;
+        sink.put(k, sc, mn);
     }
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -291,10 +341,9 @@ unsafe fn row_avx2(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
-    row(p, search, w, out, s, m)
+    sink: &mut Sink<'_>,
+) -> bool {
+    row(p, search, w, out, sink)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,10 +353,32 @@ unsafe fn row_avx512(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
-    row(p, search, w, out, s, m)
+    sink: &mut Sink<'_>,
+) -> bool {
+    row(p, search, w, out, sink)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rtn_avx2(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    // SAFETY: the features `kernels::Avx2` needs are enabled on this function.
+    unsafe { kernels::row::<kernels::Avx2>(p, w, out, |k, s, m| sink.put(k, s, m)) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rtn_avx512(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    // SAFETY: the features `kernels::Avx512` needs are enabled on this function.
+    unsafe { kernels::row::<kernels::Avx512>(p, w, out, |k, s, m| sink.put(k, s, m)) }
+}
+
+/// Whether the explicit-SIMD kernels (which convert float16 with F16C) can run.
+#[inline]
+fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 fn row_at(
@@ -316,17 +387,24 @@ fn row_at(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
+    sink: &mut Sink<'_>,
+) -> bool {
     match level {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA),
+        // and F16C is checked here.
+        Level::Avx2 if !search && has_f16c() => unsafe { rtn_avx2(p, w, out, sink) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
-        Level::Avx2 => unsafe { row_avx2(p, search, w, out, s, m) },
+        Level::Avx2 => unsafe { row_avx2(p, search, w, out, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX-512
+        // F/BW/VL, which imply AVX2 and FMA), and F16C is checked here.
+        Level::Avx512 if !search && has_f16c() => unsafe { rtn_avx512(p, w, out, sink) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: callers pass a level that passed `Level::check` (AVX-512 F/BW/VL).
-        Level::Avx512 => unsafe { row_avx512(p, search, w, out, s, m) },
-        _ => row(p, search, w, out, s, m),
+        Level::Avx512 => unsafe { row_avx512(p, search, w, out, sink) },
+        _ => row(p, search, w, out, sink),
     }
 }
 
@@ -342,6 +420,9 @@ pub fn quantize(
 }
 
 /// Quantizes at an explicit level (the result is the same at every level).
+///
+/// One pass over `w`: each row task checks its weights for NaN and infinity
+/// while quantizing and writes scales and mins in their storage type.
 pub fn quantize_at(
     level: Level,
     w: &[f32],
@@ -365,88 +446,133 @@ pub fn quantize_at(
             format!("{cols} columns"),
         ));
     }
-    validate::finite("w", w)?;
     let groups = p.groups(cols);
     let rb = p.row_bytes(cols);
     let mut data = vec![0u8; rows * rb];
-    let mut s = vec![0f32; rows * groups];
-    let mut m = vec![0f32; rows * groups];
-    crate::threads::install(|| {
+    let mut scales = Scales::zeros(p.scale_type, rows * groups);
+    let mut mins = p
+        .scheme
+        .has_min()
+        .then(|| Scales::zeros(p.scale_type, rows * groups));
+    let s_rows = scale_rows(&mut scales, groups);
+    let m_rows: Vec<Option<ScaleRow<'_>>> = match &mut mins {
+        Some(m) => scale_rows(m, groups).into_iter().map(Some).collect(),
+        None => (0..rows).map(|_| None).collect(),
+    };
+    // The first problem: a non-finite weight anywhere wins over a range error.
+    let issue = crate::threads::install(|| {
         data.par_chunks_mut(rb)
-            .zip(s.par_chunks_mut(groups).zip(m.par_chunks_mut(groups)))
+            .zip(s_rows.into_par_iter().zip(m_rows))
             .zip(w.par_chunks(cols))
+            .enumerate()
             .with_min_len(8)
-            .for_each(|((out, (sr, mr)), wr)| row_at(level, &p, search, wr, out, sr, mr));
+            .filter_map(|(r, ((out, (s, m)), wr))| {
+                let mut sink = Sink { s, m, bad: None };
+                if row_at(level, &p, search, wr, out, &mut sink) {
+                    Some((0, r, None))
+                } else {
+                    sink.bad.map(|b| (1, r, Some(b)))
+                }
+            })
+            .min_by_key(|(kind, r, _)| (*kind, *r))
     })?;
-    let bad = s
-        .iter()
-        .zip(&m)
-        .position(|(a, b)| !(a.is_finite() && b.is_finite()));
-    if let Some(i) = bad {
-        return Err(Error::value(
+    match issue {
+        Some((_, _, None)) => {
+            validate::finite("w", w)?;
+            unreachable!("a row reported a non-finite weight")
+        }
+        Some((_, r, Some((k, sk, mk)))) => Err(Error::value(
             "w",
             format!(
                 "a range that {} scales can hold (use scale_dtype=float32)",
                 p.scale_type.name()
             ),
-            format!(
-                "row {} group {} with scale {} and min {}",
-                i / groups,
-                i % groups,
-                s[i],
-                m[i]
-            ),
-        ));
+            format!("row {r} group {k} with scale {sk} and min {mk}"),
+        )),
+        None => Ok(QuantizedWeights {
+            params: p,
+            rows,
+            cols,
+            data,
+            scales,
+            mins,
+        }),
     }
-    let store = |v: Vec<f32>| match p.scale_type {
-        ScaleType::F32 => Scales::F32(v),
-        ScaleType::F16 => Scales::F16(v.iter().map(|x| f16::from_f32(*x).to_bits()).collect()),
-    };
-    let mins = p.scheme.has_min().then(|| store(m));
-    Ok(QuantizedWeights {
-        params: p,
-        rows,
-        cols,
-        data,
-        scales: store(s),
-        mins,
-    })
 }
 
+/// Dequantizes one group (any width; `dst` may be a row's short last group).
 #[inline(always)]
-fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+fn dequant_group(p: &Params, bytes: &[u8], s: f32, m: f32, sym: bool, dst: &mut [f32]) {
+    let g = p.group_size;
+    let mut buf = [0f32; 256];
+    unpack_group_f32(p.bits, bytes, &mut buf[..g]);
+    if !sym {
+        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+            *o = s * u + m;
+        }
+    } else {
+        // scale * (u - offset): the integer is exact, and the sign of a zero
+        // follows the scale's, as in ggml's `d * q`.
+        let off = p.offset() as f32;
+        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+            *o = s * (u - off);
+        }
+    }
+}
+
+/// Dequantizes row `r`; `vector` handles whole groups it covers (returns
+/// false for the rest, which take [`dequant_group`]).
+#[inline(always)]
+fn dequant_row_with(
+    q: &QuantRef<'_>,
+    r: usize,
+    out: &mut [f32],
+    vector: impl Fn(&[u8], f32, f32, Option<f32>, &mut [f32]) -> bool,
+) {
     let p = &q.params;
     let (g, gb) = (p.group_size, p.group_bytes());
+    let sym = q.mins.is_none();
+    let off = sym.then(|| p.offset() as f32);
     let mut s = [0f32; 64];
     let mut m = [0f32; 64];
-    let mut buf = [0f32; 256];
     for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
         if k % 64 == 0 {
             let n = (q.groups() - k).min(64);
             q.row_scales_range(r, k, &mut s[..n], &mut m[..n]);
         }
-        unpack_group_f32(p.bits, bytes, &mut buf[..g]);
         let dst = &mut out[k * g..((k + 1) * g).min(q.cols)];
         let (sk, mk) = (s[k % 64], m[k % 64]);
-        if q.mins.is_some() {
-            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-                *o = sk * u + mk;
-            }
-        } else {
-            // scale * (u - offset): the integer is exact, and the sign of a zero
-            // follows the scale's, as in ggml's `d * q`.
-            let off = p.offset() as f32;
-            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-                *o = sk * (u - off);
-            }
+        if dst.len() < g || !vector(bytes, sk, mk, off, dst) {
+            dequant_group(p, bytes, sk, mk, sym, dst);
         }
     }
+}
+
+#[inline(always)]
+fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    dequant_row_with(q, r, out, |_, _, _, _, _| false)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequant_row_avx2(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    let bits = q.params.bits;
+    dequant_row_with(q, r, out, |b, s, m, off, dst| {
+        // SAFETY: AVX2 is enabled on this function; `dst` is a whole group of
+        // `b`'s codes.
+        unsafe { kernels::dequant_group::<kernels::Avx2>(bits, b, s, m, off, dst) }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn dequant_row_avx512(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    dequant_row(q, r, out)
+    let bits = q.params.bits;
+    dequant_row_with(q, r, out, |b, s, m, off, dst| {
+        // SAFETY: AVX-512 F is enabled on this function; `dst` is a whole
+        // group of `b`'s codes.
+        unsafe { kernels::dequant_group::<kernels::Avx512>(bits, b, s, m, off, dst) }
+    })
 }
 
 /// Whether the AVX-512 + F16C build of the dequantize loop can run at `level`.
@@ -471,9 +597,25 @@ pub(crate) fn dequant_row_at(fast: bool, q: &QuantRef<'_>, r: usize, out: &mut [
     dequant_row(q, r, out)
 }
 
+/// Dequantizes row `r` at `level` (identical floats at every level).
+#[inline]
+fn dequant_row_level(level: Level, q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
+        Level::Avx2 => unsafe { dequant_row_avx2(q, r, out) },
+        _ => dequant_row_at(fast_dequant(level), q, r, out),
+    }
+}
+
 /// Dequantizes rows `0..q.rows` into `out` (rows x cols, padding dropped).
 pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
-    let fast = fast_dequant(crate::simd::level()?);
+    dequantize_into_at(crate::simd::level()?, q, out)
+}
+
+/// [`dequantize_into`] at an explicit level (the floats are the same at every level).
+pub fn dequantize_into_at(level: Level, q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
+    level.check()?;
     if out.len() != q.rows * q.cols {
         return Err(Error::shape(
             "out",
@@ -485,7 +627,7 @@ pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
         out.par_chunks_mut(q.cols)
             .enumerate()
             .with_min_len(16)
-            .for_each(|(r, o)| dequant_row_at(fast, q, r, o))
+            .for_each(|(r, o)| dequant_row_level(level, q, r, o))
     })
 }
 
