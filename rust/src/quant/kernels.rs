@@ -43,8 +43,12 @@ pub(crate) trait Lanes {
     unsafe fn hmax(a: Self::F) -> f32;
     /// The first lane where `|a| == x`, if any.
     unsafe fn first_abs_eq(a: Self::F, x: f32) -> Option<usize>;
-    /// Truncates lanes holding values in `[0, 255]` and stores them as `N` bytes.
-    unsafe fn store_codes(v: Self::F, out: *mut u8);
+    /// Truncates to integers (lanes hold values in `[0, 255]`).
+    unsafe fn to_int(v: Self::F) -> Self::I;
+    /// Stores the low byte of every lane (`N` bytes; lanes hold values below 256).
+    unsafe fn store_bytes(v: Self::I, out: *mut u8);
+    unsafe fn or(a: Self::I, b: Self::I) -> Self::I;
+    unsafe fn shl(a: Self::I, n: i32) -> Self::I;
     /// Loads `N` bytes, zero-extended to 32-bit lanes.
     unsafe fn load_bytes(p: *const u8) -> Self::I;
     unsafe fn and(a: Self::I, m: i32) -> Self::I;
@@ -100,67 +104,132 @@ unsafe fn min_max<V: Lanes>(w: &[f32]) -> (f32, f32, bool) {
     }
 }
 
-/// `codes = clamp(trunc((w - m) * inv + add), 0, maxq)` with the scalar casts'
-/// NaN rule; `inv` already multiplies, `m` already subtracts.
+/// A per-weight code rule: maps a vector of weights to float codes, whole
+/// numbers in `[0, 2^bits)` once truncated.
+trait Rule<V: Lanes> {
+    unsafe fn code(&self, v: V::F) -> V::F;
+}
+
+/// `clamp((w - m) * inv + add, 0, maxq)`, a NaN lane to 0 as `NaN as u8`
+/// does (asym, sym, Q4_0 with `m = 0`, Q4_1).
+struct Affine<V: Lanes> {
+    m: V::F,
+    inv: V::F,
+    add: V::F,
+    maxq: V::F,
+}
+
+impl<V: Lanes> Affine<V> {
+    #[inline(always)]
+    unsafe fn new(m: f32, inv: f32, add: f32, maxq: f32) -> Self {
+        // SAFETY: the caller's target features cover `V`'s (see `Lanes`).
+        unsafe {
+            Affine {
+                m: V::splat(m),
+                inv: V::splat(inv),
+                add: V::splat(add),
+                maxq: V::splat(maxq),
+            }
+        }
+    }
+}
+
+impl<V: Lanes> Rule<V> for Affine<V> {
+    #[inline(always)]
+    unsafe fn code(&self, v: V::F) -> V::F {
+        // SAFETY: the caller's target features cover `V`'s (see `Lanes`).
+        unsafe {
+            let x = V::add(V::mul(V::sub(v, self.m), self.inv), self.add);
+            V::min(V::max(V::nan_to_zero(x), V::splat(0.0)), self.maxq)
+        }
+    }
+}
+
+/// Q4_0: `min(trunc(w * id + 8.5), 15)`, saturating at 0.
+struct Q40<V: Lanes> {
+    id: V::F,
+}
+
+impl<V: Lanes> Rule<V> for Q40<V> {
+    #[inline(always)]
+    unsafe fn code(&self, v: V::F) -> V::F {
+        // SAFETY: the caller's target features cover `V`'s (see `Lanes`).
+        unsafe {
+            let x = V::add(V::mul(v, self.id), V::splat(8.5));
+            V::min(V::max(V::nan_to_zero(x), V::splat(0.0)), V::splat(15.0))
+        }
+    }
+}
+
+/// Q8_0: `round(w * id)` (half away from zero) clamped to [-128, 127], plus 128.
+struct Q80<V: Lanes> {
+    id: V::F,
+}
+
+impl<V: Lanes> Rule<V> for Q80<V> {
+    #[inline(always)]
+    unsafe fn code(&self, v: V::F) -> V::F {
+        // SAFETY: the caller's target features cover `V`'s (see `Lanes`).
+        unsafe {
+            let x = V::round_away(V::nan_to_zero(V::mul(v, self.id)));
+            let x = V::min(V::max(x, V::splat(-128.0)), V::splat(127.0));
+            V::add(x, V::splat(128.0))
+        }
+    }
+}
+
+/// Codes of one group by `rule`, packed into `out` (the layouts of
+/// [`super::pack`]): 8-, 4- and (planes of at least `N`) 2-bit codes are
+/// combined in registers; 3-bit codes go through `codes` and `pack_group`.
 #[inline(always)]
-unsafe fn affine_codes<V: Lanes>(
+unsafe fn encode<V: Lanes, R: Rule<V>>(
+    rule: &R,
+    bits: u8,
     w: &[f32],
-    m: f32,
-    inv: f32,
-    add: f32,
-    maxq: f32,
+    out: &mut [u8],
     codes: &mut [u8],
 ) {
-    // SAFETY: the caller's target features cover `V`'s (see `Lanes`), and
-    // every pointer access stays inside the slices (lengths are multiples of `V::N`).
+    // SAFETY: the caller's target features cover `V`'s (see `Lanes`); `w` is a
+    // whole group (a multiple of `V::N`), `out` its packed bytes, `codes` as long as `w`.
     unsafe {
-        let (vm, vi, va) = (V::splat(m), V::splat(inv), V::splat(add));
-        let (z, q) = (V::splat(0.0), V::splat(maxq));
-        let (p, o) = (w.as_ptr(), codes.as_mut_ptr());
-        let mut i = 0;
-        while i < w.len() {
-            let x = V::add(V::mul(V::sub(V::load(p.add(i)), vm), vi), va);
-            let x = V::min(V::max(V::nan_to_zero(x), z), q);
-            V::store_codes(x, o.add(i));
-            i += V::N;
-        }
-    }
-}
-
-/// Q4_0's codes: `min(trunc(w * id + 8.5), 15)` saturating at 0.
-#[inline(always)]
-unsafe fn q4_0_codes<V: Lanes>(w: &[f32], id: f32, codes: &mut [u8]) {
-    // SAFETY: the caller's target features cover `V`'s (see `Lanes`), and
-    // every pointer access stays inside the slices (lengths are multiples of `V::N`).
-    unsafe {
-        let (vi, va) = (V::splat(id), V::splat(8.5));
-        let (z, q) = (V::splat(0.0), V::splat(15.0));
-        let (p, o) = (w.as_ptr(), codes.as_mut_ptr());
-        let mut i = 0;
-        while i < w.len() {
-            let x = V::add(V::mul(V::load(p.add(i)), vi), va);
-            let x = V::min(V::max(V::nan_to_zero(x), z), q);
-            V::store_codes(x, o.add(i));
-            i += V::N;
-        }
-    }
-}
-
-/// Q8_0's codes: `round(w * id)` clamped to [-128, 127], plus 128.
-#[inline(always)]
-unsafe fn q8_0_codes<V: Lanes>(w: &[f32], id: f32, codes: &mut [u8]) {
-    // SAFETY: the caller's target features cover `V`'s (see `Lanes`), and
-    // every pointer access stays inside the slices (lengths are multiples of `V::N`).
-    unsafe {
-        let vi = V::splat(id);
-        let (lo, hi, off) = (V::splat(-128.0), V::splat(127.0), V::splat(128.0));
-        let (p, o) = (w.as_ptr(), codes.as_mut_ptr());
-        let mut i = 0;
-        while i < w.len() {
-            let x = V::round_away(V::nan_to_zero(V::mul(V::load(p.add(i)), vi)));
-            let x = V::add(V::min(V::max(x, lo), hi), off);
-            V::store_codes(x, o.add(i));
-            i += V::N;
+        let g = w.len();
+        let (p, o) = (w.as_ptr(), out.as_mut_ptr());
+        let at = |i: usize| V::to_int(rule.code(V::load(p.add(i))));
+        match bits {
+            8 => {
+                let mut j = 0;
+                while j < g {
+                    V::store_bytes(at(j), o.add(j));
+                    j += V::N;
+                }
+            }
+            4 => {
+                let h = g / 2;
+                let mut j = 0;
+                while j < h {
+                    V::store_bytes(V::or(at(j), V::shl(at(h + j), 4)), o.add(j));
+                    j += V::N;
+                }
+            }
+            2 if (g / 4).is_multiple_of(V::N) => {
+                let q = g / 4;
+                let mut j = 0;
+                while j < q {
+                    let lo = V::or(at(j), V::shl(at(q + j), 2));
+                    let hi = V::or(V::shl(at(2 * q + j), 4), V::shl(at(3 * q + j), 6));
+                    V::store_bytes(V::or(lo, hi), o.add(j));
+                    j += V::N;
+                }
+            }
+            _ => {
+                let c = codes.as_mut_ptr();
+                let mut j = 0;
+                while j < g {
+                    V::store_bytes(at(j), c.add(j));
+                    j += V::N;
+                }
+                pack_group(bits, &codes[..g], out);
+            }
         }
     }
 }
@@ -193,7 +262,12 @@ unsafe fn signed_max<V: Lanes>(w: &[f32], lo: f32, hi: f32) -> f32 {
 /// Quantizes one full group (round to nearest); returns (scale, min, any
 /// non-finite weight) exactly as `quantize::group` does without search.
 #[inline(always)]
-pub(crate) unsafe fn group<V: Lanes>(p: &Params, w: &[f32], codes: &mut [u8]) -> (f32, f32, bool) {
+pub(crate) unsafe fn group<V: Lanes>(
+    p: &Params,
+    w: &[f32],
+    out: &mut [u8],
+    codes: &mut [u8],
+) -> (f32, f32, bool) {
     // SAFETY: the caller's target features cover `V`'s (see `Lanes`), and
     // every pointer access stays inside the slices (lengths are multiples of `V::N`).
     unsafe {
@@ -205,7 +279,7 @@ pub(crate) unsafe fn group<V: Lanes>(p: &Params, w: &[f32], codes: &mut [u8]) ->
                 let m = to_storage::<V>(lo, t, -1);
                 let s = to_storage::<V>((hi - m) / maxq, t, 1);
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                affine_codes::<V>(w, m, inv, 0.5, maxq, codes);
+                encode::<V, _>(&Affine::<V>::new(m, inv, 0.5, maxq), p.bits, w, out, codes);
                 (s, m, bad)
             }
             Scheme::Sym => {
@@ -213,20 +287,26 @@ pub(crate) unsafe fn group<V: Lanes>(p: &Params, w: &[f32], codes: &mut [u8]) ->
                 let a = hi.max(-lo);
                 let s = to_storage::<V>(a / (off - 1.0), t, 1);
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                affine_codes::<V>(w, -off * s, inv, 0.5, maxq, codes);
+                encode::<V, _>(
+                    &Affine::<V>::new(-off * s, inv, 0.5, maxq),
+                    p.bits,
+                    w,
+                    out,
+                    codes,
+                );
                 (s, -off * s, bad)
             }
             Scheme::Q4_0 => {
                 let d = signed_max::<V>(w, lo, hi) / -8.0;
                 let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-                q4_0_codes::<V>(w, id, codes);
+                encode::<V, _>(&Q40::<V> { id: V::splat(id) }, 4, w, out, codes);
                 let d = V::f16_value(V::f16_bits(d));
                 (d, -8.0 * d, bad)
             }
             Scheme::Q4_1 => {
                 let d = (hi - lo) / 15.0;
                 let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-                affine_codes::<V>(w, lo, id, 0.5, 15.0, codes);
+                encode::<V, _>(&Affine::<V>::new(lo, id, 0.5, 15.0), 4, w, out, codes);
                 (
                     V::f16_value(V::f16_bits(d)),
                     V::f16_value(V::f16_bits(lo)),
@@ -236,7 +316,7 @@ pub(crate) unsafe fn group<V: Lanes>(p: &Params, w: &[f32], codes: &mut [u8]) ->
             Scheme::Q8_0 => {
                 let d = hi.max(-lo) / 127.0;
                 let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-                q8_0_codes::<V>(w, id, codes);
+                encode::<V, _>(&Q80::<V> { id: V::splat(id) }, 8, w, out, codes);
                 let d = V::f16_value(V::f16_bits(d));
                 (d, -128.0 * d, bad)
             }
@@ -270,9 +350,8 @@ pub(crate) unsafe fn row<V: Lanes>(
                 buf[src.len()..g].fill(0.0);
                 &buf[..g]
             };
-            let (s, m, b) = group::<V>(p, wg, &mut codes[..g]);
+            let (s, m, b) = group::<V>(p, wg, dst, &mut codes[..g]);
             bad |= b;
-            pack_group(p.bits, &codes[..g], dst);
             emit(k, s, m);
         }
         bad
@@ -472,8 +551,22 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2")]
-        unsafe fn store_codes(v: __m256, out: *mut u8) {
-            let i = _mm256_cvttps_epi32(v);
+        unsafe fn to_int(v: __m256) -> __m256i {
+            _mm256_cvttps_epi32(v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_or_si256(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn shl(a: __m256i, n: i32) -> __m256i {
+            _mm256_sll_epi32(a, _mm_cvtsi32_si128(n))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn store_bytes(i: __m256i, out: *mut u8) {
             let w = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
             let b = _mm_packus_epi16(w, w);
             // SAFETY: callers pass a pointer to N = 8 writable bytes.
@@ -600,8 +693,23 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
-        unsafe fn store_codes(v: __m512, out: *mut u8) {
-            let b = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v));
+        unsafe fn to_int(v: __m512) -> __m512i {
+            _mm512_cvttps_epi32(v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_or_si512(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn shl(a: __m512i, n: i32) -> __m512i {
+            _mm512_sll_epi32(a, _mm_cvtsi32_si128(n))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_bytes(v: __m512i, out: *mut u8) {
+            let b = _mm512_cvtepi32_epi8(v);
             // SAFETY: callers pass a pointer to N = 16 writable bytes.
             unsafe { _mm_storeu_si128(out as *mut __m128i, b) }
         }
