@@ -69,13 +69,13 @@ unsafe fn to_storage<V: Lanes>(x: f32, t: ScaleType, dir: i8) -> f32 {
         match t {
             ScaleType::F32 => x,
             ScaleType::F16 => {
+                // Branch-free: whether rounding went the wrong way is a coin
+                // toss per group, too costly as a branch.
                 let h = V::f16_bits(x);
                 let y = V::f16_value(h);
-                if (dir > 0 && y < x) || (dir < 0 && y > x) {
-                    V::f16_value(super::quantize::f16_step_bits(h, dir > 0))
-                } else {
-                    y
-                }
+                let wrong = (dir > 0 && y < x) || (dir < 0 && y > x);
+                let stepped = super::quantize::f16_step_bits(h, dir > 0);
+                V::f16_value(std::hint::select_unpredictable(wrong, stepped, h))
             }
         }
     }
@@ -240,11 +240,9 @@ unsafe fn signed_max<V: Lanes>(w: &[f32], lo: f32, hi: f32) -> f32 {
     // SAFETY: the caller's target features cover `V`'s (see `Lanes`), and
     // every pointer access stays inside the slices (lengths are multiples of `V::N`).
     unsafe {
-        if hi > -lo {
-            return hi;
-        }
-        if -lo > hi {
-            return lo;
+        if hi != -lo {
+            // which end is larger is a coin toss per group: no branch
+            return std::hint::select_unpredictable(hi > -lo, hi, lo);
         }
         // a tie (both signs, or all zeros): the first in order decides the sign
         let amax = hi;
@@ -435,7 +433,7 @@ pub(crate) unsafe fn dequant_group<V: Lanes>(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub(crate) use x86::{f16_bits, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -450,9 +448,10 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(crate) struct Avx512;
 
+    /// float16 bits of `x`, rounded to nearest even (as `half::f16::from_f32`).
     #[inline]
     #[target_feature(enable = "f16c")]
-    fn f16_bits(x: f32) -> u16 {
+    pub(crate) fn f16_bits(x: f32) -> u16 {
         _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
     }
 

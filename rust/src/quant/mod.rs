@@ -8,6 +8,7 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gguf`]: GGUF block conversion;
+//! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
 //! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
@@ -26,4 +27,4 @@ pub use format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scal
 pub use gguf::{from_gguf, to_gguf};
 pub use matmul::{matmul, matmul_at};
 pub use matvec::{matvec, matvec_at, matvec_rows};
-pub use quantize::{dequantize, dequantize_into, quantize, quantize_at};
+pub use quantize::{dequantize, dequantize_into, dequantize_into_at, quantize, quantize_at};

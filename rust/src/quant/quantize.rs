@@ -11,9 +11,16 @@
 //! ggml's K-quant `make_qkx` search), keeping the lowest squared error.
 //! It is calibration-free and deterministic.
 //!
-//! Results are identical at every SIMD level: the code is plain f32 arithmetic
-//! (no fused multiply-add, which Rust never introduces on its own), compiled
-//! once per level only so LLVM may use wider vectors.
+//! Results are identical at every SIMD level. The scalar reference here is
+//! plain f32 arithmetic (no fused multiply-add, which Rust never introduces on
+//! its own); at AVX2 and AVX-512, round-to-nearest quantize and 2/4/8-bit
+//! dequantize run the explicit kernels of [`super::kernels`], which repeat the
+//! reference's operations lane by lane, and `search` runs the reference
+//! compiled for the level. Tests compare every level with the reference.
+//!
+//! Both directions make one pass over the matrix, parallel over rows: the
+//! quantize row tasks check the weights for NaN and infinity and write scales
+//! and mins in their storage type as they go.
 
 use half::f16;
 use rayon::prelude::*;
@@ -58,9 +65,9 @@ pub(super) fn f16_step_bits(b: u16, up: bool) -> u16 {
             0x8001
         }
     } else if neg == up {
-        b - 1
+        b.wrapping_sub(1)
     } else {
-        b + 1
+        b.wrapping_add(1)
     }
 }
 
@@ -270,9 +277,9 @@ enum ScaleRow<'a> {
 
 impl ScaleRow<'_> {
     #[inline(always)]
-    fn set(&mut self, k: usize, v: f32) {
+    fn set(&mut self, k: usize, v: f32, to_f16: impl Fn(f32) -> u16) {
         match self {
-            ScaleRow::F16(s) => s[k] = f16::from_f32(v).to_bits(),
+            ScaleRow::F16(s) => s[k] = to_f16(v),
             ScaleRow::F32(s) => s[k] = v,
         }
     }
@@ -295,13 +302,13 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     #[inline(always)]
-    fn put(&mut self, k: usize, s: f32, m: f32) {
+    fn put(&mut self, k: usize, s: f32, m: f32, to_f16: impl Fn(f32) -> u16 + Copy) {
         if self.bad.is_none() && !(s.is_finite() && m.is_finite()) {
             self.bad = Some((k, s, m));
         }
-        self.s.set(k, s);
+        self.s.set(k, s, to_f16);
         if let Some(mins) = &mut self.m {
-            mins.set(k, m);
+            mins.set(k, m, to_f16);
         }
     }
 }
@@ -329,7 +336,7 @@ fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>)
         };
         let (sc, mn) = group(p, search, wg, &mut codes[..g]);
         pack_group(p.bits, &codes[..g], dst);
-        sink.put(k, sc, mn);
+        sink.put(k, sc, mn, |x| f16::from_f32(x).to_bits());
     }
     false
 }
@@ -362,14 +369,22 @@ unsafe fn row_avx512(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rtn_avx2(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
     // SAFETY: the features `kernels::Avx2` needs are enabled on this function.
-    unsafe { kernels::row::<kernels::Avx2>(p, w, out, |k, s, m| sink.put(k, s, m)) }
+    unsafe {
+        kernels::row::<kernels::Avx2>(p, w, out, |k, s, m| {
+            sink.put(k, s, m, |x| kernels::f16_bits(x))
+        })
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn rtn_avx512(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
     // SAFETY: the features `kernels::Avx512` needs are enabled on this function.
-    unsafe { kernels::row::<kernels::Avx512>(p, w, out, |k, s, m| sink.put(k, s, m)) }
+    unsafe {
+        kernels::row::<kernels::Avx512>(p, w, out, |k, s, m| {
+            sink.put(k, s, m, |x| kernels::f16_bits(x))
+        })
+    }
 }
 
 /// Whether the explicit-SIMD kernels (which convert float16 with F16C) can run.
