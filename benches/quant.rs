@@ -30,16 +30,22 @@ fn bench_quant(c: &mut Criterion) {
             &level,
             |b, &l| b.iter(|| quant::quantize_at(l, black_box(&w), rows, cols, p, false).unwrap()),
         );
-        g.bench_with_input(BenchmarkId::new("quantize_q4_0", level.name()), &level, |b, &l| {
-            b.iter(|| quant::quantize_at(l, black_box(&w), rows, cols, q40, false).unwrap())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("quantize_q4_0", level.name()),
+            &level,
+            |b, &l| {
+                b.iter(|| quant::quantize_at(l, black_box(&w), rows, cols, q40, false).unwrap())
+            },
+        );
     }
     let mut out = vec![0f32; rows * cols];
     for level in Level::supported() {
         g.bench_with_input(
             BenchmarkId::new("dequantize_4bit_g64", level.name()),
             &level,
-            |b, &l| b.iter(|| quant::dequantize_into_at(l, &q.view(), black_box(&mut out)).unwrap()),
+            |b, &l| {
+                b.iter(|| quant::dequantize_into_at(l, &q.view(), black_box(&mut out)).unwrap())
+            },
         );
     }
     // a fresh output each time, as the Python API returns
