@@ -26,6 +26,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::format::{Params, QuantRef, QuantizedWeights, ScaleType, Scales, Scheme};
+#[cfg(target_arch = "x86_64")]
 use super::kernels;
 use super::pack::{pack_group, unpack_group_f32};
 use crate::error::{Error, Result};
@@ -388,12 +389,10 @@ unsafe fn rtn_avx512(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>)
 }
 
 /// Whether the explicit-SIMD kernels (which convert float16 with F16C) can run.
+#[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    std::arch::is_x86_feature_detected!("f16c")
 }
 
 fn row_at(
