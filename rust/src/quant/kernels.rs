@@ -100,7 +100,8 @@ unsafe fn min_max<V: Lanes>(w: &[f32]) -> (f32, f32, bool) {
             bad = V::add(bad, V::sub(v, v));
             i += V::N;
         }
-        (V::hmin(lo), V::hmax(hi), V::any_nan(bad))
+        let (lo, hi) = super::quantize::zero_signs(w, V::hmin(lo), V::hmax(hi));
+        (lo, hi, V::any_nan(bad))
     }
 }
 
@@ -282,7 +283,7 @@ pub(crate) unsafe fn group<V: Lanes>(
             }
             Scheme::Sym => {
                 let off = p.offset() as f32;
-                let a = hi.max(-lo);
+                let a = hi.abs().max(lo.abs());
                 let s = to_storage::<V>(a / (off - 1.0), t, 1);
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
                 encode::<V, _>(
@@ -312,7 +313,7 @@ pub(crate) unsafe fn group<V: Lanes>(
                 )
             }
             Scheme::Q8_0 => {
-                let d = hi.max(-lo) / 127.0;
+                let d = hi.abs().max(lo.abs()) / 127.0;
                 let id = if d == 0.0 { 0.0 } else { 1.0 / d };
                 encode::<V, _>(&Q80::<V> { id: V::splat(id) }, 8, w, out, codes);
                 let d = V::f16_value(V::f16_bits(d));

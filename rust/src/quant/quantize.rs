@@ -72,8 +72,44 @@ pub(super) fn f16_step_bits(b: u16, up: bool) -> u16 {
     }
 }
 
+/// The sign of a zero min or max, fixed by IEEE 754-2019 `minimum`/`maximum`
+/// (-0 below +0): `f32::min` may return either zero, and vector reductions
+/// pair lanes in their own order, so without this a group whose smallest
+/// value is a zero of both signs (pruned weights, `w * mask`) could store a
+/// different min at different levels.
+#[inline(always)]
+pub(super) fn zero_signs(w: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+    if lo != 0.0 && hi != 0.0 {
+        return (lo, hi);
+    }
+    let neg = w.iter().any(|v| v.to_bits() == 0x8000_0000);
+    let pos = w.iter().any(|v| v.to_bits() == 0);
+    (
+        if lo == 0.0 && neg {
+            -0.0
+        } else if lo == 0.0 {
+            0.0
+        } else {
+            lo
+        },
+        if hi == 0.0 && pos {
+            0.0
+        } else if hi == 0.0 {
+            -0.0
+        } else {
+            hi
+        },
+    )
+}
+
 #[inline(always)]
 fn min_max(w: &[f32]) -> (f32, f32) {
+    let (l, h) = min_max_any_zero(w);
+    zero_signs(w, l, h)
+}
+
+#[inline(always)]
+fn min_max_any_zero(w: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
     for c in w.chunks_exact(8) {
@@ -133,7 +169,7 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
         Scheme::Sym => {
             let off = p.offset() as f32;
             let (lo, hi) = min_max(w);
-            let a = hi.max(-lo);
+            let a = hi.abs().max(lo.abs());
             let s = to_storage(a / (off - 1.0), t, 1);
             codes_for(w, s, -off * s, maxq, codes);
             if search && a > 0.0 {
@@ -165,7 +201,8 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
         }
         Scheme::Q8_0 => {
             let (lo, hi) = min_max(w);
-            let d = hi.max(-lo) / 127.0;
+            // the largest magnitude, +0 for an all-zero group (as gguf's `abs().max()`)
+            let d = hi.abs().max(lo.abs()) / 127.0;
             let id = if d == 0.0 { 0.0 } else { 1.0 / d };
             for (c, v) in codes.iter_mut().zip(w) {
                 // round half away from zero, as ggml's roundf
@@ -806,6 +843,62 @@ mod tests {
                         let mut o = vec![f32::NAN; cols];
                         dequant_row_at(fast, &q.view(), r, &mut o);
                         prop_assert_eq!(bits_of(&o), bits_of(&want_d[r * cols..(r + 1) * cols]));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn signed_zeros_match_at_every_level() {
+        // groups whose min or max is a zero of either sign, in every order
+        let pats: [[f32; 4]; 4] = [
+            [0.0, -0.0, 1.0, 2.0],
+            [-0.0, 0.0, 1.0, 2.0],
+            [0.0, -0.0, -1.0, -2.0],
+            [-0.0, 0.0, -0.0, 0.0],
+        ];
+        // all-zero groups of mixed signs, and all negative zeros
+        let zeros: Vec<Vec<f32>> = vec![
+            (0..64)
+                .map(|i| if i % 3 == 0 { -0.0 } else { 0.0 })
+                .collect(),
+            vec![-0.0; 64],
+        ];
+        for w in &zeros {
+            for scheme in Scheme::ALL {
+                let (bits, g) = scheme.gguf_shape().unwrap_or((4, 32));
+                let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+                let want = quantize_at(Level::Scalar, w, 2, 32, p, false).unwrap();
+                for level in Level::supported() {
+                    let got = quantize_at(level, w, 2, 32, p, false).unwrap();
+                    assert_eq!(got, want, "{level} {scheme:?}");
+                }
+            }
+        }
+        let q8 = Params::new(8, 32, Scheme::Q8_0, ScaleType::F16).unwrap();
+        let q = quantize(&zeros[1], 2, 32, q8, false).unwrap();
+        assert_eq!(
+            q.scales,
+            Scales::F16(vec![0, 0]),
+            "gguf's d = abs().max() / 127 is +0"
+        );
+        for pat in pats {
+            for shift in 0..32 {
+                let mut w = vec![0.5f32; 64];
+                for (i, v) in pat.iter().enumerate() {
+                    w[(shift + i * 9) % 64] = *v;
+                }
+                if pat[2] < 0.0 {
+                    w.iter_mut().filter(|v| **v == 0.5).for_each(|v| *v = -0.5);
+                }
+                for scheme in Scheme::ALL {
+                    let (bits, g) = scheme.gguf_shape().unwrap_or((4, 32));
+                    let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+                    let want = quantize_at(Level::Scalar, &w, 2, 32, p, false).unwrap();
+                    for level in Level::supported() {
+                        let got = quantize_at(level, &w, 2, 32, p, false).unwrap();
+                        assert_eq!(got, want, "{level} {scheme:?} {pat:?} {shift}");
                     }
                 }
             }
