@@ -172,7 +172,7 @@ def test_matvec_matches_the_dequantized_product_at_every_level(
     x = _matrix(seed + 1, n, cols)
     want = x.astype(np.float64) @ d.T
     tol = 1e-4 * np.sqrt(cols) * (1 + np.abs(want))
-    # the VNNI path (4-bit, AVX-512, batch < 4) rounds x to int8 per group
+    # the VNNI paths (4-bit, AVX-512: mat-vec and mat-mul) round x to int8 per group
     vnni = tol + _int8_bound(d, x, g)
     for level in _native.simd_levels():
         int8 = level == "avx512" and bits == 4
@@ -181,7 +181,7 @@ def test_matvec_matches_the_dequantized_product_at_every_level(
         assert np.all(np.abs(y1 - want[0]) <= (vnni if int8 else tol)[0])
         yn = q.matvec(x, level=level)
         assert yn.shape == (n, rows)
-        assert np.all(np.abs(yn - want) <= (vnni if int8 and n < 4 else tol))
+        assert np.all(np.abs(yn - want) <= (vnni if int8 else tol))
         pick = np.array([rows - 1, 0, rows // 2, rows - 1])
         assert np.array_equal(q.matvec_rows(x[0], pick, level=level), y1[pick])
 
@@ -368,10 +368,11 @@ def test_quantized_linear_matches_its_weights_and_round_trips_state(tmp_path):
     want = torch.nn.functional.linear(x, w, lin.bias)
     got = ql(x)
     assert got.shape == (2, 3, 24) and got.dtype == torch.float32
-    assert torch.allclose(got, want, atol=1e-4)
-    one = x[0, 0].numpy()[None]
-    bound = torch.from_numpy(_int8_bound(w.numpy(), one, 32)[0]).float() + 1e-4
-    assert torch.all((ql(x[0, 0]) - want[0, 0]).abs() <= bound)
+    # on AVX-512 VNNI, 4-bit products round x to int8 per group (mat-vec and mat-mul)
+    flat = x.reshape(-1, 100).numpy()
+    bound = torch.from_numpy(_int8_bound(w.numpy(), flat, 32)).float().reshape(2, 3, 24) + 1e-4
+    assert torch.all((got - want).abs() <= bound)
+    assert torch.all((ql(x[0, 0]) - want[0, 0]).abs() <= bound[0, 0])
     assert torch.allclose(ql(x, force_torch=True), want, atol=1e-4)
     assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
     fresh = QuantizedLinear(100, 24, bias=True, bits=4, group_size=32)
@@ -476,8 +477,8 @@ def test_cuda_quantized_linear_matches_cpu():
     lin = torch.nn.Linear(512, 256)
     ql = QuantizedLinear.from_linear(lin, bits=4, group_size=64)
     x = torch.randn(3, 512)
-    # Batch >= 4 keeps float activations on the CPU (batch < 4 rounds them to int8 per
-    # group on VNNI machines), which is what the GPU computes: compare with that.
+    # Batch >= 4 on the CPU keeps float activations or (VNNI) rounds them to int16 per
+    # group (error ~1e-5); batch < 4 on VNNI rounds to int8. Compare with batch 6.
     cpu = ql(torch.cat([x, x]))[:3]
     gpu = ql.to("cuda")
     assert gpu.qdata.is_cuda and gpu.qdata.dtype == torch.uint8
@@ -493,7 +494,9 @@ def test_cuda_quantized_linear_matches_cpu():
     one = gpu(x[0].cuda())
     assert one.shape == (256,) and torch.allclose(one.cpu(), cpu[0], atol=1e-3)
     assert torch.allclose(gpu(x[0].cuda(), force_torch=True).cpu(), cpu[0], atol=1e-3)
-    print("triton path:", _triton_quant.HAVE_TRITON and _triton_quant._STATE["ok"])
+    if _triton_quant.HAVE_TRITON:
+        # The kernel passed its first-call check (a bias-free reference): it runs.
+        assert _triton_quant._STATE == {"checked": True, "ok": True}
 
 
 # ------------------------------------------------------------------ real models

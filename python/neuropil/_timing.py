@@ -10,15 +10,28 @@ from typing import Any
 
 
 def median_seconds(
-    fn: Callable[[], Any], *, repeat: int = 7, warmup: int = 1, min_time: float = 0.0
+    fn: Callable[[], Any],
+    *,
+    repeat: int = 7,
+    warmup: int = 1,
+    min_time: float = 0.0,
+    warmup_time: float = 0.1,
 ) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs, after ``warmup`` runs.
+    """Median wall time of ``fn()`` over ``repeat`` runs, after warm-up runs.
+
+    Warm-up: at least ``warmup`` runs and ``warmup_time`` seconds of them. On a
+    VM, an idle vCPU can take tens of milliseconds to be scheduled again, so a
+    multithreaded call timed right after single-threaded setup measures one
+    core; a short busy warm-up gives the steady state, for every contender alike.
 
     A run that takes less than ``min_time`` is repeated in a loop and divided, so
     microsecond calls are not dominated by timer resolution.
     """
-    for _ in range(warmup):
+    t_end = time.perf_counter() + warmup_time
+    done = 0
+    while done < warmup or time.perf_counter() < t_end:
         fn()
+        done += 1
     inner = 1
     if min_time > 0:
         t0 = time.perf_counter()

@@ -183,11 +183,11 @@ class QuantizedLinear(nn.Module):
         w = u * s + m
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
-    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _torch_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """Dequantize on the buffers' device, then ``F.linear`` (any device)."""
         dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
         w = self.dequantized_weight(dtype)
-        b = None if self.bias is None else self.bias.to(dtype)
+        b = None if self.bias is None or not bias else self.bias.to(dtype)
         return F.linear(x.to(dtype), w, b).to(x.dtype)
 
     def forward(self, x: torch.Tensor, force_torch: bool = False) -> torch.Tensor:
@@ -208,7 +208,8 @@ class QuantizedLinear(nn.Module):
             if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
                 from ._triton_quant import gemv4
 
-                y = gemv4(self, x, lambda: self._torch_forward(x))
+                # The kernel's y has no bias yet: check it against a bias-free reference.
+                y = gemv4(self, x, lambda: self._torch_forward(x, bias=False))
                 if y is not None:
                     if self.bias is not None:
                         y = y + self.bias.float()

@@ -50,7 +50,13 @@ pub fn read_bandwidth(bytes: usize, repeat: usize) -> Result<f64> {
     let n = (bytes / 8).max(1 << 16);
     // Distinct values so pages are really allocated (not the shared zero page).
     let data: Vec<u64> = (0..n as u64).collect();
+    // Warm up for at least 0.2 s: on a VM an idle vCPU can take tens of
+    // milliseconds to be scheduled again, and a cold start measures one core.
     let mut guard = parallel_read(&data)?;
+    let warm = Instant::now();
+    while warm.elapsed().as_secs_f64() < 0.2 {
+        guard = guard.wrapping_add(parallel_read(&data)?);
+    }
     let mut times = Vec::with_capacity(repeat.max(1));
     for _ in 0..repeat.max(1) {
         let t = Instant::now();

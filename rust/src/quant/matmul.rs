@@ -1,8 +1,9 @@
 //! Fused mat-mul for a batch of `n` activation rows: `Y (n, rows) = X (n, cols) W^T`.
 //!
 //! Small batches (n < 4) are `n` mat-vecs (each reads the packed weights once).
-//! Larger batches are compute-bound: the weights are dequantized one tile of
-//! rows at a time (about 1 MiB of float32, so it stays in the core's cache),
+//! Larger batches of 4-bit weights on AVX-512 VNNI run the int16-activation
+//! kernel of [`super::gemm_vnni`]. Other larger batches are compute-bound: the
+//! weights are dequantized one tile of rows at a time (about 1 MiB of float32, so it stays in the core's cache),
 //! and each tile is multiplied with `X` by `matrixmultiply`'s packed SGEMM.
 //! Only one tile per thread ever exists as floats; the full float matrix is
 //! never materialised. Tiles run in parallel in the neuropil pool.
@@ -50,6 +51,9 @@ pub fn matmul_at(
             out[i * rows..(i + 1) * rows].copy_from_slice(&col);
         }
         return Ok(());
+    }
+    if level == Level::Avx512 && super::gemm_vnni::applies(q) {
+        return super::gemm_vnni::matmul4(q, x, n, out);
     }
     let fast = fast_dequant(level);
     let tr = tile_rows(cols);
@@ -112,34 +116,77 @@ mod tests {
     use super::super::quantize::{dequantize, quantize};
     use super::*;
 
+    /// `x` after the per-group integer quantization of the VNNI kernels
+    /// (`levels` = 127 for int8, 32767 for int16), back in f32.
+    fn quantized_x(x: &[f32], g: usize, levels: f32) -> Vec<f32> {
+        x.chunks(g)
+            .flat_map(|grp| {
+                let d = grp.iter().fold(0f32, |m, v| m.max(v.abs())) / levels;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                grp.iter()
+                    .map(move |v| d * (v * inv).round().clamp(-levels, levels))
+            })
+            .collect()
+    }
+
     #[test]
     fn matmul_matches_dequantized_product_for_every_batch_path() {
-        let (rows, cols) = (37, 100);
+        // 70 rows: partial 16-row tiles and more than one 64-row task of the
+        // VNNI kernel; 224 columns: a padded last group at g = 64 and 128
+        // (GGUF schemes need a multiple of 32).
+        let (rows, cols) = (70, 224);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 211) as f32 / 105.0 - 1.0)
             .collect();
-        let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
-        let q = quantize(&w, rows, cols, p, false).unwrap();
-        let d = dequantize(&q.view()).unwrap();
-        for n in [1usize, 3, 4, 9] {
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
-                .collect();
-            for level in Level::supported() {
-                let mut y = vec![0f32; n * rows];
-                matmul_at(level, &q.view(), &x, n, &mut y).unwrap();
-                for i in 0..n {
-                    for r in 0..rows {
-                        let want: f32 = (0..cols).map(|c| d[r * cols + c] * x[i * cols + c]).sum();
+        let cases = [
+            (4, 32, Scheme::Asym),
+            (4, 64, Scheme::Sym),
+            (4, 128, Scheme::Asym),
+            (4, 32, Scheme::Q4_0),
+            (4, 32, Scheme::Q4_1),
+            (8, 64, Scheme::Asym),
+            (3, 64, Scheme::Sym),
+        ];
+        for (bits, g, scheme) in cases {
+            let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+            let q = quantize(&w, rows, cols, p, false).unwrap();
+            let d = dequantize(&q.view()).unwrap();
+            for n in [1usize, 3, 4, 9, 17] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0 + (i % 5) as f32 * 0.01)
+                    .collect();
+                for level in Level::supported() {
+                    let mut y = vec![0f32; n * rows];
+                    matmul_at(level, &q.view(), &x, n, &mut y).unwrap();
+                    // 4-bit weights on AVX-512 VNNI quantize x per group, to
+                    // int8 in the mat-vec and int16 in the mat-mul: compare
+                    // with exactly that x.
+                    let vnni =
+                        level == Level::Avx512 && super::super::gemm_vnni::applies(&q.view());
+                    let levels = if n < MIN_GEMM_BATCH { 127.0 } else { 32767.0 };
+                    for i in 0..n {
                         let xi = &x[i * cols..(i + 1) * cols];
-                        let dr = &d[r * cols..(r + 1) * cols];
-                        let slack = super::super::matvec::tests::int8_bound(dr, xi, 32) as f32;
-                        let tol = 1e-3 * (1.0 + want.abs()) + slack;
-                        assert!((y[i * rows + r] - want).abs() < tol, "{level} n={n}");
+                        let xe = if vnni {
+                            quantized_x(xi, g, levels)
+                        } else {
+                            xi.to_vec()
+                        };
+                        for r in 0..rows {
+                            let dr = &d[r * cols..(r + 1) * cols];
+                            let want: f32 = dr.iter().zip(&xe).map(|(a, b)| a * b).sum();
+                            let mag: f32 = dr.iter().zip(&xe).map(|(a, b)| (a * b).abs()).sum();
+                            let got = y[i * rows + r];
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + mag),
+                                "{level} {scheme:?} g{g} n={n} ({i}, {r}): {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
         }
+        let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
+        let q = quantize(&w, rows, cols, p, false).unwrap();
         assert!(matmul(&q.view(), &[0.0; 99], 1).is_err());
     }
 }

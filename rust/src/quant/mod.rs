@@ -9,11 +9,13 @@
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gguf`]: GGUF block conversion;
 //! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
+//! - [`gemm_vnni`]: the 4-bit mat-mul with int8 activations (AVX-512 VNNI);
 //! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
 pub mod bandwidth;
 pub mod format;
+pub mod gemm_vnni;
 pub mod gguf;
 // Instantiated for x86-64 levels only (elsewhere the scalar reference runs).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
