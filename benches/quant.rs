@@ -1,5 +1,5 @@
-//! Criterion bench of the quant kernels: quantize, dequantize, batch-1 mat-vec
-//! at every supported level over a 4-bit matrix larger than the last-level
+//! Criterion bench of the quant kernels: quantize and dequantize at every
+//! supported level, batch-1 mat-vec at every supported level over a 4-bit matrix larger than the last-level
 //! cache, and mat-mul at batch 64.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -23,12 +23,34 @@ fn bench_quant(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("quant");
     g.throughput(Throughput::Bytes((rows * cols * 4) as u64));
-    g.bench_function("quantize_4bit_g64", |b| {
-        b.iter(|| quant::quantize(black_box(&w), rows, cols, p, false).unwrap())
-    });
+    let q40 = Params::new(4, 32, Scheme::Q4_0, ScaleType::F16).unwrap();
+    for level in Level::supported() {
+        g.bench_with_input(
+            BenchmarkId::new("quantize_4bit_g64", level.name()),
+            &level,
+            |b, &l| b.iter(|| quant::quantize_at(l, black_box(&w), rows, cols, p, false).unwrap()),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("quantize_q4_0", level.name()),
+            &level,
+            |b, &l| {
+                b.iter(|| quant::quantize_at(l, black_box(&w), rows, cols, q40, false).unwrap())
+            },
+        );
+    }
     let mut out = vec![0f32; rows * cols];
-    g.bench_function("dequantize_4bit_g64", |b| {
-        b.iter(|| quant::dequantize_into(&q.view(), black_box(&mut out)).unwrap())
+    for level in Level::supported() {
+        g.bench_with_input(
+            BenchmarkId::new("dequantize_4bit_g64", level.name()),
+            &level,
+            |b, &l| {
+                b.iter(|| quant::dequantize_into_at(l, &q.view(), black_box(&mut out)).unwrap())
+            },
+        );
+    }
+    // a fresh output each time, as the Python API returns
+    g.bench_function("dequantize_4bit_g64_fresh", |b| {
+        b.iter(|| quant::dequantize(&q.view()).unwrap())
     });
     g.throughput(Throughput::Bytes(q.memory_bytes() as u64));
     let mut y = vec![0f32; rows];

@@ -127,7 +127,9 @@ fn packed_out(py: Python<'_>, q: quant::QuantizedWeights) -> PyResult<PackedOut<
     Ok((data, scales, mins))
 }
 
-const W: Expect = Expect::new("w", &[2], "(rows, cols)");
+// Finiteness is checked by `quant::quantize` inside its row tasks (the same
+// message), so the weights are read once, not twice.
+const W: Expect = Expect::new("w", &[2], "(rows, cols)").allow_non_finite();
 
 /// Quantizes a (rows, cols) float matrix; returns (data uint8 (rows, row_bytes),
 /// scales (rows, groups) uint16 float16 bits or float32, mins like scales or None).

@@ -12,6 +12,7 @@
 
 use super::format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scales, Scheme};
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 /// Bytes of one block of the scheme (`None` for non-GGUF schemes).
 pub fn block_bytes(scheme: Scheme) -> Option<usize> {
@@ -48,20 +49,44 @@ pub fn to_gguf(q: &QuantRef<'_>) -> Result<Vec<u8>> {
     }
     let blocks = q.rows * q.cols / 32;
     let gb = q.params.group_bytes();
-    let mut out = Vec::with_capacity(blocks * bb);
-    for (b, codes) in q.data.chunks_exact(gb).enumerate() {
-        out.extend_from_slice(&f16_bits(q.scales, b).to_le_bytes());
-        if let Some(m) = q.mins {
-            out.extend_from_slice(&f16_bits(m, b).to_le_bytes());
-        }
-        if q.params.scheme == Scheme::Q8_0 {
-            out.extend(codes.iter().map(|u| u ^ 0x80));
-        } else {
-            out.extend_from_slice(codes);
-        }
-    }
+    let q8 = q.params.scheme == Scheme::Q8_0;
+    let mut out = vec![0u8; blocks * bb];
+    super::quantize::advise_huge(&out);
+    // blocks in parallel, CHUNK at a time (each block's bytes are independent)
+    crate::threads::install(|| {
+        out.par_chunks_mut(bb * CHUNK)
+            .zip(q.data.par_chunks(gb * CHUNK))
+            .enumerate()
+            .for_each(|(c, (dst, codes))| {
+                for (i, (blk, src)) in dst
+                    .chunks_exact_mut(bb)
+                    .zip(codes.chunks_exact(gb))
+                    .enumerate()
+                {
+                    let b = c * CHUNK + i;
+                    blk[..2].copy_from_slice(&f16_bits(q.scales, b).to_le_bytes());
+                    let at = match q.mins {
+                        Some(m) => {
+                            blk[2..4].copy_from_slice(&f16_bits(m, b).to_le_bytes());
+                            4
+                        }
+                        None => 2,
+                    };
+                    if q8 {
+                        for (o, u) in blk[at..].iter_mut().zip(src) {
+                            *o = u ^ 0x80;
+                        }
+                    } else {
+                        blk[at..].copy_from_slice(src);
+                    }
+                }
+            })
+    })?;
     Ok(out)
 }
+
+/// Blocks per parallel task in [`to_gguf`] and [`from_gguf`].
+const CHUNK: usize = 1024;
 
 /// Reads GGUF blocks of a (rows, cols) tensor. Fails with [`Error::Format`]
 /// on a wrong length or a non-finite scale or min.
@@ -96,38 +121,69 @@ pub fn from_gguf(raw: &[u8], scheme: Scheme, rows: usize, cols: usize) -> Result
         ));
     }
     let gb = params.group_bytes();
-    let mut data = Vec::with_capacity(blocks * gb);
-    let mut scales = Vec::with_capacity(blocks);
-    let mut mins = Vec::with_capacity(if scheme.has_min() { blocks } else { 0 });
-    for (b, block) in raw.chunks_exact(bb).enumerate() {
-        let d = u16::from_le_bytes([block[0], block[1]]);
-        let mut at = 2;
-        let check = |v: u16, what: &str| {
-            if v & 0x7c00 == 0x7c00 {
-                Err(Error::format(
-                    format!("GGUF {} tensor", scheme.name()),
-                    format!(
-                        "block {b} has a non-finite {what} ({})",
-                        half::f16::from_bits(v)
-                    ),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        check(d, "scale")?;
-        scales.push(d);
-        if scheme.has_min() {
-            let m = u16::from_le_bytes([block[2], block[3]]);
-            check(m, "min")?;
-            mins.push(m);
-            at = 4;
-        }
-        if scheme == Scheme::Q8_0 {
-            data.extend(block[at..].iter().map(|q| q ^ 0x80));
-        } else {
-            data.extend_from_slice(&block[at..]);
-        }
+    let has_min = scheme.has_min();
+    let q8 = scheme == Scheme::Q8_0;
+    let mut data = vec![0u8; blocks * gb];
+    let mut scales = vec![0u16; blocks];
+    let mut mins = vec![0u16; if has_min { blocks } else { 0 }];
+    let per = if has_min { 2 } else { 1 };
+    // blocks in parallel, CHUNK at a time; each task reports its first
+    // block with a non-finite scale or min, the smallest one is the error
+    let bad = crate::threads::install(|| {
+        data.par_chunks_mut(gb * CHUNK)
+            .zip(raw.par_chunks(bb * CHUNK))
+            .zip(scales.par_chunks_mut(CHUNK))
+            .enumerate()
+            .filter_map(|(c, ((dst, src), sc))| {
+                let mut first = None;
+                for (i, (d, blk)) in dst
+                    .chunks_exact_mut(gb)
+                    .zip(src.chunks_exact(bb))
+                    .enumerate()
+                {
+                    let v = u16::from_le_bytes([blk[0], blk[1]]);
+                    sc[i] = v;
+                    let at = 2 * per;
+                    if q8 {
+                        for (o, u) in d.iter_mut().zip(&blk[at..]) {
+                            *o = u ^ 0x80;
+                        }
+                    } else {
+                        d.copy_from_slice(&blk[at..]);
+                    }
+                    if first.is_none() && v & 0x7c00 == 0x7c00 {
+                        first = Some((c * CHUNK + i, v, "scale"));
+                    }
+                    if has_min && first.is_none() {
+                        let m = u16::from_le_bytes([blk[2], blk[3]]);
+                        if m & 0x7c00 == 0x7c00 {
+                            first = Some((c * CHUNK + i, m, "min"));
+                        }
+                    }
+                }
+                first
+            })
+            .min_by_key(|(b, _, _)| *b)
+    })?;
+    if let Some((b, v, what)) = bad {
+        return Err(Error::format(
+            format!("GGUF {} tensor", scheme.name()),
+            format!(
+                "block {b} has a non-finite {what} ({})",
+                half::f16::from_bits(v)
+            ),
+        ));
+    }
+    if has_min {
+        crate::threads::install(|| {
+            mins.par_chunks_mut(CHUNK)
+                .zip(raw.par_chunks(bb * CHUNK))
+                .for_each(|(m, src)| {
+                    for (mi, blk) in m.iter_mut().zip(src.chunks_exact(bb)) {
+                        *mi = u16::from_le_bytes([blk[2], blk[3]]);
+                    }
+                })
+        })?;
     }
     Ok(QuantizedWeights {
         params,
@@ -170,5 +226,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("non-finite"));
+        // many blocks (several parallel chunks): the first bad one is named
+        let w: Vec<f32> = (0..64 * 3000)
+            .map(|i| (i % 97) as f32 / 50.0 - 1.0)
+            .collect();
+        let p = Params::new(4, 32, Scheme::Q4_1, ScaleType::F16).unwrap();
+        let q = quantize(&w, 3000, 64, p, false).unwrap();
+        let mut raw = to_gguf(&q.view()).unwrap();
+        assert_eq!(from_gguf(&raw, Scheme::Q4_1, 3000, 64).unwrap(), q);
+        raw[5000 * 20 + 3] = 0x7c; // block 5000's min
+        raw[5500 * 20 + 1] = 0xfc; // block 5500's scale
+        let e = from_gguf(&raw, Scheme::Q4_1, 3000, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("block 5000 has a non-finite min"), "{e}");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gguf`]: GGUF block conversion;
+//! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
 //! - [`gemm_vnni`]: the 4-bit mat-mul with int8 activations (AVX-512 VNNI);
 //! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
@@ -16,6 +17,9 @@ pub mod bandwidth;
 pub mod format;
 pub mod gemm_vnni;
 pub mod gguf;
+// Instantiated for x86-64 levels only (elsewhere the scalar reference runs).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod kernels;
 pub mod matmul;
 pub mod matvec;
 pub mod pack;
@@ -27,4 +31,4 @@ pub use format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scal
 pub use gguf::{from_gguf, to_gguf};
 pub use matmul::{matmul, matmul_at};
 pub use matvec::{matvec, matvec_at, matvec_rows};
-pub use quantize::{dequantize, dequantize_into, quantize, quantize_at};
+pub use quantize::{dequantize, dequantize_into, dequantize_into_at, quantize, quantize_at};

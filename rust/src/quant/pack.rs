@@ -23,13 +23,14 @@ pub fn pack_group(bits: u8, codes: &[u8], out: &mut [u8]) {
                 *l = c & 3;
             }
             pack2(&low[..g], &mut out[..q]);
+            // bit plane k of the high bits, contiguous in j (vectorises)
             let e = g / 8;
-            for j in 0..e {
-                let mut b = 0u8;
-                for k in 0..8 {
-                    b |= ((codes[j + k * e] >> 2) & 1) << k;
+            let high = &mut out[q..q + e];
+            high.fill(0);
+            for k in 0..8 {
+                for (h, c) in high.iter_mut().zip(&codes[k * e..(k + 1) * e]) {
+                    *h |= ((c >> 2) & 1) << k;
                 }
-                out[q + j] = b;
             }
         }
         _ => unreachable!("bits validated by Params::new"),

@@ -11,14 +11,23 @@
 //! ggml's K-quant `make_qkx` search), keeping the lowest squared error.
 //! It is calibration-free and deterministic.
 //!
-//! Results are identical at every SIMD level: the code is plain f32 arithmetic
-//! (no fused multiply-add, which Rust never introduces on its own), compiled
-//! once per level only so LLVM may use wider vectors.
+//! Results are identical at every SIMD level. The scalar reference here is
+//! plain f32 arithmetic (no fused multiply-add, which Rust never introduces on
+//! its own); at AVX2 and AVX-512, round-to-nearest quantize and 2/4/8-bit
+//! dequantize run the explicit kernels of [`super::kernels`], which repeat the
+//! reference's operations lane by lane, and `search` runs the reference
+//! compiled for the level. Tests compare every level with the reference.
+//!
+//! Both directions make one pass over the matrix, parallel over rows: the
+//! quantize row tasks check the weights for NaN and infinity and write scales
+//! and mins in their storage type as they go.
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::format::{Params, QuantRef, QuantizedWeights, ScaleType, Scales, Scheme};
+#[cfg(target_arch = "x86_64")]
+use super::kernels;
 use super::pack::{pack_group, unpack_group_f32};
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -43,24 +52,64 @@ fn to_storage(x: f32, t: ScaleType, dir: i8) -> f32 {
 
 /// The next float16 up or down from `h`.
 fn f16_step(h: f16, up: bool) -> f16 {
-    let b = h.to_bits();
+    f16::from_bits(f16_step_bits(h.to_bits(), up))
+}
+
+/// The next float16 bit pattern up or down from `b`.
+#[inline(always)]
+pub(super) fn f16_step_bits(b: u16, up: bool) -> u16 {
     let neg = b & 0x8000 != 0;
-    let nb = if b & 0x7fff == 0 {
+    if b & 0x7fff == 0 {
         if up {
             0x0001
         } else {
             0x8001
         }
     } else if neg == up {
-        b - 1
+        b.wrapping_sub(1)
     } else {
-        b + 1
-    };
-    f16::from_bits(nb)
+        b.wrapping_add(1)
+    }
+}
+
+/// The sign of a zero min or max, fixed by IEEE 754-2019 `minimum`/`maximum`
+/// (-0 below +0): `f32::min` may return either zero, and vector reductions
+/// pair lanes in their own order, so without this a group whose smallest
+/// value is a zero of both signs (pruned weights, `w * mask`) could store a
+/// different min at different levels.
+#[inline(always)]
+pub(super) fn zero_signs(w: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+    if lo != 0.0 && hi != 0.0 {
+        return (lo, hi);
+    }
+    let neg = w.iter().any(|v| v.to_bits() == 0x8000_0000);
+    let pos = w.iter().any(|v| v.to_bits() == 0);
+    (
+        if lo == 0.0 && neg {
+            -0.0
+        } else if lo == 0.0 {
+            0.0
+        } else {
+            lo
+        },
+        if hi == 0.0 && pos {
+            0.0
+        } else if hi == 0.0 {
+            -0.0
+        } else {
+            hi
+        },
+    )
 }
 
 #[inline(always)]
 fn min_max(w: &[f32]) -> (f32, f32) {
+    let (l, h) = min_max_any_zero(w);
+    zero_signs(w, l, h)
+}
+
+#[inline(always)]
+fn min_max_any_zero(w: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
     for c in w.chunks_exact(8) {
@@ -120,7 +169,7 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
         Scheme::Sym => {
             let off = p.offset() as f32;
             let (lo, hi) = min_max(w);
-            let a = hi.max(-lo);
+            let a = hi.abs().max(lo.abs());
             let s = to_storage(a / (off - 1.0), t, 1);
             codes_for(w, s, -off * s, maxq, codes);
             if search && a > 0.0 {
@@ -152,7 +201,8 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
         }
         Scheme::Q8_0 => {
             let (lo, hi) = min_max(w);
-            let d = hi.max(-lo) / 127.0;
+            // the largest magnitude, +0 for an all-zero group (as gguf's `abs().max()`)
+            let d = hi.abs().max(lo.abs()) / 127.0;
             let id = if d == 0.0 { 0.0 } else { 1.0 / d };
             for (c, v) in codes.iter_mut().zip(w) {
                 // round half away from zero, as ggml's roundf
@@ -257,18 +307,63 @@ fn search_sym(p: &Params, w: &[f32], amax: f32, s0: f32, codes: &mut [u8]) -> (f
     (best, -off * best)
 }
 
-/// Quantizes one row into its packed bytes and per-group scales/mins (f32).
+/// One row's scales (or mins) as stored.
+enum ScaleRow<'a> {
+    F16(&'a mut [u16]),
+    F32(&'a mut [f32]),
+}
+
+impl ScaleRow<'_> {
+    #[inline(always)]
+    fn set(&mut self, k: usize, v: f32, to_f16: impl Fn(f32) -> u16) {
+        match self {
+            ScaleRow::F16(s) => s[k] = to_f16(v),
+            ScaleRow::F32(s) => s[k] = v,
+        }
+    }
+}
+
+fn scale_rows(s: &mut Scales, groups: usize) -> Vec<ScaleRow<'_>> {
+    match s {
+        Scales::F16(v) => v.chunks_mut(groups).map(ScaleRow::F16).collect(),
+        Scales::F32(v) => v.chunks_mut(groups).map(ScaleRow::F32).collect(),
+    }
+}
+
+/// Where a row's per-group scales and mins go, and the first group whose
+/// scale or min is not finite (the storage type's range was exceeded).
+struct Sink<'a> {
+    s: ScaleRow<'a>,
+    m: Option<ScaleRow<'a>>,
+    bad: Option<(usize, f32, f32)>,
+}
+
+impl Sink<'_> {
+    #[inline(always)]
+    fn put(&mut self, k: usize, s: f32, m: f32, to_f16: impl Fn(f32) -> u16 + Copy) {
+        if self.bad.is_none() && !(s.is_finite() && m.is_finite()) {
+            self.bad = Some((k, s, m));
+        }
+        self.s.set(k, s, to_f16);
+        if let Some(mins) = &mut self.m {
+            mins.set(k, m, to_f16);
+        }
+    }
+}
+
+/// Quantizes one row into its packed bytes and per-group scales/mins (the
+/// scalar reference, and every level's `search` path); returns whether the
+/// row holds a NaN or an infinity (then nothing is written).
 #[inline(always)]
-fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    if w.iter().any(|v| !v.is_finite()) {
+        return true;
+    }
     let g = p.group_size;
     let gb = p.group_bytes();
     let mut buf = [0f32; 256];
     let mut codes = [0u8; 256];
-    for (k, (dst, (sk, mk))) in out
-        .chunks_exact_mut(gb)
-        .zip(s.iter_mut().zip(m.iter_mut()))
-        .enumerate()
-    {
+    for (k, dst) in out.chunks_exact_mut(gb).enumerate() {
         let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
         let wg: &[f32] = if src.len() == g {
             src
@@ -279,9 +374,9 @@ fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], s: &mut [f32], m: &m
         };
         let (sc, mn) = group(p, search, wg, &mut codes[..g]);
         pack_group(p.bits, &codes[..g], dst);
-        *sk = sc;
-        *mk = mn;
+        sink.put(k, sc, mn, |x| f16::from_f32(x).to_bits());
     }
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -291,10 +386,9 @@ unsafe fn row_avx2(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
-    row(p, search, w, out, s, m)
+    sink: &mut Sink<'_>,
+) -> bool {
+    row(p, search, w, out, sink)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,10 +398,38 @@ unsafe fn row_avx512(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
-    row(p, search, w, out, s, m)
+    sink: &mut Sink<'_>,
+) -> bool {
+    row(p, search, w, out, sink)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rtn_avx2(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    // SAFETY: the features `kernels::Avx2` needs are enabled on this function.
+    unsafe {
+        kernels::row::<kernels::Avx2>(p, w, out, |k, s, m| {
+            sink.put(k, s, m, |x| kernels::f16_bits(x))
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rtn_avx512(p: &Params, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>) -> bool {
+    // SAFETY: the features `kernels::Avx512` needs are enabled on this function.
+    unsafe {
+        kernels::row::<kernels::Avx512>(p, w, out, |k, s, m| {
+            sink.put(k, s, m, |x| kernels::f16_bits(x))
+        })
+    }
+}
+
+/// Whether the explicit-SIMD kernels (which convert float16 with F16C) can run.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("f16c")
 }
 
 fn row_at(
@@ -316,17 +438,24 @@ fn row_at(
     search: bool,
     w: &[f32],
     out: &mut [u8],
-    s: &mut [f32],
-    m: &mut [f32],
-) {
+    sink: &mut Sink<'_>,
+) -> bool {
     match level {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA),
+        // and F16C is checked here.
+        Level::Avx2 if !search && has_f16c() => unsafe { rtn_avx2(p, w, out, sink) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
-        Level::Avx2 => unsafe { row_avx2(p, search, w, out, s, m) },
+        Level::Avx2 => unsafe { row_avx2(p, search, w, out, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX-512
+        // F/BW/VL, which imply AVX2 and FMA), and F16C is checked here.
+        Level::Avx512 if !search && has_f16c() => unsafe { rtn_avx512(p, w, out, sink) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: callers pass a level that passed `Level::check` (AVX-512 F/BW/VL).
-        Level::Avx512 => unsafe { row_avx512(p, search, w, out, s, m) },
-        _ => row(p, search, w, out, s, m),
+        Level::Avx512 => unsafe { row_avx512(p, search, w, out, sink) },
+        _ => row(p, search, w, out, sink),
     }
 }
 
@@ -342,6 +471,9 @@ pub fn quantize(
 }
 
 /// Quantizes at an explicit level (the result is the same at every level).
+///
+/// One pass over `w`: each row task checks its weights for NaN and infinity
+/// while quantizing and writes scales and mins in their storage type.
 pub fn quantize_at(
     level: Level,
     w: &[f32],
@@ -365,88 +497,134 @@ pub fn quantize_at(
             format!("{cols} columns"),
         ));
     }
-    validate::finite("w", w)?;
     let groups = p.groups(cols);
     let rb = p.row_bytes(cols);
     let mut data = vec![0u8; rows * rb];
-    let mut s = vec![0f32; rows * groups];
-    let mut m = vec![0f32; rows * groups];
-    crate::threads::install(|| {
+    advise_huge(&data);
+    let mut scales = Scales::zeros(p.scale_type, rows * groups);
+    let mut mins = p
+        .scheme
+        .has_min()
+        .then(|| Scales::zeros(p.scale_type, rows * groups));
+    let s_rows = scale_rows(&mut scales, groups);
+    let m_rows: Vec<Option<ScaleRow<'_>>> = match &mut mins {
+        Some(m) => scale_rows(m, groups).into_iter().map(Some).collect(),
+        None => (0..rows).map(|_| None).collect(),
+    };
+    // The first problem: a non-finite weight anywhere wins over a range error.
+    let issue = crate::threads::install(|| {
         data.par_chunks_mut(rb)
-            .zip(s.par_chunks_mut(groups).zip(m.par_chunks_mut(groups)))
+            .zip(s_rows.into_par_iter().zip(m_rows))
             .zip(w.par_chunks(cols))
+            .enumerate()
             .with_min_len(8)
-            .for_each(|((out, (sr, mr)), wr)| row_at(level, &p, search, wr, out, sr, mr));
+            .filter_map(|(r, ((out, (s, m)), wr))| {
+                let mut sink = Sink { s, m, bad: None };
+                if row_at(level, &p, search, wr, out, &mut sink) {
+                    Some((0, r, None))
+                } else {
+                    sink.bad.map(|b| (1, r, Some(b)))
+                }
+            })
+            .min_by_key(|(kind, r, _)| (*kind, *r))
     })?;
-    let bad = s
-        .iter()
-        .zip(&m)
-        .position(|(a, b)| !(a.is_finite() && b.is_finite()));
-    if let Some(i) = bad {
-        return Err(Error::value(
+    match issue {
+        Some((_, _, None)) => {
+            validate::finite("w", w)?;
+            unreachable!("a row reported a non-finite weight")
+        }
+        Some((_, r, Some((k, sk, mk)))) => Err(Error::value(
             "w",
             format!(
                 "a range that {} scales can hold (use scale_dtype=float32)",
                 p.scale_type.name()
             ),
-            format!(
-                "row {} group {} with scale {} and min {}",
-                i / groups,
-                i % groups,
-                s[i],
-                m[i]
-            ),
-        ));
+            format!("row {r} group {k} with scale {sk} and min {mk}"),
+        )),
+        None => Ok(QuantizedWeights {
+            params: p,
+            rows,
+            cols,
+            data,
+            scales,
+            mins,
+        }),
     }
-    let store = |v: Vec<f32>| match p.scale_type {
-        ScaleType::F32 => Scales::F32(v),
-        ScaleType::F16 => Scales::F16(v.iter().map(|x| f16::from_f32(*x).to_bits()).collect()),
-    };
-    let mins = p.scheme.has_min().then(|| store(m));
-    Ok(QuantizedWeights {
-        params: p,
-        rows,
-        cols,
-        data,
-        scales: store(s),
-        mins,
-    })
 }
 
+/// Dequantizes one group (any width; `dst` may be a row's short last group).
 #[inline(always)]
-fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+fn dequant_group(p: &Params, bytes: &[u8], s: f32, m: f32, sym: bool, dst: &mut [f32]) {
+    let g = p.group_size;
+    let mut buf = [0f32; 256];
+    unpack_group_f32(p.bits, bytes, &mut buf[..g]);
+    if !sym {
+        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+            *o = s * u + m;
+        }
+    } else {
+        // scale * (u - offset): the integer is exact, and the sign of a zero
+        // follows the scale's, as in ggml's `d * q`.
+        let off = p.offset() as f32;
+        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
+            *o = s * (u - off);
+        }
+    }
+}
+
+/// Dequantizes row `r`; `vector` handles whole groups it covers (returns
+/// false for the rest, which take [`dequant_group`]).
+#[inline(always)]
+fn dequant_row_with(
+    q: &QuantRef<'_>,
+    r: usize,
+    out: &mut [f32],
+    vector: impl Fn(&[u8], f32, f32, Option<f32>, &mut [f32]) -> bool,
+) {
     let p = &q.params;
     let (g, gb) = (p.group_size, p.group_bytes());
+    let sym = q.mins.is_none();
+    let off = sym.then(|| p.offset() as f32);
     let mut s = [0f32; 64];
     let mut m = [0f32; 64];
-    let mut buf = [0f32; 256];
     for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
         if k % 64 == 0 {
             let n = (q.groups() - k).min(64);
             q.row_scales_range(r, k, &mut s[..n], &mut m[..n]);
         }
-        unpack_group_f32(p.bits, bytes, &mut buf[..g]);
         let dst = &mut out[k * g..((k + 1) * g).min(q.cols)];
         let (sk, mk) = (s[k % 64], m[k % 64]);
-        if q.mins.is_some() {
-            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-                *o = sk * u + mk;
-            }
-        } else {
-            // scale * (u - offset): the integer is exact, and the sign of a zero
-            // follows the scale's, as in ggml's `d * q`.
-            let off = p.offset() as f32;
-            for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-                *o = sk * (u - off);
-            }
+        if dst.len() < g || !vector(bytes, sk, mk, off, dst) {
+            dequant_group(p, bytes, sk, mk, sym, dst);
         }
     }
+}
+
+#[inline(always)]
+fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    dequant_row_with(q, r, out, |_, _, _, _, _| false)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequant_row_avx2(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    let bits = q.params.bits;
+    dequant_row_with(q, r, out, |b, s, m, off, dst| {
+        // SAFETY: AVX2 is enabled on this function; `dst` is a whole group of
+        // `b`'s codes.
+        unsafe { kernels::dequant_group::<kernels::Avx2>(bits, b, s, m, off, dst) }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn dequant_row_avx512(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    dequant_row(q, r, out)
+    let bits = q.params.bits;
+    dequant_row_with(q, r, out, |b, s, m, off, dst| {
+        // SAFETY: AVX-512 F is enabled on this function; `dst` is a whole
+        // group of `b`'s codes.
+        unsafe { kernels::dequant_group::<kernels::Avx512>(bits, b, s, m, off, dst) }
+    })
 }
 
 /// Whether the AVX-512 + F16C build of the dequantize loop can run at `level`.
@@ -471,9 +649,25 @@ pub(crate) fn dequant_row_at(fast: bool, q: &QuantRef<'_>, r: usize, out: &mut [
     dequant_row(q, r, out)
 }
 
+/// Dequantizes row `r` at `level` (identical floats at every level).
+#[inline]
+fn dequant_row_level(level: Level, q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
+        Level::Avx2 => unsafe { dequant_row_avx2(q, r, out) },
+        _ => dequant_row_at(fast_dequant(level), q, r, out),
+    }
+}
+
 /// Dequantizes rows `0..q.rows` into `out` (rows x cols, padding dropped).
 pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
-    let fast = fast_dequant(crate::simd::level()?);
+    dequantize_into_at(crate::simd::level()?, q, out)
+}
+
+/// [`dequantize_into`] at an explicit level (the floats are the same at every level).
+pub fn dequantize_into_at(level: Level, q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
+    level.check()?;
     if out.len() != q.rows * q.cols {
         return Err(Error::shape(
             "out",
@@ -485,13 +679,41 @@ pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
         out.par_chunks_mut(q.cols)
             .enumerate()
             .with_min_len(16)
-            .for_each(|(r, o)| dequant_row_at(fast, q, r, o))
+            .for_each(|(r, o)| dequant_row_level(level, q, r, o))
     })
+}
+
+/// Asks that `v`'s pages be transparent huge pages (Linux, large vectors).
+///
+/// For an output that is still untouched fresh memory from the kernel (a
+/// large `vec![0; n]`), the first write then faults once per 2 MiB instead of
+/// once per 4 KiB: the faults otherwise cost more than a dequantize itself.
+pub(crate) fn advise_huge<T>(v: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let len = std::mem::size_of_val(v);
+        let (a, b) = (
+            (start + HUGE - 1) & !(HUGE - 1),
+            (start + len) & !(HUGE - 1),
+        );
+        if len >= 4 * HUGE && b > a {
+            // SAFETY: advice on whole pages inside `v`'s allocation; it never
+            // changes their contents, and a failure only leaves small pages.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 /// Dequantizes to a new row-major (rows, cols) vector.
 pub fn dequantize(q: &QuantRef<'_>) -> Result<Vec<f32>> {
     let mut out = vec![0f32; q.rows * q.cols];
+    advise_huge(&out);
     dequantize_into(q, &mut out)?;
     Ok(out)
 }
@@ -545,6 +767,167 @@ mod tests {
                     prop_assert!((x - y).abs() <= s / 2.0 * 1.0001 + 1e-6 * x.abs().max(1.0), "{x} vs {y}, scale {s}");
                 }
             }
+        }
+    }
+
+    /// Weights of one of several shapes of data: spread uniform values,
+    /// small integers (ties between the largest and smallest, all-zero
+    /// groups), values so tiny that scales are subnormal (reciprocals
+    /// overflow), and huge ones.
+    fn kinds(kind: u8, seed: u64, n: usize) -> Vec<f32> {
+        let u = lcg(seed, n, 1.0);
+        match kind {
+            0 => u.iter().map(|x| x * 4.0).collect(),
+            1 => u.iter().map(|x| (x * 5.0).round()).collect(),
+            // with exact zeros: 0 times an overflowed reciprocal is NaN
+            2 => u
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i % 5 == 0 { 0.0 } else { x * 1e-38 })
+                .collect(),
+            3 => u
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i % 5 == 0 { 0.0 } else { x * 3e-41 })
+                .collect(),
+            4 => u.iter().map(|x| x * 6e4).collect(),
+            _ => u
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i % 7 < 5 { 0.0 } else { x + 0.75 })
+                .collect(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(160))]
+        /// Every level gives the scalar reference's bytes (quantize) and float
+        /// bits (dequantize), on odd shapes: one row, short tails, columns
+        /// that are no multiple of the group, every scheme and width.
+        #[test]
+        fn every_level_matches_scalar(
+            scheme in prop::sample::select(Scheme::ALL.to_vec()),
+            bits in prop::sample::select(vec![2u8, 3, 4, 8]),
+            g in prop::sample::select(vec![32usize, 64, 128, 256]),
+            f32s in any::<bool>(),
+            rows in 1usize..5,
+            cols in 1usize..700,
+            kind in 0u8..6,
+            seed in any::<u64>(),
+        ) {
+            let (bits, g, t, cols) = match scheme.gguf_shape() {
+                Some((b, gg)) => (b, gg, ScaleType::F16, cols.div_ceil(32) * 32),
+                None => (bits, g, if f32s { ScaleType::F32 } else { ScaleType::F16 }, cols),
+            };
+            let p = Params::new(bits, g, scheme, t).unwrap();
+            let w = kinds(kind, seed, rows * cols);
+            let want = quantize_at(Level::Scalar, &w, rows, cols, p, false);
+            let mut want_d = vec![0f32; rows * cols];
+            if let Ok(q) = &want {
+                dequantize_into_at(Level::Scalar, &q.view(), &mut want_d).unwrap();
+            }
+            for level in Level::supported() {
+                let got = quantize_at(level, &w, rows, cols, p, false);
+                match (&got, &want) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "level {}", level),
+                    (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                    _ => prop_assert!(false, "level {level}: {got:?} vs {want:?}"),
+                }
+                if let Ok(q) = &want {
+                    let mut d = vec![f32::NAN; rows * cols];
+                    dequantize_into_at(level, &q.view(), &mut d).unwrap();
+                    let bits_of = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    prop_assert_eq!(bits_of(&d), bits_of(&want_d), "level {}", level);
+                    let fast = fast_dequant(level);
+                    for r in 0..rows {
+                        let mut o = vec![f32::NAN; cols];
+                        dequant_row_at(fast, &q.view(), r, &mut o);
+                        prop_assert_eq!(bits_of(&o), bits_of(&want_d[r * cols..(r + 1) * cols]));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn signed_zeros_match_at_every_level() {
+        // groups whose min or max is a zero of either sign, in every order
+        let pats: [[f32; 4]; 4] = [
+            [0.0, -0.0, 1.0, 2.0],
+            [-0.0, 0.0, 1.0, 2.0],
+            [0.0, -0.0, -1.0, -2.0],
+            [-0.0, 0.0, -0.0, 0.0],
+        ];
+        // all-zero groups of mixed signs, and all negative zeros
+        let zeros: Vec<Vec<f32>> = vec![
+            (0..64)
+                .map(|i| if i % 3 == 0 { -0.0 } else { 0.0 })
+                .collect(),
+            vec![-0.0; 64],
+        ];
+        for w in &zeros {
+            for scheme in Scheme::ALL {
+                let (bits, g) = scheme.gguf_shape().unwrap_or((4, 32));
+                let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+                let want = quantize_at(Level::Scalar, w, 2, 32, p, false).unwrap();
+                for level in Level::supported() {
+                    let got = quantize_at(level, w, 2, 32, p, false).unwrap();
+                    assert_eq!(got, want, "{level} {scheme:?}");
+                }
+            }
+        }
+        let q8 = Params::new(8, 32, Scheme::Q8_0, ScaleType::F16).unwrap();
+        let q = quantize(&zeros[1], 2, 32, q8, false).unwrap();
+        assert_eq!(
+            q.scales,
+            Scales::F16(vec![0, 0]),
+            "gguf's d = abs().max() / 127 is +0"
+        );
+        for pat in pats {
+            for shift in 0..32 {
+                let mut w = vec![0.5f32; 64];
+                for (i, v) in pat.iter().enumerate() {
+                    w[(shift + i * 9) % 64] = *v;
+                }
+                if pat[2] < 0.0 {
+                    w.iter_mut().filter(|v| **v == 0.5).for_each(|v| *v = -0.5);
+                }
+                for scheme in Scheme::ALL {
+                    let (bits, g) = scheme.gguf_shape().unwrap_or((4, 32));
+                    let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
+                    let want = quantize_at(Level::Scalar, &w, 2, 32, p, false).unwrap();
+                    for level in Level::supported() {
+                        let got = quantize_at(level, &w, 2, 32, p, false).unwrap();
+                        assert_eq!(got, want, "{level} {scheme:?} {pat:?} {shift}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_weights_are_reported_at_every_level() {
+        let p = Params::new(4, 64, Scheme::Asym, ScaleType::F16).unwrap();
+        let q = Params::new(4, 32, Scheme::Q4_0, ScaleType::F16).unwrap();
+        for level in Level::supported() {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut w = lcg(3, 40 * 96, 2.0);
+                w[37 * 96 + 70] = bad;
+                for params in [p, q] {
+                    let e = quantize_at(level, &w, 40, 96, params, false).unwrap_err();
+                    let want = format!("got {bad} at flat index {}", 37 * 96 + 70);
+                    assert!(e.to_string().ends_with(&want), "{level}: {e}");
+                }
+            }
+            // a range error in an early row loses to a NaN in a later one
+            let mut w = lcg(3, 40 * 96, 2.0);
+            w[0] = 1e30;
+            w[1] = -1e30;
+            let e = quantize_at(level, &w, 40, 96, p, false).unwrap_err();
+            assert!(e.to_string().contains("row 0 group 0"), "{e}");
+            w[39 * 96] = f32::NAN;
+            let e = quantize_at(level, &w, 40, 96, p, false).unwrap_err();
+            assert!(e.to_string().contains("finite"), "{e}");
         }
     }
 
