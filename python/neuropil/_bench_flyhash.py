@@ -32,8 +32,11 @@ def _package_baseline(d: int, m: int, k: int):
     import flyhash
 
     fh = flyhash.FlyHash(d, m, density=0.1, sparsity=k / m, seed=0)
-    pm = fh.projection_matrix  # scipy CSR
-    nbytes = pm.data.nbytes + pm.indices.nbytes + pm.indptr.nbytes
+    pm = fh.projection_matrix  # scipy CSR where scipy is installed, else a dense array
+    if hasattr(pm, "indptr"):
+        nbytes = pm.data.nbytes + pm.indices.nbytes + pm.indptr.nbytes
+    else:
+        nbytes = pm.nbytes
     return fh, nbytes
 
 
