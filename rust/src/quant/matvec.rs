@@ -165,6 +165,14 @@ unsafe fn row_generic_avx512(
         for kk in 0..n {
             let k = k16 + kk;
             let bytes = &row[k * gb..(k + 1) * gb];
+            if p.bits == 2 || p.bits == 3 {
+                // SAFETY: AVX-512 F/BW/VL (this function's features); `bytes` is one
+                // whole group and x from k * g holds >= g floats.
+                let d = unsafe { planes_dot(p.bits, bytes, &a.x[k * g..(k + 1) * g]) };
+                let sk = _mm512_permutexvar_ps(_mm512_set1_epi32(kk as i32), sv);
+                acc = _mm512_fmadd_ps(sk, d, acc);
+                continue;
+            }
             let codes: &[u8] = if p.bits == 8 {
                 bytes
             } else {
@@ -195,6 +203,80 @@ unsafe fn row_generic_avx512(
         k16 += 16;
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc, macc))
+}
+
+/// `sum_v code_v x_v` over one 2- or 3-bit group (`x.len()` = g codes), read
+/// straight from its bit planes into registers.
+///
+/// Unpacking to a byte buffer first (the generic path) stalls every reload on
+/// store forwarding: the 4-byte stores cannot feed the 16-byte loads. Layout
+/// ([`super::pack`]): byte `c` of the first `g / 4` bytes holds codes `c`,
+/// `c + g/4`, `c + g/2`, `c + 3g/4` in bit pairs 0-1 .. 6-7; for 3 bits, bit
+/// `b` of byte `c` of the next `g / 8` bytes is bit 2 of code `b g/8 + c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn planes_dot(bits: u8, bytes: &[u8], x: &[f32]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let g = x.len();
+    let (q, e) = (g / 4, g / 8);
+    debug_assert!(bytes.len() == g * bits as usize / 8 && e.is_power_of_two());
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let (three, one) = (_mm512_set1_epi32(3), _mm512_set1_epi32(1));
+    // The high plane's e <= 32 bytes as i32 lanes (two registers when e = 32).
+    let (h0, h1) = if bits == 3 {
+        let m0 = if e >= 16 { 0xffff } else { (1u16 << e) - 1 };
+        let m1 = if e > 16 {
+            ((1u32 << (e - 16)) - 1) as u16
+        } else {
+            0
+        };
+        // SAFETY: the masks cover bytes q..q + e of the group only.
+        unsafe {
+            (
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m0, bytes.as_ptr().add(q) as *const i8)),
+                _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                    m1,
+                    bytes.as_ptr().add(q + 16) as *const i8,
+                )),
+            )
+        }
+    } else {
+        (_mm512_setzero_si512(), _mm512_setzero_si512())
+    };
+    let log_e = _mm512_set1_epi32(e.trailing_zeros() as i32);
+    let mut d = _mm512_setzero_ps();
+    let mut j = 0;
+    while j < q {
+        let n = (q - j).min(16);
+        let mask = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+        // SAFETY: the mask keeps the load inside bytes j..j + n < q of the group.
+        let v = unsafe {
+            _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                mask,
+                bytes.as_ptr().add(j) as *const i8,
+            ))
+        };
+        let t = _mm512_add_epi32(iota, _mm512_set1_epi32(j as i32));
+        for plane in 0..4 {
+            let mut c = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(2 * plane)), three);
+            if bits == 3 {
+                // Code plane * q + t = (2 plane + t / e) e + t % e: its bit 2 is
+                // bit (2 plane + t / e) of high byte t % e.
+                let byte = _mm512_and_si512(t, _mm512_set1_epi32(e as i32 - 1));
+                let bit =
+                    _mm512_add_epi32(_mm512_set1_epi32(2 * plane), _mm512_srlv_epi32(t, log_e));
+                let hv = _mm512_permutex2var_epi32(h0, byte, h1);
+                let hi = _mm512_and_si512(_mm512_srlv_epi32(hv, bit), one);
+                c = _mm512_or_si512(c, _mm512_slli_epi32(hi, 2));
+            }
+            // SAFETY: codes plane * q + j .. + n are inside the group's g floats.
+            let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add(plane as usize * q + j)) };
+            d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, d);
+        }
+        j += 16;
+    }
+    d
 }
 
 /// Scales (and mins) of groups `k0..k0+16` of row `r` as 16 float lanes;
