@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _quant_io
+from . import _safetensors
 from .errors import FormatError, NeuropilError
 from .quant import QuantizedWeights, _resolve, quantize, save_file
 
@@ -26,12 +26,12 @@ _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 
 def _read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, int]]:
-    tensors, _, dtypes = _quant_io.read(path)
+    tensors, _, dtypes = _safetensors.read(path)
     out = {}
     for name, arr in tensors.items():
         nbytes = arr.nbytes
         if dtypes[name] == "BF16":
-            arr = _quant_io.bf16_to_f32(arr)
+            arr = _safetensors.bf16_to_f32(arr)
         out[name] = (arr, nbytes)
     return out
 

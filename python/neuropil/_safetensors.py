@@ -1,18 +1,19 @@
-"""A minimal, validating safetensors reader/writer for neuropil's own files.
+"""The one safetensors reader and writer of neuropil's Python side (numpy only,
+strict), used by every ``save``/``load`` and by ``neuropil quantize``.
 
-The format: an 8-byte little-endian header length, a JSON header (tensor name ->
-dtype, shape, data_offsets; ``__metadata__`` -> str -> str), then the raw
-little-endian data. Files written here load with the ``safetensors`` package
-too; reading validates every offset and shape and raises ``FormatError``.
-Writes go to a temporary file renamed over the target, so a failed save
-never destroys an old file.
+The file layout is the standard one (readable by the ``safetensors`` package):
+an 8-byte little-endian header length, a JSON header mapping each tensor name to
+``{"dtype", "shape", "data_offsets"}`` plus an optional ``"__metadata__"`` of
+string values, then the raw little-endian tensor bytes. Every field is checked
+on load; anything malformed, truncated or inconsistent raises
+:class:`~neuropil.errors.FormatError`. Saving writes a temporary file beside the
+target and renames it, so a failed save never destroys an existing file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -20,85 +21,154 @@ import numpy as np
 
 from .errors import FormatError
 
-_DTYPES = {
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
+_DTYPES: dict[str, np.dtype] = {
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "I32": np.dtype("<i4"),
     "I64": np.dtype("<i8"),
-    "U8": np.dtype("u1"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # read as raw bits; see read(bf16_as_f32=...)
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 << 20
+_NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items() if k not in ("BF16",)}
+
+MAX_HEADER = 100 << 20
 
 
-def save(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Writes ``tensors`` and string ``metadata`` to ``path`` atomically."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    blobs = []
+def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Writes ``tensors`` (numpy arrays, any shape) and string ``metadata`` atomically."""
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
+    arrays = []
     for name, arr in tensors.items():
         a = np.ascontiguousarray(arr)
+        key = _NAMES.get(a.dtype.newbyteorder("<").str)
+        if key is None:
+            raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        dt = _NAMES[a.dtype]
-        raw = a.tobytes()
         header[name] = {
-            "dtype": dt,
+            "dtype": key,
             "shape": list(a.shape),
-            "data_offsets": [offset, offset + len(raw)],
+            "data_offsets": [offset, offset + a.nbytes],
         }
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=".tmp-")
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for raw in blobs:
-                f.write(raw)
-        os.replace(tmp, target)
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for a in arrays:
+                f.write(a.tobytes())
+        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Reads a file written by :func:`save`; raises ``FormatError`` if malformed."""
-    p = Path(path)
+def _fail(path: Path, detail: str) -> FormatError:
+    return FormatError(f"{path}: not a valid safetensors file: {detail}")
+
+
+def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Reads a safetensors file.
+
+    Returns:
+        ``(tensors, metadata, dtypes)``: arrays by name (BF16 tensors as their
+        ``uint16`` bits), the ``__metadata__`` strings, and each tensor's
+        safetensors dtype name.
+
+    Raises:
+        FormatError: the file is truncated, its header is not valid JSON of the
+            expected structure, or a tensor's offsets disagree with its shape.
+    """
+    path = Path(path)
     try:
-        data = p.read_bytes()
+        blob = path.read_bytes()
     except OSError as e:
-        raise FormatError(f"{p}: cannot read ({e})") from e
-    if len(data) < 8:
-        raise FormatError(f"{p}: truncated (no header length)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise FormatError(f"{p}: header length {n} exceeds the file size {len(data)}")
+        raise FormatError(f"{path}: cannot read: {e}") from e
+    if len(blob) < 8:
+        raise _fail(path, f"{len(blob)} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(MAX_HEADER, len(blob) - 8):
+        raise _fail(path, f"header length {n} exceeds the file ({len(blob)} bytes)")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p}: header is not valid JSON ({e})") from e
+        raise _fail(path, f"header is not JSON ({e})") from e
     if not isinstance(header, dict):
-        raise FormatError(f"{p}: header must be a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise FormatError(f"{p}: __metadata__ must map strings to strings")
-    body = memoryview(data)[8 + n :]
-    out = {}
+        raise _fail(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    data = memoryview(blob)[8 + n :]
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    spans = []
     for name, info in header.items():
-        try:
-            dt = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{p}: tensor {name!r} has a malformed entry ({e})") from e
-        if any(s < 0 for s in shape) or not 0 <= start <= end <= len(body):
-            raise FormatError(f"{p}: tensor {name!r} lies outside the file (truncated?)")
-        if end - start != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-            raise FormatError(f"{p}: tensor {name!r} has {end - start} bytes for shape {shape}")
-        out[name] = np.frombuffer(body[start:end], dtype=dt).reshape(shape).copy()
-    return out, meta
+        if not isinstance(info, dict):
+            raise _fail(path, f"entry {name!r} is not an object")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in _DTYPES:
+            raise _fail(path, f"tensor {name!r} has unknown dtype {dt!r}")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
+            raise _fail(path, f"tensor {name!r} has invalid shape {shape!r}")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+            and 0 <= offs[0] <= offs[1] <= len(data)
+        ):
+            raise _fail(path, f"tensor {name!r} has data_offsets {offs!r} outside the data")
+        dtype = _DTYPES[dt]
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if offs[1] - offs[0] != count * dtype.itemsize:
+            raise _fail(
+                path,
+                f"tensor {name!r}: shape {shape} of {dt} needs {count * dtype.itemsize} bytes; "
+                f"data_offsets span {offs[1] - offs[0]}",
+            )
+        tensors[name] = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape).copy()
+        dtypes[name] = dt
+        spans.append((offs[0], offs[1]))
+    spans.sort()
+    end = 0
+    for a, b in spans:
+        if a < end:
+            raise _fail(path, "tensors overlap")
+        end = b
+    if end != len(data):
+        raise _fail(path, f"{len(data) - end} trailing bytes after the last tensor")
+    return tensors, meta, dtypes
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) to float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def save(
+    path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str]
+) -> None:
+    """:func:`write` under the name the capabilities' ``save`` methods use."""
+    write(Path(path), tensors, metadata)
+
+
+def load(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """:func:`read` without the dtype names: ``(tensors, metadata)``."""
+    tensors, meta, _ = read(Path(path))
+    return tensors, meta

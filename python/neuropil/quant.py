@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _native, _quant_io
+from . import _native, _safetensors
 from .errors import ArgumentError, FormatError
 
 __all__ = ["SCHEMES", "QuantizedWeights", "load_file", "quantize", "save_file"]
@@ -313,7 +313,7 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
         "format_version": str(FORMAT_VERSION),
         "neuropil.quant": json.dumps(formats, separators=(",", ":")),
     }
-    _quant_io.write(path, tensors, meta)
+    _safetensors.write(path, tensors, meta)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -323,7 +323,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         FormatError: not safetensors, wrong format or version, a missing or
             malformed field, or buffers inconsistent with the recorded format.
     """
-    tensors, meta, _ = _quant_io.read(path)
+    tensors, meta, _ = _safetensors.read(path)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format must be {FORMAT!r}; got {meta.get('format')!r}")
     if meta.get("format_version") != str(FORMAT_VERSION):

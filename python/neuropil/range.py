@@ -25,17 +25,13 @@ device.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from . import _native
+from . import _native, _safetensors
 from .errors import ArgumentError, DTypeError, FormatError, ShapeError
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
@@ -236,7 +232,8 @@ class RangeIndex:
             "format_version": str(FORMAT_VERSION),
             **{k: str(v) for k, v in self._params.items()},
         }
-        _write_safetensors(Path(path), {"keys": keys}, meta)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _safetensors.save(path, {"keys": keys}, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | None = None) -> RangeIndex:
@@ -250,7 +247,7 @@ class RangeIndex:
             FormatError: the file is not a neuropil range index, is truncated,
                 of another format version, or any field is malformed.
         """
-        tensors, meta = _read_safetensors(Path(path))
+        tensors, meta = _safetensors.load(path)
         if meta.get("format") != _FORMAT_NAME:
             raise FormatError(
                 f"{path}: format must be {_FORMAT_NAME!r}; got {meta.get('format')!r}"
@@ -274,6 +271,8 @@ class RangeIndex:
         if set(tensors) != {"keys"}:
             raise FormatError(f"{path}: tensors must be exactly ['keys']; got {sorted(tensors)}")
         keys = tensors["keys"]
+        if keys.dtype != np.float32:
+            raise FormatError(f"{path}: keys must be float32 (F32); got {keys.dtype}")
         if keys.ndim != 2 or keys.shape[0] == 0 or not np.isfinite(keys).all():
             raise FormatError(
                 f"{path}: keys must be a finite non-empty (n, d) array; got {keys.shape}"
@@ -424,71 +423,3 @@ class _NoTF32:
         import torch
 
         torch.backends.cuda.matmul.allow_tf32 = self._old
-
-
-# ------------------------------------------------------------ safetensors I/O
-_DTYPES = {"F32": np.dtype("<f4")}
-
-
-def _write_safetensors(
-    path: Path, tensors: dict[str, npt.NDArray[Any]], meta: dict[str, str]
-) -> None:
-    header: dict[str, Any] = {"__metadata__": meta}
-    offset = 0
-    for name, arr in tensors.items():
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for arr in tensors.values():
-                f.write(arr.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, npt.NDArray[Any]], dict[str, str]]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e}") from None
-    if len(data) < 8:
-        raise FormatError(f"{path}: truncated (no safetensors header)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise FormatError(f"{path}: header length {hlen} exceeds the file ({len(data)} bytes)")
-    try:
-        header = json.loads(data[8 : 8 + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: header must be a JSON object")
-    meta = header.pop("__metadata__", None)
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise FormatError(f"{path}: __metadata__ must be an object of strings")
-    body = memoryview(data)[8 + hlen :]
-    out: dict[str, npt.NDArray[Any]] = {}
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            lo, hi = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path}: tensor {name!r} has a malformed entry: {e!r}") from None
-        if any(s < 0 for s in shape) or not 0 <= lo <= hi <= len(body):
-            raise FormatError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
-        if hi - lo != int(np.prod(shape)) * dtype.itemsize:
-            raise FormatError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {shape}")
-        out[name] = np.frombuffer(body[lo:hi], dtype=dtype).reshape(shape).astype(np.float32)
-    return out, meta
