@@ -51,7 +51,7 @@ pub fn to_gguf(q: &QuantRef<'_>) -> Result<Vec<u8>> {
     let gb = q.params.group_bytes();
     let q8 = q.params.scheme == Scheme::Q8_0;
     let mut out = vec![0u8; blocks * bb];
-    super::quantize::advise_huge(&out);
+    super::pages::advise_huge(&out);
     // blocks in parallel, CHUNK at a time (each block's bytes are independent)
     crate::threads::install(|| {
         out.par_chunks_mut(bb * CHUNK)
@@ -197,7 +197,8 @@ pub fn from_gguf(raw: &[u8], scheme: Scheme, rows: usize, cols: usize) -> Result
 
 #[cfg(test)]
 mod tests {
-    use super::super::quantize::{dequantize, quantize};
+    use super::super::dequantize::dequantize;
+    use super::super::quantize::quantize;
     use super::*;
 
     #[test]

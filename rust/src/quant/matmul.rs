@@ -10,9 +10,9 @@
 
 use rayon::prelude::*;
 
+use super::dequantize::{dequant_row_at, fast_dequant};
 use super::format::QuantRef;
 use super::matvec::matvec_at;
-use super::quantize::{dequant_row_at, fast_dequant};
 use crate::error::{Error, Result};
 use crate::simd::Level;
 
@@ -112,8 +112,9 @@ pub fn matmul(q: &QuantRef<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dequantize::dequantize;
     use super::super::format::{Params, ScaleType, Scheme};
-    use super::super::quantize::{dequantize, quantize};
+    use super::super::quantize::quantize;
     use super::*;
 
     /// `x` after the per-group integer quantization of the VNNI kernels

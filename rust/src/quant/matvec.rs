@@ -563,8 +563,9 @@ pub fn matvec_rows(q: &QuantRef<'_>, x: &[f32], rows: &[u32]) -> Result<Vec<f32>
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::super::dequantize::dequantize;
     use super::super::format::{Params, ScaleType, Scheme};
-    use super::super::quantize::{dequantize, quantize};
+    use super::super::quantize::quantize;
     use super::*;
     use proptest::prelude::*;
 

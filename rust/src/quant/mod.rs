@@ -4,16 +4,20 @@
 //!
 //! - [`format`]: the layout ([`Params`], [`QuantRef`], [`QuantizedWeights`]);
 //! - [`pack`]: packing one group of codes;
-//! - [`quantize`](mod@quantize): quantize / dequantize (round-to-nearest or error-minimising search);
+//! - [`quantize`](mod@quantize): quantize (round-to-nearest, GGUF rounding);
+//! - `search`: the error-minimising scale search of `search = true`;
+//! - [`dequantize`](mod@dequantize): dequantize;
+//! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
+//! - `pages`: huge-page advice for large fresh outputs;
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
-//! - [`gguf`]: GGUF block conversion;
-//! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
-//! - [`gemm_vnni`]: the 4-bit mat-mul with int8 activations (AVX-512 VNNI);
+//! - [`gemm_vnni`]: the 4-bit mat-mul with int16 activations (AVX-512 VNNI);
 //! - `vnni`: the 4-bit mat-vec with int8 activations (AVX-512 VNNI);
+//! - [`gguf`]: GGUF block conversion;
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
 pub mod bandwidth;
+pub mod dequantize;
 pub mod format;
 pub mod gemm_vnni;
 pub mod gguf;
@@ -23,12 +27,15 @@ mod kernels;
 pub mod matmul;
 pub mod matvec;
 pub mod pack;
+pub(crate) mod pages;
 pub mod quantize;
+mod search;
 pub(crate) mod vnni;
 
 pub use bandwidth::read_bandwidth;
+pub use dequantize::{dequantize, dequantize_into, dequantize_into_at};
 pub use format::{Params, QuantRef, QuantizedWeights, ScaleSlice, ScaleType, Scales, Scheme};
 pub use gguf::{from_gguf, to_gguf};
 pub use matmul::{matmul, matmul_at};
 pub use matvec::{matvec, matvec_at, matvec_rows};
-pub use quantize::{dequantize, dequantize_into, dequantize_into_at, quantize, quantize_at};
+pub use quantize::{quantize, quantize_at};

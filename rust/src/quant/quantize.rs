@@ -25,17 +25,19 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::format::{Params, QuantRef, QuantizedWeights, ScaleType, Scales, Scheme};
+use super::format::{Params, QuantizedWeights, ScaleType, Scales, Scheme};
 #[cfg(target_arch = "x86_64")]
 use super::kernels;
-use super::pack::{pack_group, unpack_group_f32};
+use super::pack::pack_group;
+use super::pages::advise_huge;
+use super::search::{search_asym, search_sym};
 use crate::error::{Error, Result};
 use crate::simd::Level;
 use crate::validate;
 
 /// Rounds `x` to the storage type: `dir` < 0 down, > 0 up, 0 to nearest.
 #[inline(always)]
-fn to_storage(x: f32, t: ScaleType, dir: i8) -> f32 {
+pub(super) fn to_storage(x: f32, t: ScaleType, dir: i8) -> f32 {
     match t {
         ScaleType::F32 => x,
         ScaleType::F16 => {
@@ -130,7 +132,7 @@ fn min_max_any_zero(w: &[f32]) -> (f32, f32) {
 
 /// Codes for fixed `scale`/`min`: `u = clamp(round((w - min) / scale))`.
 #[inline(always)]
-fn codes_for(w: &[f32], s: f32, m: f32, maxq: f32, codes: &mut [u8]) {
+pub(super) fn codes_for(w: &[f32], s: f32, m: f32, maxq: f32, codes: &mut [u8]) {
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     for (c, v) in codes.iter_mut().zip(w) {
         *c = ((*v - m) * inv + 0.5).clamp(0.0, maxq) as u8;
@@ -138,7 +140,7 @@ fn codes_for(w: &[f32], s: f32, m: f32, maxq: f32, codes: &mut [u8]) {
 }
 
 #[inline(always)]
-fn sq_error(w: &[f32], s: f32, m: f32, codes: &[u8]) -> f32 {
+pub(super) fn sq_error(w: &[f32], s: f32, m: f32, codes: &[u8]) -> f32 {
     let mut acc = [0f32; 8];
     for (cw, cc) in w.chunks_exact(8).zip(codes.chunks_exact(8)) {
         for i in 0..8 {
@@ -212,99 +214,6 @@ fn group(p: &Params, search: bool, w: &[f32], codes: &mut [u8]) -> (f32, f32) {
             (d, -128.0 * d)
         }
     }
-}
-
-/// Least-squares scale and min of `w` against fixed codes.
-#[inline(always)]
-fn fit(w: &[f32], codes: &[u8]) -> Option<(f32, f32)> {
-    let n = w.len() as f32;
-    let (mut sl, mut sl2, mut sw, mut slw) = (0f32, 0f32, 0f32, 0f32);
-    for (v, c) in w.iter().zip(codes) {
-        let l = *c as f32;
-        sl += l;
-        sl2 += l * l;
-        sw += v;
-        slw += l * v;
-    }
-    let det = n * sl2 - sl * sl;
-    if det <= 0.0 {
-        return None;
-    }
-    let s = (n * slw - sl * sw) / det;
-    (s > 0.0).then(|| (s, (sw - s * sl) / n))
-}
-
-fn search_asym(
-    p: &Params,
-    w: &[f32],
-    lo: f32,
-    hi: f32,
-    rtn: (f32, f32),
-    codes: &mut [u8],
-) -> (f32, f32) {
-    let maxq = p.max_code() as f32;
-    let t = p.scale_type;
-    let mut best = rtn;
-    let mut best_err = sq_error(w, rtn.0, rtn.1, codes);
-    let mut trial = [0u8; 256];
-    let trial = &mut trial[..w.len()];
-    for step in 0..=20 {
-        let iscale = (maxq - 1.0 + 0.1 * step as f32) / (hi - lo);
-        for (c, v) in trial.iter_mut().zip(w) {
-            *c = ((v - lo) * iscale + 0.5).clamp(0.0, maxq) as u8;
-        }
-        let Some((s, m)) = fit(w, trial) else {
-            continue;
-        };
-        let (s, m) = (to_storage(s, t, 0), to_storage(m, t, 0));
-        if !(s > 0.0 && s.is_finite() && m.is_finite()) {
-            continue;
-        }
-        codes_for(w, s, m, maxq, trial);
-        let err = sq_error(w, s, m, trial);
-        if err < best_err {
-            best_err = err;
-            best = (s, m);
-            codes.copy_from_slice(trial);
-        }
-    }
-    best
-}
-
-fn search_sym(p: &Params, w: &[f32], amax: f32, s0: f32, codes: &mut [u8]) -> (f32, f32) {
-    let maxq = p.max_code() as f32;
-    let off = p.offset() as f32;
-    let t = p.scale_type;
-    let mut best = s0;
-    let mut best_err = sq_error(w, s0, -off * s0, codes);
-    let mut trial = [0u8; 256];
-    let trial = &mut trial[..w.len()];
-    for step in 0..=16 {
-        let s = amax / (off - 1.0 + 0.125 * step as f32);
-        codes_for(w, s, -off * s, maxq, trial);
-        // refit the scale alone: s = sum(q w) / sum(q^2), q = u - offset
-        let (mut qw, mut qq) = (0f32, 0f32);
-        for (v, c) in w.iter().zip(trial.iter()) {
-            let q = *c as f32 - off;
-            qw += q * v;
-            qq += q * q;
-        }
-        if qq <= 0.0 {
-            continue;
-        }
-        let s = to_storage(qw / qq, t, 0);
-        if !(s > 0.0 && s.is_finite()) {
-            continue;
-        }
-        codes_for(w, s, -off * s, maxq, trial);
-        let err = sq_error(w, s, -off * s, trial);
-        if err < best_err {
-            best_err = err;
-            best = s;
-            codes.copy_from_slice(trial);
-        }
-    }
-    (best, -off * best)
 }
 
 /// One row's scales (or mins) as stored.
@@ -552,174 +461,9 @@ pub fn quantize_at(
     }
 }
 
-/// Dequantizes one group (any width; `dst` may be a row's short last group).
-#[inline(always)]
-fn dequant_group(p: &Params, bytes: &[u8], s: f32, m: f32, sym: bool, dst: &mut [f32]) {
-    let g = p.group_size;
-    let mut buf = [0f32; 256];
-    unpack_group_f32(p.bits, bytes, &mut buf[..g]);
-    if !sym {
-        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-            *o = s * u + m;
-        }
-    } else {
-        // scale * (u - offset): the integer is exact, and the sign of a zero
-        // follows the scale's, as in ggml's `d * q`.
-        let off = p.offset() as f32;
-        for (o, u) in dst.iter_mut().zip(&buf[..g]) {
-            *o = s * (u - off);
-        }
-    }
-}
-
-/// Dequantizes row `r`; `vector` handles whole groups it covers (returns
-/// false for the rest, which take [`dequant_group`]).
-#[inline(always)]
-fn dequant_row_with(
-    q: &QuantRef<'_>,
-    r: usize,
-    out: &mut [f32],
-    vector: impl Fn(&[u8], f32, f32, Option<f32>, &mut [f32]) -> bool,
-) {
-    let p = &q.params;
-    let (g, gb) = (p.group_size, p.group_bytes());
-    let sym = q.mins.is_none();
-    let off = sym.then(|| p.offset() as f32);
-    let mut s = [0f32; 64];
-    let mut m = [0f32; 64];
-    for (k, bytes) in q.row(r).chunks_exact(gb).enumerate() {
-        if k % 64 == 0 {
-            let n = (q.groups() - k).min(64);
-            q.row_scales_range(r, k, &mut s[..n], &mut m[..n]);
-        }
-        let dst = &mut out[k * g..((k + 1) * g).min(q.cols)];
-        let (sk, mk) = (s[k % 64], m[k % 64]);
-        if dst.len() < g || !vector(bytes, sk, mk, off, dst) {
-            dequant_group(p, bytes, sk, mk, sym, dst);
-        }
-    }
-}
-
-#[inline(always)]
-fn dequant_row(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    dequant_row_with(q, r, out, |_, _, _, _, _| false)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dequant_row_avx2(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    let bits = q.params.bits;
-    dequant_row_with(q, r, out, |b, s, m, off, dst| {
-        // SAFETY: AVX2 is enabled on this function; `dst` is a whole group of
-        // `b`'s codes.
-        unsafe { kernels::dequant_group::<kernels::Avx2>(bits, b, s, m, off, dst) }
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn dequant_row_avx512(q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    let bits = q.params.bits;
-    dequant_row_with(q, r, out, |b, s, m, off, dst| {
-        // SAFETY: AVX-512 F is enabled on this function; `dst` is a whole
-        // group of `b`'s codes.
-        unsafe { kernels::dequant_group::<kernels::Avx512>(bits, b, s, m, off, dst) }
-    })
-}
-
-/// Whether the AVX-512 + F16C build of the dequantize loop can run at `level`.
-pub(crate) fn fast_dequant(level: Level) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return level == Level::Avx512 && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
-}
-
-/// Dequantizes row `r` into `out` (`q.cols` floats).
-#[inline]
-pub(crate) fn dequant_row_at(fast: bool, q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    if fast {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `fast` comes from `fast_dequant`, true only when the CPU has
-        // AVX-512 F/BW/VL and F16C.
-        unsafe {
-            return dequant_row_avx512(q, r, out);
-        }
-    }
-    dequant_row(q, r, out)
-}
-
-/// Dequantizes row `r` at `level` (identical floats at every level).
-#[inline]
-fn dequant_row_level(level: Level, q: &QuantRef<'_>, r: usize, out: &mut [f32]) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: callers pass a level that passed `Level::check` (AVX2 + FMA).
-        Level::Avx2 => unsafe { dequant_row_avx2(q, r, out) },
-        _ => dequant_row_at(fast_dequant(level), q, r, out),
-    }
-}
-
-/// Dequantizes rows `0..q.rows` into `out` (rows x cols, padding dropped).
-pub fn dequantize_into(q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
-    dequantize_into_at(crate::simd::level()?, q, out)
-}
-
-/// [`dequantize_into`] at an explicit level (the floats are the same at every level).
-pub fn dequantize_into_at(level: Level, q: &QuantRef<'_>, out: &mut [f32]) -> Result<()> {
-    level.check()?;
-    if out.len() != q.rows * q.cols {
-        return Err(Error::shape(
-            "out",
-            format!("({}, {})", q.rows, q.cols),
-            &[out.len()],
-        ));
-    }
-    crate::threads::install(|| {
-        out.par_chunks_mut(q.cols)
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(r, o)| dequant_row_level(level, q, r, o))
-    })
-}
-
-/// Asks that `v`'s pages be transparent huge pages (Linux, large vectors).
-///
-/// For an output that is still untouched fresh memory from the kernel (a
-/// large `vec![0; n]`), the first write then faults once per 2 MiB instead of
-/// once per 4 KiB: the faults otherwise cost more than a dequantize itself.
-pub(crate) fn advise_huge<T>(v: &[T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_ptr() as usize;
-        let len = std::mem::size_of_val(v);
-        let (a, b) = (
-            (start + HUGE - 1) & !(HUGE - 1),
-            (start + len) & !(HUGE - 1),
-        );
-        if len >= 4 * HUGE && b > a {
-            // SAFETY: advice on whole pages inside `v`'s allocation; it never
-            // changes their contents, and a failure only leaves small pages.
-            unsafe {
-                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = v;
-}
-
-/// Dequantizes to a new row-major (rows, cols) vector.
-pub fn dequantize(q: &QuantRef<'_>) -> Result<Vec<f32>> {
-    let mut out = vec![0f32; q.rows * q.cols];
-    advise_huge(&out);
-    dequantize_into(q, &mut out)?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::dequantize::{dequant_row_at, dequantize, dequantize_into_at, fast_dequant};
     use super::*;
     use proptest::prelude::*;
 

@@ -258,8 +258,9 @@ pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int8Activations) 
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use super::super::dequantize::dequantize;
     use super::super::format::{Params, ScaleType, Scheme};
-    use super::super::quantize::{dequantize, quantize};
+    use super::super::quantize::quantize;
     use super::*;
 
     #[test]
