@@ -6,7 +6,7 @@
 //! their popcounts. Results are ordered by distance, then by insertion order.
 //! Search runs queries in parallel blocks; each block scans the codes in
 //! L2-sized chunks so a chunk is read from memory once per block of queries
-//! (see [`super::scan`]).
+//! (see `super::scan`).
 
 use std::collections::HashSet;
 
@@ -15,7 +15,7 @@ use super::MAX_BYTES;
 use crate::error::{Error, Result};
 use crate::simd::Level;
 
-/// Distance used by [`BinaryIndex::search`].
+/// Distance used by `BinaryIndex::search`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     /// Number of differing bits (an integer).

@@ -7,7 +7,7 @@
 //! - [`kernels`]: activations of 16 vectors at a time, identical at every level.
 //! - [`wta`]: winner-take-all with the lowest-index tie rule.
 //! - [`hamming`], [`index`]: packed binary codes and their Hamming/Jaccard search.
-//! - [`file`]: safetensors persistence of encoders and indexes.
+//! - [`file`](mod@file): safetensors persistence of encoders and indexes.
 
 pub mod file;
 pub mod hamming;

@@ -2,9 +2,9 @@
 //!
 //! The scalar reference unpacks a group and computes `s * u + m` (symmetric
 //! schemes: `s * (u - 2^(bits-1))`) in plain f32; at AVX2 and AVX-512 the 2-,
-//! 4- and 8-bit paths run the explicit kernels of [`super::kernels`], which
+//! 4- and 8-bit paths run the explicit kernels of `super::kernels`, which
 //! repeat those operations lane by lane, so every level returns the same bits.
-//! Large fresh outputs get transparent-huge-page advice ([`super::pages`]).
+//! Large fresh outputs get transparent-huge-page advice (`super::pages`).
 
 use rayon::prelude::*;
 

@@ -1,6 +1,6 @@
 //! 4-bit mat-mul with int16 activations on AVX-512 VNNI, register-blocked.
 //!
-//! The batch-n counterpart of [`super::vnni`]'s mat-vec. Each activation row
+//! The batch-n counterpart of `super::vnni`'s mat-vec. Each activation row
 //! is quantized per weight group to int16 (`x_k = dx_k * xq`,
 //! `dx_k = max|x_k| / 32767`, round half away from zero), and `vpdpwssd`
 //! multiplies the weight codes (as i16) with `xq`: 32 products per instruction,

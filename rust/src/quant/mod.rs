@@ -2,7 +2,7 @@
 //! float16 (or float32) scales and mins, GGUF `Q4_0`/`Q4_1`/`Q8_0` blocks, and
 //! fused kernels that multiply with the packed codes directly.
 //!
-//! - [`format`]: the layout ([`Params`], [`QuantRef`], [`QuantizedWeights`]);
+//! - [`format`](mod@format): the layout ([`Params`], [`QuantRef`], [`QuantizedWeights`]);
 //! - [`pack`]: packing one group of codes;
 //! - [`quantize`](mod@quantize): quantize (round-to-nearest, GGUF rounding);
 //! - `search`: the error-minimising scale search of `search = true`;

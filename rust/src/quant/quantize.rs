@@ -14,7 +14,7 @@
 //! Results are identical at every SIMD level. The scalar reference here is
 //! plain f32 arithmetic (no fused multiply-add, which Rust never introduces on
 //! its own); at AVX2 and AVX-512, round-to-nearest quantize and 2/4/8-bit
-//! dequantize run the explicit kernels of [`super::kernels`], which repeat the
+//! dequantize run the explicit kernels of `super::kernels`, which repeat the
 //! reference's operations lane by lane, and `search` runs the reference
 //! compiled for the level. Tests compare every level with the reference.
 //!

@@ -5,7 +5,7 @@
 //!   (O(episodes) memory, no window ever crosses an episode boundary).
 //! - [`order`]: the seeded per-epoch permutation (SplitMix64 + Fisher-Yates,
 //!   documented bit for bit) and `DistributedSampler`-style sharding.
-//! - [`gather`]: the parallel byte-wise gather of windows into a batch buffer.
+//! - [`gather`](mod@gather): the parallel byte-wise gather of windows into a batch buffer.
 
 pub mod gather;
 pub mod layout;
