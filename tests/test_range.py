@@ -172,6 +172,18 @@ def test_malformed_files_raise_format_error(tmp_path, mutate):
         RangeIndex.load(path)
 
 
+def test_keys_of_another_dtype_are_a_format_error(tmp_path):
+    # A well-formed safetensors file, but float64 keys: load names the field and dtype.
+    from neuropil import _safetensors
+
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    tensors, meta = _safetensors.load(path)
+    _safetensors.save(path, {"keys": tensors["keys"].astype(np.float64)}, meta)
+    with pytest.raises(neuropil.FormatError, match=r"keys must be float32 \(F32\); got float64"):
+        RangeIndex.load(path)
+
+
 def test_truncated_and_garbage_files(tmp_path):
     path = tmp_path / "ix.safetensors"
     RangeIndex(low_rank(50, 16, 2, 1)).save(path)

@@ -119,8 +119,8 @@ unsafe fn row_generic_avx2(
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Any width, AVX-512: codes unpacked to bytes (8-bit codes read in place), 16
-/// at a time widened to float lanes; scales and mins converted 16 groups at a
+/// 2, 3 and 8 bits, AVX-512: 8-bit codes read in place and 2/3-bit codes from
+/// their bit planes, 16 at a time widened to float lanes; scales and mins converted 16 groups at a
 /// time with F16C (a per-row scalar f16 conversion cost as much as the codes),
 /// each group's dot scaled by its lane of the scale vector, the min term as one
 /// vector dot per 16 groups.
@@ -139,7 +139,6 @@ unsafe fn row_generic_avx512(
     let ng = q.groups();
     let row = q.row(r);
     let off = -(p.offset() as f32);
-    let mut buf = [0u8; 256];
     let mut acc = _mm512_setzero_ps();
     let mut macc = _mm512_setzero_ps();
     let mut k16 = 0;
@@ -173,13 +172,10 @@ unsafe fn row_generic_avx512(
                 acc = _mm512_fmadd_ps(sk, d, acc);
                 continue;
             }
-            let codes: &[u8] = if p.bits == 8 {
-                bytes
-            } else {
-                unpack_group_u8(p.bits, bytes, &mut buf[..g]);
-                &buf[..g]
-            };
-            let (pc, px) = (codes.as_ptr(), a.x[k * g..].as_ptr());
+            // 8-bit codes are whole bytes, read in place (4-bit rows take
+            // `row4_avx512`, 2/3-bit groups `planes_dot` above).
+            debug_assert_eq!(p.bits, 8);
+            let (pc, px) = (bytes.as_ptr(), a.x[k * g..].as_ptr());
             let mut d0 = _mm512_setzero_ps();
             let mut d1 = _mm512_setzero_ps();
             let mut c = 0;

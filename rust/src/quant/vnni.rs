@@ -263,6 +263,27 @@ mod tests {
     use super::super::quantize::quantize;
     use super::*;
 
+    /// A rows x cols 4-bit matrix, its dequantized floats, and `x` (with `wiggle`
+    /// added so activations are not all on the int8 grid).
+    fn case(g: usize, scheme: Scheme, rows: usize, cols: usize, wiggle: f32) -> Case {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0 + (i % 7) as f32 * wiggle)
+            .collect();
+        let p = Params::new(4, g, scheme, ScaleType::F16).unwrap();
+        let qw = quantize(&w, rows, cols, p, false).unwrap();
+        let d = dequantize(&qw.view()).unwrap();
+        Case { qw, d, x }
+    }
+
+    struct Case {
+        qw: super::super::format::QuantizedWeights,
+        d: Vec<f32>,
+        x: Vec<f32>,
+    }
+
     #[test]
     fn error_stays_within_the_activation_rounding_bound() {
         if !available() {
@@ -276,16 +297,8 @@ mod tests {
         ] {
             let g = if scheme == Scheme::Q4_1 { 32 } else { g };
             let rows = 5;
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
-                .collect();
-            let x: Vec<f32> = (0..cols)
-                .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0)
-                .collect();
-            let p = Params::new(4, g, scheme, ScaleType::F16).unwrap();
-            let qw = quantize(&w, rows, cols, p, false).unwrap();
+            let Case { qw, d, x } = case(g, scheme, rows, cols, 0.0);
             let q = qw.view();
-            let d = dequantize(&q).unwrap();
             let a = Int8Activations::new(&q, &x);
             for r in 0..rows {
                 // SAFETY: `available()` was checked above; 4-bit weights; `a` built from `q`.
@@ -319,16 +332,8 @@ mod tests {
             (256, Scheme::Sym, 4600),
         ] {
             let rows = 3;
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
-                .collect();
-            let x: Vec<f32> = (0..cols)
-                .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0 + (i % 7) as f32 * 0.003)
-                .collect();
-            let p = Params::new(4, g, scheme, ScaleType::F16).unwrap();
-            let qw = quantize(&w, rows, cols, p, false).unwrap();
+            let Case { qw, d, x } = case(g, scheme, rows, cols, 0.003);
             let q = qw.view();
-            let d = dequantize(&q).unwrap();
             let a = Int8Activations::new(&q, &x);
             let xq: Vec<f64> = x
                 .chunks(g)
