@@ -458,9 +458,12 @@ torch.manual_seed(0)
 for g, scheme, cols in ((64, "asym", 300), (32, "q4_0", 96)):
     ql = QuantizedLinear.from_linear(torch.nn.Linear(cols, 40), 4, g, scheme)
     x = torch.randn(cols)
-    y = T._launch(ql, x)
-    want = ql(x[None], force_torch=True)[0] - ql.bias
-    assert (y - want).abs().max().item() < 1e-4, (g, scheme)
+    want = ql(x[None], force_torch=True)[0]
+    assert (T._launch(ql, x) - want).abs().max().item() < 1e-4, (g, scheme)
+    assert (T._launch(ql, x, bias=False) - (want - ql.bias)).abs().max().item() < 1e-4
+    y16 = T._launch(ql, x.half())
+    assert y16.dtype == torch.float16
+    assert (y16.float() - ql(x.half()[None], force_torch=True)[0].float()).abs().max() < 2e-2
 print("ok")
 """
     r = run_python(code, env={"TRITON_INTERPRET": "1"}, timeout=300)
@@ -495,8 +498,21 @@ def test_cuda_quantized_linear_matches_cpu():
     assert one.shape == (256,) and torch.allclose(one.cpu(), cpu[0], atol=1e-3)
     assert torch.allclose(gpu(x[0].cuda(), force_torch=True).cpu(), cpu[0], atol=1e-3)
     if _triton_quant.HAVE_TRITON:
-        # The kernel passed its first-call check (a bias-free reference): it runs.
+        # The kernel passed its first-call check: it runs. The PTX nibble
+        # conversion equals the plain one (the interpreter test covers the rest).
         assert _triton_quant._STATE == {"checked": True, "ok": True}
+        assert _triton_quant._use_ptx(x.cuda())
+        xc = x[0].cuda()
+        ptx = _triton_quant._launch(gpu, xc)
+        _triton_quant._use_ptx, keep = (lambda x: False), _triton_quant._use_ptx
+        try:
+            plain = _triton_quant._launch(gpu, xc)
+        finally:
+            _triton_quant._use_ptx = keep
+        assert torch.equal(ptx, plain)
+        one16 = gpu(x[0].cuda().half())
+        assert one16.dtype == torch.float16
+        assert torch.allclose(one16.float().cpu(), cpu[0], atol=5e-2, rtol=1e-2)
 
 
 # ------------------------------------------------------------------ real models

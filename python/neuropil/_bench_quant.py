@@ -188,38 +188,90 @@ def _cuda_rows(q: QuantizedWeights, w: np.ndarray, layers: int, dim: int, repeat
 
     dev = torch.device("cuda")
 
-    def timed(fn):
-        def run():
-            fn()
-            torch.cuda.synchronize()
-
-        return median_seconds(run, repeat=repeat)
+    def gpu_seconds(fn, calls: int = 20) -> float:
+        """Median GPU time of one call, from events around ``calls`` queued calls."""
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(max(repeat, 5)):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / calls)
+        return float(np.median(times))
 
     big = torch.empty(1 << 28, dtype=torch.float32, device=dev)  # 1 GiB
-    t_copy = timed(lambda big=big: big.sum())
-    hbm = big.numel() * 4 / t_copy / 1e9
+    hbm = big.numel() * 4 / gpu_seconds(lambda big=big: big.sum(), calls=5) / 1e9
     del big
+    rows = [Row("CUDA read bandwidth (torch sum of 1 GiB)", "GB/s", hbm)]
     mods = [QuantizedLinear.from_quantized(q).to(dev) for _ in range(layers)]
+    ws = [torch.from_numpy(w).to(dev, torch.float16) for _ in range(layers)]
     x = torch.randn(1, dim, device=dev, dtype=torch.float16)
-    with torch.no_grad():
-        t_q = timed(lambda: [m(x) for m in mods])
-        ws = [torch.from_numpy(w).to(dev, torch.float16) for _ in range(layers)]
-        t_h = timed(lambda: [F.linear(x, m) for m in ws])
     packed = sum(m.memory_bytes for m in mods)
-    return [
-        Row("CUDA read bandwidth (torch sum of 1 GiB)", "GB/s", hbm),
+    with torch.no_grad():
+        t_q = gpu_seconds(lambda: [m(x) for m in mods], calls=3)
+        t_h = gpu_seconds(lambda: [F.linear(x, m) for m in ws], calls=3)
+        # The same stacks replayed as CUDA graphs (no Python or launch gaps).
+        graphs = []
+        for fn in (lambda: [m(x) for m in mods], lambda: [F.linear(x, m) for m in ws]):
+            fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs.append(gpu_seconds(g.replay, calls=10))
+    rows += [
         Row(
-            f"CUDA mat-vec batch 1, {layers} x {dim}x{dim} 4-bit g64",
+            f"CUDA mat-vec batch 1, {layers} x {dim}x{dim} 4-bit g64, from Python",
             "GB/s",
             packed / t_q / 1e9,
             {"HBM read": hbm},
             limit=f"{packed / t_q / 1e9 / hbm:.0%} of HBM",
         ),
         Row(
-            f"CUDA mat-vec batch 1, {layers} x {dim}x{dim}, time",
+            f"CUDA mat-vec batch 1, {layers} x {dim}x{dim}, from Python, time",
             "ms",
             t_q * 1e3,
             {"torch fp16 F.linear": t_h * 1e3},
             lower_is_better=True,
         ),
+        Row(
+            f"CUDA mat-vec batch 1, {layers} x {dim}x{dim}, in a CUDA graph, time",
+            "ms",
+            graphs[0] * 1e3,
+            {"torch fp16 F.linear (graph)": graphs[1] * 1e3},
+            lower_is_better=True,
+            limit=f"{packed / graphs[0] / 1e9 / hbm:.0%} of HBM",
+        ),
     ]
+    mods.clear()  # free the stack before the large layer
+    ws.clear()
+    # One layer large enough (4096 x 4096 x 16 rows) that the kernel, not the launch, is timed.
+    rows_big = dim * 16
+    wb = np.random.default_rng(1).standard_normal((rows_big, dim), dtype=np.float32)
+    mod = QuantizedLinear.from_quantized(quantize(wb, bits=4, group_size=64)).to(dev)
+    wh = torch.from_numpy(wb).to(dev, torch.float16)
+    del wb
+    with torch.no_grad():
+        t_b = gpu_seconds(lambda: mod(x))
+        t_bh = gpu_seconds(lambda: F.linear(x, wh))
+    rows += [
+        Row(
+            f"CUDA mat-vec batch 1, one {rows_big}x{dim} 4-bit g64 layer",
+            "GB/s",
+            mod.memory_bytes / t_b / 1e9,
+            {"HBM read": hbm},
+            limit=f"{mod.memory_bytes / t_b / 1e9 / hbm:.0%} of HBM",
+        ),
+        Row(
+            f"CUDA mat-vec batch 1, one {rows_big}x{dim} layer, time",
+            "ms",
+            t_b * 1e3,
+            {"torch fp16 F.linear": t_bh * 1e3},
+            lower_is_better=True,
+        ),
+    ]
+    return rows

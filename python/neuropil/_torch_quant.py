@@ -208,12 +208,9 @@ class QuantizedLinear(nn.Module):
             if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
                 from ._triton_quant import gemv4
 
-                # The kernel's y has no bias yet: check it against a bias-free reference.
-                y = gemv4(self, x, lambda: self._torch_forward(x, bias=False))
-                if y is not None:
-                    if self.bias is not None:
-                        y = y + self.bias.float()
-                    return y.reshape(*lead, self.out_features).to(x.dtype)
+                y = gemv4(self, x, lambda: self._torch_forward(x))
+                if y is not None:  # bias added, in x's dtype
+                    return y.reshape(*lead, self.out_features)
         if x.device.type != "cpu" or self.qdata.device.type != "cpu" or force_torch:
             return self._torch_forward(x)
         x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
