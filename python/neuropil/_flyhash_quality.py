@@ -279,18 +279,20 @@ def plot(report: dict[str, Any], out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [k for k in report if isinstance(report[k], dict)]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4))
     for ax, name in zip(np.atleast_1d(axes), names, strict=True):
         r = report[name]
         for mt in METHODS:
             se = r.get("se", {}).get(mt)
             ax.errorbar(r["ks"], r[mt], yerr=se, marker="o", capsize=3, label=mt)
         ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1)
         ax.set_xlabel("hash length k")
         ax.set_ylabel("mAP (2% true neighbours)")
         ax.set_title(f"{name} (n={r['n']}, d={r['d']}, m={r.get('m', '?')})")
-        ax.legend()
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), fontsize="small")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = out_dir / "flyhash_quality.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
