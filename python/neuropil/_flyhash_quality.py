@@ -3,7 +3,8 @@
 
 Sources: the paper's main text ("text") and the authors' released code for it
 (``src/hash.py`` and its README, https://bitbucket.org/navlakha/flylsh, cited in the
-paper's acknowledgments; "code"). Every parameter below follows them:
+paper's acknowledgments, read from the GitHub mirror ``andrewluetgers/flylsh``; "code").
+Every parameter below follows them:
 
 - Inputs (code, ``standardize_data``): each feature (column) is shifted by the
   absolute value of its minimum so that all values are >= 0, then each input (row)
@@ -35,7 +36,9 @@ paper's acknowledgments; "code"). Every parameter below follows them:
   their values and zeros elsewhere (text: "The firing rates of these remaining 5%
   correspond to the tag"), ranked by Euclidean distance. Winners are chosen on the
   activities before quantization (``FlyHash.encode``), which is one of the code's
-  choices among quantization ties.
+  choices among quantization ties. The 12 inputs per cell are the only count the
+  released material gives (the README's SIFT command, 12/128 ~ 9%; the fly itself:
+  "about six randomly selected PNs" of 50, text); it is used for every dataset here.
 - ``LSH``, the paper's baseline (code README: ``-p DG -y k -w all``): ``k`` dense
   Gaussian projections, quantized the same way, ranked by Euclidean distance (equal
   hash length ``k``).
