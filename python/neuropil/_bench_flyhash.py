@@ -180,7 +180,7 @@ def flyhash(quick: bool = False, verbose: bool = True, quality: bool = False) ->
             for j, kk in enumerate(r["ks"]):
                 rows.append(
                     Row(
-                        f"{name} mAP, hash length k={kk} (m={r['d'] * 20})",
+                        f"{name} mAP, hash length k={kk} (m={r['m']})",
                         "mAP",
                         r["FlyHash"][j],
                         {
