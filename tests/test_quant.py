@@ -582,12 +582,13 @@ def test_smollm2_perplexity_is_unchanged_at_8_bit_and_4_bit_g32(smollm2):
 
     model, tok = smollm2
     text = gpl3_text()
-    base = perplexity(model, tok, text, 256)
-    # 8-bit g32 with float32 scales holds the Q4_1 grid (15 steps = 255 / 17) almost
-    # exactly; 4-bit g32 asym is the Q4_1 grid itself (lm_head, tied to the Q8_0
-    # embedding, stays float at 4 bits).
-    for bits, g, sdt, skip in ((8, 32, "float32", ()), (4, 32, "float16", ("lm_head",))):
-        m = quantize_model(copy.deepcopy(model), bits, g, scale_dtype=sdt, skip=skip)
-        ppl = perplexity(m, tok, text, 256)
-        assert abs(ppl / base - 1) < 1e-3, (bits, g, sdt, ppl, base)
+    base = perplexity(model, tok, text, 2048)
+    # 4-bit g32 asym is the Q4_1 grid itself (lm_head, tied to the Q8_0 embedding,
+    # stays float at 4 bits). 8-bit g32 with float16 scales re-rounds both grids
+    # (plain rounding moves perplexity by -0.10% on these 2048 tokens); the scale
+    # search refits each group and keeps it within 0.1%.
+    for bits, g, search, skip in ((8, 32, True, ()), (4, 32, False, ("lm_head",))):
+        m = quantize_model(copy.deepcopy(model), bits, g, search=search, skip=skip)
+        ppl = perplexity(m, tok, text, 2048)
+        assert abs(ppl / base - 1) < 1e-3, (bits, g, search, ppl, base)
         del m
