@@ -159,12 +159,11 @@ mod tests {
                 for level in Level::supported() {
                     let mut y = vec![0f32; n * rows];
                     matmul_at(level, &q.view(), &x, n, &mut y).unwrap();
-                    // 4-bit weights on AVX-512 VNNI quantize x per group, to
-                    // int8 in the mat-vec and int16 in the mat-mul: compare
-                    // with exactly that x.
+                    // 4-bit weights on AVX-512 VNNI quantize x per group to
+                    // int16 (mat-vec and mat-mul): compare with exactly that x.
                     let vnni =
                         level == Level::Avx512 && super::super::gemm_vnni::applies(&q.view());
-                    let levels = if n < MIN_GEMM_BATCH { 127.0 } else { 32767.0 };
+                    let levels = 32767.0;
                     for i in 0..n {
                         let xi = &x[i * cols..(i + 1) * cols];
                         let xe = if vnni {

@@ -5,8 +5,8 @@
 //! materialised.
 //!
 //! Paths (chosen per call from the SIMD level and the bit width):
-//! - 4-bit at the AVX-512 level on a CPU with VNNI: int8 activations per group
-//!   and `vpdpbusd` (see `vnni.rs`; error bounded by the activation rounding);
+//! - 4-bit at the AVX-512 level on a CPU with VNNI: int16 activations per group
+//!   and `vpdpwssd` (see `vnni.rs`; error bounded by the activation rounding);
 //! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
 //!   to 16 or 8 float lanes, FMA against float32 activations;
 //! - 2-, 3- and 8-bit at AVX-512/AVX2: codes unpacked to bytes per group, then
@@ -508,7 +508,7 @@ pub fn matvec_at(
     let chunk = chunk_rows(q);
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && q.params.bits == 4 && super::vnni::available() {
-        let a = super::vnni::Int8Activations::new(q, x);
+        let a = super::vnni::Int16Activations::new(q, x);
         return crate::threads::install(|| {
             out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
                 for (i, y) in o.iter_mut().enumerate() {
@@ -577,12 +577,12 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// How far int8 activations (the VNNI path) may move a row's dot product.
-    pub(crate) fn int8_bound(w: &[f32], x: &[f32], g: usize) -> f64 {
+    /// How far int16 activations (the VNNI path) may move a row's dot product.
+    pub(crate) fn int16_bound(w: &[f32], x: &[f32], g: usize) -> f64 {
         x.chunks(g)
             .zip(w.chunks(g))
             .map(|(xs, ws)| {
-                let dx = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                let dx = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 32767.0;
                 dx / 2.0 * ws.iter().map(|v| v.abs() as f64).sum::<f64>() * 1.01
             })
             .sum()
@@ -612,7 +612,7 @@ pub(crate) mod tests {
                     let want: f64 = (0..cols).map(|c| d[r * cols + c] as f64 * x[c] as f64).sum();
                     let mut tol = 1e-4 * (cols as f64).sqrt() * (1.0 + want.abs());
                     if level == Level::Avx512 && bits == 4 {
-                        tol += int8_bound(&d[r * cols..(r + 1) * cols], &x, g);
+                        tol += int16_bound(&d[r * cols..(r + 1) * cols], &x, g);
                     }
                     prop_assert!((y[r] as f64 - want).abs() <= tol, "{level} row {r}: {} vs {want}", y[r]);
                 }
