@@ -5,12 +5,13 @@
 //! materialised.
 //!
 //! Paths (chosen per call from the SIMD level and the bit width):
-//! - 4-bit at the AVX-512 level on a CPU with VNNI: int16 activations per group
-//!   and `vpdpwssd` (see `vnni.rs`; error bounded by the activation rounding);
+//! - 4- and 8-bit at the AVX-512 level on a CPU with VNNI: int16 activations per
+//!   group and `vpdpwssd` (see `vnni.rs`; error bounded by the activation rounding);
 //! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
 //!   to 16 or 8 float lanes, FMA against float32 activations;
-//! - 2-, 3- and 8-bit at AVX-512/AVX2: codes unpacked to bytes per group, then
-//!   widened to float lanes (8-bit reads its codes in place), float32 activations;
+//! - 2-, 3- and 8-bit at AVX-512 without VNNI and at AVX2: codes unpacked to bytes
+//!   per group, then widened to float lanes (8-bit reads its codes in place),
+//!   float32 activations;
 //! - scalar: portable loops, float32 activations.
 //!
 //! Rows run in parallel (rayon, the neuropil pool). [`matvec_rows`] computes a
@@ -507,16 +508,16 @@ pub fn matvec_at(
     let ng = q.groups();
     let chunk = chunk_rows(q);
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 && q.params.bits == 4 && super::vnni::available() {
+    if level == Level::Avx512 && super::vnni::applies(q) {
         let a = super::vnni::Int16Activations::new(q, x);
         return crate::threads::install(|| {
             out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
                 for (i, y) in o.iter_mut().enumerate() {
                     let j = c * chunk + i;
                     let r = rows.map_or(j, |idx| idx[j] as usize);
-                    // SAFETY: `available()` proved AVX-512 F/BW/VL + VNNI; 4-bit
-                    // weights; `a` was built from `q`; r < q.rows (checked above).
-                    *y = unsafe { super::vnni::row4_vnni(q, r, &a) };
+                    // SAFETY: `applies()` proved AVX-512 F/BW/VL + VNNI and 4- or
+                    // 8-bit weights; `a` was built from `q`; r < q.rows (checked above).
+                    *y = unsafe { super::vnni::row_vnni(q, r, &a) };
                 }
             })
         });
@@ -611,7 +612,7 @@ pub(crate) mod tests {
                 for r in 0..rows {
                     let want: f64 = (0..cols).map(|c| d[r * cols + c] as f64 * x[c] as f64).sum();
                     let mut tol = 1e-4 * (cols as f64).sqrt() * (1.0 + want.abs());
-                    if level == Level::Avx512 && bits == 4 {
+                    if level == Level::Avx512 && (bits == 4 || bits == 8) {
                         tol += int16_bound(&d[r * cols..(r + 1) * cols], &x, g);
                     }
                     prop_assert!((y[r] as f64 - want).abs() <= tol, "{level} row {r}: {} vs {want}", y[r]);

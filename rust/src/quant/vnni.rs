@@ -1,9 +1,10 @@
-//! 4-bit batch-1 mat-vec with int16 activations on AVX-512 VNNI.
+//! 4- and 8-bit batch-1 mat-vec with int16 activations on AVX-512 VNNI.
 //!
 //! Each group `k` of `x` becomes `dx_k * xq` with `xq` int16 in [-32767, 32767]
 //! and `dx_k = max|x_k| / 32767` (round half away from zero). Read as 16-bit
-//! words, a 64-byte chunk of codes yields four vectors of 32 codes each by a
-//! shift and a mask (the low and high nibble of each word's low and high byte),
+//! words, a 64-byte chunk of 4-bit codes yields four vectors of 32 codes each by
+//! a shift and a mask (the low and high nibble of each word's low and high byte;
+//! 8-bit codes: two vectors, each word's low and high byte),
 //! and `vpdpwssd` multiplies them with `xq` laid out to match: 32 products per
 //! instruction, no widening shuffles. The min term uses the group sums of the
 //! *quantized* activations, so the result is exactly the mat-vec of the
@@ -17,19 +18,22 @@
 //! moved perplexity by 0.98% with int8 activations; with int16 it matches the
 //! batched path (`super::gemm_vnni`, also int16) within the library's 0.1%.
 //!
-//! Used for every 4-bit scheme (asym, sym, q4_0, q4_1) at the AVX-512 level on
-//! CPUs with VNNI; 2-, 3- and 8-bit weights keep float32 activations.
+//! Used for every 4- and 8-bit scheme (asym, sym, q4_0, q4_1; 8-bit asym and
+//! sym) at the AVX-512 level on CPUs with VNNI; 2- and 3-bit weights keep
+//! float32 activations. 8-bit codes (<= 255) times int16 stay exact in the i32
+//! lanes: at most 4 products of <= 255 * 32767 per lane and chunk.
 
 use super::format::QuantRef;
 
 /// `x` quantized per group to int16 and laid out like the packed codes.
 ///
-/// Word `w` of a row's codes (bytes `2w`, `2w + 1`) holds four codes; `part[j][w]`
-/// is the activation that meets nibble `j` of that word (bits `4j .. 4j + 4`):
-/// the low and high nibble of byte `2w`, then of byte `2w + 1`. Byte `b` of group
-/// `k` holds code `b` (low nibble) and code `h + b` (high nibble), `h = g / 2`.
+/// Word `w` of a row's codes (bytes `2w`, `2w + 1`) holds four 4-bit codes or
+/// two 8-bit ones; `part[j][w]` is the activation that meets code field `j` of
+/// that word. 4-bit: the low and high nibble of byte `2w`, then of byte `2w + 1`
+/// (byte `b` of group `k` holds code `b` in its low nibble and code `g/2 + b` in
+/// its high one). 8-bit: byte `2w`, then byte `2w + 1`.
 pub(crate) struct Int16Activations {
-    part: [Vec<i16>; 4],
+    part: Vec<Vec<i16>>,
     /// `dx_k` per group (padded to a multiple of 16 with zeros).
     dx: Vec<f32>,
     /// `dx_k * sum(xq_k)` per group (padded likewise).
@@ -37,14 +41,16 @@ pub(crate) struct Int16Activations {
 }
 
 impl Int16Activations {
+    /// Caller: `q.params.bits` is 4 or 8 ([`applies`]).
     pub fn new(q: &QuantRef<'_>, x: &[f32]) -> Int16Activations {
         let g = q.params.group_size;
-        let h = g / 2;
+        let eight = q.params.bits == 8;
+        let gb = if eight { g } else { g / 2 }; // bytes per group
         let ng = q.groups();
         let rb = q.params.row_bytes(q.cols);
         // Words per row, rounded up to whole 64-byte chunks (32 words).
         let words = rb.div_ceil(64) * 32;
-        let mut part = [(); 4].map(|_| vec![0i16; words]);
+        let mut part = vec![vec![0i16; words]; if eight { 2 } else { 4 }];
         let mut dx = vec![0f32; ng.div_ceil(16) * 16];
         let mut sums = vec![0f32; dx.len()];
         let mut xq = [0i16; 256];
@@ -59,11 +65,16 @@ impl Int16Activations {
                 *o = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
                 total += *o as i32;
             }
-            for b in 0..h {
-                let (byte, w) = (k * h + b, (k * h + b) / 2);
-                let j = 2 * (byte % 2);
-                part[j][w] = xq[b];
-                part[j + 1][w] = xq[h + b];
+            for b in 0..gb {
+                let byte = k * gb + b;
+                let w = byte / 2;
+                if eight {
+                    part[byte % 2][w] = xq[b];
+                } else {
+                    let j = 2 * (byte % 2);
+                    part[j][w] = xq[b];
+                    part[j + 1][w] = xq[gb + b];
+                }
             }
             dx[k] = d;
             sums[k] = d * total as f32;
@@ -72,7 +83,13 @@ impl Int16Activations {
     }
 }
 
-/// Whether this CPU runs [`row4_vnni`].
+/// Whether [`row_vnni`] serves these weights here: 4- or 8-bit codes and a CPU
+/// with AVX-512 VNNI.
+pub(crate) fn applies(q: &QuantRef<'_>) -> bool {
+    matches!(q.params.bits, 4 | 8) && available()
+}
+
+/// Whether this CPU runs [`row_vnni`].
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -115,17 +132,17 @@ unsafe fn lanes16(
 const PREFETCH: usize = 16384;
 
 /// The 16 integer dot products (as floats) of the 64 code bytes `v` at byte
-/// `c` of a row with the activations: lane `L` sums the 8 codes of bytes
-/// `c + 4L .. c + 4L + 4` (one group, as groups span >= 16 bytes).
+/// `c` of a row with the activations: lane `L` sums the codes of bytes
+/// `c + 4L .. c + 4L + 4` (one group, as groups span >= 16 bytes). The codes
+/// come out of each 16-bit word by a shift and a mask, already as i16.
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI; `a`'s parts hold words `c / 2 .. c / 2 + 32` (rows are
-/// padded to whole 64-byte chunks).
+/// padded to whole 64-byte chunks); `a` was built for `EIGHT`-bit codes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn cvt_dot(
+unsafe fn cvt_dot<const EIGHT: bool>(
     v: std::arch::x86_64::__m512i,
-    nib: std::arch::x86_64::__m512i,
     a: &Int16Activations,
     c: usize,
 ) -> std::arch::x86_64::__m512 {
@@ -134,29 +151,54 @@ unsafe fn cvt_dot(
     // SAFETY: the caller guarantees words w..w + 32 exist in every part.
     unsafe {
         let x = |j: usize| _mm512_loadu_si512(a.part[j].as_ptr().add(w) as *const _);
-        let mut acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib), x(0));
-        acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), x(1));
-        acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 8), nib), x(2));
-        acc = _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v, 12), x(3));
+        let acc = if EIGHT {
+            let lo = _mm512_and_si512(v, _mm512_set1_epi16(0xff));
+            let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, x(0));
+            _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v, 8), x(1))
+        } else {
+            let nib = _mm512_set1_epi16(0x0f);
+            let mut acc =
+                _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib), x(0));
+            acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), x(1));
+            acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 8), nib), x(2));
+            _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v, 12), x(3))
+        };
         _mm512_cvtepi32_ps(acc)
     }
 }
 
-/// One output row, 4-bit codes times int16 activations.
+/// One output row, 4- or 8-bit codes times int16 activations.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL and VNNI ([`available`]); `q.params.bits == 4`;
-/// `a` was built from `q`.
+/// The CPU must have AVX-512 F/BW/VL and VNNI ([`available`]); `q.params.bits` is
+/// 4 or 8; `a` was built from `q`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
+pub(crate) unsafe fn row_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        if q.params.bits == 8 {
+            row::<true>(q, r, a)
+        } else {
+            row::<false>(q, r, a)
+        }
+    }
+}
+
+/// [`row_vnni`] for one code width.
+///
+/// # Safety
+/// As [`row_vnni`], with `EIGHT` matching `q.params.bits`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn row<const EIGHT: bool>(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
     use std::arch::x86_64::*;
     let g = q.params.group_size;
-    let h = g / 2;
+    // Bytes per group (>= 16: 4-bit g32).
+    let h = if EIGHT { g } else { g / 2 };
     let ng = q.groups();
     let rb = q.params.row_bytes(q.cols);
     let data = q.row(r);
-    let nib = _mm512_set1_epi16(0x0f);
     // Lane L holds bytes 4L..4L+4 of a 64-byte chunk: group (4L) / h of the chunk.
     let idx = _mm512_setr_epi32(
         0,
@@ -221,7 +263,7 @@ pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations)
                 macro_rules! chunk {
                     ($c:expr) => {{
                         let v = _mm512_loadu_si512(data.as_ptr().add($c) as *const _);
-                        cvt_dot(v, nib, a, $c)
+                        cvt_dot::<EIGHT>(v, a, $c)
                     }};
                 }
                 facc = _mm512_fmadd_ps(chunk!(c), _mm512_permutexvar_ps(g0, sv), facc);
@@ -246,7 +288,7 @@ pub(crate) unsafe fn row4_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations)
         // rb rounded up to 64 bytes; groups k0..k0+nk exist in the row and in dx.
         unsafe {
             let v = _mm512_maskz_loadu_epi8(mask, data.as_ptr().add(c) as *const i8);
-            let acc = cvt_dot(v, nib, a, c);
+            let acc = cvt_dot::<EIGHT>(v, a, c);
             let sv = _mm512_mul_ps(
                 lanes16(q.scales, r * ng + k0, nk),
                 _mm512_loadu_ps(a.dx.as_ptr().add(k0)),
@@ -281,14 +323,14 @@ mod tests {
 
     /// A rows x cols 4-bit matrix, its dequantized floats, and `x` (with `wiggle`
     /// added so activations are not all on the int16 grid).
-    fn case(g: usize, scheme: Scheme, rows: usize, cols: usize, wiggle: f32) -> Case {
+    fn case(bits: u8, g: usize, scheme: Scheme, rows: usize, cols: usize, wiggle: f32) -> Case {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 1013) as f32 / 506.0 - 1.0)
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0 + (i % 7) as f32 * wiggle)
             .collect();
-        let p = Params::new(4, g, scheme, ScaleType::F16).unwrap();
+        let p = Params::new(bits, g, scheme, ScaleType::F16).unwrap();
         let qw = quantize(&w, rows, cols, p, false).unwrap();
         let d = dequantize(&qw.view()).unwrap();
         Case { qw, d, x }
@@ -313,12 +355,12 @@ mod tests {
         ] {
             let g = if scheme == Scheme::Q4_1 { 32 } else { g };
             let rows = 5;
-            let Case { qw, d, x } = case(g, scheme, rows, cols, 0.0);
+            let Case { qw, d, x } = case(4, g, scheme, rows, cols, 0.0);
             let q = qw.view();
             let a = Int16Activations::new(&q, &x);
             for r in 0..rows {
                 // SAFETY: `available()` was checked above; 4-bit weights; `a` built from `q`.
-                let y = unsafe { row4_vnni(&q, r, &a) } as f64;
+                let y = unsafe { row_vnni(&q, r, &a) } as f64;
                 let exact: f64 = (0..cols)
                     .map(|c| d[r * cols + c] as f64 * x[c] as f64)
                     .sum();
@@ -340,15 +382,19 @@ mod tests {
         }
         // Whole 16-group blocks (the fast loop) plus remaining groups (the masked
         // loop), a padded last group, and a block-only row.
-        for (g, scheme, cols) in [
-            (32, Scheme::Asym, 1120),
-            (32, Scheme::Q4_1, 1120),
-            (64, Scheme::Sym, 1098),
-            (128, Scheme::Asym, 2048),
-            (256, Scheme::Sym, 4600),
+        for (bits, g, scheme, cols) in [
+            (4, 32, Scheme::Asym, 1120),
+            (4, 32, Scheme::Q4_1, 1120),
+            (4, 64, Scheme::Sym, 1098),
+            (4, 128, Scheme::Asym, 2048),
+            (4, 256, Scheme::Sym, 4600),
+            (8, 32, Scheme::Asym, 1120),
+            (8, 64, Scheme::Sym, 1098),
+            (8, 128, Scheme::Asym, 2100),
+            (8, 256, Scheme::Sym, 4600),
         ] {
             let rows = 3;
-            let Case { qw, d, x } = case(g, scheme, rows, cols, 0.003);
+            let Case { qw, d, x } = case(bits, g, scheme, rows, cols, 0.003);
             let q = qw.view();
             let a = Int16Activations::new(&q, &x);
             let xq: Vec<f64> = x
@@ -362,7 +408,7 @@ mod tests {
                 .collect();
             for r in 0..rows {
                 // SAFETY: `available()` was checked above; 4-bit weights; `a` built from `q`.
-                let y = unsafe { row4_vnni(&q, r, &a) } as f64;
+                let y = unsafe { row_vnni(&q, r, &a) } as f64;
                 let row = &d[r * cols..(r + 1) * cols];
                 let want: f64 = row.iter().zip(&xq).map(|(&w, &x)| w as f64 * x).sum();
                 let mag: f64 = row
@@ -372,7 +418,7 @@ mod tests {
                     .sum();
                 assert!(
                     (y - want).abs() <= 1e-5 * (1.0 + mag),
-                    "g{g} {scheme:?} cols {cols} row {r}: {y} vs {want}"
+                    "{bits}-bit g{g} {scheme:?} cols {cols} row {r}: {y} vs {want}"
                 );
             }
         }
