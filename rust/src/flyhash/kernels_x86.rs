@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::kernels::{Lane, GPW, GW, TS};
-use super::projection::block_range;
+use super::plan::Block;
 
 /// Sign rows: `acc[r] += T_g[byte g of row r's word]` for the `groups` tables.
 /// `word(r)` yields row `r`'s 64-bit word.
@@ -115,107 +115,88 @@ pub unsafe fn sign_rows_avx2(
 }
 
 macro_rules! sum4 {
-    ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $idx:expr) => {{
-        let xt: *const f32 = $xt;
-        let idx: &[u16] = $idx;
+    ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $offs:expr) => {{
+        let xt: *const u8 = $xt;
+        let offs: &[u16] = $offs;
         let mut s: [$ty; 4] = [$zero; 4];
-        let mut quads = idx.chunks_exact(4);
+        let mut quads = offs.chunks_exact(4);
         for q in &mut quads {
-            for k in 0..4 {
-                s[k] = $add(s[k], $load(xt.wrapping_add(q[k] as usize * 16)));
+            for j in 0..4 {
+                s[j] = $add(s[j], $load(xt.wrapping_add(q[j] as usize)));
             }
         }
-        for (k, &i) in quads.remainder().iter().enumerate() {
-            s[k] = $add(s[k], $load(xt.wrapping_add(i as usize * 16)));
+        for (j, &o) in quads.remainder().iter().enumerate() {
+            s[j] = $add(s[j], $load(xt.wrapping_add(o as usize)));
         }
         $add($add(s[0], s[1]), $add(s[2], s[3]))
     }};
 }
 
-/// Sparse rows, input block `b` (inputs `lo..lo + xt.len()`):
-/// `acc[r] += P_rb - N_rb` (see [`super::kernels`] for the order).
+/// Sparse rows of one input block: `acc[r] += P_rb - N_rb` for every row `r`
+/// of `blk`, in plan order (see [`super::kernels`] for the additions).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F; every index of block `b` of every row lies in
-/// `lo..lo + xt.len()`; `indices` holds `acc.len() * c` entries and `bounds`
-/// `acc.len() * (2 * nblocks - 1)` valid positions.
-#[allow(clippy::too_many_arguments)]
+/// The CPU must have AVX-512 F; every offset of `blk.offs` is `64 * i` with
+/// `i < xt.len()`, and the groups cover exactly `blk.rows` and `blk.offs`
+/// (both hold for a plan from [`super::plan::Plan::new`] over the block's inputs).
 #[target_feature(enable = "avx512f")]
-pub unsafe fn sparse_rows_avx512(
-    acc: &mut [Lane],
-    xt: &[Lane],
-    lo: usize,
-    indices: &[u16],
-    bounds: &[u16],
-    nblocks: usize,
-    b: usize,
-    c: usize,
-) {
-    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
-    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
-    let load = |p: *const f32| unsafe { _mm512_loadu_ps(p) };
+pub unsafe fn sparse_block_avx512(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
+    let base = xt.as_ptr() as *const u8;
+    // SAFETY: only called below on `base + offset`, a lane of `xt` (contract).
+    let load = |p: *const u8| unsafe { _mm512_loadu_ps(p as *const f32) };
     let add = |a: __m512, b: __m512| _mm512_add_ps(a, b);
-    let nbr = 2 * nblocks - 1;
-    for (r, a) in acc.iter_mut().enumerate() {
-        let row = &indices[r * c..(r + 1) * c];
-        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
-        // The indices of block b lie in lo..lo + xt.len(), so every load is in `xt`.
-        let (sp, sn) = {
-            (
-                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ps..pe]),
-                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ns..ne]),
-            )
-        };
-        let p = a.as_mut_ptr();
-        // SAFETY: `a` is one Lane of 16 f32.
-        unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_sub_ps(sp, sn))) };
+    let (mut rows, mut offs) = (blk.rows.iter(), blk.offs);
+    for g in blk.groups {
+        let (np, nn) = (g.pos as usize, g.neg as usize);
+        for &r in rows.by_ref().take(g.rows as usize) {
+            let (row, rest) = offs.split_at(np + nn);
+            offs = rest;
+            let z = _mm512_setzero_ps();
+            let sp = sum4!(__m512, z, load, add, base, &row[..np]);
+            let sn = sum4!(__m512, z, load, add, base, &row[np..]);
+            let p = acc[r as usize].as_mut_ptr();
+            // SAFETY: `p` is one Lane of 16 f32.
+            unsafe {
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_sub_ps(sp, sn)))
+            };
+        }
     }
 }
 
-/// AVX2 twin of [`sparse_rows_avx512`] (two 8-float halves per lane).
+/// AVX2 twin of [`sparse_block_avx512`] (two 8-float halves per lane).
 ///
 /// # Safety
-/// The CPU must have AVX2; same bounds as [`sparse_rows_avx512`].
-#[allow(clippy::too_many_arguments)]
+/// The CPU must have AVX2; same contract as [`sparse_block_avx512`].
 #[target_feature(enable = "avx2")]
-pub unsafe fn sparse_rows_avx2(
-    acc: &mut [Lane],
-    xt: &[Lane],
-    lo: usize,
-    indices: &[u16],
-    bounds: &[u16],
-    nblocks: usize,
-    b: usize,
-    c: usize,
-) {
-    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
-    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
-    let load = |p: *const f32| unsafe { _mm256_loadu_ps(p) };
+pub unsafe fn sparse_block_avx2(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
+    let base = xt.as_ptr() as *const u8;
+    // `hb` reads floats 8..16 of each lane.
+    let hb = base.wrapping_add(32);
+    // SAFETY: only called below on `base + offset` or `hb + offset`, inside a lane of `xt`.
+    let load = |p: *const u8| unsafe { _mm256_loadu_ps(p as *const f32) };
     let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
-    let nbr = 2 * nblocks - 1;
-    for (r, a) in acc.iter_mut().enumerate() {
-        let row = &indices[r * c..(r + 1) * c];
-        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
-        let (pos, neg) = (&row[ps..pe], &row[ns..ne]);
-        // As in the AVX-512 version; `hb` reads floats 8..16 of each lane.
-        let (lo8, hi8) = {
-            let hb = base.wrapping_add(8);
-            (
-                _mm256_sub_ps(
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, pos),
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, neg),
-                ),
-                _mm256_sub_ps(
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, pos),
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, neg),
-                ),
-            )
-        };
-        let p = a.as_mut_ptr();
-        // SAFETY: `a` is one Lane of 16 f32.
-        unsafe {
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo8));
-            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi8));
+    let (mut rows, mut offs) = (blk.rows.iter(), blk.offs);
+    for g in blk.groups {
+        let (np, nn) = (g.pos as usize, g.neg as usize);
+        for &r in rows.by_ref().take(g.rows as usize) {
+            let (row, rest) = offs.split_at(np + nn);
+            offs = rest;
+            let (pos, neg) = row.split_at(np);
+            let z = _mm256_setzero_ps();
+            let lo8 = _mm256_sub_ps(
+                sum4!(__m256, z, load, add, base, pos),
+                sum4!(__m256, z, load, add, base, neg),
+            );
+            let hi8 = _mm256_sub_ps(
+                sum4!(__m256, z, load, add, hb, pos),
+                sum4!(__m256, z, load, add, hb, neg),
+            );
+            let p = acc[r as usize].as_mut_ptr();
+            // SAFETY: `p` is one Lane of 16 f32.
+            unsafe {
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo8));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi8));
+            }
         }
     }
 }
