@@ -22,7 +22,7 @@
 //!   position mod 4, combined as `(s0 + s1) + (s2 + s3)`; activation =
 //!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`. Rows are independent, so the
 //!   order they are computed in ([`super::plan`]: by part lengths, see
-//!   [`super::kernels_sparse`]) does not change any activation.
+//!   `kernels_sparse`) does not change any activation.
 
 use super::projection::{sign_word, Weights, SPARSE_BLOCK};
 use crate::simd::Level;

@@ -130,9 +130,11 @@ mod tests {
     fn sparse_follows_the_canonical_order_bit_for_bit() {
         // Several blocks, parts of every length mod 4, and -0.0 inputs.
         let (d, m) = (1000, 300);
+        // Vector 0: mixed; 1: all -0.0; 2: -0.0 but for every 97th input (so
+        // whole partial sums are -0.0 next to non-zero ones).
         let x: Vec<f32> = (0..3 * d)
-            .map(|i| match i % 11 {
-                0 => -0.0,
+            .map(|i| match (i / d, i % 11, i % 97) {
+                (0, 0, _) | (1, ..) | (2, _, 1..) => -0.0,
                 _ => ((i * 7919 % 1009) as f32 - 504.0) / 3.0,
             })
             .collect();

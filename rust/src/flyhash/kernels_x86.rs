@@ -114,19 +114,43 @@ pub unsafe fn sign_rows_avx2(
     }
 }
 
+/// `(s0 + s1) + (s2 + s3)` over the lanes at byte offsets `offs` from `xt`
+/// (see `kernels_sparse::sum4`). Each partial sum starts from its first lane
+/// rather than from `0 + lane`: that differs only where the lane is -0.0 and
+/// only in the sign of a zero, which no later addition lets through (the
+/// activation starts from +0.0, and `a + ±0 = a` for `a != 0`, `+0 + ±0 = +0`).
+/// Offsets are read four at a time, one 64-bit load per quad.
 macro_rules! sum4 {
     ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $offs:expr) => {{
         let xt: *const u8 = $xt;
         let offs: &[u16] = $offs;
+        let lane = |o: u64| $load(xt.wrapping_add((o & 0xffff) as usize));
         let mut s: [$ty; 4] = [$zero; 4];
         let mut quads = offs.chunks_exact(4);
-        for q in &mut quads {
+        let word = |q: &[u16]| {
+            // SAFETY: `q` is 4 u16 = 8 bytes; x86 is little-endian, so q[j] is
+            // bits 16j .. 16j + 16.
+            unsafe { (q.as_ptr() as *const u64).read_unaligned() }
+        };
+        if let Some(q) = quads.next() {
+            let w = word(q);
             for j in 0..4 {
-                s[j] = $add(s[j], $load(xt.wrapping_add(q[j] as usize)));
+                s[j] = lane(w >> (16 * j));
+            }
+        } else {
+            for (j, &o) in quads.remainder().iter().enumerate() {
+                s[j] = lane(o as u64);
+            }
+            quads = [].chunks_exact(4);
+        }
+        for q in &mut quads {
+            let w = word(q);
+            for j in 0..4 {
+                s[j] = $add(s[j], lane(w >> (16 * j)));
             }
         }
         for (j, &o) in quads.remainder().iter().enumerate() {
-            s[j] = $add(s[j], $load(xt.wrapping_add(o as usize)));
+            s[j] = $add(s[j], lane(o as u64));
         }
         $add($add(s[0], s[1]), $add(s[2], s[3]))
     }};
