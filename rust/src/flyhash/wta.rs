@@ -147,8 +147,9 @@ fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32], keys: &mut 
     let m = values.len();
     assert!(idx.len() >= m + 16 && keys.len() >= m + 16 && m < u32::MAX as usize);
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 {
-        // SAFETY: the caller checked the level (AVX-512 F); `idx` and `keys` are long enough (asserted).
+    if level == Level::Avx512 && std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the caller checked the level (AVX-512 F), POPCNT was just
+        // detected; `idx` and `keys` are long enough (asserted).
         return unsafe { candidates_avx512(values, t, idx, keys) };
     }
     let _ = level;
@@ -164,7 +165,8 @@ fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32], keys: &mut 
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+// POPCNT: without it the count of each mask is a dozen shifts and adds.
+#[target_feature(enable = "avx512f,popcnt")]
 unsafe fn candidates_avx512(values: &[f32], t: u32, idx: &mut [u32], keys: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
     let m = values.len();
@@ -228,8 +230,9 @@ impl Pick {
 fn pick(level: Level, hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
     assert!(out.len() >= hi.len() + 16 && hi.len() < u32::MAX as usize);
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 {
-        // SAFETY: the caller checked the level (AVX-512 F); `out` is long enough (asserted).
+    if level == Level::Avx512 && std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the caller checked the level (AVX-512 F), POPCNT was just
+        // detected; `out` is long enough (asserted).
         return unsafe { pick_avx512(hi, p, out) };
     }
     let _ = level;
@@ -243,7 +246,7 @@ fn pick(level: Level, hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,popcnt")]
 unsafe fn pick_avx512(hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
     let mask = |h: __m512i, i: __m512i| -> __mmask16 {
