@@ -55,7 +55,6 @@ pub(super) fn sparse(
 ) {
     let d = p.d;
     let acc = lanes_mut(&mut s.acc[..p.m]);
-    acc.fill(ZERO);
     for b in 0..plan.blocks() {
         let blk = plan.block(b);
         let (lo, hi) = (blk.lo, d.min(blk.lo + SPARSE_BLOCK));
@@ -73,15 +72,28 @@ pub(super) fn sparse(
                 // SAFETY: the level was checked. The plan was built by `Plan::new`
                 // from a generated projection, so every offset of block b is that
                 // of an input in lo..hi (a lane of `xt`), every row is < m.
-                unsafe { super::kernels_x86::sparse_block_avx512(acc, xt, &blk) };
+                unsafe {
+                    match b {
+                        0 => super::kernels_x86::sparse_block_avx512::<true>(acc, xt, &blk),
+                        _ => super::kernels_x86::sparse_block_avx512::<false>(acc, xt, &blk),
+                    }
+                };
                 continue;
             }
             Level::Avx2 => {
                 // SAFETY: as above, with AVX2.
-                unsafe { super::kernels_x86::sparse_block_avx2(acc, xt, &blk) };
+                unsafe {
+                    match b {
+                        0 => super::kernels_x86::sparse_block_avx2::<true>(acc, xt, &blk),
+                        _ => super::kernels_x86::sparse_block_avx2::<false>(acc, xt, &blk),
+                    }
+                };
                 continue;
             }
             _ => {}
+        }
+        if b == 0 {
+            acc.fill(ZERO);
         }
         sparse_block(acc, xt, &blk);
     }

@@ -157,14 +157,19 @@ macro_rules! sum4 {
 }
 
 /// Sparse rows of one input block: `acc[r] += P_rb - N_rb` for every row `r`
-/// of `blk`, in plan order (see [`super::kernels`] for the additions).
+/// of `blk`, in plan order (see [`super::kernels`] for the additions). With
+/// `FIRST` (block 0) `acc[r] = 0 + (P_rb - N_rb)`: `acc` need not be cleared.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; every offset of `blk.offs` is `64 * i` with
 /// `i < xt.len()`, and the groups cover exactly `blk.rows` and `blk.offs`
 /// (both hold for a plan from [`super::plan::Plan::new`] over the block's inputs).
 #[target_feature(enable = "avx512f")]
-pub unsafe fn sparse_block_avx512(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
+pub unsafe fn sparse_block_avx512<const FIRST: bool>(
+    acc: &mut [Lane],
+    xt: &[Lane],
+    blk: &Block<'_>,
+) {
     let base = xt.as_ptr() as *const u8;
     // SAFETY: only called below on `base + offset`, a lane of `xt` (contract).
     let load = |p: *const u8| unsafe { _mm512_loadu_ps(p as *const f32) };
@@ -181,7 +186,8 @@ pub unsafe fn sparse_block_avx512(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>
             let p = acc[r as usize].as_mut_ptr();
             // SAFETY: `p` is one Lane of 16 f32.
             unsafe {
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_sub_ps(sp, sn)))
+                let a = if FIRST { z } else { _mm512_loadu_ps(p) };
+                _mm512_storeu_ps(p, _mm512_add_ps(a, _mm512_sub_ps(sp, sn)))
             };
         }
     }
@@ -192,7 +198,7 @@ pub unsafe fn sparse_block_avx512(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>
 /// # Safety
 /// The CPU must have AVX2; same contract as [`sparse_block_avx512`].
 #[target_feature(enable = "avx2")]
-pub unsafe fn sparse_block_avx2(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
+pub unsafe fn sparse_block_avx2<const FIRST: bool>(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
     let base = xt.as_ptr() as *const u8;
     // `hb` reads floats 8..16 of each lane.
     let hb = base.wrapping_add(32);
@@ -218,8 +224,13 @@ pub unsafe fn sparse_block_avx2(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) 
             let p = acc[r as usize].as_mut_ptr();
             // SAFETY: `p` is one Lane of 16 f32.
             unsafe {
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo8));
-                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi8));
+                let (a, b) = if FIRST {
+                    (z, z)
+                } else {
+                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+                };
+                _mm256_storeu_ps(p, _mm256_add_ps(a, lo8));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(b, hi8));
             }
         }
     }
