@@ -117,11 +117,14 @@ impl Wta {
             .extend((0..ns).map(|j| descending_bits(values[j * STRIDE])));
         let (_, &mut t0, _) = self.sample.select_nth_unstable(r);
         self.idx.resize(m + 16, 0);
-        self.hi.resize(m + 16, 0);
-        let n = candidates(level, values, t0, &mut self.idx, &mut self.hi);
+        let n = candidates(level, values, t0, &mut self.idx);
         if n < k {
             return false;
         }
+        self.hi.clear();
+        let idx = &self.idx[..n];
+        self.hi
+            .extend(idx.iter().map(|&i| descending_bits(values[i as usize])));
         let (idx, hi) = (&mut self.idx[..n], &self.hi[..n]);
         let key = |j: usize| ((hi[j] as u64) << 32) | idx[j] as u64;
         self.keys.clear();
@@ -141,25 +144,22 @@ impl Wta {
 }
 
 /// Writes every index `i` whose key `descending_bits(values[i]) <= t`, ascending,
-/// to `idx` and its key to `keys` (both `>= values.len() + 16` long); returns
-/// how many.
-fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32], keys: &mut [u32]) -> usize {
+/// to `idx` (`>= values.len() + 16` long); returns how many.
+fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32]) -> usize {
     let m = values.len();
-    assert!(idx.len() >= m + 16 && keys.len() >= m + 16 && m < u32::MAX as usize);
+    assert!(idx.len() >= m + 16 && m < u32::MAX as usize);
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && std::arch::is_x86_feature_detected!("popcnt") {
         // SAFETY: the caller checked the level (AVX-512 F), POPCNT was just
-        // detected; `idx` and `keys` are long enough (asserted).
-        return unsafe { candidates_avx512(values, t, idx, keys) };
+        // detected; `idx` is long enough (asserted).
+        return unsafe { candidates_avx512(values, t, idx) };
     }
     let _ = level;
     // Branch-free compaction: the n-th candidate is written at n <= i.
     let mut n = 0;
     for (i, &v) in values.iter().enumerate() {
-        let h = descending_bits(v);
         idx[n] = i as u32;
-        keys[n] = h;
-        n += (h <= t) as usize;
+        n += (descending_bits(v) <= t) as usize;
     }
     n
 }
@@ -167,7 +167,7 @@ fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32], keys: &mut 
 #[cfg(target_arch = "x86_64")]
 // POPCNT: without it the count of each mask is a dozen shifts and adds.
 #[target_feature(enable = "avx512f,popcnt")]
-unsafe fn candidates_avx512(values: &[f32], t: u32, idx: &mut [u32], keys: &mut [u32]) -> usize {
+unsafe fn candidates_avx512(values: &[f32], t: u32, idx: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
     let m = values.len();
     let mut at_idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -190,17 +190,13 @@ unsafe fn candidates_avx512(values: &[f32], t: u32, idx: &mut [u32], keys: &mut 
             _mm512_andnot_si512(_mm512_srai_epi32::<31>(b), _mm512_set1_epi32(i32::MAX)),
         );
         let keep = _mm512_cmple_epu32_mask(h, tv) & live;
-        // SAFETY: n <= at, so [n, n + 16) lies inside idx and keys (len >= m + 16).
+        // SAFETY: n <= at, so [n, n + 16) lies inside idx (len >= m + 16).
         unsafe {
             _mm512_storeu_si512(
                 idx.as_mut_ptr().add(n) as *mut _,
                 _mm512_maskz_compress_epi32(keep, at_idx),
-            );
-            _mm512_storeu_si512(
-                keys.as_mut_ptr().add(n) as *mut _,
-                _mm512_maskz_compress_epi32(keep, h),
-            );
-        }
+            )
+        };
         n += keep.count_ones() as usize;
         at_idx = _mm512_add_epi32(at_idx, _mm512_set1_epi32(16));
     }
