@@ -185,10 +185,8 @@ pub unsafe fn sparse_block_avx512<const FIRST: bool>(
         let (np, nn) = (g.pos as usize, g.neg as usize);
         for &r in rows.by_ref().take(g.rows as usize) {
             if let Some(&a) = ahead.next() {
-                // SAFETY: a prefetch never faults, whatever the address.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(acc.as_ptr().wrapping_add(a as usize) as *const i8)
-                };
+                // A prefetch never faults, whatever the address (a safe intrinsic here).
+                _mm_prefetch::<_MM_HINT_T0>(acc.as_ptr().wrapping_add(a as usize) as *const i8);
             }
             let (row, rest) = offs.split_at(np + nn);
             offs = rest;
