@@ -157,14 +157,24 @@ fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
 
 /// Writes lane `v < nb` of `acc` to `out[v * m .. (v + 1) * m]` (`m = acc.len()`):
 /// one vector's activations per row. Rows go in blocks that stay in L1, so
-/// `acc` is read from L2/L3 once rather than once per vector.
-pub fn unpack(acc: &[Lane], nb: usize, out: &mut [f32]) {
+/// `acc` is read from L2/L3 once rather than once per vector. At the AVX-512
+/// level, tiles of 16 x 16 are transposed in registers. `level` must be
+/// supported (checked by the caller); values are only moved, so every level
+/// writes the same bytes.
+pub fn unpack(level: Level, acc: &[Lane], nb: usize, out: &mut [f32]) {
     const RB: usize = 64;
     let m = acc.len();
-    debug_assert!(nb <= LANES && out.len() == nb * m);
-    for (b, blk) in acc.chunks(RB).enumerate() {
+    assert!(nb <= LANES && out.len() == nb * m);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: the level was checked; out holds nb * m floats (asserted).
+        done = unsafe { super::kernels_x86::unpack_avx512(acc, nb, out) };
+    }
+    let _ = level;
+    for (b, blk) in acc[done..].chunks(RB).enumerate() {
         for v in 0..nb {
-            let at = v * m + b * RB;
+            let at = v * m + done + b * RB;
             for (o, a) in out[at..at + blk.len()].iter_mut().zip(blk) {
                 *o = a[v];
             }
@@ -337,6 +347,26 @@ mod tests {
                 Weights::Seeded => unreachable!(),
             })
             .collect()
+    }
+
+    #[test]
+    fn unpack_is_the_same_at_every_level() {
+        for (m, nb) in [(37, 16), (64, 5), (200, 1), (15, 16)] {
+            let acc: Vec<Lane> = (0..m)
+                .map(|r| std::array::from_fn(|v| (r * 16 + v) as f32 - 0.5))
+                .collect();
+            let mut want = vec![0f32; nb * m];
+            for v in 0..nb {
+                for r in 0..m {
+                    want[v * m + r] = acc[r][v];
+                }
+            }
+            for level in Level::supported() {
+                let mut out = vec![f32::NAN; nb * m];
+                unpack(level, &acc, nb, &mut out);
+                assert_eq!(out, want, "{level} {m} {nb}");
+            }
+        }
     }
 
     #[test]

@@ -245,3 +245,52 @@ pub unsafe fn sparse_block_avx2<const FIRST: bool>(acc: &mut [Lane], xt: &[Lane]
         }
     }
 }
+
+/// Transposes whole tiles of 16 rows of `acc` (16 vectors each) into `out`:
+/// vector `v < nb` gets `out[v * m + r]` for the tiles' rows `r`. Returns how
+/// many rows it wrote (`m` rounded down to 16); the caller writes the rest.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `out.len() == nb * acc.len()`, `nb <= 16`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn unpack_avx512(acc: &[Lane], nb: usize, out: &mut [f32]) -> usize {
+    let m = acc.len();
+    debug_assert!(nb <= 16 && out.len() == nb * m);
+    let (lo, hi) = (_mm512_unpacklo_ps, _mm512_unpackhi_ps);
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    for (t, tile) in acc.chunks_exact(16).enumerate() {
+        // SAFETY: each row is one Lane of 16 f32.
+        let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(tile[i].as_ptr()) });
+        // Pairs of rows interleaved, then pairs of pairs: u[4q + c] holds, in
+        // 128-bit lane l, column c + 4l of rows 4q .. 4q + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+            let (t0, t1, t2, t3) = (lo(a, b), hi(a, b), lo(c, d), hi(c, d));
+            u[4 * q] = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+            u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+            u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+            u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+        }
+        // Gather 128-bit lanes: column c + 4l is lane l of u[c], u[4 + c],
+        // u[8 + c], u[12 + c].
+        let mut col = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            col[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+            col[c + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+            col[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+            col[c + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+        }
+        for (v, c) in col.iter().enumerate().take(nb) {
+            let at = v * m + 16 * t;
+            // SAFETY: at + 16 <= v * m + m <= nb * m = out.len().
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), *c) };
+        }
+    }
+    m / 16 * 16
+}

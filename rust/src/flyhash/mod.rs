@@ -287,7 +287,7 @@ fn drive<T: Send>(
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, &mut t.scratch);
                     let values = &mut t.values[..nb * p.m];
-                    kernels::unpack(t.scratch.acc(), nb, values);
+                    kernels::unpack(level, t.scratch.acc(), nb, values);
                     for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len)) {
                         t.wta.winners(level, vals, k, &mut t.winners);
                         write(vals, &t.winners, row);
@@ -306,7 +306,7 @@ fn drive_raw(level: Level, p: Proj<'_>, sparse: bool, x: &[f32], out: &mut [f32]
                 |s, (o, xb)| {
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, s);
-                    kernels::unpack(s.acc(), nb, o);
+                    kernels::unpack(level, s.acc(), nb, o);
                 },
             )
     })
