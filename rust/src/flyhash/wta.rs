@@ -115,7 +115,7 @@ impl Wta {
         self.sample.clear();
         self.sample
             .extend((0..ns).map(|j| descending_bits(values[j * STRIDE])));
-        let (_, &mut t0, _) = self.sample.select_nth_unstable(r);
+        let t0 = nth_smallest(level, &mut self.sample, r);
         self.idx.resize(m + 16, 0);
         let n = candidates(level, values, t0, &mut self.idx);
         if n < k {
@@ -125,22 +125,71 @@ impl Wta {
         let idx = &self.idx[..n];
         self.hi
             .extend(idx.iter().map(|&i| descending_bits(values[i as usize])));
+        self.sample.clear();
+        self.sample.extend_from_slice(&self.hi);
         let (idx, hi) = (&mut self.idx[..n], &self.hi[..n]);
-        let key = |j: usize| ((hi[j] as u64) << 32) | idx[j] as u64;
-        self.keys.clear();
-        self.keys.extend((0..n).map(key));
-        let (_, &mut t, _) = self.keys.select_nth_unstable(k - 1);
-        // The candidates are in index order: keep those with key <= t, in place.
+        // The k-th key `t`: the winners are the keys below it and, among those
+        // equal to it, the first `need` in index order (the candidates are).
+        let t = nth_smallest(level, &mut self.sample, k - 1);
+        let below = count_le(level, hi, t.wrapping_sub(1)) * (t > 0) as usize;
+        let mut need = k - below;
         let mut w = 0;
-        for j in 0..n {
-            let keep = ((hi[j] as u64) << 32 | idx[j] as u64) <= t;
-            idx[w] = idx[j];
-            w += keep as usize;
+        if count_le(level, hi, t) - below == need {
+            // Every key equal to t wins (the usual case: t is unique).
+            for j in 0..n {
+                idx[w] = idx[j];
+                w += (hi[j] <= t) as usize;
+            }
+        } else {
+            for j in 0..n {
+                let tie = hi[j] == t && need > 0;
+                need -= tie as usize;
+                idx[w] = idx[j];
+                w += (hi[j] < t || tie) as usize;
+            }
         }
         debug_assert_eq!(w, k);
         out.copy_from_slice(&idx[..k]);
         true
     }
+}
+
+/// The `r`-th smallest of `keys` (0-based; `r < keys.len()`; `keys` may be
+/// reordered). At the AVX-512 level: the smallest `t` with more than `r` keys
+/// `<= t`, found bit by bit from the top (32 counting passes, 16 keys per
+/// compare, no data-dependent branches); elsewhere a selection.
+fn nth_smallest(level: Level, keys: &mut [u32], r: usize) -> u32 {
+    debug_assert!(r < keys.len());
+    if level != Level::Avx512 {
+        return *keys.select_nth_unstable(r).1;
+    }
+    let mut t = 0u32;
+    for b in (0..32).rev() {
+        // The answer has bit b clear iff more than r keys are <= t with bits
+        // below b set.
+        if count_le(level, keys, t | ((1u32 << b) - 1)) <= r {
+            t |= 1 << b;
+        }
+    }
+    t
+}
+
+/// How many of `keys` are `<= t`.
+fn count_le(level: Level, keys: &[u32], t: u32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: the caller checked the level (AVX-512 F/BW/VL).
+        return unsafe { count_le_avx512(keys, t) };
+    }
+    let _ = level;
+    keys.iter().map(|&h| (h <= t) as usize).sum()
+}
+
+/// [`count_le`] compiled for AVX-512 (the same loop, vectorised by LLVM).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn count_le_avx512(keys: &[u32], t: u32) -> usize {
+    keys.iter().map(|&h| (h <= t) as u32).sum::<u32>() as usize
 }
 
 /// Writes every index `i` whose key `descending_bits(values[i]) <= t`, ascending,
