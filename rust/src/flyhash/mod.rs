@@ -161,7 +161,10 @@ impl FlyHash {
                         format!("{ct} (0 connections)"),
                     ));
                 }
-                m as u128 * (2 * c + projection::sparse_sign_bytes(c) + 4) as u128
+                // Per row: c u16 offsets, the sign bits, a u32 row number per
+                // input block (see `plan`).
+                let nblocks = projection::sparse_blocks(d);
+                m as u128 * (2 * c + projection::sparse_sign_bytes(c) + 4 * nblocks) as u128
             }
         };
         if bytes > MAX_BYTES as u128 {

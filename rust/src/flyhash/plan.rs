@@ -71,22 +71,18 @@ impl Plan {
     pub(crate) fn new(d: usize, m: usize, c: usize, indices: &[u16], npos: &[usize]) -> Plan {
         debug_assert!(indices.len() == m * c && npos.len() == m && d <= u16::MAX as usize);
         let nblocks = sparse_blocks(d);
-        // Per row, where each block's +1 and -1 parts start: the parts of one
-        // row are ascending, so block b's part ends where indices reach b's end.
-        let mut cut = vec![0usize; m * 2 * (nblocks + 1)];
-        for r in 0..m {
+        // Row r's +1 and -1 parts in block b: each part is ascending, so block
+        // b's connections lie between the positions where indices reach b's
+        // start and its end.
+        let part = |r: usize, b: usize| {
             let row = &indices[r * c..(r + 1) * c];
             let (pos, neg) = row.split_at(npos[r]);
-            let at = &mut cut[r * 2 * (nblocks + 1)..(r + 1) * 2 * (nblocks + 1)];
-            for b in 0..=nblocks {
-                let limit = b * SPARSE_BLOCK;
-                at[b] = pos.partition_point(|&i| (i as usize) < limit);
-                at[nblocks + 1 + b] = npos[r] + neg.partition_point(|&i| (i as usize) < limit);
-            }
-        }
-        let part = |r: usize, b: usize| {
-            let at = &cut[r * 2 * (nblocks + 1)..];
-            (at[b]..at[b + 1], at[nblocks + 1 + b]..at[nblocks + 2 + b])
+            let at = |part: &[u16], i: usize| part.partition_point(|&x| (x as usize) < i);
+            let (lo, hi) = (b * SPARSE_BLOCK, (b + 1) * SPARSE_BLOCK);
+            (
+                at(pos, lo)..at(pos, hi),
+                npos[r] + at(neg, lo)..npos[r] + at(neg, hi),
+            )
         };
         let mut plan = Plan {
             d,
