@@ -22,7 +22,12 @@
 //!   position mod 4, combined as `(s0 + s1) + (s2 + s3)`; activation =
 //!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`. Rows are independent, so the
 //!   order they are computed in ([`super::plan`]: by part lengths, see
-//!   `kernels_sparse`) does not change any activation.
+//!   `kernels_sparse`) does not change any activation. The AVX2/AVX-512
+//!   kernels start each partial sum from its first lane instead of `0 + lane`:
+//!   that can only make an all-`-0.0` partial sum `-0.0` instead of `+0.0`, a
+//!   zero sign that no later addition keeps (the activation starts from `+0.0`),
+//!   so they stay bit-identical to the literal order above (tested at every
+//!   level against a row-by-row implementation of it, `-0.0` inputs included).
 
 use super::projection::{sign_word, Weights, SPARSE_BLOCK};
 use crate::simd::Level;
