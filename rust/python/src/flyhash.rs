@@ -256,12 +256,10 @@ impl PyFlyHash {
                     .detach(|| neuropil::flyhash::projection::generate_sign(fh.config.seed, d, m));
                 vec![("sign_bits", sign(&bits)?)]
             }
-            Weights::Sparse {
-                c, indices, signs, ..
-            } => vec![
+            Weights::Sparse { c, plan, signs } => vec![
                 (
                     "indices",
-                    PyArray1::from_slice(py, indices)
+                    PyArray1::from_slice(py, &py.detach(|| plan.row_major().0))
                         .reshape([m, *c])?
                         .into_any(),
                 ),

@@ -200,10 +200,13 @@ pub fn save_flyhash(fh: &FlyHash, path: &Path) -> Result<()> {
     let tensors = match &fh.weights {
         Weights::Sign(bits) => vec![("sign_bits", view(Dtype::U8, vec![m, bits.len() / m], bits)?)],
         Weights::Seeded => vec![],
-        Weights::Sparse {
-            c, indices, signs, ..
-        } => {
-            idx_bytes = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
+        Weights::Sparse { c, plan, signs } => {
+            idx_bytes = plan
+                .row_major()
+                .0
+                .iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect();
             vec![
                 ("indices", view(Dtype::U16, vec![m, *c], &idx_bytes)?),
                 ("signs", view(Dtype::U8, vec![m, signs.len() / m], signs)?),
@@ -266,9 +269,7 @@ pub fn load_flyhash(path: &Path) -> Result<FlyHash> {
             }
             p.tensor(path, "sign_bits", Dtype::U8, &[m, bits.len() / m])? == *bits
         }
-        Weights::Sparse {
-            c, indices, signs, ..
-        } => {
+        Weights::Sparse { c, plan, signs } => {
             if names != ["indices", "signs"] {
                 return Err(fmt_err(
                     path,
@@ -279,7 +280,7 @@ pub fn load_flyhash(path: &Path) -> Result<FlyHash> {
             let sg = p.tensor(path, "signs", Dtype::U8, &[m, signs.len() / m])?;
             idx.chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .eq(indices.iter().copied())
+                .eq(plan.row_major().0)
                 && sg == *signs
         }
     };

@@ -20,9 +20,16 @@
 //!   L1). Per block `b`, the row's +1 connections into it (`P_b`) and its -1
 //!   connections (`N_b`) are summed in stored order into four partial sums by
 //!   position mod 4, combined as `(s0 + s1) + (s2 + s3)`; activation =
-//!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`.
+//!   `((0 + (P_0 - N_0)) + (P_1 - N_1)) + ...`. Rows are independent, so the
+//!   order they are computed in ([`super::plan`]: by part lengths, see
+//!   `kernels_sparse`) does not change any activation. The AVX2/AVX-512
+//!   kernels start each partial sum from its first lane instead of `0 + lane`:
+//!   that can only make an all-`-0.0` partial sum `-0.0` instead of `+0.0`, a
+//!   zero sign that no later addition keeps (the activation starts from `+0.0`),
+//!   so they stay bit-identical to the literal order above (tested at every
+//!   level against a row-by-row implementation of it, `-0.0` inputs included).
 
-use super::projection::{block_range, sign_word, sparse_blocks, Weights, SPARSE_BLOCK};
+use super::projection::{sign_word, Weights, SPARSE_BLOCK};
 use crate::simd::Level;
 
 /// Vectors per batch.
@@ -30,48 +37,71 @@ pub const LANES: usize = 16;
 /// One value per vector of a batch.
 pub type Lane = [f32; LANES];
 
-const ZERO: Lane = [0.0; LANES];
+pub(super) const ZERO: Lane = [0.0; LANES];
 
 /// Rows per block of the sign kernel.
 const ROW_BLOCK: usize = 2048;
 
 #[inline(always)]
-fn add(a: &mut Lane, b: &Lane) {
+pub(super) fn add(a: &mut Lane, b: &Lane) {
     for i in 0..LANES {
         a[i] += b[i];
     }
 }
 
 #[inline(always)]
-fn plus(a: &Lane, b: &Lane) -> Lane {
+pub(super) fn plus(a: &Lane, b: &Lane) -> Lane {
     let mut o = *a;
     add(&mut o, b);
     o
 }
 
+/// A lane on a 64-byte boundary: loading it never touches two cache lines.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(super) struct Aligned(Lane);
+
+const _: () = assert!(std::mem::size_of::<Aligned>() == std::mem::size_of::<Lane>());
+
+pub(super) fn lanes(a: &[Aligned]) -> &[Lane] {
+    // SAFETY: `Aligned` is `repr(C)` around one `Lane` and has its size (checked
+    // above), so `a.len()` Aligned are `a.len()` contiguous Lanes.
+    unsafe { std::slice::from_raw_parts(a.as_ptr() as *const Lane, a.len()) }
+}
+
+pub(super) fn lanes_mut(a: &mut [Aligned]) -> &mut [Lane] {
+    // SAFETY: as in `lanes`; the borrow is exclusive.
+    unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr() as *mut Lane, a.len()) }
+}
+
 /// Per-thread working memory of the kernels, reused across batches.
 pub struct Scratch {
     /// `m` activations per lane.
-    pub acc: Vec<Lane>,
+    pub(super) acc: Vec<Aligned>,
     tables: Vec<Lane>,
-    xt: Vec<Lane>,
+    pub(super) xt: Vec<Aligned>,
 }
 
 impl Scratch {
     pub fn new(m: usize, d: usize, sparse: bool) -> Self {
         Scratch {
-            acc: vec![ZERO; m],
+            acc: vec![Aligned(ZERO); m],
             tables: if sparse {
                 Vec::new()
             } else {
                 vec![ZERO; GPW * TS]
             },
             xt: if sparse {
-                vec![ZERO; d.min(SPARSE_BLOCK)]
+                vec![Aligned(ZERO); d.min(SPARSE_BLOCK)]
             } else {
                 Vec::new()
             },
         }
+    }
+
+    /// The activations of the last [`activations`] call: `m` lanes.
+    pub fn acc(&self) -> &[Lane] {
+        lanes(&self.acc)
     }
 }
 
@@ -126,22 +156,30 @@ fn body(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
     match p.weights {
         Weights::Sign(bits) => sign(level, p, Some(bits), x, nb, s),
         Weights::Seeded => sign(level, p, None, x, nb, s),
-        Weights::Sparse {
-            c, indices, bounds, ..
-        } => sparse(level, p, *c, indices, bounds, x, nb, s),
+        Weights::Sparse { plan, .. } => super::kernels_sparse::sparse(level, p, plan, x, nb, s),
     }
 }
 
 /// Writes lane `v < nb` of `acc` to `out[v * m .. (v + 1) * m]` (`m = acc.len()`):
 /// one vector's activations per row. Rows go in blocks that stay in L1, so
-/// `acc` is read from L2/L3 once rather than once per vector.
-pub fn unpack(acc: &[Lane], nb: usize, out: &mut [f32]) {
+/// `acc` is read from L2/L3 once rather than once per vector. At the AVX-512
+/// level, tiles of 16 x 16 are transposed in registers. `level` must be
+/// supported (checked by the caller); values are only moved, so every level
+/// writes the same bytes.
+pub fn unpack(level: Level, acc: &[Lane], nb: usize, out: &mut [f32]) {
     const RB: usize = 64;
     let m = acc.len();
-    debug_assert!(nb <= LANES && out.len() == nb * m);
-    for (b, blk) in acc.chunks(RB).enumerate() {
+    assert!(nb <= LANES && out.len() == nb * m);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: the level was checked; out holds nb * m floats (asserted).
+        done = unsafe { super::kernels_x86::unpack_avx512(acc, nb, out) };
+    }
+    let _ = level;
+    for (b, blk) in acc[done..].chunks(RB).enumerate() {
         for v in 0..nb {
-            let at = v * m + b * RB;
+            let at = v * m + done + b * RB;
             for (o, a) in out[at..at + blk.len()].iter_mut().zip(blk) {
                 *o = a[v];
             }
@@ -198,7 +236,7 @@ fn sign(
 ) {
     let (d, m) = (p.d, p.m);
     let rb = super::projection::sign_row_bytes(d);
-    s.acc[..m].fill(ZERO);
+    s.acc[..m].fill(Aligned(ZERO));
     // Rows are taken in blocks of ROW_BLOCK (their activations, 128 KiB, stay in
     // L2) and, within a block, in passes of one 64-bit word of each row: 16
     // groups of 4 inputs, whose tables (16 x 16 lanes = 16 KiB) stay in L1.
@@ -207,7 +245,7 @@ fn sign(
     // groups in ascending order.
     let total = d.div_ceil(GW);
     for r0 in (0..m).step_by(ROW_BLOCK) {
-        let acc = &mut s.acc[r0..m.min(r0 + ROW_BLOCK)];
+        let acc = lanes_mut(&mut s.acc[r0..m.min(r0 + ROW_BLOCK)]);
         for w in 0..total.div_ceil(GPW) {
             let groups = GPW.min(total - GPW * w);
             build_tables(d, GPW * w, groups, x, nb, &mut s.tables);
@@ -277,85 +315,6 @@ fn sign_rows_g<const G: usize>(acc: &mut [Lane], tables: &[Lane], word: impl Fn(
     }
 }
 
-#[inline(always)]
-fn sum4(xt: &[Lane], lo: usize, idx: &[u16]) -> Lane {
-    let mut s = [ZERO; 4];
-    let mut quads = idx.chunks_exact(4);
-    for q in &mut quads {
-        add(&mut s[0], &xt[q[0] as usize - lo]);
-        add(&mut s[1], &xt[q[1] as usize - lo]);
-        add(&mut s[2], &xt[q[2] as usize - lo]);
-        add(&mut s[3], &xt[q[3] as usize - lo]);
-    }
-    for (k, &i) in quads.remainder().iter().enumerate() {
-        add(&mut s[k], &xt[i as usize - lo]);
-    }
-    plus(&plus(&s[0], &s[1]), &plus(&s[2], &s[3]))
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn sparse(
-    level: Level,
-    p: Proj<'_>,
-    c: usize,
-    indices: &[u16],
-    bounds: &[u16],
-    x: &[f32],
-    nb: usize,
-    s: &mut Scratch,
-) {
-    let d = p.d;
-    let nblocks = sparse_blocks(d);
-    let nbr = 2 * nblocks - 1;
-    let acc = &mut s.acc[..p.m];
-    acc.fill(ZERO);
-    for b in 0..nblocks {
-        let lo = b * SPARSE_BLOCK;
-        let hi = d.min(lo + SPARSE_BLOCK);
-        let xt = &mut s.xt[..hi - lo];
-        xt.fill(ZERO);
-        for v in 0..nb {
-            for (i, lane) in xt.iter_mut().enumerate() {
-                lane[v] = x[v * d + lo + i];
-            }
-        }
-        let xt = &s.xt[..hi - lo];
-        #[cfg(target_arch = "x86_64")]
-        match level {
-            Level::Avx512 => {
-                // SAFETY: the level was checked; every index of block b lies in
-                // lo..hi by construction (generated, or loaded and compared with
-                // the regenerated projection), so it addresses `xt`.
-                unsafe {
-                    super::kernels_x86::sparse_rows_avx512(
-                        acc, xt, lo, indices, bounds, nblocks, b, c,
-                    )
-                };
-                continue;
-            }
-            Level::Avx2 => {
-                // SAFETY: as above, with AVX2.
-                unsafe {
-                    super::kernels_x86::sparse_rows_avx2(
-                        acc, xt, lo, indices, bounds, nblocks, b, c,
-                    )
-                };
-                continue;
-            }
-            _ => {}
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let row = &indices[r * c..(r + 1) * c];
-            let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
-            let (sp, sn) = (sum4(xt, lo, &row[ps..pe]), sum4(xt, lo, &row[ns..ne]));
-            for v in 0..LANES {
-                a[v] += sp[v] - sn[v];
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::projection::{generate_sign, generate_sparse};
@@ -363,6 +322,10 @@ mod tests {
 
     fn reference(p: Proj<'_>, x: &[f32]) -> Vec<f64> {
         let d = p.d;
+        let indices = match p.weights {
+            Weights::Sparse { plan, .. } => plan.row_major().0,
+            _ => Vec::new(),
+        };
         (0..p.m)
             .map(|r| match p.weights {
                 Weights::Sign(bits) => (0..d)
@@ -375,9 +338,7 @@ mod tests {
                         }
                     })
                     .sum(),
-                Weights::Sparse {
-                    c, indices, signs, ..
-                } => (0..*c)
+                Weights::Sparse { c, signs, .. } => (0..*c)
                     .map(|j| {
                         let i = indices[r * c + j] as usize;
                         let neg = signs[r * c.div_ceil(8) + j / 8] >> (j % 8) & 1 == 1;
@@ -391,6 +352,26 @@ mod tests {
                 Weights::Seeded => unreachable!(),
             })
             .collect()
+    }
+
+    #[test]
+    fn unpack_is_the_same_at_every_level() {
+        for (m, nb) in [(37, 16), (64, 5), (200, 1), (15, 16)] {
+            let acc: Vec<Lane> = (0..m)
+                .map(|r| std::array::from_fn(|v| (r * 16 + v) as f32 - 0.5))
+                .collect();
+            let mut want = vec![0f32; nb * m];
+            for v in 0..nb {
+                for r in 0..m {
+                    want[v * m + r] = acc[r][v];
+                }
+            }
+            for level in Level::supported() {
+                let mut out = vec![f32::NAN; nb * m];
+                unpack(level, &acc, nb, &mut out);
+                assert_eq!(out, want, "{level} {m} {nb}");
+            }
+        }
     }
 
     #[test]
@@ -414,9 +395,9 @@ mod tests {
                 let mut s = Scratch::new(m, d, matches!(w, Weights::Sparse { .. }));
                 activations(level, p, &x, 5, &mut s);
                 match &first {
-                    None => first = Some(s.acc.clone()),
+                    None => first = Some(s.acc().to_vec()),
                     Some(f) => {
-                        for (a, b) in f.iter().zip(&s.acc) {
+                        for (a, b) in f.iter().zip(s.acc()) {
                             for v in 0..LANES {
                                 assert_eq!(a[v].to_bits(), b[v].to_bits(), "{level}");
                             }

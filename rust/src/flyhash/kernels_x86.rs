@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::kernels::{Lane, GPW, GW, TS};
-use super::projection::block_range;
+use super::plan::Block;
 
 /// Sign rows: `acc[r] += T_g[byte g of row r's word]` for the `groups` tables.
 /// `word(r)` yields row `r`'s 64-bit word.
@@ -114,108 +114,183 @@ pub unsafe fn sign_rows_avx2(
     }
 }
 
+/// `(s0 + s1) + (s2 + s3)` over the lanes at byte offsets `offs` from `xt`
+/// (see `kernels_sparse::sum4`). Each partial sum starts from its first lane
+/// rather than from `0 + lane`: that differs only where the lane is -0.0 and
+/// only in the sign of a zero, which no later addition lets through (the
+/// activation starts from +0.0, and `a + ±0 = a` for `a != 0`, `+0 + ±0 = +0`).
+/// Offsets are read four at a time, one 64-bit load per quad.
 macro_rules! sum4 {
-    ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $idx:expr) => {{
-        let xt: *const f32 = $xt;
-        let idx: &[u16] = $idx;
+    ($ty:ty, $zero:expr, $load:expr, $add:expr, $xt:expr, $offs:expr) => {{
+        let xt: *const u8 = $xt;
+        let offs: &[u16] = $offs;
+        let lane = |o: u64| $load(xt.wrapping_add((o & 0xffff) as usize));
         let mut s: [$ty; 4] = [$zero; 4];
-        let mut quads = idx.chunks_exact(4);
+        let mut quads = offs.chunks_exact(4);
+        let word = |q: &[u16]| {
+            // SAFETY: `q` is 4 u16 = 8 bytes; x86 is little-endian, so q[j] is
+            // bits 16j .. 16j + 16.
+            unsafe { (q.as_ptr() as *const u64).read_unaligned() }
+        };
+        if let Some(q) = quads.next() {
+            let w = word(q);
+            for j in 0..4 {
+                s[j] = lane(w >> (16 * j));
+            }
+        } else {
+            for (j, &o) in quads.remainder().iter().enumerate() {
+                s[j] = lane(o as u64);
+            }
+            quads = [].chunks_exact(4);
+        }
         for q in &mut quads {
-            for k in 0..4 {
-                s[k] = $add(s[k], $load(xt.wrapping_add(q[k] as usize * 16)));
+            let w = word(q);
+            for j in 0..4 {
+                s[j] = $add(s[j], lane(w >> (16 * j)));
             }
         }
-        for (k, &i) in quads.remainder().iter().enumerate() {
-            s[k] = $add(s[k], $load(xt.wrapping_add(i as usize * 16)));
+        for (j, &o) in quads.remainder().iter().enumerate() {
+            s[j] = $add(s[j], lane(o as u64));
         }
         $add($add(s[0], s[1]), $add(s[2], s[3]))
     }};
 }
 
-/// Sparse rows, input block `b` (inputs `lo..lo + xt.len()`):
-/// `acc[r] += P_rb - N_rb` (see [`super::kernels`] for the order).
+/// How many rows ahead the sparse kernels prefetch a row's activations.
+const ROW_AHEAD: usize = 16;
+
+/// Sparse rows of one input block: `acc[r] += P_rb - N_rb` for every row `r`
+/// of `blk`, in plan order (see [`super::kernels`] for the additions). With
+/// `FIRST` (block 0) `acc[r] = 0 + (P_rb - N_rb)`: `acc` need not be cleared.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F; every index of block `b` of every row lies in
-/// `lo..lo + xt.len()`; `indices` holds `acc.len() * c` entries and `bounds`
-/// `acc.len() * (2 * nblocks - 1)` valid positions.
-#[allow(clippy::too_many_arguments)]
+/// The CPU must have AVX-512 F; every offset of `blk.offs` is `64 * i` with
+/// `i < xt.len()`, and the groups cover exactly `blk.rows` and `blk.offs`
+/// (both hold for a plan from [`super::plan::Plan::new`] over the block's inputs).
 #[target_feature(enable = "avx512f")]
-pub unsafe fn sparse_rows_avx512(
+pub unsafe fn sparse_block_avx512<const FIRST: bool>(
     acc: &mut [Lane],
     xt: &[Lane],
-    lo: usize,
-    indices: &[u16],
-    bounds: &[u16],
-    nblocks: usize,
-    b: usize,
-    c: usize,
+    blk: &Block<'_>,
 ) {
-    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
-    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
-    let load = |p: *const f32| unsafe { _mm512_loadu_ps(p) };
+    let base = xt.as_ptr() as *const u8;
+    // SAFETY: only called below on `base + offset`, a lane of `xt` (contract).
+    let load = |p: *const u8| unsafe { _mm512_loadu_ps(p as *const f32) };
     let add = |a: __m512, b: __m512| _mm512_add_ps(a, b);
-    let nbr = 2 * nblocks - 1;
-    for (r, a) in acc.iter_mut().enumerate() {
-        let row = &indices[r * c..(r + 1) * c];
-        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
-        // The indices of block b lie in lo..lo + xt.len(), so every load is in `xt`.
-        let (sp, sn) = {
-            (
-                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ps..pe]),
-                sum4!(__m512, _mm512_setzero_ps(), load, add, base, &row[ns..ne]),
-            )
-        };
-        let p = a.as_mut_ptr();
-        // SAFETY: `a` is one Lane of 16 f32.
-        unsafe { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_sub_ps(sp, sn))) };
+    let (mut rows, mut offs) = (blk.rows.iter(), blk.offs);
+    // Rows come in shape order, so their activations are far apart (L2, and
+    // a TLB miss each): ask for the one ROW_AHEAD rows on well in advance.
+    let mut ahead = blk.rows.iter().skip(ROW_AHEAD);
+    for g in blk.groups {
+        let (np, nn) = (g.pos as usize, g.neg as usize);
+        for &r in rows.by_ref().take(g.rows as usize) {
+            if let Some(&a) = ahead.next() {
+                // A prefetch never faults, whatever the address (a safe intrinsic here).
+                _mm_prefetch::<_MM_HINT_T0>(acc.as_ptr().wrapping_add(a as usize) as *const i8);
+            }
+            let (row, rest) = offs.split_at(np + nn);
+            offs = rest;
+            let z = _mm512_setzero_ps();
+            let sp = sum4!(__m512, z, load, add, base, &row[..np]);
+            let sn = sum4!(__m512, z, load, add, base, &row[np..]);
+            let p = acc[r as usize].as_mut_ptr();
+            // SAFETY: `p` is one Lane of 16 f32.
+            unsafe {
+                let a = if FIRST { z } else { _mm512_loadu_ps(p) };
+                _mm512_storeu_ps(p, _mm512_add_ps(a, _mm512_sub_ps(sp, sn)))
+            };
+        }
     }
 }
 
-/// AVX2 twin of [`sparse_rows_avx512`] (two 8-float halves per lane).
+/// AVX2 twin of [`sparse_block_avx512`] (two 8-float halves per lane).
 ///
 /// # Safety
-/// The CPU must have AVX2; same bounds as [`sparse_rows_avx512`].
-#[allow(clippy::too_many_arguments)]
+/// The CPU must have AVX2; same contract as [`sparse_block_avx512`].
 #[target_feature(enable = "avx2")]
-pub unsafe fn sparse_rows_avx2(
-    acc: &mut [Lane],
-    xt: &[Lane],
-    lo: usize,
-    indices: &[u16],
-    bounds: &[u16],
-    nblocks: usize,
-    b: usize,
-    c: usize,
-) {
-    let base = (xt.as_ptr() as *const f32).wrapping_sub(lo * 16);
-    // SAFETY: only called below on pointers into `xt` (see the caller's contract).
-    let load = |p: *const f32| unsafe { _mm256_loadu_ps(p) };
+pub unsafe fn sparse_block_avx2<const FIRST: bool>(acc: &mut [Lane], xt: &[Lane], blk: &Block<'_>) {
+    let base = xt.as_ptr() as *const u8;
+    // `hb` reads floats 8..16 of each lane.
+    let hb = base.wrapping_add(32);
+    // SAFETY: only called below on `base + offset` or `hb + offset`, inside a lane of `xt`.
+    let load = |p: *const u8| unsafe { _mm256_loadu_ps(p as *const f32) };
     let add = |a: __m256, b: __m256| _mm256_add_ps(a, b);
-    let nbr = 2 * nblocks - 1;
-    for (r, a) in acc.iter_mut().enumerate() {
-        let row = &indices[r * c..(r + 1) * c];
-        let (ps, pe, ns, ne) = block_range(&bounds[r * nbr..(r + 1) * nbr], nblocks, c, b);
-        let (pos, neg) = (&row[ps..pe], &row[ns..ne]);
-        // As in the AVX-512 version; `hb` reads floats 8..16 of each lane.
-        let (lo8, hi8) = {
-            let hb = base.wrapping_add(8);
-            (
-                _mm256_sub_ps(
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, pos),
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, base, neg),
-                ),
-                _mm256_sub_ps(
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, pos),
-                    sum4!(__m256, _mm256_setzero_ps(), load, add, hb, neg),
-                ),
-            )
-        };
-        let p = a.as_mut_ptr();
-        // SAFETY: `a` is one Lane of 16 f32.
-        unsafe {
-            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), lo8));
-            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), hi8));
+    let (mut rows, mut offs) = (blk.rows.iter(), blk.offs);
+    for g in blk.groups {
+        let (np, nn) = (g.pos as usize, g.neg as usize);
+        for &r in rows.by_ref().take(g.rows as usize) {
+            let (row, rest) = offs.split_at(np + nn);
+            offs = rest;
+            let (pos, neg) = row.split_at(np);
+            let z = _mm256_setzero_ps();
+            let lo8 = _mm256_sub_ps(
+                sum4!(__m256, z, load, add, base, pos),
+                sum4!(__m256, z, load, add, base, neg),
+            );
+            let hi8 = _mm256_sub_ps(
+                sum4!(__m256, z, load, add, hb, pos),
+                sum4!(__m256, z, load, add, hb, neg),
+            );
+            let p = acc[r as usize].as_mut_ptr();
+            // SAFETY: `p` is one Lane of 16 f32.
+            unsafe {
+                let (a, b) = if FIRST {
+                    (z, z)
+                } else {
+                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+                };
+                _mm256_storeu_ps(p, _mm256_add_ps(a, lo8));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(b, hi8));
+            }
         }
     }
+}
+
+/// Transposes whole tiles of 16 rows of `acc` (16 vectors each) into `out`:
+/// vector `v < nb` gets `out[v * m + r]` for the tiles' rows `r`. Returns how
+/// many rows it wrote (`m` rounded down to 16); the caller writes the rest.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `out.len() == nb * acc.len()`, `nb <= 16`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn unpack_avx512(acc: &[Lane], nb: usize, out: &mut [f32]) -> usize {
+    let m = acc.len();
+    debug_assert!(nb <= 16 && out.len() == nb * m);
+    let (lo, hi) = (_mm512_unpacklo_ps, _mm512_unpackhi_ps);
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    for (t, tile) in acc.chunks_exact(16).enumerate() {
+        // SAFETY: each row is one Lane of 16 f32.
+        let r: [__m512; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(tile[i].as_ptr()) });
+        // Pairs of rows interleaved, then pairs of pairs: u[4q + c] holds, in
+        // 128-bit lane l, column c + 4l of rows 4q .. 4q + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+            let (t0, t1, t2, t3) = (lo(a, b), hi(a, b), lo(c, d), hi(c, d));
+            u[4 * q] = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+            u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+            u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+            u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+        }
+        // Gather 128-bit lanes: column c + 4l is lane l of u[c], u[4 + c],
+        // u[8 + c], u[12 + c].
+        let mut col = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            col[c] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+            col[c + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+            col[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+            col[c + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+        }
+        for (v, c) in col.iter().enumerate().take(nb) {
+            let at = v * m + 16 * t;
+            // SAFETY: at + 16 <= v * m + m <= nb * m = out.len().
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), *c) };
+        }
+    }
+    m / 16 * 16
 }

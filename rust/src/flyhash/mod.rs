@@ -4,6 +4,7 @@
 //!
 //! - [`rng`]: the counter-based SplitMix64 generator every projection comes from.
 //! - [`projection`]: the `sign`, `sparse` and `seeded` projections.
+//! - [`plan`]: a sparse projection in the order the sparse kernel reads it.
 //! - [`kernels`]: activations of 16 vectors at a time, identical at every level.
 //! - [`wta`]: winner-take-all with the lowest-index tie rule.
 //! - [`hamming`], [`index`]: packed binary codes and their Hamming/Jaccard search.
@@ -13,7 +14,9 @@ pub mod file;
 pub mod hamming;
 pub mod index;
 pub mod kernels;
+mod kernels_sparse;
 mod kernels_x86;
+pub mod plan;
 pub mod projection;
 pub mod rng;
 mod scan;
@@ -158,7 +161,10 @@ impl FlyHash {
                         format!("{ct} (0 connections)"),
                     ));
                 }
-                m as u128 * (2 * c + projection::sparse_sign_bytes(c) + 4) as u128
+                // Per row: c u16 offsets, the sign bits, a u32 row number per
+                // input block (see `plan`).
+                let nblocks = projection::sparse_blocks(d);
+                m as u128 * (2 * c + projection::sparse_sign_bytes(c) + 4 * nblocks) as u128
             }
         };
         if bytes > MAX_BYTES as u128 {
@@ -284,7 +290,7 @@ fn drive<T: Send>(
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, &mut t.scratch);
                     let values = &mut t.values[..nb * p.m];
-                    kernels::unpack(&t.scratch.acc[..p.m], nb, values);
+                    kernels::unpack(level, t.scratch.acc(), nb, values);
                     for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len)) {
                         t.wta.winners(level, vals, k, &mut t.winners);
                         write(vals, &t.winners, row);
@@ -303,7 +309,7 @@ fn drive_raw(level: Level, p: Proj<'_>, sparse: bool, x: &[f32], out: &mut [f32]
                 |s, (o, xb)| {
                     let nb = xb.len() / p.d;
                     kernels::activations(level, p, xb, nb, s);
-                    kernels::unpack(&s.acc[..p.m], nb, o);
+                    kernels::unpack(level, s.acc(), nb, o);
                 },
             )
     })

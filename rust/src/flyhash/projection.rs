@@ -16,6 +16,7 @@
 //! bit per chosen input in ascending input order from the following words
 //! (bit `b % 64` of word `b / 64`).
 
+use super::plan::Plan;
 use super::rng::{row_key, splitmix_at, Stream};
 
 /// Which projection a [`super::FlyHash`] uses.
@@ -57,33 +58,12 @@ pub fn sparse_sign_bytes(c: usize) -> usize {
 
 /// Inputs per block of the sparse kernel: a block of 16-vector lanes (384 x 64 B
 /// = 24 KiB) stays in L1 while every row's connections into it are summed.
+/// The block partition is part of the canonical arithmetic (see [`super::kernels`]).
 pub const SPARSE_BLOCK: usize = 384;
 
 /// Number of input blocks `B` of a sparse projection over `d` inputs.
 pub fn sparse_blocks(d: usize) -> usize {
     d.div_ceil(SPARSE_BLOCK)
-}
-
-/// Row `r`'s connections into input block `b`: `(pos_start, pos_end, neg_start,
-/// neg_end)` positions in the row. `br` is the row's `2B - 1` bounds: the end of
-/// each block's +1 part for blocks `0..B-1` (the last one is the number of +1
-/// connections), then the end of each block's -1 part for blocks `0..B-2`.
-#[inline(always)]
-pub fn block_range(br: &[u16], nblocks: usize, c: usize, b: usize) -> (usize, usize, usize, usize) {
-    let npos = br[nblocks - 1] as usize;
-    let ps = if b == 0 { 0 } else { br[b - 1] as usize };
-    let pe = br[b] as usize;
-    let ns = if b == 0 {
-        npos
-    } else {
-        br[nblocks + b - 1] as usize
-    };
-    let ne = if b + 1 == nblocks {
-        c
-    } else {
-        br[nblocks + b] as usize
-    };
-    (ps, pe, ns, ne)
 }
 
 /// Mask of the valid bits of word `w` of a row over `d` inputs.
@@ -108,13 +88,12 @@ pub fn sign_word(seed: u64, d: usize, r: usize, w: usize) -> u64 {
 pub enum Weights {
     /// `m * sign_row_bytes(d)` bytes.
     Sign(Vec<u8>),
-    /// `indices`: `m * c`; `signs`: `m * sparse_sign_bytes(c)`; `bounds`: per row
-    /// `2B - 1` positions (derived from `indices` and `signs`, see [`block_range`]).
+    /// The connections in the kernel's order ([`Plan::row_major`] gives the
+    /// row-major `m * c` indices); `signs`: `m * sparse_sign_bytes(c)`.
     Sparse {
         c: usize,
-        indices: Vec<u16>,
+        plan: Plan,
         signs: Vec<u8>,
-        bounds: Vec<u16>,
     },
     Seeded,
 }
@@ -124,12 +103,7 @@ impl Weights {
     pub fn bytes(&self) -> usize {
         match self {
             Weights::Sign(b) => b.len(),
-            Weights::Sparse {
-                indices,
-                signs,
-                bounds,
-                ..
-            } => (indices.len() + bounds.len()) * 2 + signs.len(),
+            Weights::Sparse { plan, signs, .. } => plan.bytes() + signs.len(),
             Weights::Seeded => 0,
         }
     }
@@ -152,8 +126,7 @@ pub fn generate_sparse(seed: u64, d: usize, m: usize, c: usize, binary: bool) ->
     let sb = sparse_sign_bytes(c);
     let mut indices = vec![0u16; m * c];
     let mut signs = vec![0u8; m * sb];
-    let nblocks = sparse_blocks(d);
-    let mut bounds = vec![0u16; m * (2 * nblocks - 1)];
+    let mut npos = vec![0usize; m];
     let mut taken = vec![false; d];
     let mut chosen: Vec<usize> = Vec::with_capacity(c);
     let mut neg: Vec<u16> = Vec::with_capacity(c);
@@ -185,25 +158,14 @@ pub fn generate_sparse(seed: u64, d: usize, m: usize, c: usize, binary: bool) ->
             }
         }
         row[p..].copy_from_slice(&neg);
-        let br = &mut bounds[r * (2 * nblocks - 1)..(r + 1) * (2 * nblocks - 1)];
-        for b in 0..nblocks {
-            let limit = (b + 1) * SPARSE_BLOCK;
-            br[b] = row[..p].partition_point(|&i| (i as usize) < limit) as u16;
-            if b + 1 < nblocks {
-                br[nblocks + b] = (p + row[p..].partition_point(|&i| (i as usize) < limit)) as u16;
-            }
-        }
+        npos[r] = p;
         let sign_row = &mut signs[r * sb..(r + 1) * sb];
         for b in p..c {
             sign_row[b / 8] |= 1 << (b % 8);
         }
     }
-    Weights::Sparse {
-        c,
-        indices,
-        signs,
-        bounds,
-    }
+    let plan = Plan::new(d, m, c, &indices, &npos);
+    Weights::Sparse { c, plan, signs }
 }
 
 #[cfg(test)]
@@ -230,20 +192,15 @@ mod tests {
     #[test]
     fn sparse_rows_are_distinct_sorted_and_signed() {
         let (d, m, c) = (50, 400, 6);
-        let Weights::Sparse {
-            indices,
-            signs,
-            bounds,
-            ..
-        } = generate_sparse(3, d, m, c, false)
-        else {
+        let Weights::Sparse { plan, signs, .. } = generate_sparse(3, d, m, c, false) else {
             unreachable!()
         };
+        let (indices, npos) = plan.row_major();
         let mut neg_total = 0;
         let mut hits = vec![0u32; d];
         for r in 0..m {
             let row = &indices[r * c..(r + 1) * c];
-            let p = bounds[r] as usize; // one block: bounds = [npos]
+            let p = npos[r];
             assert!(row[..p].windows(2).all(|w| w[0] < w[1]));
             assert!(row[p..].windows(2).all(|w| w[0] < w[1]));
             let mut all: Vec<u16> = row.to_vec();

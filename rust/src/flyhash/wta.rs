@@ -11,6 +11,12 @@
 //! The two scans that pick indices out of all `m` (the cut bucket's members,
 //! then the winners) run as compare + compress, 16 indices per instruction, at
 //! the AVX-512 level; integer logic only, so every level picks the same winners.
+//!
+//! Large vectors first go through a prefilter: a threshold from a sample of
+//! the keys (every 16th) that almost surely lets through more than `k` keys
+//! but only a few percent of them; the exact selection then runs on those
+//! candidates alone. The winners are the same (the selection is exact); when
+//! the sample misleads and fewer than `k` pass, the full method runs instead.
 
 use crate::simd::Level;
 
@@ -28,7 +34,12 @@ pub struct Wta {
     hi: Vec<u32>,
     keys: Vec<u64>,
     idx: Vec<u32>,
+    sample: Vec<u32>,
 }
+
+/// Sample stride of the prefilter, and the smallest `m` it runs at.
+const STRIDE: usize = 16;
+const PREFILTER_MIN: usize = 4096;
 
 impl Wta {
     /// Writes the indices of the `k` winners of `values`, ascending, to `out`.
@@ -45,6 +56,9 @@ impl Wta {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = i as u32;
             }
+            return;
+        }
+        if self.prefiltered(level, values, k, out) {
             return;
         }
         self.hi.clear();
@@ -84,6 +98,158 @@ impl Wta {
         debug_assert_eq!(n, k);
         out.copy_from_slice(&self.idx[..k]);
     }
+
+    /// The winners from the keys that pass a sampled threshold (see the module
+    /// doc); `false`, with `out` unspecified, when the prefilter does not apply
+    /// or fewer than `k` keys pass.
+    fn prefiltered(&mut self, level: Level, values: &[f32], k: usize, out: &mut [u32]) -> bool {
+        let m = values.len();
+        let ns = m / STRIDE;
+        // About k / STRIDE sampled keys are expected at or above the k-th key;
+        // taking the sample's (1.25 k / STRIDE + 8)-th lets through ~1.25 k + 128
+        // keys, and fewer than k only with a sample about 3 deviations off.
+        let r = k * 5 / (4 * STRIDE) + 8;
+        if m < PREFILTER_MIN || 2 * r >= ns {
+            return false;
+        }
+        self.sample.clear();
+        self.sample
+            .extend((0..ns).map(|j| descending_bits(values[j * STRIDE])));
+        let t0 = nth_smallest(level, &mut self.sample, r);
+        self.idx.resize(m + 16, 0);
+        let n = candidates(level, values, t0, &mut self.idx);
+        if n < k {
+            return false;
+        }
+        self.hi.clear();
+        let idx = &self.idx[..n];
+        self.hi
+            .extend(idx.iter().map(|&i| descending_bits(values[i as usize])));
+        self.sample.clear();
+        self.sample.extend_from_slice(&self.hi);
+        let (idx, hi) = (&mut self.idx[..n], &self.hi[..n]);
+        // The k-th key `t`: the winners are the keys below it and, among those
+        // equal to it, the first `need` in index order (the candidates are).
+        let t = nth_smallest(level, &mut self.sample, k - 1);
+        let below = count_le(level, hi, t.wrapping_sub(1)) * (t > 0) as usize;
+        let mut need = k - below;
+        let mut w = 0;
+        if count_le(level, hi, t) - below == need {
+            // Every key equal to t wins (the usual case: t is unique).
+            for j in 0..n {
+                idx[w] = idx[j];
+                w += (hi[j] <= t) as usize;
+            }
+        } else {
+            for j in 0..n {
+                let tie = hi[j] == t && need > 0;
+                need -= tie as usize;
+                idx[w] = idx[j];
+                w += (hi[j] < t || tie) as usize;
+            }
+        }
+        debug_assert_eq!(w, k);
+        out.copy_from_slice(&idx[..k]);
+        true
+    }
+}
+
+/// The `r`-th smallest of `keys` (0-based; `r < keys.len()`; `keys` may be
+/// reordered). At the AVX-512 level: the smallest `t` with more than `r` keys
+/// `<= t`, found bit by bit from the top (32 counting passes, 16 keys per
+/// compare, no data-dependent branches); elsewhere a selection.
+fn nth_smallest(level: Level, keys: &mut [u32], r: usize) -> u32 {
+    debug_assert!(r < keys.len());
+    if level != Level::Avx512 {
+        return *keys.select_nth_unstable(r).1;
+    }
+    let mut t = 0u32;
+    for b in (0..32).rev() {
+        // The answer has bit b clear iff more than r keys are <= t with bits
+        // below b set.
+        if count_le(level, keys, t | ((1u32 << b) - 1)) <= r {
+            t |= 1 << b;
+        }
+    }
+    t
+}
+
+/// How many of `keys` are `<= t`.
+fn count_le(level: Level, keys: &[u32], t: u32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 {
+        // SAFETY: the caller checked the level (AVX-512 F/BW/VL).
+        return unsafe { count_le_avx512(keys, t) };
+    }
+    let _ = level;
+    keys.iter().map(|&h| (h <= t) as usize).sum()
+}
+
+/// [`count_le`] compiled for AVX-512 (the same loop, vectorised by LLVM).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn count_le_avx512(keys: &[u32], t: u32) -> usize {
+    keys.iter().map(|&h| (h <= t) as u32).sum::<u32>() as usize
+}
+
+/// Writes every index `i` whose key `descending_bits(values[i]) <= t`, ascending,
+/// to `idx` (`>= values.len() + 16` long); returns how many.
+fn candidates(level: Level, values: &[f32], t: u32, idx: &mut [u32]) -> usize {
+    let m = values.len();
+    assert!(idx.len() >= m + 16 && m < u32::MAX as usize);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the caller checked the level (AVX-512 F), POPCNT was just
+        // detected; `idx` is long enough (asserted).
+        return unsafe { candidates_avx512(values, t, idx) };
+    }
+    let _ = level;
+    // Branch-free compaction: the n-th candidate is written at n <= i.
+    let mut n = 0;
+    for (i, &v) in values.iter().enumerate() {
+        idx[n] = i as u32;
+        n += (descending_bits(v) <= t) as usize;
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+// POPCNT: without it the count of each mask is a dozen shifts and adds.
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn candidates_avx512(values: &[f32], t: u32, idx: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let m = values.len();
+    let mut at_idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let tv = _mm512_set1_epi32(t as i32);
+    let mut n = 0usize;
+    for at in (0..m).step_by(16) {
+        let live: __mmask16 = if m - at >= 16 {
+            0xffff
+        } else {
+            (1 << (m - at)) - 1
+        };
+        // SAFETY: the mask enables only values[at .. min(at + 16, m)].
+        let v = unsafe { _mm512_maskz_loadu_ps(live, values.as_ptr().add(at)) };
+        // descending_bits, 16 at a time: fold -0.0; then `!(b ^ flip)` with
+        // `flip` all ones for a negative value, the sign bit for a positive one,
+        // i.e. `b ^ (!sign_mask & 0x7fff_ffff)`.
+        let b = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));
+        let h = _mm512_xor_si512(
+            b,
+            _mm512_andnot_si512(_mm512_srai_epi32::<31>(b), _mm512_set1_epi32(i32::MAX)),
+        );
+        let keep = _mm512_cmple_epu32_mask(h, tv) & live;
+        // SAFETY: n <= at, so [n, n + 16) lies inside idx (len >= m + 16).
+        unsafe {
+            _mm512_storeu_si512(
+                idx.as_mut_ptr().add(n) as *mut _,
+                _mm512_maskz_compress_epi32(keep, at_idx),
+            )
+        };
+        n += keep.count_ones() as usize;
+        at_idx = _mm512_add_epi32(at_idx, _mm512_set1_epi32(16));
+    }
+    n
 }
 
 /// Which indices [`pick`] keeps: order bits whose top 12 bits are the bucket,
@@ -109,8 +275,9 @@ impl Pick {
 fn pick(level: Level, hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
     assert!(out.len() >= hi.len() + 16 && hi.len() < u32::MAX as usize);
     #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 {
-        // SAFETY: the caller checked the level (AVX-512 F); `out` is long enough (asserted).
+    if level == Level::Avx512 && std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the caller checked the level (AVX-512 F), POPCNT was just
+        // detected; `out` is long enough (asserted).
         return unsafe { pick_avx512(hi, p, out) };
     }
     let _ = level;
@@ -124,7 +291,7 @@ fn pick(level: Level, hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,popcnt")]
 unsafe fn pick_avx512(hi: &[u32], p: Pick, out: &mut [u32]) -> usize {
     use std::arch::x86_64::*;
     let mask = |h: __m512i, i: __m512i| -> __mmask16 {
@@ -192,6 +359,38 @@ mod tests {
             assert_eq!(out, [1, 3]);
             w.winners(level, &[-0.0, 0.0, -1.0, 0.0], 2, &mut out);
             assert_eq!(out, [0, 1]);
+        }
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = crate::flyhash::rng::Stream::for_row(seed, 0);
+        (0..n)
+            .map(|_| (s.next_u64() >> 40) as f32 / (1u64 << 20) as f32 - 8.0)
+            .collect()
+    }
+
+    #[test]
+    fn prefilter_and_its_fallback_pick_the_same_winners() {
+        let (m, k) = (19_968, 998);
+        let mut cases = vec![noise(m, 1)];
+        // Coarse values: many ties around the threshold.
+        cases.push(noise(m, 2).iter().map(|v| v.round()).collect());
+        // Every sampled position high, all others low: the sampled threshold
+        // lets too few through and the full method runs.
+        cases.push(
+            (0..m)
+                .map(|i| if i % STRIDE == 0 { 1.0 } else { -(i as f32) })
+                .collect(),
+        );
+        // Few distinct values, -0.0 and 0.0 included.
+        cases.push((0..m).map(|i| [-0.0, 0.0, 1.0, -1.0][i % 4]).collect());
+        let mut out = vec![0u32; k];
+        for values in &cases {
+            let want = winners_by_sorting(values, k);
+            for level in Level::supported() {
+                Wta::default().winners(level, values, k, &mut out);
+                assert_eq!(out, want, "{level}");
+            }
         }
     }
 
