@@ -14,9 +14,13 @@
 //! int16 activations by less than the 0.1% the library promises.
 //!
 //! Layout. Weight rows go in tiles of 16: a tile's codes are unpacked once into a
-//! *panel* where one 64-byte vector holds 2 consecutive codes (i16) of each of
-//! the 16 rows (lane `l` = row `l`), so `vpdpwssd` against 2 broadcast
-//! activations yields 16 per-row partial sums with no horizontal reduction. A
+//! *panel* where one 64-byte vector holds 2 codes (i16) of each of the 16 rows
+//! (lane `l` = row `l`), so `vpdpwssd` against 2 broadcast activations yields 16
+//! per-row partial sums with no horizontal reduction. The 2 codes of a lane are
+//! the low and high nibble of one packed byte (codes `c` and `c + g/2` of a group,
+//! GGUF order), so a panel is built by transposing 16 x 16 byte blocks in
+//! registers and splitting nibbles, with no scattered stores; the activations are
+//! laid out in the same pairs. A
 //! panel (16 x cols x 2 bytes, 128 KiB at 4,096 columns) is reused by every
 //! activation row; 8 activation rows run together so each panel vector is
 //! loaded once per 8 `vpdpwssd`. Per group, the 16 integer sums become floats:
@@ -62,67 +66,131 @@ fn quantize_activations(x: &[f32], n: usize, cols: usize, g: usize, ng: usize) -
         dx: vec![0f32; np * ng],
         sums: vec![0f32; np * ng],
     };
-    for i in 0..n {
-        let row = &x[i * cols..(i + 1) * cols];
-        for k in 0..ng {
-            let src = &row[(k * g).min(cols)..((k + 1) * g).min(cols)];
-            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 32767.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut total = 0i32;
-            for (o, v) in a.xq[i * pc + k * g..].iter_mut().zip(src) {
-                *o = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
-                total += *o as i32;
+    // Rows in parallel: n x cols values per call, serial it held back 16 cores.
+    a.xq.par_chunks_mut(pc)
+        .zip(a.dx.par_chunks_mut(ng).zip(a.sums.par_chunks_mut(ng)))
+        .zip(x.par_chunks(cols))
+        .for_each(|((xq, (dx, sums)), row)| {
+            let mut tmp = [0i16; 256];
+            let h = g / 2;
+            for k in 0..ng {
+                let src = &row[(k * g).min(cols)..((k + 1) * g).min(cols)];
+                tmp.fill(0);
+                let (d, total) = super::vnni::quantize_group(src, &mut tmp[..src.len()]);
+                // Pair c of the group: values c and c + g/2, as in the panel.
+                for (c, pair) in xq[k * g..(k + 1) * g].chunks_exact_mut(2).enumerate() {
+                    pair[0] = tmp[c];
+                    pair[1] = tmp[c + h];
+                }
+                dx[k] = d;
+                sums[k] = d * total as f32;
             }
-            a.dx[i * ng + k] = d;
-            a.sums[i * ng + k] = d * total as f32;
-        }
-    }
+        });
     a
 }
 
 /// One tile's codes, scales and mins, interleaved for the kernel.
 struct Panel {
-    /// `codes[((k * g / 2 + c) * 16 + l) * 2 + j]`: code `2c + j` of group `k`, row `l`.
+    /// `codes[((k * g / 2 + c) * 16 + l) * 2 + j]`: the low (`j = 0`) or high
+    /// (`j = 1`) nibble of byte `c` of group `k` in row `l`, i.e. code `c` or
+    /// `c + g/2` of the group.
     codes: Vec<i16>,
     /// `scales[k * 16 + l]`, `mins[k * 16 + l]` (zeros for missing rows).
     scales: Vec<f32>,
     mins: Vec<f32>,
 }
 
-fn build_panel(q: &QuantRef<'_>, r0: usize, panel: &mut Panel) {
-    let g = q.params.group_size;
-    let h = g / 2;
-    let ng = q.groups();
-    let m = TILE.min(q.rows - r0);
-    let off = -(q.params.offset() as f32);
-    panel.codes.clear();
-    panel.codes.resize(ng * g * TILE, 0);
-    panel.scales.clear();
-    panel.scales.resize(ng * TILE, 0.0);
-    panel.mins.clear();
-    panel.mins.resize(ng * TILE, 0.0);
-    for l in 0..m {
-        let r = r0 + l;
-        let row = q.row(r);
-        for k in 0..ng {
-            let grp = &row[k * h..(k + 1) * h];
-            let base = k * g * TILE;
-            // Code v of a group: low nibble of byte v for v < h, else the high
-            // nibble of byte v - h (GGUF order).
-            for (b, &byte) in grp.iter().enumerate() {
-                let (vl, vh) = (b, b + h);
-                panel.codes[base + ((vl / 2) * TILE + l) * 2 + vl % 2] = (byte & 0x0f) as i16;
-                panel.codes[base + ((vh / 2) * TILE + l) * 2 + vh % 2] = (byte >> 4) as i16;
-            }
-            let s = q.scales.get(r * ng + k);
-            panel.scales[k * TILE + l] = s;
-            panel.mins[k * TILE + l] = match q.mins {
-                Some(mins) => mins.get(r * ng + k),
-                None => off * s,
-            };
+impl Panel {
+    fn new() -> Panel {
+        Panel {
+            codes: Vec::new(),
+            scales: Vec::new(),
+            mins: Vec::new(),
         }
     }
+
+    /// Sizes the panel for the tile at row `r0` and fills its scales and mins;
+    /// the codes are left zeroed.
+    fn prepare(&mut self, q: &QuantRef<'_>, r0: usize) {
+        let ng = q.groups();
+        let m = TILE.min(q.rows - r0);
+        let off = -(q.params.offset() as f32);
+        self.codes.clear();
+        self.codes.resize(ng * q.params.group_size * TILE, 0);
+        self.scales.clear();
+        self.scales.resize(ng * TILE, 0.0);
+        self.mins.clear();
+        self.mins.resize(ng * TILE, 0.0);
+        for l in 0..m {
+            let r = r0 + l;
+            for k in 0..ng {
+                let s = q.scales.get(r * ng + k);
+                self.scales[k * TILE + l] = s;
+                self.mins[k * TILE + l] = match q.mins {
+                    Some(mins) => mins.get(r * ng + k),
+                    None => off * s,
+                };
+            }
+        }
+    }
+}
+
+/// Fills `panel` with the tile of rows `r0..r0 + 16` (missing rows are zeros).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; 4-bit weights.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn build_panel(q: &QuantRef<'_>, r0: usize, panel: &mut Panel) {
+    use std::arch::x86_64::*;
+    panel.prepare(q, r0);
+    let rb = q.params.row_bytes(q.cols);
+    let m = TILE.min(q.rows - r0);
+    // A group holds g/2 bytes, a multiple of 16 for every group size (>= 32),
+    // so a row is whole 16-byte blocks.
+    assert!(rb.is_multiple_of(16) && panel.codes.len() == rb * 2 * TILE);
+    let zero = [0u8; 16];
+    let lo = _mm512_set1_epi32(0x0f);
+    let hi = _mm512_set1_epi32(0xf0);
+    let out = panel.codes.as_mut_ptr() as *mut u32;
+    for b0 in (0..rb).step_by(16) {
+        let mut v = [_mm_setzero_si128(); TILE];
+        for (l, vl) in v.iter_mut().enumerate() {
+            let src = if l < m {
+                &q.row(r0 + l)[b0..b0 + 16]
+            } else {
+                &zero[..]
+            };
+            // SAFETY: `src` holds 16 bytes.
+            *vl = unsafe { _mm_loadu_si128(src.as_ptr() as *const _) };
+        }
+        // 16 x 16 byte transpose: four rounds of the perfect shuffle leave byte
+        // j of row l in lane l of vector j.
+        for _ in 0..4 {
+            let mut t = [_mm_setzero_si128(); TILE];
+            for i in 0..8 {
+                t[2 * i] = _mm_unpacklo_epi8(v[i], v[i + 8]);
+                t[2 * i + 1] = _mm_unpackhi_epi8(v[i], v[i + 8]);
+            }
+            v = t;
+        }
+        for (j, vj) in v.iter().enumerate() {
+            // Byte -> (low nibble, high nibble) as the two i16 of a lane.
+            let x = _mm512_cvtepu8_epi32(*vj);
+            let w = _mm512_or_si512(
+                _mm512_and_si512(x, lo),
+                _mm512_slli_epi32::<12>(_mm512_and_si512(x, hi)),
+            );
+            // SAFETY: b0 + j < rb, so the 16 u32 at (b0 + j) * 16 end within the
+            // codes' rb * 2 * 16 i16 (asserted above).
+            unsafe { _mm512_storeu_si512(out.add((b0 + j) * TILE) as *mut _, w) };
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn build_panel(_q: &QuantRef<'_>, _r0: usize, _panel: &mut Panel) {
+    unreachable!("applies() is false off x86_64")
 }
 
 /// `out (n, rows) = x (n, cols) . W^T` for 4-bit weights. Caller checked shapes
@@ -132,29 +200,26 @@ pub fn matmul4(q: &QuantRef<'_>, x: &[f32], n: usize, out: &mut [f32]) -> Result
     let (rows, cols) = (q.rows, q.cols);
     let g = q.params.group_size;
     let ng = q.groups();
-    let a = quantize_activations(x, n, cols, g, ng);
     let tiles = rows.div_ceil(TILE);
     let tasks = tiles.div_ceil(TILES_PER_TASK);
-    // Each task fills an (n, its rows) block; copied into `out` after.
-    let blocks: Vec<(usize, Vec<f32>)> = crate::threads::install(|| {
-        (0..tasks)
+    crate::threads::install(|| {
+        let a = quantize_activations(x, n, cols, g, ng);
+        let np = a.dx.len() / ng;
+        // Each task fills an (n, its rows) block, copied into `out` after.
+        let blocks: Vec<(usize, Vec<f32>)> = (0..tasks)
             .into_par_iter()
             .map(|t| {
                 let t0 = t * TILES_PER_TASK;
                 let t1 = (t0 + TILES_PER_TASK).min(tiles);
                 let panels: Vec<Panel> = (t0..t1)
                     .map(|ti| {
-                        let mut p = Panel {
-                            codes: Vec::new(),
-                            scales: Vec::new(),
-                            mins: Vec::new(),
-                        };
-                        build_panel(q, ti * TILE, &mut p);
+                        let mut p = Panel::new();
+                        // SAFETY: `applies` saw AVX-512 F/BW/VL; 4-bit weights.
+                        unsafe { build_panel(q, ti * TILE, &mut p) };
                         p
                     })
                     .collect();
                 let width = (t1 - t0) * TILE;
-                let np = a.dx.len() / ng;
                 let mut y = vec![0f32; np * width];
                 for i0 in (0..n).step_by(BATCH) {
                     for (pi, p) in panels.iter().enumerate() {
@@ -171,15 +236,16 @@ pub fn matmul4(q: &QuantRef<'_>, x: &[f32], n: usize, out: &mut [f32]) -> Result
                 }
                 (t0 * TILE, y)
             })
-            .collect()
+            .collect();
+        // Output rows in parallel too: n x rows floats.
+        out.par_chunks_mut(rows).enumerate().for_each(|(i, o)| {
+            for (r0, y) in &blocks {
+                let width = y.len() / np;
+                let m = width.min(rows - r0);
+                o[*r0..r0 + m].copy_from_slice(&y[i * width..i * width + m]);
+            }
+        });
     })?;
-    for (r0, y) in blocks {
-        let width = y.len() / (a.dx.len() / ng);
-        let m = width.min(rows - r0);
-        for i in 0..n {
-            out[i * rows + r0..i * rows + r0 + m].copy_from_slice(&y[i * width..i * width + m]);
-        }
-    }
     Ok(())
 }
 
@@ -251,4 +317,50 @@ unsafe fn kernel(
     _out: &mut [[f32; TILE]; BATCH],
 ) {
     unreachable!("applies() is false off x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::format::{Params, ScaleType, Scheme};
+    use crate::quant::quantize::quantize;
+
+    /// The register-transposed panel equals the scalar definition of its layout,
+    /// on whole tiles and on one that ends past the last row.
+    #[test]
+    fn panel_matches_its_scalar_definition() {
+        if !super::super::vnni::available() {
+            return;
+        }
+        let (rows, cols) = (21, 160);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 97.0)
+            .collect();
+        for g in [32, 64, 128, 256] {
+            let params = Params::new(4, g, Scheme::Asym, ScaleType::F16).unwrap();
+            let qw = quantize(&w, rows, cols, params, false).unwrap();
+            let q = qw.view();
+            let h = g / 2;
+            for r0 in [0, 16] {
+                let mut p = Panel::new();
+                // SAFETY: `available` saw AVX-512 F/BW/VL; 4-bit weights.
+                unsafe { build_panel(&q, r0, &mut p) };
+                for l in 0..TILE {
+                    for k in 0..q.groups() {
+                        for c in 0..h {
+                            let byte = if r0 + l < rows {
+                                q.row(r0 + l)[k * h + c]
+                            } else {
+                                0
+                            };
+                            let at = ((k * h + c) * TILE + l) * 2;
+                            let what = format!("g{g} tile {r0} lane {l} group {k} byte {c}");
+                            assert_eq!(p.codes[at], (byte & 0x0f) as i16, "{what}");
+                            assert_eq!(p.codes[at + 1], (byte >> 4) as i16, "{what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
