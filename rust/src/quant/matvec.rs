@@ -507,40 +507,56 @@ pub fn matvec_at(
     }
     let ng = q.groups();
     let chunk = chunk_rows(q);
+    // One task's worth of rows runs on the calling thread: handing a job to the
+    // pool and waiting for it costs ~16 us (two context switches), more than
+    // such a task takes. Decoding a small model calls layers this size hundreds
+    // of times per token.
+    let inline = n <= chunk;
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && super::vnni::applies(q) {
         let a = super::vnni::Int16Activations::new(q, x);
-        return crate::threads::install(|| {
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-                for (i, y) in o.iter_mut().enumerate() {
-                    let j = c * chunk + i;
-                    let r = rows.map_or(j, |idx| idx[j] as usize);
-                    // SAFETY: `applies()` proved AVX-512 F/BW/VL + VNNI and 4- or
-                    // 8-bit weights; `a` was built from `q`; r < q.rows (checked above).
-                    *y = unsafe { super::vnni::row_vnni(q, r, &a) };
-                }
-            })
-        });
-    }
-    let a = Activations::new(q, x);
-    let n_out = out.len();
-    crate::threads::install(|| {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            let mut s = vec![0f32; ng];
-            let mut m = vec![0f32; ng];
+        let task = |(c, o): (usize, &mut [f32])| {
             for (i, y) in o.iter_mut().enumerate() {
                 let j = c * chunk + i;
                 let r = rows.map_or(j, |idx| idx[j] as usize);
-                if j + PREFETCH_ROWS < n_out && level != Level::Scalar {
-                    prefetch_row(
-                        q,
-                        rows.map_or(j + PREFETCH_ROWS, |idx| idx[j + PREFETCH_ROWS] as usize),
-                    );
-                }
-                *y = row_at(level, q, r, &a, &mut s, &mut m);
+                // SAFETY: `applies()` proved AVX-512 F/BW/VL + VNNI and 4- or
+                // 8-bit weights; `a` was built from `q`; r < q.rows (checked above).
+                *y = unsafe { super::vnni::row_vnni(q, r, &a) };
             }
-        })
-    })
+        };
+        return for_each_chunk(out, chunk, inline, task);
+    }
+    let a = Activations::new(q, x);
+    let n_out = out.len();
+    let task = |(c, o): (usize, &mut [f32])| {
+        let mut s = vec![0f32; ng];
+        let mut m = vec![0f32; ng];
+        for (i, y) in o.iter_mut().enumerate() {
+            let j = c * chunk + i;
+            let r = rows.map_or(j, |idx| idx[j] as usize);
+            if j + PREFETCH_ROWS < n_out && level != Level::Scalar {
+                prefetch_row(
+                    q,
+                    rows.map_or(j + PREFETCH_ROWS, |idx| idx[j + PREFETCH_ROWS] as usize),
+                );
+            }
+            *y = row_at(level, q, r, &a, &mut s, &mut m);
+        }
+    };
+    for_each_chunk(out, chunk, inline, task)
+}
+
+/// Runs `task` on each `chunk`-row piece of `out`: on the calling thread when
+/// `inline`, else in parallel in the neuropil pool.
+fn for_each_chunk<F>(out: &mut [f32], chunk: usize, inline: bool, task: F) -> Result<()>
+where
+    F: Fn((usize, &mut [f32])) + Sync + Send,
+{
+    if inline {
+        out.chunks_mut(chunk).enumerate().for_each(task);
+        return Ok(());
+    }
+    crate::threads::install(|| out.par_chunks_mut(chunk).enumerate().for_each(task))
 }
 
 /// `W x` for one vector `x` of length `cols`; returns `rows` outputs.
