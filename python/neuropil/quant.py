@@ -169,7 +169,7 @@ class QuantizedWeights:
         Returns:
             float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``).
 
-        Precision: at the ``avx512`` level on CPUs with VNNI, 4- and 8-bit
+        Precision: at the ``avx512`` level on CPUs with VNNI, 2-, 4- and 8-bit
         weights multiply ``x`` quantized per group to int16 (step
         ``max|x_group| / 32767``; near-lossless, where ggml's int8 moves an LLM's
         perplexity by ~1% through its outlier channels). Every other width and

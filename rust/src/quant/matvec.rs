@@ -5,11 +5,12 @@
 //! materialised.
 //!
 //! Paths (chosen per call from the SIMD level and the bit width):
-//! - 4- and 8-bit at the AVX-512 level on a CPU with VNNI: int16 activations per
+//! - 2-, 4- and 8-bit at the AVX-512 level on a CPU with VNNI: int16 activations per
 //!   group and `vpdpwssd` (see `vnni.rs`; error bounded by the activation rounding);
 //! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
 //!   to 16 or 8 float lanes, FMA against float32 activations;
-//! - 2-, 3- and 8-bit at AVX-512 without VNNI and at AVX2: codes unpacked to bytes
+//! - 3-bit at AVX-512 and AVX2, 2- and 8-bit at AVX-512 without VNNI and at
+//!   AVX2: codes unpacked to bytes
 //!   per group, then widened to float lanes (8-bit reads its codes in place),
 //!   float32 activations;
 //! - scalar: portable loops, float32 activations.

@@ -12,7 +12,7 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gemm_vnni`]: the 4-bit mat-mul with int16 activations (AVX-512 VNNI);
-//! - `vnni`: the 4- and 8-bit mat-vec with int16 activations (AVX-512 VNNI);
+//! - `vnni`: the 2-, 4- and 8-bit mat-vec with int16 activations (AVX-512 VNNI);
 //! - [`gguf`]: GGUF block conversion;
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 

@@ -1,10 +1,11 @@
-//! 4- and 8-bit batch-1 mat-vec with int16 activations on AVX-512 VNNI.
+//! 2-, 4- and 8-bit batch-1 mat-vec with int16 activations on AVX-512 VNNI.
 //!
 //! Each group `k` of `x` becomes `dx_k * xq` with `xq` int16 in [-32767, 32767]
 //! and `dx_k = max|x_k| / 32767` (round half away from zero). Read as 16-bit
 //! words, a 64-byte chunk of 4-bit codes yields four vectors of 32 codes each by
 //! a shift and a mask (the low and high nibble of each word's low and high byte;
-//! 8-bit codes: two vectors, each word's low and high byte),
+//! 8-bit codes: two vectors, each word's low and high byte; 2-bit codes: eight,
+//! the four 2-bit fields of each byte),
 //! and `vpdpwssd` multiplies them with `xq` laid out to match: 32 products per
 //! instruction, no widening shuffles. The min term uses the group sums of the
 //! *quantized* activations, so the result is exactly the mat-vec of the
@@ -18,20 +19,23 @@
 //! moved perplexity by 0.98% with int8 activations; with int16 it matches the
 //! batched path (`super::gemm_vnni`, also int16) within the library's 0.1%.
 //!
-//! Used for every 4- and 8-bit scheme (asym, sym, q4_0, q4_1; 8-bit asym and
-//! sym) at the AVX-512 level on CPUs with VNNI; 2- and 3-bit weights keep
-//! float32 activations. 8-bit codes (<= 255) times int16 stay exact in the i32
-//! lanes: at most 4 products of <= 255 * 32767 per lane and chunk.
+//! Used for every 2-, 4- and 8-bit scheme (asym, sym, q4_0, q4_1; 2- and 8-bit
+//! asym and sym) at the AVX-512 level on CPUs with VNNI. 3-bit weights keep
+//! float32 activations: their low and high bit planes alternate per group
+//! (12 to 96 bytes), so 64-byte chunks would mix planes. 8-bit codes (<= 255)
+//! times int16 stay exact in the i32 lanes: at most 4 products of
+//! <= 255 * 32767 per lane and chunk (2-bit: 16 products of <= 3 * 32767).
 
 use super::format::QuantRef;
 
 /// `x` quantized per group to int16 and laid out like the packed codes.
 ///
-/// Word `w` of a row's codes (bytes `2w`, `2w + 1`) holds four 4-bit codes or
-/// two 8-bit ones; `part[j][w]` is the activation that meets code field `j` of
-/// that word. 4-bit: the low and high nibble of byte `2w`, then of byte `2w + 1`
-/// (byte `b` of group `k` holds code `b` in its low nibble and code `g/2 + b` in
-/// its high one). 8-bit: byte `2w`, then byte `2w + 1`.
+/// Word `w` of a row's codes (bytes `2w`, `2w + 1`) holds `F = 8 / bits` code
+/// fields per byte; `part[F p + f][w]` is the activation that meets field `f`
+/// (bits `bits * f ..`) of byte `2w + p`. Byte `b` of group `k` holds, in field
+/// `f`, code `b + f * gb` of the group (`gb` bytes per group): for 4-bit, code
+/// `b` in the low nibble and `g/2 + b` in the high one (GGUF order); for 2-bit,
+/// codes `b, b + g/4, b + g/2, b + 3g/4`; for 8-bit, code `b`.
 pub(crate) struct Int16Activations {
     part: Vec<Vec<i16>>,
     /// `dx_k` per group (padded to a multiple of 16 with zeros).
@@ -41,16 +45,16 @@ pub(crate) struct Int16Activations {
 }
 
 impl Int16Activations {
-    /// Caller: `q.params.bits` is 4 or 8 ([`applies`]).
+    /// Caller: `q.params.bits` is 2, 4 or 8 ([`applies`]).
     pub fn new(q: &QuantRef<'_>, x: &[f32]) -> Int16Activations {
         let g = q.params.group_size;
-        let eight = q.params.bits == 8;
-        let gb = if eight { g } else { g / 2 }; // bytes per group
+        let fields = 8 / q.params.bits as usize; // code fields per byte
+        let gb = g / fields; // bytes per group
         let ng = q.groups();
         let rb = q.params.row_bytes(q.cols);
         // Words per row, rounded up to whole 64-byte chunks (32 words).
         let words = rb.div_ceil(64) * 32;
-        let mut part = vec![vec![0i16; words]; if eight { 2 } else { 4 }];
+        let mut part = vec![vec![0i16; words]; 2 * fields];
         let mut dx = vec![0f32; ng.div_ceil(16) * 16];
         let mut sums = vec![0f32; dx.len()];
         let mut xq = [0i16; 256];
@@ -60,13 +64,9 @@ impl Int16Activations {
             let (d, total) = quantize_group(src, &mut xq[..src.len()]);
             for b in 0..gb {
                 let byte = k * gb + b;
-                let w = byte / 2;
-                if eight {
-                    part[byte % 2][w] = xq[b];
-                } else {
-                    let j = 2 * (byte % 2);
-                    part[j][w] = xq[b];
-                    part[j + 1][w] = xq[gb + b];
+                let (w, p) = (byte / 2, byte % 2);
+                for f in 0..fields {
+                    part[fields * p + f][w] = xq[b + f * gb];
                 }
             }
             dx[k] = d;
@@ -156,10 +156,10 @@ unsafe fn quantize_group_avx512(src: &[f32], dst: &mut [i16]) -> (f32, i32) {
     (d, _mm512_reduce_add_epi32(total))
 }
 
-/// Whether [`row_vnni`] serves these weights here: 4- or 8-bit codes and a CPU
-/// with AVX-512 VNNI.
+/// Whether [`row_vnni`] serves these weights here: 2-, 4- or 8-bit codes and a
+/// CPU with AVX-512 VNNI.
 pub(crate) fn applies(q: &QuantRef<'_>) -> bool {
-    matches!(q.params.bits, 4 | 8) && available()
+    matches!(q.params.bits, 2 | 4 | 8) && available()
 }
 
 /// Whether this CPU runs [`row_vnni`].
@@ -206,54 +206,61 @@ const PREFETCH: usize = 16384;
 
 /// The 16 integer dot products (as floats) of the 64 code bytes `v` at byte
 /// `c` of a row with the activations: lane `L` sums the codes of bytes
-/// `c + 4L .. c + 4L + 4` (one group, as groups span >= 16 bytes). The codes
-/// come out of each 16-bit word by a shift and a mask, already as i16.
+/// `c + 4L .. c + 4L + 4` (one group, as groups span >= 8 bytes). The codes
+/// come out of each 16-bit word by a shift and a mask, already as i16: field
+/// `f` of the word's byte `p` is bits `8p + BITS f ..` (see [`Int16Activations`]).
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI; `a`'s parts hold words `c / 2 .. c / 2 + 32` (rows are
-/// padded to whole 64-byte chunks); `a` was built for `EIGHT`-bit codes.
+/// padded to whole 64-byte chunks); `a` was built for `BITS`-bit codes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn cvt_dot<const EIGHT: bool>(
+unsafe fn cvt_dot<const BITS: u32>(
     v: std::arch::x86_64::__m512i,
     a: &Int16Activations,
     c: usize,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let w = c / 2;
-    // SAFETY: the caller guarantees words w..w + 32 exist in every part.
+    let fields = 8 / BITS as usize;
+    // SAFETY: the caller guarantees AVX-512 F/BW/VNNI and that words w..w + 32
+    // exist in every part.
     unsafe {
-        let x = |j: usize| _mm512_loadu_si512(a.part[j].as_ptr().add(w) as *const _);
-        let acc = if EIGHT {
-            let lo = _mm512_and_si512(v, _mm512_set1_epi16(0xff));
-            let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, x(0));
-            _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v, 8), x(1))
-        } else {
-            let nib = _mm512_set1_epi16(0x0f);
-            let mut acc =
-                _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib), x(0));
-            acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), x(1));
-            acc = _mm512_dpwssd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 8), nib), x(2));
-            _mm512_dpwssd_epi32(acc, _mm512_srli_epi16(v, 12), x(3))
-        };
+        let mask = _mm512_set1_epi16(((1u32 << BITS) - 1) as i16);
+        let mut acc = _mm512_setzero_si512();
+        for p in 0..2 {
+            for f in 0..fields {
+                let at = 8 * p as u32 + BITS * f as u32;
+                // (constant after unrolling: one vpsrlw by an immediate)
+                let sh = _mm512_srl_epi16(v, _mm_cvtsi32_si128(at as i32));
+                // The top field needs no mask: the shift cleared the bits above it.
+                let codes = if at + BITS == 16 {
+                    sh
+                } else {
+                    _mm512_and_si512(sh, mask)
+                };
+                let x = _mm512_loadu_si512(a.part[fields * p + f].as_ptr().add(w) as *const _);
+                acc = _mm512_dpwssd_epi32(acc, codes, x);
+            }
+        }
         _mm512_cvtepi32_ps(acc)
     }
 }
 
-/// One output row, 4- or 8-bit codes times int16 activations.
+/// One output row, 2-, 4- or 8-bit codes times int16 activations.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL and VNNI ([`available`]); `q.params.bits` is
-/// 4 or 8; `a` was built from `q`.
+/// 2, 4 or 8; `a` was built from `q`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(crate) unsafe fn row_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        if q.params.bits == 8 {
-            row::<true>(q, r, a)
-        } else {
-            row::<false>(q, r, a)
+        match q.params.bits {
+            8 => row::<8>(q, r, a),
+            4 => row::<4>(q, r, a),
+            _ => row::<2>(q, r, a),
         }
     }
 }
@@ -261,14 +268,14 @@ pub(crate) unsafe fn row_vnni(q: &QuantRef<'_>, r: usize, a: &Int16Activations) 
 /// [`row_vnni`] for one code width.
 ///
 /// # Safety
-/// As [`row_vnni`], with `EIGHT` matching `q.params.bits`.
+/// As [`row_vnni`], with `BITS` equal to `q.params.bits`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn row<const EIGHT: bool>(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
+unsafe fn row<const BITS: u32>(q: &QuantRef<'_>, r: usize, a: &Int16Activations) -> f32 {
     use std::arch::x86_64::*;
     let g = q.params.group_size;
-    // Bytes per group (>= 16: 4-bit g32).
-    let h = if EIGHT { g } else { g / 2 };
+    // Bytes per group (>= 8: 2-bit g32).
+    let h = g * BITS as usize / 8;
     let ng = q.groups();
     let rb = q.params.row_bytes(q.cols);
     let data = q.row(r);
@@ -328,7 +335,7 @@ unsafe fn row<const EIGHT: bool>(q: &QuantRef<'_>, r: usize, a: &Int16Activation
             // (h divides 64, or 64 j / h rounds down the same way when h = 128).
             let g0 = _mm512_add_epi32(idx, _mm512_set1_epi32(((j * 64) >> shift) as i32));
             let g1 = _mm512_add_epi32(idx, _mm512_set1_epi32((((j + 1) * 64) >> shift) as i32));
-            // SAFETY: per_block is even (h >= 16), so c + 128 <= blocks * 16 h <= rb;
+            // SAFETY: per_block = h / 4 is even (h >= 8), so c + 128 <= blocks * 16 h <= rb;
             // lo/hi hold rb rounded up to 64.
             unsafe {
                 // (a macro, not a closure: the intrinsics must inline into this
@@ -336,7 +343,7 @@ unsafe fn row<const EIGHT: bool>(q: &QuantRef<'_>, r: usize, a: &Int16Activation
                 macro_rules! chunk {
                     ($c:expr) => {{
                         let v = _mm512_loadu_si512(data.as_ptr().add($c) as *const _);
-                        cvt_dot::<EIGHT>(v, a, $c)
+                        cvt_dot::<BITS>(v, a, $c)
                     }};
                 }
                 facc = _mm512_fmadd_ps(chunk!(c), _mm512_permutexvar_ps(g0, sv), facc);
@@ -361,7 +368,7 @@ unsafe fn row<const EIGHT: bool>(q: &QuantRef<'_>, r: usize, a: &Int16Activation
         // rb rounded up to 64 bytes; groups k0..k0+nk exist in the row and in dx.
         unsafe {
             let v = _mm512_maskz_loadu_epi8(mask, data.as_ptr().add(c) as *const i8);
-            let acc = cvt_dot::<EIGHT>(v, a, c);
+            let acc = cvt_dot::<BITS>(v, a, c);
             let sv = _mm512_mul_ps(
                 lanes16(q.scales, r * ng + k0, nk),
                 _mm512_loadu_ps(a.dx.as_ptr().add(k0)),
@@ -394,7 +401,7 @@ mod tests {
     use super::super::quantize::quantize;
     use super::*;
 
-    /// A rows x cols 4-bit matrix, its dequantized floats, and `x` (with `wiggle`
+    /// A rows x cols matrix of `bits`-bit codes, its dequantized floats, and `x` (with `wiggle`
     /// added so activations are not all on the int16 grid).
     fn case(bits: u8, g: usize, scheme: Scheme, rows: usize, cols: usize, wiggle: f32) -> Case {
         let w: Vec<f32> = (0..rows * cols)
@@ -458,19 +465,20 @@ mod tests {
         if !available() {
             return;
         }
-        for (g, scheme, cols) in [
-            (32, Scheme::Asym, 100),
-            (64, Scheme::Sym, 300),
-            (128, Scheme::Q4_1, 96),
-            (256, Scheme::Asym, 700),
+        for (bits, g, scheme, cols) in [
+            (4, 32, Scheme::Asym, 100),
+            (4, 64, Scheme::Sym, 300),
+            (4, 32, Scheme::Q4_1, 96),
+            (4, 256, Scheme::Asym, 700),
+            (2, 32, Scheme::Asym, 100),
+            (2, 128, Scheme::Sym, 700),
         ] {
-            let g = if scheme == Scheme::Q4_1 { 32 } else { g };
             let rows = 5;
-            let Case { qw, d, x } = case(4, g, scheme, rows, cols, 0.0);
+            let Case { qw, d, x } = case(bits, g, scheme, rows, cols, 0.0);
             let q = qw.view();
             let a = Int16Activations::new(&q, &x);
             for r in 0..rows {
-                // SAFETY: `available()` was checked above; 4-bit weights; `a` built from `q`.
+                // SAFETY: `available()` was checked above; 2/4-bit weights; `a` built from `q`.
                 let y = unsafe { row_vnni(&q, r, &a) } as f64;
                 let exact: f64 = (0..cols)
                     .map(|c| d[r * cols + c] as f64 * x[c] as f64)
@@ -480,7 +488,7 @@ mod tests {
                     .sum();
                 assert!(
                     (y - exact).abs() <= bound * 1.01 + 1e-4,
-                    "g{g} {scheme:?} row {r}: {y} vs {exact} (bound {bound})"
+                    "{bits}-bit g{g} {scheme:?} row {r}: {y} vs {exact} (bound {bound})"
                 );
             }
         }
@@ -503,6 +511,11 @@ mod tests {
             (8, 64, Scheme::Sym, 1098),
             (8, 128, Scheme::Asym, 2100),
             (8, 256, Scheme::Sym, 4600),
+            (2, 32, Scheme::Asym, 1120),
+            (2, 32, Scheme::Sym, 1098),
+            (2, 64, Scheme::Asym, 2100),
+            (2, 128, Scheme::Sym, 4096),
+            (2, 256, Scheme::Asym, 4600),
         ] {
             let rows = 3;
             let Case { qw, d, x } = case(bits, g, scheme, rows, cols, 0.003);
@@ -518,7 +531,7 @@ mod tests {
                 })
                 .collect();
             for r in 0..rows {
-                // SAFETY: `available()` was checked above; 4-bit weights; `a` built from `q`.
+                // SAFETY: `available()` was checked above; 2/4/8-bit weights; `a` built from `q`.
                 let y = unsafe { row_vnni(&q, r, &a) } as f64;
                 let row = &d[r * cols..(r + 1) * cols];
                 let want: f64 = row.iter().zip(&xq).map(|(&w, &x)| w as f64 * x).sum();
