@@ -169,11 +169,11 @@ class QuantizedWeights:
         Returns:
             float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``).
 
-        Precision: at the ``avx512`` level on CPUs with VNNI, 2-, 4- and 8-bit
-        weights multiply ``x`` quantized per group to int16 (step
-        ``max|x_group| / 32767``; near-lossless, where ggml's int8 moves an LLM's
-        perplexity by ~1% through its outlier channels). Every other width and
-        level uses float32 ``x``.
+        Precision: at the ``avx512`` level on CPUs with VNNI, the weights
+        multiply ``x`` quantized per group to int16 (step ``max|x_group| / 32767``;
+        ``/ 8191`` for 3-bit weights; near-lossless, where ggml's int8 moves an
+        LLM's perplexity by ~1% through its outlier channels). Batches of 4 or
+        more rows do so for 4-bit weights only. Every other level uses float32 ``x``.
 
         Raises:
             ShapeError: ``x``'s last dimension is not ``cols``.

@@ -76,7 +76,7 @@ fn quantize_activations(x: &[f32], n: usize, cols: usize, g: usize, ng: usize) -
             for k in 0..ng {
                 let src = &row[(k * g).min(cols)..((k + 1) * g).min(cols)];
                 tmp.fill(0);
-                let (d, total) = super::vnni::quantize_group(src, &mut tmp[..src.len()]);
+                let (d, total) = super::act16::quantize_group(src, &mut tmp[..src.len()], 32767.0);
                 // Pair c of the group: values c and c + g/2, as in the panel.
                 for (c, pair) in xq[k * g..(k + 1) * g].chunks_exact_mut(2).enumerate() {
                     pair[0] = tmp[c];

@@ -5,12 +5,12 @@
 //! materialised.
 //!
 //! Paths (chosen per call from the SIMD level and the bit width):
-//! - 2-, 4- and 8-bit at the AVX-512 level on a CPU with VNNI: int16 activations per
-//!   group and `vpdpwssd` (see `vnni.rs`; error bounded by the activation rounding);
+//! - every width at the AVX-512 level on a CPU with VNNI: int16 activations per
+//!   group (14-bit for 3-bit codes) and `vpdpwssd` (see `vnni.rs`; error bounded
+//!   by the activation rounding);
 //! - 4-bit at AVX-512 (no VNNI) or AVX2: hand-written kernels, nibbles widened
 //!   to 16 or 8 float lanes, FMA against float32 activations;
-//! - 3-bit at AVX-512 and AVX2, 2- and 8-bit at AVX-512 without VNNI and at
-//!   AVX2: codes unpacked to bytes
+//! - 2-, 3- and 8-bit at AVX-512 without VNNI and at AVX2: codes unpacked to bytes
 //!   per group, then widened to float lanes (8-bit reads its codes in place),
 //!   float32 activations;
 //! - scalar: portable loops, float32 activations.
@@ -515,7 +515,7 @@ pub fn matvec_at(
     let inline = n <= chunk;
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && super::vnni::applies(q) {
-        let a = super::vnni::Int16Activations::new(q, x);
+        let a = super::act16::Int16Activations::new(q, x);
         let task = |(c, o): (usize, &mut [f32])| {
             for (i, y) in o.iter_mut().enumerate() {
                 let j = c * chunk + i;

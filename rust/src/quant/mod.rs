@@ -12,10 +12,12 @@
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gemm_vnni`]: the 4-bit mat-mul with int16 activations (AVX-512 VNNI);
-//! - `vnni`: the 2-, 4- and 8-bit mat-vec with int16 activations (AVX-512 VNNI);
+//! - `act16`: activations as int16 per group, laid out for the VNNI kernels;
+//! - `vnni`: the mat-vec with int16 activations for every width (AVX-512 VNNI);
 //! - [`gguf`]: GGUF block conversion;
 //! - [`bandwidth`]: the memory read bandwidth, the mat-vec's limit.
 
+pub(crate) mod act16;
 pub mod bandwidth;
 pub mod dequantize;
 pub mod format;
