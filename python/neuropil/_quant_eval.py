@@ -83,6 +83,30 @@ def perplexity(model: Any, tok: Any, text: str, max_tokens: int = 256) -> float:
     return float(torch.exp(loss))
 
 
+def decode_ms_per_token(model: Any, tok: Any, text: str, n_tokens: int = 32) -> float:
+    """Median milliseconds per greedy token, one token per forward with the KV cache,
+    after a prompt of the first 16 tokens of ``text`` (the batch-1 path)."""
+    import inspect
+    import time
+
+    import torch
+
+    # transformers 5.2x renamed the cache argument and output field to ``cache``
+    # (``past_key_values`` still works there, with a FutureWarning).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = tok(text, return_tensors="pt").input_ids[:, :16]
+    times = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out[name], out.logits[:, -1:].argmax(-1)
+        for _ in range(n_tokens):
+            t = time.perf_counter()
+            out = model(nxt, use_cache=True, **{name: past})
+            times.append(time.perf_counter() - t)
+            past, nxt = out[name], out.logits[:, -1:].argmax(-1)
+    return float(np.median(times) * 1e3)
+
+
 def linear_bytes(model: Any) -> int:
     """Bytes of every Linear / QuantizedLinear weight (packed size for quantized ones)."""
     import torch

@@ -16,7 +16,7 @@ import numpy as np
 
 def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     from . import data
-    from ._quant_eval import linear_bytes, minilm_cosine, perplexity
+    from ._quant_eval import decode_ms_per_token, linear_bytes, minilm_cosine, perplexity
     from .quant import QuantizedWeights, quantize
     from .torch import quantize_model
 
@@ -47,6 +47,7 @@ def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     base = perplexity(model, tok, text, n_tok)
     fp32 = linear_bytes(model)
     rows = [("float32", fp32, base)]
+    speed = [("float32", decode_ms_per_token(model, tok, text))]
     # Its weights are Q4_1 g32 already (lm_head: the tied Q8_0 embedding): 4-bit
     # g32 holds that grid; 8-bit re-rounds it, and search=True refits each group.
     for label, bits, g, sdt, skip, search in (
@@ -59,15 +60,21 @@ def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     ):
         m = quantize_model(copy.deepcopy(model), bits, g, skip=skip, scale_dtype=sdt, search=search)
         rows.append((label, linear_bytes(m), perplexity(m, tok, text, n_tok)))
+        if bits == 4:
+            speed.append((label, decode_ms_per_token(m, tok, text)))
         del m
     del model
     report["smollm2"] = [
         {"weights": label, "linear_MiB": round(b / 2**20, 1), "perplexity": round(p, 4)}
         for label, b, p in rows
     ]
+    report["smollm2_decode_ms_per_token"] = {label: round(ms, 2) for label, ms in speed}
     say(f"  SmolLM2-135M, perplexity on {n_tok} tokens of GPL-3 (Linear weights):")
     for label, b, p in rows:
         say(f"    {label:<26} {b / 2**20:7.1f} MiB   ppl {p:.4f} ({(p / base - 1) * 100:+.3f}%)")
+    say("  SmolLM2-135M, greedy decoding with the KV cache (median per token, this machine):")
+    for label, ms in speed:
+        say(f"    {label:<26} {ms:6.1f} ms/token")
 
     # ---- MiniLM cosine
     st = data.load_minilm()
