@@ -621,11 +621,13 @@ def _decode_perplexity(model, ids) -> float:
     import torch
     from transformers import DynamicCache
 
+    from neuropil import hf
+
     cache, nll = DynamicCache(), 0.0
     with torch.no_grad():
         for t in range(ids.shape[1] - 1):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            # the cache is updated in place
+            out = model(ids[:, t : t + 1], use_cache=True, **hf.cache_kwargs(model, cache))
             logp = torch.log_softmax(out.logits[0, -1].double(), -1)
             nll -= float(logp[ids[0, t + 1]])
     return math.exp(nll / (ids.shape[1] - 1))

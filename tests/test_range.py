@@ -283,20 +283,25 @@ def test_sparse_cache_generation(smollm2):
     try:
         with torch.inference_mode():
             ref = model.generate(
-                **single, max_new_tokens=6, do_sample=False, past_key_values=DynamicCache()
+                **single,
+                max_new_tokens=6,
+                do_sample=False,
+                **hf.cache_kwargs(model, DynamicCache()),
             )
             ref_b = model.generate(
-                **batch, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache()
+                **batch, max_new_tokens=4, do_sample=False, **hf.cache_kwargs(model, DynamicCache())
             )
             model.set_attn_implementation(hf.ATTENTION)
             # No threshold: token for token the same as DynamicCache + sdpa.
             dense = hf.SparseCache(model, None)
-            got = model.generate(**single, max_new_tokens=6, do_sample=False, past_key_values=dense)
+            got = model.generate(
+                **single, max_new_tokens=6, do_sample=False, **hf.cache_kwargs(model, dense)
+            )
             assert torch.equal(got, ref)
             # top-p 0.99, batch of 2 with padding, grouped-query attention (9 q / 3 kv heads).
             cache = hf.SparseCache(model, "top_p", top_p=0.99, window=4, sinks=2)
             got_b = model.generate(
-                **batch, max_new_tokens=4, do_sample=False, past_key_values=cache
+                **batch, max_new_tokens=4, do_sample=False, **hf.cache_kwargs(model, cache)
             )
             assert (got_b == ref_b).float().mean() > 0.9
             s = cache.summary()
@@ -304,12 +309,17 @@ def test_sparse_cache_generation(smollm2):
             assert 0 <= s["dropped_bound"] <= 0.01 + 1e-6
             for strategy, kw in [("top_k", {"top_k": 8}), ("threshold", {"threshold": 0.0})]:
                 c = hf.SparseCache(model, strategy, **kw)
-                model.generate(**single, max_new_tokens=3, do_sample=False, past_key_values=c)
+                model.generate(
+                    **single, max_new_tokens=3, do_sample=False, **hf.cache_kwargs(model, c)
+                )
                 assert c.summary()["steps"] == 2
             # The attention function without the cache: a clear error.
             with pytest.raises(neuropil.NeuropilError, match="SparseCache"):
                 model.generate(
-                    **single, max_new_tokens=2, do_sample=False, past_key_values=DynamicCache()
+                    **single,
+                    max_new_tokens=2,
+                    do_sample=False,
+                    **hf.cache_kwargs(model, DynamicCache()),
                 )
     finally:
         model.set_attn_implementation(impl)
@@ -357,3 +367,18 @@ def test_bench_quick_runs(monkeypatch, tmp_path):
     assert rows and all(r.neuropil > 0 for r in rows)
     assert any("faiss" in r.baselines for r in rows)
     assert all("exact=yes" in r.limit for r in rows if "faiss" in r.baselines)
+
+
+def test_cache_kwargs_follows_the_models_signature():
+    pytest.importorskip("transformers")
+    from neuropil import hf
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    class New:
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    marker = object()
+    assert hf.cache_kwargs(Old(), marker) == {"past_key_values": marker}
+    assert hf.cache_kwargs(New(), marker) == {"cache": marker}

@@ -86,24 +86,24 @@ def perplexity(model: Any, tok: Any, text: str, max_tokens: int = 256) -> float:
 def decode_ms_per_token(model: Any, tok: Any, text: str, n_tokens: int = 32) -> float:
     """Median milliseconds per greedy token, one token per forward with the KV cache,
     after a prompt of the first 16 tokens of ``text`` (the batch-1 path)."""
-    import inspect
     import time
 
     import torch
+    from transformers import DynamicCache
 
-    # transformers 5.2x renamed the cache argument and output field to ``cache``
-    # (``past_key_values`` still works there, with a FutureWarning).
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from .hf import cache_kwargs
+
     ids = tok(text, return_tensors="pt").input_ids[:, :16]
     times = []
+    cache = cache_kwargs(model, DynamicCache())  # updated in place by each forward
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        past, nxt = out[name], out.logits[:, -1:].argmax(-1)
+        out = model(ids, use_cache=True, **cache)
+        nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(n_tokens):
             t = time.perf_counter()
-            out = model(nxt, use_cache=True, **{name: past})
+            out = model(nxt, use_cache=True, **cache)
             times.append(time.perf_counter() - t)
-            past, nxt = out[name], out.logits[:, -1:].argmax(-1)
+            nxt = out.logits[:, -1:].argmax(-1)
     return float(np.median(times) * 1e3)
 
 

@@ -53,12 +53,15 @@ def range_tour(out: Path, verbose: bool = True, tokens: int = 200) -> dict[str, 
         with torch.inference_mode():
             model.set_attn_implementation(impl)
             ref = model.generate(
-                **inp, max_new_tokens=n_new, do_sample=False, past_key_values=DynamicCache()
+                **inp,
+                max_new_tokens=n_new,
+                do_sample=False,
+                **hf.cache_kwargs(model, DynamicCache()),
             )
             model.set_attn_implementation(hf.ATTENTION)
             cache = hf.SparseCache(model, "top_p", top_p=0.99)
             got = model.generate(
-                **inp, max_new_tokens=n_new, do_sample=False, past_key_values=cache
+                **inp, max_new_tokens=n_new, do_sample=False, **hf.cache_kwargs(model, cache)
             )
         model.set_attn_implementation(impl)
         a, b = ref[0, inp["input_ids"].shape[1] :], got[0, inp["input_ids"].shape[1] :]
@@ -109,11 +112,11 @@ def perplexity_shift(model, tok, n_tokens: int) -> dict[str, float]:
         model.set_attn_implementation(attn)
         total, pre = 0.0, 16
         with torch.inference_mode():
-            out = model(ids[:, :pre], past_key_values=cache, use_cache=True)
+            out = model(ids[:, :pre], use_cache=True, **hf.cache_kwargs(model, cache))
             logits = out.logits[0, -1]
             for i in range(pre, ids.shape[1]):
                 total -= float(torch.log_softmax(logits.float(), -1)[ids[0, i]])
-                out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                out = model(ids[:, i : i + 1], use_cache=True, **hf.cache_kwargs(model, cache))
                 logits = out.logits[0, -1]
         model.set_attn_implementation(impl)
         return total / (ids.shape[1] - pre)

@@ -5,7 +5,7 @@ Usage::
     from neuropil import hf
     model.set_attn_implementation(hf.ATTENTION)  # or from_pretrained(attn_implementation=...)
     cache = hf.SparseCache(model, strategy="top_p", top_p=0.99)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=50, do_sample=False)
+    out = model.generate(**inputs, **hf.cache_kwargs(model, cache), max_new_tokens=50)
     print(cache.summary())                            # fraction of keys read, dropped-mass bound
 
 :class:`SparseCache` is a ``transformers.Cache`` made of :class:`SparseLayer`
@@ -44,7 +44,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .errors import ArgumentError, NeuropilError
 from .range import RangeIndex
 
-__all__ = ["ATTENTION", "STRATEGIES", "SparseCache", "SparseLayer", "sparse_decode_attention"]
+__all__ = [
+    "ATTENTION",
+    "STRATEGIES",
+    "SparseCache",
+    "SparseLayer",
+    "cache_kwargs",
+    "sparse_decode_attention",
+]
 
 #: Name of the attention function (and mask function) registered in transformers.
 ATTENTION = "neuropil_sparse"
@@ -202,6 +209,19 @@ class SparseCache(Cache):
         }
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model(...)`` and ``model.generate(...)``, under the name
+    the model takes: ``cache`` from transformers 5.24, ``past_key_values`` before
+    (5.24 still accepts the old name, with a FutureWarning, until its removal).
+
+    Example: ``model.generate(**inputs, **hf.cache_kwargs(model, cache))``.
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 def _check_model(model: Any, config: Any) -> None:
     if not hasattr(config, "get_text_config"):
         raise NeuropilError(
@@ -272,8 +292,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     layer = getattr(key, "_neuropil_layer", None)
     if layer is None or layer.cache is None:
         raise NeuropilError(
-            f"attn_implementation={ATTENTION!r} needs past_key_values=neuropil.hf.SparseCache(...) "
-            "(and use_cache=True); got keys from another cache or none"
+            f"attn_implementation={ATTENTION!r} needs a neuropil.hf.SparseCache as the model's "
+            "cache (hf.cache_kwargs(model, cache); use_cache=True); got keys from another "
+            "cache or none"
         )
     cache: SparseCache = layer.cache
     if query.shape[2] != 1 or cache.strategy is None:
