@@ -260,6 +260,25 @@ impl Sink<'_> {
     }
 }
 
+/// Group `k` (`g` weights) of a row: borrowed where the row holds all of it,
+/// else its weights copied into `buf` and padded with zeros (the last group of
+/// a row whose length is not a multiple of `g`).
+#[inline(always)]
+pub(super) fn padded_group<'a>(
+    w: &'a [f32],
+    k: usize,
+    g: usize,
+    buf: &'a mut [f32; 256],
+) -> &'a [f32] {
+    let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
+    if src.len() == g {
+        return src;
+    }
+    buf[..src.len()].copy_from_slice(src);
+    buf[src.len()..g].fill(0.0);
+    &buf[..g]
+}
+
 /// Quantizes one row into its packed bytes and per-group scales/mins (the
 /// scalar reference, and every level's `search` path); returns whether the
 /// row holds a NaN or an infinity (then nothing is written).
@@ -273,14 +292,7 @@ fn row(p: &Params, search: bool, w: &[f32], out: &mut [u8], sink: &mut Sink<'_>)
     let mut buf = [0f32; 256];
     let mut codes = [0u8; 256];
     for (k, dst) in out.chunks_exact_mut(gb).enumerate() {
-        let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
-        let wg: &[f32] = if src.len() == g {
-            src
-        } else {
-            buf[..src.len()].copy_from_slice(src);
-            buf[src.len()..g].fill(0.0);
-            &buf[..g]
-        };
+        let wg = padded_group(w, k, g, &mut buf);
         let (sc, mn) = group(p, search, wg, &mut codes[..g]);
         pack_group(p.bits, &codes[..g], dst);
         sink.put(k, sc, mn, |x| f16::from_f32(x).to_bits());

@@ -341,14 +341,7 @@ pub(crate) unsafe fn row<V: Lanes>(
         let mut codes = [0u8; 256];
         let mut bad = false;
         for (k, dst) in out.chunks_exact_mut(gb).enumerate() {
-            let src = &w[(k * g).min(w.len())..((k + 1) * g).min(w.len())];
-            let wg: &[f32] = if src.len() == g {
-                src
-            } else {
-                buf[..src.len()].copy_from_slice(src);
-                buf[src.len()..g].fill(0.0);
-                &buf[..g]
-            };
+            let wg = super::quantize::padded_group(w, k, g, &mut buf);
             let (s, m, b) = group::<V>(p, wg, dst, &mut codes[..g]);
             bad |= b;
             emit(k, s, m);
