@@ -382,3 +382,5 @@ def test_cache_kwargs_follows_the_models_signature():
     marker = object()
     assert hf.cache_kwargs(Old(), marker) == {"past_key_values": marker}
     assert hf.cache_kwargs(New(), marker) == {"cache": marker}
+    with pytest.raises(neuropil.ArgumentError, match=r"transformers model.*got int"):
+        hf.cache_kwargs(3, marker)

@@ -218,7 +218,13 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """
     import inspect
 
-    params = inspect.signature(model.forward).parameters
+    forward = getattr(model, "forward", None)
+    if not callable(forward):
+        raise ArgumentError(
+            "model must be a transformers model (with a forward method); "
+            f"got {type(model).__name__}"
+        )
+    params = inspect.signature(forward).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
