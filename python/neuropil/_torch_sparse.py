@@ -2,14 +2,21 @@
 
 Each Llama-style MLP (``gate_proj``/``up_proj``/``down_proj``, e.g. SmolLM2) and
 each BERT-style FFN (``intermediate.dense`` + ``output.dense``, e.g. MiniLM) is
-replaced by a :class:`SparseMLP` with a per-layer threshold calibrated on real
-inputs (CATS): neurons with ``|act(pre)| <= threshold`` contribute zero.
+replaced by a :class:`SparseMLP` with per-layer thresholds calibrated on real
+inputs, by one of two methods:
+
+- ``"cats"`` (CATS): neurons with ``|act(pre)| <= threshold`` contribute zero;
+  the pre-activation (gate) is still computed densely.
+- ``"teal"`` (TEAL): inputs with ``|x| <= t_in`` are dropped from the gate and
+  up projections, and hidden values with ``|h| <= t_hidden`` from down, so a
+  sparsity ``s`` skips ``s`` of every projection's weights.
 
 Execution paths (same masking, same result up to float rounding):
 
 - CPU, float32, at most ``rust_max_rows`` tokens (decoding): neuropil's Rust
-  :class:`~neuropil.neurons.SparseFFN`, which reads only the active neurons'
-  up rows and down columns.
+  :class:`~neuropil.neurons.SparseFFN` (CATS: reads only the active neurons'
+  up rows and down columns) or :class:`~neuropil.neurons.InputSparseFFN`
+  (TEAL: reads only the kept inputs' columns and kept neurons' down columns).
 - Otherwise (long prompts, CUDA tensors, other dtypes): torch ops on the
   tensor's own device: the dense pre-activation, the mask, then up/down.
   On CUDA this keeps the accuracy semantics; it does not skip work.
@@ -28,6 +35,7 @@ from torch import nn
 from .errors import ArgumentError
 
 __all__ = ["SparseMLP", "sparsify_mlp"]
+_METHODS = ("cats", "teal")
 
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -52,8 +60,11 @@ class SparseMLP(nn.Module):
         up: ``nn.Linear`` (h <- d).
         down: ``nn.Linear`` (d <- h).
         activation: ``"silu"``, ``"gelu"`` or ``"relu"``.
-        threshold: Keep neurons with ``|act(pre)|`` above it; None: dense.
+        threshold: Keep neurons with ``|act(pre)|`` above it (``"cats"``) or
+            hidden values with ``|h|`` above it (``"teal"``); None: dense.
         rust_max_rows: Largest token count sent to the Rust kernel.
+        method: ``"cats"`` or ``"teal"`` (see the module doc).
+        t_in: ``"teal"`` only: keep inputs with ``|x|`` above it; None: all.
     """
 
     def __init__(
@@ -64,10 +75,17 @@ class SparseMLP(nn.Module):
         activation: str,
         threshold: float | None = None,
         rust_max_rows: int = 8,
+        method: str = "cats",
+        t_in: float | None = None,
     ) -> None:
         super().__init__()
         if activation not in _ACTS:
             raise ArgumentError(f"activation must be one of {sorted(_ACTS)}; got {activation!r}")
+        if method not in _METHODS:
+            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
+        self.method = method
+        self.t_in = t_in
+        self._calib_x: list[torch.Tensor] | None = None
         self.gate, self.up, self.down = gate, up, down
         self.activation = "silu" if activation == "swish" else activation
         self.threshold = threshold
@@ -78,7 +96,9 @@ class SparseMLP(nn.Module):
 
     def extra_repr(self) -> str:
         t = "dense" if self.threshold is None else f"threshold={self.threshold:.4g}"
-        return f"{self.activation}, {t}"
+        if self.method == "teal" and self.t_in is not None:
+            t += f", t_in={self.t_in:.4g}"
+        return f"{self.activation}, {self.method}, {t}"
 
     def _rust_ok(self, x: torch.Tensor, rows: int) -> bool:
         return (
@@ -93,7 +113,7 @@ class SparseMLP(nn.Module):
     def rust_ffn(self) -> Any:
         """The Rust :class:`~neuropil.neurons.SparseFFN` of these weights (built once)."""
         if self._ffn is None:
-            from .neurons import SparseFFN
+            from .neurons import InputSparseFFN, SparseFFN
 
             def w(lin: nn.Linear | None) -> Any:
                 return None if lin is None else lin.weight.detach().float().cpu().numpy()
@@ -101,7 +121,8 @@ class SparseMLP(nn.Module):
             def b(lin: nn.Linear) -> Any:
                 return None if lin.bias is None else lin.bias.detach().float().cpu().numpy()
 
-            self._ffn = SparseFFN(
+            cls = InputSparseFFN if self.method == "teal" else SparseFFN
+            self._ffn = cls(
                 w(self.gate), w(self.up), w(self.down), activation=self.activation,
                 up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
             )  # fmt: skip
@@ -112,9 +133,14 @@ class SparseMLP(nn.Module):
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         if self._calib is None and self._rust_ok(x, rows):
             ffn = self.rust_ffn()
-            ffn.set_threshold(self.threshold)
+            if self.method == "teal":
+                ffn.set_thresholds(self.t_in, self.threshold)
+            else:
+                ffn.set_threshold(self.threshold)
             y = ffn(x.reshape(rows, shape[-1]))
             return y.reshape(*shape[:-1], -1)
+        if self.method == "teal":
+            return self._teal(x)
         act = _ACTS[self.activation]
         a = act((self.gate or self.up)(x))
         if self._calib is not None:
@@ -125,15 +151,32 @@ class SparseMLP(nn.Module):
             a = a * self.up(x)
         return self.down(a)
 
+    def _teal(self, x: torch.Tensor) -> torch.Tensor:
+        """TEAL with torch ops: mask the inputs, then the hidden values."""
+        if self._calib_x is not None:
+            _keep(self._calib_x, x)
+        if self.t_in is not None:
+            x = torch.where(x.abs() > self.t_in, x, torch.zeros_like(x))
+        act = _ACTS[self.activation]
+        h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
+        if self._calib is not None:
+            self._record(h)
+        if self.threshold is not None:
+            h = torch.where(h.abs() > self.threshold, h, torch.zeros_like(h))
+        return self.down(h)
+
     def _record(self, a: torch.Tensor) -> None:
-        flat = a.detach().abs().reshape(-1).float().cpu()
-        self._calib_count += flat.numel()
         assert self._calib is not None
-        self._calib.append(flat)
-        total = sum(t.numel() for t in self._calib)
-        if total > 2 * _CALIB_VALUES:
-            merged = torch.cat(self._calib)
-            self._calib = [merged[:: max(2, merged.numel() // _CALIB_VALUES)]]
+        self._calib_count += a.numel()
+        _keep(self._calib, a)
+
+
+def _keep(store: list[torch.Tensor], a: torch.Tensor) -> None:
+    """Appends ``|a|`` to a calibration store, subsampled (strided) past 2^22 values."""
+    store.append(a.detach().abs().reshape(-1).float().cpu())
+    if sum(t.numel() for t in store) > 2 * _CALIB_VALUES:
+        merged = torch.cat(store)
+        store[:] = [merged[:: max(2, merged.numel() // _CALIB_VALUES)]]
 
 
 def _act_name(model: nn.Module, default: str) -> str:
@@ -209,6 +252,7 @@ def sparsify_mlp(
     *,
     tokenizer: Any = None,
     rust_max_rows: int = 8,
+    method: str = "cats",
 ) -> dict[str, float]:
     """Makes every FFN of ``model`` activation-sparse, in place.
 
@@ -220,7 +264,8 @@ def sparsify_mlp(
 
     Args:
         model: A ``transformers`` model (or any module holding such FFNs).
-        sparsity: Target fraction of inactive neurons per layer, in [0, 1),
+        sparsity: Target fraction of inactive neurons per layer (``"cats"``), or
+            of dropped inputs and hidden values (``"teal"``), in [0, 1),
             measured on the calibration inputs.
         calibration: What to run the dense model on: input ids (tensor
             ``(b, t)``), a tokenizer batch (dict), a list of those, a list of
@@ -228,9 +273,14 @@ def sparsify_mlp(
             the model (e.g. ``lambda: st_model.encode(sentences)``).
         tokenizer: Tokenizes calibration texts.
         rust_max_rows: Token counts up to this go to the Rust kernel on CPU.
+        method: ``"cats"`` (mask neurons on ``|act(gate x)|``; the gate is read
+            densely) or ``"teal"`` (mask each projection's inputs; reads
+            ``1 - sparsity`` of the weights). TEAL's hidden threshold is the
+            quantile of the dense hidden values ``act(gate x) * (up x)``.
 
     Returns:
-        The threshold chosen for each FFN, by module name.
+        The threshold chosen for each FFN, by module name (``"teal"``: the
+        hidden threshold; each module's ``t_in`` holds the input one).
 
     Raises:
         ArgumentError: sparsity outside [0, 1), no FFN found, an unsupported
@@ -239,6 +289,8 @@ def sparsify_mlp(
     s = float(sparsity)
     if not 0.0 <= s < 1.0:
         raise ArgumentError(f"sparsity must be in [0, 1); got {sparsity!r}")
+    if method not in _METHODS:
+        raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
     if s > 0 and calibration is None:
         raise ArgumentError("calibration is required for sparsity > 0")
     found = _find_mlps(model)
@@ -251,35 +303,40 @@ def sparsify_mlp(
             sparse[name] = mod
         elif kind == "llama":
             sm = SparseMLP(mod.gate_proj, mod.up_proj, mod.down_proj, _act_name(model, "silu"),
-                           rust_max_rows=rust_max_rows)  # fmt: skip
+                           rust_max_rows=rust_max_rows, method=method)  # fmt: skip
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, sm)
             sparse[name] = sm
         else:
             inter, out = mod.intermediate, mod.output
             sm = SparseMLP(None, inter.dense, out.dense, _act_name(model, "gelu"),
-                           rust_max_rows=rust_max_rows)  # fmt: skip
+                           rust_max_rows=rust_max_rows, method=method)  # fmt: skip
             mod.intermediate = sm
             out.dense = nn.Identity()
             sparse[f"{name}.intermediate" if name else "intermediate"] = sm
     for sm in sparse.values():
-        sm.threshold = None
+        sm.threshold = sm.t_in = None
         sm._ffn = None
+        sm.method = method
     if s == 0.0:
         return dict.fromkeys(sparse, 0.0)
     for sm in sparse.values():
         sm._calib, sm._calib_count = [], 0
+        sm._calib_x = [] if method == "teal" else None
     try:
         _run_calibration(model, calibration, tokenizer)
         out: dict[str, float] = {}
+        t_in: dict[str, float] = {}
         for name, sm in sparse.items():
             if not sm._calib:
                 raise ArgumentError(f"calibration did not run FFN {name!r}")
-            vals = torch.cat(sm._calib).numpy()
-            out[name] = float(np.quantile(vals, s))
+            out[name] = float(np.quantile(torch.cat(sm._calib).numpy(), s))
+            if sm._calib_x:
+                t_in[name] = float(np.quantile(torch.cat(sm._calib_x).numpy(), s))
     finally:
         for sm in sparse.values():
-            sm._calib = None
+            sm._calib = sm._calib_x = None
     for name, sm in sparse.items():
         sm.threshold = out[name]
+        sm.t_in = t_in.get(name)
     return out

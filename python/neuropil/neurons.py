@@ -14,6 +14,11 @@ pre-activation) densely, keeps the neurons whose ``|activation|`` exceeds a
 calibrated threshold (or the top-k), and reads the up rows and down columns of
 those neurons only. Hot neurons are copied into a separate dense tier.
 
+``InputSparseFFN`` (TEAL) masks the inputs of each projection instead: small
+inputs skip their gate and up columns, small hidden values their down columns,
+so sparsity ``s`` reads ``1 - s`` of the weights where ``SparseFFN`` must still
+read the whole gate.
+
 Example:
     >>> import numpy as np
     >>> from neuropil.neurons import SparseFFN
@@ -37,7 +42,7 @@ import numpy.typing as npt
 from . import _native, _safetensors
 from .errors import ArgumentError, DTypeError, FormatError, ShapeError
 
-__all__ = ["NeuronCache", "SparseFFN"]
+__all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 
 FORMAT = "neuropil.neuron_cache"
 FORMAT_VERSION = 1
@@ -557,3 +562,6 @@ class SparseFFN:
             f"SparseFFN(h={self.num_neurons}, d={self.dim}, {self.activation}, {self.dtype}, "
             f"{mode}, hot tier {len(self.hot_neurons())})"
         )
+
+
+from ._input_sparse import InputSparseFFN  # noqa: E402  (uses _as_numpy above)

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 mod buffers;
 mod errors;
 mod flyhash;
+mod input_sparse;
 mod neurons;
 mod quant;
 mod range;
@@ -24,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     range::register(m)?;
     neurons::register(m)?;
+    input_sparse::register(m)?;
     Ok(())
 }

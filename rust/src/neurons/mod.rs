@@ -8,6 +8,8 @@
 //! - [`elem`]: element types and the row kernels shared by every type.
 //! - [`axpy`]: the dispatched `y += a * w` kernel.
 //! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
+//! - [`input_sparse`]: [`InputSparseFfn`], the TEAL-style FFN that drops small
+//!   inputs of every projection instead of neurons.
 //! - `select`: the O(n) radix selection of the hot set.
 
 pub mod activation;
@@ -15,12 +17,14 @@ pub mod axpy;
 pub mod cache;
 pub mod elem;
 pub mod ffn;
+pub mod input_sparse;
 mod select;
 pub mod weights;
 
 pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};
 pub use elem::{Elem, Q4, Q8};
 pub use ffn::{Activation, FfnStats, Select, SparseFfn};
+pub use input_sparse::{InputSparseFfn, InputSparseStats};
 pub use weights::{Bundled, NeuronWeights};
 
 #[cfg(test)]

@@ -1,0 +1,269 @@
+"""``InputSparseFFN``: an FFN whose projections skip their small inputs (TEAL).
+
+Re-exported by :mod:`neuropil.neurons`; see :class:`InputSparseFFN`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from .errors import ArgumentError
+
+__all__ = ["InputSparseFFN"]
+
+
+def _as_numpy(x: Any) -> Any:
+    from .neurons import _as_numpy as conv
+
+    return conv(x)
+
+
+def _threshold(name: str, v: Any) -> float | None:
+    if v is None:
+        return None
+    t = float(v)
+    if not (t >= 0 and np.isfinite(t)):
+        raise ArgumentError(f"{name} must be a finite value >= 0 or None; got {v!r}")
+    return t
+
+
+class InputSparseFFN:
+    """A feed-forward block whose projections read only the weights of their
+    large inputs (TEAL: Liu et al., "Training-Free Activation Sparsity in
+    Large Language Models", ICLR 2025).
+
+    Gated (Llama/SmolLM2 SwiGLU): ``y = down @ h`` with
+    ``h = act(gate @ x') * (up @ x')``; ungated (BERT):
+    ``h = act(up @ x' + up_bias)``. ``x'`` keeps the inputs with
+    ``|x| > t_in`` (the others are 0, so their gate and up columns are never
+    read), and the down projection keeps the hidden values with
+    ``|h| > t_hidden`` (the others' down columns are never read). At sparsity
+    ``s`` on both, a call reads ``1 - s`` of the weights; :class:`SparseFFN`
+    (CATS: the mask on ``|act(gate x)|``) must read the whole gate first, so it
+    reads ``1/3 + 2/3 (1 - s)`` of a SwiGLU block.
+
+    Args:
+        gate: (h, d) float array or tensor (``nn.Linear.weight`` layout), or
+            None for an ungated FFN.
+        up: (h, d) float.
+        down: (d, h) float.
+        activation: ``"silu"``, ``"gelu"`` (exact erf form) or ``"relu"``.
+        bits: None (store ``dtype``), 8 or 4: quantized weights (symmetric,
+            one f32 scale per input column slice of up to 512 neurons and per
+            down column; 4-bit needs an even h and d).
+        dtype: ``"float32"`` or ``"float16"`` weight storage.
+        up_bias: (h,) float (ungated FFNs).
+        down_bias: (d,) float.
+        thresholds: ``(t_in, t_hidden)`` known thresholds (else
+            :meth:`calibrate` sets them; None: dense).
+
+    The weights are copied into the layout (input-major gate/up slices,
+    neuron-major down columns); the originals are not kept.
+
+    Example:
+        >>> import numpy as np
+        >>> from neuropil.neurons import InputSparseFFN
+        >>> rng = np.random.default_rng(0)
+        >>> gate, up = rng.standard_normal((2, 1536, 576), dtype=np.float32) * 0.05
+        >>> down = rng.standard_normal((576, 1536), dtype=np.float32) * 0.05
+        >>> ffn = InputSparseFFN(gate, up, down, bits=4)
+        >>> t_in, t_h = ffn.calibrate(rng.standard_normal((64, 576), dtype=np.float32), 0.5)
+        >>> y = ffn(rng.standard_normal(576, dtype=np.float32))  # reads about half the weights
+    """
+
+    def __init__(
+        self,
+        gate: Any,
+        up: Any,
+        down: Any,
+        activation: str = "silu",
+        bits: int | None = None,
+        *,
+        dtype: str = "float32",
+        up_bias: Any = None,
+        down_bias: Any = None,
+        thresholds: tuple[float | None, float | None] | None = None,
+    ) -> None:
+        if bits is not None:
+            if isinstance(bits, bool) or bits not in (8, 4):
+                raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
+            if dtype != "float32":
+                raise ArgumentError(
+                    f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}"
+                )
+            dtype = "int8" if bits == 8 else "int4"
+        elif dtype not in ("float32", "float16"):
+            raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+        conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
+        self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
+        self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
+        self._ffn = _native._InputSparseFfn(
+            conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
+        )
+        self.activation = activation
+        self.sparsity = 0.0
+        self.t_in: float | None = None
+        self.t_hidden: float | None = None
+        if thresholds is not None:
+            self.set_thresholds(*thresholds)
+
+    @property
+    def num_neurons(self) -> int:
+        """Hidden size h."""
+        return self._ffn.num_neurons
+
+    @property
+    def dim(self) -> int:
+        """Model size d."""
+        return self._ffn.dim
+
+    @property
+    def gated(self) -> bool:
+        """Whether there is a gate projection."""
+        return self._ffn.gated
+
+    @property
+    def dtype(self) -> str:
+        """Weight storage type: ``float32``, ``float16``, ``int8`` or ``int4``."""
+        return self._ffn.dtype
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the stored weights and scales."""
+        return self._ffn.memory_bytes
+
+    def set_thresholds(self, t_in: float | None, t_hidden: float | None) -> None:
+        """Keeps inputs with ``|x| > t_in`` and hidden values with
+        ``|h| > t_hidden`` from now on (None: keep all of them)."""
+        self.t_in = _threshold("t_in", t_in)
+        self.t_hidden = _threshold("t_hidden", t_hidden)
+
+    def _rows(self, x: Any) -> tuple[Any, bool]:
+        a = _as_numpy(x)
+        if a.ndim == 1:
+            return a.reshape(1, -1), True
+        return a, False
+
+    def hidden(self, x: Any, t_in: float | None = None) -> npt.NDArray[np.float32]:
+        """The hidden values ``h`` before the hidden mask, inputs ``|x| <= t_in``
+        dropped: x (d,) or (n, d) -> (h,) or (n, h) float32."""
+        a, single = self._rows(x)
+        out = self._ffn.hidden(a, _threshold("t_in", t_in))
+        return out[0] if single else out
+
+    def calibrate(
+        self, samples: Any, sparsity: float, hidden_sparsity: float | None = None
+    ) -> tuple[float, float]:
+        """Chooses the thresholds that drop ``sparsity`` of the samples' input
+        values and ``hidden_sparsity`` (default: the same) of their hidden
+        values, measured with the inputs already masked (as TEAL calibrates).
+
+        Args:
+            samples: (n, d) float inputs of this FFN (hidden states of real text).
+            sparsity: Target fraction of dropped (row, input) pairs, in [0, 1).
+            hidden_sparsity: Target fraction of dropped (row, neuron) pairs.
+
+        Returns:
+            ``(t_in, t_hidden)`` (0.0 for a sparsity of 0, which keeps everything).
+
+        Raises:
+            ArgumentError: a sparsity outside [0, 1).
+        """
+        s = float(sparsity)
+        sh = s if hidden_sparsity is None else float(hidden_sparsity)
+        for name, v, given in (("sparsity", s, sparsity), ("hidden_sparsity", sh, hidden_sparsity)):
+            if not 0.0 <= v < 1.0:
+                raise ArgumentError(f"{name} must be in [0, 1); got {given!r}")
+        x = np.atleast_2d(_as_numpy(samples))
+        t_in = float(np.quantile(np.abs(x), s)) if s > 0 else None
+        t_h = float(np.quantile(np.abs(self.hidden(x, t_in)), sh)) if sh > 0 else None
+        self.set_thresholds(t_in, t_h)
+        self.sparsity = s
+        return (t_in or 0.0, t_h or 0.0)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation or :meth:`reset_stats`: ``calls``, ``rows``,
+        ``kept_inputs`` / ``kept_hidden`` ((row, input) and (row, neuron) pairs
+        kept), and their densities ``input_density`` and ``hidden_density``."""
+        s = dict(self._ffn.stats())
+        s["input_density"] = s["kept_inputs"] / max(s["rows"] * self.dim, 1)
+        s["hidden_density"] = s["kept_hidden"] / max(s["rows"] * self.num_neurons, 1)
+        return s
+
+    def reset_stats(self) -> None:
+        """Zeroes the counters."""
+        self._ffn.reset_stats()
+
+    def weights(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The stored weights in torch layout as float32 (dequantized): (gate or None, up, down)."""
+        return self._ffn.to_matrices()
+
+    def __call__(self, x: Any, *, dense: bool = False) -> Any:
+        """The FFN output.
+
+        Args:
+            x: (d,) or (n, d) float (numpy or torch tensor); small n is the
+                intended case. A CUDA tensor is computed with torch on its
+                device (same masking; the stored weights are copied there once).
+            dense: Keep every input and hidden value (the dense FFN, same kernel).
+
+        Returns:
+            (d,) or (n, d) float32, numpy or torch like ``x``.
+        """
+        is_torch = type(x).__module__.startswith("torch")
+        t_in, t_h = (None, None) if dense else (self.t_in, self.t_hidden)
+        if is_torch and x.device.type != "cpu":
+            return self._torch_forward(x, t_in, t_h)
+        a, single = self._rows(x)
+        y = self._ffn.forward(a, t_in, t_h)
+        out = y[0] if single else y
+        if is_torch:
+            import torch
+
+            return torch.from_numpy(out)
+        return out
+
+    def _torch_forward(self, x: Any, t_in: float | None, t_h: float | None) -> Any:
+        """The same masked FFN with torch ops on ``x``'s device (CUDA)."""
+        import torch
+        import torch.nn.functional as F
+
+        key = (str(x.device), x.dtype)
+        if getattr(self, "_dev_key", None) != key:
+            self._dev = [
+                None if w is None else torch.from_numpy(w).to(x.device, x.dtype)
+                for w in self.weights()
+            ]
+            self._dev_bias = [
+                None if b is None else torch.from_numpy(b).to(x.device, x.dtype)
+                for b in (self._bias_up, self._bias_down)
+            ]
+            self._dev_key = key
+        gate, up, down = self._dev
+        ub, db = self._dev_bias
+        act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if t_in is not None:
+            x = torch.where(x.abs() > t_in, x, zero)
+        h = (
+            act(F.linear(x, gate)) * F.linear(x, up)
+            if gate is not None
+            else act(F.linear(x, up, ub))
+        )
+        if t_h is not None:
+            h = torch.where(h.abs() > t_h, h, zero)
+        return F.linear(h, down, db)
+
+    def __repr__(self) -> str:
+        t = (
+            "dense" if self.t_in is None and self.t_hidden is None
+            else f"t_in={self.t_in}, t_hidden={self.t_hidden}"
+        )  # fmt: skip
+        return (
+            f"InputSparseFFN(h={self.num_neurons}, d={self.dim}, {self.activation}, "
+            f"{self.dtype}, {t})"
+        )

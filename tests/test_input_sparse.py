@@ -1,0 +1,218 @@
+"""InputSparseFFN (TEAL): exactness against a numpy reference in every weight
+format, calibration, the torch paths, sparsify_mlp(method="teal") on the real
+models, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import neuropil
+from neuropil.neurons import InputSparseFFN
+from test_neurons import FORMATS, act_np, weights
+
+
+def teal_reference(x, gate, up, down, act, t_in=None, t_h=None, up_bias=None, down_bias=None):
+    """The dense FFN in float64 on masked inputs, then masked hidden values."""
+    x = np.atleast_2d(x).astype(np.float64)
+    if t_in is not None:
+        x = np.where(np.abs(x) > t_in, x, 0.0)
+    if gate is not None:
+        h = act_np(act, x @ gate.T.astype(np.float64)) * (x @ up.T.astype(np.float64))
+    else:
+        pre = x @ up.T.astype(np.float64) + (0 if up_bias is None else up_bias)
+        h = act_np(act, pre)
+    if t_h is not None:
+        h = np.where(np.abs(h) > t_h, h, 0.0)
+    y = h @ down.T.astype(np.float64)
+    return y if down_bias is None else y + down_bias
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_matches_numpy_masking_in_every_format(dtype, bits, act, gated):
+    # h = 600: several neuron tiles of 64, and an even h and d for 4-bit.
+    g, u, dn = weights(h=600, d=40, gated=gated)
+    rng = np.random.default_rng(1)
+    ub = rng.standard_normal(600).astype(np.float32) * 0.1 if not gated else None
+    db = rng.standard_normal(40).astype(np.float32) * 0.1
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = InputSparseFFN(g, u, dn, activation=act, up_bias=ub, down_bias=db, **kw)
+    assert ffn.dtype == dtype
+    rg, ru, rd = ffn.weights()  # what the kernel stores (rounded or dequantized)
+    if dtype == "float32":
+        np.testing.assert_array_equal(ru, u)
+        np.testing.assert_array_equal(rd, dn)
+    if bits:
+        # One scale per input column slice of <= 512 neurons: within half a
+        # step of the column's absmax scale.
+        step = np.abs(u).max(0, keepdims=True) / (127 if bits == 8 else 7)
+        assert np.all(np.abs(ru - u) <= step / 2 + 1e-6)
+    ref = teal_reference(x, rg, ru, rd, act, up_bias=ub, down_bias=db)
+    np.testing.assert_allclose(ffn(x), ref, atol=2e-4, rtol=1e-4)
+    for t_in, t_h in ((0.5, None), (None, 0.2), (0.8, 0.1), (3.0, 0.0)):
+        ffn.set_thresholds(t_in, t_h)
+        hid = ffn.hidden(x, t_in)
+        # The hidden mask is decided on the kernel's own f32 values: skip
+        # draws where one lies within rounding of the threshold.
+        if t_h is not None and np.min(np.abs(np.abs(hid) - t_h)) < 1e-4:
+            continue
+        want = teal_reference(x, rg, ru, rd, act, t_in, t_h, up_bias=ub, down_bias=db)
+        np.testing.assert_allclose(ffn(x), want, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(ffn(x[1]), want[1], atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(ffn(x, dense=True), ref, atol=2e-4, rtol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    h=st.integers(1, 300).map(lambda v: 2 * v),
+    d=st.integers(1, 40).map(lambda v: 2 * v),
+    n=st.integers(1, 4),
+    s=st.floats(0.0, 0.95),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_calibration_hits_the_sparsity_and_counts_what_it_kept(h, d, n, s, seed):
+    g, u, dn = weights(h=h, d=d, seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    ffn = InputSparseFFN(g, u, dn)
+    t_in, t_h = ffn.calibrate(x, s)
+    kept_in = (np.abs(x) > t_in).mean() if s > 0 else 1.0
+    # The quantile interpolates between two of the n*d values (and ties keep
+    # together), so the kept fraction is 1 - s within one value.
+    if s > 0 and len(np.unique(np.abs(x))) == x.size:
+        assert abs(kept_in - (1 - s)) <= 1 / x.size + 1e-9
+    ffn(x)
+    st_ = ffn.stats()
+    assert st_["rows"] == n and st_["calls"] == 1
+    assert st_["kept_inputs"] == int(np.sum(np.abs(x) > t_in)) if s > 0 else n * d
+    hid = ffn.hidden(x, t_in if s > 0 else None)
+    want_h = int(np.sum(np.abs(hid) > t_h)) if s > 0 else n * h
+    assert st_["kept_hidden"] == want_h
+    ffn.reset_stats()
+    assert ffn.stats()["calls"] == 0
+
+
+def test_torch_inputs_and_the_device_path_logic():
+    torch = pytest.importorskip("torch")
+    for gated in (True, False):
+        g, u, dn = weights(h=200, d=40, gated=gated)
+        rng = np.random.default_rng(5)
+        ub = rng.standard_normal(200).astype(np.float32) * 0.1 if not gated else None
+        db = rng.standard_normal(40).astype(np.float32) * 0.1
+        x = rng.standard_normal((3, 40)).astype(np.float32)
+        ffn = InputSparseFFN(g, u, dn, "gelu", up_bias=ub, down_bias=db, thresholds=(0.5, 0.05))
+        y = ffn(torch.from_numpy(x))
+        assert isinstance(y, torch.Tensor)
+        # The torch path CUDA tensors take, run here on CPU tensors.
+        got = ffn._torch_forward(torch.from_numpy(x), ffn.t_in, ffn.t_hidden).numpy()
+        np.testing.assert_allclose(got, y.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    g, u, dn = weights(h=64, d=40)
+    with pytest.raises(neuropil.ArgumentError, match="bits must be None, 8 or 4; got 3"):
+        InputSparseFFN(g, u, dn, bits=3)
+    with pytest.raises(neuropil.ArgumentError, match="dtype must be"):
+        InputSparseFFN(g, u, dn, dtype="bfloat16")
+    with pytest.raises(neuropil.ShapeError, match=r"down must have shape \(40, 64\)"):
+        InputSparseFFN(g, u, dn[:, :63])
+    with pytest.raises(neuropil.ShapeError, match="gate"):
+        InputSparseFFN(g[:10], u, dn)
+    with pytest.raises(neuropil.NeuropilError, match="divisible by 2 for int4"):
+        InputSparseFFN(g[:63], u[:63], dn[:, :63], bits=4)
+    ffn = InputSparseFFN(g, u, dn)
+    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\)"):
+        ffn(np.zeros(39, np.float32))
+    with pytest.raises(neuropil.ArgumentError, match="t_in must be a finite value >= 0"):
+        ffn.set_thresholds(-1.0, None)
+    with pytest.raises(neuropil.ArgumentError, match="t_hidden"):
+        ffn.set_thresholds(None, float("nan"))
+    with pytest.raises(neuropil.ArgumentError, match=r"sparsity must be in \[0, 1\); got 1.0"):
+        ffn.calibrate(np.zeros((2, 40), np.float32), 1.0)
+    with pytest.raises(neuropil.ArgumentError, match="hidden_sparsity"):
+        ffn.calibrate(np.zeros((2, 40), np.float32), 0.5, hidden_sparsity=-0.1)
+    with pytest.raises(neuropil.NeuropilError, match="finite"):
+        ffn(np.full(40, np.nan, np.float32))
+
+
+@pytest.mark.slow
+def test_sparsify_smollm2_teal_rust_and_torch_paths_agree(smollm2):
+    import copy
+
+    import torch
+
+    from neuropil.data import gpl3_text, license_texts
+    from neuropil.torch import SparseMLP, sparsify_mlp
+
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
+    calib = "\n".join(t for n, t in license_texts().items() if n != "GPL-3")
+    calib = tok(calib[:4000], return_tensors="pt").input_ids[:, :160]
+    ev = tok(gpl3_text()[:3000], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        dense_loss = float(model(ev, labels=ev).loss)
+    th = sparsify_mlp(model, sparsity=0.25, calibration=calib, method="teal")
+    mlp = model.model.layers[5].mlp
+    assert isinstance(mlp, SparseMLP) and mlp.method == "teal"
+    assert len(th) == model.config.num_hidden_layers and mlp.t_in > 0 and mlp.threshold > 0
+    x = torch.randn(1, 3, 576)
+    with torch.no_grad():
+        y_rust = mlp(x)
+        mlp.rust_max_rows = 0
+        y_torch = mlp(x)
+        mlp.rust_max_rows = 8
+        sparse_loss = float(model(ev, labels=ev).loss)
+    assert type(mlp.rust_ffn()).__name__ == "InputSparseFFN"
+    assert mlp.rust_ffn().stats()["rows"] == 3
+    np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=2e-3, rtol=1e-4)
+    assert dense_loss < sparse_loss < dense_loss + 0.1  # perplexity within ~10% at 25%
+    with pytest.raises(neuropil.ArgumentError, match="method must be one of"):
+        sparsify_mlp(model, sparsity=0.5, calibration=calib, method="deja-vu")
+    sparsify_mlp(model, sparsity=0.0, method="teal")
+    with torch.no_grad():
+        assert abs(float(model(ev, labels=ev).loss) - dense_loss) < 1e-4
+
+
+@pytest.mark.slow
+def test_sparsify_minilm_teal_keeps_embeddings_close(minilm, sentences):
+    import copy
+
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    model = copy.deepcopy(minilm)
+    texts = sentences[:64]
+    dense = model.encode(texts[32:], normalize_embeddings=True)
+    sparsify_mlp(model[0].auto_model, 0.25, calibration=lambda: model.encode(texts[:32]),
+                 method="teal")  # fmt: skip
+    sparse = model.encode(texts[32:], normalize_embeddings=True)
+    cos = (dense * sparse).sum(1)
+    assert cos.mean() > 0.95 and cos.min() > 0.8
+    # BERT-style FFN (biases, GELU): the Rust kernel and the torch path agree.
+    mlp = model[0].auto_model.encoder.layer[2].intermediate
+    x = torch.randn(1, 3, 384)
+    with torch.no_grad():
+        y_rust = mlp(x)
+        mlp.rust_max_rows = 0
+        y_torch = mlp(x)
+    assert mlp.rust_ffn().stats()["rows"] == 3
+    np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+def test_cuda_tensor_matches_cpu(dtype, bits):
+    import torch
+
+    g, u, dn = weights(h=200, d=40)
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = InputSparseFFN(g, u, dn, thresholds=(0.3, 0.05), **kw)
+    x = torch.randn(3, 40)
+    y = ffn(x.cuda())
+    assert y.device.type == "cuda"
+    np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
