@@ -482,7 +482,8 @@ def test_bench_quick_reports_every_acceptance_figure():
     rows = neurons(quick=True, verbose=False)
     cases = " | ".join(r.case for r in rows)
     for needle in ("NeuronCache.record", "NeuronCache.reclassify", "sparsity 50%", "sparsity 70%",
-                   "sparsity 90%", "576x1536 float16", "torch dense"):  # fmt: skip
+                   "sparsity 90%", "576x1536 float16", "torch dense", "TEAL sparsity 50%",
+                   "TEAL dense"):  # fmt: skip
         assert needle in cases or any(needle in r.baselines for r in rows), needle
     assert all(r.neuropil > 0 for r in rows)
 

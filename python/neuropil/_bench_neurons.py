@@ -1,6 +1,7 @@
-"""``neuropil bench neurons``: the neuron cache's throughput, the sparse FFN's
-speed against its own dense kernel, numpy and torch (same run, same weight
-format), and, without ``--quick``, hit rates and accuracy on the real models."""
+"""``neuropil bench neurons``: the neuron cache's throughput, the sparse FFNs'
+speed (CATS: ``SparseFFN``; TEAL: ``InputSparseFFN``) against their own dense
+kernels, numpy and torch (same run, same weight format), and, without
+``--quick``, hit rates and accuracy on the real models."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _cache_rows(quick: bool) -> list[Row]:
 
 
 def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[Row]:
-    from .neurons import SparseFFN
+    from .neurons import InputSparseFFN, SparseFFN
 
     rng = np.random.default_rng(1)
     scale = 1 / np.sqrt(d)
@@ -129,6 +130,36 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
                 lower_is_better=True,
             )
         )
+    # TEAL: the same weights, inputs and hidden values masked instead of neurons.
+    teal = InputSparseFFN(gate, up, down, activation="silu", **kw)
+    t_tdense = median_seconds(lambda: teal(next(it), dense=True), repeat=rep, min_time=0.02)
+    rows.append(
+        Row(
+            f"FFN {shape}: TEAL dense (InputSparseFFN, every input kept)",
+            "ms",
+            t_tdense * 1e3,
+            {"neuropil dense (SparseFFN)": t_dense * 1e3, **base},
+            limit="memory bandwidth (all weights read once)",
+            lower_is_better=True,
+        )
+    )
+    for s in (0.5, 0.7, 0.9):
+        teal.calibrate(xs, s)
+        teal.reset_stats()
+        t = median_seconds(lambda: teal(next(it)), repeat=rep, min_time=0.02)
+        st = teal.stats()
+        rows.append(
+            Row(
+                f"FFN {shape}: TEAL sparsity {s:.0%} ({1 - st['input_density']:.1%} of inputs, "
+                f"{1 - st['hidden_density']:.1%} of hidden values dropped); "
+                f"t / (TEAL dense x (1-s)) = {t / (t_tdense * (1 - s)):.2f}",
+                "ms",
+                t * 1e3,
+                {"TEAL dense": t_tdense * 1e3, "neuropil dense (SparseFFN)": t_dense * 1e3, **base},
+                limit="acceptance: <= 1.3 x dense x (1-s); at 50% >= 1.6x dense and torch",
+                lower_is_better=True,
+            )
+        )
     return rows
 
 
@@ -156,31 +187,34 @@ def _real_rows(verbose: bool) -> list[Row]:
                         limit=f"{ev.shape[1]} GPL-3 tokens, 30 layers",
                     )
                 )
-    acc = real.accuracy_table(smollm2=(model, tok), progress=print if verbose else None)
-    dense = acc["smollm2"][0.0]
-    for s, ppl in acc["smollm2"].items():
-        if s == 0.0:
-            continue
-        rows.append(
-            Row(
-                f"SmolLM2-135M perplexity, sparsify_mlp {s:.0%} "
-                f"({acc['eval_tokens']} GPL-3 tokens; +{ppl / dense - 1:.1%})",
-                "ppl",
-                ppl,
-                {"dense": dense},
-                lower_is_better=True,
-            )
+    for method in ("cats", "teal"):
+        acc = real.accuracy_table(
+            smollm2=(model, tok), progress=print if verbose else None, method=method
         )
-    for s, (mean, low) in acc["minilm"].items():
-        rows.append(
-            Row(
-                f"all-MiniLM-L6-v2 cosine to dense, sparsify_mlp {s:.0%} "
-                f"({acc['sentences']} sentences; min {low:.4f})",
-                "cosine",
-                mean,
-                {"dense": 1.0},
+        dense = acc["smollm2"][0.0]
+        for s, ppl in acc["smollm2"].items():
+            if s == 0.0:
+                continue
+            rows.append(
+                Row(
+                    f"SmolLM2-135M perplexity, sparsify_mlp {method} {s:.0%} "
+                    f"({acc['eval_tokens']} GPL-3 tokens; +{ppl / dense - 1:.1%})",
+                    "ppl",
+                    ppl,
+                    {"dense": dense},
+                    lower_is_better=True,
+                )
             )
-        )
+        for s, (mean, low) in acc["minilm"].items():
+            rows.append(
+                Row(
+                    f"all-MiniLM-L6-v2 cosine to dense, sparsify_mlp {method} {s:.0%} "
+                    f"({acc['sentences']} sentences; min {low:.4f})",
+                    "cosine",
+                    mean,
+                    {"dense": 1.0},
+                )
+            )
     return rows
 
 

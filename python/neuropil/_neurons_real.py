@@ -126,8 +126,10 @@ def accuracy_table(
     smollm2: Any = None,
     minilm: Any = None,
     progress: Any = None,
+    method: str = "cats",
 ) -> dict[str, Any]:
-    """SmolLM2 perplexity and MiniLM cosine vs dense at each sparsity, via ``sparsify_mlp``."""
+    """SmolLM2 perplexity and MiniLM cosine vs dense at each sparsity, via
+    ``sparsify_mlp(..., method=method)``."""
     import copy
 
     from .torch import sparsify_mlp
@@ -139,23 +141,28 @@ def accuracy_table(
     dense_ppl = perplexity(model, ev)
     rows["smollm2"][0.0] = dense_ppl
     for s in sparsities:
-        sparsify_mlp(model, s, calibration=calib)
+        sparsify_mlp(model, s, calibration=calib, method=method)
         rows["smollm2"][s] = perplexity(model, ev)
         if progress:
             progress(
-                f"SmolLM2 at {s:.0%}: perplexity {rows['smollm2'][s]:.2f} (dense {dense_ppl:.2f})"
+                f"SmolLM2 {method} at {s:.0%}: perplexity {rows['smollm2'][s]:.2f} "
+                f"(dense {dense_ppl:.2f})"
             )
     st = copy.deepcopy(minilm if minilm is not None else data.load_minilm())
     texts = data.real_sentences(sentences)
     half = len(texts) // 2
     dense = st.encode(texts[half:], normalize_embeddings=True)
     for s in sparsities:
-        sparsify_mlp(st[0].auto_model, s, calibration=lambda: st.encode(texts[:half]))
+        sparsify_mlp(
+            st[0].auto_model, s, calibration=lambda: st.encode(texts[:half]), method=method
+        )
         emb = st.encode(texts[half:], normalize_embeddings=True)
         cos = (dense * emb).sum(1)
         rows["minilm"][s] = (float(cos.mean()), float(cos.min()))
         if progress:
-            progress(f"MiniLM at {s:.0%}: cosine mean {cos.mean():.4f}, min {cos.min():.4f}")
+            progress(
+                f"MiniLM {method} at {s:.0%}: cosine mean {cos.mean():.4f}, min {cos.min():.4f}"
+            )
     rows["eval_tokens"] = int(ev.shape[1])
     rows["sentences"] = len(texts) - half
     return rows

@@ -90,20 +90,26 @@ def neurons(out: Path, verbose: bool = True) -> dict[str, Any]:
     for p, v in hr.items():
         say(f"    {p:<24}" + "".join(f"{r:8.1%}" for r in v.values()))
 
-    # 3. Accuracy through sparsify_mlp (shorter than `neuropil bench neurons`).
-    acc = real.accuracy_table(
-        sparsities=(0.25, 0.5), calib_tokens=192, eval_tokens=384, sentences=80,
-        smollm2=(model, tok),
-    )  # fmt: skip
-    dense = acc["smollm2"][0.0]
-    report["perplexity"] = acc["smollm2"]
-    report["minilm_cosine"] = acc["minilm"]
-    say(f"  sparsify_mlp, SmolLM2 perplexity on {acc['eval_tokens']} tokens (dense {dense:.2f}):")
-    for s in (0.25, 0.5):
-        ppl = acc["smollm2"][s]
-        mean, low = acc["minilm"][s]
+    # 3. Accuracy through sparsify_mlp (shorter than `neuropil bench neurons`):
+    # CATS masks neurons (the gate is still read densely), TEAL masks each
+    # projection's inputs (sparsity s skips s of every weight matrix).
+    for method in ("cats", "teal"):
+        acc = real.accuracy_table(
+            sparsities=(0.25, 0.5), calib_tokens=192, eval_tokens=384, sentences=80,
+            smollm2=(model, tok), method=method,
+        )  # fmt: skip
+        dense = acc["smollm2"][0.0]
+        report[f"perplexity_{method}"] = acc["smollm2"]
+        report[f"minilm_cosine_{method}"] = acc["minilm"]
         say(
-            f"    {s:.0%}: perplexity {ppl:.2f} (+{ppl / dense - 1:.1%}); "
-            f"MiniLM cosine to dense mean {mean:.4f}, min {low:.4f}"
+            f"  sparsify_mlp method={method!r}, SmolLM2 perplexity on {acc['eval_tokens']} "
+            f"tokens (dense {dense:.2f}):"
         )
+        for s in (0.25, 0.5):
+            ppl = acc["smollm2"][s]
+            mean, low = acc["minilm"][s]
+            say(
+                f"    {s:.0%}: perplexity {ppl:.2f} (+{ppl / dense - 1:.1%}); "
+                f"MiniLM cosine to dense mean {mean:.4f}, min {low:.4f}"
+            )
     return report

@@ -40,10 +40,12 @@ use crate::simd::{self, Level};
 const TILE_ALIGN: usize = 64;
 /// Largest tile: its gate and up accumulators (4 KiB of f32 per row) stay in L1.
 const MAX_TILE: usize = 512;
+/// A call that reads fewer bytes runs on the caller's thread: waking the pool's
+/// workers (asleep between the layers of a model) costs more than it saves
+/// (the same bound as the quantized mat-vec's, see `quant::matvec`).
+const INLINE_BYTES: usize = 1 << 18;
 /// Bytes of the next kept neuron's down column (or input's slice) requested ahead.
 const PREFETCH_BYTES: usize = 2048;
-/// How many kept inputs ahead a tile requests its slices.
-const AHEAD: usize = 2;
 
 /// Hints the CPU to start loading the first [`PREFETCH_BYTES`] of `w` (a
 /// sparse sweep jumps over dropped neurons, which stalls the hardware
@@ -252,6 +254,13 @@ impl<E: Elem> InputSparseFfn<E> {
         self.h.div_ceil(self.tile)
     }
 
+    /// Input `i`'s slices in tile `t`, all parts (contiguous).
+    fn bundle(&self, t: usize, i: usize) -> &[E] {
+        let (lo, hi) = self.tile_range(t);
+        let at = Self::col_at(lo, hi - lo, self.d, self.parts(), i, 0);
+        &self.cols[at..at + self.parts() * (hi - lo) / E::LANES]
+    }
+
     /// Part `p` of input `i`'s column slice in tile `t`, and its scale.
     fn col(&self, t: usize, i: usize, p: usize) -> (&[E], f32) {
         let (lo, hi) = self.tile_range(t);
@@ -374,33 +383,49 @@ impl<E: Elem> InputSparseFfn<E> {
         // decoded into `buf` (n floats, in L1 next to `acc`).
         let direct = E::as_f32(&self.cols[..0]).is_some();
         let mut buf = vec![0.0f32; if direct { 0 } else { n }];
-        for (k, &i) in ids.iter().enumerate() {
-            // The slices of the kept input AHEAD places on, requested line by
-            // line while this one is read (pages end every 4 KiB, and the
-            // hardware prefetchers stop there).
-            let next = ids.get(k + AHEAD).map(|&j| j as usize);
-            if !direct {
-                if let Some(j) = next {
-                    let w = self.col(t, j, 0).0;
-                    let p = w.as_ptr() as *const u8;
-                    prefetch_range(p, p.wrapping_add(parts * std::mem::size_of_val(w)));
+        if direct && rows == 1 {
+            // One row of f32 (scales 1.0): an input's gate and up slices are one
+            // contiguous run, and so are the row's two accumulators: one call.
+            // (Prefetching as below.)
+            for (k, &i) in ids.iter().enumerate() {
+                let ahead = ids
+                    .get(k + 1)
+                    .filter(|&&j| j != i + 1)
+                    .and_then(|&j| E::as_f32(self.bundle(t, j as usize)));
+                if let Some(w) = E::as_f32(self.bundle(t, i as usize)) {
+                    axpy_ahead_at(level, coef[k], w, &mut acc, ahead);
                 }
             }
-            for p in 0..parts {
-                let (w, s) = self.col(t, i as usize, p);
-                let ahead = next.and_then(|j| E::as_f32(self.col(t, j, p).0));
-                let view = match E::as_f32(w) {
-                    Some(w) => w,
-                    None => {
-                        E::to_f32(level, w, &mut buf);
-                        &buf[..]
+        } else {
+            for (k, &i) in ids.iter().enumerate() {
+                // The next kept input's slices, requested while this one is
+                // read, where they do not follow this one's: a run of kept
+                // inputs is one stream the hardware prefetchers follow best
+                // alone; a jump is one they cannot predict.
+                let next = ids.get(k + 1).filter(|&&j| j != i + 1).map(|&j| j as usize);
+                if !direct {
+                    if let Some(j) = next {
+                        let w = self.col(t, j, 0).0;
+                        let p = w.as_ptr() as *const u8;
+                        prefetch_range(p, p.wrapping_add(parts * std::mem::size_of_val(w)));
                     }
-                };
-                let a = &mut acc[p * rows * n..(p + 1) * rows * n];
-                for (r, y) in a.chunks_exact_mut(n).enumerate() {
-                    let c = coef[k * rows + r];
-                    if c != 0.0 {
-                        axpy_ahead_at(level, c * s, view, y, ahead);
+                }
+                for p in 0..parts {
+                    let (w, s) = self.col(t, i as usize, p);
+                    let ahead = next.and_then(|j| E::as_f32(self.col(t, j, p).0));
+                    let view = match E::as_f32(w) {
+                        Some(w) => w,
+                        None => {
+                            E::to_f32(level, w, &mut buf);
+                            &buf[..]
+                        }
+                    };
+                    let a = &mut acc[p * rows * n..(p + 1) * rows * n];
+                    for (r, y) in a.chunks_exact_mut(n).enumerate() {
+                        let c = coef[k * rows + r];
+                        if c != 0.0 {
+                            axpy_ahead_at(level, c * s, view, y, ahead);
+                        }
                     }
                 }
             }
@@ -465,7 +490,8 @@ impl<E: Elem> InputSparseFfn<E> {
                 .collect();
             let mut c = vec![0.0f32; rows];
             for (q, &jj) in active.iter().enumerate() {
-                if let Some(&next) = active.get(q + 1) {
+                // The next kept neuron's column, where it does not follow this one.
+                if let Some(&next) = active.get(q + 1).filter(|&&j| j != jj + 1) {
                     let j = lo + next;
                     prefetch(&self.down[j * du..(j + 1) * du]);
                 }
@@ -485,20 +511,25 @@ impl<E: Elem> InputSparseFfn<E> {
             }
             (y, kept)
         };
-        let (mut ys, hid_pairs) = crate::threads::install(|| {
-            (0..self.num_tiles())
-                .into_par_iter()
-                .fold(|| (vec![0.0f32; rows * d], 0u64), work)
-                .reduce(
-                    || (vec![0.0f32; rows * d], 0),
-                    |(mut a, ka), (b, kb)| {
+        let init = || (vec![0.0f32; rows * d], 0u64);
+        // About the work of this call, as bytes of f32 weights (the kept
+        // inputs' share of every matrix; quantized types cost their decoding).
+        let work_bytes = 4 * (self.parts() + 1) * self.h * ids.len();
+        let (mut ys, hid_pairs) = if work_bytes < INLINE_BYTES {
+            (0..self.num_tiles()).fold(init(), work)
+        } else {
+            crate::threads::install(|| {
+                (0..self.num_tiles())
+                    .into_par_iter()
+                    .fold(init, work)
+                    .reduce(init, |(mut a, ka), (b, kb)| {
                         for (x, y) in a.iter_mut().zip(&b) {
                             *x += y;
                         }
                         (a, ka + kb)
-                    },
-                )
-        })?;
+                    })
+            })?
+        };
         if let Some(b) = &self.down_bias {
             for y in ys.chunks_exact_mut(d) {
                 for (yi, bi) in y.iter_mut().zip(b) {
