@@ -63,6 +63,12 @@ impl Elem for f16 {
     }
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            // SAFETY: AVX-512 F (level checked against the CPU) converts halves.
+            unsafe { f16_to_f32_avx512(src, dst) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if level >= Level::Avx2
             && level.is_supported()
             && std::arch::is_x86_feature_detected!("f16c")
@@ -154,9 +160,16 @@ impl PlainDecode for Q4 {
     }
 }
 
-/// Runs `E::decode` compiled for AVX2 when `level` allows (the same loop,
-/// widened by the compiler to 256-bit vectors), else for the baseline.
+/// Runs `E::decode` compiled for AVX-512 or AVX2 when `level` allows (the
+/// same loop, widened by the compiler to 512- or 256-bit vectors), else for
+/// the baseline.
 fn widened<E: PlainDecode>(level: Level, src: &[E], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.is_supported() {
+        // SAFETY: AVX-512 F/BW are present (level checked against the CPU).
+        unsafe { decode_avx512(src, dst) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if level >= Level::Avx2 && level.is_supported() {
         // SAFETY: AVX2 is present (level checked against the CPU).
@@ -171,6 +184,33 @@ fn widened<E: PlainDecode>(level: Level, src: &[E], dst: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn decode_avx2<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
     E::decode(src, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_avx512<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
+    E::decode(src, dst);
+}
+
+/// f16 -> f32 with the 512-bit `vcvtph2ps`, 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_to_f32_avx512(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let (ps, pd) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n: 16 halves (32 bytes) read, 16 floats written, unaligned.
+        unsafe {
+            let h = _mm256_loadu_si256(ps.add(i) as *const __m256i);
+            _mm512_storeu_ps(pd.add(i), _mm512_cvtph_ps(h));
+        }
+        i += 16;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
 }
 
 /// f16 -> f32 with `vcvtph2ps`, 8 lanes at a time.

@@ -11,8 +11,8 @@
 //! dropped from `down h` (their down columns are not read). At sparsity `s` on
 //! both, a call reads `1 - s` of the weights.
 //!
-//! Layout: the neurons are cut into tiles (64 to 512 neurons, at least 16
-//! tiles where `h` allows). Within a tile, input `i`'s gate column slice, then
+//! Layout: the neurons are cut into tiles (64 to 1536 neurons, about four per
+//! worker of the pool at construction). Within a tile, input `i`'s gate column slice, then
 //! its up column slice (an ungated FFN stores only up), are contiguous, input
 //! after input: a tile's work for one kept input is one sequential read, a
 //! dense call streams each tile straight through, and a tile's accumulators
@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use rayon::prelude::*;
 
 use super::activation::Activation;
-use super::axpy::axpy_ahead_at;
+use super::axpy::{axpy_ahead_at, axpy_n_at};
 use super::elem::{axpy_rows, Elem};
 use crate::error::{Error, Result};
 use crate::quant::pages::huge_vec;
@@ -38,8 +38,10 @@ use crate::simd::{self, Level};
 /// Neurons per tile are a multiple of this, so a tile starts on a whole unit of
 /// any element type (two 4-bit codes per byte) and on a cache line of f32.
 const TILE_ALIGN: usize = 64;
-/// Largest tile: its gate and up accumulators (4 KiB of f32 per row) stay in L1.
-const MAX_TILE: usize = 512;
+/// Largest tile: its gate and up accumulators (12 KiB of f32 per row) stay in
+/// L1, and a kept input's run of weights is long (6-12 KiB in f32, 3-6 in f16)
+/// for the memory system, which serves short scattered runs less well.
+const MAX_TILE: usize = 1536;
 /// A call that reads fewer bytes runs on the caller's thread: waking the pool's
 /// workers (asleep between the layers of a model) costs more than it saves
 /// (the same bound as the quantized mat-vec's, see `quant::matvec`).
@@ -174,9 +176,18 @@ impl<E: Elem> InputSparseFfn<E> {
             crate::validate::same_len("down_bias", b.len(), d, "the model size")?;
         }
         let parts = if gate.is_some() { 2 } else { 1 };
-        let tile = (h / 16)
+        // About four tiles per worker of the pool as it is now (the layout is
+        // fixed; a later thread count only changes the balance).
+        let workers = crate::threads::num_threads().unwrap_or(1).max(1);
+        // Types decoded to f32 first also keep the decoded run in L1.
+        let max = if E::as_f32(&[]).is_some() {
+            MAX_TILE
+        } else {
+            MAX_TILE * 2 / 3
+        };
+        let tile = (h / (4 * workers))
             .next_multiple_of(TILE_ALIGN)
-            .clamp(TILE_ALIGN, MAX_TILE);
+            .clamp(TILE_ALIGN, max.next_multiple_of(TILE_ALIGN));
         let du = d / E::LANES;
         let mut cols = huge_vec(d * parts * h / E::LANES, E::default());
         let ntiles = h.div_ceil(tile);
@@ -382,7 +393,7 @@ impl<E: Elem> InputSparseFfn<E> {
         // f32 views of an input's slices: the stored ones for f32, else
         // decoded into `buf` (n floats, in L1 next to `acc`).
         let direct = E::as_f32(&self.cols[..0]).is_some();
-        let mut buf = vec![0.0f32; if direct { 0 } else { n }];
+        let mut buf = vec![0.0f32; if direct { 0 } else { parts * n }];
         if direct && rows == 1 {
             // One row of f32 (scales 1.0): an input's gate and up slices are one
             // contiguous run, and so are the row's two accumulators: one call.
@@ -398,33 +409,35 @@ impl<E: Elem> InputSparseFfn<E> {
             }
         } else {
             for (k, &i) in ids.iter().enumerate() {
-                // The next kept input's slices, requested while this one is
-                // read, where they do not follow this one's: a run of kept
-                // inputs is one stream the hardware prefetchers follow best
-                // alone; a jump is one they cannot predict.
-                let next = ids.get(k + 1).filter(|&&j| j != i + 1).map(|&j| j as usize);
-                if !direct {
-                    if let Some(j) = next {
-                        let w = self.col(t, j, 0).0;
+                // The slices of the kept input two places on, requested while
+                // this one is decoded, where they do not follow the input
+                // before them: a run of kept inputs is one stream the hardware
+                // prefetchers follow best alone; a jump is one they cannot
+                // predict. (Two ahead: one input's work is shorter than a
+                // memory access.)
+                if let (Some(&prev), Some(&next)) = (ids.get(k + 1), ids.get(k + 2)) {
+                    if next != prev + 1 {
+                        let w = self.bundle(t, next as usize);
                         let p = w.as_ptr() as *const u8;
-                        prefetch_range(p, p.wrapping_add(parts * std::mem::size_of_val(w)));
+                        prefetch_range(p, p.wrapping_add(std::mem::size_of_val(w)));
                     }
                 }
-                for p in 0..parts {
-                    let (w, s) = self.col(t, i as usize, p);
-                    let ahead = next.and_then(|j| E::as_f32(self.col(t, j, p).0));
-                    let view = match E::as_f32(w) {
-                        Some(w) => w,
-                        None => {
-                            E::to_f32(level, w, &mut buf);
-                            &buf[..]
-                        }
-                    };
+                // Every part of the input at once (one contiguous run).
+                let all = self.bundle(t, i as usize);
+                let view = match E::as_f32(all) {
+                    Some(w) => w,
+                    None => {
+                        E::to_f32(level, all, &mut buf);
+                        &buf[..]
+                    }
+                };
+                for (p, w) in view.chunks_exact(n).enumerate() {
+                    let s = self.col_scales[(t * self.d + i as usize) * parts + p];
                     let a = &mut acc[p * rows * n..(p + 1) * rows * n];
                     for (r, y) in a.chunks_exact_mut(n).enumerate() {
                         let c = coef[k * rows + r];
                         if c != 0.0 {
-                            axpy_ahead_at(level, c * s, view, y, ahead);
+                            axpy_n_at(level, [c * s], [w], y);
                         }
                     }
                 }
