@@ -1,0 +1,280 @@
+//! The sweep of [`InputSparseFfn`]: the kept inputs, each tile's hidden
+//! values from them, the hidden mask, and the kept neurons' down columns.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use rayon::prelude::*;
+
+use super::super::axpy::{axpy_ahead_at, axpy_n_at};
+use super::super::elem::{axpy_rows, Elem};
+use super::InputSparseFfn;
+use crate::error::{Error, Result};
+use crate::simd::{self, Level};
+
+/// A call whose work is smaller, counted as bytes of f32 weights (quantized
+/// types cost their decoding, not their bytes), runs on the caller's thread:
+/// waking the pool's workers (asleep between the layers of a model) costs more
+/// than it saves (as in the quantized mat-vec, see `quant::matvec`).
+const INLINE_BYTES: usize = 1 << 18;
+/// Bytes of the next kept neuron's down column (or input's slice) requested ahead.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Hints the CPU to start loading the first [`PREFETCH_BYTES`] of `w` (a
+/// sparse sweep jumps over dropped neurons, which stalls the hardware
+/// prefetcher).
+fn prefetch<E>(w: &[E]) {
+    let p = w.as_ptr() as *const u8;
+    prefetch_range(
+        p,
+        p.wrapping_add(std::mem::size_of_val(w).min(PREFETCH_BYTES)),
+    );
+}
+
+/// Hints the CPU to load the bytes `start..end` (a prefetch never faults, and
+/// `wrapping_add` keeps the address arithmetic defined, whatever the range).
+fn prefetch_range(start: *const u8, end: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let len = (end as usize).saturating_sub(start as usize);
+        for off in (0..len).step_by(64) {
+            // SAFETY: SSE (`prefetcht0`) is part of the x86-64 baseline, and a
+            // prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, end);
+}
+
+impl<E: Elem> InputSparseFfn<E> {
+    fn check(&self, xs: &[f32], rows: usize, t: &[(&'static str, Option<f32>)]) -> Result<()> {
+        let d = self.d;
+        if rows == 0 || xs.len() != rows * d {
+            return Err(Error::shape(
+                "x",
+                format!("(n, {d}) with n >= 1"),
+                &[rows, xs.len() / rows.max(1)],
+            ));
+        }
+        for &(name, v) in t {
+            if let Some(v) = v {
+                if !(v >= 0.0 && v.is_finite()) {
+                    return Err(Error::value(
+                        name,
+                        "a finite value >= 0 (or None: keep all)",
+                        v,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept inputs (any row keeps them) and their per-row coefficients
+    /// (`rows` each; 0 where a row drops the input), and the kept pair count.
+    fn kept_inputs(&self, xs: &[f32], rows: usize, t: Option<f32>) -> (Vec<u32>, Vec<f32>, u64) {
+        let d = self.d;
+        let (mut ids, mut coef, mut pairs) = (Vec::new(), Vec::new(), 0u64);
+        for i in 0..d {
+            let at = coef.len();
+            let mut kept = 0u64;
+            for r in 0..rows {
+                let v = xs[r * d + i];
+                let keep = t.is_none_or(|t| v.abs() > t);
+                coef.push(if keep { v } else { 0.0 });
+                kept += u64::from(keep);
+            }
+            if kept == 0 {
+                coef.truncate(at);
+            } else {
+                ids.push(i as u32);
+                pairs += kept;
+            }
+        }
+        (ids, coef, pairs)
+    }
+
+    /// `h` of tile `t`'s neurons `lo..hi` for each row, from the kept inputs:
+    /// `act(gate x) * (up x)` (gated) or `act(up x + b)`; row-major `(rows, hi - lo)`.
+    fn hidden_tile(
+        &self,
+        level: Level,
+        (ids, coef): (&[u32], &[f32]),
+        rows: usize,
+        t: usize,
+    ) -> Vec<f32> {
+        let (lo, hi) = self.tile_range(t);
+        let n = hi - lo;
+        let parts = self.parts();
+        let mut acc = vec![0.0f32; parts * rows * n];
+        // f32 views of an input's slices: the stored ones for f32, else
+        // decoded into `buf` (n floats, in L1 next to `acc`).
+        let direct = E::as_f32(&self.cols[..0]).is_some();
+        let mut buf = vec![0.0f32; if direct { 0 } else { parts * n }];
+        if direct && rows == 1 {
+            // One row of f32 (scales 1.0): an input's gate and up slices are one
+            // contiguous run, and so are the row's two accumulators: one call.
+            // (Prefetching as below.)
+            for (k, &i) in ids.iter().enumerate() {
+                let ahead = ids
+                    .get(k + 1)
+                    .filter(|&&j| j != i + 1)
+                    .and_then(|&j| E::as_f32(self.bundle(t, j as usize)));
+                if let Some(w) = E::as_f32(self.bundle(t, i as usize)) {
+                    axpy_ahead_at(level, coef[k], w, &mut acc, ahead);
+                }
+            }
+        } else {
+            for (k, &i) in ids.iter().enumerate() {
+                // The slices of the kept input two places on, requested while
+                // this one is decoded, where they do not follow the input
+                // before them: a run of kept inputs is one stream the hardware
+                // prefetchers follow best alone; a jump is one they cannot
+                // predict. (Two ahead: one input's work is shorter than a
+                // memory access.)
+                if let (Some(&prev), Some(&next)) = (ids.get(k + 1), ids.get(k + 2)) {
+                    if next != prev + 1 {
+                        let w = self.bundle(t, next as usize);
+                        let p = w.as_ptr() as *const u8;
+                        prefetch_range(p, p.wrapping_add(std::mem::size_of_val(w)));
+                    }
+                }
+                // Every part of the input at once (one contiguous run).
+                let all = self.bundle(t, i as usize);
+                let view = match E::as_f32(all) {
+                    Some(w) => w,
+                    None => {
+                        E::to_f32(level, all, &mut buf);
+                        &buf[..]
+                    }
+                };
+                for (p, w) in view.chunks_exact(n).enumerate() {
+                    let s = self.col_scales[(t * self.d + i as usize) * parts + p];
+                    let a = &mut acc[p * rows * n..(p + 1) * rows * n];
+                    for (r, y) in a.chunks_exact_mut(n).enumerate() {
+                        let c = coef[k * rows + r];
+                        if c != 0.0 {
+                            axpy_n_at(level, [c * s], [w], y);
+                        }
+                    }
+                }
+            }
+        }
+        let (pre, up) = acc.split_at_mut(rows * n);
+        for r in 0..rows {
+            for jj in 0..n {
+                let b = self.pre_bias.as_ref().map_or(0.0, |b| b[lo + jj]);
+                let a = self.act.apply(pre[r * n + jj] + b);
+                pre[r * n + jj] = if self.gated { a * up[r * n + jj] } else { a };
+            }
+        }
+        acc.truncate(rows * n);
+        acc
+    }
+
+    /// The hidden values `h` (before the hidden mask) for each row of `xs`,
+    /// with inputs `|x| <= t_in` dropped: row-major `(rows, h)`. What
+    /// calibration measures.
+    pub fn hidden(&self, xs: &[f32], rows: usize, t_in: Option<f32>) -> Result<Vec<f32>> {
+        self.check(xs, rows, &[("t_in", t_in)])?;
+        let level = simd::level()?;
+        let (ids, coef, _) = self.kept_inputs(xs, rows, t_in);
+        let parts: Vec<Vec<f32>> = crate::threads::install(|| {
+            (0..self.num_tiles())
+                .into_par_iter()
+                .map(|t| self.hidden_tile(level, (&ids, &coef), rows, t))
+                .collect()
+        })?;
+        let mut out = vec![0.0f32; rows * self.h];
+        for (t, p) in parts.iter().enumerate() {
+            let (lo, hi) = self.tile_range(t);
+            let n = hi - lo;
+            for r in 0..rows {
+                out[r * self.h + lo..r * self.h + hi].copy_from_slice(&p[r * n..(r + 1) * n]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The FFN output for `rows` inputs `xs` (`rows x d`), reading only the
+    /// columns of inputs with `|x| > t_in` and the down columns of neurons with
+    /// `|h| > t_hidden` (None: keep every input / neuron, the dense FFN).
+    pub fn forward(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        t_in: Option<f32>,
+        t_hidden: Option<f32>,
+    ) -> Result<Vec<f32>> {
+        self.check(xs, rows, &[("t_in", t_in), ("t_hidden", t_hidden)])?;
+        let level = simd::level()?;
+        let (d, du) = (self.d, self.d / E::LANES);
+        let (ids, coef, in_pairs) = self.kept_inputs(xs, rows, t_in);
+        let work = |(mut y, mut kept): (Vec<f32>, u64), t: usize| {
+            let hid = self.hidden_tile(level, (&ids, &coef), rows, t);
+            let (lo, hi) = self.tile_range(t);
+            let n = hi - lo;
+            let keep = |v: f32| t_hidden.is_none_or(|t| v.abs() > t);
+            let active: Vec<usize> = (0..n)
+                .filter(|&jj| (0..rows).any(|r| keep(hid[r * n + jj])))
+                .collect();
+            let mut c = vec![0.0f32; rows];
+            for (q, &jj) in active.iter().enumerate() {
+                // The next kept neuron's column, where it does not follow this one.
+                if let Some(&next) = active.get(q + 1).filter(|&&j| j != jj + 1) {
+                    let j = lo + next;
+                    prefetch(&self.down[j * du..(j + 1) * du]);
+                }
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let v = hid[r * n + jj];
+                    *cr = if keep(v) { v } else { 0.0 };
+                    kept += u64::from(keep(v));
+                }
+                let j = lo + jj;
+                axpy_rows(
+                    level,
+                    &self.down[j * du..(j + 1) * du],
+                    self.down_scales[j],
+                    &c,
+                    &mut y,
+                );
+            }
+            (y, kept)
+        };
+        let init = || (vec![0.0f32; rows * d], 0u64);
+        // About the work of this call, as bytes of f32 weights (the kept
+        // inputs' share of every matrix; quantized types cost their decoding).
+        let work_bytes = 4 * (self.parts() + 1) * self.h * ids.len();
+        let (mut ys, hid_pairs) = if work_bytes < INLINE_BYTES {
+            (0..self.num_tiles()).fold(init(), work)
+        } else {
+            crate::threads::install(|| {
+                (0..self.num_tiles())
+                    .into_par_iter()
+                    .fold(init, work)
+                    .reduce(init, |(mut a, ka), (b, kb)| {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            *x += y;
+                        }
+                        (a, ka + kb)
+                    })
+            })?
+        };
+        if let Some(b) = &self.down_bias {
+            for y in ys.chunks_exact_mut(d) {
+                for (yi, bi) in y.iter_mut().zip(b) {
+                    *yi += bi;
+                }
+            }
+        }
+        for (a, v) in self
+            .counters
+            .iter()
+            .zip([1, rows as u64, in_pairs, hid_pairs])
+        {
+            a.fetch_add(v, Relaxed);
+        }
+        Ok(ys)
+    }
+}

@@ -1,0 +1,123 @@
+//! Tests of [`super::InputSparseFfn`] against an f64 reference in every format.
+
+use super::super::elem::{Q4, Q8};
+use super::*;
+use half::f16;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
+/// The dense FFN on masked inputs and masked hidden values, in f64, from
+/// the weights as stored (dequantized).
+/// (The hidden mask is taken from the kernel's own f32 hidden values, so a
+/// value within rounding of the threshold cannot flip between the two.)
+fn reference<E: Elem>(
+    f: &InputSparseFfn<E>,
+    x: &[f32],
+    t_in: Option<f32>,
+    t_h: Option<f32>,
+) -> Vec<f64> {
+    let hid = f.hidden(x, 1, t_in).unwrap();
+    let (g, u, dn) = f.to_matrices();
+    let (h, d) = (f.h, f.d);
+    let keep = |v: f32, t: Option<f32>| t.is_none_or(|t| v.abs() > t);
+    let xm: Vec<f64> = x
+        .iter()
+        .map(|&v| if keep(v, t_in) { v as f64 } else { 0.0 })
+        .collect();
+    let dot = |m: &[f32], j: usize| (0..d).map(|i| m[j * d + i] as f64 * xm[i]).sum::<f64>();
+    let mut y = vec![0.0f64; d];
+    for j in 0..h {
+        let b = f.pre_bias.as_ref().map_or(0.0, |b| b[j]);
+        let pre = g.as_ref().map_or(dot(&u, j), |g| dot(g, j)) as f32 + b;
+        let a = f.act.apply(pre) as f64;
+        let hv = if g.is_some() { a * dot(&u, j) } else { a };
+        assert!((hv - hid[j] as f64).abs() < 1e-4, "hidden {j}");
+        if keep(hid[j], t_h) {
+            for i in 0..d {
+                y[i] += hv * dn[i * h + j] as f64;
+            }
+        }
+    }
+    if let Some(b) = &f.down_bias {
+        for (yi, bi) in y.iter_mut().zip(b) {
+            *yi += *bi as f64;
+        }
+    }
+    y
+}
+
+fn check<E: Elem>(gated: bool, tol: f64) {
+    let (h, d) = (200, 96);
+    let mut seed = 7;
+    let mut m = |n: usize| (0..n).map(|_| lcg(&mut seed)).collect::<Vec<f32>>();
+    let (g, u, dn) = (m(h * d), m(h * d), m(d * h));
+    let pb = (!gated).then(|| m(h));
+    let db = Some(m(d));
+    let x = m(2 * d);
+    let act = if gated {
+        Activation::Silu
+    } else {
+        Activation::Gelu
+    };
+    let f =
+        InputSparseFfn::<E>::new(gated.then_some(&g[..]), &u, &dn, (h, d), act, pb, db).unwrap();
+    for (t_in, t_h) in [(None, None), (Some(0.2), None), (Some(0.1), Some(0.05))] {
+        let y = f.forward(&x, 2, t_in, t_h).unwrap();
+        for r in 0..2 {
+            let want = reference(&f, &x[r * d..(r + 1) * d], t_in, t_h);
+            for (a, b) in y[r * d..(r + 1) * d].iter().zip(&want) {
+                assert!(
+                    (*a as f64 - b).abs() <= tol,
+                    "{} {t_in:?} {t_h:?}: {a} vs {b}",
+                    E::NAME
+                );
+            }
+        }
+    }
+    let s = f.stats();
+    assert_eq!((s.calls, s.rows), (3, 6));
+    assert!(s.kept_inputs < 3 * 2 * d as u64 && s.kept_hidden < 3 * 2 * h as u64);
+}
+
+#[test]
+fn equals_the_masked_dense_ffn_in_every_format() {
+    for gated in [true, false] {
+        check::<f32>(gated, 1e-4);
+        check::<f16>(gated, 1e-4);
+        check::<Q8>(gated, 1e-4);
+        check::<Q4>(gated, 1e-4);
+    }
+}
+
+#[test]
+fn keeps_the_weights_and_rejects_bad_input() {
+    let (h, d) = (130, 6);
+    let w: Vec<f32> = (0..h * d).map(|i| i as f32 / 100.0).collect();
+    let f =
+        InputSparseFfn::<f32>::new(Some(&w), &w, &w, (h, d), Activation::Silu, None, None).unwrap();
+    let (g, u, dn) = f.to_matrices();
+    assert_eq!((g.unwrap(), u), (w.clone(), w.clone()));
+    assert_eq!(dn, w);
+    assert!(f.forward(&[0.0; 5], 1, None, None).is_err());
+    assert!(f.forward(&[0.0; 6], 1, Some(-1.0), None).is_err());
+    assert!(f.forward(&[0.0; 6], 1, None, Some(f32::NAN)).is_err());
+    let odd = InputSparseFfn::<Q4>::new(
+        None,
+        &w[..129 * 6],
+        &w[..129 * 6],
+        (129, 6),
+        Activation::Relu,
+        None,
+        None,
+    );
+    assert!(odd.is_err());
+    assert!(
+        InputSparseFfn::<f32>::new(None, &w, &w[1..], (h, d), Activation::Relu, None, None)
+            .is_err()
+    );
+}
