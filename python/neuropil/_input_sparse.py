@@ -88,16 +88,9 @@ class InputSparseFFN:
         down_bias: Any = None,
         thresholds: tuple[float | None, float | None] | None = None,
     ) -> None:
-        if bits is not None:
-            if isinstance(bits, bool) or bits not in (8, 4):
-                raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
-            if dtype != "float32":
-                raise ArgumentError(
-                    f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}"
-                )
-            dtype = "int8" if bits == 8 else "int4"
-        elif dtype not in ("float32", "float16"):
-            raise ArgumentError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
+        from .neurons import _weight_dtype
+
+        dtype = _weight_dtype(bits, dtype)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
         self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
         self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
