@@ -1,4 +1,6 @@
-//! Projection kernels: the activations of a batch of up to 16 input vectors.
+//! Projection kernels: the activations of a batch of up to 16 input vectors
+//! (at the AVX-512 level the sparse kernel takes two batches per call, see
+//! [`activations_pair`]: the same additions per vector).
 //!
 //! The 16 vectors of a batch sit side by side in "lanes" (`[f32; 16]`, one
 //! AVX-512 register, two AVX2 registers, four SSE2/NEON registers). Every lane
@@ -76,7 +78,8 @@ pub(super) fn lanes_mut(a: &mut [Aligned]) -> &mut [Lane] {
 
 /// Per-thread working memory of the kernels, reused across batches.
 pub struct Scratch {
-    /// `m` activations per lane.
+    m: usize,
+    /// `m` activations per lane (sparse: `2 m`, room for two batches).
     pub(super) acc: Vec<Aligned>,
     tables: Vec<Lane>,
     pub(super) xt: Vec<Aligned>,
@@ -85,23 +88,31 @@ pub struct Scratch {
 impl Scratch {
     pub fn new(m: usize, d: usize, sparse: bool) -> Self {
         Scratch {
-            acc: vec![Aligned(ZERO); m],
+            m,
+            // Sparse: room for two batches (see `kernels_sparse::sparse_pair`).
+            acc: vec![Aligned(ZERO); if sparse { 2 * m } else { m }],
             tables: if sparse {
                 Vec::new()
             } else {
                 vec![ZERO; GPW * TS]
             },
             xt: if sparse {
-                vec![Aligned(ZERO); d.min(SPARSE_BLOCK)]
+                vec![Aligned(ZERO); 2 * d.min(SPARSE_BLOCK)]
             } else {
                 Vec::new()
             },
         }
     }
 
-    /// The activations of the last [`activations`] call: `m` lanes.
+    /// The activations of the last [`activations`] call: `m` lanes (`2 m`
+    /// after [`activations_pair`]: batch 0's, then batch 1's).
     pub fn acc(&self) -> &[Lane] {
-        lanes(&self.acc)
+        &lanes(&self.acc)[..self.m]
+    }
+
+    /// Batch 1's activations after [`activations_pair`]: `m` lanes.
+    pub fn acc_second(&self) -> &[Lane] {
+        lanes(&self.acc).get(self.m..2 * self.m).unwrap_or(&[])
     }
 }
 
@@ -130,6 +141,24 @@ pub fn activations(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scra
         // SAFETY: as above, the CPU has NEON.
         Level::Neon => unsafe { neon(p, x, nb, s) },
         _ => body(Level::Scalar, p, x, nb, s),
+    }
+}
+
+/// Whether [`activations_pair`] serves `p` at `level` (two batches per call:
+/// the sparse projection at the AVX-512 level).
+pub fn pairs(level: Level, p: Proj<'_>) -> bool {
+    level == Level::Avx512 && matches!(p.weights, Weights::Sparse { .. })
+}
+
+/// [`activations`] for up to 32 vectors (`nb <= 32`) as two batches: batch 0's
+/// in `scratch.acc()`, batch 1's in `scratch.acc_second()`, bit-identical to
+/// two [`activations`] calls. Only where [`pairs`] says so.
+pub fn activations_pair(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
+    debug_assert!(nb <= 2 * LANES && x.len() == nb * p.d && pairs(level, p));
+    #[cfg(target_arch = "x86_64")]
+    if let Weights::Sparse { plan, .. } = p.weights {
+        // SAFETY: `pairs` checked the level: the CPU has AVX-512 F.
+        unsafe { super::kernels_sparse::sparse_pair_avx512(p, plan, x, nb, s) };
     }
 }
 

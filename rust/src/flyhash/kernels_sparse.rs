@@ -74,8 +74,8 @@ pub(super) fn sparse(
                 // of an input in lo..hi (a lane of `xt`), every row is < m.
                 unsafe {
                     match b {
-                        0 => super::kernels_x86::sparse_block_avx512::<true>(acc, xt, &blk),
-                        _ => super::kernels_x86::sparse_block_avx512::<false>(acc, xt, &blk),
+                        0 => super::kernels_x86::sparse_block_avx512::<true, 1>([acc], xt, &blk),
+                        _ => super::kernels_x86::sparse_block_avx512::<false, 1>([acc], xt, &blk),
                     }
                 };
                 continue;
@@ -99,9 +99,49 @@ pub(super) fn sparse(
     }
 }
 
+/// [`sparse`] for two batches at once (`nb <= 32` vectors; see
+/// [`super::kernels_x86::sparse_block_avx512`]).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn sparse_pair_avx512(
+    p: Proj<'_>,
+    plan: &Plan,
+    x: &[f32],
+    nb: usize,
+    s: &mut Scratch,
+) {
+    use super::kernels_x86::sparse_block_avx512 as kernel;
+    let (d, m) = (p.d, p.m);
+    let (acc0, acc1) = lanes_mut(&mut s.acc[..2 * m]).split_at_mut(m);
+    for b in 0..plan.blocks() {
+        let blk = plan.block(b);
+        let (lo, hi) = (blk.lo, d.min(blk.lo + SPARSE_BLOCK));
+        let xt = lanes_mut(&mut s.xt[..2 * (hi - lo)]);
+        xt.fill(ZERO);
+        for v in 0..nb {
+            for i in 0..hi - lo {
+                xt[2 * i + v / LANES][v % LANES] = x[v * d + lo + i];
+            }
+        }
+        let xt = lanes(&s.xt[..2 * (hi - lo)]);
+        // SAFETY: the caller checked AVX-512. The plan was built by `Plan::new`
+        // from a generated projection, so every offset of block b is `64 i` for
+        // an input i in lo..hi (`2 i + 1 < xt.len()`), every row is < m.
+        unsafe {
+            match b {
+                0 => kernel::<true, 2>([&mut *acc0, &mut *acc1], xt, &blk),
+                _ => kernel::<false, 2>([&mut *acc0, &mut *acc1], xt, &blk),
+            }
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::activations;
+    use super::super::kernels::{activations, activations_pair, pairs};
     use super::super::projection::{generate_sparse, Weights};
     use super::*;
 
@@ -167,5 +207,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn two_batches_at_once_equal_the_canonical_order_bit_for_bit() {
+        // 16 + 5 vectors (batch 1 part full), the -0.0 patterns of the test
+        // above among them, several blocks and parts of every length mod 4.
+        let (d, m, n) = (1000, 300, 21);
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| match (i / d, i % 11, i % 97) {
+                (0, 0, _) | (17, ..) | (20, _, 1..) => -0.0,
+                (v, ..) => (((i + v) * 7919 % 1009) as f32 - 504.0) / 3.0,
+            })
+            .collect();
+        let w = generate_sparse(5, d, m, 97, false);
+        let p = Proj {
+            d,
+            m,
+            seed: 5,
+            weights: &w,
+        };
+        let mut tried = false;
+        for level in Level::supported().into_iter().filter(|&l| pairs(l, p)) {
+            tried = true;
+            let mut s = Scratch::new(m, d, true);
+            activations_pair(level, p, &x, n, &mut s);
+            for v in 0..n {
+                let want = canonical_sparse(d, m, &w, &x[v * d..(v + 1) * d]);
+                let got = if v < LANES { s.acc() } else { s.acc_second() };
+                for (r, (a, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a[v % LANES].to_bits(),
+                        w.to_bits(),
+                        "{level} vector {v} row {r}"
+                    );
+                }
+            }
+        }
+        // Without AVX-512 there are no two-batch kernels to test.
+        assert_eq!(tried, Level::supported().contains(&Level::Avx512));
     }
 }

@@ -276,9 +276,11 @@ fn drive<T: Send>(
     row_len: usize,
     write: impl Fn(&[f32], &[u32], &mut [T]) + Sync,
 ) -> Result<()> {
+    let pairs = kernels::pairs(level, p);
+    let per = if pairs { 2 * LANES } else { LANES };
     crate::threads::install(|| {
-        out.par_chunks_mut(LANES * row_len)
-            .zip(x.par_chunks(LANES * p.d))
+        out.par_chunks_mut(per * row_len)
+            .zip(x.par_chunks(per * p.d))
             .for_each_init(
                 || Task {
                     scratch: Scratch::new(p.m, p.d, sparse),
@@ -288,12 +290,21 @@ fn drive<T: Send>(
                 },
                 |t, (o, xb)| {
                     let nb = xb.len() / p.d;
-                    kernels::activations(level, p, xb, nb, &mut t.scratch);
-                    let values = &mut t.values[..nb * p.m];
-                    kernels::unpack(level, t.scratch.acc(), nb, values);
-                    for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len)) {
-                        t.wta.winners(level, vals, k, &mut t.winners);
-                        write(vals, &t.winners, row);
+                    if nb > LANES {
+                        kernels::activations_pair(level, p, xb, nb, &mut t.scratch);
+                    } else {
+                        kernels::activations(level, p, xb, nb, &mut t.scratch);
+                    }
+                    let halves = [t.scratch.acc(), t.scratch.acc_second()];
+                    for (h, o) in o.chunks_mut(LANES * row_len).enumerate() {
+                        let nb = o.len() / row_len;
+                        let values = &mut t.values[..nb * p.m];
+                        kernels::unpack(level, halves[h], nb, values);
+                        for (vals, row) in values.chunks_exact(p.m).zip(o.chunks_exact_mut(row_len))
+                        {
+                            t.wta.winners(level, vals, k, &mut t.winners);
+                            write(vals, &t.winners, row);
+                        }
                     }
                 },
             )
