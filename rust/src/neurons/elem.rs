@@ -37,6 +37,21 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// `y += a * codes(src)` (`src.len() * LANES` values). By default in
+    /// L1-sized chunks through `to_f32` and the f32 axpy; types override it
+    /// with one fused pass where the chunk's store and reload cost more than
+    /// the memory they wait on (the input-sparse sweep, one row at a time).
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
+        if let Some(w) = Self::as_f32(src) {
+            return axpy_at(level, a, w, y);
+        }
+        let mut buf = [0.0f32; CHUNK];
+        for (wc, yc) in src.chunks(CHUNK / Self::LANES).zip(y.chunks_mut(CHUNK)) {
+            let b = &mut buf[..yc.len()];
+            Self::to_f32(level, wc, b);
+            axpy_at(level, a, b, yc);
+        }
+    }
 }
 
 impl Elem for f32 {
@@ -82,6 +97,18 @@ impl Elem for f16 {
             *d = s.to_f32();
         }
     }
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            // SAFETY: AVX-512 F (level checked against the CPU).
+            unsafe { super::fused::f16_axpy_avx512(a, src, y) };
+            return;
+        }
+        let _ = level;
+        for (y, s) in y.iter_mut().zip(src) {
+            *y = a.mul_add(s.to_f32(), *y);
+        }
+    }
 }
 
 /// Symmetric absmax scale for codes in `[-qmax, qmax]` (1.0 for an all-zero row).
@@ -111,6 +138,9 @@ impl Elem for Q8 {
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
         widened(level, src, dst);
     }
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
+        super::fused::axpy_widened(level, a, src, y);
+    }
 }
 
 /// 4-bit row-quantized weights, two per byte (low nibble first): codes in
@@ -134,11 +164,16 @@ impl Elem for Q4 {
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
         widened(level, src, dst);
     }
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
+        super::fused::axpy_widened(level, a, src, y);
+    }
 }
 
 /// A code type whose decoding is a plain loop the compiler can vectorise.
-trait PlainDecode: Sized {
+pub(super) trait PlainDecode: Sized {
     fn decode(src: &[Self], dst: &mut [f32]);
+    /// `y += a * codes(src)`, one fused loop (see [`Elem::axpy`]).
+    fn axpy(a: f32, src: &[Self], y: &mut [f32]);
 }
 
 impl PlainDecode for Q8 {
@@ -146,6 +181,12 @@ impl PlainDecode for Q8 {
     fn decode(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
             *d = f32::from(s.0);
+        }
+    }
+    #[inline(always)]
+    fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
+        for (y, s) in y.iter_mut().zip(src) {
+            *y = a.mul_add(f32::from(s.0), *y);
         }
     }
 }
@@ -156,6 +197,13 @@ impl PlainDecode for Q4 {
         for (d, s) in dst.chunks_exact_mut(2).zip(src) {
             d[0] = f32::from(s.0 & 15) - 8.0;
             d[1] = f32::from(s.0 >> 4) - 8.0;
+        }
+    }
+    #[inline(always)]
+    fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
+        for (y, s) in y.chunks_exact_mut(2).zip(src) {
+            y[0] = a.mul_add(f32::from(s.0 & 15) - 8.0, y[0]);
+            y[1] = a.mul_add(f32::from(s.0 >> 4) - 8.0, y[1]);
         }
     }
 }

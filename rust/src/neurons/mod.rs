@@ -6,7 +6,8 @@
 //! - [`weights`]: the [`NeuronWeights`] storage trait and [`Bundled`] weights
 //!   (f32, f16, 8-bit and 4-bit row-quantized).
 //! - [`elem`]: element types and the row kernels shared by every type.
-//! - [`axpy`]: the dispatched `y += a * w` kernel.
+//! - [`axpy`]: the dispatched `y += a * w` kernel; `fused`: its one-pass
+//!   versions for f16 and quantized `w`.
 //! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
 //! - [`input_sparse`]: [`InputSparseFfn`], the TEAL-style FFN that drops small
 //!   inputs of every projection instead of neurons.
@@ -17,6 +18,7 @@ pub mod axpy;
 pub mod cache;
 pub mod elem;
 pub mod ffn;
+mod fused;
 pub mod input_sparse;
 mod select;
 pub mod weights;

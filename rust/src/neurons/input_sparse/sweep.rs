@@ -18,6 +18,9 @@ use crate::simd::{self, Level};
 const INLINE_BYTES: usize = 1 << 18;
 /// Bytes of the next kept neuron's down column (or input's slice) requested ahead.
 const PREFETCH_BYTES: usize = 2048;
+/// Bytes of weights per fused add of one kept input (f16, quantized), and of
+/// the next kept input requested alongside.
+const PREFETCH_STEP: usize = 512;
 
 /// Hints the CPU to start loading the first [`PREFETCH_BYTES`] of `w` (a
 /// sparse sweep jumps over dropped neurons, which stalls the hardware
@@ -127,6 +130,37 @@ impl<E: Elem> InputSparseFfn<E> {
             }
         } else {
             for (k, &i) in ids.iter().enumerate() {
+                if rows == 1 {
+                    // One row: each part straight into its accumulators, no
+                    // decoded copy (see `neurons::fused`), a slice at a time,
+                    // each slice asking for the same bytes of the next kept
+                    // input where it does not follow this one (as the f32
+                    // path above: spread out, not a burst).
+                    let all = self.bundle(t, i as usize);
+                    let ahead = ids
+                        .get(k + 1)
+                        .filter(|&&j| j != i + 1)
+                        .map(|&j| self.bundle(t, j as usize).as_ptr() as *const u8);
+                    // Without a jump ahead, one call per part.
+                    let step = match ahead {
+                        Some(_) => (PREFETCH_STEP / std::mem::size_of::<E>()).max(1),
+                        None => usize::MAX,
+                    };
+                    let mut at = 0;
+                    for (p, w) in all.chunks_exact(n / E::LANES).enumerate() {
+                        let a = coef[k] * self.col_scales[(t * self.d + i as usize) * parts + p];
+                        let y = &mut acc[p * n..(p + 1) * n];
+                        for (wc, yc) in w.chunks(step).zip(y.chunks_mut(step * E::LANES)) {
+                            if let Some(next) = ahead {
+                                let b = next.wrapping_add(at);
+                                prefetch_range(b, b.wrapping_add(PREFETCH_STEP));
+                            }
+                            at += std::mem::size_of_val(wc);
+                            E::axpy(level, a, wc, yc);
+                        }
+                    }
+                    continue;
+                }
                 // The slices of the kept input two places on, requested while
                 // this one is decoded, where they do not follow the input
                 // before them: a run of kept inputs is one stream the hardware
@@ -140,8 +174,9 @@ impl<E: Elem> InputSparseFfn<E> {
                         prefetch_range(p, p.wrapping_add(std::mem::size_of_val(w)));
                     }
                 }
-                // Every part of the input at once (one contiguous run).
                 let all = self.bundle(t, i as usize);
+                // Every part of the input at once (one contiguous run), decoded
+                // once for all rows.
                 let view = match E::as_f32(all) {
                     Some(w) => w,
                     None => {

@@ -51,14 +51,14 @@ fn reference<E: Elem>(
     y
 }
 
-fn check<E: Elem>(gated: bool, tol: f64) {
-    let (h, d) = (200, 96);
+fn check<E: Elem>(gated: bool, tol: f64, h: usize, rows: usize) {
+    let d = 96;
     let mut seed = 7;
     let mut m = |n: usize| (0..n).map(|_| lcg(&mut seed)).collect::<Vec<f32>>();
     let (g, u, dn) = (m(h * d), m(h * d), m(d * h));
     let pb = (!gated).then(|| m(h));
     let db = Some(m(d));
-    let x = m(2 * d);
+    let x = m(rows * d);
     let act = if gated {
         Activation::Silu
     } else {
@@ -67,8 +67,8 @@ fn check<E: Elem>(gated: bool, tol: f64) {
     let f =
         InputSparseFfn::<E>::new(gated.then_some(&g[..]), &u, &dn, (h, d), act, pb, db).unwrap();
     for (t_in, t_h) in [(None, None), (Some(0.2), None), (Some(0.1), Some(0.05))] {
-        let y = f.forward(&x, 2, t_in, t_h).unwrap();
-        for r in 0..2 {
+        let y = f.forward(&x, rows, t_in, t_h).unwrap();
+        for r in 0..rows {
             let want = reference(&f, &x[r * d..(r + 1) * d], t_in, t_h);
             for (a, b) in y[r * d..(r + 1) * d].iter().zip(&want) {
                 assert!(
@@ -80,17 +80,22 @@ fn check<E: Elem>(gated: bool, tol: f64) {
         }
     }
     let s = f.stats();
-    assert_eq!((s.calls, s.rows), (3, 6));
-    assert!(s.kept_inputs < 3 * 2 * d as u64 && s.kept_hidden < 3 * 2 * h as u64);
+    let r = rows as u64;
+    assert_eq!((s.calls, s.rows), (3, 3 * r));
+    assert!(s.kept_inputs < 3 * r * d as u64 && s.kept_hidden < 3 * r * h as u64);
 }
 
 #[test]
 fn equals_the_masked_dense_ffn_in_every_format() {
-    for gated in [true, false] {
-        check::<f32>(gated, 1e-4);
-        check::<f16>(gated, 1e-4);
-        check::<Q8>(gated, 1e-4);
-        check::<Q4>(gated, 1e-4);
+    // Two rows (inputs decoded once for both), and one row over wide tiles
+    // (the fused adds, several prefetch slices per part).
+    for (h, rows) in [(200, 2), (3000, 1)] {
+        for gated in [true, false] {
+            check::<f32>(gated, 1e-4, h, rows);
+            check::<f16>(gated, 1e-4, h, rows);
+            check::<Q8>(gated, 1e-4, h, rows);
+            check::<Q4>(gated, 1e-4, h, rows);
+        }
     }
 }
 
