@@ -13,7 +13,7 @@
 
 use half::f16;
 
-use super::axpy::axpy_at;
+use super::axpy::{axpy_ahead_at, axpy_at};
 use crate::simd::{dot_at, Level};
 
 /// Elements converted per chunk (2 KiB of f32: stays in L1 next to the inputs).
@@ -37,16 +37,19 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
-    /// `y += a * codes(src)` (`src.len() * LANES` values). By default in
-    /// L1-sized chunks through `to_f32` and the f32 axpy; types override it
-    /// with one fused pass where the chunk's store and reload cost more than
-    /// the memory they wait on (the input-sparse sweep, one row at a time).
-    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
-        if let Some(w) = Self::as_f32(src) {
-            return axpy_at(level, a, w, y);
-        }
+    /// `y += a * codes(src)` (`src.len() * LANES` values), asking, as it goes,
+    /// for the cache lines of `ahead` (what the caller reads next; see
+    /// [`axpy_ahead_at`]). By default in L1-sized chunks through `to_f32` and
+    /// the f32 axpy; the stored types override it with one fused pass (see
+    /// `neurons::fused`).
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         let mut buf = [0.0f32; CHUNK];
-        for (wc, yc) in src.chunks(CHUNK / Self::LANES).zip(y.chunks_mut(CHUNK)) {
+        let step = CHUNK / Self::LANES;
+        for (c, (wc, yc)) in src.chunks(step).zip(y.chunks_mut(CHUNK)).enumerate() {
+            if let Some(next) = ahead {
+                let p = next.as_ptr().wrapping_add(c * step) as *const u8;
+                super::fused::prefetch_range(p, p.wrapping_add(std::mem::size_of_val(wc)));
+            }
             let b = &mut buf[..yc.len()];
             Self::to_f32(level, wc, b);
             axpy_at(level, a, b, yc);
@@ -65,6 +68,9 @@ impl Elem for f32 {
     }
     fn as_f32(src: &[Self]) -> Option<&[f32]> {
         Some(src)
+    }
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
+        axpy_ahead_at(level, a, src, y, ahead);
     }
 }
 
@@ -97,11 +103,13 @@ impl Elem for f16 {
             *d = s.to_f32();
         }
     }
-    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         #[cfg(target_arch = "x86_64")]
         if level == Level::Avx512 && level.is_supported() {
-            // SAFETY: AVX-512 F (level checked against the CPU).
-            unsafe { super::fused::f16_axpy_avx512(a, src, y) };
+            let next = ahead.map_or(std::ptr::null(), |s| s.as_ptr() as *const u8);
+            // SAFETY: AVX-512 F (level checked against the CPU); `next` is
+            // only prefetched.
+            unsafe { super::fused::f16_axpy_avx512(a, src, y, next) };
             return;
         }
         let _ = level;
@@ -138,8 +146,8 @@ impl Elem for Q8 {
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
         widened(level, src, dst);
     }
-    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
-        super::fused::axpy_widened(level, a, src, y);
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
+        super::fused::axpy_widened(level, a, src, y, ahead);
     }
 }
 
@@ -164,8 +172,8 @@ impl Elem for Q4 {
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
         widened(level, src, dst);
     }
-    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32]) {
-        super::fused::axpy_widened(level, a, src, y);
+    fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
+        super::fused::axpy_widened(level, a, src, y, ahead);
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use rayon::prelude::*;
 
-use super::super::axpy::{axpy_ahead_at, axpy_n_at};
+use super::super::axpy::axpy_n_at;
 use super::super::elem::{axpy_rows, Elem};
+use super::super::fused::prefetch_range;
 use super::InputSparseFfn;
 use crate::error::{Error, Result};
 use crate::simd::{self, Level};
@@ -18,9 +19,6 @@ use crate::simd::{self, Level};
 const INLINE_BYTES: usize = 1 << 18;
 /// Bytes of the next kept neuron's down column (or input's slice) requested ahead.
 const PREFETCH_BYTES: usize = 2048;
-/// Bytes of weights per fused add of one kept input (f16, quantized), and of
-/// the next kept input requested alongside.
-const PREFETCH_STEP: usize = 512;
 
 /// Hints the CPU to start loading the first [`PREFETCH_BYTES`] of `w` (a
 /// sparse sweep jumps over dropped neurons, which stalls the hardware
@@ -31,23 +29,6 @@ fn prefetch<E>(w: &[E]) {
         p,
         p.wrapping_add(std::mem::size_of_val(w).min(PREFETCH_BYTES)),
     );
-}
-
-/// Hints the CPU to load the bytes `start..end` (a prefetch never faults, and
-/// `wrapping_add` keeps the address arithmetic defined, whatever the range).
-fn prefetch_range(start: *const u8, end: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let len = (end as usize).saturating_sub(start as usize);
-        for off in (0..len).step_by(64) {
-            // SAFETY: SSE (`prefetcht0`) is part of the x86-64 baseline, and a
-            // prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off) as *const i8) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (start, end);
 }
 
 impl<E: Elem> InputSparseFfn<E> {
@@ -111,56 +92,30 @@ impl<E: Elem> InputSparseFfn<E> {
         let n = hi - lo;
         let parts = self.parts();
         let mut acc = vec![0.0f32; parts * rows * n];
-        // f32 views of an input's slices: the stored ones for f32, else
-        // decoded into `buf` (n floats, in L1 next to `acc`).
-        let direct = E::as_f32(&self.cols[..0]).is_some();
-        let mut buf = vec![0.0f32; if direct { 0 } else { parts * n }];
-        if direct && rows == 1 {
-            // One row of f32 (scales 1.0): an input's gate and up slices are one
-            // contiguous run, and so are the row's two accumulators: one call.
-            // (Prefetching as below.)
+        if rows == 1 {
+            // One row: each part of a kept input straight into its
+            // accumulators (no decoded copy, see `neurons::fused`), asking as
+            // it goes for the same part of the next kept input where that
+            // does not follow this one: a run of kept inputs is one stream the
+            // hardware prefetchers follow best alone; a jump is one they cannot
+            // predict, and a burst of requests stalls on the miss buffers.
             for (k, &i) in ids.iter().enumerate() {
-                let ahead = ids
-                    .get(k + 1)
-                    .filter(|&&j| j != i + 1)
-                    .and_then(|&j| E::as_f32(self.bundle(t, j as usize)));
-                if let Some(w) = E::as_f32(self.bundle(t, i as usize)) {
-                    axpy_ahead_at(level, coef[k], w, &mut acc, ahead);
+                let next = ids.get(k + 1).filter(|&&j| j != i + 1);
+                let next = next.map(|&j| self.bundle(t, j as usize));
+                let all = self.bundle(t, i as usize);
+                let len = n / E::LANES;
+                for (p, w) in all.chunks_exact(len).enumerate() {
+                    let a = coef[k] * self.col_scales[(t * self.d + i as usize) * parts + p];
+                    let ahead = next.map(|b| &b[p * len..(p + 1) * len]);
+                    E::axpy(level, a, w, &mut acc[p * n..(p + 1) * n], ahead);
                 }
             }
         } else {
+            // f32 views of an input's slices: the stored ones for f32, else
+            // decoded into `buf` (n floats, in L1 next to `acc`).
+            let direct = E::as_f32(&self.cols[..0]).is_some();
+            let mut buf = vec![0.0f32; if direct { 0 } else { parts * n }];
             for (k, &i) in ids.iter().enumerate() {
-                if rows == 1 {
-                    // One row: each part straight into its accumulators, no
-                    // decoded copy (see `neurons::fused`), a slice at a time,
-                    // each slice asking for the same bytes of the next kept
-                    // input where it does not follow this one (as the f32
-                    // path above: spread out, not a burst).
-                    let all = self.bundle(t, i as usize);
-                    let ahead = ids
-                        .get(k + 1)
-                        .filter(|&&j| j != i + 1)
-                        .map(|&j| self.bundle(t, j as usize).as_ptr() as *const u8);
-                    // Without a jump ahead, one call per part.
-                    let step = match ahead {
-                        Some(_) => (PREFETCH_STEP / std::mem::size_of::<E>()).max(1),
-                        None => usize::MAX,
-                    };
-                    let mut at = 0;
-                    for (p, w) in all.chunks_exact(n / E::LANES).enumerate() {
-                        let a = coef[k] * self.col_scales[(t * self.d + i as usize) * parts + p];
-                        let y = &mut acc[p * n..(p + 1) * n];
-                        for (wc, yc) in w.chunks(step).zip(y.chunks_mut(step * E::LANES)) {
-                            if let Some(next) = ahead {
-                                let b = next.wrapping_add(at);
-                                prefetch_range(b, b.wrapping_add(PREFETCH_STEP));
-                            }
-                            at += std::mem::size_of_val(wc);
-                            E::axpy(level, a, wc, yc);
-                        }
-                    }
-                    continue;
-                }
                 // The slices of the kept input two places on, requested while
                 // this one is decoded, where they do not follow the input
                 // before them: a run of kept inputs is one stream the hardware
