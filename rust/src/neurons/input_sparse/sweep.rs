@@ -60,6 +60,17 @@ impl<E: Elem> InputSparseFfn<E> {
     fn kept_inputs(&self, xs: &[f32], rows: usize, t: Option<f32>) -> (Vec<u32>, Vec<f32>, u64) {
         let d = self.d;
         let (mut ids, mut coef, mut pairs) = (Vec::new(), Vec::new(), 0u64);
+        if let (1, Some(t)) = (rows, t) {
+            // One row with a threshold (the common call): a plain filter.
+            for (i, &v) in xs.iter().enumerate() {
+                if v.abs() > t {
+                    ids.push(i as u32);
+                    coef.push(v);
+                }
+            }
+            let kept = ids.len() as u64;
+            return (ids, coef, kept);
+        }
         for i in 0..d {
             let at = coef.len();
             let mut kept = 0u64;
@@ -152,12 +163,11 @@ impl<E: Elem> InputSparseFfn<E> {
             }
         }
         let (pre, up) = acc.split_at_mut(rows * n);
+        let bias = self.pre_bias.as_ref().map(|b| &b[lo..hi]);
         for r in 0..rows {
-            for jj in 0..n {
-                let b = self.pre_bias.as_ref().map_or(0.0, |b| b[lo + jj]);
-                let a = self.act.apply(pre[r * n + jj] + b);
-                pre[r * n + jj] = if self.gated { a * up[r * n + jj] } else { a };
-            }
+            let u = self.gated.then(|| &up[r * n..(r + 1) * n]);
+            self.act
+                .apply_tile(level, &mut pre[r * n..(r + 1) * n], bias, u);
         }
         acc.truncate(rows * n);
         acc
@@ -206,9 +216,12 @@ impl<E: Elem> InputSparseFfn<E> {
             let (lo, hi) = self.tile_range(t);
             let n = hi - lo;
             let keep = |v: f32| t_hidden.is_none_or(|t| v.abs() > t);
-            let active: Vec<usize> = (0..n)
-                .filter(|&jj| (0..rows).any(|r| keep(hid[r * n + jj])))
-                .collect();
+            let active: Vec<usize> = match (rows, t_hidden) {
+                (1, Some(t)) => (0..n).filter(|&jj| hid[jj].abs() > t).collect(),
+                _ => (0..n)
+                    .filter(|&jj| (0..rows).any(|r| keep(hid[r * n + jj])))
+                    .collect(),
+            };
             let mut c = vec![0.0f32; rows];
             for (q, &jj) in active.iter().enumerate() {
                 // The next kept neuron's column, where it does not follow this one.
