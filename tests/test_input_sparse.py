@@ -216,3 +216,40 @@ def test_cuda_tensor_matches_cpu(dtype, bits):
     y = ffn(x.cuda())
     assert y.device.type == "cuda"
     np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_sparsify_teal_with_its_own_hidden_sparsity_on_a_tiny_llama():
+    """Needs no model files: a seeded random Llama. The thresholds are the
+    calibration quantiles, so on the calibration tokens the torch path drops
+    the asked fractions of inputs and of (dense) hidden values."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuropil.torch import sparsify_mlp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+    th = sparsify_mlp(model, 0.3, calibration=ids, method="teal", hidden_sparsity=0.8)
+    mlp = model.model.layers[1].mlp
+    assert th["model.layers.1.mlp"] == mlp.threshold
+    seen = []
+    hook = mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(ids)  # 96 rows: the torch path, as calibration ran
+    hook.remove()
+    x = seen[0].reshape(-1, 64)
+    h = torch.nn.functional.silu(mlp.gate(x)) * mlp.up(x)
+    assert abs(float((x.abs() <= mlp.t_in).float().mean()) - 0.3) < 0.01
+    assert abs(float((h.abs() <= mlp.threshold).float().mean()) - 0.8) < 0.01
+    # Hidden values kept whole, inputs still masked.
+    sparsify_mlp(model, 0.3, calibration=ids, method="teal", hidden_sparsity=0.0)
+    assert mlp.threshold is None and mlp.t_in > 0
+    with pytest.raises(neuropil.ArgumentError, match="method='teal' only"):
+        sparsify_mlp(model, 0.3, calibration=ids, hidden_sparsity=0.5)
+    with pytest.raises(neuropil.ArgumentError, match=r"hidden_sparsity must be in \[0, 1\)"):
+        sparsify_mlp(model, 0.3, calibration=ids, method="teal", hidden_sparsity=1.0)

@@ -131,8 +131,32 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
             )
         )
     # TEAL: the same weights, inputs and hidden values masked instead of neurons.
+    # Dense and each sparsity are timed in alternation, round after round, and
+    # each ratio is the median of its per-round ratios: the memory bandwidth of
+    # a VM drifts from minute to minute, and a ratio of two times taken minutes
+    # apart would measure the drift.
     teal = InputSparseFFN(gate, up, down, activation="silu", **kw)
-    t_tdense = median_seconds(lambda: teal(next(it), dense=True), repeat=rep, min_time=0.02)
+    levels = (0.5, 0.7, 0.9)
+    thresholds = {}
+    for s in levels:
+        teal.calibrate(xs, s)
+        thresholds[s] = (teal.t_in, teal.t_hidden)
+    dense_t: list[float] = []
+    sparse_t: dict[float, list[float]] = {s: [] for s in levels}
+    density: dict[float, tuple[float, float]] = {}
+    for _ in range(3 if quick else 5):
+        dense_t.append(
+            median_seconds(lambda: teal(next(it), dense=True), repeat=rep // 2, min_time=0.02)
+        )
+        for s in levels:
+            teal.set_thresholds(*thresholds[s])
+            teal.reset_stats()
+            sparse_t[s].append(
+                median_seconds(lambda: teal(next(it)), repeat=rep // 2, min_time=0.02)
+            )
+            st = teal.stats()
+            density[s] = (st["input_density"], st["hidden_density"])
+    t_tdense = float(np.median(dense_t))
     rows.append(
         Row(
             f"FFN {shape}: TEAL dense (InputSparseFFN, every input kept)",
@@ -143,16 +167,18 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
             lower_is_better=True,
         )
     )
-    for s in (0.5, 0.7, 0.9):
-        teal.calibrate(xs, s)
-        teal.reset_stats()
-        t = median_seconds(lambda: teal(next(it)), repeat=rep, min_time=0.02)
-        st = teal.stats()
+    for s in levels:
+        t = float(np.median(sparse_t[s]))
+        ratio = float(
+            np.median([ts / (td * (1 - s)) for ts, td in zip(sparse_t[s], dense_t, strict=True)])
+        )
+        speedup = float(np.median([td / ts for ts, td in zip(sparse_t[s], dense_t, strict=True)]))
         rows.append(
             Row(
-                f"FFN {shape}: TEAL sparsity {s:.0%} ({1 - st['input_density']:.1%} of inputs, "
-                f"{1 - st['hidden_density']:.1%} of hidden values dropped); "
-                f"t / (TEAL dense x (1-s)) = {t / (t_tdense * (1 - s)):.2f}",
+                f"FFN {shape}: TEAL sparsity {s:.0%} ({1 - density[s][0]:.1%} of inputs, "
+                f"{1 - density[s][1]:.1%} of hidden values dropped); "
+                f"t / (TEAL dense x (1-s)) = {ratio:.2f}, TEAL dense / t = {speedup:.2f} "
+                f"(medians of {len(dense_t)} alternating rounds)",
                 "ms",
                 t * 1e3,
                 {"TEAL dense": t_tdense * 1e3, "neuropil dense (SparseFFN)": t_dense * 1e3, **base},

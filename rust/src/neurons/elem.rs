@@ -112,9 +112,20 @@ impl Elem for f16 {
             unsafe { super::fused::f16_axpy_avx512(a, src, y, next) };
             return;
         }
-        let _ = level;
+        #[cfg(target_arch = "x86_64")]
+        if level >= Level::Avx2
+            && level.is_supported()
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            let next = ahead.map_or(std::ptr::null(), |s| s.as_ptr() as *const u8);
+            // SAFETY: AVX2 + FMA (level checked) and F16C (detected) are
+            // present; `next` is only prefetched.
+            unsafe { super::fused::f16_axpy_f16c(a, src, y, next) };
+            return;
+        }
+        let _ = (level, ahead);
         for (y, s) in y.iter_mut().zip(src) {
-            *y = a.mul_add(s.to_f32(), *y);
+            *y += a * s.to_f32();
         }
     }
 }
@@ -194,7 +205,7 @@ impl PlainDecode for Q8 {
     #[inline(always)]
     fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
         for (y, s) in y.iter_mut().zip(src) {
-            *y = a.mul_add(f32::from(s.0), *y);
+            *y += a * f32::from(s.0);
         }
     }
 }
@@ -210,8 +221,8 @@ impl PlainDecode for Q4 {
     #[inline(always)]
     fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
         for (y, s) in y.chunks_exact_mut(2).zip(src) {
-            y[0] = a.mul_add(f32::from(s.0 & 15) - 8.0, y[0]);
-            y[1] = a.mul_add(f32::from(s.0 >> 4) - 8.0, y[1]);
+            y[0] += a * (f32::from(s.0 & 15) - 8.0);
+            y[1] += a * (f32::from(s.0 >> 4) - 8.0);
         }
     }
 }
@@ -376,6 +387,17 @@ mod tests {
             for i in 0..d {
                 assert!((ys[i] - (1.0 + 0.5 * back[i])).abs() < 1e-5);
                 assert_eq!(ys[d + i], 1.0);
+            }
+            // The fused add of the codes, with and without a run to prefetch.
+            let mut codes = vec![0.0; d];
+            E::to_f32(Level::Scalar, &w, &mut codes);
+            for ahead in [None, Some(&w[..])] {
+                let mut y = vec![1.0f32; d];
+                E::axpy(level, -0.25, &w, &mut y, ahead);
+                for (i, (&v, &c)) in y.iter().zip(&codes).enumerate() {
+                    let want = 1.0 - 0.25 * c;
+                    assert!((v - want).abs() <= 1e-6, "{level} {} {i}: {v} vs {want}", E::NAME);
+                }
             }
         }
     }
