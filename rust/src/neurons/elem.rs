@@ -55,6 +55,18 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
             axpy_at(level, a, b, yc);
         }
     }
+    /// `codes(src) · x` (`src.len() * LANES` values). By default in L1-sized
+    /// chunks through `to_f32` and the f32 dot; overridden as [`Elem::axpy`].
+    fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        let mut buf = [0.0f32; CHUNK];
+        let mut sum = 0.0;
+        for (wc, xc) in src.chunks(CHUNK / Self::LANES).zip(x.chunks(CHUNK)) {
+            let b = &mut buf[..xc.len()];
+            Self::to_f32(level, wc, b);
+            sum += dot_at(level, b, xc).unwrap_or(0.0);
+        }
+        sum
+    }
 }
 
 impl Elem for f32 {
@@ -71,6 +83,9 @@ impl Elem for f32 {
     }
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         axpy_ahead_at(level, a, src, y, ahead);
+    }
+    fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        dot_at(level, src, x).unwrap_or(0.0)
     }
 }
 
@@ -128,6 +143,15 @@ impl Elem for f16 {
             *y += a * s.to_f32();
         }
     }
+    fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            // SAFETY: AVX-512 F (level checked against the CPU).
+            return unsafe { super::fused::f16_dot_avx512(src, x) };
+        }
+        let _ = level;
+        src.iter().zip(x).map(|(s, x)| s.to_f32() * x).sum()
+    }
 }
 
 /// Symmetric absmax scale for codes in `[-qmax, qmax]` (1.0 for an all-zero row).
@@ -160,6 +184,9 @@ impl Elem for Q8 {
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         super::fused::axpy_widened(level, a, src, y, ahead);
     }
+    fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        super::fused::dot_widened(level, src, x)
+    }
 }
 
 /// 4-bit row-quantized weights, two per byte (low nibble first): codes in
@@ -186,6 +213,9 @@ impl Elem for Q4 {
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         super::fused::axpy_widened(level, a, src, y, ahead);
     }
+    fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        super::fused::dot_widened(level, src, x)
+    }
 }
 
 /// A code type whose decoding is a plain loop the compiler can vectorise.
@@ -193,7 +223,13 @@ pub(super) trait PlainDecode: Sized {
     fn decode(src: &[Self], dst: &mut [f32]);
     /// `y += a * codes(src)`, one fused loop (see [`Elem::axpy`]).
     fn axpy(a: f32, src: &[Self], y: &mut [f32]);
+    /// `x[i] * code i` for the `DOT` values of `src` (`DOT / LANES` units),
+    /// added lane by lane into `acc`: the body of a widened dot product.
+    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]);
 }
+
+/// Values per block of [`PlainDecode::dot_block`]: two 512-bit accumulators.
+pub(super) const DOT: usize = 32;
 
 impl PlainDecode for Q8 {
     #[inline(always)]
@@ -206,6 +242,12 @@ impl PlainDecode for Q8 {
     fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
         for (y, s) in y.iter_mut().zip(src) {
             *y += a * f32::from(s.0);
+        }
+    }
+    #[inline(always)]
+    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]) {
+        for i in 0..DOT {
+            acc[i] += f32::from(src[i].0) * x[i];
         }
     }
 }
@@ -223,6 +265,13 @@ impl PlainDecode for Q4 {
         for (y, s) in y.chunks_exact_mut(2).zip(src) {
             y[0] += a * (f32::from(s.0 & 15) - 8.0);
             y[1] += a * (f32::from(s.0 >> 4) - 8.0);
+        }
+    }
+    #[inline(always)]
+    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]) {
+        for i in 0..DOT / 2 {
+            acc[2 * i] += (f32::from(src[i].0 & 15) - 8.0) * x[2 * i];
+            acc[2 * i + 1] += (f32::from(src[i].0 >> 4) - 8.0) * x[2 * i + 1];
         }
     }
 }
@@ -311,6 +360,11 @@ pub fn dot_rows<E: Elem>(level: Level, w: &[E], scale: f32, xs: &[f32], out: &mu
         }
         return;
     }
+    if let [o] = out {
+        // One row: one fused pass (no decoded copy).
+        *o = E::dot(level, w, &xs[..d]) * scale;
+        return;
+    }
     out.fill(0.0);
     let mut buf = [0.0f32; CHUNK];
     for (c, wc) in w.chunks(CHUNK / E::LANES).enumerate() {
@@ -329,6 +383,13 @@ pub fn dot_rows<E: Elem>(level: Level, w: &[E], scale: f32, xs: &[f32], out: &mu
 /// `ys[r] += coef[r] * scale * w` for each row `r` whose coefficient is non-zero.
 pub fn axpy_rows<E: Elem>(level: Level, w: &[E], scale: f32, coef: &[f32], ys: &mut [f32]) {
     let d = w.len() * E::LANES;
+    if let [a] = coef {
+        // One row: one fused pass (no decoded copy).
+        if *a != 0.0 {
+            E::axpy(level, a * scale, w, &mut ys[..d], None);
+        }
+        return;
+    }
     if let Some(wf) = E::as_f32(w) {
         for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
             if a != 0.0 {
@@ -388,6 +449,20 @@ mod tests {
                 assert!((ys[i] - (1.0 + 0.5 * back[i])).abs() < 1e-5);
                 assert_eq!(ys[d + i], 1.0);
             }
+            // One row: the fused dot and add.
+            let mut one = [0.0f32];
+            dot_rows(level, &w, scale, &xs[..d], &mut one);
+            let want: f64 = back
+                .iter()
+                .zip(&xs)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            assert!((one[0] as f64 - want).abs() < 1e-3, "{level} {}", E::NAME);
+            let mut y1 = vec![1.0f32; d];
+            axpy_rows(level, &w, scale, &[0.5], &mut y1);
+            for i in 0..d {
+                assert!((y1[i] - (1.0 + 0.5 * back[i])).abs() < 1e-5);
+            }
             // The fused add of the codes, with and without a run to prefetch.
             let mut codes = vec![0.0; d];
             E::to_f32(Level::Scalar, &w, &mut codes);
@@ -396,7 +471,11 @@ mod tests {
                 E::axpy(level, -0.25, &w, &mut y, ahead);
                 for (i, (&v, &c)) in y.iter().zip(&codes).enumerate() {
                     let want = 1.0 - 0.25 * c;
-                    assert!((v - want).abs() <= 1e-6, "{level} {} {i}: {v} vs {want}", E::NAME);
+                    assert!(
+                        (v - want).abs() <= 1e-6,
+                        "{level} {} {i}: {v} vs {want}",
+                        E::NAME
+                    );
                 }
             }
         }
