@@ -147,17 +147,19 @@ pub fn activations(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scra
 /// Whether [`activations_pair`] serves `p` at `level` (two batches per call:
 /// the sparse projection at the AVX-512 level).
 pub fn pairs(level: Level, p: Proj<'_>) -> bool {
-    level == Level::Avx512 && matches!(p.weights, Weights::Sparse { .. })
+    level == Level::Avx512 && level.is_supported() && matches!(p.weights, Weights::Sparse { .. })
 }
 
 /// [`activations`] for up to 32 vectors (`nb <= 32`) as two batches: batch 0's
 /// in `scratch.acc()`, batch 1's in `scratch.acc_second()`, bit-identical to
-/// two [`activations`] calls. Only where [`pairs`] says so.
+/// two [`activations`] calls. Only where [`pairs`] says so (panics otherwise).
 pub fn activations_pair(level: Level, p: Proj<'_>, x: &[f32], nb: usize, s: &mut Scratch) {
-    debug_assert!(nb <= 2 * LANES && x.len() == nb * p.d && pairs(level, p));
+    // Checked, not debug-asserted: more vectors would be written into the
+    // lanes of the next inputs, and a foreign level would run AVX-512 code.
+    assert!(nb <= 2 * LANES && x.len() == nb * p.d && pairs(level, p));
     #[cfg(target_arch = "x86_64")]
     if let Weights::Sparse { plan, .. } = p.weights {
-        // SAFETY: `pairs` checked the level: the CPU has AVX-512 F.
+        // SAFETY: `pairs` checked that the CPU has AVX-512 F.
         unsafe { super::kernels_sparse::sparse_pair_avx512(p, plan, x, nb, s) };
     }
 }

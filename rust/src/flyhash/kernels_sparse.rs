@@ -128,8 +128,8 @@ pub(super) unsafe fn sparse_pair_avx512(
         }
         let xt = lanes(&s.xt[..2 * (hi - lo)]);
         // SAFETY: the caller checked AVX-512. The plan was built by `Plan::new`
-        // from a generated projection, so every offset of block b is `64 i` for
-        // an input i in lo..hi (`2 i + 1 < xt.len()`), every row is < m.
+        // from a generated projection, so every offset of block b is `64 (i - lo)`
+        // for an input i in lo..hi (`2 (i - lo) + 1 < xt.len()`), every row is < m.
         unsafe {
             match b {
                 0 => kernel::<true, 2>([&mut *acc0, &mut *acc1], xt, &blk),

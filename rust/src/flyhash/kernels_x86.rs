@@ -209,7 +209,7 @@ pub unsafe fn sparse_block_avx512<const FIRST: bool, const W: usize>(
             let sp = sum4!([__m512; W], z, load, add, base, &row[..np]);
             let sn = sum4!([__m512; W], z, load, add, base, &row[np..]);
             for w in 0..W {
-                let p = acc[w][r as usize].as_ptr() as *mut f32;
+                let p = acc[w][r as usize].as_mut_ptr();
                 // SAFETY: `p` is one Lane of 16 f32, borrowed mutably through `acc[w]`.
                 unsafe {
                     let a = if FIRST { z[w] } else { _mm512_loadu_ps(p) };

@@ -110,9 +110,9 @@ unsafe fn tile_avx2(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up: 
     tile(act, pre, bias, up)
 }
 
-/// e^x for f32 `x`, within 2 ulp of `expf` where the result is normal (inputs
-/// are clamped to [-87, 88]: the results there are tiny or huge anyway, and
-/// SiLU gives 0 or `x` either way). Cephes' `expf`: `x = n ln2 + r`, a degree-6
+/// e^x for f32 `x`, within 2 ulp of `expf` on [-87, 88]; 0 below -87.5 and
+/// +inf above 88.5 (in between, the value at the clamp: `expf` there is near
+/// the f32 range's ends too). Cephes' `expf`: `x = n ln2 + r`, a degree-6
 /// polynomial in `r`, `2^n` from the exponent bits; no branch and no call, so
 /// a loop of it is widened to SIMD lanes.
 #[inline(always)]
@@ -123,6 +123,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
+    let x0 = x;
     let x = x.clamp(-87.0, 88.0);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
@@ -135,7 +136,17 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(k.wrapping_add(127) << 23)
+    let v = e * f32::from_bits(k.wrapping_add(127) << 23);
+    // Past the clamp, what `expf` gives: 0 below, +inf above (selects, so the
+    // loop stays branch-free; SiLU then gives -0 for very negative inputs, as
+    // with `expf`, not a tiny non-zero value that a threshold of 0 would keep).
+    if x0 < -87.5 {
+        0.0
+    } else if x0 > 88.5 {
+        f32::INFINITY
+    } else {
+        v
+    }
 }
 
 /// erf with relative error below 1.2e-7 (Numerical Recipes' Chebyshev fit of erfc).
@@ -179,6 +190,15 @@ mod tests {
             x += 0.001_37;
         }
         assert_eq!(exp(0.0), 1.0);
+        assert_eq!((exp(-100.0), exp(100.0)), (0.0, f32::INFINITY));
+        // Very negative inputs: SiLU is -0 (not a tiny value a 0 threshold keeps).
+        let far = [-100.0f32, -1e30, -3.4e38, 100.0];
+        for level in Level::supported() {
+            let mut v = far;
+            Activation::Silu.apply_tile(level, &mut v, None, None);
+            assert_eq!(v.map(|a| a == 0.0), [true, true, true, false], "{level}");
+            assert_eq!(v[3], 100.0);
+        }
         let pre: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) / 7.0).collect();
         let aux: Vec<f32> = (0..300).map(|i| (i % 13) as f32 / 5.0 - 1.0).collect();
         for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {

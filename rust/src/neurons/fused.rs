@@ -111,6 +111,7 @@ pub(super) fn axpy_widened<E: PlainDecode + Elem>(
     y: &mut [f32],
     ahead: Option<&[E]>,
 ) {
+    debug_assert_eq!(y.len(), w.len() * E::LANES);
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && level.is_supported() {
         // SAFETY: AVX-512 F/BW are present (level checked against the CPU).
@@ -205,6 +206,7 @@ pub(super) unsafe fn f16_dot_avx512(w: &[f16], x: &[f32]) -> f32 {
 /// accumulators: a float sum is never reassociated by the compiler, so the
 /// lanes are spelled out), else for the baseline.
 pub(super) fn dot_widened<E: PlainDecode + Elem>(level: Level, w: &[E], x: &[f32]) -> f32 {
+    debug_assert_eq!(x.len(), w.len() * E::LANES);
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && level.is_supported() {
         // SAFETY: AVX-512 F/BW are present (level checked against the CPU).

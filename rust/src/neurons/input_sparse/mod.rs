@@ -158,7 +158,8 @@ impl<E: Elem> InputSparseFfn<E> {
             2 * MAX_TILE
         };
         // As few tiles as the widest allows, a multiple of the workers, of
-        // equal width (so every worker gets the same share).
+        // equal width where the layer is wide enough (so every worker gets the
+        // same share; a narrow layer gets fewer tiles of 64).
         let count = h.div_ceil(max).next_multiple_of(workers);
         let tile = h.div_ceil(count).next_multiple_of(TILE_ALIGN);
         let du = d / E::LANES;
