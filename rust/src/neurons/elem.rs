@@ -182,6 +182,13 @@ impl Elem for Q8 {
         widened(level, src, dst);
     }
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            let next = ahead.map_or(std::ptr::null(), |s| s.as_ptr() as *const u8);
+            // SAFETY: AVX-512 F (level checked against the CPU); `next` is
+            // only prefetched.
+            return unsafe { super::fused::q8_axpy_avx512(a, src, y, next) };
+        }
         super::fused::axpy_widened(level, a, src, y, ahead);
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
@@ -211,6 +218,14 @@ impl Elem for Q4 {
         widened(level, src, dst);
     }
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            let next = ahead.map_or(std::ptr::null(), |s| s.as_ptr() as *const u8);
+            // SAFETY: AVX-512 F (level checked against the CPU); `y` holds two
+            // values per byte of `src` (the trait's contract); `next` is only
+            // prefetched.
+            return unsafe { super::fused::q4_axpy_avx512(a, src, y, next) };
+        }
         super::fused::axpy_widened(level, a, src, y, ahead);
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
