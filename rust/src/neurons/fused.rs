@@ -8,7 +8,7 @@
 //!
 //! The adds at AVX-512 (f16, int8, int4; f16 also at AVX2 + F16C) are
 //! explicit loops that ask for the next kept input's weights one cache line
-//! at a time as they go: on Zen 5 at 4096x11008, sparse calls ran 6-11%
+//! at a time as they go: on Zen 5 at 4096x11008, sparse calls ran 2-12%
 //! faster than with the compiler-widened loop and a prefetch burst per
 //! 512-byte slice, which remains for the other levels. (Prefetching into L2
 //! instead of L1 measured the same.)
