@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import neuropil
 from neuropil.neurons import InputSparseFFN
-from test_neurons import FORMATS, act_np, weights
+from test_neurons import FORMATS, act_np, tiny_llama, weights
 
 
 def teal_reference(x, gate, up, down, act, t_in=None, t_h=None, up_bias=None, down_bias=None):
@@ -223,16 +223,10 @@ def test_sparsify_teal_with_its_own_hidden_sparsity_on_a_tiny_llama():
     calibration quantiles, so on the calibration tokens the torch path drops
     the asked fractions of inputs and of (dense) hidden values."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from neuropil.torch import sparsify_mlp
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
     th = sparsify_mlp(model, 0.3, calibration=ids, method="teal", hidden_sparsity=0.8)
     mlp = model.model.layers[1].mlp

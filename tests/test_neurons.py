@@ -67,6 +67,19 @@ def f16(a):
 FORMATS = [("float32", None), ("float16", None), ("int8", 8), ("int4", 4)]
 
 
+def tiny_llama():
+    """A seeded random 2-layer Llama (hidden 64, FFN 256): no model files needed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
 @pytest.mark.parametrize(("dtype", "bits"), FORMATS)
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("gated", [True, False])
@@ -452,16 +465,10 @@ def test_cuda_path_matches_cpu_on_a_tiny_llama():
     import copy
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from neuropil.torch import sparsify_mlp
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
-    )  # fmt: skip
-    cpu = LlamaForCausalLM(cfg).eval()
+    cpu = tiny_llama()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     sparsify_mlp(cpu, 0.5, calibration=ids)
     gpu = copy.deepcopy(cpu).cuda()
