@@ -1,6 +1,6 @@
-//! Element types a neuron's weights can be stored in, and the two row
-//! operations a sparse FFN needs (dot with the inputs, scaled add into the
-//! outputs), written once for every element type.
+//! Element types a neuron's weights can be stored in, with the two
+//! operations a sparse FFN needs on a run of them (dot with the inputs, scaled
+//! add into the outputs); `rows` applies them to several input rows.
 //!
 //! A type either lends its rows as `f32` directly (no copy) or converts them in
 //! L1-sized chunks to `f32`, which the dispatched f32 kernels then consume: one
@@ -17,7 +17,7 @@ use super::axpy::{axpy_ahead_at, axpy_at};
 use crate::simd::{dot_at, Level};
 
 /// Elements converted per chunk (2 KiB of f32: stays in L1 next to the inputs).
-const CHUNK: usize = 512;
+pub(super) const CHUNK: usize = 512;
 
 /// A weight element type.
 pub trait Elem: Copy + Send + Sync + Default + 'static {
@@ -365,69 +365,9 @@ unsafe fn f16c_to_f32(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// `out[r] = scale * (w · xs[r])` for each of the `out.len()` rows of `xs`
-/// (row length `w.len() * E::LANES`).
-pub fn dot_rows<E: Elem>(level: Level, w: &[E], scale: f32, xs: &[f32], out: &mut [f32]) {
-    let d = w.len() * E::LANES;
-    if let Some(wf) = E::as_f32(w) {
-        for (o, x) in out.iter_mut().zip(xs.chunks_exact(d)) {
-            *o = dot_at(level, wf, x).unwrap_or(0.0) * scale;
-        }
-        return;
-    }
-    if let [o] = out {
-        // One row: one fused pass (no decoded copy).
-        *o = E::dot(level, w, &xs[..d]) * scale;
-        return;
-    }
-    out.fill(0.0);
-    let mut buf = [0.0f32; CHUNK];
-    for (c, wc) in w.chunks(CHUNK / E::LANES).enumerate() {
-        let b = &mut buf[..wc.len() * E::LANES];
-        E::to_f32(level, wc, b);
-        let start = c * CHUNK;
-        for (o, x) in out.iter_mut().zip(xs.chunks_exact(d)) {
-            *o += dot_at(level, b, &x[start..start + b.len()]).unwrap_or(0.0);
-        }
-    }
-    for o in out.iter_mut() {
-        *o *= scale;
-    }
-}
-
-/// `ys[r] += coef[r] * scale * w` for each row `r` whose coefficient is non-zero.
-pub fn axpy_rows<E: Elem>(level: Level, w: &[E], scale: f32, coef: &[f32], ys: &mut [f32]) {
-    let d = w.len() * E::LANES;
-    if let [a] = coef {
-        // One row: one fused pass (no decoded copy).
-        if *a != 0.0 {
-            E::axpy(level, a * scale, w, &mut ys[..d], None);
-        }
-        return;
-    }
-    if let Some(wf) = E::as_f32(w) {
-        for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
-            if a != 0.0 {
-                axpy_at(level, a * scale, wf, y);
-            }
-        }
-        return;
-    }
-    let mut buf = [0.0f32; CHUNK];
-    for (c, wc) in w.chunks(CHUNK / E::LANES).enumerate() {
-        let b = &mut buf[..wc.len() * E::LANES];
-        E::to_f32(level, wc, b);
-        let start = c * CHUNK;
-        for (&a, y) in coef.iter().zip(ys.chunks_exact_mut(d)) {
-            if a != 0.0 {
-                axpy_at(level, a * scale, b, &mut y[start..start + b.len()]);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::rows::{axpy_rows, dot_rows};
     use super::*;
 
     fn check<E: Elem>(tol: f64) {

@@ -5,7 +5,8 @@
 //! - [`cache`]: [`NeuronCache`], recording activity and choosing the hot set.
 //! - [`weights`]: the [`NeuronWeights`] storage trait and [`Bundled`] weights
 //!   (f32, f16, 8-bit and 4-bit row-quantized).
-//! - [`elem`]: element types and the row kernels shared by every type.
+//! - [`elem`]: element types and their run kernels; [`rows`]: those kernels
+//!   over several input rows at once.
 //! - [`axpy`]: the dispatched `y += a * w` kernel; `fused`: its one-pass
 //!   versions for f16 and quantized `w`.
 //! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
@@ -20,6 +21,7 @@ pub mod elem;
 pub mod ffn;
 mod fused;
 pub mod input_sparse;
+pub mod rows;
 mod select;
 pub mod weights;
 

@@ -10,7 +10,8 @@
 //! The kernels see weights only through [`NeuronWeights`], so another storage
 //! (a row-quantized format, say) plugs in by implementing its four methods.
 
-use super::elem::{axpy_rows, dot_rows, Elem};
+use super::elem::Elem;
+use super::rows::{axpy_rows, dot_rows};
 use crate::error::{Error, Result};
 use crate::simd::Level;
 

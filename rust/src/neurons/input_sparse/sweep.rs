@@ -5,9 +5,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use rayon::prelude::*;
 
-use super::super::axpy::axpy_n_at;
-use super::super::elem::{axpy_rows, Elem};
-use super::super::fused::prefetch_range;
+use super::super::elem::Elem;
+use super::super::rows::{axpy_group_rows, GroupBuffers, GROUP};
 use super::InputSparseFfn;
 use crate::error::{Error, Result};
 use crate::simd::{self, Level};
@@ -128,38 +127,34 @@ impl<E: Elem> InputSparseFfn<E> {
                 }
             }
         } else {
-            // f32 views of an input's slices: the stored ones for f32, else
-            // decoded into `buf` (n floats, in L1 next to `acc`).
-            let direct = E::as_f32(&self.cols[..0]).is_some();
-            let mut buf = vec![0.0f32; if direct { 0 } else { parts * n }];
-            let m = ahead_items(std::mem::size_of_val(self.bundle(t, 0)));
-            for (k, &i) in ids.iter().enumerate() {
-                // The kept input `m` places on, requested while this one is
-                // decoded (see [`AHEAD_BYTES`]).
-                if let Some(&next) = ids.get(k + m) {
-                    let w = self.bundle(t, next as usize);
-                    let p = w.as_ptr() as *const u8;
-                    prefetch_range(p, p.wrapping_add(std::mem::size_of_val(w)));
-                }
-                let all = self.bundle(t, i as usize);
-                // Every part of the input at once (one contiguous run), decoded
-                // once for all rows.
-                let view = match E::as_f32(all) {
-                    Some(w) => w,
-                    None => {
-                        E::to_f32(level, all, &mut buf);
-                        &buf[..]
+            // Several rows: `GROUP` kept inputs at a time, each part's runs
+            // decoded once and added into every row's accumulators (see
+            // [`axpy_group_rows`]); a padding slot repeats the first input
+            // with coefficient 0.
+            let nu = n / E::LANES;
+            // The group `m` groups on (see [`AHEAD_BYTES`]).
+            let m = GROUP * ahead_items(GROUP * std::mem::size_of_val(self.bundle(t, 0)));
+            let mut coefs = vec![[0.0f32; GROUP]; rows];
+            let mut bufs: Box<GroupBuffers> = Box::new([[0.0; _]; GROUP]);
+            let group = |g0: usize| -> [&[E]; GROUP] {
+                std::array::from_fn(|q| self.bundle(t, ids[(g0 + q).min(ids.len() - 1)] as usize))
+            };
+            for g0 in (0..ids.len()).step_by(GROUP) {
+                let (all, next) = (group(g0), (g0 + m < ids.len()).then(|| group(g0 + m)));
+                for p in 0..parts {
+                    for (r, c) in coefs.iter_mut().enumerate() {
+                        *c = std::array::from_fn(|q| match ids.get(g0 + q) {
+                            Some(&i) => {
+                                let s = self.col_scales[(t * self.d + i as usize) * parts + p];
+                                coef[(g0 + q) * rows + r] * s
+                            }
+                            None => 0.0,
+                        });
                     }
-                };
-                for (p, w) in view.chunks_exact(n).enumerate() {
-                    let s = self.col_scales[(t * self.d + i as usize) * parts + p];
+                    let ws = all.map(|w| &w[p * nu..(p + 1) * nu]);
+                    let ahead = next.map(|a| a.map(|w| &w[p * nu..(p + 1) * nu]));
                     let a = &mut acc[p * rows * n..(p + 1) * rows * n];
-                    for (r, y) in a.chunks_exact_mut(n).enumerate() {
-                        let c = coef[k * rows + r];
-                        if c != 0.0 {
-                            axpy_n_at(level, [c * s], [w], y);
-                        }
-                    }
+                    axpy_group_rows(level, (ws, ahead), &coefs, (a, n), &mut bufs);
                 }
             }
         }
@@ -236,20 +231,26 @@ impl<E: Elem> InputSparseFfn<E> {
                 }
                 return (y, kept + active.len() as u64);
             }
-            let mut c = vec![0.0f32; rows];
-            for (q, &jj) in active.iter().enumerate() {
-                if let Some(&next) = active.get(q + m) {
-                    let w = col(lo + next);
-                    let p = w.as_ptr() as *const u8;
-                    prefetch_range(p, p.wrapping_add(std::mem::size_of_val(w)));
+            // Several rows: `GROUP` kept neurons at a time (see
+            // [`axpy_group_rows`]); a row whose value is masked takes 0.
+            let m = GROUP * ahead_items(GROUP * std::mem::size_of_val(col(0)));
+            let mut coefs = vec![[0.0f32; GROUP]; rows];
+            let mut bufs: Box<GroupBuffers> = Box::new([[0.0; _]; GROUP]);
+            let group = |g0: usize| -> [&[E]; GROUP] {
+                std::array::from_fn(|q| col(lo + active[(g0 + q).min(active.len() - 1)]))
+            };
+            for g0 in (0..active.len()).step_by(GROUP) {
+                for (r, c) in coefs.iter_mut().enumerate() {
+                    *c = std::array::from_fn(|q| match active.get(g0 + q) {
+                        Some(&jj) if keep(hid[r * n + jj]) => {
+                            kept += 1;
+                            hid[r * n + jj] * self.down_scales[lo + jj]
+                        }
+                        _ => 0.0,
+                    });
                 }
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let v = hid[r * n + jj];
-                    *cr = if keep(v) { v } else { 0.0 };
-                    kept += u64::from(keep(v));
-                }
-                let j = lo + jj;
-                axpy_rows(level, col(j), self.down_scales[j], &c, &mut y);
+                let next = (g0 + m < active.len()).then(|| group(g0 + m));
+                axpy_group_rows(level, (group(g0), next), &coefs, (&mut y, d), &mut bufs);
             }
             (y, kept)
         };

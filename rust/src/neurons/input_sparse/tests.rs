@@ -87,9 +87,10 @@ fn check<E: Elem>(gated: bool, tol: f64, h: usize, rows: usize) {
 
 #[test]
 fn equals_the_masked_dense_ffn_in_every_format() {
-    // Two rows (inputs decoded once for both), and one row over wide tiles
-    // (the fused adds, several prefetch slices per part).
-    for (h, rows) in [(200, 2), (3000, 1)] {
+    // Two rows (inputs in groups, decoded once for both), one row over wide
+    // tiles (the fused adds, several prefetch slices per part), and three rows
+    // over wide tiles (a group's runs in several chunks).
+    for (h, rows) in [(200, 2), (3000, 1), (3000, 3)] {
         for gated in [true, false] {
             check::<f32>(gated, 1e-4, h, rows);
             check::<f16>(gated, 1e-4, h, rows);
