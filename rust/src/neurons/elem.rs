@@ -229,6 +229,12 @@ impl Elem for Q4 {
         super::fused::axpy_widened(level, a, src, y, ahead);
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512 && level.is_supported() {
+            // SAFETY: AVX-512 F (level checked against the CPU); `x` holds two
+            // values per byte of `src` (the trait's contract).
+            return unsafe { super::fused::q4_dot_avx512(src, x) };
+        }
         super::fused::dot_widened(level, src, x)
     }
 }

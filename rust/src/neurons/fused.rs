@@ -6,9 +6,10 @@
 //! bounded f16 and int8 (measured on Zen 5: the dense f16 sweep ran at 0.8
 //! cycles per weight).
 //!
-//! The adds at AVX-512 (f16, int8, int4; f16 also at AVX2 + F16C) are
-//! explicit loops that ask for the next kept input's weights one cache line
-//! at a time as they go: on Zen 5 at 4096x11008, sparse calls ran 2-12%
+//! The adds at AVX-512 (f16, int8, int4; f16 also at AVX2 + F16C) and the
+//! f16 and int4 dots are explicit loops; int4 values are looked up in a
+//! 16-entry table (`vpermps`), not converted. The adds ask for the kept input
+//! ahead one cache line at a time as they go: on Zen 5 at 4096x11008, sparse calls ran 2-12%
 //! faster than with the compiler-widened loop and a prefetch burst per
 //! 512-byte slice, which remains for the other levels. (Prefetching into L2
 //! instead of L1 measured the same.)
@@ -167,13 +168,8 @@ pub(super) unsafe fn q4_axpy_avx512(a: f32, w: &[Q4], y: &mut [f32], next: *cons
     use std::arch::x86_64::*;
     let n = w.len().min(y.len() / 2);
     let (pw, py) = (w.as_ptr() as *const u8, y.as_mut_ptr());
-    // a * (c - 8) for c = 0..16, as `_mm512_set_ps` lists them (lane 15 first).
-    let table = _mm512_mul_ps(
-        _mm512_set1_ps(a),
-        _mm512_set_ps(
-            7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0,
-        ),
-    );
+    // a * (code - 8) for every code.
+    let table = _mm512_mul_ps(_mm512_set1_ps(a), q4_values());
     let mut i = 0;
     while i + 16 <= n {
         if !next.is_null() && i % 64 == 0 {
@@ -183,15 +179,8 @@ pub(super) unsafe fn q4_axpy_avx512(a: f32, w: &[Q4], y: &mut [f32], next: *cons
         // SAFETY: i + 16 <= n: 16 bytes of codes read; 32 floats of `y` (at
         // 2 i .. 2 i + 32 <= 2 n <= y.len()) read and written, unaligned.
         unsafe {
-            let b = _mm_loadu_si128(pw.add(i) as *const __m128i);
-            // Each byte next to itself shifted down a nibble: the low 4 bits
-            // of byte 2 j are value 2 j, of byte 2 j + 1 value 2 j + 1.
-            let hi = _mm_srli_epi16(b, 4);
-            for (k, pair) in [_mm_unpacklo_epi8(b, hi), _mm_unpackhi_epi8(b, hi)]
-                .into_iter()
-                .enumerate()
-            {
-                let v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(pair), table);
+            for (k, lanes) in q4_lanes(pw.add(i)).into_iter().enumerate() {
+                let v = _mm512_permutexvar_ps(lanes, table);
                 let at = py.add(2 * i + 16 * k);
                 _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), v));
             }
@@ -202,6 +191,70 @@ pub(super) unsafe fn q4_axpy_avx512(a: f32, w: &[Q4], y: &mut [f32], next: *cons
         y[2 * j] += a * (f32::from(w[j].0 & 15) - 8.0);
         y[2 * j + 1] += a * (f32::from(w[j].0 >> 4) - 8.0);
     }
+}
+
+/// The 16 values of an int4 code, `code - 8`, as `_mm512_set_ps` lists
+/// them (lane 15 first): the table [`q4_axpy_avx512`] scales and
+/// [`q4_dot_avx512`] reads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn q4_values() -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::_mm512_set_ps;
+    _mm512_set_ps(
+        7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0,
+    )
+}
+
+/// The 32 codes of 16 bytes as two vectors of 16 `u32` lanes whose low 4
+/// bits are the codes in value order (the nibble above is the next code,
+/// which `vpermps` ignores): each byte next to itself shifted down a nibble.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `p` must be valid for reading 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn q4_lanes(p: *const u8) -> [std::arch::x86_64::__m512i; 2] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees 16 readable bytes at `p` (unaligned load).
+    let b = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let hi = _mm_srli_epi16(b, 4);
+    [
+        _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, hi)),
+        _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, hi)),
+    ]
+}
+
+/// `codes(w) · x` for int4 codes, 32 values per step, each value looked up
+/// (as in [`q4_axpy_avx512`]) and multiplied into two accumulators.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `x.len() >= 2 * w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q4_dot_avx512(w: &[Q4], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len() / 2);
+    let (pw, px) = (w.as_ptr() as *const u8, x.as_ptr());
+    let table = q4_values();
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n: 16 bytes of codes read; 32 floats of `x` (at
+        // 2 i .. 2 i + 32 <= 2 n <= x.len()) read, unaligned.
+        unsafe {
+            for (k, lanes) in q4_lanes(pw.add(i)).into_iter().enumerate() {
+                let v = _mm512_permutexvar_ps(lanes, table);
+                acc[k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(px.add(2 * i + 16 * k)), acc[k]);
+            }
+        }
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    for j in i..n {
+        sum += (f32::from(w[j].0 & 15) - 8.0) * x[2 * j];
+        sum += (f32::from(w[j].0 >> 4) - 8.0) * x[2 * j + 1];
+    }
+    sum
 }
 
 /// Runs `E::axpy` compiled for AVX-512 or AVX2 + FMA when `level` allows (the
