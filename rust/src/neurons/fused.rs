@@ -9,12 +9,13 @@
 //! The adds at AVX-512 (f16, int8, int4; f16 also at AVX2 + F16C) and the
 //! f16 and int4 dots are explicit loops; int4 values are looked up in a
 //! 16-entry table (`vpermps`), not converted. The adds ask for the kept input
-//! ahead one cache line at a time as they go: on Zen 5 at 4096x11008, sparse calls ran 2-12%
-//! faster than with the compiler-widened loop and a prefetch burst per
-//! 512-byte slice, which remains for the other levels. (Prefetching into L2
-//! instead of L1 measured the same.)
+//! ahead one cache line at a time as they go: on Zen 5 at 4096x11008, sparse
+//! calls ran 2-12% faster than with the compiler-widened loop and a prefetch
+//! burst per 512-byte slice, which remains for the other levels.
+//! (Prefetching into L2 instead of L1 measured the same.)
 //!
-//! The explicit loops use a fused multiply-add; the widened loops and the
+//! The explicit loops use a fused multiply-add (the int4 add: the table's
+//! product, then an add); the widened loops and the
 //! baseline a multiply then an add (Rust does not contract them, and a
 //! baseline `mul_add` would be a libm call per value), so levels may differ in
 //! the last bit, as the f32 axpy levels do.
