@@ -37,6 +37,13 @@ pub trait Elem: Copy + Send + Sync + Default + 'static {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// Values `v..v + 16` of the run at `p` as one vector (`v` a multiple of
+    /// 16): the decode step of the fused AVX-512 loops (`neurons::fused`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; the run must hold values `v..v + 16`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn lanes16(p: *const Self, v: usize) -> std::arch::x86_64::__m512;
     /// `y += a * codes(src)` (`src.len() * LANES` values), asking, as it goes,
     /// for the cache lines of `ahead` (what the caller reads next; see
     /// [`axpy_ahead_at`]). By default in L1-sized chunks through `to_f32` and
@@ -86,6 +93,12 @@ impl Elem for f32 {
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
         dot_at(level, src, x).unwrap_or(0.0)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes16(p: *const Self, v: usize) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees AVX-512 F and 16 values at `p + v`.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p.add(v)) }
     }
 }
 
@@ -152,6 +165,13 @@ impl Elem for f16 {
         let _ = level;
         src.iter().zip(x).map(|(s, x)| s.to_f32() * x).sum()
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes16(p: *const Self, v: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX-512 F and 16 halves at `p + v`.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.add(v) as *const __m256i)) }
+    }
 }
 
 /// Symmetric absmax scale for codes in `[-qmax, qmax]` (1.0 for an all-zero row).
@@ -193,6 +213,17 @@ impl Elem for Q8 {
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
         super::fused::dot_widened(level, src, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes16(p: *const Self, v: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees AVX-512 F and 16 codes at `p + v`.
+        unsafe {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                p.add(v) as *const __m128i
+            )))
+        }
     }
 }
 
@@ -236,6 +267,13 @@ impl Elem for Q4 {
             return unsafe { super::fused::q4_dot_avx512(src, x) };
         }
         super::fused::dot_widened(level, src, x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes16(p: *const Self, v: usize) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees AVX-512 F and 16 values (8 bytes) at
+        // value `v`.
+        unsafe { super::fused::q4_lanes16(p.add(v / 2) as *const u8) }
     }
 }
 

@@ -23,6 +23,7 @@
 use half::f16;
 
 use super::elem::{Elem, PlainDecode, DOT, Q4, Q8};
+use super::rows::GROUP;
 use crate::simd::Level;
 
 /// Hints the CPU to load the bytes `start..end`, one request per cache line
@@ -223,6 +224,86 @@ unsafe fn q4_lanes(p: *const u8) -> [std::arch::x86_64::__m512i; 2] {
         _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, hi)),
         _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(b, hi)),
     ]
+}
+
+/// 16 int4 values (8 bytes at `p`, low nibble first) as one vector, looked
+/// up as in [`q4_axpy_avx512`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `p` must be valid for reading 8 bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn q4_lanes16(p: *const u8) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees AVX-512 F and 8 readable bytes at `p`.
+    unsafe {
+        let b = _mm_loadl_epi64(p as *const __m128i);
+        let pair = _mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4));
+        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(pair), q4_values())
+    }
+}
+
+/// `ys[r * stride..][..len] += sum over q of coef[r][q] * codes(ws[q])` for
+/// every row `r` (see `rows::axpy_group_rows`) in one pass: 16 values of each
+/// run decoded into registers, then added into each row's outputs with one
+/// load and store per row. Returns the values done (a multiple of 16); the
+/// caller does the rest. Each line of `ahead` is requested as the same line
+/// of `ws` is read.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `ys.len() >= (coef.len() - 1) * stride + len`
+/// where `len` is the shortest run's value count (checked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn group_rows_avx512<E: Elem>(
+    (ws, ahead): ([&[E]; GROUP], Option<[&[E]; GROUP]>),
+    coef: &[[f32; GROUP]],
+    ys: &mut [f32],
+    stride: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let units = ws.iter().map(|w| w.len()).min().unwrap_or(0);
+    let full = units * E::LANES / 16 * 16;
+    let rows: Vec<(usize, [__m512; GROUP])> = coef
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|&v| v != 0.0))
+        .map(|(r, c)| (r * stride, c.map(|v| _mm512_set1_ps(v))))
+        .collect();
+    let Some(&(last, _)) = rows.last() else {
+        return full;
+    };
+    assert!(
+        last + full <= ys.len(),
+        "group_rows_avx512: outputs too short"
+    );
+    let (py, bytes16) = (ys.as_mut_ptr(), 16 / E::LANES * std::mem::size_of::<E>());
+    let mut v = 0;
+    while v < full {
+        let at = v / 16 * bytes16;
+        if let Some(next) = ahead.filter(|_| at % 64 == 0) {
+            for run in next {
+                // A prefetch never faults, whatever the address.
+                let p = (run.as_ptr() as *const u8).wrapping_add(at);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            }
+        }
+        // SAFETY: v + 16 <= full <= every run's value count.
+        let w: [__m512; GROUP] = std::array::from_fn(|q| unsafe { E::lanes16(ws[q].as_ptr(), v) });
+        for (off, c) in &rows {
+            // SAFETY: off + v + 16 <= last + full <= ys.len() (asserted).
+            unsafe {
+                let p = py.add(off + v);
+                let mut y = _mm512_loadu_ps(p);
+                for q in 0..GROUP {
+                    y = _mm512_fmadd_ps(c[q], w[q], y);
+                }
+                _mm512_storeu_ps(p, y);
+            }
+        }
+        v += 16;
+    }
+    full
 }
 
 /// `codes(w) · x` for int4 codes, 32 values per step, each value looked up

@@ -81,12 +81,14 @@ pub type GroupBuffers = [[f32; CHUNK]; GROUP];
 /// Several rows' outputs outgrow L1 (4 rows of a 2752-neuron tile's gate and
 /// up: 88 KiB), and adding run by run loaded and stored every output once per
 /// run and row: that traffic to L2, not the weights, bounded the batched
-/// sweep. Here each chunk of the `GROUP` runs is decoded once into `bufs`
-/// (in L1; the caller's, so a call does not clear 8 KiB) and each row's
-/// outputs are loaded and stored once per group. With `ahead` (runs of the
-/// same length), each chunk asks for the same chunk of those runs: requests
-/// spread as the runs are read, where a burst per run stalled on the miss
-/// buffers.
+/// sweep. Here each row's outputs are loaded and stored once per group: at
+/// AVX-512 the group's 16 values at a time are decoded into registers
+/// (`fused::group_rows_avx512`); elsewhere each chunk of the runs is decoded
+/// once into `bufs` (in L1; the caller's, so a call does not clear 8 KiB).
+/// With `ahead` (runs of the same length), each part asks for the same part
+/// of those runs: requests spread as the runs are read, where a burst per run
+/// stalled on the miss buffers. (Blocks of columns whose outputs stay in L1
+/// were slower: the runs' pieces became too short for the memory system.)
 pub fn axpy_group_rows<E: Elem>(
     level: Level,
     (ws, ahead): ([&[E]; GROUP], Option<[&[E]; GROUP]>),
@@ -94,7 +96,32 @@ pub fn axpy_group_rows<E: Elem>(
     (ys, stride): (&mut [f32], usize),
     bufs: &mut GroupBuffers,
 ) {
-    let units = ws.iter().map(|w| w.len()).min().unwrap_or(0);
+    let mut units = ws.iter().map(|w| w.len()).min().unwrap_or(0);
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512 && level.is_supported() {
+        // SAFETY: AVX-512 F (level checked against the CPU); the kernel
+        // checks that `ys` holds every row's run.
+        let done = unsafe { super::fused::group_rows_avx512((ws, ahead), coef, ys, stride) };
+        // The rest (under 16 values) below, from the runs' tails.
+        let skip = done / E::LANES;
+        let ws = ws.map(|w| &w[skip..]);
+        let ys = &mut ys[done..];
+        units -= skip;
+        return tail(level, (ws, None), coef, (ys, stride), bufs, units);
+    }
+    tail(level, (ws, ahead), coef, (ys, stride), bufs, units)
+}
+
+/// [`axpy_group_rows`] through decoded chunks (any level; the AVX-512 path's
+/// last values).
+fn tail<E: Elem>(
+    level: Level,
+    (ws, ahead): ([&[E]; GROUP], Option<[&[E]; GROUP]>),
+    coef: &[[f32; GROUP]],
+    (ys, stride): (&mut [f32], usize),
+    bufs: &mut GroupBuffers,
+    units: usize,
+) {
     let step = CHUNK / E::LANES;
     let direct = E::as_f32(&[]).is_some();
     for u0 in (0..units).step_by(step) {
@@ -127,8 +154,8 @@ mod tests {
     use crate::neurons::elem::{Q4, Q8};
 
     fn check<E: Elem>() {
-        // Runs of 1300 values (several chunks and a ragged tail), 3 rows with a
-        // stride wider than a run; the last run is padding (coefficient 0).
+        // Runs of 1300 values (several chunks, 81 vectors and a ragged tail),
+        // 3 rows with a stride wider than a run.
         let (len, rows, stride) = (1300, 3, 1400);
         let runs: Vec<Vec<E>> = (0..GROUP)
             .map(|q| {
@@ -151,7 +178,8 @@ mod tests {
         let coef: Vec<[f32; GROUP]> = (0..rows)
             .map(|r| {
                 std::array::from_fn(|q| {
-                    if q == GROUP - 1 {
+                    // Row 1 takes nothing (skipped); the last run is padding.
+                    if q == GROUP - 1 || r == 1 {
                         0.0
                     } else {
                         (r + 2 * q) as f32 * 0.25 - 1.0
