@@ -186,6 +186,37 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
                 lower_is_better=True,
             )
         )
+    # A small batch (speculative or batched decoding): 4 rows, each masked by
+    # the 50% thresholds; a weight is read if any row keeps it.
+    x4 = itertools.cycle([np.ascontiguousarray(xs[:4]), np.ascontiguousarray(xs[4:])])
+    teal.set_thresholds(*thresholds[0.5])
+    teal.reset_stats()
+    t4 = median_seconds(lambda: teal(next(x4)), repeat=rep, min_time=0.02)
+    st = teal.stats()
+    t4_dense = median_seconds(lambda: teal(next(x4), dense=True), repeat=rep, min_time=0.02)
+    b4 = {"TEAL dense, 4 rows": t4_dense * 1e3}
+    if dtype == "float32" and torch_mod is not None:
+        t4x = itertools.cycle([torch.from_numpy(np.ascontiguousarray(xs[:4])),
+                               torch.from_numpy(np.ascontiguousarray(xs[4:]))])  # fmt: skip
+
+        def torch_ffn4() -> Any:
+            tx = next(t4x)
+            with torch.no_grad():
+                return F.linear(F.silu(F.linear(tx, tg)) * F.linear(tx, tu), td)
+
+        b4["torch dense, 4 rows"] = median_seconds(torch_ffn4, repeat=rep, min_time=0.02) * 1e3
+    rows.append(
+        Row(
+            f"FFN {shape[: -len(', batch 1')]}, batch 4: TEAL at the 50% thresholds "
+            f"({1 - st['input_density']:.1%} of (row, input) pairs dropped; a weight is "
+            "read if any row keeps it)",
+            "ms",
+            t4 * 1e3,
+            b4,
+            limit="small batches: no acceptance line",
+            lower_is_better=True,
+        )
+    )
     return rows
 
 
