@@ -251,8 +251,8 @@ pub(super) unsafe fn q4_lanes16(p: *const u8) -> std::arch::x86_64::__m512 {
 /// of `ws` is read.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F; `ys.len() >= (coef.len() - 1) * stride + len`
-/// where `len` is the shortest run's value count (checked).
+/// The CPU must have AVX-512 F. (`ys.len() >= (coef.len() - 1) * stride +
+/// len`, where `len` is the shortest run's value count, is checked.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn group_rows_avx512<E: Elem>(
@@ -264,19 +264,27 @@ pub(super) unsafe fn group_rows_avx512<E: Elem>(
     use std::arch::x86_64::*;
     let units = ws.iter().map(|w| w.len()).min().unwrap_or(0);
     let full = units * E::LANES / 16 * 16;
+    // Every row's run must fit in `ys`, checked without overflow (the row
+    // offsets below then cannot wrap either).
+    let end = match coef.len() {
+        0 => Some(0),
+        r => (r - 1)
+            .checked_mul(stride)
+            .and_then(|o| o.checked_add(full)),
+    };
+    assert!(
+        end.is_some_and(|e| e <= ys.len()),
+        "group_rows_avx512: outputs too short"
+    );
     let rows: Vec<(usize, [__m512; GROUP])> = coef
         .iter()
         .enumerate()
         .filter(|(_, c)| c.iter().any(|&v| v != 0.0))
         .map(|(r, c)| (r * stride, c.map(|v| _mm512_set1_ps(v))))
         .collect();
-    let Some(&(last, _)) = rows.last() else {
+    if rows.is_empty() {
         return full;
-    };
-    assert!(
-        last + full <= ys.len(),
-        "group_rows_avx512: outputs too short"
-    );
+    }
     let (py, bytes16) = (ys.as_mut_ptr(), 16 / E::LANES * std::mem::size_of::<E>());
     let mut v = 0;
     while v < full {
@@ -291,7 +299,8 @@ pub(super) unsafe fn group_rows_avx512<E: Elem>(
         // SAFETY: v + 16 <= full <= every run's value count.
         let w: [__m512; GROUP] = std::array::from_fn(|q| unsafe { E::lanes16(ws[q].as_ptr(), v) });
         for (off, c) in &rows {
-            // SAFETY: off + v + 16 <= last + full <= ys.len() (asserted).
+            // SAFETY: off + v + 16 <= (rows - 1) * stride + full <= ys.len()
+            // (asserted above).
             unsafe {
                 let p = py.add(off + v);
                 let mut y = _mm512_loadu_ps(p);

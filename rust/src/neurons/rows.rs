@@ -89,7 +89,7 @@ pub type GroupBuffers = [[f32; CHUNK]; GROUP];
 /// of those runs: requests spread as the runs are read, where a burst per run
 /// stalled on the miss buffers. (Blocks of columns whose outputs stay in L1
 /// were slower: the runs' pieces became too short for the memory system.)
-pub fn axpy_group_rows<E: Elem>(
+pub(crate) fn axpy_group_rows<E: Elem>(
     level: Level,
     (ws, ahead): ([&[E]; GROUP], Option<[&[E]; GROUP]>),
     coef: &[[f32; GROUP]],
@@ -208,6 +208,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic]
+    fn outputs_too_short_for_every_row_panic_before_any_write() {
+        let w = [Q8(1); 64];
+        let ws: [&[Q8]; GROUP] = std::array::from_fn(|_| &w[..]);
+        // Two rows of 64 values with stride 64 need 128 outputs.
+        let mut ys = vec![0.0f32; 127];
+        let mut bufs = [[0.0; CHUNK]; GROUP];
+        let level = crate::simd::level().unwrap();
+        axpy_group_rows(
+            level,
+            (ws, None),
+            &[[1.0; GROUP]; 2],
+            (&mut ys, 64),
+            &mut bufs,
+        );
     }
 
     #[test]

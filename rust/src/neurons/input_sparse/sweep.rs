@@ -129,7 +129,7 @@ impl<E: Elem> InputSparseFfn<E> {
         } else {
             // Several rows: `GROUP` kept inputs at a time, each part's runs
             // decoded once and added into every row's accumulators (see
-            // [`axpy_group_rows`]); a padding slot repeats the first input
+            // [`axpy_group_rows`]); a padding slot repeats the last input
             // with coefficient 0.
             let nu = n / E::LANES;
             // The group `m` groups on (see [`AHEAD_BYTES`]).
