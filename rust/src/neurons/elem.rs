@@ -199,7 +199,7 @@ impl Elem for Q8 {
         scale
     }
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
-        widened(level, src, dst);
+        super::widened::widened(level, src, dst);
     }
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         #[cfg(target_arch = "x86_64")]
@@ -209,10 +209,10 @@ impl Elem for Q8 {
             // only prefetched.
             return unsafe { super::fused::q8_axpy_avx512(a, src, y, next) };
         }
-        super::fused::axpy_widened(level, a, src, y, ahead);
+        super::widened::axpy_widened(level, a, src, y, ahead);
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
-        super::fused::dot_widened(level, src, x)
+        super::widened::dot_widened(level, src, x)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -246,7 +246,7 @@ impl Elem for Q4 {
         scale
     }
     fn to_f32(level: Level, src: &[Self], dst: &mut [f32]) {
-        widened(level, src, dst);
+        super::widened::widened(level, src, dst);
     }
     fn axpy(level: Level, a: f32, src: &[Self], y: &mut [f32], ahead: Option<&[Self]>) {
         #[cfg(target_arch = "x86_64")]
@@ -257,7 +257,7 @@ impl Elem for Q4 {
             // prefetched.
             return unsafe { super::fused::q4_axpy_avx512(a, src, y, next) };
         }
-        super::fused::axpy_widened(level, a, src, y, ahead);
+        super::widened::axpy_widened(level, a, src, y, ahead);
     }
     fn dot(level: Level, src: &[Self], x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
@@ -266,7 +266,7 @@ impl Elem for Q4 {
             // values per byte of `src` (the trait's contract).
             return unsafe { super::fused::q4_dot_avx512(src, x) };
         }
-        super::fused::dot_widened(level, src, x)
+        super::widened::dot_widened(level, src, x)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -275,96 +275,6 @@ impl Elem for Q4 {
         // value `v`.
         unsafe { super::fused::q4_lanes16(p.add(v / 2) as *const u8) }
     }
-}
-
-/// A code type whose decoding is a plain loop the compiler can vectorise.
-pub(super) trait PlainDecode: Sized {
-    fn decode(src: &[Self], dst: &mut [f32]);
-    /// `y += a * codes(src)`, one fused loop (see [`Elem::axpy`]).
-    fn axpy(a: f32, src: &[Self], y: &mut [f32]);
-    /// `x[i] * code i` for the `DOT` values of `src` (`DOT / LANES` units),
-    /// added lane by lane into `acc`: the body of a widened dot product.
-    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]);
-}
-
-/// Values per block of [`PlainDecode::dot_block`]: two 512-bit accumulators.
-pub(super) const DOT: usize = 32;
-
-impl PlainDecode for Q8 {
-    #[inline(always)]
-    fn decode(src: &[Self], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from(s.0);
-        }
-    }
-    #[inline(always)]
-    fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
-        for (y, s) in y.iter_mut().zip(src) {
-            *y += a * f32::from(s.0);
-        }
-    }
-    #[inline(always)]
-    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]) {
-        for i in 0..DOT {
-            acc[i] += f32::from(src[i].0) * x[i];
-        }
-    }
-}
-
-impl PlainDecode for Q4 {
-    #[inline(always)]
-    fn decode(src: &[Self], dst: &mut [f32]) {
-        for (d, s) in dst.chunks_exact_mut(2).zip(src) {
-            d[0] = f32::from(s.0 & 15) - 8.0;
-            d[1] = f32::from(s.0 >> 4) - 8.0;
-        }
-    }
-    #[inline(always)]
-    fn axpy(a: f32, src: &[Self], y: &mut [f32]) {
-        for (y, s) in y.chunks_exact_mut(2).zip(src) {
-            y[0] += a * (f32::from(s.0 & 15) - 8.0);
-            y[1] += a * (f32::from(s.0 >> 4) - 8.0);
-        }
-    }
-    #[inline(always)]
-    fn dot_block(src: &[Self], x: &[f32], acc: &mut [f32; DOT]) {
-        for i in 0..DOT / 2 {
-            acc[2 * i] += (f32::from(src[i].0 & 15) - 8.0) * x[2 * i];
-            acc[2 * i + 1] += (f32::from(src[i].0 >> 4) - 8.0) * x[2 * i + 1];
-        }
-    }
-}
-
-/// Runs `E::decode` compiled for AVX-512 or AVX2 when `level` allows (the
-/// same loop, widened by the compiler to 512- or 256-bit vectors), else for
-/// the baseline.
-fn widened<E: PlainDecode>(level: Level, src: &[E], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if level == Level::Avx512 && level.is_supported() {
-        // SAFETY: AVX-512 F/BW are present (level checked against the CPU).
-        unsafe { decode_avx512(src, dst) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 && level.is_supported() {
-        // SAFETY: AVX2 is present (level checked against the CPU).
-        unsafe { decode_avx2(src, dst) };
-        return;
-    }
-    let _ = level;
-    E::decode(src, dst);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn decode_avx2<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
-    E::decode(src, dst);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn decode_avx512<E: PlainDecode>(src: &[E], dst: &mut [f32]) {
-    E::decode(src, dst);
 }
 
 /// f16 -> f32 with the 512-bit `vcvtph2ps`, 16 lanes at a time.

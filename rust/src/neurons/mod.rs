@@ -8,7 +8,8 @@
 //! - [`elem`]: element types and their run kernels; [`rows`]: those kernels
 //!   over several input rows at once.
 //! - [`axpy`]: the dispatched `y += a * w` kernel; `fused`: its one-pass
-//!   versions for f16 and quantized `w`.
+//!   versions for f16 and quantized `w` (explicit AVX-512 loops); `widened`:
+//!   the same for the integer codes as plain loops the compiler widens.
 //! - [`ffn`]: [`SparseFfn`], the sparse forward pass; [`activation`]: its non-linearities.
 //! - [`input_sparse`]: [`InputSparseFfn`], the TEAL-style FFN that drops small
 //!   inputs of every projection instead of neurons.
@@ -24,6 +25,7 @@ pub mod input_sparse;
 pub mod rows;
 mod select;
 pub mod weights;
+mod widened;
 
 pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};
 pub use elem::{Elem, Q4, Q8};

@@ -69,10 +69,10 @@ pub fn axpy_rows<E: Elem>(level: Level, w: &[E], scale: f32, coef: &[f32], ys: &
 }
 
 /// Runs added together by [`axpy_group_rows`].
-pub const GROUP: usize = 4;
+pub(crate) const GROUP: usize = 4;
 
 /// The decoded chunks of a group's runs.
-pub type GroupBuffers = [[f32; CHUNK]; GROUP];
+pub(crate) type GroupBuffers = [[f32; CHUNK]; GROUP];
 
 /// `ys[r * stride..][..len] += sum over q of coef[r][q] * codes(ws[q])` for
 /// each row `r` of `coef` (`len = ws[q].len() * E::LANES`, equal for every `q`;
