@@ -275,15 +275,6 @@ pub(super) unsafe fn group_rows_avx512<E: Elem>(
         end.is_some_and(|e| e <= ys.len()),
         "group_rows_avx512: outputs too short"
     );
-    let rows: Vec<(usize, [__m512; GROUP])> = coef
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.iter().any(|&v| v != 0.0))
-        .map(|(r, c)| (r * stride, c.map(|v| _mm512_set1_ps(v))))
-        .collect();
-    if rows.is_empty() {
-        return full;
-    }
     let (py, bytes16) = (ys.as_mut_ptr(), 16 / E::LANES * std::mem::size_of::<E>());
     let mut v = 0;
     while v < full {
@@ -297,14 +288,16 @@ pub(super) unsafe fn group_rows_avx512<E: Elem>(
         }
         // SAFETY: v + 16 <= full <= every run's value count.
         let w: [__m512; GROUP] = std::array::from_fn(|q| unsafe { E::lanes16(ws[q].as_ptr(), v) });
-        for (off, c) in &rows {
-            // SAFETY: off + v + 16 <= (rows - 1) * stride + full <= ys.len()
-            // (asserted above).
+        // A row whose group coefficients are all 0 (every input masked
+        // for it) is skipped: nothing to add.
+        for (r, c) in coef.iter().enumerate().filter(|(_, c)| **c != [0.0; GROUP]) {
+            // SAFETY: r * stride + v + 16 <= (coef.len() - 1) * stride + full
+            // <= ys.len() (asserted above).
             unsafe {
-                let p = py.add(off + v);
+                let p = py.add(r * stride + v);
                 let mut y = _mm512_loadu_ps(p);
                 for q in 0..GROUP {
-                    y = _mm512_fmadd_ps(c[q], w[q], y);
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(c[q]), w[q], y);
                 }
                 _mm512_storeu_ps(p, y);
             }
