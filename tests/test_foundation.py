@@ -160,6 +160,49 @@ def test_num_threads_env_var():
     assert 'NEUROPIL_NUM_THREADS must be a positive integer; got "many"' in r.stdout, r.stderr
 
 
+_SHORT_CALLS = """
+import numpy as np, neuropil
+from neuropil._input_sparse import InputSparseFFN
+from neuropil.quant import quantize
+rng = np.random.default_rng(0)
+g, u = rng.standard_normal((2, 1536, 576), dtype=np.float32) / 24
+dn = rng.standard_normal((576, 1536), dtype=np.float32) / 40
+x = rng.standard_normal((3, 576), dtype=np.float32)
+teal = InputSparseFFN(g, u, dn, activation="silu", bits=4)
+teal.calibrate(x, 0.7)
+q = quantize(u, bits=4, group_size=32)
+calls = lambda: [teal(x[0]), teal(x), q.matvec(x[0]), q.matvec(x)]
+out = calls()
+for _ in range(200):  # helpers spinning, joining, leaving
+    assert all((a == b).all() for a, b in zip(out, calls()))
+print(b"".join(a.tobytes() for a in out).hex())
+"""
+
+
+def test_short_call_team_gives_the_same_bits_as_one_thread():
+    """Short calls run in the spinning team (NEUROPIL_SPIN_US); the result does
+    not depend on which thread ran which tile or row piece, or on the team."""
+    team = run_python(_SHORT_CALLS)
+    assert team.returncode == 0, team.stderr
+    alone = run_python(_SHORT_CALLS, env={"NEUROPIL_SPIN_US": "0"})
+    assert alone.returncode == 0, alone.stderr
+    assert team.stdout == alone.stdout
+
+
+def test_spin_env_var_is_checked():
+    r = run_python(
+        "import numpy as np, neuropil\nfrom neuropil.quant import quantize\n"
+        "q = quantize(np.ones((64, 64), np.float32), bits=4)\n"
+        "try:\n    q.matvec(np.ones(64, np.float32))\n"
+        "except neuropil.ArgumentError as e:\n    print(e)",
+        env={"NEUROPIL_SPIN_US": "forever"},
+    )
+    assert (
+        'NEUROPIL_SPIN_US must be an integer number of microseconds in 0..=1000000; got "forever"'
+        in r.stdout
+    ), r.stderr
+
+
 def test_native_calls_release_the_gil():
     """While one thread is inside a long native call, another runs Python code.
 

@@ -36,6 +36,12 @@ def set_num_threads(n: int) -> None:
     The default is ``NEUROPIL_NUM_THREADS`` if set, else every core. Takes effect
     for the next call; calls already running finish with their threads.
 
+    Short calls (a small FFN layer or quantized layer, tens of microseconds) run
+    on the calling thread and pool threads that stay awake, spinning, for
+    ``NEUROPIL_SPIN_US`` microseconds after each call (default 50; 0 runs such
+    calls on the calling thread alone), as OpenMP runtimes do: a burst of calls
+    then does not pay a thread wake-up each time.
+
     Args:
         n: Positive thread count.
 

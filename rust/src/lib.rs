@@ -7,7 +7,8 @@
 //! Modules, one idea each:
 //! - [`error`]: the one error type every fallible call returns.
 //! - [`simd`]: runtime CPU-feature dispatch, chosen once, with a scalar fallback.
-//! - [`threads`]: the rayon pool all parallel work runs in.
+//! - [`threads`]: the rayon pool all parallel work runs in, and the spinning
+//!   team of its threads that short calls use.
 //! - [`validate`]: argument checks shared by every entry point.
 
 pub mod error;

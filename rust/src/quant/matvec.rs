@@ -512,9 +512,9 @@ pub fn matvec_at(
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && super::vnni::applies(q) {
         let a = super::act16::Int16Activations::new(q, x);
-        let task = |(c, o): (usize, &mut [f32])| {
+        let task = |(start, o): (usize, &mut [f32])| {
             for (i, y) in o.iter_mut().enumerate() {
-                let j = c * chunk + i;
+                let j = start + i;
                 let r = rows.map_or(j, |idx| idx[j] as usize);
                 // SAFETY: `applies()` proved AVX-512 F/BW/VL + VNNI and 4- or
                 // 8-bit weights; `a` was built from `q`; r < q.rows (checked above).
@@ -525,11 +525,11 @@ pub fn matvec_at(
     }
     let a = Activations::new(q, x);
     let n_out = out.len();
-    let task = |(c, o): (usize, &mut [f32])| {
+    let task = |(start, o): (usize, &mut [f32])| {
         let mut s = vec![0f32; ng];
         let mut m = vec![0f32; ng];
         for (i, y) in o.iter_mut().enumerate() {
-            let j = c * chunk + i;
+            let j = start + i;
             let r = rows.map_or(j, |idx| idx[j] as usize);
             if j + PREFETCH_ROWS < n_out && level != Level::Scalar {
                 prefetch_row(
@@ -543,26 +543,31 @@ pub fn matvec_at(
     for_each_chunk(out, chunk, inline, task)
 }
 
-/// Below this many bytes of codes a mat-vec runs on the calling thread. Handing
-/// a job to the pool costs two context switches, and between calls that other
-/// Python code separates (a model's forward) the workers fall asleep and must
-/// be woken: a 1536 x 576 4-bit layer called from `QuantizedLinear.forward`
-/// took 70-74 us on 2 threads and 44-49 us inline (Zen 4; in a tight loop the
-/// pool wins, 41 vs 58 us). 1 MiB is ~50 us of one core's work. SmolLM2's
-/// layers all fall under it: token-by-token decoding went 33.6 -> 29.5 ms.
+/// Below this many bytes of codes a mat-vec runs in the short-call team
+/// ([`crate::threads::team`]) rather than through the pool. Handing a job to
+/// the pool costs two context switches, and between calls that other Python
+/// code separates (a model's forward) the workers fall asleep and must be
+/// woken: a 1536 x 576 4-bit layer called from `QuantizedLinear.forward` took
+/// 70-74 us on 2 threads and 44-49 us inline (Zen 4). 1 MiB is ~50 us of one
+/// core's work; SmolLM2's layers all fall under it.
 const INLINE_BYTES: usize = 1 << 20;
 
-/// Runs `task` on each `chunk`-row piece of `out`: on the calling thread when
-/// `inline`, else in parallel in the neuropil pool.
+/// Runs `task((first row, rows))` on pieces of `out`: a small call in the team
+/// in pieces of about an eighth of `out` (so the caller and a late helper
+/// balance), else in `chunk`-row pieces in parallel in the neuropil pool.
 fn for_each_chunk<F>(out: &mut [f32], chunk: usize, inline: bool, task: F) -> Result<()>
 where
     F: Fn((usize, &mut [f32])) + Sync + Send,
 {
     if inline {
-        out.chunks_mut(chunk).enumerate().for_each(task);
-        return Ok(());
+        let small = out.len().div_ceil(8).next_multiple_of(16);
+        return crate::threads::team::for_each_chunk(out, small, |c, o| task((c * small, o)));
     }
-    crate::threads::install(|| out.par_chunks_mut(chunk).enumerate().for_each(task))
+    crate::threads::install(|| {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, o)| task((c * chunk, o)))
+    })
 }
 
 /// `W x` for one vector `x` of length `cols`; returns `rows` outputs.

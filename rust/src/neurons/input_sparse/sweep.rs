@@ -11,16 +11,15 @@ use super::InputSparseFfn;
 use crate::error::{Error, Result};
 use crate::simd::{self, Level};
 
-/// A call that reads fewer weights than both bounds runs on the caller's
-/// thread: waking the pool's workers (asleep between the layers of a model)
-/// costs more than it saves (as in the quantized mat-vec, see
-/// `quant::matvec`). Both bounds, because a narrow type is bound by decoding
-/// its values and f32 by reading its bytes. Measured on Zen 5, 576x1536 at 90%
-/// sparsity (~270 K weights read): int4 and int8 13-16 us inline against
-/// 18-22 us on two workers; f32 (1.07 MB) 33 against 19 us; at 50% int4 (1.3 M
-/// weights, 663 KB) 51 against 35 us.
-const INLINE_VALUES: usize = 384 << 10;
-const INLINE_BYTES: usize = 448 << 10;
+/// A call that reads fewer weights than this runs on the caller's thread; any
+/// other runs in the short-call team ([`crate::threads::team`]), whose helpers
+/// stay awake between calls, not through the pool, whose workers sleep between
+/// the layers of a model (waking one and joining cost 5-8 us a call). Measured
+/// on Zen 5, 576x1536 at 90% sparsity (~270 K weights read): through the pool
+/// f32 24 us, int8 inline 14 us, both 10-13 us in the team; at 70%: f32 38 ->
+/// 29 us, int4 32 -> 19 us. Calls that keep 1-2 inputs take the same time
+/// (2.8 us) either way.
+const INLINE_VALUES: usize = 16 << 10;
 
 /// How far ahead, in bytes of the kept weight runs, a sweep asks for the
 /// weights it will read: the kept input (or neuron) that many bytes on, line
@@ -258,21 +257,18 @@ impl<E: Elem> InputSparseFfn<E> {
         // About the weights this call reads: the kept inputs' share of every
         // matrix (the down columns counted as if as many neurons were kept).
         let values = (self.parts() + 1) * self.h * ids.len();
-        let bytes = values / E::LANES * std::mem::size_of::<E>();
-        let (mut ys, hid_pairs) = if values < INLINE_VALUES && bytes < INLINE_BYTES {
+        let (mut ys, hid_pairs) = if values < INLINE_VALUES {
             (0..self.num_tiles()).fold(init(), work)
         } else {
-            crate::threads::install(|| {
-                (0..self.num_tiles())
-                    .into_par_iter()
-                    .fold(init, work)
-                    .reduce(init, |(mut a, ka), (b, kb)| {
-                        for (x, y) in a.iter_mut().zip(&b) {
-                            *x += y;
-                        }
-                        (a, ka + kb)
-                    })
-            })?
+            let parts = crate::threads::team::map(self.num_tiles(), |t| work(init(), t))?;
+            let mut parts = parts.into_iter();
+            let first = parts.next().unwrap_or_else(init);
+            parts.fold(first, |(mut a, ka), (b, kb)| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                (a, ka + kb)
+            })
         };
         if let Some(b) = &self.down_bias {
             for y in ys.chunks_exact_mut(d) {

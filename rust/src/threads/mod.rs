@@ -3,12 +3,18 @@
 //! A dedicated pool (not rayon's global one) so `set_num_threads` can resize it
 //! at any time: the next parallel call picks up the new pool, calls in flight
 //! finish on the old one. Sized by `NEUROPIL_NUM_THREADS`, else all cores.
+//!
+//! Short calls (tens of microseconds) go through [`team`] instead: the same
+//! pool's threads, kept spinning for a moment between calls so that a burst of
+//! short calls does not pay the pool's wake-up each time.
 
 use std::sync::{Arc, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Error, Result};
+
+pub mod team;
 
 static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
 
@@ -40,7 +46,7 @@ pub fn default_num_threads() -> Result<usize> {
     }
 }
 
-fn pool() -> Result<Arc<ThreadPool>> {
+pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
     if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         return Ok(p.clone());
     }
@@ -59,6 +65,9 @@ pub fn set_num_threads(n: usize) -> Result<()> {
         return Err(Error::value("n", "a positive integer", 0));
     }
     let p = build(n)?;
+    // The helpers spinning in the old pool leave; the next short call starts
+    // the new pool's.
+    team::retire();
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
     Ok(())
 }
@@ -70,6 +79,8 @@ pub fn num_threads() -> Result<usize> {
 
 /// Runs `f` inside the pool, so its rayon iterators use the configured threads.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
+    // A long call wants every worker: the team's spinning helpers step aside.
+    team::retire();
     Ok(pool()?.install(f))
 }
 
@@ -77,6 +88,7 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> Result<R> {
 /// on pool threads while the caller keeps working, so a caller that does its
 /// share needs no hand-off; returns once every spawned job has finished.
 pub fn in_place_scope<'scope, R>(f: impl FnOnce(&rayon::Scope<'scope>) -> R) -> Result<R> {
+    team::retire();
     Ok(pool()?.in_place_scope(f))
 }
 
