@@ -171,7 +171,10 @@ x = rng.standard_normal((3, 576), dtype=np.float32)
 teal = InputSparseFFN(g, u, dn, activation="silu", bits=4)
 teal.calibrate(x, 0.7)
 q = quantize(u, bits=4, group_size=32)
-calls = lambda: [teal(x[0]), teal(x), q.matvec(x[0]), q.matvec(x)]
+from neuropil.neurons import SparseFFN
+cats = SparseFFN(g, u, dn, activation="silu", bits=8)
+cats.calibrate(x, 0.5)
+calls = lambda: [teal(x[0]), teal(x), q.matvec(x[0]), q.matvec(x), cats(x[0]), cats(x)]
 out = calls()
 for _ in range(200):  # helpers spinning, joining, leaving
     assert all((a == b).all() for a, b in zip(out, calls()))
@@ -181,7 +184,8 @@ print(b"".join(a.tobytes() for a in out).hex())
 
 def test_short_call_team_gives_the_same_bits_as_one_thread():
     """Short calls run in the spinning team (NEUROPIL_SPIN_US); the result does
-    not depend on which thread ran which tile or row piece, or on the team."""
+    not depend on which thread ran which tile, row piece or block of neurons,
+    or on the team."""
     team = run_python(_SHORT_CALLS)
     assert team.returncode == 0, team.stderr
     alone = run_python(_SHORT_CALLS, env={"NEUROPIL_SPIN_US": "0"})

@@ -16,8 +16,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use rayon::prelude::*;
-
 pub use super::activation::Activation;
 use super::weights::NeuronWeights;
 use crate::error::{Error, Result};
@@ -25,6 +23,14 @@ use crate::simd::{self, Level};
 
 /// Neurons per parallel work item.
 const GRAIN: usize = 32;
+
+/// How many contiguous blocks a call's `tasks` chunks of neurons are summed in:
+/// four per thread (a late or slow thread leaves a small share), each summed in
+/// neuron order, so an output depends on the thread count only.
+fn blocks(tasks: usize) -> Result<usize> {
+    Ok((4 * crate::threads::num_threads()?).min(tasks))
+}
+
 /// Marks a neuron that is not in the hot tier.
 const COLD: u32 = u32::MAX;
 
@@ -180,21 +186,17 @@ impl<W: NeuronWeights> SparseFfn<W> {
     fn activations_nm(&self, level: Level, xs: &[f32], rows: usize) -> Result<Vec<f32>> {
         let h = self.all.num_neurons();
         let mut acts = vec![0.0f32; h * rows];
-        crate::threads::install(|| {
-            acts.par_chunks_mut(GRAIN * rows)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    for (i, out) in chunk.chunks_exact_mut(rows).enumerate() {
-                        let j = c * GRAIN + i;
-                        // Pre rows are 1 in 2 or 3 of the bundle: keep the stream going.
-                        self.all.prefetch(j + 1);
-                        self.all.pre(level, j, xs, out);
-                        let b = self.pre_bias.as_ref().map_or(0.0, |b| b[j]);
-                        for v in out.iter_mut() {
-                            *v = self.act.apply(*v + b);
-                        }
-                    }
-                })
+        crate::threads::team::for_each_chunk(&mut acts, GRAIN * rows, |c, chunk| {
+            for (i, out) in chunk.chunks_exact_mut(rows).enumerate() {
+                let j = c * GRAIN + i;
+                // Pre rows are 1 in 2 or 3 of the bundle: keep the stream going.
+                self.all.prefetch(j + 1);
+                self.all.pre(level, j, xs, out);
+                let b = self.pre_bias.as_ref().map_or(0.0, |b| b[j]);
+                for v in out.iter_mut() {
+                    *v = self.act.apply(*v + b);
+                }
+            }
         })?;
         Ok(acts)
     }
@@ -274,20 +276,18 @@ impl<W: NeuronWeights> SparseFfn<W> {
             }
             (acc, a, u, n)
         };
-        let (mut ys, _, _, n) = crate::threads::install(|| {
-            (0..h.div_ceil(GRAIN))
-                .into_par_iter()
-                .fold(init, work)
-                .reduce(init, |mut x, y| {
-                    for (p, q) in x.0.iter_mut().zip(&y.0) {
-                        *p += q;
-                    }
-                    for k in 0..3 {
-                        x.3[k] += y.3[k];
-                    }
-                    x
-                })
-        })?;
+        let tasks = h.div_ceil(GRAIN);
+        let mut parts = crate::threads::team::fold(tasks, blocks(tasks)?, init, work)?.into_iter();
+        let first = parts.next().unwrap_or_else(init);
+        let (mut ys, _, _, n) = parts.fold(first, |mut x, y| {
+            for (p, q) in x.0.iter_mut().zip(&y.0) {
+                *p += q;
+            }
+            for k in 0..3 {
+                x.3[k] += y.3[k];
+            }
+            x
+        });
         self.finish(&mut ys, rows, n[0], n[1], n[2]);
         Ok(ys)
     }
@@ -412,20 +412,20 @@ impl<W: NeuronWeights> SparseFfn<W> {
             }
             acc
         };
-        let mut ys = crate::threads::install(|| {
-            active
-                .par_chunks(GRAIN)
-                .fold(|| vec![0.0f32; rows * d], work)
-                .reduce(
-                    || vec![0.0f32; rows * d],
-                    |mut a, b| {
-                        for (x, y) in a.iter_mut().zip(&b) {
-                            *x += y;
-                        }
-                        a
-                    },
-                )
-        })?;
+        let chunks: Vec<&[u32]> = active.chunks(GRAIN).collect();
+        let init = || vec![0.0f32; rows * d];
+        let parts =
+            crate::threads::team::fold(chunks.len(), blocks(chunks.len())?, init, |acc, c| {
+                work(acc, chunks[c])
+            })?;
+        let mut parts = parts.into_iter();
+        let first = parts.next().unwrap_or_else(init);
+        let mut ys = parts.fold(first, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += y;
+            }
+            a
+        });
         let hot = active
             .iter()
             .filter(|&&j| self.hot_slot[j as usize] != COLD)

@@ -8,7 +8,7 @@
 //! such calls ran on the calling thread alone. OpenMP runtimes answer the same
 //! problem by letting their threads spin for a while before they sleep
 //! (`OMP_WAIT_POLICY`, `KMP_BLOCKTIME`); this module does that for one kind
-//! of calls, [`map`] and [`for_each_chunk`], on top of the rayon pool:
+//! of calls, [`map`], [`fold`] and [`for_each_chunk`], on top of the rayon pool:
 //!
 //! - The caller publishes the call, works on it itself, and then waits only for
 //!   the helpers that joined: a helper still waking up finds the call closed
@@ -185,6 +185,22 @@ pub fn map<T: Send>(tasks: usize, f: impl Fn(usize) -> T + Sync) -> Result<Vec<T
         .collect())
 }
 
+/// `work(acc, t)` for every task `t`, the tasks cut into `blocks` contiguous
+/// ranges, each folded in order into its own `init()`; results in block order.
+/// Unlike rayon's `fold`, the result does not depend on which thread ran what
+/// (floats summed in a fixed order), only on `blocks`.
+pub fn fold<A: Send>(
+    tasks: usize,
+    blocks: usize,
+    init: impl Fn() -> A + Sync,
+    work: impl Fn(A, usize) -> A + Sync,
+) -> Result<Vec<A>> {
+    let blocks = blocks.clamp(1, tasks.max(1));
+    map(blocks, |b| {
+        (b * tasks / blocks..(b + 1) * tasks / blocks).fold(init(), &work)
+    })
+}
+
 /// `f(c, piece)` for each `chunk`-long piece `c` of `data` (the last may be
 /// shorter), on the caller and the team's helpers.
 pub fn for_each_chunk<T: Send>(
@@ -277,6 +293,21 @@ mod tests {
                 assert_eq!(got, (0..tasks).map(|t| t * t).collect::<Vec<_>>());
                 assert_eq!(runs.load(Ordering::Relaxed), tasks);
             }
+        }
+    }
+
+    #[test]
+    fn fold_folds_contiguous_ranges_in_order() {
+        for (tasks, blocks) in [(0, 3), (1, 4), (5, 2), (300, 8), (7, 100)] {
+            let accs = fold(tasks, blocks, Vec::new, |mut v, t| {
+                v.push(t);
+                v
+            })
+            .unwrap();
+            assert_eq!(accs.len(), blocks.clamp(1, tasks.max(1)));
+            assert!(accs.iter().all(|v| v.windows(2).all(|w| w[1] == w[0] + 1)));
+            let all: Vec<usize> = accs.into_iter().flatten().collect();
+            assert_eq!(all, (0..tasks).collect::<Vec<_>>());
         }
     }
 
