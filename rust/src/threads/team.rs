@@ -41,6 +41,10 @@ use crate::error::{Error, Result};
 /// no team, 223 us spinning 30 us and 238 us spinning 300 us.
 const DEFAULT_SPIN_US: u64 = 50;
 
+/// How long the caller spins for the helpers' last tasks before it yields its
+/// core at each check.
+const YIELD_AFTER: Duration = Duration::from_micros(20);
+
 /// `state` layout: the call's epoch in the high 32 bits, whether it is open to
 /// helpers in bit 31, and how many helpers joined it below.
 const OPEN: u64 = 1 << 31;
@@ -262,8 +266,15 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     // Close the call; no helper can join it after this, and `job` must outlive
     // every helper that did (they read it until they count themselves finished).
     let joined = TEAM.state.fetch_and(!OPEN, Ordering::AcqRel) & JOINED;
+    let waiting = Instant::now();
     while u64::from(TEAM.finished.load(Ordering::Acquire)) < joined {
-        std::hint::spin_loop();
+        // A helper descheduled in mid-task (more threads than cores) would
+        // otherwise wait for its core while this one spins on it.
+        if waiting.elapsed() < YIELD_AFTER {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
     if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
         resume_unwind(p);
