@@ -65,10 +65,10 @@ pub fn set_num_threads(n: usize) -> Result<()> {
         return Err(Error::value("n", "a positive integer", 0));
     }
     let p = build(n)?;
-    // The helpers spinning in the old pool leave; the next short call starts
-    // the new pool's.
-    team::retire();
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    // After the swap: the helpers spinning in the old pool leave, and the next
+    // short call starts the new pool's (see `team::retire`).
+    team::retire();
     Ok(())
 }
 

@@ -70,7 +70,13 @@ impl Job<'_> {
             }
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| (self.task)(t))) {
                 let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert(p);
+                if slot.is_none() {
+                    *slot = Some(p);
+                } else {
+                    // Dropping a payload may itself panic, and nothing may
+                    // unwind out of here (see `Close`): a second one is leaked.
+                    std::mem::forget(p);
+                }
             }
         }
     }
@@ -124,11 +130,12 @@ pub fn spin_time() -> Result<Duration> {
     })
 }
 
-/// Sends the spinning helpers away (they leave within a spin step).
+/// Sends the spinning helpers away (they leave within a spin step). After a
+/// pool is replaced, call this once the new one is in place: a call that read
+/// the generation before this bump and then found the old pool spawns helpers
+/// that leave at once (see `run`).
 pub(crate) fn retire() {
-    if TEAM.helpers.load(Ordering::Relaxed) > 0 {
-        TEAM.generation.fetch_add(1, Ordering::Relaxed);
-    }
+    TEAM.generation.fetch_add(1, Ordering::SeqCst);
 }
 
 /// A helper: joins each call after epoch `seen` published while it spins, and
@@ -145,11 +152,16 @@ fn helper(generation: u64, mut seen: u64, spin: Duration) {
                 .is_ok()
             {
                 seen = s >> 32;
-                // SAFETY: the join above succeeded on the open state of the
-                // call whose job `run` stored before opening it (the Acquire
-                // load of `state` orders this load after that store), and that
-                // `run` does not return, so the job stays alive, until
-                // `finished` counts this helper.
+                // SAFETY: the CAS compared the whole state, open bit
+                // included, so it joined the call open at that moment; it
+                // reads (AcqRel) the Release store that opened it, which
+                // `run` made after storing that call's job, so this load sees
+                // that job. The owner lock keeps any other caller from storing
+                // a new job before this call ends, and the call's `Close` guard
+                // (dropped before the job, on unwind too) does not return until
+                // `finished` counts this helper, so the job is alive until the
+                // `fetch_add` below. Nothing borrowed from it outlives that
+                // (its `'static` lifetime is erased, not real); `Job` is Sync.
                 let job = unsafe { &*TEAM.job.load(Ordering::Acquire) };
                 job.work();
                 TEAM.finished.fetch_add(1, Ordering::Release);
@@ -218,6 +230,27 @@ pub fn for_each_chunk<T: Send>(
     })
 }
 
+/// Closes the open call when dropped: no helper can join it after that, and
+/// the drop returns only once every helper that joined has finished with the
+/// job (they read it until they count themselves finished).
+struct Close;
+
+impl Drop for Close {
+    fn drop(&mut self) {
+        let joined = TEAM.state.fetch_and(!OPEN, Ordering::AcqRel) & JOINED;
+        let waiting = Instant::now();
+        while u64::from(TEAM.finished.load(Ordering::Acquire)) < joined {
+            // A helper descheduled in mid-task (more threads than cores) would
+            // otherwise wait for its core while this one spins on it.
+            if waiting.elapsed() < YIELD_AFTER {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 /// Runs `task(0..tasks)` as [`map`] describes.
 fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let threads = super::num_threads()?;
@@ -237,8 +270,10 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     };
     let missing = (threads - 1).saturating_sub(TEAM.helpers.load(Ordering::Relaxed));
     if missing > 0 {
+        // The generation before the pool: a pool replaced in between is
+        // followed by a bump (see `retire`), which sends these helpers away.
+        let generation = TEAM.generation.load(Ordering::SeqCst);
         let pool = super::pool()?;
-        let generation = TEAM.generation.load(Ordering::Relaxed);
         // The new helpers may join this call, published below.
         let seen = TEAM.state.load(Ordering::Relaxed) >> 32;
         for _ in 0..missing {
@@ -260,22 +295,13 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         Ordering::Relaxed,
     );
     let epoch = ((TEAM.state.load(Ordering::Relaxed) >> 32) + 1) & u64::from(u32::MAX);
-    // Release: a helper that sees the open state sees the job and the count.
+    // Release: a helper whose join succeeds sees the job and the count.
     TEAM.state.store(epoch << 32 | OPEN, Ordering::Release);
+    // Declared after `job`, so dropped (closing the call and waiting) before
+    // it, even if something below unwinds.
+    let close = Close;
     job.work();
-    // Close the call; no helper can join it after this, and `job` must outlive
-    // every helper that did (they read it until they count themselves finished).
-    let joined = TEAM.state.fetch_and(!OPEN, Ordering::AcqRel) & JOINED;
-    let waiting = Instant::now();
-    while u64::from(TEAM.finished.load(Ordering::Acquire)) < joined {
-        // A helper descheduled in mid-task (more threads than cores) would
-        // otherwise wait for its core while this one spins on it.
-        if waiting.elapsed() < YIELD_AFTER {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
+    drop(close);
     if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
         resume_unwind(p);
     }
@@ -351,6 +377,9 @@ mod tests {
 
     #[test]
     fn retire_sends_a_spinning_helper_away() {
+        let _guard = super::super::TEST_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         TEAM.helpers.fetch_add(1, Ordering::Relaxed);
         let generation = TEAM.generation.load(Ordering::Relaxed);
         let seen = TEAM.state.load(Ordering::Relaxed) >> 32;
