@@ -38,9 +38,11 @@ def set_num_threads(n: int) -> None:
 
     Short calls (a small FFN layer or quantized layer, tens of microseconds) run
     on the calling thread and pool threads that stay awake, spinning, for
-    ``NEUROPIL_SPIN_US`` microseconds after each call (default 50; 0 runs such
-    calls on the calling thread alone), as OpenMP runtimes do: a burst of calls
-    then does not pay a thread wake-up each time.
+    ``NEUROPIL_SPIN_US`` microseconds after each call (default 50; 0 sends such
+    calls through the pool instead), as OpenMP runtimes do: a burst of calls
+    then does not pay a thread wake-up each time. Where the spinning threads do
+    not run beside the caller (a VM whose host does not run its vCPUs side by
+    side), calls under 40 us run on the calling thread alone.
 
     Args:
         n: Positive thread count.

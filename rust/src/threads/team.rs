@@ -91,10 +91,52 @@ struct Team {
     finished: AtomicU32,
     /// Helper jobs spawned and not yet gone.
     helpers: AtomicUsize,
+    /// Helpers started and spinning (or working), not yet gone.
+    spinning: AtomicUsize,
     /// Bumped to send every helper away.
     generation: AtomicU64,
     /// Held by the call that owns the team.
     owner: Mutex<()>,
+    /// When the current call opened, and when its first helper joined (0:
+    /// none yet), in [`now_ns`] time.
+    opened_at: AtomicU64,
+    joined_at: AtomicU64,
+    /// The owner's view of how the team fares (see [`Health`]).
+    health: Mutex<Health>,
+}
+
+/// Whether the helpers run beside the caller, from the calls so far.
+///
+/// On a VM whose vCPUs the host does not run side by side (seen on the 2-vCPU
+/// VM these figures come from, in phases of minutes), a helper joins a call
+/// microseconds late and both threads' shares then run 2-3x slower than one
+/// thread's: a 576x1536 int8 FFN call at 90% took 30 us in the team against
+/// 12 us on one thread (9 us in the team otherwise). A call of more than
+/// [`SHORT`] still gains from the second thread there (the dense 576x1536
+/// calls took 57-89 us in the team). So while the helpers' joins are late on
+/// average, a call that follows a short one runs on the caller alone, and
+/// every [`PROBE_EVERY`]-th such call tries the team again.
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    /// Moving average (1/8 per call) of the first join's delay, ns.
+    join_ns: u64,
+    /// The last call's wall time, ns.
+    last_ns: u64,
+    /// Calls run alone since the team was last tried.
+    alone: u32,
+}
+
+/// Average join delay above which the helpers count as not running beside the
+/// caller: 0.1-0.2 us when they do, 1.5-4 us in the VM phases above.
+const LATE_NS: u64 = 1_000;
+/// A call shorter than this is not worth a late team.
+const SHORT: Duration = Duration::from_micros(40);
+const PROBE_EVERY: u32 = 64;
+
+/// Nanoseconds since the first call of the process.
+fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 static TEAM: Team = Team {
@@ -102,13 +144,21 @@ static TEAM: Team = Team {
     job: AtomicPtr::new(std::ptr::null_mut()),
     finished: AtomicU32::new(0),
     helpers: AtomicUsize::new(0),
+    spinning: AtomicUsize::new(0),
     generation: AtomicU64::new(0),
     owner: Mutex::new(()),
+    opened_at: AtomicU64::new(0),
+    joined_at: AtomicU64::new(0),
+    health: Mutex::new(Health {
+        join_ns: 0,
+        last_ns: u64::MAX,
+        alone: 0,
+    }),
 };
 
 /// How long a helper spins for a next call before it leaves the pool's thread
-/// free: `NEUROPIL_SPIN_US` microseconds (0 turns the team off: short calls then
-/// run on the calling thread), else [`DEFAULT_SPIN_US`]. Read once.
+/// free: `NEUROPIL_SPIN_US` microseconds (0 turns the team off: its calls then
+/// go through the pool), else [`DEFAULT_SPIN_US`]. Read once.
 pub fn spin_time() -> Result<Duration> {
     static SPIN: OnceLock<std::result::Result<Duration, String>> = OnceLock::new();
     let parsed = SPIN.get_or_init(|| match std::env::var("NEUROPIL_SPIN_US") {
@@ -141,6 +191,7 @@ pub(crate) fn retire() {
 /// A helper: joins each call after epoch `seen` published while it spins, and
 /// leaves after `spin` with none, or when retired.
 fn helper(generation: u64, mut seen: u64, spin: Duration) {
+    TEAM.spinning.fetch_add(1, Ordering::Relaxed);
     let mut idle_since = Instant::now();
     let mut polls = 0u32;
     loop {
@@ -163,6 +214,12 @@ fn helper(generation: u64, mut seen: u64, spin: Duration) {
                 // `fetch_add` below. Nothing borrowed from it outlives that
                 // (its `'static` lifetime is erased, not real); `Job` is Sync.
                 let job = unsafe { &*TEAM.job.load(Ordering::Acquire) };
+                let _ = TEAM.joined_at.compare_exchange(
+                    0,
+                    now_ns(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 job.work();
                 TEAM.finished.fetch_add(1, Ordering::Release);
                 idle_since = Instant::now();
@@ -176,6 +233,7 @@ fn helper(generation: u64, mut seen: u64, spin: Duration) {
             && (TEAM.generation.load(Ordering::Relaxed) != generation
                 || idle_since.elapsed() > spin)
         {
+            TEAM.spinning.fetch_sub(1, Ordering::Relaxed);
             TEAM.helpers.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -259,8 +317,13 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         (0..tasks).for_each(task);
         Ok(())
     };
-    if tasks <= 1 || threads <= 1 || spin.is_zero() {
+    if tasks <= 1 || threads <= 1 {
         return serial();
+    }
+    if spin.is_zero() {
+        // No team: the pool, as long calls use it.
+        use rayon::prelude::*;
+        return super::install(|| (0..tasks).into_par_iter().for_each(task));
     }
     // A call that panicked poisoned the lock; it guards no data, so that is moot.
     let _owner = match TEAM.owner.try_lock() {
@@ -268,6 +331,24 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         Err(std::sync::TryLockError::WouldBlock) => return serial(),
     };
+    let mut health = *TEAM.health.lock().unwrap_or_else(|e| e.into_inner());
+    let t0 = now_ns();
+    if health.join_ns > LATE_NS
+        && health.last_ns < SHORT.as_nanos() as u64
+        && health.alone + 1 < PROBE_EVERY
+    {
+        serial()?;
+        health.alone += 1;
+        health.last_ns = now_ns() - t0;
+        *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+        return Ok(());
+    }
+    if health.alone + 1 == PROBE_EVERY {
+        // Trying the team again: the average starts at the bound, so the next
+        // measured joins alone decide.
+        health.join_ns = health.join_ns.min(LATE_NS);
+    }
+    let spinning = TEAM.spinning.load(Ordering::Relaxed);
     let missing = (threads - 1).saturating_sub(TEAM.helpers.load(Ordering::Relaxed));
     if missing > 0 {
         // The generation before the pool: a pool replaced in between is
@@ -294,14 +375,40 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         (&job as *const Job<'_>).cast_mut().cast(),
         Ordering::Relaxed,
     );
+    TEAM.joined_at.store(0, Ordering::Relaxed);
+    TEAM.opened_at.store(now_ns(), Ordering::Relaxed);
     let epoch = ((TEAM.state.load(Ordering::Relaxed) >> 32) + 1) & u64::from(u32::MAX);
-    // Release: a helper whose join succeeds sees the job and the count.
+    // Release: a helper whose join succeeds sees the job, the count and the
+    // cleared join time.
     TEAM.state.store(epoch << 32 | OPEN, Ordering::Release);
     // Declared after `job`, so dropped (closing the call and waiting) before
     // it, even if something below unwinds.
     let close = Close;
     job.work();
     drop(close);
+    // The join delay: a call that a helper spinning before it did not join
+    // counts as late; one that no helper could join (none started yet)
+    // measures nothing, and the next call tries the team again.
+    let (opened, joined, end) = (
+        TEAM.opened_at.load(Ordering::Relaxed),
+        TEAM.joined_at.load(Ordering::Relaxed),
+        now_ns(),
+    );
+    let delay = match joined {
+        0 if spinning == 0 => None,
+        0 => Some(end - opened),
+        j => Some(j.saturating_sub(opened)),
+    };
+    match delay {
+        Some(d) => {
+            // Capped, so that one helper preempted once does not count as many.
+            health.join_ns = (7 * health.join_ns + d.min(4 * LATE_NS)) / 8;
+            health.alone = 0;
+        }
+        None => health.alone = PROBE_EVERY,
+    }
+    health.last_ns = end - t0;
+    *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
     if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
         resume_unwind(p);
     }
