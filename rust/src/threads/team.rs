@@ -126,6 +126,42 @@ struct Health {
     alone: u32,
 }
 
+impl Health {
+    /// Whether the next call runs on the caller alone.
+    fn alone_next(&self) -> bool {
+        self.join_ns > LATE_NS
+            && self.last_ns < SHORT.as_nanos() as u64
+            && self.alone + 1 < PROBE_EVERY
+    }
+
+    fn ran_alone(&mut self, wall_ns: u64) {
+        self.alone += 1;
+        self.last_ns = wall_ns;
+    }
+
+    /// Before a team call: one that tries the team again starts the average
+    /// at the bound, so the joins measured next decide.
+    fn before_team(&mut self) {
+        if self.alone + 1 == PROBE_EVERY {
+            self.join_ns = self.join_ns.min(LATE_NS);
+        }
+    }
+
+    /// After a team call: its first join's delay (None: no helper could join,
+    /// none had started; the next call then tries the team again).
+    fn ran_team(&mut self, delay_ns: Option<u64>, wall_ns: u64) {
+        match delay_ns {
+            Some(d) => {
+                // Capped, so that one helper preempted once does not count as many.
+                self.join_ns = (7 * self.join_ns + d.min(4 * LATE_NS)) / 8;
+                self.alone = 0;
+            }
+            None => self.alone = PROBE_EVERY,
+        }
+        self.last_ns = wall_ns;
+    }
+}
+
 /// Average join delay above which the helpers count as not running beside the
 /// caller: 0.1-0.2 us when they do, 1.5-4 us in the VM phases above.
 const LATE_NS: u64 = 1_000;
@@ -333,21 +369,13 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     };
     let mut health = *TEAM.health.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = now_ns();
-    if health.join_ns > LATE_NS
-        && health.last_ns < SHORT.as_nanos() as u64
-        && health.alone + 1 < PROBE_EVERY
-    {
+    if health.alone_next() {
         serial()?;
-        health.alone += 1;
-        health.last_ns = now_ns() - t0;
+        health.ran_alone(now_ns() - t0);
         *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
         return Ok(());
     }
-    if health.alone + 1 == PROBE_EVERY {
-        // Trying the team again: the average starts at the bound, so the next
-        // measured joins alone decide.
-        health.join_ns = health.join_ns.min(LATE_NS);
-    }
+    health.before_team();
     let spinning = TEAM.spinning.load(Ordering::Relaxed);
     let missing = (threads - 1).saturating_sub(TEAM.helpers.load(Ordering::Relaxed));
     if missing > 0 {
@@ -399,15 +427,7 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         0 => Some(end - opened),
         j => Some(j.saturating_sub(opened)),
     };
-    match delay {
-        Some(d) => {
-            // Capped, so that one helper preempted once does not count as many.
-            health.join_ns = (7 * health.join_ns + d.min(4 * LATE_NS)) / 8;
-            health.alone = 0;
-        }
-        None => health.alone = PROBE_EVERY,
-    }
-    health.last_ns = end - t0;
+    health.ran_team(delay, end - t0);
     *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
     if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
         resume_unwind(p);
@@ -438,6 +458,48 @@ mod tests {
                 assert_eq!(runs.load(Ordering::Relaxed), tasks);
             }
         }
+    }
+
+    #[test]
+    fn late_joins_send_short_calls_to_the_caller_and_the_team_is_tried_again() {
+        let mut h = Health {
+            join_ns: 0,
+            last_ns: u64::MAX,
+            alone: 0,
+        };
+        let short = SHORT.as_nanos() as u64 / 2;
+        // Prompt joins: always the team.
+        for _ in 0..100 {
+            assert!(!h.alone_next());
+            h.before_team();
+            h.ran_team(Some(100), short);
+        }
+        // Late joins: after a few, short calls run alone...
+        let mut team_calls = 0;
+        while !h.alone_next() {
+            h.before_team();
+            h.ran_team(Some(10 * LATE_NS), short);
+            team_calls += 1;
+        }
+        assert!((2..10).contains(&team_calls), "{team_calls}");
+        // ...but a long one does not.
+        let mut long = h;
+        long.last_ns = 2 * SHORT.as_nanos() as u64;
+        assert!(!long.alone_next());
+        // Every PROBE_EVERY-th call tries the team; a prompt join there ends it.
+        for _ in 0..PROBE_EVERY - 1 {
+            assert!(h.alone_next());
+            h.ran_alone(short);
+        }
+        assert!(!h.alone_next());
+        h.before_team();
+        h.ran_team(Some(100), short);
+        assert!(!h.alone_next());
+        // A call no helper could join (none started) measures nothing: the
+        // next call tries the team again.
+        h.join_ns = 10 * LATE_NS;
+        h.ran_team(None, short);
+        assert!(!h.alone_next());
     }
 
     #[test]
