@@ -61,13 +61,16 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Runs tasks until none is left, keeping the first panic for the caller.
-    fn work(&self) {
+    /// Runs tasks until none is left, keeping the first panic for the caller;
+    /// returns how many it ran.
+    fn work(&self) -> usize {
+        let mut ran = 0;
         loop {
             let t = self.next.fetch_add(1, Ordering::Relaxed);
             if t >= self.tasks {
-                return;
+                return ran;
             }
+            ran += 1;
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| (self.task)(t))) {
                 let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
                 if slot.is_none() {
@@ -91,83 +94,89 @@ struct Team {
     finished: AtomicU32,
     /// Helper jobs spawned and not yet gone.
     helpers: AtomicUsize,
-    /// Helpers started and spinning (or working), not yet gone.
-    spinning: AtomicUsize,
     /// Bumped to send every helper away.
     generation: AtomicU64,
     /// Held by the call that owns the team.
     owner: Mutex<()>,
-    /// When the current call opened, and when its first helper joined (0:
-    /// none yet), in [`now_ns`] time.
-    opened_at: AtomicU64,
-    joined_at: AtomicU64,
     /// The owner's view of how the team fares (see [`Health`]).
     health: Mutex<Health>,
 }
 
-/// Whether the helpers run beside the caller, from the calls so far.
+/// Whether the team pays for short calls, from the calls so far.
 ///
-/// On a VM whose vCPUs the host does not run side by side (seen on the 2-vCPU
-/// VM these figures come from, in phases of minutes), a helper joins a call
-/// microseconds late and both threads' shares then run 2-3x slower than one
-/// thread's: a 576x1536 int8 FFN call at 90% took 30 us in the team against
-/// 12 us on one thread (9 us in the team otherwise). A call of more than
-/// [`SHORT`] still gains from the second thread there (the dense 576x1536
-/// calls took 57-89 us in the team). So while the helpers' joins are late on
-/// average, a call that follows a short one runs on the caller alone, and
-/// every [`PROBE_EVERY`]-th such call tries the team again.
+/// On a VM whose host does not run its vCPUs side by side (seen on the 2-vCPU
+/// VM these figures come from, in phases of minutes), each thread's share of a
+/// short call runs 2-3x slower in the team than on one thread: a 576x1536 int8
+/// FFN call at 90% took 20 us a tile in the team, 30 us in all, against 6 us a
+/// tile and 12 us alone (9 us in the team otherwise). Longer calls still gain
+/// (the dense 576x1536 calls: 57-89 us in the team, ~110 us alone). With `n`
+/// threads the team pays while the caller's time per task in it stays under
+/// `n` times the time per task alone; so calls that follow one under
+/// [`SHORT`] compare the two, each measured on such calls (every
+/// [`PROBE_EVERY`]-th call takes the other way to keep the figures fresh, every
+/// fourth as often while the team loses), and run alone while the team does
+/// not pay.
 #[derive(Debug, Clone, Copy)]
 struct Health {
-    /// Moving average (1/8 per call) of the first join's delay, ns.
-    join_ns: u64,
+    /// Moving averages (1/4 per call) of the time per task, ns, of short calls
+    /// alone and of the caller's own tasks in short team calls (0: none yet).
+    alone_ns: u64,
+    team_ns: u64,
     /// The last call's wall time, ns.
     last_ns: u64,
-    /// Calls run alone since the team was last tried.
-    alone: u32,
+    /// Calls since the last one that took the other way.
+    streak: u32,
 }
 
-impl Health {
-    /// Whether the next call runs on the caller alone.
-    fn alone_next(&self) -> bool {
-        self.join_ns > LATE_NS
-            && self.last_ns < SHORT.as_nanos() as u64
-            && self.alone + 1 < PROBE_EVERY
-    }
-
-    fn ran_alone(&mut self, wall_ns: u64) {
-        self.alone += 1;
-        self.last_ns = wall_ns;
-    }
-
-    /// Before a team call: one that tries the team again starts the average
-    /// at the bound, so the joins measured next decide.
-    fn before_team(&mut self) {
-        if self.alone + 1 == PROBE_EVERY {
-            self.join_ns = self.join_ns.min(LATE_NS);
-        }
-    }
-
-    /// After a team call: its first join's delay (None: no helper could join,
-    /// none had started; the next call then tries the team again).
-    fn ran_team(&mut self, delay_ns: Option<u64>, wall_ns: u64) {
-        match delay_ns {
-            Some(d) => {
-                // Capped, so that one helper preempted once does not count as many.
-                self.join_ns = (7 * self.join_ns + d.min(4 * LATE_NS)) / 8;
-                self.alone = 0;
-            }
-            None => self.alone = PROBE_EVERY,
-        }
-        self.last_ns = wall_ns;
-    }
-}
-
-/// Average join delay above which the helpers count as not running beside the
-/// caller: 0.1-0.2 us when they do, 1.5-4 us in the VM phases above.
-const LATE_NS: u64 = 1_000;
-/// A call shorter than this is not worth a late team.
+/// A call shorter than this may run alone (see [`Health`]).
 const SHORT: Duration = Duration::from_micros(40);
 const PROBE_EVERY: u32 = 64;
+
+impl Health {
+    fn short(&self) -> bool {
+        self.last_ns < SHORT.as_nanos() as u64
+    }
+
+    /// Whether short calls run alone, the team not paying on `threads` threads.
+    fn team_loses(&self, threads: usize) -> bool {
+        self.alone_ns > 0
+            && self.team_ns > 0
+            && 10 * self.team_ns > 9 * threads as u64 * self.alone_ns
+    }
+
+    /// Whether the next call runs on the caller alone.
+    fn alone_next(&self, threads: usize) -> bool {
+        if !self.short() {
+            return false;
+        }
+        if self.alone_ns == 0 {
+            return true;
+        }
+        let loses = self.team_loses(threads);
+        // Where the team loses, it is tried more often: a phase may be short.
+        let every = if loses { PROBE_EVERY / 4 } else { PROBE_EVERY };
+        let probe = self.streak + 1 >= every;
+        loses != probe
+    }
+
+    /// After a call: alone or not, its time per task (own tasks in the team)
+    /// and its wall time.
+    fn record(&mut self, threads: usize, alone: bool, task_ns: u64, wall_ns: u64) {
+        let usual = self.short() && self.team_loses(threads) == alone;
+        self.streak = if usual { self.streak + 1 } else { 0 };
+        if self.short() {
+            // A team task is counted at most 3x the time alone, so that one
+            // preempted call does not weigh as several.
+            let (avg, t) = match alone {
+                true => (&mut self.alone_ns, task_ns),
+                false if self.alone_ns > 0 => (&mut self.team_ns, task_ns.min(3 * self.alone_ns)),
+                false => (&mut self.team_ns, task_ns),
+            };
+            *avg = if *avg == 0 { t } else { (3 * *avg + t) / 4 };
+        }
+        self.last_ns = wall_ns;
+    }
+}
 
 /// Nanoseconds since the first call of the process.
 fn now_ns() -> u64 {
@@ -180,15 +189,13 @@ static TEAM: Team = Team {
     job: AtomicPtr::new(std::ptr::null_mut()),
     finished: AtomicU32::new(0),
     helpers: AtomicUsize::new(0),
-    spinning: AtomicUsize::new(0),
     generation: AtomicU64::new(0),
     owner: Mutex::new(()),
-    opened_at: AtomicU64::new(0),
-    joined_at: AtomicU64::new(0),
     health: Mutex::new(Health {
-        join_ns: 0,
+        alone_ns: 0,
+        team_ns: 0,
         last_ns: u64::MAX,
-        alone: 0,
+        streak: 0,
     }),
 };
 
@@ -227,7 +234,6 @@ pub(crate) fn retire() {
 /// A helper: joins each call after epoch `seen` published while it spins, and
 /// leaves after `spin` with none, or when retired.
 fn helper(generation: u64, mut seen: u64, spin: Duration) {
-    TEAM.spinning.fetch_add(1, Ordering::Relaxed);
     let mut idle_since = Instant::now();
     let mut polls = 0u32;
     loop {
@@ -250,13 +256,7 @@ fn helper(generation: u64, mut seen: u64, spin: Duration) {
                 // `fetch_add` below. Nothing borrowed from it outlives that
                 // (its `'static` lifetime is erased, not real); `Job` is Sync.
                 let job = unsafe { &*TEAM.job.load(Ordering::Acquire) };
-                let _ = TEAM.joined_at.compare_exchange(
-                    0,
-                    now_ns(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                job.work();
+                let _ = job.work();
                 TEAM.finished.fetch_add(1, Ordering::Release);
                 idle_since = Instant::now();
             }
@@ -269,7 +269,6 @@ fn helper(generation: u64, mut seen: u64, spin: Duration) {
             && (TEAM.generation.load(Ordering::Relaxed) != generation
                 || idle_since.elapsed() > spin)
         {
-            TEAM.spinning.fetch_sub(1, Ordering::Relaxed);
             TEAM.helpers.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -349,9 +348,19 @@ impl Drop for Close {
 fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let threads = super::num_threads()?;
     let spin = spin_time()?;
+    // Alone, panics are kept and raised after every task as in the team.
     let serial = || {
-        (0..tasks).for_each(task);
-        Ok(())
+        let job = Job {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+        };
+        job.work();
+        match job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(p) => resume_unwind(p),
+            None => Ok(()),
+        }
     };
     if tasks <= 1 || threads <= 1 {
         return serial();
@@ -369,14 +378,13 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     };
     let mut health = *TEAM.health.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = now_ns();
-    if health.alone_next() {
+    if health.alone_next(threads) {
         serial()?;
-        health.ran_alone(now_ns() - t0);
+        let wall = now_ns() - t0;
+        health.record(threads, true, wall / tasks as u64, wall);
         *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
         return Ok(());
     }
-    health.before_team();
-    let spinning = TEAM.spinning.load(Ordering::Relaxed);
     let missing = (threads - 1).saturating_sub(TEAM.helpers.load(Ordering::Relaxed));
     if missing > 0 {
         // The generation before the pool: a pool replaced in between is
@@ -403,31 +411,18 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
         (&job as *const Job<'_>).cast_mut().cast(),
         Ordering::Relaxed,
     );
-    TEAM.joined_at.store(0, Ordering::Relaxed);
-    TEAM.opened_at.store(now_ns(), Ordering::Relaxed);
     let epoch = ((TEAM.state.load(Ordering::Relaxed) >> 32) + 1) & u64::from(u32::MAX);
-    // Release: a helper whose join succeeds sees the job, the count and the
-    // cleared join time.
+    // Release: a helper whose join succeeds sees the job and the count.
     TEAM.state.store(epoch << 32 | OPEN, Ordering::Release);
     // Declared after `job`, so dropped (closing the call and waiting) before
     // it, even if something below unwinds.
     let close = Close;
-    job.work();
+    let t1 = now_ns();
+    let own = job.work();
+    let t2 = now_ns();
     drop(close);
-    // The join delay: a call that a helper spinning before it did not join
-    // counts as late; one that no helper could join (none started yet)
-    // measures nothing, and the next call tries the team again.
-    let (opened, joined, end) = (
-        TEAM.opened_at.load(Ordering::Relaxed),
-        TEAM.joined_at.load(Ordering::Relaxed),
-        now_ns(),
-    );
-    let delay = match joined {
-        0 if spinning == 0 => None,
-        0 => Some(end - opened),
-        j => Some(j.saturating_sub(opened)),
-    };
-    health.ran_team(delay, end - t0);
+    let wall = now_ns() - t0;
+    health.record(threads, false, (t2 - t1) / own.max(1) as u64, wall);
     *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
     if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
         resume_unwind(p);
@@ -461,45 +456,57 @@ mod tests {
     }
 
     #[test]
-    fn late_joins_send_short_calls_to_the_caller_and_the_team_is_tried_again() {
+    fn short_calls_run_alone_while_the_team_does_not_pay() {
         let mut h = Health {
-            join_ns: 0,
+            alone_ns: 0,
+            team_ns: 0,
             last_ns: u64::MAX,
-            alone: 0,
+            streak: 0,
         };
         let short = SHORT.as_nanos() as u64 / 2;
-        // Prompt joins: always the team.
-        for _ in 0..100 {
-            assert!(!h.alone_next());
-            h.before_team();
-            h.ran_team(Some(100), short);
+        // The first call is long (nothing known): the team.
+        assert!(!h.alone_next(2));
+        h.record(2, false, 20_000, short);
+        // A short call with no figure alone yet runs alone.
+        assert!(h.alone_next(2));
+        h.record(2, true, 6_000, short);
+        // Team tasks at 8 us against 6 us alone: the team pays on 2 threads;
+        // every PROBE_EVERY-th call runs alone all the same.
+        let (mut alone, mut team) = (0, 0);
+        for _ in 0..4 * PROBE_EVERY {
+            let a = h.alone_next(2);
+            h.record(2, a, if a { 6_000 } else { 8_000 }, short);
+            if a {
+                alone += 1
+            } else {
+                team += 1
+            }
         }
-        // Late joins: after a few, short calls run alone...
-        let mut team_calls = 0;
-        while !h.alone_next() {
-            h.before_team();
-            h.ran_team(Some(10 * LATE_NS), short);
-            team_calls += 1;
+        assert_eq!(alone, 4, "{alone} alone, {team} in the team");
+        // Team tasks at 20 us: short calls run alone, trying the team every
+        // PROBE_EVERY-th call.
+        h.team_ns = 20_000;
+        let (mut alone, mut team) = (0, 0);
+        for _ in 0..4 * PROBE_EVERY {
+            let a = h.alone_next(2);
+            h.record(2, a, if a { 6_000 } else { 20_000 }, short);
+            if a {
+                alone += 1
+            } else {
+                team += 1
+            }
         }
-        assert!((2..10).contains(&team_calls), "{team_calls}");
-        // ...but a long one does not.
-        let mut long = h;
-        long.last_ns = 2 * SHORT.as_nanos() as u64;
-        assert!(!long.alone_next());
-        // Every PROBE_EVERY-th call tries the team; a prompt join there ends it.
-        for _ in 0..PROBE_EVERY - 1 {
-            assert!(h.alone_next());
-            h.ran_alone(short);
+        assert_eq!(team, 16, "{alone} alone, {team} in the team");
+        // A long call always takes the team, and a team that pays again
+        // (probe tasks at 7 us) takes the short calls back.
+        h.last_ns = 2 * SHORT.as_nanos() as u64;
+        assert!(!h.alone_next(2));
+        h.last_ns = short;
+        for _ in 0..8 * PROBE_EVERY {
+            let a = h.alone_next(2);
+            h.record(2, a, if a { 6_000 } else { 7_000 }, short);
         }
-        assert!(!h.alone_next());
-        h.before_team();
-        h.ran_team(Some(100), short);
-        assert!(!h.alone_next());
-        // A call no helper could join (none started) measures nothing: the
-        // next call tries the team again.
-        h.join_ns = 10 * LATE_NS;
-        h.ran_team(None, short);
-        assert!(!h.alone_next());
+        assert!(!h.team_loses(2));
     }
 
     #[test]
