@@ -14,6 +14,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Error, Result};
 
+mod health;
 pub mod team;
 
 static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
