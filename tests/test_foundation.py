@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import tracemalloc
 
@@ -31,6 +32,7 @@ def test_info_reports_the_installation():
     assert data["simd_level"] in data["simd_levels"]
     assert data["simd_levels"][0] == "scalar"
     assert data["threads"] == neuropil.get_num_threads() >= 1
+    assert data["spin_us"] == int(os.environ.get("NEUROPIL_SPIN_US", "50"))
     assert isinstance(data["cuda"], bool)
     if HAS_TORCH:
         import torch
@@ -194,6 +196,10 @@ def test_short_call_team_gives_the_same_bits_as_one_thread():
 
 
 def test_spin_env_var_is_checked():
+    r = run_python(
+        "import neuropil; print(neuropil.info()['spin_us'])", env={"NEUROPIL_SPIN_US": "7"}
+    )
+    assert r.stdout.strip() == "7", r.stderr
     r = run_python(
         "import numpy as np, neuropil\nfrom neuropil.quant import quantize\n"
         "q = quantize(np.ones((64, 64), np.float32), bits=4)\n"

@@ -80,7 +80,9 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
 
     Returns:
         A dict with ``version``, ``simd_level``, ``simd_levels`` (all the CPU
-        supports), ``cpu_features``, ``threads``, ``torch`` (version or None),
+        supports), ``cpu_features``, ``threads``, ``spin_us`` (how long the
+        short-call threads spin between calls, ``NEUROPIL_SPIN_US``), ``torch``
+        (version or None),
         ``cuda`` (bool) and ``cuda_devices`` (names).
     """
     out: dict[str, Any] = {
@@ -89,6 +91,7 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
         "simd_levels": _native.simd_levels(),
         "cpu_features": _native.cpu_features(),
         "threads": _native.get_num_threads(),
+        "spin_us": _native.spin_us(),
         "torch": None,
         "cuda": False,
         "cuda_devices": [],

@@ -38,6 +38,13 @@ fn get_num_threads() -> PyResult<usize> {
     neuropil::threads::num_threads().or_raise()
 }
 
+/// Microseconds the short-call team's threads spin between calls
+/// (`NEUROPIL_SPIN_US`; 0: no team).
+#[pyfunction]
+fn spin_us() -> PyResult<u128> {
+    Ok(neuropil::threads::team::spin_time().or_raise()?.as_micros())
+}
+
 // NaN and Inf propagate through a dot product, as they do in numpy.
 const A: Expect = Expect::new("a", &[1], "(n,)").allow_non_finite();
 const B: Expect = Expect::new("b", &[1], "(n,)").allow_non_finite();
@@ -87,6 +94,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(spin_us, m)?)?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(_input_info, m)?)?;
     Ok(())
