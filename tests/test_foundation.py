@@ -195,6 +195,41 @@ def test_short_call_team_gives_the_same_bits_as_one_thread():
     assert team.stdout == alone.stdout
 
 
+def test_short_calls_from_several_threads_at_once_agree():
+    """Python threads calling short kernels at once: one owns the team, the
+    others run alone (or wait their turn); every result is the one-thread one."""
+    from neuropil._input_sparse import InputSparseFFN
+    from neuropil.neurons import SparseFFN
+    from neuropil.quant import quantize
+
+    rng = np.random.default_rng(5)
+    g, u = rng.standard_normal((2, 512, 256), dtype=np.float32) / 16
+    dn = rng.standard_normal((256, 512), dtype=np.float32) / 23
+    x = rng.standard_normal((4, 256), dtype=np.float32)
+    teal = InputSparseFFN(g, u, dn, activation="silu", bits=8)
+    teal.calibrate(x, 0.5)
+    cats = SparseFFN(g, u, dn, activation="silu", dtype="float16")
+    cats.calibrate(x, 0.5)
+    q = quantize(u, bits=4, group_size=32)
+    calls = [lambda i=i: teal(x[i]) for i in range(4)]
+    calls += [lambda i=i: cats(x[i]) for i in range(4)] + [lambda: q.matvec(x)]
+    want = [c() for c in calls]
+    bad: list[int] = []
+
+    def worker(seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(len(calls) * 30) % len(calls)
+        for k in order:
+            if not np.array_equal(calls[k](), want[k]):
+                bad.append(int(k))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
+
+
 def test_spin_env_var_is_checked():
     r = run_python(
         "import neuropil; print(neuropil.info()['spin_us'])", env={"NEUROPIL_SPIN_US": "7"}
