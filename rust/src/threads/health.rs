@@ -92,6 +92,22 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// `calls` short calls of 6 us a task alone and `team_task` in the team;
+    /// how many ran (alone, in the team).
+    fn simulate(h: &mut Health, calls: u32, team_task: u64, wall: u64) -> (u32, u32) {
+        let (mut alone, mut team) = (0, 0);
+        for _ in 0..calls {
+            let a = h.alone_next(2);
+            h.record(2, a, if a { 6_000 } else { team_task }, wall);
+            if a {
+                alone += 1
+            } else {
+                team += 1
+            }
+        }
+        (alone, team)
+    }
+
     #[test]
     fn short_calls_run_alone_while_the_team_does_not_pay() {
         let mut h = Health {
@@ -109,40 +125,19 @@ mod tests {
         h.record(2, true, 6_000, short);
         // Team tasks at 8 us against 6 us alone: the team pays on 2 threads;
         // every PROBE_EVERY-th call runs alone all the same.
-        let (mut alone, mut team) = (0, 0);
-        for _ in 0..4 * PROBE_EVERY {
-            let a = h.alone_next(2);
-            h.record(2, a, if a { 6_000 } else { 8_000 }, short);
-            if a {
-                alone += 1
-            } else {
-                team += 1
-            }
-        }
+        let (alone, team) = simulate(&mut h, 4 * PROBE_EVERY, 8_000, short);
         assert_eq!(alone, 4, "{alone} alone, {team} in the team");
         // Team tasks at 20 us: short calls run alone, trying the team every
         // PROBE_EVERY-th call.
         h.team_ns = 20_000;
-        let (mut alone, mut team) = (0, 0);
-        for _ in 0..4 * PROBE_EVERY {
-            let a = h.alone_next(2);
-            h.record(2, a, if a { 6_000 } else { 20_000 }, short);
-            if a {
-                alone += 1
-            } else {
-                team += 1
-            }
-        }
+        let (alone, team) = simulate(&mut h, 4 * PROBE_EVERY, 20_000, short);
         assert_eq!(team, 16, "{alone} alone, {team} in the team");
         // A long call always takes the team, and a team that pays again
         // (probe tasks at 7 us) takes the short calls back.
         h.last_ns = 2 * SHORT.as_nanos() as u64;
         assert!(!h.alone_next(2));
         h.last_ns = short;
-        for _ in 0..8 * PROBE_EVERY {
-            let a = h.alone_next(2);
-            h.record(2, a, if a { 6_000 } else { 7_000 }, short);
-        }
+        simulate(&mut h, 8 * PROBE_EVERY, 7_000, short);
         assert!(!h.team_loses(2));
     }
 }

@@ -61,7 +61,24 @@ struct Job<'a> {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
-impl Job<'_> {
+impl<'a> Job<'a> {
+    fn new(task: &'a (dyn Fn(usize) + Sync), tasks: usize) -> Self {
+        Job {
+            task,
+            tasks,
+            next: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+        }
+    }
+
+    /// Raises the kept panic, if a task panicked.
+    fn finish(self) -> Result<()> {
+        match self.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(p) => resume_unwind(p),
+            None => Ok(()),
+        }
+    }
+
     /// Runs tasks until none is left, keeping the first panic for the caller;
     /// returns how many it ran.
     fn work(&self) -> usize {
@@ -270,17 +287,9 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let spin = spin_time()?;
     // Alone, panics are kept and raised after every task as in the team.
     let serial = || {
-        let job = Job {
-            task,
-            tasks,
-            next: AtomicUsize::new(0),
-            panic: Mutex::new(None),
-        };
+        let job = Job::new(task, tasks);
         job.work();
-        match job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(p) => resume_unwind(p),
-            None => Ok(()),
-        }
+        job.finish()
     };
     if tasks <= 1 || threads <= 1 {
         return serial();
@@ -318,12 +327,7 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
             pool.spawn(move || helper(generation, seen, spin));
         }
     }
-    let job = Job {
-        task,
-        tasks,
-        next: AtomicUsize::new(0),
-        panic: Mutex::new(None),
-    };
+    let job = Job::new(task, tasks);
     // Every helper of the previous call has finished (its `run` waited), so
     // the count starts afresh.
     TEAM.finished.store(0, Ordering::Relaxed);
@@ -344,22 +348,25 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let wall = now_ns() - t0;
     health.record(threads, false, (t2 - t1) / own.max(1) as u64, wall);
     *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
-    if let Some(p) = job.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        resume_unwind(p);
-    }
-    Ok(())
+    job.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn map_runs_each_task_once_in_order() {
-        let _guard = super::super::TEST_LOCK
+    /// Holds the pool-resizing lock with the pool at `n` threads.
+    fn pool_of(n: usize) -> std::sync::MutexGuard<'static, ()> {
+        let guard = super::super::TEST_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        super::super::set_num_threads(3).unwrap();
+        super::super::set_num_threads(n).unwrap();
+        guard
+    }
+
+    #[test]
+    fn map_runs_each_task_once_in_order() {
+        let _pool = pool_of(3);
         let runs = AtomicUsize::new(0);
         for tasks in [0, 1, 2, 7, 64] {
             for _ in 0..50 {
@@ -408,10 +415,7 @@ mod tests {
 
     #[test]
     fn a_helper_takes_part() {
-        let _guard = super::super::TEST_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        super::super::set_num_threads(2).unwrap();
+        let _pool = pool_of(2);
         // Other tests' calls may own the team for a moment (this call then
         // runs on its own thread), so a few tries.
         assert!((0..20).any(|_| two_threads_ran()), "no helper joined");
@@ -419,7 +423,7 @@ mod tests {
 
     #[test]
     fn retire_sends_a_spinning_helper_away() {
-        let _guard = super::super::TEST_LOCK
+        let _pool = super::super::TEST_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         TEAM.helpers.fetch_add(1, Ordering::Relaxed);
@@ -439,10 +443,7 @@ mod tests {
 
     #[test]
     fn a_panicking_task_is_raised_after_every_task_ran() {
-        let _guard = super::super::TEST_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        super::super::set_num_threads(2).unwrap();
+        let _pool = pool_of(2);
         let runs = AtomicUsize::new(0);
         let r = catch_unwind(AssertUnwindSafe(|| {
             map(16, |t| {
