@@ -9,6 +9,8 @@
 
 mod dispatch;
 mod dot;
+mod filter;
 
 pub use dispatch::{cpu_features, level, resolve, Level};
 pub use dot::{dot, dot_at};
+pub use filter::above;

@@ -63,20 +63,23 @@ impl<E: Elem> InputSparseFfn<E> {
 
     /// The kept inputs (any row keeps them) and their per-row coefficients
     /// (`rows` each; 0 where a row drops the input), and the kept pair count.
-    fn kept_inputs(&self, xs: &[f32], rows: usize, t: Option<f32>) -> (Vec<u32>, Vec<f32>, u64) {
+    fn kept_inputs(
+        &self,
+        level: Level,
+        xs: &[f32],
+        rows: usize,
+        t: Option<f32>,
+    ) -> (Vec<u32>, Vec<f32>, u64) {
         let d = self.d;
-        let (mut ids, mut coef, mut pairs) = (Vec::new(), Vec::new(), 0u64);
         if let (1, Some(t)) = (rows, t) {
-            // One row with a threshold (the common call): a plain filter.
-            for (i, &v) in xs.iter().enumerate() {
-                if v.abs() > t {
-                    ids.push(i as u32);
-                    coef.push(v);
-                }
-            }
+            // One row with a threshold (the common call): a vector filter.
+            let mut ids = Vec::new();
+            simd::above(level, xs, t, &mut ids);
+            let coef: Vec<f32> = ids.iter().map(|&i| xs[i as usize]).collect();
             let kept = ids.len() as u64;
             return (ids, coef, kept);
         }
+        let (mut ids, mut coef, mut pairs) = (Vec::new(), Vec::new(), 0u64);
         for i in 0..d {
             let at = coef.len();
             let mut kept = 0u64;
@@ -174,7 +177,7 @@ impl<E: Elem> InputSparseFfn<E> {
     pub fn hidden(&self, xs: &[f32], rows: usize, t_in: Option<f32>) -> Result<Vec<f32>> {
         self.check(xs, rows, &[("t_in", t_in)])?;
         let level = simd::level()?;
-        let (ids, coef, _) = self.kept_inputs(xs, rows, t_in);
+        let (ids, coef, _) = self.kept_inputs(level, xs, rows, t_in);
         let parts: Vec<Vec<f32>> = crate::threads::install(|| {
             (0..self.num_tiles())
                 .into_par_iter()
@@ -205,17 +208,18 @@ impl<E: Elem> InputSparseFfn<E> {
         self.check(xs, rows, &[("t_in", t_in), ("t_hidden", t_hidden)])?;
         let level = simd::level()?;
         let (d, du) = (self.d, self.d / E::LANES);
-        let (ids, coef, in_pairs) = self.kept_inputs(xs, rows, t_in);
+        let (ids, coef, in_pairs) = self.kept_inputs(level, xs, rows, t_in);
         let work = |(mut y, mut kept): (Vec<f32>, u64), t: usize| {
             let hid = self.hidden_tile(level, (&ids, &coef), rows, t);
             let (lo, hi) = self.tile_range(t);
             let n = hi - lo;
             let keep = |v: f32| t_hidden.is_none_or(|t| v.abs() > t);
-            let active: Vec<usize> = match (rows, t_hidden) {
-                (1, Some(t)) => (0..n).filter(|&jj| hid[jj].abs() > t).collect(),
-                _ => (0..n)
-                    .filter(|&jj| (0..rows).any(|r| keep(hid[r * n + jj])))
-                    .collect(),
+            let mut active = Vec::new();
+            match (rows, t_hidden) {
+                (1, Some(t)) => _ = simd::above(level, &hid, t, &mut active),
+                _ => active.extend(
+                    (0..n as u32).filter(|&jj| (0..rows).any(|r| keep(hid[r * n + jj as usize]))),
+                ),
             };
             let col = |j: usize| &self.down[j * du..(j + 1) * du];
             // The kept neuron `m` places on (see [`AHEAD_BYTES`]).
@@ -224,8 +228,8 @@ impl<E: Elem> InputSparseFfn<E> {
                 // One row: each kept column straight into `y`, its coefficient
                 // the hidden value (`active` holds only kept neurons).
                 for (q, &jj) in active.iter().enumerate() {
-                    let j = lo + jj;
-                    let ahead = active.get(q + m).map(|&next| col(lo + next));
+                    let (jj, j) = (jj as usize, lo + jj as usize);
+                    let ahead = active.get(q + m).map(|&next| col(lo + next as usize));
                     E::axpy(level, hid[jj] * self.down_scales[j], col(j), &mut y, ahead);
                 }
                 return (y, kept + active.len() as u64);
@@ -236,14 +240,14 @@ impl<E: Elem> InputSparseFfn<E> {
             let mut coefs = vec![[0.0f32; GROUP]; rows];
             let mut bufs: Box<GroupBuffers> = Box::new([[0.0; _]; GROUP]);
             let group = |g0: usize| -> [&[E]; GROUP] {
-                std::array::from_fn(|q| col(lo + active[(g0 + q).min(active.len() - 1)]))
+                std::array::from_fn(|q| col(lo + active[(g0 + q).min(active.len() - 1)] as usize))
             };
             for g0 in (0..active.len()).step_by(GROUP) {
                 for (r, c) in coefs.iter_mut().enumerate() {
                     *c = std::array::from_fn(|q| match active.get(g0 + q) {
-                        Some(&jj) if keep(hid[r * n + jj]) => {
+                        Some(&jj) if keep(hid[r * n + jj as usize]) => {
                             kept += 1;
-                            hid[r * n + jj] * self.down_scales[lo + jj]
+                            hid[r * n + jj as usize] * self.down_scales[lo + jj as usize]
                         }
                         _ => 0.0,
                     });
