@@ -63,7 +63,9 @@ def test_matches_numpy_masking_in_every_format(dtype, bits, act, gated):
             continue
         want = teal_reference(x, rg, ru, rd, act, t_in, t_h, up_bias=ub, down_bias=db)
         np.testing.assert_allclose(ffn(x), want, atol=2e-4, rtol=1e-4)
-        np.testing.assert_allclose(ffn(x[1]), want[1], atol=2e-4, rtol=1e-4)
+        one = ffn(x[1])  # the per-token path: 1-D in, 1-D out
+        assert one.shape == (40,) and one.dtype == np.float32
+        np.testing.assert_allclose(one, want[1], atol=2e-4, rtol=1e-4)
         np.testing.assert_allclose(ffn(x, dense=True), ref, atol=2e-4, rtol=1e-4)
 
 
@@ -126,8 +128,10 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(neuropil.NeuropilError, match="divisible by 2 for int4"):
         InputSparseFFN(g[:63], u[:63], dn[:, :63], bits=4)
     ffn = InputSparseFFN(g, u, dn)
-    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\)"):
+    with pytest.raises(neuropil.ShapeError, match=r"\(40,\) or \(n, 40\); got \(39,\)"):
         ffn(np.zeros(39, np.float32))
+    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\) with n >= 1; got \(2, 39\)"):
+        ffn(np.zeros((2, 39), np.float32))
     with pytest.raises(neuropil.ArgumentError, match="t_in must be a finite value >= 0"):
         ffn.set_thresholds(-1.0, None)
     with pytest.raises(neuropil.ArgumentError, match="t_hidden"):

@@ -211,7 +211,7 @@ class InputSparseFFN:
         if type(x) is np.ndarray and x.ndim == 1 and x.dtype == np.float32:
             # The per-token call of a decoding model: no conversions to try
             # (about 1 us of a 10-25 us call on a small layer).
-            return self._ffn.forward(x[None], t_in, t_h)[0]
+            return self._ffn.forward(x, t_in, t_h)
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and x.device.type != "cpu":
             return self._torch_forward(x, t_in, t_h)

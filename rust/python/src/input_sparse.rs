@@ -35,6 +35,7 @@ const DOWN: Expect = Expect::new("down", &[2], "(d, h)");
 const UP_BIAS: Expect = Expect::new("up_bias", &[1], "(h,)");
 const DOWN_BIAS: Expect = Expect::new("down_bias", &[1], "(d,)");
 const X: Expect = Expect::new("x", &[2], "(n, d)");
+const X_ROWS: Expect = Expect::new("x", &[1, 2], "(d,) or (n, d)");
 
 /// The core input-sparse FFN.
 #[pyclass(name = "_InputSparseFfn", module = "neuropil._native")]
@@ -136,7 +137,9 @@ impl PyInputSparseFfn {
         }
     }
 
-    /// The output for rows `x` (n, d); None thresholds keep everything.
+    /// The output for `x` (d,) or rows `x` (n, d), of the same rank; None
+    /// thresholds keep everything. (A 1-D `x` is the per-token call: no
+    /// reshaping on either side.)
     #[pyo3(signature = (x, t_in=None, t_hidden=None))]
     fn forward<'py>(
         &self,
@@ -144,13 +147,21 @@ impl PyInputSparseFfn {
         x: &Bound<'py, PyAny>,
         t_in: Option<f32>,
         t_hidden: Option<f32>,
-    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let x = X.read(x)?;
-        let (rows, xs) = (x.shape()[0], x.as_slice());
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let x = X_ROWS.read(x)?;
+        let single = x.shape().len() == 1;
+        let (rows, xs) = (if single { 1 } else { x.shape()[0] }, x.as_slice());
+        if single && xs.len() != self.dim() {
+            let want = format!("({},) or (n, {})", self.dim(), self.dim());
+            return Err(Error::shape("x", want, x.shape())).or_raise();
+        }
         let y = py
             .detach(|| with_ffn!(&self.inner, f => f.forward(xs, rows, t_in, t_hidden)))
             .or_raise()?;
-        matrix(py, y, rows, self.dim())
+        if single {
+            return Ok(y.into_pyarray(py).into_any());
+        }
+        Ok(matrix(py, y, rows, self.dim())?.into_any())
     }
 
     /// The hidden values (n, h) before the hidden mask, inputs masked by `t_in`.
