@@ -12,9 +12,10 @@ use super::Level;
 
 /// Appends to `out` every `i` (ascending) with `|values[i]| > t`; NaN never
 /// passes, as with `f32::abs(v) > t`. `t` may be any float (a NaN `t` keeps
-/// nothing). Returns how many were appended.
+/// nothing). Returns how many were appended. The caller keeps `values`
+/// shorter than `u32::MAX` (the positions' type; layers check their sizes).
 pub fn above(level: Level, values: &[f32], t: f32, out: &mut Vec<u32>) -> usize {
-    assert!(values.len() <= u32::MAX as usize, "positions must fit u32");
+    debug_assert!(values.len() <= u32::MAX as usize, "positions must fit u32");
     let start = out.len();
     // One slot per value, and 16 more for the AVX-512 path's full stores.
     out.reserve(values.len() + 16);

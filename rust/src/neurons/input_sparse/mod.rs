@@ -115,6 +115,14 @@ impl<E: Elem> InputSparseFfn<E> {
                 format!("({h}, {d})"),
             ));
         }
+        if h.max(d) > u32::MAX as usize {
+            // Kept inputs and neurons are listed as u32 positions.
+            return Err(Error::value(
+                "up",
+                format!("h and d at most {}", u32::MAX),
+                format!("({h}, {d})"),
+            ));
+        }
         let shape = |name: &'static str, len: usize, want: String, r: usize, c: usize| {
             if len == r * c {
                 Ok(())
