@@ -66,6 +66,9 @@ def test_matches_numpy_masking_in_every_format(dtype, bits, act, gated):
         one = ffn(x[1])  # the per-token path: 1-D in, 1-D out
         assert one.shape == (40,) and one.dtype == np.float32
         np.testing.assert_allclose(one, want[1], atol=2e-4, rtol=1e-4)
+        # The converting path (big-endian input) gives the same values.
+        np.testing.assert_array_equal(ffn(x[1].astype(">f4")), one)
+        np.testing.assert_allclose(ffn(x[1], dense=True), ref[1], atol=2e-4, rtol=1e-4)
         np.testing.assert_allclose(ffn(x, dense=True), ref, atol=2e-4, rtol=1e-4)
 
 
