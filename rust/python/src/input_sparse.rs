@@ -155,9 +155,16 @@ impl PyInputSparseFfn {
             let want = format!("({},) or (n, {})", self.dim(), self.dim());
             return Err(Error::shape("x", want, x.shape())).or_raise();
         }
-        let y = py
-            .detach(|| with_ffn!(&self.inner, f => f.forward(xs, rows, t_in, t_hidden)))
-            .or_raise()?;
+        let y = with_ffn!(&self.inner, f => {
+            let kept = f.prepare(xs, rows, t_in, t_hidden).or_raise()?;
+            // A short sweep keeps the GIL (see `Kept::is_short`).
+            if kept.is_short() {
+                f.sweep(kept)
+            } else {
+                py.detach(|| f.sweep(kept))
+            }
+        })
+        .or_raise()?;
         if single {
             return Ok(y.into_pyarray(py).into_any());
         }

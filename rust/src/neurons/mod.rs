@@ -30,7 +30,7 @@ mod widened;
 pub use cache::{CacheConfig, CacheState, CacheStats, NeuronCache, Policy};
 pub use elem::{Elem, Q4, Q8};
 pub use ffn::{Activation, FfnStats, Select, SparseFfn};
-pub use input_sparse::{InputSparseFfn, InputSparseStats};
+pub use input_sparse::{InputSparseFfn, InputSparseStats, Kept};
 pub use weights::{Bundled, NeuronWeights};
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 mod sweep;
 
+pub use sweep::Kept;
+
 use super::activation::Activation;
 use super::elem::Elem;
 use crate::error::{Error, Result};

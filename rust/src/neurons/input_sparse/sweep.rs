@@ -21,6 +21,35 @@ use crate::simd::{self, Level};
 /// (2.8 us) either way.
 const INLINE_VALUES: usize = 16 << 10;
 
+/// A call that reads fewer weights than this is short (10-20 us on Zen 5):
+/// the Python binding keeps the GIL for it, as numpy does for small arrays,
+/// because releasing and taking it back costs ~0.25 us, 3% of a 576x1536
+/// call at 90% sparsity (7-8 us).
+const SHORT_VALUES: usize = 512 << 10;
+
+/// A call's kept inputs, between [`InputSparseFfn::prepare`] and
+/// [`InputSparseFfn::sweep`].
+pub struct Kept {
+    level: Level,
+    rows: usize,
+    /// The kept inputs, and their coefficients (`rows` each).
+    ids: Vec<u32>,
+    coef: Vec<f32>,
+    /// Kept (row, input) pairs.
+    pairs: u64,
+    t_hidden: Option<f32>,
+    /// About how many weights the sweep reads.
+    values: usize,
+}
+
+impl Kept {
+    /// Whether the sweep is short enough not to let other threads run
+    /// meanwhile (see [`SHORT_VALUES`]).
+    pub fn is_short(&self) -> bool {
+        self.values < SHORT_VALUES
+    }
+}
+
 /// How far ahead, in bytes of the kept weight runs, a sweep asks for the
 /// weights it will read: the kept input (or neuron) that many bytes on, line
 /// by line as the current one is read. A sparse sweep jumps from run to run,
@@ -205,10 +234,48 @@ impl<E: Elem> InputSparseFfn<E> {
         t_in: Option<f32>,
         t_hidden: Option<f32>,
     ) -> Result<Vec<f32>> {
+        self.sweep(self.prepare(xs, rows, t_in, t_hidden)?)
+    }
+
+    /// [`Self::forward`]'s first step: checks the call and finds the kept
+    /// inputs, which tell how long the sweep will take ([`Kept::is_short`]).
+    pub fn prepare(
+        &self,
+        xs: &[f32],
+        rows: usize,
+        t_in: Option<f32>,
+        t_hidden: Option<f32>,
+    ) -> Result<Kept> {
         self.check(xs, rows, &[("t_in", t_in), ("t_hidden", t_hidden)])?;
         let level = simd::level()?;
+        let (ids, coef, pairs) = self.kept_inputs(level, xs, rows, t_in);
+        // About the weights the sweep reads: the kept inputs' share of every
+        // matrix (the down columns counted as if as many neurons were kept).
+        let values = (self.parts() + 1) * self.h * ids.len();
+        Ok(Kept {
+            level,
+            rows,
+            ids,
+            coef,
+            pairs,
+            t_hidden,
+            values,
+        })
+    }
+
+    /// [`Self::forward`]'s second step: the hidden values of the kept inputs,
+    /// the hidden mask and the kept neurons' down columns.
+    pub fn sweep(&self, kept: Kept) -> Result<Vec<f32>> {
+        let Kept {
+            level,
+            rows,
+            ids,
+            coef,
+            pairs: in_pairs,
+            t_hidden,
+            values,
+        } = kept;
         let (d, du) = (self.d, self.d / E::LANES);
-        let (ids, coef, in_pairs) = self.kept_inputs(level, xs, rows, t_in);
         let work = |(mut y, mut kept): (Vec<f32>, u64), t: usize| {
             let hid = self.hidden_tile(level, (&ids, &coef), rows, t);
             let (lo, hi) = self.tile_range(t);
@@ -258,9 +325,6 @@ impl<E: Elem> InputSparseFfn<E> {
             (y, kept)
         };
         let init = || (vec![0.0f32; rows * d], 0u64);
-        // About the weights this call reads: the kept inputs' share of every
-        // matrix (the down columns counted as if as many neurons were kept).
-        let values = (self.parts() + 1) * self.h * ids.len();
         let (mut ys, hid_pairs) = if values < INLINE_VALUES {
             (0..self.num_tiles()).fold(init(), work)
         } else {

@@ -127,3 +127,29 @@ fn keeps_the_weights_and_rejects_bad_input() {
             .is_err()
     );
 }
+
+#[test]
+fn prepare_tells_short_sweeps_and_forward_is_prepare_then_sweep() {
+    // 576x1536 (SmolLM2's FFN): at 90% of inputs dropped the sweep is short,
+    // a dense call is not; either way prepare + sweep is forward, bit for bit.
+    let (h, d) = (1536, 576);
+    let mut seed = 7;
+    let w: Vec<f32> = (0..h * d).map(|_| lcg(&mut seed)).collect();
+    let f =
+        InputSparseFfn::<f32>::new(Some(&w), &w, &w, (h, d), Activation::Silu, None, None).unwrap();
+    let x: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+    // |x| is uniform on [0, 0.5]: 0.45 keeps about 10% of the inputs.
+    for (t_in, short) in [(Some(0.45), true), (None, false)] {
+        let kept = f.prepare(&x, 1, t_in, Some(0.01)).unwrap();
+        assert_eq!(kept.is_short(), short, "{t_in:?}");
+        let y = f.sweep(kept).unwrap();
+        let want = f.forward(&x, 1, t_in, Some(0.01)).unwrap();
+        assert_eq!(
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+    // A bad call fails in prepare, before any sweep.
+    assert!(f.prepare(&x[1..], 1, None, None).is_err());
+    assert!(f.prepare(&x, 1, Some(-1.0), None).is_err());
+}
