@@ -101,7 +101,66 @@ fn tile(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up: Option<&[f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up: Option<&[f32]>) {
-    tile(act, pre, bias, up)
+    match (act, bias, up) {
+        // SAFETY: AVX-512 F (this function's own target feature).
+        (Activation::Silu, None, Some(u)) => unsafe { silu_up_avx512(pre, u) },
+        _ => tile(act, pre, bias, up),
+    }
+}
+
+/// SwiGLU's `pre = silu(pre) * up`, 16 neurons per step, with an exp made
+/// of FMAs and `vscalefps` (`2^n` applied in one instruction, which also
+/// takes care of overflow and underflow): about a third of the instructions
+/// of the portable [`exp`], which Rust computes without FMA contraction.
+/// A sparse sweep applies this to every neuron of the layer, so it is part
+/// of every call's fixed cost (576x1536 at 90%: 0.45 of 7-10 us).
+/// Same reduction and polynomial as [`exp`]; within 2 ulp of `expf` (tested
+/// against [`Activation::apply`] through `apply_tile`).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_up_avx512(pre: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let (one, half) = (c(1.0), c(0.5));
+    let mut pc = pre.chunks_exact_mut(16);
+    let mut uc = up.chunks_exact(16);
+    for (p, u) in (&mut pc).zip(&mut uc) {
+        // SAFETY: `p` and `u` hold 16 f32 each (unaligned loads and store).
+        unsafe {
+            let v = _mm512_loadu_ps(p.as_ptr());
+            // e^-v: clamped where 2^n is 0 or inf anyway, so `r` stays small.
+            let x = _mm512_min_ps(
+                _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), v), c(-104.0)),
+                c(89.0),
+            );
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm512_fnmadd_ps(n, c(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+            let mut q = _mm512_fmadd_ps(c(1.987_569_2e-4), r, c(1.398_199_9e-3));
+            q = _mm512_fmadd_ps(q, r, c(8.333_452e-3));
+            q = _mm512_fmadd_ps(q, r, c(4.166_579_6e-2));
+            q = _mm512_fmadd_ps(q, r, c(1.666_666_5e-1));
+            q = _mm512_fmadd_ps(q, r, half);
+            let e = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, one));
+            let e = _mm512_scalef_ps(e, n);
+            let s = _mm512_div_ps(v, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(
+                p.as_mut_ptr(),
+                _mm512_mul_ps(s, _mm512_loadu_ps(u.as_ptr())),
+            );
+        }
+    }
+    tile(
+        Activation::Silu,
+        pc.into_remainder(),
+        None,
+        Some(uc.remainder()),
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -198,6 +257,18 @@ mod tests {
             Activation::Silu.apply_tile(level, &mut v, None, None);
             assert_eq!(v.map(|a| a == 0.0), [true, true, true, false], "{level}");
             assert_eq!(v[3], 100.0);
+            // The gated form too (its own AVX-512 loop), over a full chunk
+            // of 16 and a tail; NaN stays NaN.
+            let mut v: Vec<f32> = far.iter().cycle().take(19).copied().collect();
+            v[5] = f32::NAN;
+            Activation::Silu.apply_tile(level, &mut v, None, Some(&[2.0; 19]));
+            for (j, (g, x)) in v.iter().zip(far.iter().cycle()).enumerate() {
+                match j {
+                    5 => assert!(g.is_nan(), "{level}"),
+                    _ if *x < 0.0 => assert!(*g == 0.0 && g.is_sign_negative(), "{level} {x}: {g}"),
+                    _ => assert_eq!(*g, 200.0, "{level}"),
+                }
+            }
         }
         let pre: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) / 7.0).collect();
         let aux: Vec<f32> = (0..300).map(|i| (i % 13) as f32 / 5.0 - 1.0).collect();
@@ -213,6 +284,9 @@ mod tests {
                             (g - want).abs() <= 1e-6 * want.abs().max(1.0),
                             "{act:?} {level} {j}"
                         );
+                        if act == Activation::Silu && want.is_normal() {
+                            assert!(ulp(g, want) <= 4, "{level} {j}: {g} vs {want}");
+                        }
                     }
                 }
             }
