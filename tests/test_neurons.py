@@ -522,3 +522,31 @@ def test_torch_device_path_logic_matches_the_kernel(gated):
         ffn = SparseFFN(g, u, dn, activation="gelu", up_bias=ub, down_bias=db, **kw)
         got = ffn._torch_forward(torch.from_numpy(x), dense=False).numpy()
         np.testing.assert_allclose(got, ffn(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_token_calls_match_the_torch_path(method):
+    # The per-token Rust path of a patched MLP (1-D fast path, numpy views,
+    # thresholds re-applied only when they change) against its torch path.
+    import torch
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    d, h = 64, 160
+    lin = [torch.nn.Linear(a, b, bias=False) for a, b in ((d, h), (d, h), (h, d))]
+    mlp = SparseMLP(*lin, activation="silu", threshold=0.05, method=method, t_in=0.5)
+    x = torch.randn(2, 5, d)
+    shapes = [x[0, 0], x[:1, :1], x[:1, :3], x.transpose(0, 1)[:1]]  # last: not contiguous
+    with torch.no_grad():
+        for _step in range(2):
+            for xi in shapes:
+                y_rust = mlp(xi)
+                mlp.rust_max_rows = 0
+                y_torch = mlp(xi)
+                mlp.rust_max_rows = 8
+                assert y_rust.shape == xi.shape and y_rust.dtype == torch.float32
+                np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=1e-5, rtol=1e-4)
+            # New thresholds reach the Rust layer built at the first call.
+            mlp.threshold, mlp.t_in = 0.2, 1.0
+        assert mlp.rust_ffn().stats()["rows"] == 2 * (1 + 1 + 3 + 2)

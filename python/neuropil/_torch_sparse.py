@@ -87,6 +87,9 @@ class SparseMLP(nn.Module):
         self.t_in = t_in
         self._calib_x: list[torch.Tensor] | None = None
         self.gate, self.up, self.down = gate, up, down
+        # The Rust kernels take no gate/up bias (only the ungated up's); read
+        # once: submodule attribute lookups cost ~1 us each per call.
+        self._biasless = gate is None or (gate.bias is None and up.bias is None)
         self.activation = "silu" if activation == "swish" else activation
         self.threshold = threshold
         self.rust_max_rows = rust_max_rows
@@ -103,11 +106,11 @@ class SparseMLP(nn.Module):
     def _rust_ok(self, x: torch.Tensor, rows: int) -> bool:
         return (
             self.threshold is not None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
+            and x.is_cpu
+            and x.dtype is torch.float32
             and rows <= self.rust_max_rows
             and not torch.is_grad_enabled()
-            and (self.gate is None or (self.gate.bias is None and self.up.bias is None))
+            and self._biasless
         )
 
     def rust_ffn(self) -> Any:
@@ -130,15 +133,21 @@ class SparseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows = x.numel() // shape[-1] if len(shape) > 1 and shape[-1] else 1
         if self._calib is None and self._rust_ok(x, rows):
-            ffn = self.rust_ffn()
+            # The per-token call of a decoding model: the kernel takes 7-20 us
+            # on a small model's FFN, so this path stays as short as it can
+            # (numpy views in and out, thresholds set only when they change;
+            # it cost 25 us a call through torch reshapes and re-validation).
+            ffn = self._ffn if self._ffn is not None else self.rust_ffn()
             if self.method == "teal":
-                ffn.set_thresholds(self.t_in, self.threshold)
-            else:
+                if ffn.t_in != self.t_in or ffn.t_hidden != self.threshold:
+                    ffn.set_thresholds(self.t_in, self.threshold)
+            elif ffn.threshold != self.threshold or ffn.top_k is not None:
                 ffn.set_threshold(self.threshold)
-            y = ffn(x.reshape(rows, shape[-1]))
-            return y.reshape(*shape[:-1], -1)
+            a = x.detach().numpy()
+            y = ffn(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]))
+            return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
         if self.method == "teal":
             return self._teal(x)
         act = _ACTS[self.activation]
