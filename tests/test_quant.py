@@ -3,6 +3,7 @@ torch drop-in, files, the CLI, and accuracy on real models."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -389,8 +390,17 @@ def test_quantized_linear_matches_its_weights_and_round_trips_state(tmp_path):
     assert torch.allclose(ql(x, force_torch=True), want, atol=1e-4)
     assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
     fresh = QuantizedLinear(100, 24, bias=True, bits=4, group_size=32)
-    fresh.load_state_dict(ql.state_dict())
+    fresh(x)  # caches numpy views of its (empty) buffers
+    fresh.load_state_dict(ql.state_dict())  # copies into the buffers in place
     assert torch.equal(fresh(x), got)
+    other = QuantizedLinear(100, 24, bias=True, bits=4, group_size=32)
+    other(x)
+    other.load_state_dict(ql.state_dict(), assign=True)  # new buffer tensors
+    assert torch.equal(other(x), got)
+    twin = copy.deepcopy(ql)
+    assert "_views" not in twin.__getstate__() and torch.equal(twin(x), got)
+    assert torch.equal(ql(x.transpose(0, 1)), got.transpose(0, 1))  # not contiguous
+    assert torch.allclose(ql(x.double()), got.double(), atol=1e-5)
     wrong = QuantizedLinear(100, 24, bias=True, bits=8, group_size=32)
     with pytest.raises(Exception, match=r"size mismatch|does not match"):
         wrong.load_state_dict(ql.state_dict())

@@ -204,6 +204,24 @@ class QuantizedLinear(nn.Module):
 
             raise ShapeError(f"x must have shape (..., {self.in_features}); got {tuple(x.shape)}")
         lead = x.shape[:-1]
+        views = self._cpu_views() if x.is_cpu and not force_torch else None
+        if views is not None:
+            # The CPU path, kept short: a decoding step calls it for every
+            # Linear of the model, and a small layer's kernel takes 10-25 us.
+            xn = x.detach().to(torch.float32).numpy().reshape(-1, self.in_features)
+            y = _native.quant_matvec(
+                *views,
+                self.out_features,
+                self.in_features,
+                self.bits,
+                self.group_size,
+                self.scheme,
+                xn[0] if xn.shape[0] == 1 else xn,
+            )
+            out = torch.from_numpy(y.reshape(*lead, self.out_features))
+            if self.bias is not None:
+                out = out + self.bias
+            return out if x.dtype is torch.float32 else out.to(x.dtype)
         if x.device.type == "cuda" and self.qdata.device == x.device and not force_torch:
             if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
                 from ._triton_quant import gemv4
@@ -211,31 +229,38 @@ class QuantizedLinear(nn.Module):
                 y = gemv4(self, x, lambda: self._torch_forward(x))
                 if y is not None:  # bias added, in x's dtype
                     return y.reshape(*lead, self.out_features)
-        if x.device.type != "cpu" or self.qdata.device.type != "cpu" or force_torch:
-            return self._torch_forward(x)
-        x2 = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
-        scales = self.scales.numpy()
-        mins = self.mins.numpy() if self.mins.numel() else None
+        return self._torch_forward(x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling (torch.save of the module, deepcopy) leaves the cached
+        # views out: they alias the buffers, which are saved anyway.
+        state = super().__getstate__()
+        state.pop("_views", None)
+        return state
+
+    def _cpu_views(self) -> tuple[Any, Any, Any] | None:
+        """numpy views of the CPU buffers as the kernel takes them (float16
+        scales and mins as their uint16 bits), or None off the CPU. Cached
+        while the buffers are the same tensors on the same memory (``.to()``,
+        ``load_state_dict`` with ``assign=True`` or a reassignment replace
+        them; an in-place ``load_state_dict`` writes through the views)."""
+        b = self._buffers
+        key = tuple((id(t), t.data_ptr()) for t in (b["qdata"], b["scales"], b["mins"]))
+        cached = self.__dict__.get("_views")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        q, s, m = b["qdata"], b["scales"], b["mins"]
+        if not (q.is_cpu and s.is_cpu and m.is_cpu):
+            return None
+        scales = s.numpy()
+        mins = m.numpy() if m.numel() else None
         if scales.dtype == np.float16:  # the core takes float16 as its uint16 bits
             scales = scales.view(np.uint16)
             mins = None if mins is None else mins.view(np.uint16)
-        xn = x2.numpy()
-        arg = xn[0] if xn.shape[0] == 1 else xn
-        y = _native.quant_matvec(
-            self.qdata.numpy(),
-            scales,
-            mins,
-            self.out_features,
-            self.in_features,
-            self.bits,
-            self.group_size,
-            self.scheme,
-            arg,
-        )
-        out = torch.from_numpy(y).reshape(*lead, self.out_features)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype)
+        views = (q.numpy(), scales, mins)
+        # Held with the tensors it was made from, so their ids stay theirs.
+        self.__dict__["_views"] = (key, views, (q, s, m))
+        return views
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
