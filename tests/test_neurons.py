@@ -550,3 +550,10 @@ def test_sparse_mlp_token_calls_match_the_torch_path(method):
             # New thresholds reach the Rust layer built at the first call.
             mlp.threshold, mlp.t_in = 0.2, 1.0
         assert mlp.rust_ffn().stats()["rows"] == 2 * (1 + 1 + 3 + 2)
+        # A gate bias added after construction sends calls to the torch path
+        # (the Rust kernels take none), which includes it.
+        mlp.gate.bias = torch.nn.Parameter(torch.full((h,), 0.5))
+        y = mlp(x[0, 0])
+        mlp.rust_max_rows = 0
+        np.testing.assert_allclose(y.numpy(), mlp(x[0, 0]).numpy(), atol=1e-6)
+        assert mlp.rust_ffn().stats()["rows"] == 2 * (1 + 1 + 3 + 2)

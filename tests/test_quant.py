@@ -397,8 +397,11 @@ def test_quantized_linear_matches_its_weights_and_round_trips_state(tmp_path):
     other(x)
     other.load_state_dict(ql.state_dict(), assign=True)  # new buffer tensors
     assert torch.equal(other(x), got)
+    assert "_views" in ql.__dict__  # cached by the calls above
     twin = copy.deepcopy(ql)
-    assert "_views" not in twin.__getstate__() and torch.equal(twin(x), got)
+    assert "_views" not in twin.__dict__ and torch.equal(twin(x), got)
+    ql.cpu()  # any `_apply` (`.to`, `.cuda`, ...) drops the cache (it would pin old buffers)
+    assert "_views" not in ql.__dict__ and torch.equal(ql(x), got)
     assert torch.equal(ql(x.transpose(0, 1)), got.transpose(0, 1))  # not contiguous
     assert torch.allclose(ql(x.double()), got.double(), atol=1e-5)
     wrong = QuantizedLinear(100, 24, bias=True, bits=8, group_size=32)

@@ -231,6 +231,16 @@ class QuantizedLinear(nn.Module):
                     return y.reshape(*lead, self.out_features)
         return self._torch_forward(x)
 
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        # `.to()`, `.cuda()`, `.half()`...: the cached views would keep the
+        # old buffers alive.
+        self.__dict__.pop("_views", None)
+        return super()._apply(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_views", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self) -> dict[str, Any]:
         # Pickling (torch.save of the module, deepcopy) leaves the cached
         # views out: they alias the buffers, which are saved anyway.
@@ -251,6 +261,7 @@ class QuantizedLinear(nn.Module):
             return cached[1]
         q, s, m = b["qdata"], b["scales"], b["mins"]
         if not (q.is_cpu and s.is_cpu and m.is_cpu):
+            self.__dict__.pop("_views", None)
             return None
         scales = s.numpy()
         mins = m.numpy() if m.numel() else None

@@ -87,9 +87,6 @@ class SparseMLP(nn.Module):
         self.t_in = t_in
         self._calib_x: list[torch.Tensor] | None = None
         self.gate, self.up, self.down = gate, up, down
-        # The Rust kernels take no gate/up bias (only the ungated up's); read
-        # once: submodule attribute lookups cost ~1 us each per call.
-        self._biasless = gate is None or (gate.bias is None and up.bias is None)
         self.activation = "silu" if activation == "swish" else activation
         self.threshold = threshold
         self.rust_max_rows = rust_max_rows
@@ -110,8 +107,18 @@ class SparseMLP(nn.Module):
             and x.dtype is torch.float32
             and rows <= self.rust_max_rows
             and not torch.is_grad_enabled()
-            and self._biasless
+            and self._biasless()
         )
+
+    def _biasless(self) -> bool:
+        """Whether a gated block has no gate/up bias (the Rust kernels take
+        only an ungated up's). Read from the module dicts: attribute lookups
+        through ``nn.Module`` cost ~1 us each per call."""
+        mods = self._modules
+        gate = mods.get("gate")
+        if gate is None:
+            return True
+        return gate._parameters.get("bias") is None and mods["up"]._parameters.get("bias") is None
 
     def rust_ffn(self) -> Any:
         """The Rust :class:`~neuropil.neurons.SparseFFN` of these weights (built once)."""

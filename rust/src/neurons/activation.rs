@@ -103,7 +103,10 @@ fn tile(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up: Option<&[f32
 unsafe fn tile_avx512(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up: Option<&[f32]>) {
     match (act, bias, up) {
         // SAFETY: AVX-512 F (this function's own target feature).
-        (Activation::Silu, None, Some(u)) => unsafe { silu_up_avx512(pre, u) },
+        // (Equal lengths only: the chunked loop pairs `pre` and `up` by position.)
+        (Activation::Silu, None, Some(u)) if u.len() == pre.len() => unsafe {
+            silu_up_avx512(pre, u)
+        },
         _ => tile(act, pre, bias, up),
     }
 }
@@ -118,10 +121,11 @@ unsafe fn tile_avx512(act: Activation, pre: &mut [f32], bias: Option<&[f32]>, up
 /// against [`Activation::apply`] through `apply_tile`).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F.
+/// The CPU must have AVX-512 F. (`up` as long as `pre`, for a right result.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn silu_up_avx512(pre: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(pre.len(), up.len());
     use std::arch::x86_64::*;
     let c = |v: f32| _mm512_set1_ps(v);
     let (one, half) = (c(1.0), c(0.5));
@@ -132,10 +136,8 @@ unsafe fn silu_up_avx512(pre: &mut [f32], up: &[f32]) {
         unsafe {
             let v = _mm512_loadu_ps(p.as_ptr());
             // e^-v: clamped where 2^n is 0 or inf anyway, so `r` stays small.
-            let x = _mm512_min_ps(
-                _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), v), c(-104.0)),
-                c(89.0),
-            );
+            let neg = _mm512_sub_ps(_mm512_setzero_ps(), v);
+            let x = _mm512_min_ps(_mm512_max_ps(neg, c(-104.0)), c(89.0));
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
             );
@@ -148,6 +150,10 @@ unsafe fn silu_up_avx512(pre: &mut [f32], up: &[f32]) {
             q = _mm512_fmadd_ps(q, r, half);
             let e = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, one));
             let e = _mm512_scalef_ps(e, n);
+            // Above 88.5, inf as the portable `exp` gives (its SiLU is then
+            // -0, which a threshold of 0 drops, at every level alike).
+            let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(neg, c(88.5));
+            let e = _mm512_mask_mov_ps(e, big, c(f32::INFINITY));
             let s = _mm512_div_ps(v, _mm512_add_ps(one, e));
             _mm512_storeu_ps(
                 p.as_mut_ptr(),
@@ -251,7 +257,7 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert_eq!((exp(-100.0), exp(100.0)), (0.0, f32::INFINITY));
         // Very negative inputs: SiLU is -0 (not a tiny value a 0 threshold keeps).
-        let far = [-100.0f32, -1e30, -3.4e38, 100.0];
+        let far = [-88.6f32, -1e30, -3.4e38, 100.0];
         for level in Level::supported() {
             let mut v = far;
             Activation::Silu.apply_tile(level, &mut v, None, None);

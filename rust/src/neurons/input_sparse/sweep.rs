@@ -31,6 +31,8 @@ const SHORT_VALUES: usize = 512 << 10;
 /// [`InputSparseFfn::sweep`].
 pub struct Kept {
     level: Level,
+    /// `(h, d)` of the layer that prepared it.
+    layer: (usize, usize),
     rows: usize,
     /// The kept inputs, and their coefficients (`rows` each).
     ids: Vec<u32>,
@@ -44,9 +46,10 @@ pub struct Kept {
 
 impl Kept {
     /// Whether the sweep is short enough not to let other threads run
-    /// meanwhile (see [`SHORT_VALUES`]).
+    /// meanwhile (see [`SHORT_VALUES`]): its weights times its rows, since
+    /// each weight read serves every row.
     pub fn is_short(&self) -> bool {
-        self.values < SHORT_VALUES
+        self.values.saturating_mul(self.rows) < SHORT_VALUES
     }
 }
 
@@ -254,6 +257,7 @@ impl<E: Elem> InputSparseFfn<E> {
         let values = (self.parts() + 1) * self.h * ids.len();
         Ok(Kept {
             level,
+            layer: (self.h, self.d),
             rows,
             ids,
             coef,
@@ -266,8 +270,16 @@ impl<E: Elem> InputSparseFfn<E> {
     /// [`Self::forward`]'s second step: the hidden values of the kept inputs,
     /// the hidden mask and the kept neurons' down columns.
     pub fn sweep(&self, kept: Kept) -> Result<Vec<f32>> {
+        if kept.layer != (self.h, self.d) {
+            return Err(Error::value(
+                "kept",
+                format!("prepared for a ({}, {}) layer", self.h, self.d),
+                format!("prepared for ({}, {})", kept.layer.0, kept.layer.1),
+            ));
+        }
         let Kept {
             level,
+            layer: _,
             rows,
             ids,
             coef,

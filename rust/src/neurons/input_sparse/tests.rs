@@ -149,7 +149,20 @@ fn prepare_tells_short_sweeps_and_forward_is_prepare_then_sweep() {
             want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
     }
+    // Many rows over the same kept share: long, whatever the share.
+    let many: Vec<f32> = x.iter().cycle().take(64 * d).copied().collect();
+    assert!(!f
+        .prepare(&many, 64, Some(0.45), Some(0.01))
+        .unwrap()
+        .is_short());
     // A bad call fails in prepare, before any sweep.
-    assert!(f.prepare(&x[1..], 1, None, None).is_err());
     assert!(f.prepare(&x, 1, Some(-1.0), None).is_err());
+    assert!(f.prepare(&x[1..], 1, None, None).is_err());
+    // A sweep of what another shape of layer prepared is an error, not a panic.
+    let (h2, d2) = (64, 32);
+    let w2: Vec<f32> = (0..h2 * d2).map(|_| lcg(&mut seed)).collect();
+    let g = InputSparseFfn::<f32>::new(Some(&w2), &w2, &w2, (h2, d2), Activation::Silu, None, None)
+        .unwrap();
+    let other = g.prepare(&x[..d2], 1, None, None).unwrap();
+    assert!(f.sweep(other).is_err());
 }
