@@ -254,3 +254,42 @@ def test_sparsify_teal_with_its_own_hidden_sparsity_on_a_tiny_llama():
         sparsify_mlp(model, 0.3, calibration=ids, hidden_sparsity=0.5)
     with pytest.raises(neuropil.ArgumentError, match=r"hidden_sparsity must be in \[0, 1\)"):
         sparsify_mlp(model, 0.3, calibration=ids, method="teal", hidden_sparsity=1.0)
+
+
+def test_long_calls_release_the_gil_and_short_ones_agree():
+    # A long sweep runs without the GIL: another Python thread keeps running
+    # meanwhile. It records the longest pause between its steps; a GIL held
+    # through the native call would pause it for the whole call.
+    import threading
+    import time
+
+    g, u, dn = weights(h=2048, d=512)
+    ffn = InputSparseFFN(g, u, dn)
+    x = np.random.default_rng(3).standard_normal((256, 512)).astype(np.float32)
+    s = {"last": time.perf_counter(), "gap": 0.0, "stop": False}
+
+    def tick():
+        while not s["stop"]:
+            now = time.perf_counter()
+            s["gap"] = max(s["gap"], now - s["last"])
+            s["last"] = now
+
+    t = threading.Thread(target=tick)
+    t.start()
+    try:
+        results = []
+        for _ in range(3):
+            time.sleep(0.01)
+            s["last"], s["gap"] = time.perf_counter(), 0.0
+            t0 = time.perf_counter()
+            ffn(x, dense=True)  # 256 rows x 3 M weights
+            took = time.perf_counter() - t0
+            time.sleep(0.01)  # the ticker's next step records a pause the call caused
+            results.append((took, s["gap"]))
+    finally:
+        s["stop"] = True
+        t.join()
+    assert all(took > 0.03 for took, _ in results), results  # long enough to tell
+    assert min(gap / took for took, gap in results) < 0.5, results
+    # Short calls keep the GIL and give the same values as the long path.
+    np.testing.assert_allclose(ffn(x[0], dense=True), ffn(x, dense=True)[0], atol=2e-4, rtol=1e-4)
