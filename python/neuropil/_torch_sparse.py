@@ -146,7 +146,7 @@ class SparseMLP(nn.Module):
             # on a small model's FFN, so this path stays as short as it can
             # (numpy views in and out, thresholds set only when they change;
             # it cost 25 us a call through torch reshapes and re-validation).
-            ffn = self._ffn if self._ffn is not None else self.rust_ffn()
+            ffn = self.rust_ffn()
             if self.method == "teal":
                 if ffn.t_in != self.t_in or ffn.t_hidden != self.threshold:
                     ffn.set_thresholds(self.t_in, self.threshold)

@@ -17,8 +17,9 @@ use super::Level;
 pub fn above(level: Level, values: &[f32], t: f32, out: &mut Vec<u32>) -> usize {
     debug_assert!(values.len() <= u32::MAX as usize, "positions must fit u32");
     let start = out.len();
-    // One slot per value, and 16 more for the AVX-512 path's full stores.
-    out.reserve(values.len() + 16);
+    // One slot per value: enough for the AVX-512 path's full 16-lane stores
+    // too (see `above_avx512`).
+    out.reserve(values.len());
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && level.is_supported() {
         // SAFETY: AVX-512 F (checked against the CPU); `out` has room for
@@ -47,8 +48,8 @@ fn above_portable(values: &[f32], t: f32, out: &mut Vec<u32>) {
 }
 
 /// # Safety
-/// The CPU must have AVX-512 F, and `out` spare capacity for
-/// `values.len() + 16` more elements.
+/// The CPU must have AVX-512 F, and `out` spare capacity for `values.len()`
+/// more elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn above_avx512(values: &[f32], t: f32, out: &mut Vec<u32>) {
@@ -66,8 +67,10 @@ unsafe fn above_avx512(values: &[f32], t: f32, out: &mut Vec<u32>) {
         let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, tv);
         // Compress in a register and store all 16 lanes: a compress straight
         // to memory is microcoded on AMD (Zen 4: ~5x slower).
-        // SAFETY: `len` <= the chunk's start, and the caller reserved one slot
-        // per value plus 16 past the initial length, so 16 lanes fit.
+        // SAFETY: at most one position per value so far, so `len` is at most
+        // the initial length plus this chunk's offset in `values`; the chunk
+        // holds 16 values, so the 16 lanes end within the slot per value the
+        // caller reserved.
         unsafe {
             _mm512_storeu_si512(
                 out.as_mut_ptr().add(len) as *mut _,
