@@ -15,10 +15,9 @@
 //!   float32 activations;
 //! - scalar: portable loops, float32 activations.
 //!
-//! Rows run in parallel (rayon, the neuropil pool). [`matvec_rows`] computes a
+//! Rows run in parallel, in pieces, on the caller and the short-call team's
+//! helpers ([`crate::threads::team`]). [`matvec_rows`] computes a
 //! subset of rows, for callers that know which outputs they need (sparse FFNs).
-
-use rayon::prelude::*;
 
 use super::format::QuantRef;
 use super::pack::unpack_group_u8;
@@ -476,13 +475,6 @@ fn check_x(q: &QuantRef<'_>, x: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Rows per parallel task: ~256 KiB of codes, so each task streams long enough
-/// for the hardware prefetcher to ramp up, yet a 4096-row layer still splits
-/// into 16 tasks.
-fn chunk_rows(q: &QuantRef<'_>) -> usize {
-    (262144 / q.params.row_bytes(q.cols).max(1)).clamp(1, 256)
-}
-
 /// `out[i] = row(rows[i]) . x` (all rows when `rows` is `None`) at an explicit level.
 pub fn matvec_at(
     level: Level,
@@ -507,8 +499,7 @@ pub fn matvec_at(
         }
     }
     let ng = q.groups();
-    let chunk = chunk_rows(q);
-    let inline = n * q.params.row_bytes(q.cols) < INLINE_BYTES;
+    let pieces = pieces(n * q.params.row_bytes(q.cols))?;
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && super::vnni::applies(q) {
         let a = super::act16::Int16Activations::new(q, x);
@@ -521,7 +512,7 @@ pub fn matvec_at(
                 *y = unsafe { super::vnni::row_vnni(q, r, &a) };
             }
         };
-        return for_each_chunk(out, chunk, inline, task);
+        return for_each_piece(out, pieces, task);
     }
     let a = Activations::new(q, x);
     let n_out = out.len();
@@ -540,34 +531,46 @@ pub fn matvec_at(
             *y = row_at(level, q, r, &a, &mut s, &mut m);
         }
     };
-    for_each_chunk(out, chunk, inline, task)
+    for_each_piece(out, pieces, task)
 }
 
-/// Below this many bytes of codes a mat-vec runs in the short-call team
-/// ([`crate::threads::team`]) rather than through the pool. Handing a job to
-/// the pool costs two context switches, and between calls that other Python
-/// code separates (a model's forward) the workers fall asleep and must be
-/// woken: a 1536 x 576 4-bit layer called from `QuantizedLinear.forward` took
-/// 70-74 us on 2 threads and 44-49 us inline (Zen 4). 1 MiB is ~50 us of one
-/// core's work; SmolLM2's layers all fall under it.
-const INLINE_BYTES: usize = 1 << 20;
+/// Below this many bytes of codes a call is short (~50 us of one core's work;
+/// SmolLM2's layers all fall under it), and is cut into [`SHORT_PIECES`]
+/// pieces, so the caller and a helper that arrives late still balance.
+const SHORT_BYTES: usize = 1 << 20;
+const SHORT_PIECES: usize = 8;
 
-/// Runs `task((first row, rows))` on pieces of `out`: a small call in the team
-/// in pieces of about an eighth of `out` (so the caller and a late helper
-/// balance), else in `chunk`-row pieces in parallel in the neuropil pool.
-fn for_each_chunk<F>(out: &mut [f32], chunk: usize, inline: bool, task: F) -> Result<()>
+/// A long call's pieces hold about this many bytes of codes each, between one
+/// and three per thread. Each piece is a fresh stream, whose first lines wait
+/// on memory before the prefetchers catch up, so fewer, longer pieces stream
+/// faster; a few per thread still balance a thread that falls behind. Measured
+/// on Zen 5 (2 threads), the 16 x 4096x4096 4-bit stack in alternation: 4-8
+/// pieces per layer 37-46 GB/s, 12-32 pieces 29-37 GB/s.
+const PIECE_BYTES: usize = 1 << 20;
+
+/// How many pieces a call reading `bytes` of codes is cut into.
+fn pieces(bytes: usize) -> Result<usize> {
+    if bytes < SHORT_BYTES {
+        return Ok(SHORT_PIECES);
+    }
+    let threads = crate::threads::num_threads()?;
+    Ok((bytes / PIECE_BYTES).clamp(threads, 3 * threads))
+}
+
+/// Runs `task((first row, rows))` on `pieces` pieces of `out` (16-row
+/// multiples) in the team ([`crate::threads::team`]), long calls too: handing
+/// a call to the rayon pool wakes a sleeping worker and joins it, 5-16 us a
+/// call, which a stack of layers pays once per layer, where the team's helpers
+/// are still awake from the layer before. Measured on Zen 5 (2 threads), the
+/// 16 x 4096x4096 4-bit stack called layer by layer: 32-43 GB/s through the
+/// pool, 37-47 in the team (per-round medians in alternation: +5%, the team
+/// ahead in 11 of 16 rounds); one 65536x4096 matrix 43-48 (the read bandwidth).
+fn for_each_piece<F>(out: &mut [f32], pieces: usize, task: F) -> Result<()>
 where
     F: Fn((usize, &mut [f32])) + Sync + Send,
 {
-    if inline {
-        let small = out.len().div_ceil(8).next_multiple_of(16);
-        return crate::threads::team::for_each_chunk(out, small, |c, o| task((c * small, o)));
-    }
-    crate::threads::install(|| {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, o)| task((c * chunk, o)))
-    })
+    let piece = out.len().div_ceil(pieces).next_multiple_of(16);
+    crate::threads::team::for_each_chunk(out, piece, |c, o| task((c * piece, o)))
 }
 
 /// `W x` for one vector `x` of length `cols`; returns `rows` outputs.
@@ -650,6 +653,32 @@ pub(crate) mod tests {
                 prop_assert_eq!(ys[0].to_bits(), y[rows - 1].to_bits());
                 prop_assert_eq!(ys[1].to_bits(), y[0].to_bits());
             }
+        }
+    }
+
+    #[test]
+    fn a_long_call_in_pieces_matches_row_by_row() {
+        // 2.6 MiB of 4-bit codes: a long call, cut into several pieces whose
+        // sizes do not divide the 4099 rows (the last piece is short).
+        let (rows, cols) = (4099, 1280);
+        let p = Params::new(4, 64, Scheme::Asym, ScaleType::F16).unwrap();
+        let q = quantize(&data(7, rows * cols), rows, cols, p, false).unwrap();
+        let bytes = rows * p.row_bytes(cols);
+        assert!(bytes >= SHORT_BYTES);
+        let x = data(8, cols);
+        for level in Level::supported() {
+            let mut y = vec![f32::NAN; rows];
+            matvec_at(level, &q.view(), &x, None, &mut y).unwrap();
+            // Each row alone (a short call of one row) gives the same bits.
+            for r in [0, 1, 15, 16, 1023, 2048, 4095, 4096, 4098] {
+                let mut one = [0f32];
+                matvec_at(level, &q.view(), &x, Some(&[r as u32]), &mut one).unwrap();
+                assert_eq!(y[r].to_bits(), one[0].to_bits(), "{level} row {r}");
+            }
+            assert!(
+                y.iter().all(|v| v.is_finite()),
+                "{level}: a row was not written"
+            );
         }
     }
 
