@@ -10,6 +10,7 @@
 //! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
 //! - `pages`: huge-page advice for large fresh outputs;
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
+//! - `row_dot`: its float32-activation row dots, one per level;
 //! - [`matmul`](mod@matmul): fused mat-mul for batches;
 //! - [`gemm_vnni`]: the 4-bit mat-mul with int16 activations (AVX-512 VNNI);
 //! - `act16`: activations as int16 per group, laid out for the VNNI kernels;
@@ -31,6 +32,7 @@ pub mod matvec;
 pub mod pack;
 pub(crate) mod pages;
 pub mod quantize;
+mod row_dot;
 mod search;
 pub(crate) mod vnni;
 

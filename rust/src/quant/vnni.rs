@@ -27,6 +27,8 @@
 
 use super::act16::{field_bits, Int16Activations};
 use super::format::QuantRef;
+#[cfg(target_arch = "x86_64")]
+use super::row_dot::lanes16;
 
 /// Whether [`row_vnni`] serves these weights here: any code width, on a CPU
 /// with AVX-512 VNNI.
@@ -43,34 +45,6 @@ pub(crate) fn available() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// 16 scale (or min) lanes of groups `start..start + n` (zeros past `n`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn lanes16(
-    s: super::format::ScaleSlice<'_>,
-    start: usize,
-    n: usize,
-) -> std::arch::x86_64::__m512 {
-    use super::format::ScaleSlice;
-    use std::arch::x86_64::*;
-    let mask: __mmask16 = if n >= 16 {
-        0xffff
-    } else {
-        ((1u32 << n) - 1) as __mmask16
-    };
-    match s {
-        // SAFETY: the mask enables only lanes start..start+n, inside the slice (caller's contract).
-        ScaleSlice::F16(v) => unsafe {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                mask,
-                v.as_ptr().add(start) as *const i16,
-            ))
-        },
-        // SAFETY: as above.
-        ScaleSlice::F32(v) => unsafe { _mm512_maskz_loadu_ps(mask, v.as_ptr().add(start)) },
-    }
 }
 
 /// Bytes ahead of the current chunk that the mat-vec prefetches. Measured on the
