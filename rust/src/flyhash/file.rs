@@ -343,6 +343,12 @@ pub fn load_index(path: &Path) -> Result<BinaryIndex> {
         .chunks_exact(8)
         .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
         .collect();
+    if next_id < 0 {
+        return Err(fmt_err(
+            path,
+            format!("metadata field \"next_id\" must be >= 0; got {next_id}"),
+        ));
+    }
     if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= next_id) {
         return Err(fmt_err(
             path,

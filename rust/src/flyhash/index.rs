@@ -125,11 +125,27 @@ impl BinaryIndex {
                 (self.codes.len() + codes.len()) as u128,
             ));
         }
+        // The next automatic id follows the largest id, so an id must leave room
+        // for it; everything is checked before anything changes.
         if let Some(ids) = ids {
             crate::validate::same_len("ids", ids.len(), n, "the number of codes")?;
-            if let Some(&bad) = ids.iter().find(|&&i| i < 0) {
-                return Err(Error::value("ids", "non-negative integers", bad));
+            if let Some(&bad) = ids.iter().find(|&&i| !(0..i64::MAX).contains(&i)) {
+                return Err(Error::value(
+                    "ids",
+                    format!("integers in [0, {})", i64::MAX),
+                    bad,
+                ));
             }
+        } else if self.next_id.checked_add(n as i64).is_none() {
+            return Err(Error::value(
+                "ids",
+                format!(
+                    "given explicitly: {n} automatic ids from {} would pass {}",
+                    self.next_id,
+                    i64::MAX
+                ),
+                "None",
+            ));
         }
         self.codes.extend_from_slice(codes);
         self.ones
@@ -407,6 +423,26 @@ mod tests {
         assert_eq!((hits.distances[0], hits.ids[0]), (0, 6));
         ix.add(&data[..2], 1, None).unwrap();
         assert_eq!(ix.parts().1.last(), Some(&10));
+    }
+
+    #[test]
+    fn ids_that_would_overflow_the_next_id_are_refused_unchanged() {
+        let mut ix = BinaryIndex::new(8).unwrap();
+        let err = ix.add(&[1], 1, Some(&[i64::MAX])).unwrap_err().to_string();
+        assert!(
+            err.contains("ids must be integers in [0, 9223372036854775807)"),
+            "{err}"
+        );
+        ix.add(&[1], 1, Some(&[i64::MAX - 1])).unwrap();
+        // next_id is now i64::MAX: one more automatic id does not fit.
+        let err = ix.add(&[2, 3], 2, None).unwrap_err().to_string();
+        assert!(
+            err.contains("automatic ids from 9223372036854775807"),
+            "{err}"
+        );
+        assert_eq!((ix.len(), ix.parts().1.len()), (1, 1));
+        let hits = ix.search_hamming(Level::Scalar, &[1], 1, 3).unwrap();
+        assert_eq!(hits.ids, [i64::MAX - 1, -1, -1]);
     }
 
     #[test]
