@@ -404,3 +404,87 @@ def test_read_only_and_unaligned_inputs_are_handled():
     _addr, copied = _native._input_info(unaligned)
     assert copied == (unaligned.__array_interface__["data"][0] % 4 != 0)
     assert _native.dot(unaligned, unaligned) == 64.0
+
+
+def test_native_objects_shared_by_threads_serialise_their_calls():
+    """A write (add, record, set_hot) that releases the GIL while other threads
+    read the same object: every call succeeds and nothing is lost (the
+    classes used to fail such calls with "Already borrowed")."""
+    from neuropil.flyhash import BinaryIndex
+    from neuropil.neurons import NeuronCache, SparseFFN
+    from neuropil.range import RangeIndex
+
+    rng = np.random.default_rng(0)
+    errors: list[str] = []
+
+    def together(*fns):
+        def guarded(f):
+            try:
+                f()
+            except Exception as e:  # reported below, with the call that failed
+                errors.append(f"{f.__name__}: {e!r}")
+
+        ts = [threading.Thread(target=guarded, args=(f,)) for f in fns]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    codes = rng.integers(0, 256, (20000, 128), dtype=np.uint8)
+    ix = BinaryIndex(1024)
+    ix.add(codes)
+
+    def add_codes():
+        for _ in range(10):
+            ix.add(codes[:2000])
+
+    def search_codes():
+        for _ in range(10):
+            ix.search(codes[:50], 5)
+
+    together(add_codes, search_codes, search_codes)
+    assert len(ix) == 40000
+
+    cache = NeuronCache(100_000, capacity=1000)
+    mask = rng.random((64, 100_000)) < 0.1
+
+    def record():
+        for _ in range(10):
+            cache.record(mask)
+
+    def stats():
+        for _ in range(100):
+            cache.stats()
+
+    together(record, record, stats)
+    assert cache.stats()["events"] == 20 * int(mask.sum())
+
+    keys = rng.standard_normal((20000, 64), dtype=np.float32)
+    rix = RangeIndex(keys)
+
+    def add_keys():
+        for _ in range(10):
+            rix.add(keys[:500])
+
+    def range_search():
+        for _ in range(10):
+            rix.search(keys[:20], 5.0)
+
+    together(add_keys, range_search)
+    assert len(rix) == 25000
+
+    h, d = 1024, 256
+    ffn = SparseFFN(*(rng.standard_normal(s, dtype=np.float32) for s in ((h, d), (h, d), (d, h))))
+    x = rng.standard_normal((8, d), dtype=np.float32)
+    want = ffn(x)
+
+    def forward():
+        for _ in range(20):
+            np.testing.assert_allclose(ffn(x), want, rtol=1e-5, atol=1e-4)
+
+    def set_hot():
+        for i in range(20):
+            ffn.set_hot(np.arange(i * 10, i * 10 + 100))
+
+    together(forward, set_hot)
+    assert not errors, errors

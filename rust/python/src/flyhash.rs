@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use crate::buffers::{int_input, Expect, IntInput};
 use crate::errors::OrRaise;
+use crate::shared::Shared;
 use neuropil::flyhash::{file, BinaryIndex, Config, FlyHash, Kind, Output, Weights};
 use neuropil::simd::{self, Level};
 use neuropil::Error;
@@ -293,23 +294,24 @@ type RangeResult<'py> = (
 );
 
 /// Exact Hamming / Jaccard search over packed binary codes.
-#[pyclass(name = "BinaryIndex", module = "neuropil._native")]
+#[pyclass(name = "BinaryIndex", module = "neuropil._native", frozen)]
 struct PyBinaryIndex {
-    inner: BinaryIndex,
+    inner: Shared<BinaryIndex>,
+    nbits: usize,
 }
 
 fn codes_2d<'py>(
-    ix: &BinaryIndex,
+    nbits: usize,
     obj: &Bound<'py, PyAny>,
     arg: &'static str,
 ) -> PyResult<(IntInput<'py, u8>, usize)> {
     let codes = u8_codes(obj, arg)?;
     let shape = codes.shape();
-    let nb = ix.code_bytes();
+    let nb = nbits.div_ceil(8);
     if shape.len() != 2 || shape[1] != nb {
         return Err(Error::shape(
             arg,
-            format!("(n, {nb}) for {} bits", ix.nbits()),
+            format!("(n, {nb}) for {nbits} bits"),
             shape,
         ))
         .or_raise();
@@ -325,33 +327,31 @@ impl PyBinaryIndex {
         let nbits = usize::try_from(nbits)
             .map_err(|_| Error::value("nbits", "a positive integer", nbits))
             .or_raise()?;
-        Ok(PyBinaryIndex {
-            inner: BinaryIndex::new(nbits).or_raise()?,
-        })
+        Ok(PyBinaryIndex::from(BinaryIndex::new(nbits).or_raise()?))
     }
 
     #[getter]
     fn nbits(&self) -> usize {
-        self.inner.nbits()
+        self.nbits
     }
 
     #[getter]
     fn code_bytes(&self) -> usize {
-        self.inner.code_bytes()
+        self.nbits.div_ceil(8)
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.inner.peek().len()
     }
 
     #[pyo3(signature = (codes, ids=None))]
     fn add(
-        &mut self,
+        &self,
         py: Python<'_>,
         codes: &Bound<'_, PyAny>,
         ids: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let (codes, n) = codes_2d(&self.inner, codes, "codes")?;
+        let (codes, n) = codes_2d(self.nbits, codes, "codes")?;
         let ids = match ids {
             None => None,
             Some(obj) => Some(int_input::<i64>(
@@ -368,17 +368,15 @@ impl PyBinaryIndex {
         }
         let cs = codes.as_slice();
         let is = ids.as_ref().map(|i| i.as_slice());
-        let inner = &mut self.inner;
-        py.detach(|| inner.add(cs, n, is)).or_raise()
+        self.inner.write(py, |ix| ix.add(cs, n, is)).or_raise()
     }
 
-    fn remove(&mut self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn remove(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
         let ids = int_input::<i64>(ids, "ids", "an integer array", |kind, _| {
             kind == b'i' || kind == b'u'
         })?;
         let is = ids.as_slice();
-        let inner = &mut self.inner;
-        Ok(py.detach(|| inner.remove(is)))
+        Ok(self.inner.write(py, |ix| ix.remove(is)))
     }
 
     #[pyo3(signature = (queries, k, metric="hamming", level=None))]
@@ -394,23 +392,24 @@ impl PyBinaryIndex {
         let k = usize::try_from(k)
             .map_err(|_| Error::value("k", "a positive integer", k))
             .or_raise()?;
-        let (q, nq) = codes_2d(&self.inner, queries, "queries")?;
+        let (q, nq) = codes_2d(self.nbits, queries, "queries")?;
         let qs = q.as_slice();
-        let ix = &self.inner;
         let ids_of = |ids: Vec<i64>| -> PyResult<Bound<'py, PyAny>> {
             Ok(PyArray1::from_vec(py, ids).reshape([nq, k])?.into_any())
         };
         match metric {
             "hamming" => {
-                let hits = py
-                    .detach(|| ix.search_hamming(level, qs, nq, k))
+                let hits = self
+                    .inner
+                    .read(py, |ix| ix.search_hamming(level, qs, nq, k))
                     .or_raise()?;
                 let d = PyArray1::from_vec(py, hits.distances).reshape([nq, k])?;
                 Ok((d.into_any(), ids_of(hits.ids)?))
             }
             "jaccard" => {
-                let hits = py
-                    .detach(|| ix.search_jaccard(level, qs, nq, k))
+                let hits = self
+                    .inner
+                    .read(py, |ix| ix.search_jaccard(level, qs, nq, k))
                     .or_raise()?;
                 let d = PyArray1::from_vec(py, hits.distances).reshape([nq, k])?;
                 Ok((d.into_any(), ids_of(hits.ids)?))
@@ -436,11 +435,11 @@ impl PyBinaryIndex {
         let max_distance = u32::try_from(max_distance)
             .map_err(|_| Error::value("max_distance", "a non-negative integer", max_distance))
             .or_raise()?;
-        let (q, nq) = codes_2d(&self.inner, queries, "queries")?;
+        let (q, nq) = codes_2d(self.nbits, queries, "queries")?;
         let qs = q.as_slice();
-        let ix = &self.inner;
-        let r = py
-            .detach(|| ix.range_search(level, qs, nq, max_distance))
+        let r = self
+            .inner
+            .read(py, |ix| ix.range_search(level, qs, nq, max_distance))
             .or_raise()?;
         Ok((
             PyArray1::from_vec(py, r.lims),
@@ -454,22 +453,33 @@ impl PyBinaryIndex {
         &self,
         py: Python<'py>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArray1<i64>>)> {
-        let (codes, ids, _) = self.inner.parts();
+        let ix = self.inner.peek();
+        let (codes, ids, _) = ix.parts();
         let c = PyArray1::from_slice(py, codes)
-            .reshape([ids.len(), self.inner.code_bytes()])?
+            .reshape([ids.len(), self.nbits.div_ceil(8)])?
             .into_any();
         Ok((c, PyArray1::from_slice(py, ids)))
     }
 
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| file::save_index(&self.inner, &path))
+        self.inner
+            .read(py, |ix| file::save_index(ix, &path))
             .or_raise()
     }
 
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py.detach(|| file::load_index(&path)).or_raise()?;
-        Ok(PyBinaryIndex { inner })
+        Ok(PyBinaryIndex::from(inner))
+    }
+}
+
+impl From<BinaryIndex> for PyBinaryIndex {
+    fn from(ix: BinaryIndex) -> Self {
+        PyBinaryIndex {
+            nbits: ix.nbits(),
+            inner: Shared::new(ix),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod input_sparse;
 mod neurons;
 mod quant;
 mod range;
+mod shared;
 mod system;
 mod windows;
 

@@ -9,6 +9,7 @@ use pyo3::types::PyDict;
 
 use crate::buffers::Expect;
 use crate::errors::OrRaise;
+use crate::shared::Shared;
 use neuropil::neurons::{
     Activation, Bundled, CacheConfig, CacheState, NeuronCache, NeuronWeights, Policy, Select,
     SparseFfn, Q4, Q8,
@@ -42,9 +43,9 @@ fn policy(name: &str, decay: Option<f32>, window: Option<u64>) -> PyResult<Polic
 }
 
 /// The core neuron cache (see `neuropil.neurons.NeuronCache`).
-#[pyclass(name = "_NeuronCache", module = "neuropil._native")]
+#[pyclass(name = "_NeuronCache", module = "neuropil._native", frozen)]
 pub struct PyNeuronCache {
-    inner: NeuronCache,
+    inner: Shared<NeuronCache>,
 }
 
 #[pymethods]
@@ -70,47 +71,47 @@ impl PyNeuronCache {
             reclassify_every,
         };
         Ok(PyNeuronCache {
-            inner: NeuronCache::new(num_neurons, cfg).or_raise()?,
+            inner: Shared::new(NeuronCache::new(num_neurons, cfg).or_raise()?),
         })
     }
 
     #[getter]
     fn num_neurons(&self) -> usize {
-        self.inner.num_neurons()
+        self.inner.peek().num_neurons()
     }
 
-    fn record_indices(&mut self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<()> {
+    fn record_indices(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<()> {
         let ids = ids.as_slice()?;
-        let inner = &mut self.inner;
-        py.detach(|| inner.record_indices(ids)).or_raise()
+        self.inner.write(py, |c| c.record_indices(ids)).or_raise()
     }
 
-    fn record_batch(&mut self, py: Python<'_>, mask: PyReadonlyArray2<'_, u8>) -> PyResult<()> {
+    fn record_batch(&self, py: Python<'_>, mask: PyReadonlyArray2<'_, u8>) -> PyResult<()> {
         let rows = mask.shape()[0];
         let m = mask.as_slice()?;
-        let inner = &mut self.inner;
-        py.detach(|| inner.record_batch(m, rows)).or_raise()
+        self.inner.write(py, |c| c.record_batch(m, rows)).or_raise()
     }
 
-    fn reclassify(&mut self, py: Python<'_>) {
-        let inner = &mut self.inner;
-        py.detach(|| inner.reclassify());
+    fn reclassify(&self, py: Python<'_>) {
+        self.inner.write(py, |c| c.reclassify());
     }
 
-    fn set_hot(&mut self, ids: PyReadonlyArray1<'_, i64>) -> PyResult<()> {
-        self.inner.set_hot(ids.as_slice()?).or_raise()
+    fn set_hot(&self, ids: PyReadonlyArray1<'_, i64>) -> PyResult<()> {
+        self.inner.poke().set_hot(ids.as_slice()?).or_raise()
     }
 
     fn hot_neurons<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        self.inner.hot_neurons().to_vec().into_pyarray(py)
+        let hot = self.inner.peek().hot_neurons().to_vec();
+        hot.into_pyarray(py)
     }
 
     fn cold_neurons<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        self.inner.cold_neurons().into_pyarray(py)
+        let cold = self.inner.peek().cold_neurons();
+        cold.into_pyarray(py)
     }
 
     fn counts<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
         self.inner
+            .peek()
             .counts()
             .iter()
             .map(|&c| u64::from(c))
@@ -119,11 +120,11 @@ impl PyNeuronCache {
     }
 
     fn activation_frequency(&self, neuron: i64) -> PyResult<f64> {
-        self.inner.activation_frequency(neuron).or_raise()
+        self.inner.peek().activation_frequency(neuron).or_raise()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        let s = self.inner.peek().stats();
         let d = PyDict::new(py);
         d.set_item("num_hot", s.num_hot)?;
         d.set_item("num_cold", s.num_cold)?;
@@ -138,12 +139,12 @@ impl PyNeuronCache {
         Ok(d)
     }
 
-    fn reset_stats(&mut self) {
-        self.inner.reset_stats();
+    fn reset_stats(&self) {
+        self.inner.poke().reset_stats();
     }
 
-    fn clear(&mut self) {
-        self.inner.clear();
+    fn clear(&self) {
+        self.inner.poke().clear();
     }
 
     /// Arrays and counters of the full state: (counts u64, scores f32, last u64,
@@ -160,7 +161,7 @@ impl PyNeuronCache {
         Vec<u64>,
         bool,
     ) {
-        let st = self.inner.state();
+        let st = self.inner.peek().state();
         (
             st.counts.into_pyarray(py),
             st.scores.into_pyarray(py),
@@ -174,7 +175,7 @@ impl PyNeuronCache {
     /// Restores the state written by `state()`; raises FormatError if inconsistent.
     #[allow(clippy::too_many_arguments)]
     fn load_state(
-        &mut self,
+        &self,
         counts: PyReadonlyArray1<'_, u64>,
         scores: PyReadonlyArray1<'_, f32>,
         last: PyReadonlyArray1<'_, u64>,
@@ -199,8 +200,8 @@ impl PyNeuronCache {
             counters,
             classified,
         };
-        self.inner = NeuronCache::from_state(self.inner.num_neurons(), *self.inner.config(), st)
-            .or_raise()?;
+        let mut cache = self.inner.poke();
+        *cache = NeuronCache::from_state(cache.num_neurons(), *cache.config(), st).or_raise()?;
         Ok(())
     }
 }
@@ -225,9 +226,9 @@ macro_rules! with_ffn {
 }
 
 /// The core sparse FFN (see `neuropil.neurons.SparseFFN`).
-#[pyclass(name = "_SparseFfn", module = "neuropil._native")]
+#[pyclass(name = "_SparseFfn", module = "neuropil._native", frozen)]
 pub struct PySparseFfn {
-    inner: Ffn,
+    inner: Shared<Ffn>,
 }
 
 const GATE: Expect = Expect::new("gate", &[2], "(h, d)");
@@ -325,32 +326,34 @@ impl PySparseFfn {
                 })
             })
             .or_raise()?;
-        Ok(PySparseFfn { inner })
+        Ok(PySparseFfn {
+            inner: Shared::new(inner),
+        })
     }
 
     #[getter]
     fn num_neurons(&self) -> usize {
-        with_ffn!(&self.inner, f => f.weights().num_neurons())
+        with_ffn!(&*self.inner.peek(), f => f.weights().num_neurons())
     }
 
     #[getter]
     fn dim(&self) -> usize {
-        with_ffn!(&self.inner, f => f.weights().dim())
+        with_ffn!(&*self.inner.peek(), f => f.weights().dim())
     }
 
     #[getter]
     fn gated(&self) -> bool {
-        with_ffn!(&self.inner, f => f.weights().gated())
+        with_ffn!(&*self.inner.peek(), f => f.weights().gated())
     }
 
     #[getter]
     fn bytes_per_neuron(&self) -> usize {
-        with_ffn!(&self.inner, f => f.weights().bytes_per_neuron())
+        with_ffn!(&*self.inner.peek(), f => f.weights().bytes_per_neuron())
     }
 
     #[getter]
     fn dtype(&self) -> &'static str {
-        match self.inner {
+        match *self.inner.peek() {
             Ffn::F32(_) => "float32",
             Ffn::F16(_) => "float16",
             Ffn::Q8(_) => "int8",
@@ -383,8 +386,9 @@ impl PySparseFfn {
         };
         let xs = x.as_slice();
         let d = self.dim();
-        let y = py
-            .detach(|| with_ffn!(&self.inner, f => f.forward(xs, rows, select)))
+        let y = self
+            .inner
+            .read(py, |ffn| with_ffn!(ffn, f => f.forward(xs, rows, select)))
             .or_raise()?;
         Ok(numpy::ndarray::Array2::from_shape_vec((rows, d), y)
             .map_err(|e| Error::value("x", "a valid shape", e))
@@ -402,8 +406,9 @@ impl PySparseFfn {
         let rows = x.shape()[0];
         let xs = x.as_slice();
         let h = self.num_neurons();
-        let a = py
-            .detach(|| with_ffn!(&self.inner, f => f.activations(xs, rows)))
+        let a = self
+            .inner
+            .read(py, |ffn| with_ffn!(ffn, f => f.activations(xs, rows)))
             .or_raise()?;
         Ok(numpy::ndarray::Array2::from_shape_vec((rows, h), a)
             .map_err(|e| Error::value("x", "a valid shape", e))
@@ -411,19 +416,20 @@ impl PySparseFfn {
             .into_pyarray(py))
     }
 
-    fn set_hot(&mut self, py: Python<'_>, ids: PyReadonlyArray1<'_, u32>) -> PyResult<()> {
+    fn set_hot(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, u32>) -> PyResult<()> {
         let ids = ids.as_slice()?;
-        let inner = &mut self.inner;
-        py.detach(|| with_ffn!(inner, f => f.set_hot(ids)))
+        self.inner
+            .write(py, |ffn| with_ffn!(ffn, f => f.set_hot(ids)))
             .or_raise()
     }
 
     fn hot_neurons<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        with_ffn!(&self.inner, f => f.hot_neurons().to_vec()).into_pyarray(py)
+        let hot = with_ffn!(&*self.inner.peek(), f => f.hot_neurons().to_vec());
+        hot.into_pyarray(py)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = with_ffn!(&self.inner, f => f.stats());
+        let s = with_ffn!(&*self.inner.peek(), f => f.stats());
         let d = PyDict::new(py);
         d.set_item("calls", s.calls)?;
         d.set_item("rows", s.rows)?;
@@ -435,7 +441,7 @@ impl PySparseFfn {
     }
 
     fn reset_stats(&self) {
-        with_ffn!(&self.inner, f => f.reset_stats());
+        with_ffn!(&*self.inner.peek(), f => f.reset_stats());
     }
 
     /// The stored weights back in torch layout, as float32: (gate or None, up, down).
@@ -449,7 +455,7 @@ impl PySparseFfn {
         Bound<'py, PyArray2<f32>>,
     )> {
         let (h, d) = (self.num_neurons(), self.dim());
-        let (g, u, dn) = with_ffn!(&self.inner, f => f.weights().to_matrices());
+        let (g, u, dn) = with_ffn!(&*self.inner.peek(), f => f.weights().to_matrices());
         let arr = |v: Vec<f32>, r: usize, c: usize| -> PyResult<Bound<'py, PyArray2<f32>>> {
             Ok(numpy::ndarray::Array2::from_shape_vec((r, c), v)
                 .map_err(|e| Error::value("weights", "a valid shape", e))

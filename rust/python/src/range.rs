@@ -6,6 +6,7 @@ use pyo3::types::PyDict;
 
 use crate::buffers::Expect;
 use crate::errors::OrRaise;
+use crate::shared::Shared;
 use neuropil::range::{Method, Params, RangeIndex};
 use neuropil::simd::{self, Level};
 use neuropil::Error;
@@ -19,9 +20,10 @@ fn level_of(level: Option<&str>) -> PyResult<Level> {
 }
 
 /// Exact halfspace range search index (see `neuropil.range.RangeIndex`).
-#[pyclass(name = "_RangeIndex", module = "neuropil._native")]
+#[pyclass(name = "_RangeIndex", module = "neuropil._native", frozen)]
 pub struct PyRangeIndex {
-    inner: RangeIndex,
+    inner: Shared<RangeIndex>,
+    d: usize,
 }
 
 type RangeOut<'py> = (
@@ -67,7 +69,10 @@ impl PyRangeIndex {
         let inner = py
             .detach(|| RangeIndex::new(slice, d, method, params))
             .or_raise()?;
-        Ok(PyRangeIndex { inner })
+        Ok(PyRangeIndex {
+            inner: Shared::new(inner),
+            d,
+        })
     }
 
     /// (lims, ids, scores, scanned, work) for queries (nq, d) and thresholds (nq,).
@@ -84,8 +89,9 @@ impl PyRangeIndex {
         let t = THRESHOLDS.read(thresholds)?;
         self.check_d(q.shape())?;
         let (qs, ts) = (q.as_slice(), t.as_slice());
-        let r = py
-            .detach(|| self.inner.search_at(level, qs, ts))
+        let r = self
+            .inner
+            .read(py, |ix| ix.search_at(level, qs, ts))
             .or_raise()?;
         let lims: Vec<i64> = r.lims.iter().map(|&x| x as i64).collect();
         Ok((
@@ -109,40 +115,43 @@ impl PyRangeIndex {
         let level = level_of(level)?;
         let q = QUERIES.read(queries)?;
         self.check_d(q.shape())?;
-        let n = self.inner.len();
+        let n = self.inner.peek().len();
         let k = usize::try_from(k)
             .map_err(|_| Error::value("k", format!("between 1 and the number of keys ({n})"), k))
             .or_raise()?;
         let nq = q.shape()[0];
         let qs = q.as_slice();
-        let r = py.detach(|| self.inner.topk_at(level, qs, k)).or_raise()?;
+        let r = self
+            .inner
+            .read(py, |ix| ix.topk_at(level, qs, k))
+            .or_raise()?;
         let ids = r.ids.into_pyarray(py).reshape([nq, k])?;
         let scores = r.scores.into_pyarray(py).reshape([nq, k])?;
         Ok((ids, scores, r.scanned.into_pyarray(py)))
     }
 
     /// Appends keys (m, d); ids continue from len.
-    fn add(&mut self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn add(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<()> {
         let k = KEYS.read(keys)?;
         self.check_d_named("keys", k.shape())?;
         let slice = k.as_slice();
-        let inner = &mut self.inner;
-        py.detach(|| inner.add(slice)).or_raise()
+        self.inner.write(py, |ix| ix.add(slice)).or_raise()
     }
 
-    fn rebuild(&mut self, py: Python<'_>) {
-        let inner = &mut self.inner;
-        py.detach(|| inner.rebuild());
+    fn rebuild(&self, py: Python<'_>) {
+        self.inner.write(py, |ix| ix.rebuild());
     }
 
     /// Every key (n, d), by id.
     fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (n, d) = (self.inner.len(), self.inner.d());
-        self.inner.keys().into_pyarray(py).reshape([n, d])
+        let keys = self.inner.peek().keys();
+        let n = keys.len() / self.d;
+        keys.into_pyarray(py).reshape([n, self.d])
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        let ix = self.inner.peek();
+        let s = ix.stats();
         let out = PyDict::new(py);
         out.set_item("n", s.n)?;
         out.set_item("d", s.d)?;
@@ -156,7 +165,7 @@ impl PyRangeIndex {
         out.set_item("stages", s.stages)?;
         out.set_item("explained_variance", s.explained)?;
         out.set_item("auto_work", s.auto_work)?;
-        let p = self.inner.params();
+        let p = ix.params();
         out.set_item("leaf", p.leaf)?;
         out.set_item("branching", p.branching)?;
         out.set_item("rebuild_fraction", p.rebuild_fraction)?;
@@ -167,16 +176,16 @@ impl PyRangeIndex {
 
     #[getter]
     fn d(&self) -> usize {
-        self.inner.d()
+        self.d
     }
 
     fn __len__(&self) -> usize {
-        self.inner.len()
+        self.inner.peek().len()
     }
 
     #[getter]
     fn method(&self) -> &'static str {
-        self.inner.method().name()
+        self.inner.peek().method().name()
     }
 }
 
@@ -186,7 +195,7 @@ impl PyRangeIndex {
     }
 
     fn check_d_named(&self, arg: &'static str, shape: &[usize]) -> PyResult<()> {
-        let d = self.inner.d();
+        let d = self.d;
         if shape[1] != d {
             let hint = if arg == "queries" {
                 format!("(nq, {d}) to match the keys")
