@@ -557,3 +557,62 @@ def test_sparse_mlp_token_calls_match_the_torch_path(method):
         mlp.rust_max_rows = 0
         np.testing.assert_allclose(y.numpy(), mlp(x[0, 0]).numpy(), atol=1e-6)
         assert mlp.rust_ffn().stats()["rows"] == 2 * (1 + 1 + 3 + 2)
+
+
+def _tiny_bert():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    return BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_sparsify_mlp_keeps_the_state_dict_keys_and_sees_new_weights(kind):
+    # The patched model saves and loads the original model's checkpoints, and
+    # a state load or an in-place update after a Rust call reaches the kernel.
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    model = tiny_llama() if kind == "llama" else _tiny_bert()
+    keys = list(model.state_dict())
+    other = (tiny_llama() if kind == "llama" else _tiny_bert()).state_dict()
+    for v in other.values():
+        if v.is_floating_point():
+            v.mul_(1.5)
+    ids = torch.randint(0, 100, (1, 12))
+    sparsify_mlp(model, 0.3, ids, method="cats")
+    assert list(model.state_dict()) == keys
+    mlp = model.model.layers[0].mlp if kind == "llama" else model.encoder.layer[0].intermediate
+    d = mlp.up.in_features
+    x = torch.randn(1, 1, d)
+
+    def check():
+        with torch.no_grad():
+            y_rust = mlp(x)
+            mlp.rust_max_rows = 0
+            y_torch = mlp(x)
+            mlp.rust_max_rows = 8
+        np.testing.assert_allclose(y_rust.numpy(), y_torch.numpy(), atol=1e-5, rtol=1e-4)
+        return y_rust
+
+    before = check()
+    model.load_state_dict(other)  # strict: the original keys, nothing else
+    after = check()
+    assert not np.allclose(before.numpy(), after.numpy())
+    with torch.no_grad():
+        mlp.down.weight.mul_(-1.0)  # in place, as an optimizer step writes
+    np.testing.assert_allclose(check().numpy(), -after.numpy() + 2 * _down_bias(mlp), atol=1e-5)
+    if kind == "bert":
+        out = model.encoder.layer[0].output
+        assert out.dense.weight is mlp.down.weight  # one tensor, kept under output.dense
+
+
+def _down_bias(mlp):
+    b = mlp.down.bias
+    return 0.0 if b is None else b.detach().numpy()

@@ -457,6 +457,68 @@ def test_cli_quantizes_a_safetensors_file(tmp_path):
     assert main(["quantize", str(src), str(out), "--bits", "7"]) == 2
 
 
+def _float_file(tmp_path):
+    from safetensors.numpy import save_file as st_save
+
+    src = tmp_path / "in.safetensors"
+    st_save({"layer.weight": _matrix(8, 128, 256)}, str(src))
+    return src
+
+
+def test_cli_quantize_refuses_to_overwrite_its_input(tmp_path, capsys, monkeypatch):
+    from neuropil.cli import main
+
+    src = _float_file(tmp_path)
+    before = src.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for out in [str(src), "./in.safetensors", str(tmp_path / "link.safetensors")]:
+        assert main(["quantize", str(src), out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neuropil: error: output must differ from the input"), err
+    assert src.read_bytes() == before
+
+
+def test_cli_quantize_checks_arguments_and_paths_before_reading(tmp_path, capsys, monkeypatch):
+    from neuropil import _quant_cli
+    from neuropil.cli import main
+
+    src = _float_file(tmp_path)
+
+    def no_read(path):
+        raise AssertionError("the input was read before the arguments were checked")
+
+    monkeypatch.setattr(_quant_cli, "read_any", no_read)
+    out = str(tmp_path / "out.safetensors")
+    cases = [
+        ([out, "--bits", "7"], "bits must be one of 2, 3, 4, 8; got 7"),
+        ([out, "--group-size", "48"], "group_size must be one of"),
+        ([out, "--min-size", "-1"], "min_size must be an integer >= 0; got -1"),
+        ([str(tmp_path / "missing" / "out.safetensors")], "output's folder must exist"),
+        ([str(tmp_path)], "output must be a file path; got the folder"),
+    ]
+    for rest, message in cases:
+        assert main(["quantize", str(src), *rest]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("neuropil: error: ") and message in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_quantize_refuses_an_already_quantized_file(tmp_path, capsys):
+    from neuropil.cli import main
+
+    src = _float_file(tmp_path)
+    once = tmp_path / "once.safetensors"
+    assert main(["quantize", str(src), str(once), "--json"]) == 0
+    capsys.readouterr()
+    twice = tmp_path / "twice.safetensors"
+    assert main(["quantize", str(once), str(twice)]) == 2
+    err = capsys.readouterr().err
+    assert "neuropil: error:" in err and "already quantized" in err, err
+    assert not twice.exists()
+
+
 def test_import_neuropil_quant_does_not_import_torch():
     r = run_python("import sys, neuropil.quant; print('torch' in sys.modules)")
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

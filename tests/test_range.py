@@ -225,6 +225,68 @@ def test_bad_input_errors():
         ix.add(np.ones((1, 9), np.float32))
 
 
+def test_out_of_range_integers_and_thresholds_name_the_argument():
+    keys = low_rank(100, 8, 2, 1)
+    ix = RangeIndex(keys)
+    for name, v in [("leaf", 2**64), ("branching", 2**70), ("rebuild_min", 2**64), ("seed", 2**64)]:
+        with pytest.raises(neuropil.ArgumentError, match=rf"{name} must be an integer .*got {v}"):
+            RangeIndex(keys, "kmeans", **{name: v})
+    assert RangeIndex(keys, seed=2**64 - 1).stats["seed"] == 2**64 - 1
+    for k in (2**64, 2**70, 0):
+        with pytest.raises(neuropil.ArgumentError, match=rf"k must be between 1 .*got {k}"):
+            ix.topk(keys[:2], k)
+    assert ix.topk(keys[:2], np.int64(3))[0].shape == (2, 3)
+    # A finite threshold beyond float32 is reported as given, not as inf.
+    with pytest.raises(neuropil.ArgumentError, match=r"thresholds must be finite float32.*1e\+300"):
+        ix.search(keys[:2], 1e300)
+    with pytest.raises(neuropil.ArgumentError, match=r"-1e\+300 at flat index 1"):
+        ix.search(keys[:2], np.array([0.0, -1e300]))
+
+
+def test_bf16_and_f16_torch_tensors_are_read_as_float32():
+    torch = pytest.importorskip("torch")
+    keys = low_rank(300, 16, 3, 5)
+    q = low_rank(4, 16, 3, 6)
+    for dtype in (torch.bfloat16, torch.float16):
+        k16 = torch.from_numpy(keys).to(dtype)
+        q16 = torch.from_numpy(q).to(dtype)
+        ref = RangeIndex(k16.float().numpy(), "flat")
+        ix = RangeIndex(k16)
+        ix.add(k16[:3])
+        ref.add(k16[:3].float().numpy())
+        lims, ids, _ = ix.search(q16, 2.0)
+        want = ref.search(q16.float().numpy(), 2.0)
+        assert isinstance(ids, torch.Tensor)
+        np.testing.assert_array_equal(lims.numpy(), want[0])
+        np.testing.assert_array_equal(ids.numpy(), want[1])
+        np.testing.assert_array_equal(
+            ix.topk(q16, 3)[0].numpy(), ref.topk(q16.float().numpy(), 3)[0]
+        )
+
+
+def test_scores_that_may_overflow_float32_are_rejected():
+    rng = np.random.default_rng(7)
+    big = (rng.standard_normal((500, 24)) * 1e20).astype(np.float32)
+    q = (rng.standard_normal((4, 24)) * 1e20).astype(np.float32)
+    for method in ("auto", "flat"):
+        ix = RangeIndex(big, method)
+        with pytest.raises(neuropil.ArgumentError, match=r"q \. k within float32.*max \|q\|"):
+            ix.search(q, 0.0)
+        with pytest.raises(neuropil.ArgumentError, match="within float32"):
+            ix.topk(q, 3)
+        # Large keys with small queries keep finite scores and stay exact.
+        small = q * 1e-20
+        ids, _ = ix.topk(small, 3)
+        s = small.astype(np.float64) @ big.astype(np.float64).T
+        np.testing.assert_array_equal(ids, np.argsort(-s, axis=1)[:, :3])
+    # A large key appended later is taken into account.
+    ix = RangeIndex(low_rank(100, 24, 2, 1))
+    ix.search(q, 0.0)
+    ix.add(big[:1])
+    with pytest.raises(neuropil.ArgumentError, match="within float32"):
+        ix.search(q, 0.0)
+
+
 def test_torch_cpu_inputs_give_tensors():
     torch = pytest.importorskip("torch")
     keys = low_rank(200, 16, 2, 3)
@@ -347,6 +409,104 @@ def test_sparse_decode_attention_torch_matches_dense(device):
     out, info = sparse_decode_attention(q, k, v, 32**-0.5, strategy="top_p", top_p=0.99)
     assert info["dropped_bound"] <= 0.01 + 1e-6
     assert (out - dense).abs().max() < 0.05
+
+
+def _tiny_llama_config(heads=2, kv_heads=1):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+
+
+def test_cpu_top_k_with_a_padding_mask_matches_the_torch_path():
+    """Masked (padding) keys holding the best scores do not use up the top_k budget."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import types
+
+    from neuropil import hf
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 200, 16
+    q = torch.randn(2, 2, 1, d, generator=g)
+    k = torch.randn(2, 1, n, d, generator=g)
+    v = torch.randn(2, 1, n, d, generator=g)
+    k[0, :, :50] = q[0, 0, 0] * 5  # left padding of row 0, with the highest scores
+    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :50] = False
+    for kw in [
+        {"top_k": 8, "sinks": 0, "window": 0},
+        {"top_k": 5, "sinks": 4, "window": 2},
+        {"top_k": 300, "sinks": 0, "window": 0},  # more than the allowed keys
+    ]:
+        cache = hf.SparseCache(_tiny_llama_config(), "top_k", **kw)
+        layer = cache.layers[0]
+        layer.update(k[:, :, :-1], v[:, :, :-1])
+        keys, values = layer.update(k[:, :, -1:], v[:, :, -1:])
+        module = types.SimpleNamespace(layer_idx=0)
+        out, _ = hf._attention(module, q, keys, values, mask, scaling=d**-0.5)
+        ref, info = hf.sparse_decode_attention(
+            q, keys, values, d**-0.5, strategy="top_k", attention_mask=mask, **kw
+        )
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        summary = cache.summary()
+        assert summary["fraction_read"] == pytest.approx(info["fraction_read"], rel=1e-5)
+        assert summary["dropped_bound"] == pytest.approx(info["dropped_bound"], rel=1e-4, abs=1e-7)
+
+
+def test_hf_arguments_are_checked_up_front():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from neuropil import hf
+
+    cfg = _tiny_llama_config()
+    bad_cache = [
+        ({"strategy": "top_k", "top_k": True}, "top_k must be a positive integer; got True"),
+        ({"strategy": "top_k", "top_k": 2.0}, "top_k must be a positive integer; got 2.0"),
+        ({"strategy": "top_k", "top_k": 0}, "top_k must be a positive integer; got 0"),
+        ({"sinks": 2.5}, "sinks must be an integer >= 0; got 2.5"),
+        ({"window": 4.0}, "window must be an integer >= 0; got 4.0"),
+        ({"window": -1}, "window must be an integer >= 0; got -1"),
+        ({"sinks": None}, "sinks must be an integer >= 0; got None"),
+        ({"method": "bogus"}, "method must be one of .*; got 'bogus'"),
+        ({"strategy": "bogus"}, "strategy must be one of .*; got 'bogus'"),
+        ({"top_p": "0.5"}, r"top_p must be a number in \(0, 1\); got '0.5'"),
+        ({"strategy": "threshold", "threshold": "1"}, "threshold must be a finite logit"),
+    ]
+    for kw, message in bad_cache:
+        with pytest.raises(neuropil.ArgumentError, match=message):
+            hf.SparseCache(cfg, **kw)
+    cache = hf.SparseCache(cfg, "top_k", top_k=np.int64(4), sinks=np.int32(2), window=np.int64(3))
+    assert (cache.top_k, cache.sinks, cache.window) == (4, 2, 3)
+    assert type(cache.top_k) is int
+    assert hf.SparseCache(cfg, "threshold", threshold=np.float32(1.5)).threshold == 1.5
+
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 20, 8), torch.randn(1, 1, 20, 8)
+    bad_call = [
+        ({"strategy": "bogus"}, neuropil.ArgumentError, "strategy must be one of"),
+        ({"strategy": "top_p", "top_p": 1.5}, neuropil.ArgumentError, "top_p must be a number"),
+        ({"strategy": "top_k", "top_k": 0}, neuropil.ArgumentError, "top_k must be a positive"),
+        ({"strategy": "top_k", "top_k": -3}, neuropil.ArgumentError, "top_k must be a positive"),
+        ({"strategy": "threshold"}, neuropil.ArgumentError, "threshold must be a finite logit"),
+        ({"sinks": -5}, neuropil.ArgumentError, "sinks must be an integer >= 0; got -5"),
+    ]
+    for kw, err, message in bad_call:
+        with pytest.raises(err, match=message):
+            hf.sparse_decode_attention(q, k, v, 0.3, **kw)
+    with pytest.raises(neuropil.ArgumentError, match="scaling must be a finite number"):
+        hf.sparse_decode_attention(q, k, v, float("nan"))
+    with pytest.raises(neuropil.ShapeError, match="multiple of the key's kv heads"):
+        hf.sparse_decode_attention(torch.randn(1, 3, 1, 8), torch.randn(1, 2, 20, 8), k, 0.3)
+    with pytest.raises(neuropil.ShapeError, match=r"query must have shape \(batch, heads, 1, d\)"):
+        hf.sparse_decode_attention(torch.randn(1, 2, 2, 8), k, v, 0.3)
+    with pytest.raises(neuropil.ShapeError, match="n >= 1"):
+        hf.sparse_decode_attention(q, k[:, :, :0], v[:, :, :0], 0.3)
 
 
 def test_bench_quick_runs(monkeypatch, tmp_path):

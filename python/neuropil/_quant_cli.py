@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,20 @@ from typing import Any
 import numpy as np
 
 from . import _safetensors
-from .errors import FormatError, NeuropilError
+from .errors import ArgumentError, FormatError, NeuropilError
+from .quant import FORMAT as QUANT_FORMAT
 from .quant import QuantizedWeights, _resolve, quantize, save_file
 
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 
 def _read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, int]]:
-    tensors, _, dtypes = _safetensors.read(path)
+    tensors, meta, dtypes = _safetensors.read(path)
+    if meta.get("format") == QUANT_FORMAT:
+        raise FormatError(
+            f"{path}: input is already quantized (format {QUANT_FORMAT!r}); "
+            "quantize the original float weights instead"
+        )
     out = {}
     for name, arr in tensors.items():
         nbytes = arr.nbytes
@@ -81,6 +88,27 @@ def _rel_error(w: np.ndarray, d: np.ndarray) -> float:
     return float(np.linalg.norm(w - d) / max(np.linalg.norm(w), 1e-30))
 
 
+def _check_paths(src: Path, dst: Path) -> None:
+    """The output must be a file in an existing folder, and not the input."""
+    if dst.is_dir():
+        raise ArgumentError(f"output must be a file path; got the folder {str(dst)!r}")
+    parent = dst.parent
+    if not parent.is_dir():
+        raise ArgumentError(
+            f"output's folder must exist; got {str(dst)!r} ({str(parent)!r} "
+            f"{'is not a folder' if parent.exists() else 'does not exist'})"
+        )
+    try:
+        same = dst.exists() and src.exists() and os.path.samefile(src, dst)
+    except OSError:
+        same = False
+    if same or src.resolve() == dst.resolve():
+        raise ArgumentError(
+            f"output must differ from the input (it would replace the original weights); "
+            f"got {str(dst)!r} for input {str(src)!r}"
+        )
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -92,10 +120,24 @@ def convert(
     search: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Quantizes the tensors of ``src`` into ``dst``; returns the report."""
+    """Quantizes the tensors of ``src`` into ``dst``; returns the report.
+
+    Raises:
+        ArgumentError: a bad ``bits``/``group_size``/``scheme`` or ``min_size``,
+            or a ``dst`` that is a folder, lies in a missing folder or is ``src``
+            itself (checked before anything is read).
+        FormatError: ``src`` is unreadable, not safetensors or GGUF, or already
+            a neuropil quantized file.
+        NeuropilError: ``dst`` cannot be written.
+    """
     from tqdm import tqdm
 
     bits, group_size, scheme = _resolve(bits, group_size, scheme)
+    # The core checks the format combination; a one-group matrix costs nothing.
+    quantize(np.zeros((1, 32), np.float32), bits, group_size, scheme)
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ArgumentError(f"min_size must be an integer >= 0; got {min_size!r}")
+    _check_paths(Path(src), Path(dst))
     entries = read_any(src)
     out: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -136,7 +178,10 @@ def convert(
                 "rel_error": _rel_error(arr, q.dequantize()),
             }
         )
-    save_file(dst, out)
+    try:
+        save_file(dst, out)
+    except OSError as e:
+        raise NeuropilError(f"output {str(dst)!r}: cannot write: {e}") from e
     return {
         "input": str(src),
         "output": str(dst),

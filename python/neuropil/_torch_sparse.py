@@ -52,8 +52,12 @@ class SparseMLP(nn.Module):
 
     Gated: ``down(act(gate x) * up x)``; ungated (``gate=None``):
     ``down(act(up x))``, biases included. The linear layers are the model's
-    own (shared, not copied); the Rust kernel's bundled copy is built on the
-    first CPU call that uses it.
+    own (shared, not copied), registered under the names they had (``names``),
+    so the state dict keeps the model's keys. The Rust kernel's copy of the
+    weights is built on the first CPU call that uses it, and built again when
+    a weight changes: a state load, a move or cast, or an in-place update of a
+    parameter (``p.add_``, ``p.copy_``, an optimizer step; a write through
+    ``p.data`` is not seen).
 
     Args:
         gate: ``nn.Linear`` (h <- d) or None.
@@ -65,6 +69,9 @@ class SparseMLP(nn.Module):
         rust_max_rows: Largest token count sent to the Rust kernel.
         method: ``"cats"`` or ``"teal"`` (see the module doc).
         t_in: ``"teal"`` only: keep inputs with ``|x|`` above it; None: all.
+        names: The child names of ``gate``, ``up`` and ``down`` (default
+            ``"gate"``, ``"up"``, ``"down"``); a None name leaves that layer
+            unregistered here (BERT: ``down`` stays in ``output.dense``).
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class SparseMLP(nn.Module):
         rust_max_rows: int = 8,
         method: str = "cats",
         t_in: float | None = None,
+        names: tuple[str | None, str | None, str | None] = ("gate", "up", "down"),
     ) -> None:
         super().__init__()
         if activation not in _ACTS:
@@ -86,13 +94,56 @@ class SparseMLP(nn.Module):
         self.method = method
         self.t_in = t_in
         self._calib_x: list[torch.Tensor] | None = None
-        self.gate, self.up, self.down = gate, up, down
+        # The layers live under their model names when registered; the
+        # unregistered ones (names[i] is None) are held outside the module tree.
+        self._names = names
+        self._held = [None if n else lin for n, lin in zip(names, (gate, up, down), strict=True)]
+        for n, lin in zip(names, (gate, up, down), strict=True):
+            if n and lin is not None:
+                # (not add_module: the default names are also this class's
+                # read-only properties, which add_module refuses)
+                self._modules[n] = lin
         self.activation = "silu" if activation == "swish" else activation
         self.threshold = threshold
         self.rust_max_rows = rust_max_rows
         self._ffn: Any = None
+        self._ffn_key: Any = None
         self._calib: list[torch.Tensor] | None = None
         self._calib_count = 0
+
+    def _layer(self, i: int) -> Any:
+        name = self._names[i]
+        return self._modules.get(name) if name else self._held[i]
+
+    @property
+    def gate(self) -> nn.Linear | None:
+        return self._layer(0)
+
+    @property
+    def up(self) -> nn.Linear:
+        return self._layer(1)
+
+    @property
+    def down(self) -> nn.Linear:
+        return self._layer(2)
+
+    def _weights_key(self) -> tuple[Any, ...]:
+        """Identity and version of every parameter the Rust copy holds (the
+        weights, an ungated up's bias, down's bias): torch bumps a tensor's
+        ``_version`` on each in-place write through it."""
+        gate, up, down = self._layer(0), self._layer(1), self._layer(2)
+        held = [gate, up, down]
+        held = [lin._parameters.get("weight") for lin in held if lin is not None]
+        held += [down._parameters.get("bias"), None if gate else up._parameters.get("bias")]
+        return tuple((id(p), p._version) for p in held if p is not None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
+        self._ffn = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._ffn = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         t = "dense" if self.threshold is None else f"threshold={self.threshold:.4g}"
@@ -114,15 +165,19 @@ class SparseMLP(nn.Module):
         """Whether a gated block has no gate/up bias (the Rust kernels take
         only an ungated up's). Read from the module dicts: attribute lookups
         through ``nn.Module`` cost ~1 us each per call."""
-        mods = self._modules
-        gate = mods.get("gate")
+        gate = self._layer(0)
         if gate is None:
             return True
-        return gate._parameters.get("bias") is None and mods["up"]._parameters.get("bias") is None
+        return (
+            gate._parameters.get("bias") is None and self._layer(1)._parameters.get("bias") is None
+        )
 
     def rust_ffn(self) -> Any:
-        """The Rust :class:`~neuropil.neurons.SparseFFN` of these weights (built once)."""
-        if self._ffn is None:
+        """The Rust :class:`~neuropil.neurons.SparseFFN` (or ``InputSparseFFN``) of
+        these weights, built again when a weight changed (see the class doc)."""
+        key = self._weights_key()
+        if self._ffn is None or key != self._ffn_key:
+            self._ffn = None
             from .neurons import InputSparseFFN, SparseFFN
 
             def w(lin: nn.Linear | None) -> Any:
@@ -136,6 +191,7 @@ class SparseMLP(nn.Module):
                 w(self.gate), w(self.up), w(self.down), activation=self.activation,
                 up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
             )  # fmt: skip
+            self._ffn_key = key
         return self._ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +221,7 @@ class SparseMLP(nn.Module):
             a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
         if self.gate is not None:
             a = a * self.up(x)
-        return self.down(a)
+        return _linear(self.down, a)
 
     def _teal(self, x: torch.Tensor) -> torch.Tensor:
         """TEAL with torch ops: mask the inputs, then the hidden values."""
@@ -179,12 +235,33 @@ class SparseMLP(nn.Module):
             self._record(h)
         if self.threshold is not None:
             h = torch.where(h.abs() > self.threshold, h, torch.zeros_like(h))
-        return self.down(h)
+        return _linear(self.down, h)
 
     def _record(self, a: torch.Tensor) -> None:
         assert self._calib is not None
         self._calib_count += a.numel()
         _keep(self._calib, a)
+
+
+def _linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` from its parameters (BERT's down is an identity in the model)."""
+    return F.linear(x, lin.weight, lin.bias)
+
+
+class _AppliedLinear(nn.Linear):
+    """BERT's ``output.dense`` after :func:`sparsify_mlp`: it keeps the layer's
+    parameters (the same tensors, under the same state-dict keys), while the
+    :class:`SparseMLP` in ``intermediate`` applies them, so its forward passes
+    its input through."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = lin.weight
+        self.register_parameter("bias", lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def _keep(store: list[torch.Tensor], a: torch.Tensor) -> None:
@@ -212,8 +289,10 @@ def _find_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             for a in ("gate_proj", "up_proj", "down_proj")
         ):
             found.append((name, mod, "llama"))
-        elif isinstance(getattr(getattr(mod, "intermediate", None), "dense", None), nn.Linear) and (
-            isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)
+        elif (
+            isinstance(getattr(getattr(mod, "intermediate", None), "dense", None), nn.Linear)
+            and isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)
+            and not isinstance(mod.intermediate, SparseMLP)
         ):
             found.append((name, mod, "bert"))
     return found
@@ -275,8 +354,9 @@ def sparsify_mlp(
 
     Llama-style MLPs (``gate_proj``/``up_proj``/``down_proj``) are replaced by a
     :class:`SparseMLP`; in BERT-style layers ``intermediate`` becomes the
-    :class:`SparseMLP` (ending with ``output.dense``) and ``output.dense`` an
-    identity. Calling it again on a sparsified model recalibrates (sparsity 0
+    :class:`SparseMLP` (ending with ``output.dense``) and ``output.dense`` passes
+    its input through (it keeps its parameters). The model's state-dict keys
+    do not change. Calling it again on a sparsified model recalibrates (sparsity 0
     makes it dense again).
 
     Args:
@@ -331,16 +411,19 @@ def sparsify_mlp(
             sparse[name] = mod
         elif kind == "llama":
             sm = SparseMLP(mod.gate_proj, mod.up_proj, mod.down_proj, _act_name(model, "silu"),
-                           rust_max_rows=rust_max_rows, method=method)  # fmt: skip
+                           rust_max_rows=rust_max_rows, method=method,
+                           names=("gate_proj", "up_proj", "down_proj"))  # fmt: skip
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, sm)
             sparse[name] = sm
         else:
             inter, out = mod.intermediate, mod.output
-            sm = SparseMLP(None, inter.dense, out.dense, _act_name(model, "gelu"),
-                           rust_max_rows=rust_max_rows, method=method)  # fmt: skip
+            down = _AppliedLinear(out.dense)
+            sm = SparseMLP(None, inter.dense, down, _act_name(model, "gelu"),
+                           rust_max_rows=rust_max_rows, method=method,
+                           names=(None, "dense", None))  # fmt: skip
             mod.intermediate = sm
-            out.dense = nn.Identity()
+            out.dense = down
             sparse[f"{name}.intermediate" if name else "intermediate"] = sm
     for sm in sparse.values():
         sm.threshold = sm.t_in = None

@@ -41,8 +41,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .errors import ArgumentError, NeuropilError
-from .range import RangeIndex
+from .errors import ArgumentError, NeuropilError, ShapeError
+from .range import METHODS, RangeIndex
 
 __all__ = [
     "ATTENTION",
@@ -154,16 +154,11 @@ class SparseCache(Cache):
     ) -> None:
         config = getattr(model, "config", model)
         _check_model(model, config)
-        if strategy not in STRATEGIES:
-            raise ArgumentError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-        if strategy == "top_p" and not 0.0 < top_p < 1.0:
-            raise ArgumentError(f"top_p must be in (0, 1); got {top_p!r}")
-        if strategy == "top_k" and (not isinstance(top_k, int) or top_k < 1):
-            raise ArgumentError(f"top_k must be a positive integer; got {top_k!r}")
-        if strategy == "threshold" and (threshold is None or not math.isfinite(threshold)):
-            raise ArgumentError(f"threshold must be a finite logit; got {threshold!r}")
-        if sinks < 0 or window < 0:
-            raise ArgumentError(f"sinks and window must be >= 0; got {sinks}, {window}")
+        strategy, top_p, top_k, threshold, sinks, window = _check_strategy(
+            strategy, top_p, top_k, threshold, sinks, window
+        )
+        if not isinstance(method, str) or method not in METHODS:
+            raise ArgumentError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
         self.strategy, self.top_p, self.top_k, self.threshold = strategy, top_p, top_k, threshold
         self.sinks, self.window, self.method = sinks, window, method
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
@@ -228,6 +223,41 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
+
+
+def _check_strategy(
+    strategy: Any, top_p: Any, top_k: Any, threshold: Any, sinks: Any, window: Any
+) -> tuple[str | None, float, int, float | None, int, int]:
+    """Validates the strategy parameters (those the strategy uses, plus sinks
+    and window) and returns them as Python numbers."""
+    if not (strategy is None or isinstance(strategy, str)) or strategy not in STRATEGIES:
+        raise ArgumentError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if strategy == "top_p":
+        if not _is_real(top_p) or not 0.0 < float(top_p) < 1.0:
+            raise ArgumentError(f"top_p must be a number in (0, 1); got {top_p!r}")
+        top_p = float(top_p)
+    if strategy == "top_k":
+        if not _is_int(top_k) or top_k < 1:
+            raise ArgumentError(f"top_k must be a positive integer; got {top_k!r}")
+        top_k = int(top_k)
+    if strategy == "threshold":
+        if not _is_real(threshold) or not math.isfinite(float(threshold)):
+            raise ArgumentError(f"threshold must be a finite logit (a number); got {threshold!r}")
+        threshold = float(threshold)
+    for name, v in (("sinks", sinks), ("window", window)):
+        if not _is_int(v) or v < 0:
+            raise ArgumentError(f"{name} must be an integer >= 0; got {v!r}")
+    return strategy, top_p, top_k, threshold, int(sinks), int(window)
+
+
 def _check_model(model: Any, config: Any) -> None:
     if not hasattr(config, "get_text_config"):
         raise NeuropilError(
@@ -263,17 +293,36 @@ def _check_model(model: Any, config: Any) -> None:
 
 # ----------------------------------------------------------------- attention
 def _select_cpu(
-    layer: SparseLayer, cache: SparseCache, q: np.ndarray, b: int, h: int, n: int, scaling: float
+    layer: SparseLayer,
+    cache: SparseCache,
+    q: np.ndarray,
+    b: int,
+    h: int,
+    n: int,
+    scaling: float,
+    allowed: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Selected key ids per query row of kv head ``h`` and the logit no
-    dropped key reaches (per row)."""
+    dropped key reaches (per row). ``allowed`` (bool, ``(n,)``) masks keys out
+    (padding): ``top_k`` then picks the best ``top_k`` allowed keys, as the
+    torch path does."""
     ix = layer.index(b, h)
     rows = q.shape[0]
     if cache.strategy == "top_k":
-        k = min(cache.top_k, n)
-        ids, scores = ix.topk(q, k)
-        z_t = scores[:, -1].astype(np.float64) * scaling
-        return [ids[r] for r in range(rows)], z_t
+        n_masked = 0 if allowed is None else n - int(allowed.sum())
+        # Among the best top_k + n_masked keys are the best top_k allowed ones.
+        ids, scores = ix.topk(q, min(cache.top_k + n_masked, n))
+        if n_masked == 0:
+            return [ids[r] for r in range(rows)], scores[:, -1].astype(np.float64) * scaling
+        assert allowed is not None
+        sel, z_t = [], np.full(rows, -np.inf)
+        for r in range(rows):
+            keep = allowed[ids[r]]
+            sel.append(ids[r][keep][: cache.top_k])
+            kept = scores[r][keep][: cache.top_k]
+            if len(kept):
+                z_t[r] = float(kept[-1]) * scaling
+        return sel, z_t
     if cache.strategy == "threshold":
         t = np.full(rows, cache.threshold / scaling, dtype=np.float32)
     else:  # top_p
@@ -345,7 +394,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         n_ok = n if allowed is None else int(allowed.sum())
         for h in range(kv_heads):
             q = query[b, h * groups : (h + 1) * groups, 0].detach().to(torch.float32).numpy()
-            sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling)
+            sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling, allowed)
             for r in range(groups):
                 ids, z, zmax, vs = _gather(
                     key, value, query, b, h, groups, r, sel[r], forced, allowed, scaling
@@ -396,8 +445,32 @@ def sparse_decode_attention(
     Returns:
         ``(out, info)``: ``out`` ``(batch, 1, heads, d)``; ``info`` with
         ``fraction_read`` (mean) and ``dropped_bound`` (max over heads).
+
+    Raises:
+        ArgumentError: an unknown strategy or a parameter out of its domain.
+        ShapeError: inconsistent query, key and value shapes.
     """
+    strategy, top_p, top_k, threshold, sinks, window = _check_strategy(
+        strategy, top_p, top_k, threshold, sinks, window
+    )
+    if not _is_real(scaling) or not math.isfinite(float(scaling)):
+        raise ArgumentError(f"scaling must be a finite number; got {scaling!r}")
+    if query.ndim != 4 or query.shape[2] != 1:
+        raise ShapeError(f"query must have shape (batch, heads, 1, d); got {tuple(query.shape)}")
     bsz, n_heads, _, d = query.shape
+    if key.ndim != 4 or key.shape[0] != bsz or key.shape[3] != d or key.shape[2] == 0:
+        raise ShapeError(
+            f"key must have shape ({bsz}, kv_heads, n >= 1, {d}) to match the query; "
+            f"got {tuple(key.shape)}"
+        )
+    if n_heads % key.shape[1]:
+        raise ShapeError(
+            f"query heads must be a multiple of the key's kv heads ({key.shape[1]}); got {n_heads}"
+        )
+    if tuple(value.shape) != tuple(key.shape):
+        raise ShapeError(
+            f"value must have the key's shape {tuple(key.shape)}; got {tuple(value.shape)}"
+        )
     kv, n = key.shape[1], key.shape[2]
     g = n_heads // kv
     q = query.reshape(bsz, kv, g, d).float()

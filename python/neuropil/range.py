@@ -18,6 +18,12 @@ gives. Against another summation order (numpy's BLAS, float64) scores differ
 by rounding only: a key is a tie when ``|q . k - t| <= 2 d 2^-24 |q| |k|``,
 and ties may fall on either side; every other key is classified identically.
 
+Scores are float32, so all of this holds while every ``q . k`` (and every
+partial sum of it) stays finite in float32. Searches check the sufficient
+condition ``max |q| * max |k| <= 3.4e38`` (Euclidean norms, by Cauchy-Schwarz)
+and raise :class:`~neuropil.ArgumentError` when it fails (keys and queries
+around ``1e19`` in every component, say): scale them down first.
+
 CUDA tensors take a torch path on their device (dense matmul + threshold on
 the GPU, the fastest exact method there); answers come back as tensors on that
 device.
@@ -26,6 +32,7 @@ device.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +64,8 @@ class RangeIndex:
     Args:
         keys: ``(n, d)`` float array (numpy, CPU or CUDA torch tensor), finite,
             ``n >= 1``. float32 C-contiguous numpy input is read in place while
-            building; the index keeps its own blocked copy.
+            building; other float dtypes (torch bfloat16 and float16 included)
+            are converted to float32 once. The index keeps its own blocked copy.
         method: ``"auto"`` (``quant`` that falls back to a full SIMD scan while
             pruning does not pay, measured on the searches themselves),
             ``"quant"``, ``"pca"``, ``"kmeans"`` (hierarchical k-means with exact
@@ -91,14 +99,16 @@ class RangeIndex:
     ) -> None:
         if method not in METHODS:
             raise ArgumentError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        for name, v, lo in [
-            ("leaf", leaf, 1),
-            ("branching", branching, 2),
-            ("rebuild_min", rebuild_min, 0),
-            ("seed", seed, 0),
+        for name, v, lo, hi in [
+            ("leaf", leaf, 1, _USIZE_MAX),
+            ("branching", branching, 2, _USIZE_MAX),
+            ("rebuild_min", rebuild_min, 0, _USIZE_MAX),
+            ("seed", seed, 0, _U64_MAX),
         ]:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ArgumentError(f"{name} must be an integer >= {lo}; got {v!r}")
+            if v > hi:
+                raise ArgumentError(f"{name} must be an integer between {lo} and {hi}; got {v!r}")
         self._params = {
             "method": method,
             "leaf": int(leaf),
@@ -109,10 +119,15 @@ class RangeIndex:
         }
         self._torch: _TorchRange | None = None
         self._native: Any = None
+        #: Largest key norm so far (for the float32 overflow check of queries).
+        self._key_norm = 0.0
         if _is_cuda(keys):
             self._torch = _TorchRange(keys)
+            self._key_norm = _max_norm(self._torch.keys)
         else:
-            self._native = _native._RangeIndex(_host(keys, "keys"), **self._params)
+            host = _host(keys, "keys")
+            self._native = _native._RangeIndex(host, **self._params)
+            self._key_norm = _max_norm(host)
 
     # ------------------------------------------------------------------ queries
     def search(self, queries: Any, thresholds: Any) -> tuple[Any, Any, Any]:
@@ -131,7 +146,9 @@ class RangeIndex:
 
         Raises:
             ShapeError: wrong ranks, ``d`` mismatch, thresholds of the wrong length.
-            ArgumentError: NaN or Inf in queries or thresholds.
+            ArgumentError: NaN or Inf in queries or thresholds, thresholds
+                beyond the float32 range, or scores that may overflow float32
+                (``max |q| * max |k| > 3.4e38``).
         """
         want_torch = _is_torch(queries)
         if self._torch is not None:
@@ -139,6 +156,7 @@ class RangeIndex:
         q = _host(queries, "queries")
         t = _thresholds(thresholds, q)
         lims, ids, scores, scanned, work = self._native.search(q, t)
+        self._check_overflow(q)
         self.last_scanned = scanned
         self.last_work = work
         return _like(queries, want_torch, lims, ids, scores)
@@ -152,21 +170,45 @@ class RangeIndex:
 
         Returns:
             ``(ids, scores)``: int64 and float32, shape ``(nq, k)``.
+
+        Raises:
+            ArgumentError: ``k`` out of range, or as :meth:`search`.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise ArgumentError(f"k must be an integer; got {k!r}")
+        if not 1 <= k <= len(self):
+            raise ArgumentError(
+                f"k must be between 1 and the number of keys ({len(self)}); got {k}"
+            )
         if self._torch is not None:
             return self._torch.topk(queries, int(k), self)
-        ids, scores, scanned = self._native.topk(_host(queries, "queries"), int(k))
+        q = _host(queries, "queries")
+        ids, scores, scanned = self._native.topk(q, int(k))
+        self._check_overflow(q)
         self.last_scanned = scanned
         return _like(queries, _is_torch(queries), ids, scores)
 
     def add(self, keys: Any) -> None:
         """Appends keys ``(m, d)``; they get ids ``len(self) .. len(self) + m - 1``."""
         if self._torch is not None:
-            self._torch.add(keys)
+            added = self._torch.add(keys)
+            self._key_norm = max(self._key_norm, _max_norm(added))
         else:
-            self._native.add(_host(keys, "keys"))
+            host = _host(keys, "keys")
+            self._native.add(host)
+            self._key_norm = max(self._key_norm, _max_norm(host))
+
+    def _check_overflow(self, q: Any) -> None:
+        """Raises if some ``q . k`` (or a partial sum) may overflow float32;
+        ``q`` has passed the core's checks (2-D, float, finite)."""
+        qn = _max_norm(q)
+        if qn * self._key_norm * _ROUNDING > _F32_MAX:
+            raise ArgumentError(
+                "queries and keys must keep q . k within float32 "
+                f"(max |q| * max |k| <= {_F32_MAX:.4g}); got max |q| = {qn:.4g}, "
+                f"max |k| = {self._key_norm:.4g}, product {qn * self._key_norm:.4g} "
+                "(scale queries or keys down)"
+            )
 
     def rebuild(self) -> None:
         """Rebuilds the tree over every key now (``add`` does it by policy)."""
@@ -291,22 +333,70 @@ class RangeIndex:
 
 
 # ---------------------------------------------------------------- helpers
-def _host(x: Any, arg: str) -> Any:
-    """CPU view for the native core: torch CPU tensors via ``.numpy()`` (no copy)."""
+_F32_MAX = float(np.finfo(np.float32).max)
+_USIZE_MAX = 2 * sys.maxsize + 1
+_U64_MAX = 2**64 - 1
+#: Slack for float32 rounding of the scores' partial sums (d up to ~2^16).
+_ROUNDING = 1.0 + 2.0**-7
+
+
+def _max_norm(x: Any) -> float:
+    """Largest Euclidean row norm of a validated 2-D float array or tensor
+    (float64 accumulation, no ``(n, d)`` temporary on the host)."""
     if _is_torch(x):
+        import torch
+
+        if x.shape[0] == 0:
+            return 0.0
+        return float(torch.linalg.vector_norm(x.detach().double(), dim=1).max())
+    a = np.asarray(x)
+    if a.ndim != 2 or a.size == 0:
+        return 0.0
+    if a.dtype.kind != "f":
+        a = a.astype(np.float64)
+    return float(np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64).max()))
+
+
+def _host(x: Any, arg: str) -> Any:
+    """CPU view for the native core: torch CPU tensors via ``.numpy()`` (no
+    copy); bfloat16 and float16 tensors are converted to float32 once."""
+    if _is_torch(x):
+        import torch
+
         if x.device.type != "cpu":
             raise ArgumentError(f"{arg} must be on the index's device (cpu); got {x.device}")
-        return x.detach().numpy()
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.to(torch.float32)
+        return x.numpy()
     return x
 
 
 def _thresholds(t: Any, q: Any) -> Any:
     if _is_torch(t):
-        t = t.detach().cpu().numpy()
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.double()
+        t = t.numpy()
     if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
+        _check_f32_range(np.asarray(float(t)))
         nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
         return np.full(nq, float(t), dtype=np.float32)
+    if isinstance(t, np.ndarray) and t.dtype.kind == "f" and t.dtype.itemsize > 4:
+        _check_f32_range(t)
     return t
+
+
+def _check_f32_range(t: np.ndarray) -> None:
+    """Finite thresholds beyond float32 would become Inf: report the given value."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(t) & (np.abs(t) > _F32_MAX)
+    if big.any():
+        i = int(np.flatnonzero(big)[0])
+        raise ArgumentError(
+            f"thresholds must be finite float32 values (|t| <= {_F32_MAX:.4g}); "
+            f"got {float(t.reshape(-1)[i])!r} at flat index {i}"
+        )
 
 
 def _like(src: Any, want_torch: bool, *arrays: Any) -> tuple[Any, ...]:
@@ -373,6 +463,7 @@ class _TorchRange:
             )
         if not torch.isfinite(t).all():
             raise ArgumentError("thresholds must be finite (no NaN or Inf)")
+        owner._check_overflow(q)
         s = self.scores(q)
         rows, ids = torch.nonzero(s >= t[:, None], as_tuple=True)
         counts = torch.bincount(rows, minlength=q.shape[0])
@@ -385,11 +476,13 @@ class _TorchRange:
         q = self._q(queries)
         if not 1 <= k <= self.n:
             raise ArgumentError(f"k must be between 1 and the number of keys ({self.n}); got {k}")
+        owner._check_overflow(q)
         s, ids = self.scores(q).topk(k, dim=1)
         owner.last_scanned = np.ones(q.shape[0], dtype=np.float32)
         return ids, s
 
-    def add(self, keys: Any) -> None:
+    def add(self, keys: Any) -> Any:
+        """Appends keys; returns them as float32 on the device."""
         import torch
 
         k = keys if _is_torch(keys) else torch.as_tensor(np.asarray(keys))
@@ -408,6 +501,7 @@ class _TorchRange:
             self.keys = grown
         self.keys[self.n : self.n + m] = k
         self.n += m
+        return k
 
 
 class _NoTF32:
