@@ -438,6 +438,71 @@ def test_quantize_model_replaces_linears_and_files_round_trip(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_quantized_linear_behaves_like_a_linear_under_casts_and_odd_inputs():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    ql = QuantizedLinear.from_linear(lin, bits=4, group_size=32, scale_dtype="float32")
+    x = torch.randn(3, 96)
+    ref = ql(x)
+    # Casting the model casts the bias and the input, never the packed scales.
+    for cast, dt in ((lambda m: m.half(), torch.float16), (lambda m: m.double(), torch.float64),
+                     (lambda m: m.to(torch.bfloat16), torch.bfloat16)):  # fmt: skip
+        m = cast(copy.deepcopy(ql))
+        assert m.scales.dtype == torch.float32 and m.mins.dtype == torch.float32
+        y = m(x.to(dt))
+        assert y.dtype == dt and torch.isfinite(y).all()
+        np.testing.assert_allclose(y.float().numpy(), ref.numpy(), rtol=3e-2, atol=3e-2)
+    # A state with other scale dtypes is refused, not cast.
+    half = QuantizedLinear.from_linear(lin, bits=4, group_size=32)
+    with pytest.raises(FormatError, match=r"scales must be torch\.float16"):
+        half.load_state_dict(ql.state_dict())
+    # An empty batch gives an empty output; integer input is refused as nn.Linear does.
+    assert ql(torch.zeros(0, 96)).shape == (0, 40)
+    assert ql(torch.zeros(2, 0, 96)).shape == (2, 0, 40)
+    with pytest.raises(DTypeError, match="floating-point"):
+        ql(torch.ones(1, 96, dtype=torch.int64))
+
+
+def test_quantize_model_is_all_or_nothing_and_keeps_ties(tmp_path):
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear, load_quantized, quantize_model, save_quantized
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(64, 64)
+    bad = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    model = torch.nn.ModuleDict({"a": shared, "b": shared, "c": torch.nn.Linear(64, 64), "z": bad})
+    with pytest.raises(ArgumentError):
+        quantize_model(model, bits=8)
+    assert all(type(m) is torch.nn.Linear for m in model.values())  # nothing replaced
+    del model["z"]
+    quantize_model(model, bits=8)
+    assert isinstance(model["a"], QuantizedLinear) and model["a"] is model["b"]
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, path)
+
+    def fresh():
+        torch.manual_seed(1)
+        return torch.nn.ModuleDict({"a": torch.nn.Linear(64, 64), "c": torch.nn.Linear(64, 64)})
+
+    loaded = load_quantized(fresh(), path, strict=False)
+    assert isinstance(loaded["c"], QuantizedLinear)
+    # A model whose layer has another shape: refused before anything changes.
+    other = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 64), "c": torch.nn.Linear(32, 64)})
+    with pytest.raises(FormatError, match="'c' is 64x64 in the file"):
+        load_quantized(other, path, strict=False)
+    assert all(type(m) is torch.nn.Linear for m in other.values())
+    # strict: a model layer the file lacks is reported.
+    more = fresh()
+    more["d"] = torch.nn.Linear(8, 8)
+    with pytest.raises(FormatError, match="file lacks"):
+        load_quantized(more, path)
+
+
 def test_cli_quantizes_a_safetensors_file(tmp_path):
     from safetensors.numpy import save_file as st_save
 

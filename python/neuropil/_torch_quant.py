@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native
-from .errors import ArgumentError, FormatError
+from .errors import ArgumentError, DTypeError, FormatError
 from .quant import QuantizedWeights, _resolve, load_file, quantize, save_file
 
 __all__ = ["QuantizedLinear", "load_quantized", "quantize_model", "save_quantized"]
@@ -203,7 +203,12 @@ class QuantizedLinear(nn.Module):
             from .errors import ShapeError
 
             raise ShapeError(f"x must have shape (..., {self.in_features}); got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise DTypeError(f"x must be a floating-point tensor (as for nn.Linear); got {x.dtype}")
         lead = x.shape[:-1]
+        if x.numel() == 0:  # an empty batch, as nn.Linear returns it
+            out = x.new_zeros(*lead, self.out_features)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
         views = self._cpu_views() if x.is_cpu and not force_torch else None
         if views is not None:
             # The CPU path, kept short: a decoding step calls it for every
@@ -231,15 +236,36 @@ class QuantizedLinear(nn.Module):
                     return y.reshape(*lead, self.out_features)
         return self._torch_forward(x)
 
-    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # `.to()`, `.cuda()`, `.half()`...: the cached views would keep the
-        # old buffers alive.
+        # old buffers alive. The scales and mins are part of the packed format
+        # (float16 or float32, as quantized): a device move applies to them, a
+        # cast does not (`model.half()` would turn large float32 scales into
+        # inf, `model.to(torch.bfloat16)` give scales no kernel reads).
         self.__dict__.pop("_views", None)
-        return super()._apply(*args, **kwargs)
+        packed = {n: self._buffers[n] for n in ("scales", "mins")}
+        for n in packed:
+            self._buffers[n] = None  # (None buffers are skipped by the cast)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in packed.items():
+                moved = fn(t)
+                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         self.__dict__.pop("_views", None)
-        super()._load_from_state_dict(*args, **kwargs)
+        for n in ("scales", "mins"):
+            t = state_dict.get(prefix + n)
+            mine = self._buffers[n]
+            if isinstance(t, torch.Tensor) and t.dtype != mine.dtype and t.numel():
+                # copy_ would cast silently; a float32 -> float16 cast rounds or
+                # overflows the scales.
+                raise FormatError(
+                    f"{prefix}{n} must be {mine.dtype} (this layer's scale dtype); got {t.dtype}"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling (torch.save of the module, deepcopy) leaves the cached
@@ -302,17 +328,27 @@ def quantize_model(
     skip = tuple(skip)
     targets = [
         (name, mod)
-        for name, mod in model.named_modules()
+        for name, mod in model.named_modules(remove_duplicate=False)
         if isinstance(mod, nn.Linear) and not _skipped(name, skip)
     ]
+    # Every layer is quantized before any is replaced, so a layer that cannot
+    # be (non-finite weights, a shape the scheme refuses) leaves the model as
+    # it was; a Linear shared under several names gets one QuantizedLinear.
+    done: dict[int, QuantizedLinear] = {}
+    for _name, mod in targets:
+        if id(mod) not in done:
+            done[id(mod)] = QuantizedLinear.from_linear(
+                mod, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
+            )
     for name, mod in targets:
-        q = QuantizedLinear.from_linear(
-            mod, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
-        )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, q)
+        _replace(model, name, done[id(mod)])
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
@@ -340,25 +376,59 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     """
     entries = load_file(path)
     plain: dict[str, torch.Tensor] = {}
+    layers: dict[str, QuantizedLinear] = {}
     for key, v in entries.items():
-        if isinstance(v, QuantizedWeights):
-            name = key.removesuffix(".weight")
-            try:
-                old = model.get_submodule(name)
-            except AttributeError as e:
-                if strict:
-                    raise FormatError(f"{path}: model has no layer {name!r}") from e
-                continue
-            bias = getattr(old, "bias", None)
-            new = QuantizedLinear.from_quantized(
-                v, bias if isinstance(bias, torch.Tensor) else None
-            )
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
-        else:
+        if not isinstance(v, QuantizedWeights):
             plain[key] = torch.from_numpy(np.ascontiguousarray(v))
-    missing_ok = model.load_state_dict(plain, strict=False)
-    if strict and missing_ok.unexpected_keys:
-        raise FormatError(f"{path}: tensors the model lacks: {missing_ok.unexpected_keys[:5]}")
+            continue
+        name = key.removesuffix(".weight")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            if strict:
+                raise FormatError(f"{path}: model has no layer {name!r}") from e
+            continue
+        want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
+        if not isinstance(old, (nn.Linear, QuantizedLinear)) or want != tuple(v.shape):
+            raise FormatError(
+                f"{path}: layer {name!r} is {v.shape[0]}x{v.shape[1]} in the file; the model's "
+                f"{name!r} is a {type(old).__name__} of (out, in) {want}"
+            )
+        bias = getattr(old, "bias", None)
+        layers[name] = QuantizedLinear.from_quantized(
+            v, bias if isinstance(bias, torch.Tensor) else None
+        ).to(_device_of(old))
+    # Checked before anything changes: the plain tensors' shapes too.
+    state = model.state_dict()
+    for key, t in plain.items():
+        if key in state and tuple(state[key].shape) != tuple(t.shape):
+            raise FormatError(
+                f"{path}: {key!r} has shape {tuple(t.shape)} in the file; "
+                f"the model's is {tuple(state[key].shape)}"
+            )
+    for name, new in layers.items():
+        _replace(model, name, new)
+    result = model.load_state_dict(plain, strict=False)
+    if strict:
+        covered = {f"{n}.{b}" for n in layers for b in ("qdata", "scales", "mins", "_extra_state")}
+        # A tied tensor (lm_head sharing the embeddings) is loaded through its twin.
+        state = model.state_dict(keep_vars=True)
+        loaded = {state[k].data_ptr() for k in plain if k in state}
+        missing = [
+            k
+            for k in result.missing_keys
+            if k not in covered and not (k in state and state[k].data_ptr() in loaded)
+        ]
+        if result.unexpected_keys or missing:
+            raise FormatError(
+                f"{path}: tensors the model lacks: {result.unexpected_keys[:5]}; "
+                f"model tensors the file lacks: {missing[:5]}"
+            )
     return model
+
+
+def _device_of(mod: nn.Module) -> torch.device:
+    t = next(iter(mod.parameters()), None)
+    if t is None:
+        t = next(iter(mod.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
