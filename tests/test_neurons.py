@@ -616,3 +616,18 @@ def test_sparsify_mlp_keeps_the_state_dict_keys_and_sees_new_weights(kind):
 def _down_bias(mlp):
     b = mlp.down.bias
     return 0.0 if b is None else b.detach().numpy()
+
+
+def test_bfloat16_torch_weights_and_inputs_are_read_as_float32():
+    # Hugging Face weights are often bfloat16, which has no numpy dtype.
+    import torch
+
+    from neuropil.neurons import InputSparseFFN
+
+    g, u, dn = (torch.from_numpy(a).to(torch.bfloat16) for a in weights(gated=True))
+    x = torch.randn(3, g.shape[1]).to(torch.bfloat16)
+    f32 = [t.float().numpy() for t in (g, u, dn)]
+    for cls in (SparseFFN, InputSparseFFN):
+        got = cls(g, u, dn, activation="silu")(x)
+        want = cls(*f32, activation="silu")(x.float().numpy())
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, rtol=1e-5, atol=1e-5)

@@ -74,6 +74,8 @@ def _as_numpy(x: Any) -> np.ndarray:
         x = x.detach()
         if x.device.type != "cpu":
             x = x.cpu()
+        if x.dtype.is_floating_point and x.dtype.itemsize == 2:
+            x = x.float()  # bfloat16 (no numpy dtype) and float16: read as float32
         return x.numpy()
     return np.asarray(x)
 

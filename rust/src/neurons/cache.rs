@@ -582,10 +582,18 @@ impl NeuronCache {
             ));
         }
         let [tokens, events, hits, misses, pending] = st.counters;
-        if hits + misses > events || pending > tokens || st.counts.iter().any(|&k| k > tokens) {
+        // (checked: a tampered file may hold counters that wrap when added)
+        let served = hits.checked_add(misses);
+        if served.is_none_or(|s| s > events)
+            || pending > tokens
+            || st
+                .counts
+                .iter()
+                .any(|&k| k > tokens || k > u64::from(u32::MAX))
+        {
             return Err(bad(
                 "counters",
-                "inconsistent (hits + misses > events, or a count > tokens)".into(),
+                "inconsistent (hits + misses > events, or a count > tokens or 2^32 - 1)".into(),
             ));
         }
         let hot: Vec<i64> = st.hot.iter().map(|&j| j as i64).collect();
@@ -593,7 +601,7 @@ impl NeuronCache {
         c.counts = st
             .counts
             .iter()
-            .map(|&k| k.min(u32::MAX as u64) as u32)
+            .map(|&k| k as u32) // (each checked <= u32::MAX above)
             .collect();
         c.scores = st.scores;
         c.last = st.last;

@@ -165,8 +165,19 @@ fn state_round_trips_and_bad_state_is_a_format_error() {
         NeuronCache::from_state(5, *c.config(), broken),
         Err(crate::Error::Format { .. })
     ));
-    let mut broken = st;
+    let mut broken = st.clone();
     broken.counts.pop();
+    assert!(NeuronCache::from_state(5, *c.config(), broken).is_err());
+    // hits + misses wrap to 0 in u64 (a tampered file), a count past u32.
+    let mut broken = st.clone();
+    (broken.counters[2], broken.counters[3]) = (1 << 63, 1 << 63);
+    assert!(matches!(
+        NeuronCache::from_state(5, *c.config(), broken),
+        Err(crate::Error::Format { .. })
+    ));
+    let mut broken = st;
+    broken.counters[0] = 1 << 40;
+    broken.counts[0] = 1 << 33;
     assert!(NeuronCache::from_state(5, *c.config(), broken).is_err());
 }
 

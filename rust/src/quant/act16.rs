@@ -103,6 +103,21 @@ impl Int16Activations {
 /// LLVM kept the maximum a serial chain and scalarised the conversion (5 us of
 /// a 11 us call at 4,096 columns). Both paths give the same bits.
 pub(crate) fn quantize_group(src: &[f32], dst: &mut [i16], qmax: f32) -> (f32, i32) {
+    let (d, total) = quantize_group_normal(src, dst, qmax);
+    if d > 0.0 && d < f32::MIN_POSITIVE {
+        // A group of tiny values (max below ~4e-34): its step is subnormal and
+        // `1 / step` overflows, which zeroed or saturated the codes. The codes
+        // of the group scaled by 2^64 (exact) are the right ones; its step is
+        // then scaled back (subnormal, so with fewer bits, as such values are).
+        const UP: f32 = 18446744073709551616.0; // 2^64
+        let scaled: Vec<f32> = src.iter().map(|v| v * UP).collect();
+        let (d, total) = quantize_group_normal(&scaled, dst, qmax);
+        return (d / UP, total);
+    }
+    (d, total)
+}
+
+fn quantize_group_normal(src: &[f32], dst: &mut [i16], qmax: f32) -> (f32, i32) {
     assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     if super::vnni::available() {
@@ -176,6 +191,30 @@ unsafe fn quantize_group_avx512(src: &[f32], dst: &mut [i16], qmax: f32) -> (f32
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// A group of tiny values (subnormal step) keeps its codes: they once
+    /// came out zero or saturated, as `1 / step` overflowed.
+    #[test]
+    fn a_group_of_tiny_values_keeps_its_codes() {
+        for scale in [1e-30f32, 1e-35, 1e-37, 1e-38, 1e-40] {
+            let src: Vec<f32> = [1.0f32, -0.5, 0.25, 0.0, -1.0, 0.125]
+                .map(|v| v * scale)
+                .to_vec();
+            let mut q = vec![0i16; src.len()];
+            let (d, total) = quantize_group(&src, &mut q, 32767.0);
+            assert_eq!(q[0], 32767, "{scale:e}: {q:?}");
+            assert_eq!(total, q.iter().map(|&c| c as i32).sum::<i32>());
+            for (v, c) in src.iter().zip(&q) {
+                let back = d as f64 * *c as f64;
+                // Subnormal steps carry fewer bits: 2^-149 absolute at most.
+                let tol = (v.abs() as f64) * 1e-4 + d as f64 + 1.5e-45 * 32767.0;
+                assert!(
+                    (back - *v as f64).abs() <= tol,
+                    "{scale:e}: {v:e} vs {back:e}"
+                );
+            }
+        }
+    }
 
     /// The AVX-512 group quantizer gives the plain loop's bits: ties, values
     /// just under a tie, tails shorter than a vector, zeros, NaN and infinity.
