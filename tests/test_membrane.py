@@ -645,3 +645,245 @@ def test_repeated_key_in_one_store_keeps_the_last_alpha():
     v = torch.rand(3, 2, 2)
     bank.store(v, torch.tensor([3, 5, 3]), alphas=torch.tensor([0.5, 1.5, 2.0]))
     assert bank.gains[0, 3].item() == 2.0 and bank.gains[0, 5].item() == 1.5
+
+
+# ---------------------------------------------------------------- audit fixes
+def _snapshot(bank):
+    return (bank.M.clone(), bank.counts.clone(), bank.gains.clone(), bank.steps)
+
+
+def _same(a, b):
+    return all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("codes", ["hadamard", "dct"])
+def test_non_finite_values_or_alphas_are_refused_before_any_write(codes):
+    bank = MembraneBank(64 if codes == "hadamard" else 16, 4, 4, codes=codes, persistence=0.9)
+    v = torch.rand(8, 4, 4)
+    bank.store(v, keys=range(8))
+    before = _snapshot(bank)
+    nan = torch.rand(1, 4, 4)
+    nan[0, 0, 0] = float("nan")
+    inf = torch.rand(bank.L, 4, 4)  # all L keys: the factored-Hadamard path on CPU
+    inf[3, 1, 2] = float("inf")
+    sparse = torch.zeros(1, 4, 4)
+    sparse[0, 1, 1] = float("nan")
+    for call, msg in [
+        (lambda: bank.store(nan, keys=[9]), "values must be finite; got 1 NaN or Inf"),
+        (lambda: bank.store(inf), "values must be finite"),
+        (lambda: bank.store(sparse.to_sparse(), keys=[9]), "values must be finite"),
+        (lambda: bank.store(v[:1], [9], alphas=torch.tensor([float("inf")])), "alphas must be"),
+        (lambda: bank.store(v[:2], [9, 10], alphas=torch.tensor([1.0, math.nan])), "alphas"),
+        (lambda: bank.store(v[:1], [9], alphas=float("nan")), "alphas must be finite"),
+    ]:
+        with pytest.raises(neuropil.ArgumentError, match=msg):
+            call()
+        assert _same(_snapshot(bank), before)
+    assert torch.allclose(bank.read(range(8))[0], v, atol=1e-5)  # decay precedes the write
+    # alphas="adaptive" of an all-zero pattern: 1 / 1e-12 overflows float16 to inf.
+    half = MembraneBank(16, 4, 4, dtype=torch.float16)
+    with pytest.raises(neuropil.ArgumentError, match=r"alphas must be finite.*overflows"):
+        half.store(torch.zeros(1, 4, 4, dtype=torch.float16), keys=[0], alphas="adaptive")
+    assert not half.M.any() and not half.counts.any()
+
+
+def _store_from_threads(bank, chunks, threads=4):
+    import threading
+
+    barrier = threading.Barrier(threads)
+
+    def work(part):
+        barrier.wait()
+        for values, keys in part:
+            bank.store(values, keys=keys)
+            bank.read(keys if keys is not None else range(values.shape[-3]))
+
+    ts = [threading.Thread(target=work, args=(chunks[i::threads],)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+@pytest.mark.parametrize("codes,batch", [("dct", 1), ("hadamard", 1), ("hadamard", 2)])
+def test_concurrent_stores_equal_the_sequential_result(codes, batch):
+    # Unlocked, the in-place GEMMs of concurrent stores (the GIL is released inside
+    # them) lost updates: about 1e-3 relative error on the factored-Hadamard path.
+    g = torch.Generator().manual_seed(0)
+    L, n = 64, 400
+    v = torch.rand(L, 32, 32, dtype=torch.float64, generator=g)
+    if codes == "hadamard":  # all L/2 keys at once: the factored transform on CPU
+        chunks = [(v[: L // 2], None)] * n
+    else:  # one key per call: the addmm_ path
+        chunks = [(v[i % 4 : i % 4 + 1], [i % 4]) for i in range(n)]
+
+    def make():
+        return MembraneBank(L, 32, 32, batch=batch, codes=codes, dtype=torch.float64)
+
+    seq, par = make(), make()
+    for values, k in chunks:
+        seq.store(values, keys=k)
+    _store_from_threads(par, chunks)
+    assert torch.allclose(par.M, seq.M, rtol=1e-12, atol=1e-12)
+    assert torch.equal(par.counts, seq.counts)
+    assert torch.equal(par.reads, par.counts)
+
+
+def test_pinv_dual_follows_codes_changed_in_place():
+    g = torch.Generator().manual_seed(0)
+    C = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=g))[0]
+    C.requires_grad_()
+    bank = MembraneBank(16, 4, 4, codes=C, readout="pinv", dtype=torch.float64)
+    v = torch.rand(8, 4, 4, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        bank.store(v, keys=range(8))
+        assert torch.allclose(bank.read(range(8))[0], v, atol=1e-10)
+    # An optimizer step on the learned codes changes them in place.
+    C.grad = torch.randn(16, 16, dtype=torch.float64, generator=g)
+    torch.optim.SGD([C], lr=0.5).step()
+    bank.clear()
+    with torch.no_grad():
+        bank.store(v, keys=range(8))
+        assert torch.allclose(bank.read(range(8))[0], v, atol=1e-8)
+    with torch.no_grad():
+        C.mul_(3.0)  # a second in-place change, without clear()
+        bank.clear()
+        bank.store(v, keys=range(8))
+        assert torch.allclose(bank.read(range(8))[0], v, atol=1e-8)
+    # Past L (dual over the stored keys) the cache follows the codes too.
+    wide = MembraneBank(8, 2, 2, codes="gaussian", K=12, readout="pinv", dtype=torch.float64)
+    w = torch.rand(5, 2, 2, dtype=torch.float64, generator=g)
+    wide.store(w, keys=[0, 3, 5, 7, 11])
+    assert torch.allclose(wide.read([0, 3, 5, 7, 11])[0], w, atol=1e-10)
+    with torch.no_grad():
+        wide.C.add_(0.1 * torch.randn(8, 12, dtype=torch.float64, generator=g))
+    wide.clear()
+    wide.store(w, keys=[0, 3, 5, 7, 11])
+    assert torch.allclose(wide.read([0, 3, 5, 7, 11])[0], w, atol=1e-8)
+
+
+def test_hierarchical_store_checks_everything_before_writing():
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2)
+    v = torch.rand(2, 2, 2)
+    bad = torch.rand(2, 2, 2)
+    bad[1, 0, 0] = float("nan")
+    for call, exc, msg in [
+        (lambda: h.store(v, keys=[0, 20], alphas=torch.tensor([0.5])), neuropil.ShapeError,
+         r"alphas must have shape \(2,\)"),
+        (lambda: h.store(v, keys=[0, 1], alphas=torch.tensor([0.5, 1.0, 7.0])),
+         neuropil.ShapeError, r"alphas must have shape \(2,\)"),
+        (lambda: h.store(v, keys=[0, 24]), neuropil.ArgumentError, r"in \[0, 24\); got 24"),
+        (lambda: h.store(bad, keys=[0, 20]), neuropil.ArgumentError, "values must be finite"),
+        (lambda: h.store(v, keys=[0, 20], alphas=torch.tensor([1.0, math.inf])),
+         neuropil.ArgumentError, "alphas must be finite"),
+        (lambda: h.store(v.double(), keys=[0, 20]), neuropil.DTypeError, "dtype"),
+    ]:  # fmt: skip
+        with pytest.raises(exc, match=msg):
+            call()
+        assert [b.stored_keys() for b in h.banks] == [[], []]
+        assert all(not b.M.any() for b in h.banks)
+    h.store(v, keys=[3, 20], alphas=torch.tensor([0.5, 2.0]))
+    assert [b.stored_keys() for b in h.banks] == [[3], [4]]
+    assert torch.allclose(h.read([3, 20])[0], v * torch.tensor([0.5, 2.0])[:, None, None])
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [
+        torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]]),
+        torch.tensor([[1e-200, 0], [0, 1], [0, 0], [0, 0]], dtype=torch.float64),
+        torch.tensor([[1e200, 0], [1e200, 1], [0, 0], [0, 0]], dtype=torch.float64),
+    ],
+)
+def test_codes_that_could_not_be_loaded_are_refused_at_construction(codes):
+    with pytest.raises(neuropil.ArgumentError, match="codes must have columns of non-zero"):
+        MembraneBank(4, 2, 2, codes=codes, dtype=codes.dtype)
+
+
+def test_save_refuses_codes_that_drifted_to_zero(tmp_path):
+    C = torch.eye(4)[:, :3].clone()
+    bank = MembraneBank(4, 2, 2, codes=C)
+    C[:, 2] = 0  # learned codes changed in place after construction
+    with pytest.raises(neuropil.ArgumentError, match="codes must have columns"):
+        bank.save(tmp_path / "b.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fast", [None, True, False])
+def test_fast_hadamard_survives_save_load(tmp_path, fast):
+    bank = MembraneBank(64, 4, 4, fast_hadamard=fast, dtype=torch.float32)
+    bank.store(torch.rand(64, 4, 4, generator=torch.Generator().manual_seed(0)))
+    path = tmp_path / "b.safetensors"
+    bank.save(path)
+    back = MembraneBank.load(path)
+    assert back.fast_hadamard is fast
+    assert torch.equal(back.read(), bank.read())
+    # Files written before fast_hadamard was saved load with the default (None).
+    _rewrite(path, lambda m: m.pop("fast_hadamard"))
+    assert MembraneBank.load(path).fast_hadamard is None
+    _rewrite(path, lambda m: m.update(fast_hadamard="yes"))
+    with pytest.raises(neuropil.FormatError, match="fast_hadamard must be"):
+        MembraneBank.load(path)
+
+
+def test_saved_bank_file_gets_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    bank = MembraneBank(8, 2, 2)
+    path = tmp_path / "b.safetensors"
+    old = os.umask(0o027)
+    try:
+        bank.save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0o600
+    path.chmod(0o664)
+    bank.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
+def test_small_input_fixes():
+    # numpy scalars are numbers
+    bank = MembraneBank(16, 4, 4, persistence=np.float32(0.5))
+    assert bank.persistence == 0.5
+    v = torch.rand(2, 4, 4)
+    bank.store(v, keys=[0, 1], alphas=np.float32(2.0))
+    assert torch.allclose(bank.read([0, 1])[0], 2 * v)
+    bank.decay(np.float64(0.5), steps=np.int64(1))
+    with pytest.raises(neuropil.ArgumentError, match="persistence must be a number"):
+        MembraneBank(16, 4, 4, persistence=np.True_)
+    # a uint64 key past int64 is reported as given, not wrapped to a negative number
+    with pytest.raises(neuropil.ArgumentError, match=r"got 9223372036854775809"):
+        bank.store(v[:1], keys=np.array([2**63 + 1], np.uint64))
+    with pytest.raises(neuropil.ArgumentError, match=r"in \[0, 16\); got 1180591620717411303424"):
+        bank.store(v[:1], keys=2**70)
+    # big-endian numpy values are converted (torch cannot hold them)
+    bank.store(v.numpy().astype(">f4"), keys=[2, 3])
+    # metrics
+    with pytest.raises(neuropil.ShapeError, match="psnr: x must not be empty"):
+        psnr(torch.zeros(0), torch.zeros(0), 1.0)
+    with pytest.raises(neuropil.ShapeError, match="ssim: x must not be empty"):
+        ssim(torch.zeros(0, 8, 8), torch.zeros(0, 8, 8), 1.0)
+    with pytest.raises(neuropil.ArgumentError, match="win_size must be an odd integer"):
+        ssim(torch.rand(8, 8), torch.rand(8, 8), data_range=1.0, win_size=7.0)
+    assert ssim(torch.ones(8, 8), torch.ones(8, 8), 1.0, win_size=np.int64(7)) == 1.0
+    with pytest.raises(neuropil.ArgumentError, match="data_range must be a number"):
+        psnr(torch.rand(8), torch.rand(8), "1")
+    # Hopfield beta must be finite: softmax(inf * s) is NaN
+    for beta in (math.inf, math.nan, 0.0, True):
+        with pytest.raises(neuropil.ArgumentError, match="beta must be a positive finite"):
+            HopfieldCleanup(torch.rand(5, 4, 4), beta=beta)
+    assert torch.isfinite(HopfieldCleanup(torch.rand(5, 4, 4), beta=1e4)(torch.rand(4, 4))).all()
+
+
+def test_bank_copies_get_their_own_lock():
+    import copy
+
+    bank = MembraneBank(8, 2, 2)
+    bank.store(torch.rand(3, 2, 2))
+    twin = copy.deepcopy(bank)
+    assert twin._lock is not bank._lock and torch.equal(twin.read(), bank.read())

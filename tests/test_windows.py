@@ -558,3 +558,208 @@ def test_prefetch_thread_stops_when_iterator_is_dropped_or_closed():
     it._make = lambda k: 1 / 0
     with pytest.raises(ZeroDivisionError):
         next(it)
+
+
+# ---------------------------------------------------------------- persistence: audit fixes
+
+
+def _header(path):
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), 8 + n, raw
+
+
+def _write_in_order(path, meta, tensors):
+    """A safetensors file with ``tensors`` [(name, array, dtype)] in the order given
+    and no alignment: the layout files had before tensors were aligned."""
+    import json
+    import struct
+
+    header, offset = {"__metadata__": meta}, 0
+    for name, arr, dtype in tensors:
+        header[name] = {"dtype": dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}  # fmt: skip
+        offset += arr.nbytes
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    body = b"".join(np.ascontiguousarray(a).tobytes() for _, a, _ in tensors)
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
+
+
+def test_saved_tensors_are_aligned_and_load_memmapped_by_default(tmp_path):
+    # 51 x 3 float32 frames are 612 bytes: int64 episodes written after them were
+    # misaligned, and the default mmap=True load raised TypeError.
+    f = np.random.default_rng(0).random((51, 3)).astype(np.float32)
+    y = np.arange(51, dtype=np.int8)
+    z = np.arange(51, dtype=np.float64)
+    sw = SlidingWindows(f, window=4, targets={"y": y, "z": z}, target_offset=0)
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    header, start, _ = _header(path)
+    assert start % 8 == 0
+    itemsize = {"F32": 4, "I64": 8, "I8": 1, "F64": 8}
+    for name, e in header.items():
+        if name != "__metadata__":
+            assert (start + e["data_offsets"][0]) % itemsize[e["dtype"]] == 0, name
+    back = SlidingWindows.load(path)  # mmap=True
+    assert isinstance(back.frames, np.memmap) and len(back) == len(sw) == 48
+    for k, v in sw.take(np.arange(len(sw))).items():
+        np.testing.assert_array_equal(back.take(np.arange(len(back)))[k], v)
+    # Still a plain safetensors file.
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    st_arrays = safetensors_numpy.load_file(str(path))
+    np.testing.assert_array_equal(st_arrays["frames"], f)
+    np.testing.assert_array_equal(st_arrays["episodes"], [0, 51])
+    np.testing.assert_array_equal(st_arrays["target.y"], y)
+
+
+def test_load_copies_misaligned_tensors_of_older_files(tmp_path):
+    f = np.random.default_rng(1).random((51, 3)).astype(np.float32)
+    y = np.arange(51, dtype=np.int64)
+    sw = SlidingWindows(f, window=4, episodes=[20, 31], targets={"y": y}, target_offset=1)
+    path = tmp_path / "old.safetensors"
+    sw.save(path)
+    meta = _header(path)[0]["__metadata__"]
+    _write_in_order(path, meta, [("frames", f, "F32"), ("episodes", sw.episode_offsets, "I64"),
+                                 ("target.y", y, "I64")])  # fmt: skip
+    header, start, _ = _header(path)
+    assert (start + header["episodes"]["data_offsets"][0]) % 8 != 0  # really misaligned
+    for mmap in (True, False):
+        back = SlidingWindows.load(path, mmap=mmap)
+        np.testing.assert_array_equal(back.episode_offsets, [0, 20, 51])
+        for k, v in sw.take(np.arange(len(sw))).items():
+            np.testing.assert_array_equal(back.take(np.arange(len(back)))[k], v)
+    # A misaligned int64 array handed straight to the constructor is copied too.
+    buf = np.zeros(3 * 8 + 1, dtype=np.uint8)
+    episodes = buf[1:].view(np.int64)
+    episodes[:] = [0, 20, 51]
+    assert not episodes.flags.aligned
+    assert SlidingWindows(f, 4, episodes=episodes).num_episodes == 2
+
+
+def _save_into(sw, path, errors):
+    try:
+        sw.save(path)
+    except Exception as e:  # pragma: no cover - the failure being tested
+        errors.append(e)
+
+
+def test_concurrent_saves_to_one_path_leave_one_whole_file(tmp_path):
+    import threading
+
+    a = SlidingWindows(np.zeros((100_000, 16), np.float32), window=4)
+    b = SlidingWindows(np.ones((50_000, 16), np.float32), window=8)
+    path = tmp_path / "w.safetensors"
+    for _ in range(4):
+        errors: list[Exception] = []
+        threads = [threading.Thread(target=_save_into, args=(sw, path, errors))
+                   for sw in (a, b, a, b)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        back = SlidingWindows.load(path, mmap=False)
+        assert (back.num_frames, back.window) in ((100_000, 4), (50_000, 8))
+        assert np.all(back.frames == back.frames[0, 0])
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_saved_file_gets_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    sw = SlidingWindows(frames_for(20), 3)
+    path = tmp_path / "w.safetensors"
+    old = os.umask(0o027)
+    try:
+        sw.save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not 0o600
+    path.chmod(0o664)
+    sw.save(path)  # an existing file keeps its mode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h["frames"].update(shape=[2**62, 4], data_offsets=[0, 0]),
+        lambda h: h["frames"].update(shape=[2**61, 2**3]),
+        lambda h: h["frames"].update(shape=[True, 150]),
+        lambda h: h["__metadata__"].update(window="\u00b2"),
+        lambda h: h["__metadata__"].update(window="99999999999999999999999"),
+        lambda h: h["__metadata__"].update(stride=str(2**63)),
+        lambda h: h["__metadata__"].update(target_offset=f'{{"y": {2**70}}}'),
+        lambda h: h["__metadata__"].update(target_offset=f'{{"y": {2**62 - 1}}}'),
+        lambda h: h["__metadata__"].update(targets="[" * 100_000),
+    ],
+)
+def test_tampered_files_raise_format_error(tmp_path, edit):
+    import json
+    import struct
+
+    from neuropil import FormatError
+
+    sw = SlidingWindows(frames_for(50), 5, targets={"y": np.arange(50)}, target_offset=0)
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    header, start, raw = _header(path)
+    edit(header)
+    hb = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[start:])
+    for mmap in (True, False):
+        with pytest.raises(FormatError):
+            SlidingWindows.load(path, mmap=mmap)
+
+
+def test_deeply_nested_header_raises_format_error(tmp_path):
+    import struct
+
+    from neuropil import FormatError
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 100_000) + b"[" * 100_000)
+    with pytest.raises(FormatError, match="not JSON"):
+        SlidingWindows.load(path)
+
+
+def test_materialize_rejects_bad_chunk_and_target_rejects_unknown_names():
+    f = frames_for(30)
+    sw = SlidingWindows(f, 4, targets={"y": np.arange(30)}, target_offset=1)
+    for chunk, msg in ((0, "positive integer; got 0"), (-1, "positive integer; got -1"),
+                       (1.5, "must be an integer; got 1.5")):  # fmt: skip
+        with pytest.raises(ArgumentError, match=f"chunk must be a {msg}|chunk {msg}"):
+            sw.materialize(force=True, chunk=chunk)
+    out = sw.materialize(force=True, chunk=7)
+    np.testing.assert_array_equal(out["frames"], sw.take(np.arange(len(sw)))["frames"])
+    with pytest.raises(ArgumentError, match=r"name must be one of the targets \['y'\]; got 'zz'"):
+        sw.target("zz", 0)
+    assert sw.target("y", 0) == 4
+    with pytest.raises(IndexError, match="out of range"):
+        sw.start(2**70)
+    with pytest.raises(ArgumentError, match="window must be at most"):
+        SlidingWindows(f, 2**64)
+    with pytest.raises(ArgumentError, match=r"target_offset\['y'\] must be at most"):
+        SlidingWindows(f, 4, targets={"y": np.arange(30)}, target_offset=2**63)
+
+
+@needs_torch
+def test_dataset_rejects_float_and_bool_indices():
+    import torch
+
+    sw = SlidingWindows(frames_for(30), 4)
+    ds = sw.as_dataset()
+    for bad in (1.9, True, np.float64(2.0)):
+        with pytest.raises(DTypeError, match="indices must hold integers"):
+            ds[bad]
+    for bad in ([1.7, 2.2], np.array([1.0]), torch.tensor([1.5])):
+        with pytest.raises(DTypeError, match="indices must hold integers"):
+            ds.__getitems__(bad)
+    assert torch.equal(ds[2]["frames"], torch.from_numpy(frames_for(30)[2:6]))
+    got = ds.__getitems__([torch.tensor(1), np.int64(3)]).batch["frames"][:, 0, 0]
+    assert got.tolist() == [10.0, 30.0]

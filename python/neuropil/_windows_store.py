@@ -12,9 +12,13 @@ Never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import stat
 import struct
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 FORMAT = "neuropil.windows"
 VERSION = "1"
 _MAX_HEADER = 100 << 20
+_MAX_INT = 1 << 62  # bound on window, stride and target offsets read from a file
 
 # safetensors dtype names <-> numpy; BF16 is read as int16 and viewed by torch.
 _DTYPES = {
@@ -56,10 +61,20 @@ def _host(data: Any) -> tuple[np.ndarray, str]:
 
 
 def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
-    """Writes ``sw`` to ``path`` (safetensors + JSON metadata; temp file, then rename)."""
+    """Writes ``sw`` to ``path`` (safetensors + JSON metadata; temp file, then rename).
+
+    Tensors are laid out by descending item size after a header padded to a
+    multiple of 8 bytes, so every tensor's data is aligned to its item size in
+    the file (and in a memory map of it). Each call writes its own temporary
+    file (``mkstemp`` in the same folder), so concurrent saves to one path never
+    mix; the last rename wins. The file gets the mode of the file it replaces,
+    else ``0o666`` minus the umask, as ``open`` would give it.
+    """
     path = Path(path)
     tensors = [("frames", *_host(sw.frames)), ("episodes", sw.episode_offsets, "I64")]
     tensors += [(f"target.{k}", *_host(v)) for k, v in sw.targets.items()]
+    # Widest items first (stable): with an 8-aligned data start, every tensor is aligned.
+    tensors.sort(key=lambda t: -t[1].dtype.itemsize)
     header: dict[str, Any] = {
         "__metadata__": {
             "format": FORMAT,
@@ -80,18 +95,43 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             _write_tensors(f, [arr for _, arr, _ in tensors])
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def new_file_mode(path: Path) -> int:
+    """Permission bits for a file written over ``path``: the old file's, else
+    ``0o666`` less the process umask (what a plain ``open(path, "w")`` gives)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # /proc avoids os.umask's set-and-restore, which races with other threads.
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:
@@ -127,8 +167,8 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
             raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _bad(path, f"header is not JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise _bad(path, f"header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise _bad(path, "header must be a JSON object")
     meta = header.pop("__metadata__", None)
@@ -141,16 +181,19 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
     try:
         names = json.loads(meta.get("targets", "null"))
         offsets = json.loads(meta.get("target_offset", "null"))
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         raise _bad(path, "targets/target_offset metadata must be JSON") from None
     if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
         raise _bad(path, f"targets metadata must be a list of names; got {names!r}")
     if not isinstance(offsets, dict) or sorted(offsets) != sorted(names):
         raise _bad(path, f"target_offset must name exactly the targets {names}; got {offsets!r}")
     if not all(
-        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in offsets.values()
+        v is None or (isinstance(v, int) and not isinstance(v, bool) and abs(v) < _MAX_INT)
+        for v in offsets.values()
     ):
-        raise _bad(path, f"target_offset values must be ints or null; got {offsets!r}")
+        raise _bad(
+            path, f"target_offset values must be ints of magnitude < 2**62 or null; got {offsets!r}"
+        )
     want = {"frames", "episodes", *(f"target.{k}" for k in names)}
     if set(header) != want:
         raise _bad(path, f"tensors must be {sorted(want)}; got {sorted(header)}")
@@ -169,14 +212,15 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
             targets={k: arrays[f"target.{k}"][0] for k in names},
             target_offset=offsets,
         )
-    except NeuropilError as e:
+    except (NeuropilError, OverflowError) as e:
         raise _bad(path, f"inconsistent content: {e}") from None
 
 
 def _meta_int(path: Path, meta: dict, key: str) -> int:
     v = meta.get(key)
-    if not (isinstance(v, str) and v.isdigit() and int(v) >= 1):
-        raise _bad(path, f"metadata {key} must be a positive integer; got {v!r}")
+    # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+    if not (isinstance(v, str) and v.isascii() and v.isdigit() and 1 <= int(v) < _MAX_INT):
+        raise _bad(path, f"metadata {key} must be a positive integer below 2**62; got {v!r}")
     return int(v)
 
 
@@ -189,12 +233,19 @@ def _tensor(
     if dtype not in _DTYPES:
         raise _bad(path, f"tensor {name} dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
     ints = (list, tuple)
-    if not (isinstance(shape, ints) and all(isinstance(x, int) and x >= 0 for x in shape)):
-        raise _bad(path, f"tensor {name} shape must be a list of non-negative ints; got {shape!r}")
-    if not (isinstance(offs, ints) and len(offs) == 2 and all(isinstance(x, int) for x in offs)):
+    if not (
+        isinstance(shape, ints)
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _MAX_INT for x in shape)
+    ):
+        raise _bad(path, f"tensor {name} shape must be a list of ints in [0, 2**62); got {shape!r}")
+    if not (
+        isinstance(offs, ints)
+        and len(offs) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in offs)
+    ):
         raise _bad(path, f"tensor {name} data_offsets must be [begin, end]; got {offs!r}")
     np_dtype = np.dtype(_DTYPES[dtype])
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    nbytes = math.prod(shape) * np_dtype.itemsize  # Python ints: a huge shape cannot wrap
     begin, end = offs
     if not (0 <= begin <= end and end - begin == nbytes):
         raise _bad(path, f"tensor {name} data_offsets {offs} do not hold shape {shape} of {dtype}")
@@ -204,6 +255,10 @@ def _tensor(
         arr: Any = np.empty(shape, dtype=np_dtype)
     elif mmap:
         arr = np.memmap(path, dtype=np_dtype, mode="r", offset=start + begin, shape=tuple(shape))
+        if not arr.flags.aligned:
+            # A file written before tensors were aligned (or by another writer):
+            # copy rather than hand a misaligned array to the native layout.
+            arr = np.array(arr)
     else:
         arr = np.fromfile(path, dtype=np_dtype, count=nbytes // np_dtype.itemsize,
                           offset=start + begin).reshape(shape)  # fmt: skip

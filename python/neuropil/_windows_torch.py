@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .windows import SlidingWindows, _index_array
+from .windows import SlidingWindows
 
 __all__ = ["WindowBatch", "WindowDataset"]
 
@@ -65,7 +64,9 @@ class WindowDataset(Dataset):
         return WindowBatch(self.__getitems__([i]).batch)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> WindowBatch:
-        batch = self.windows.take(_index_array(np.asarray(indices, dtype=np.int64)))
+        """Gathers windows ``indices`` (ints; floats and bools raise ``DTypeError``)."""
+        # No cast to int64 here: a float index must be refused, never truncated.
+        batch = self.windows.take(indices)
         return WindowBatch({k: _as_torch(v) for k, v in batch.items()})
 
     @staticmethod

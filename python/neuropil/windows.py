@@ -48,7 +48,10 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _int(name: str, value: Any, minimum: int | None = None) -> int:
+_I64_MAX = 2**63 - 1
+
+
+def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise ArgumentError(f"{name} must be an integer; got {value!r}")
     try:
@@ -58,6 +61,16 @@ def _int(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ArgumentError(f"{name} must be {what}; got {v}")
+    if maximum is not None and v > maximum:
+        raise ArgumentError(f"{name} must be at most {maximum}; got {v}")
+    return v
+
+
+def _window_index(i: Any, n: int) -> int:
+    """``i`` as an int for the native layout; beyond int64 it is out of range."""
+    v = _int("i", i)
+    if not -_I64_MAX - 1 <= v <= _I64_MAX:
+        raise IndexError(f"window index {v} is out of range for length {n}")
     return v
 
 
@@ -73,7 +86,9 @@ def _index_array(indices: Any, name: str = "indices") -> np.ndarray:
         raise ShapeError(f"{name} must have shape (n,); got {arr.shape}")
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         raise IndexError(f"{name} holds {int(arr.max())}, out of range")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    # A memmap of a file can be misaligned; the native layout needs aligned int64.
+    return out if out.flags.aligned else out.copy()
 
 
 class _Array:
@@ -276,8 +291,8 @@ class SlidingWindows:
         targets: Mapping[str, Any] | None = None,
         target_offset: int | Mapping[str, int | None] | None = None,
     ):
-        window = _int("window", window, 1)
-        stride = _int("stride", stride, 1)
+        window = _int("window", window, 1, _I64_MAX)
+        stride = _int("stride", stride, 1, _I64_MAX)
         self.frames = self._frames(frames)
         self.torch = _is_torch(self.frames)
         self.device = self.frames.device if self.torch else None
@@ -290,7 +305,7 @@ class SlidingWindows:
             self.targets[name] = self._target(name, value, n)
             off = target_offset.get(name) if isinstance(target_offset, Mapping) else target_offset
             if off is not None:
-                off = _int(f"target_offset[{name!r}]", off, -(window - 1))
+                off = _int(f"target_offset[{name!r}]", off, -(window - 1), _I64_MAX - window)
             self.target_offset[name] = off
         if isinstance(target_offset, Mapping):
             extra = set(target_offset) - set(self.targets)
@@ -418,11 +433,11 @@ class SlidingWindows:
         Raises:
             IndexError: ``i`` is out of range (never clamped).
         """
-        return self._layout.start(_int("i", i))
+        return self._layout.start(_window_index(i, len(self)))
 
     def episode_of(self, i: int) -> int:
         """Episode (0-based) holding window ``i``."""
-        return self._layout.episode_of(_int("i", i))
+        return self._layout.episode_of(_window_index(i, len(self)))
 
     def __getitem__(self, i: int) -> Any:
         """Window ``i``: a ``(W, D)`` view of the frames (no copy).
@@ -435,6 +450,10 @@ class SlidingWindows:
 
     def target(self, name: str, i: int) -> Any:
         """Target ``name`` of window ``i``: a view of ``(W, ...)`` or ``(...)``."""
+        if not isinstance(name, str) or name not in self.targets:
+            raise ArgumentError(
+                f"name must be one of the targets {list(self.targets)}; got {name!r}"
+            )
         s = self.start(i)
         k = self.target_offset[name]
         data = self.targets[name]
@@ -611,7 +630,9 @@ class SlidingWindows:
 
         Raises:
             WindowMemoryError: eager would not fit and ``force`` is False.
+            ArgumentError: ``chunk`` is not a positive integer.
         """
+        chunk = _int("chunk", chunk, 1)
         plan = self.memory_plan(available=available)
         if plan.mode != "eager" and not force:
             raise WindowMemoryError(f"materialize would not fit: {plan}; use batches()")
@@ -647,6 +668,8 @@ class SlidingWindows:
             path: The file.
             mmap: Map the arrays from the file (``np.memmap``, read-only, paged
                 in as windows are read) instead of reading them into memory.
+                Files written since tensors are aligned map every array; an
+                array stored misaligned (files of older versions) is copied.
 
         Raises:
             FormatError: the file is malformed, truncated, inconsistent or of

@@ -22,10 +22,60 @@ def check_int(name: str, v: Any, minimum: int = 1) -> None:
         raise ArgumentError(f"{name} must be {what}; got {v!r}")
 
 
+def check_codes(codes: torch.Tensor, name: str = "codes") -> None:
+    """Codes must be finite with columns of non-zero, finite norm (in float64).
+
+    The same test :func:`~neuropil.membrane._io.load_bank` applies, so a bank
+    that can be built can be saved and loaded again.
+    """
+    c = codes.detach()
+    norms = c.to(torch.float64).norm(dim=0)
+    bad = (norms == 0) | ~torch.isfinite(norms)
+    if bool(torch.isfinite(c).all()) and not bool(bad.any()):
+        return
+    if not bool(torch.isfinite(c).all()):
+        raise ArgumentError(f"{name} must be finite; got NaN or Inf")
+    cols = torch.nonzero(bad).flatten()[:5].tolist()
+    raise ArgumentError(
+        f"{name} must have columns of non-zero, finite norm (computed in float64); got "
+        f"column(s) {cols} with norm {[float(norms[i]) for i in cols]}"
+    )
+
+
+def check_finite(values: torch.Tensor, alphas: torch.Tensor | None, adaptive: bool = False) -> None:
+    """Raises unless ``values`` (dense or sparse COO) and ``alphas`` are all finite.
+
+    One reduction and one device sync for both: a NaN or Inf stored once spreads
+    over every pattern of the bank, so it is refused before the state changes.
+    """
+    v = values._values() if values.layout == torch.sparse_coo else values
+    ok = torch.isfinite(v.detach()).all()
+    if alphas is not None:
+        ok = ok & torch.isfinite(alphas.detach()).all()
+    if bool(ok):
+        return
+    if not bool(torch.isfinite(v.detach()).all()):
+        n = int((~torch.isfinite(v.detach())).sum())
+        raise ArgumentError(f"values must be finite; got {n} NaN or Inf entries")
+    assert alphas is not None
+    bad = alphas.detach()[~torch.isfinite(alphas.detach())]
+    hint = " (1 / ||V|| of a tiny pattern overflows it)" if adaptive else ""
+    raise ArgumentError(
+        f"alphas must be finite in the bank's dtype {alphas.dtype}{hint}; got {bad[:8].tolist()}"
+    )
+
+
 def check_values(values: Any, bank: Any) -> torch.Tensor:
     """``values`` as a ``(B, K', H, W)`` tensor (a view when given ``(K', H, W)``)."""
     if isinstance(values, np.ndarray):
-        values = torch.from_numpy(values)
+        if not values.dtype.isnative:
+            values = values.astype(values.dtype.newbyteorder("="))  # torch needs native order
+        try:
+            values = torch.from_numpy(values)
+        except TypeError:
+            raise DTypeError(
+                f"values must have a floating dtype torch can hold; got {values.dtype}"
+            ) from None
     if not isinstance(values, torch.Tensor):
         raise ArgumentError(f"values must be a torch.Tensor; got {type(values).__name__}")
     want = f"(K, {bank.H}, {bank.W}) or ({bank.B}, K, {bank.H}, {bank.W})"
@@ -72,6 +122,8 @@ def as_keys(keys: Any, kp: int | None, B: int, K: int, name: str) -> torch.Tenso
             )
         return None
     if isinstance(keys, (int, np.integer)) and not isinstance(keys, bool):
+        if not 0 <= int(keys) < K:
+            raise ArgumentError(f"{name} must be in [0, {K}); got {int(keys)}")
         t = torch.tensor([int(keys)], dtype=torch.int64)
     elif isinstance(keys, torch.Tensor):
         if keys.dtype in (torch.bool,) or keys.is_floating_point() or keys.is_complex():
@@ -83,6 +135,9 @@ def as_keys(keys: Any, kp: int | None, B: int, K: int, name: str) -> torch.Tenso
         arr = np.asarray(keys)
         if arr.size and arr.dtype.kind not in "iu":
             raise DTypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+        if arr.size and arr.dtype == np.uint64 and int(arr.max()) >= K:
+            # checked before the int64 cast, which would wrap 2**63 + 1 to a negative key
+            raise ArgumentError(f"{name} must be in [0, {K}); got {int(arr.max())}")
         t = torch.from_numpy(arr.astype(np.int64, copy=False).reshape(arr.shape))
     else:
         raise ArgumentError(f"{name} must be an int, a sequence or a tensor of ints; got {keys!r}")

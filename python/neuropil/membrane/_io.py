@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentError, FormatError, NeuropilError
+from ._checks import check_codes
 
 FORMAT = "neuropil.membrane.MembraneBank"
 VERSION = 1
@@ -36,6 +37,8 @@ def save_bank(bank: Any, path: Any) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
+    # Learned codes may have drifted since construction: never write a file load refuses.
+    check_codes(bank.C, "codes")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -51,6 +54,7 @@ def save_bank(bank: Any, path: Any) -> None:
         "code_kind": bank.code_kind,
         "seed": bank.seed,
         "steps": bank.steps,
+        "fast_hadamard": bank.fast_hadamard,
     }
     tensors = {
         "M": bank.M.detach().cpu().contiguous(),
@@ -63,11 +67,31 @@ def save_bank(bank: Any, path: Any) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"neuropil": json.dumps(meta)})
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp made it 0o600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode(path: Path) -> int:
+    """Permission bits for a file written over ``path``: the old file's, else
+    ``0o666`` less the process umask (what a plain ``open(path, "w")`` gives)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    try:  # /proc avoids os.umask's set-and-restore, which races with other threads
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -131,6 +155,12 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
         isinstance(persistence, bool) or not isinstance(persistence, (int, float))
     ):
         raise FormatError(f"{path}: persistence must be a number or null; got {persistence!r}")
+    # Absent from files written before it was saved: None (the default) as then.
+    fast_hadamard = meta.get("fast_hadamard")
+    if fast_hadamard is not None and not isinstance(fast_hadamard, bool):
+        raise FormatError(
+            f"{path}: fast_hadamard must be true, false or null; got {fast_hadamard!r}"
+        )
     L, H, W, B, K = (dims[n] for n in ("L", "H", "W", "batch", "K"))
     want = {
         "M": ((B, L, H, W), dtype),
@@ -151,9 +181,10 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
     for n in ("counts", "reads"):
         if bool((t[n] < 0).any()):
             raise FormatError(f"{path}: tensor {n!r} holds negative counts")
-    norms = t["C"].double().norm(dim=0)
-    if bool((norms == 0).any()) or not math.isfinite(float(norms.sum())):
-        raise FormatError(f"{path}: code book C has zero columns")
+    try:
+        check_codes(t["C"], "C")  # the test the constructor applies to custom codes
+    except ArgumentError as e:
+        raise FormatError(f"{path}: code book C has zero columns or non-finite norms ({e})") from e
     try:
         device = torch.empty(0, device="cpu" if device is None else device).device
         bank = cls(
@@ -168,6 +199,7 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
             dtype=dtype,
             precision=precision,
             seed=seed,
+            fast_hadamard=fast_hadamard,
         )
     except NeuropilError as e:
         raise FormatError(f"{path}: inconsistent metadata ({e})") from e

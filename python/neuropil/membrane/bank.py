@@ -10,15 +10,19 @@ most ``L`` keys are stored. Both are single GEMMs over the flattened
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+import numbers
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import codes as _codes
-from ._checks import as_keys, check_int, check_values, dtype_name
+from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
 
 __all__ = ["READOUTS", "MembraneBank"]
 
@@ -28,6 +32,18 @@ _PRECISIONS = ("highest", "tf32")
 # Sparse COO values denser than this are densified: the scatter path costs nnz * L
 # and wins over the dense write only below about 0.1-0.15% non-zeros (BENCHMARKS.md).
 SPARSE_MAX_DENSITY = 0.0015
+
+
+def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs the method under the bank's lock: the in-place GEMMs on the shared
+    state, the counters and the cached dual codes are updated by one call at a time."""
+
+    @functools.wraps(fn)
+    def wrapper(self: MembraneBank, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class MembraneBank:
@@ -68,6 +84,11 @@ class MembraneBank:
             :class:`~neuropil.membrane.AdaptivePersistence`).
         gains: ``(B, K)`` tensor: the alpha of each key's last store (1 before).
         steps: Decay steps applied since :meth:`clear`.
+
+    Thread safety: :meth:`store`, :meth:`read`, :meth:`decay`, :meth:`clear`,
+    :meth:`grow`, :meth:`save` and :meth:`stats` hold the bank's lock
+    (``threading.RLock``), so calls from several threads serialise and give
+    the result of some sequential order.
     """
 
     def __init__(
@@ -86,6 +107,7 @@ class MembraneBank:
         seed: int = 0,
         fast_hadamard: bool | None = None,
     ) -> None:
+        self._lock = threading.RLock()
         for name, v in (("L", L), ("H", H), ("W", W), ("batch", batch)):
             check_int(name, v)
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -130,8 +152,7 @@ class MembraneBank:
                 raise DTypeError(f"codes must have dtype {dtype_name(dtype)}; got {codes.dtype}")
             if codes.device != device:
                 raise ArgumentError(f"codes must be on device {device}; got {codes.device}")
-            if not bool(torch.isfinite(codes).all()):
-                raise ArgumentError("codes must be finite")
+            check_codes(codes)
             C = codes
             self.code_kind = "custom"
         else:
@@ -142,6 +163,8 @@ class MembraneBank:
         self.readout = readout
         self.precision = precision
         self.seed = int(seed)
+        if fast_hadamard is not None and not isinstance(fast_hadamard, bool):
+            raise ArgumentError(f"fast_hadamard must be None, True or False; got {fast_hadamard!r}")
         self.fast_hadamard = fast_hadamard
         self._h: tuple[torch.Tensor, torch.Tensor] | None = None
         self._setup_transform(device, dtype)
@@ -156,7 +179,9 @@ class MembraneBank:
         self._pending_reads: dict[int, int] = {}
         self.steps = 0
         self._dual: torch.Tensor | None = None
-        self._dual_keys: tuple[int, ...] | None = None
+        # what the cached dual was computed from: the code tensor (id, version, data_ptr,
+        # shape) and, past L, the stored keys
+        self._dual_keys: tuple[Any, ...] | None = None
         if readout == "pinv" and self.K <= self.L:
             self._dual_for(None)  # fails early on a rank-deficient code book
 
@@ -172,27 +197,40 @@ class MembraneBank:
 
     @property
     def counts(self) -> torch.Tensor:
-        for kp, n in self._pending_counts.items():
-            self._counts[:, :kp] += n
-        self._pending_counts.clear()
-        return self._counts
+        with self._lock:
+            for kp, n in self._pending_counts.items():
+                self._counts[:, :kp] += n
+            self._pending_counts.clear()
+            return self._counts
 
     @counts.setter
     def counts(self, value: torch.Tensor) -> None:
-        self._pending_counts.clear()
-        self._counts = value
+        with self._lock:
+            self._pending_counts.clear()
+            self._counts = value
 
     @property
     def reads(self) -> torch.Tensor:
-        for kp, n in self._pending_reads.items():
-            self._reads[:, :kp] += n
-        self._pending_reads.clear()
-        return self._reads
+        with self._lock:
+            for kp, n in self._pending_reads.items():
+                self._reads[:, :kp] += n
+            self._pending_reads.clear()
+            return self._reads
 
     @reads.setter
     def reads(self, value: torch.Tensor) -> None:
-        self._pending_reads.clear()
-        self._reads = value
+        with self._lock:
+            self._pending_reads.clear()
+            self._reads = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @property
     def device(self) -> torch.device:
@@ -216,6 +254,7 @@ class MembraneBank:
         self.persistence = lam
 
     # ------------------------------------------------------------------ writing
+    @_locked
     def store(
         self,
         values: torch.Tensor,
@@ -243,7 +282,8 @@ class MembraneBank:
         Raises:
             ShapeError: ``values`` or ``keys`` or ``alphas`` have the wrong shape.
             DTypeError: ``values`` is not of the bank's dtype.
-            ArgumentError: keys out of range, device mismatch, non-finite alphas.
+            ArgumentError: keys out of range, device mismatch, NaN or Inf in
+                ``values`` or ``alphas`` (nothing is written then).
         """
         sparse = isinstance(values, torch.Tensor) and values.layout == torch.sparse_coo
         values = check_values(values, self)
@@ -252,6 +292,8 @@ class MembraneBank:
         kp = values.shape[1]
         keys_t = as_keys(keys, kp, self.B, self.K, "keys")
         a = self._alphas(alphas, values, kp)
+        # one NaN or Inf would spread to every pattern of the state: refuse it first
+        check_finite(values, a, isinstance(alphas, str))
         if self.persistence is not None and self.persistence != 1.0:
             self._scale_state(self.persistence)
             self.steps += 1
@@ -365,7 +407,7 @@ class MembraneBank:
             dense = values.to_dense() if values.layout == torch.sparse_coo else values
             norms = dense.detach().reshape(self.B, kp, -1).float().norm(dim=2)
             return (1.0 / norms.clamp_min(1e-12)).to(self.dtype)
-        if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
+        if _is_real(alphas):
             if not math.isfinite(alphas):
                 raise ArgumentError(f"alphas must be finite; got {alphas}")
             return torch.full((self.B, kp), float(alphas), device=self.device, dtype=self.dtype)
@@ -396,6 +438,7 @@ class MembraneBank:
             self.gains.scatter_(1, k2, _last_occurrence(k2, a.detach()))
 
     # ------------------------------------------------------------------ reading
+    @_locked
     def read(
         self, keys: Any = None, readout: str | None = None, unscale: bool = False
     ) -> torch.Tensor:
@@ -478,15 +521,23 @@ class MembraneBank:
             return codes.index_select(1, keys)
         return codes[:, keys].permute(1, 0, 2)  # (B, L, K')
 
+    @_locked
     def stored_keys(self) -> list[int]:
         """Keys stored in at least one bank since :meth:`clear`, ascending."""
         return torch.nonzero(self.counts.sum(0)).flatten().tolist()
 
+    @_locked
     def _dual_for(self, keys: torch.Tensor | None) -> torch.Tensor:
-        """Dual codes ``D`` with ``D^T C_S = I`` over the stored keys ``S`` (all keys if K <= L)."""
+        """Dual codes ``D`` with ``D^T C_S = I`` over the stored keys ``S`` (all keys if K <= L).
+
+        Cached until the codes change: learned codes updated in place (an
+        optimizer step) bump the tensor's version counter, so the dual is
+        recomputed; so is a code book replaced by another tensor.
+        """
         if self.K <= self.L:
-            if self._dual is None:
-                self._dual = self._pinv_t(self.C, "the code book")
+            key = (*self._codes_key(), None)
+            if self._dual is None or self._dual_keys != key:
+                self._dual, self._dual_keys = self._pinv_t(self.C, "the code book"), key
             return self._dual
         stored = tuple(self.stored_keys())
         if len(stored) > self.L:
@@ -495,13 +546,22 @@ class MembraneBank:
                 "distinct stored keys (use readout='correlation', optionally with a "
                 "HopfieldCleanup)"
             )
-        if self._dual is None or self._dual_keys != stored:
-            d = torch.zeros_like(self.C)
+        key = (*self._codes_key(), stored)
+        if self._dual is None or self._dual_keys != key:
+            d = torch.zeros_like(self.C.detach())
             if stored:
                 idx = torch.tensor(stored, device=self.device)
                 d[:, idx] = self._pinv_t(self.C[:, idx], "the stored keys' codes")
-            self._dual, self._dual_keys = d, stored
+            self._dual, self._dual_keys = d, key
         return self._dual
+
+    def _codes_key(self) -> tuple[Any, ...]:
+        """(version, data_ptr, shape) of the code book: changes when the codes do."""
+        try:
+            version: Any = self.C._version
+        except RuntimeError:  # an inference tensor has no version counter
+            version = None
+        return (id(self.C), version, self.C.data_ptr(), tuple(self.C.shape))
 
     def _pinv_t(self, c: torch.Tensor, what: str) -> torch.Tensor:
         c64 = c.detach().to(torch.float64)
@@ -513,6 +573,7 @@ class MembraneBank:
             )
         return torch.linalg.pinv(c64).t().contiguous().to(self.dtype)
 
+    @_locked
     def grow(self, K: int) -> None:
         """Extends the code book to ``K`` keys without disturbing stored patterns.
 
@@ -540,6 +601,7 @@ class MembraneBank:
         self._dual, self._dual_keys = None, None
 
     # ------------------------------------------------------------------ persistence
+    @_locked
     def decay(self, lam: float, steps: int = 1) -> None:
         """Decays every stored pattern: ``M <- lam^steps M``.
 
@@ -553,6 +615,7 @@ class MembraneBank:
             self._scale_state(lam**steps)
             self.steps += steps
 
+    @_locked
     def step(self, n: int = 1) -> None:
         """Applies ``n`` steps of the automatic persistence (no-op when it is off)."""
         check_int("n", n, minimum=0)
@@ -565,17 +628,18 @@ class MembraneBank:
         else:
             self.M.mul_(f)
 
+    @_locked
     def clear(self) -> None:
-        """Forgets everything: zero state, counts, reads, gains and steps."""
+        """Forgets everything: zero state, counts, reads, gains, steps and cached duals."""
         self.M = torch.zeros_like(self.M, requires_grad=False)
         self.gains = torch.ones_like(self.gains)
         self.counts.zero_()
         self.reads.zero_()
         self.steps = 0
-        if self.K > self.L:
-            self._dual, self._dual_keys = None, None
+        self._dual, self._dual_keys = None, None
 
     # ------------------------------------------------------------------ telemetry
+    @_locked
     def stats(self) -> dict[str, Any]:
         """Energy and capacity telemetry.
 
@@ -612,6 +676,7 @@ class MembraneBank:
         }
 
     # ------------------------------------------------------------------ save / load
+    @_locked
     def save(self, path: Any) -> None:
         """Writes the bank to ``path`` (safetensors + JSON metadata, atomic rename)."""
         from ._io import save_bank
@@ -667,8 +732,13 @@ def _tf32() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+def _is_real(x: Any) -> bool:
+    """A real Python or numpy scalar (``np.float32(0.9)`` included), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_lambda(lam: Any, name: str) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if not _is_real(lam):
         raise ArgumentError(f"{name} must be a number in (0, 1]; got {lam!r}")
     lam = float(lam)
     if not (0.0 < lam <= 1.0):

@@ -3,13 +3,15 @@ hierarchical banks. Each was measured before it was kept (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import Any
 
 import torch
 
 from ..errors import ArgumentError, ShapeError
-from ._checks import as_keys, check_int
-from .bank import MembraneBank, _check_lambda
+from ._checks import as_keys, check_finite, check_int, check_values
+from .bank import MembraneBank, _check_lambda, _is_real
 
 __all__ = ["AdaptivePersistence", "HierarchicalMembraneBank", "HopfieldCleanup"]
 
@@ -36,8 +38,9 @@ class HopfieldCleanup:
             raise ShapeError(
                 f"patterns must have shape (P, H, W) or (P, D); got {tuple(patterns.shape)}"
             )
-        if not (isinstance(beta, (int, float)) and beta > 0):
-            raise ArgumentError(f"beta must be a positive number; got {beta!r}")
+        if not (_is_real(beta) and 0 < beta < math.inf):
+            # beta = inf makes softmax(inf * s) NaN: use a large finite beta instead
+            raise ArgumentError(f"beta must be a positive finite number; got {beta!r}")
         self.shape = tuple(patterns.shape[1:])
         self.patterns = patterns.detach().reshape(patterns.shape[0], -1)
         self.beta = float(beta)
@@ -178,17 +181,18 @@ class AdaptivePersistence:
         """Applies ``n`` steps of per-key decay (rates fixed for the ``n`` steps)."""
         check_int("n", n, minimum=0)
         bank = self.bank
-        stored = bank.stored_keys()
-        if not stored or n == 0:
-            return
-        dual = bank._dual_for(None) if bank.K <= bank.L else bank._dual_for(torch.tensor(stored))
-        idx = torch.tensor(stored, device=bank.device)
-        f = (self.lambdas()[:, stored] ** n - 1).to(bank.device, bank.dtype)  # (B, S)
-        m3 = bank.M.view(bank.B, bank.L, -1)
-        y = torch.matmul(dual[:, idx].T, m3)  # (B, S, N): each key's component
-        cs = bank.C[:, idx].unsqueeze(0) * f.unsqueeze(1)  # (B, L, S)
-        m3.baddbmm_(cs, y)
-        bank.steps += n
+        with bank._lock:  # an in-place update of the shared state, like MembraneBank.store
+            stored = bank.stored_keys()
+            if not stored or n == 0:
+                return
+            dual = bank._dual_for(None if bank.K <= bank.L else torch.tensor(stored))
+            idx = torch.tensor(stored, device=bank.device)
+            f = (self.lambdas()[:, stored] ** n - 1).to(bank.device, bank.dtype)  # (B, S)
+            m3 = bank.M.view(bank.B, bank.L, -1)
+            y = torch.matmul(dual[:, idx].T, m3)  # (B, S, N): each key's component
+            cs = bank.C[:, idx].unsqueeze(0) * f.unsqueeze(1)  # (B, L, S)
+            m3.baddbmm_(cs, y)
+            bank.steps += n
 
 
 class HierarchicalMembraneBank:
@@ -218,6 +222,7 @@ class HierarchicalMembraneBank:
             self.offsets.append(self.offsets[-1] + b.K)
         self.K = self.offsets[-1]
         self.B, self.H, self.W = self.banks[0].B, H, W
+        self._lock = threading.RLock()
 
     def _route(self, keys: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
@@ -229,14 +234,30 @@ class HierarchicalMembraneBank:
         return out
 
     def store(self, values: torch.Tensor, keys: Any, alphas: Any = None) -> None:
-        """Stores ``(K', H, W)`` or ``(B, K', H, W)`` values under global 1-D ``keys``."""
-        kp = values.shape[-3] if isinstance(values, torch.Tensor) and values.ndim >= 3 else None
+        """Stores ``(K', H, W)`` or ``(B, K', H, W)`` values under global 1-D ``keys``.
+
+        ``values``, ``keys`` and ``alphas`` are checked as by
+        :meth:`MembraneBank.store` before any level is written: a call that
+        raises leaves every level unchanged.
+        """
+        b0 = self.banks[0]  # every level shares B, H, W, dtype and device
+        v4 = check_values(values, b0)
+        kp = v4.shape[1]
         k = as_keys(keys, kp, self.B, self.K, "keys")
-        if k is None or k.ndim != 1:
+        if k is None:
             raise ShapeError("keys must be a 1-D sequence of global keys for a hierarchical bank")
-        for i, pos, local in self._route(k):
-            a = alphas[..., pos.to(alphas.device)] if isinstance(alphas, torch.Tensor) else alphas
-            self.banks[i].store(values.index_select(-3, pos.to(values.device)), local, a)
+        if k.ndim != 1:
+            raise ShapeError(
+                f"keys must be a 1-D sequence of global keys for a hierarchical bank; "
+                f"got shape {tuple(k.shape)}"
+            )
+        a = b0._alphas(alphas, v4, kp)  # (B, K') or None; checks shape, device, dtype
+        check_finite(v4, a, isinstance(alphas, str))
+        with self._lock:
+            for i, pos, local in self._route(k):
+                p = pos.to(values.device)
+                ai = alphas if a is None or isinstance(alphas, str) else a.index_select(1, p)
+                self.banks[i].store(values.index_select(-3, p), local, ai)
 
     def read(self, keys: Any = None, **kwargs: Any) -> torch.Tensor:
         """Recalls global ``keys`` (default all): ``(B, K', H, W)``."""

@@ -7,6 +7,7 @@ or float32 on devices without float64) and return Python floats.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ def _pair(x: torch.Tensor, y: torch.Tensor, fn: str) -> tuple[torch.Tensor, torc
         raise ShapeError(f"{fn}: y must have the shape of x {tuple(x.shape)}; got {tuple(y.shape)}")
     if x.device != y.device:
         raise ArgumentError(f"{fn}: y must be on x's device {x.device}; got {y.device}")
+    if x.numel() == 0:
+        raise ShapeError(f"{fn}: x must not be empty; got shape {tuple(x.shape)}")
     wide = torch.float32 if x.device.type == "mps" else torch.float64
     return x.detach().to(wide), y.detach().to(wide)
 
@@ -33,6 +36,8 @@ def _pair(x: torch.Tensor, y: torch.Tensor, fn: str) -> tuple[torch.Tensor, torc
 def _range(x: torch.Tensor, data_range: float | None, fn: str) -> float:
     if data_range is None:
         data_range = float(x.max() - x.min())
+    elif isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
+        raise ArgumentError(f"{fn}: data_range must be a number; got {data_range!r}")
     if not (data_range > 0 and math.isfinite(data_range)):
         raise ArgumentError(
             f"{fn}: data_range must be positive and finite; got {data_range} "
@@ -90,8 +95,14 @@ def ssim(
     x, y = _pair(x, y, "ssim")
     if x.ndim < 2:
         raise ShapeError(f"ssim: x must have shape (..., H, W); got {tuple(x.shape)}")
-    if win_size < 3 or win_size % 2 == 0:
+    if (
+        isinstance(win_size, bool)
+        or not isinstance(win_size, numbers.Integral)
+        or win_size < 3
+        or win_size % 2 == 0
+    ):
         raise ArgumentError(f"ssim: win_size must be an odd integer >= 3; got {win_size}")
+    win_size = int(win_size)
     h, w = x.shape[-2:]
     if h < win_size or w < win_size:
         raise ShapeError(f"ssim: x must be at least {win_size}x{win_size} (win_size); got {h}x{w}")
