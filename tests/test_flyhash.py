@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import neuropil
 from conftest import HAS_TORCH, run_python
-from neuropil import _native
+from neuropil import ShapeError, _native
 from neuropil.flyhash import BinaryIndex, FlyHash
 
 LEVELS = _native.simd_levels()
@@ -596,3 +596,17 @@ def test_bench_quick_prints_every_figure(capsys):
         "Jaccard",
     ]:
         assert needle in out, needle
+
+
+def test_a_one_dimensional_input_of_the_wrong_length_names_both_shapes():
+    from neuropil.neurons import SparseFFN
+
+    fh = FlyHash(40, seed=0)
+    with pytest.raises(ShapeError, match=r"x must have shape \(40,\) or \(n, 40\); got \(33,\)"):
+        fh.encode(np.zeros(33, np.float32))
+    rng = np.random.default_rng(0)
+    ffn = SparseFFN(
+        *(rng.standard_normal(s, dtype=np.float32) for s in ((96, 40), (96, 40), (40, 96)))
+    )
+    with pytest.raises(ShapeError, match=r"x must have shape \(40,\) or \(n, 40\); got \(33,\)"):
+        ffn(np.zeros(33, np.float32))

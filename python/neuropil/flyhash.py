@@ -56,11 +56,13 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _rows(x: Any, name: str = "x") -> tuple[Any, bool]:
-    """``x`` as a 2-D array-like and whether it was 1-D."""
+def _rows(x: Any, name: str = "x", d: int | None = None) -> tuple[Any, bool]:
+    """``x`` as a 2-D array-like and whether it was 1-D (of length ``d``, if given)."""
     if not hasattr(x, "ndim"):
         x = np.asarray(x)
     if x.ndim == 1:
+        if d is not None and x.shape[0] != d:
+            raise ShapeError(f"{name} must have shape ({d},) or (n, {d}); got {tuple(x.shape)}")
         return x[None, :], True
     if x.ndim != 2:
         raise ShapeError(f"{name} must have shape (d,) or (n, d); got {tuple(x.shape)}")
@@ -212,7 +214,7 @@ class FlyHash:
 
     # ------------------------------------------------------------------ encoding
     def _run(self, x: Any, want: str, level: str | None) -> Any:
-        x2, one = _rows(x)
+        x2, one = _rows(x, d=self.input_dim)
         if _is_torch(x2):
             if x2.device.type != "cpu":
                 from . import _flyhash_torch

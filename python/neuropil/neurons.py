@@ -494,6 +494,10 @@ class SparseFFN:
     def _rows(self, x: Any) -> tuple[Any, bool]:
         a = _as_numpy(x)
         if a.ndim == 1:
+            if a.shape[0] != self.dim:
+                raise ShapeError(
+                    f"x must have shape ({self.dim},) or (n, {self.dim}); got {a.shape}"
+                )
             return a.reshape(1, -1), True
         return a, False
 

@@ -132,7 +132,7 @@ impl BinaryIndex {
             if let Some(&bad) = ids.iter().find(|&&i| !(0..i64::MAX).contains(&i)) {
                 return Err(Error::value(
                     "ids",
-                    format!("integers in [0, {})", i64::MAX),
+                    format!("non-negative integers below {}", i64::MAX),
                     bad,
                 ));
             }
@@ -430,7 +430,7 @@ mod tests {
         let mut ix = BinaryIndex::new(8).unwrap();
         let err = ix.add(&[1], 1, Some(&[i64::MAX])).unwrap_err().to_string();
         assert!(
-            err.contains("ids must be integers in [0, 9223372036854775807)"),
+            err.contains("ids must be non-negative integers below 9223372036854775807"),
             "{err}"
         );
         ix.add(&[1], 1, Some(&[i64::MAX - 1])).unwrap();
