@@ -763,3 +763,16 @@ def test_dataset_rejects_float_and_bool_indices():
     assert torch.equal(ds[2]["frames"], torch.from_numpy(frames_for(30)[2:6]))
     got = ds.__getitems__([torch.tensor(1), np.int64(3)]).batch["frames"][:, 0, 0]
     assert got.tolist() == [10.0, 30.0]
+
+
+@needs_torch
+def test_a_bfloat16_target_with_numpy_frames_is_a_dtype_error():
+    import torch
+
+    frames = np.zeros((10, 3), np.float32)
+    with pytest.raises(DTypeError, match=r"targets\['y'\] is a bfloat16 tensor"):
+        SlidingWindows(frames, window=4, targets={"y": torch.zeros(10, dtype=torch.bfloat16)})
+    sw = SlidingWindows(
+        torch.from_numpy(frames), window=4, targets={"y": torch.ones(10, dtype=torch.bfloat16)}
+    )
+    assert sw.target("y", 0).dtype == torch.bfloat16

@@ -358,6 +358,12 @@ class SlidingWindows:
             t = t.to(self.device).contiguous()
             shape = tuple(t.shape)
         else:
+            if _is_torch(value) and str(value.dtype) == "torch.bfloat16":
+                raise DTypeError(
+                    f"targets[{name!r}] is a bfloat16 tensor, which numpy frames cannot "
+                    "carry (numpy has no bfloat16): pass the frames as a torch tensor, "
+                    "or the target as float32"
+                )
             t = value.detach().cpu().numpy() if _is_torch(value) else np.asarray(value)
             if t.dtype.hasobject or t.dtype.kind not in "fiub":
                 raise DTypeError(f"targets[{name!r}] must have a numeric dtype; got {t.dtype}")
