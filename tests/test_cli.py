@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import neuropil
@@ -82,3 +83,34 @@ def test_no_subcommand_is_a_usage_error():
     r = run_cli()
     assert r.returncode == 2
     assert "usage: neuropil" in r.stderr
+
+
+def test_os_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    from safetensors.numpy import save_file as st_save
+
+    src = tmp_path / "in.safetensors"
+    st_save({"w": np.ones((64, 64), np.float32)}, str(src))
+    out = tmp_path / ("x" * 300 + ".safetensors")  # a name longer than any file system takes
+    assert cli.main(["quantize", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("neuropil: error: ") and "name too long" in err.lower(), err
+    assert "Traceback" not in err
+
+
+def test_os_errors_of_any_subcommand_exit_nonzero(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/model.safetensors")
+
+    monkeypatch.setattr(cli, "_cmd_info", denied)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err == "neuropil: error: [Errno 13] Permission denied: '/data/model.safetensors'\n"
+
+
+def test_genuine_bugs_keep_their_traceback(monkeypatch):
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_info", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["info"])

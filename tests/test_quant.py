@@ -771,3 +771,223 @@ def _decode_perplexity(model, ids) -> float:
             logp = torch.log_softmax(out.logits[0, -1].double(), -1)
             nll -= float(logp[ids[0, t + 1]])
     return math.exp(nll / (ids.shape[1] - 1))
+
+
+# ------------------------------------------------------------- audited defects
+
+
+def _raw_file(path, header, body=b""):
+    """A safetensors file with a hand-written header (tensors' bytes in ``body``)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+    return path
+
+
+_QUANT_META = {"format": "neuropil.quant", "format_version": "1", "neuropil.quant": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "clash"),
+    [
+        (lambda q: {"weight": q, "weight.scales": q.scales * 2}, "'weight.scales'"),
+        (lambda q: {"weight.scales": q.scales * 2, "weight": q}, "'weight.scales'"),
+        (lambda q: {"weight": q, "weight.qdata": q.data}, "'weight.qdata'"),
+        # a sym matrix has no mins, but a plain `.mins` would load as its mins
+        (lambda q: {"w": quantize(q.dequantize(), scheme="sym"), "w.mins": q.mins}, "'w.mins'"),
+        (lambda q: {"__metadata__": np.zeros(3, np.float32)}, "'__metadata__' is reserved"),
+        (lambda q: {1: np.zeros(3, np.float32)}, "keys must be strings; got 1"),
+    ],
+)
+def test_save_file_refuses_entries_whose_tensor_names_collide(tmp_path, entries, clash):
+    q = quantize(_matrix(9, 4, 64))
+    path = tmp_path / "c.safetensors"
+    with pytest.raises(ArgumentError, match=clash):
+        save_file(path, entries(q))
+    assert not path.exists()  # checked before anything is written
+    save_file(path, {"weight": q})
+    before = path.read_bytes()
+    with pytest.raises(ArgumentError):
+        save_file(path, entries(q))
+    assert path.read_bytes() == before
+
+
+def test_save_file_keeps_distinct_names_that_share_a_prefix(tmp_path):
+    q = quantize(_matrix(9, 4, 64))
+    entries = {"w": q, "w.qdata.x": np.ones(2, np.float32), "w.bias": np.zeros(4, np.float32)}
+    save_file(tmp_path / "ok.safetensors", entries)
+    back = load_file(tmp_path / "ok.safetensors")
+    assert np.array_equal(back["w"].dequantize(), q.dequantize())
+    assert back["w.qdata.x"].tolist() == [1, 1] and back["w.bias"].shape == (4,)
+
+
+def test_load_file_refuses_a_plain_tensor_named_like_a_quantized_entry(tmp_path):
+    from neuropil import _safetensors
+
+    q = quantize(_matrix(9, 4, 64))
+    formats = json.dumps({"weight": q._meta()})
+    path = tmp_path / "dup.safetensors"
+    tensors = {"weight.qdata": q.data, "weight.scales": q.scales, "weight.mins": q.mins}
+    meta = {**_QUANT_META, "neuropil.quant": formats}
+    _safetensors.write(path, {**tensors, "weight": np.ones(3, np.float32)}, meta)
+    with pytest.raises(FormatError, match="both a quantized entry and a plain tensor"):
+        load_file(path)
+
+
+def test_from_gguf_refuses_raw_blocks_that_are_not_uint8():
+    q = quantize(_matrix(10, 4, 64), scheme="q4_0")
+    raw = q.to_gguf()
+    for bad, dtype in [
+        (raw.astype(np.int32) + 300, "int32"),
+        (raw.astype(np.float32) + 0.5, "float32"),
+        (raw.tolist(), "int64"),
+    ]:
+        with pytest.raises(
+            DTypeError, match=f"raw must be GGUF blocks as uint8.*got dtype {dtype}"
+        ):
+            QuantizedWeights.from_gguf(bad, "q4_0", (4, 64))
+    want = q.dequantize()
+    for ok in (raw, raw.reshape(4, -1), raw.tobytes(), bytearray(raw), memoryview(raw.tobytes())):
+        assert np.array_equal(QuantizedWeights.from_gguf(ok, "q4_0", (4, 64)).dequantize(), want)
+
+
+def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
+    import os
+    import stat
+
+    if os.name != "posix":
+        pytest.skip("POSIX file modes")
+    old = os.umask(0o027)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        path = tmp_path / "w.safetensors"
+        quantize(_matrix(11, 2, 64)).save(path)
+        want = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+        assert want == 0o640
+        assert stat.S_IMODE(os.stat(path).st_mode) == want
+    finally:
+        os.umask(old)
+    for mode in (0o644, 0o600):
+        os.chmod(path, mode)
+        save_file(path, {"a": np.ones(2, np.float32)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([2**32, 2**32], "needs more than"),
+        ([2**64], "needs more than"),
+        ([2**62, 4, 0], "too large for an array"),
+        ([1] * 70, "has shape"),  # beyond numpy's 32 (1.x) / 64 (2.x) dimensions
+    ],
+)
+def test_reader_turns_huge_or_odd_shapes_into_format_errors(tmp_path, shape, message):
+    header = {"__metadata__": _QUANT_META, "a": {"dtype": "U8", "shape": shape}}
+    header["a"]["data_offsets"] = [0, 1 if shape == [1] * 70 else 0]
+    path = _raw_file(tmp_path / "s.safetensors", header, b"\0" if shape == [1] * 70 else b"")
+    with pytest.raises(FormatError, match=message):
+        load_file(path)
+
+
+def test_reader_turns_deeply_nested_headers_into_format_errors(tmp_path):
+    deep = b'{"__metadata__":{},"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(FormatError, match="header is not JSON"):
+        load_file(_raw_file(tmp_path / "deep.safetensors", deep))
+    nested = "[" * 100_000 + "]" * 100_000
+    path = _raw_file(
+        tmp_path / "m.safetensors", {"__metadata__": {**_QUANT_META, "neuropil.quant": nested}}
+    )
+    with pytest.raises(FormatError, match=r"neuropil\.quant is not JSON"):
+        load_file(path)
+
+
+def test_zero_d_arrays_keep_their_shape(tmp_path):
+    path = tmp_path / "z.safetensors"
+    save_file(path, {"a": np.float32(3), "b": np.array(7, np.int64)})
+    back = load_file(path)
+    assert back["a"].shape == () and back["a"] == 3 and back["a"].dtype == np.float32
+    assert back["b"].shape == () and back["b"] == 7
+
+
+def test_bf16_tensors_load_as_float32(tmp_path):
+    import torch
+    from safetensors.torch import save_file as st_save
+
+    from neuropil import _safetensors
+
+    bias = torch.tensor([1.5, -2.0, 3.0e38, -0.0], dtype=torch.bfloat16)
+    path = tmp_path / "bf.safetensors"
+    st_save({"layer.bias": bias}, str(path), metadata=_QUANT_META)
+    got = load_file(path)["layer.bias"]
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), bias.float().numpy().view(np.uint32))
+    assert np.array_equal(_safetensors.load(path)[0]["layer.bias"], got)
+    raw, _, dtypes = _safetensors.read(path)  # the bits, for callers that want them
+    assert raw["layer.bias"].dtype == np.uint16 and dtypes["layer.bias"] == "BF16"
+
+
+def test_load_quantized_puts_a_bf16_bias_in_as_its_values(tmp_path):
+    import torch
+    from safetensors.torch import save_file as st_save
+
+    from neuropil.torch import load_quantized
+
+    q = quantize(_matrix(12, 2, 64))
+    path = tmp_path / "m.safetensors"
+    meta = {**_QUANT_META, "neuropil.quant": json.dumps({"lin.weight": q._meta()})}
+    tensors = {
+        "lin.weight.qdata": torch.from_numpy(q.data),
+        "lin.weight.scales": torch.from_numpy(q.scales),
+        "lin.weight.mins": torch.from_numpy(q.mins),
+        "lin.bias": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+    }
+    st_save(tensors, str(path), metadata=meta)
+    model = torch.nn.Sequential()
+    model.lin = torch.nn.Linear(64, 2)
+    load_quantized(model, path)
+    assert model.lin.bias.tolist() == [1.5, -2.0]
+
+
+def test_tampered_shape_with_the_same_byte_count_is_a_format_error(tmp_path):
+    path = tmp_path / "w.safetensors"
+    quantize(_matrix(13, 8, 100)).save(path)  # qdata (8, 64): as many bytes as (4, 200)
+
+    def swap(h):
+        formats = json.loads(h["__metadata__"]["neuropil.quant"])
+        formats["weight"]["shape"] = [4, 200]
+        h["__metadata__"]["neuropil.quant"] = json.dumps(formats)
+
+    bad = tmp_path / "bad.safetensors"
+    _tamper(path, bad, swap)
+    with pytest.raises(FormatError, match=r"qdata must have shape \(4, 128\).*got \(8, 64\)"):
+        QuantizedWeights.load(bad)
+    flat = tmp_path / "flat.safetensors"
+    _tamper(path, flat, lambda h: h["weight.scales"].update(shape=[16]))
+    with pytest.raises(FormatError, match=r"scales must have shape \(8, 2\).*got \(16,\)"):
+        QuantizedWeights.load(flat)
+
+
+def test_minor_argument_errors_name_the_argument():
+    w = _matrix(14, 4, 64)
+    with pytest.raises(ArgumentError, match="for this range use scheme 'asym' or 'sym'") as e:
+        quantize(np.full((1, 64), 1e6, np.float32), scheme="q4_0")
+    assert "(use scale_dtype=float32)" not in str(e.value)
+    q = quantize(w)
+    out = q.matvec_rows(w[0], [])
+    assert out.shape == (0,) and out.dtype == np.float32
+    with pytest.raises(ShapeError):
+        q.matvec_rows(w[0, :3], [])
+    with pytest.raises(
+        ArgumentError, match=r"group_size must be one of .*got 2361183241434822606848"
+    ):
+        quantize(w, group_size=2**71)
+    with pytest.raises(ArgumentError, match="bits must be one of 2, 3, 4, 8; got -1"):
+        QuantizedWeights(q.data, q.scales, q.mins, q.shape, -1, 64, "asym")
+    raw = quantize(w, scheme="q4_0").to_gguf()
+    with pytest.raises(ArgumentError, match=r"shape must be two integers .*got \(-4, -64\)"):
+        QuantizedWeights.from_gguf(raw, "q4_0", (-4, -64))
+    with pytest.raises(
+        ArgumentError, match=r"shape must be two integers \(rows, cols\) in \[1, 2\*\*63\); got"
+    ):
+        QuantizedWeights(q.data, q.scales, q.mins, (4, 2**70), 4, 64, "asym")

@@ -7,13 +7,16 @@ an 8-byte little-endian header length, a JSON header mapping each tensor name to
 string values, then the raw little-endian tensor bytes. Every field is checked
 on load; anything malformed, truncated or inconsistent raises
 :class:`~neuropil.errors.FormatError`. Saving writes a temporary file beside the
-target and renames it, so a failed save never destroys an existing file.
+target and renames it, so a failed save never destroys an existing file; the new
+file gets the mode of the file it replaces, else the mode ``open()`` would give
+(``0o666`` less the umask).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +34,7 @@ _DTYPES: dict[str, np.dtype] = {
     "U32": np.dtype("<u4"),
     "U64": np.dtype("<u8"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),  # read as raw bits; see read(bf16_as_f32=...)
+    "BF16": np.dtype("<u2"),  # the raw bits; see read(bf16_as_f32=...)
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
     "BOOL": np.dtype("?"),
@@ -41,6 +44,30 @@ _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items() if k not in ("BF16",)}
 MAX_HEADER = 100 << 20
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux's
+    /proc); elsewhere set and restored at once (process-global for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: Path) -> int:
+    """The permission bits the saved file takes: those of the file it replaces,
+    else those a plain ``open(path, "w")`` would create."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Writes ``tensors`` (numpy arrays, any shape) and string ``metadata`` atomically."""
     path = Path(path)
@@ -48,7 +75,9 @@ def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     offset = 0
     arrays = []
     for name, arr in tensors.items():
-        a = np.ascontiguousarray(arr)
+        a = np.asarray(arr)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
         key = _NAMES.get(a.dtype.newbyteorder("<").str)
         if key is None:
             raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
@@ -69,23 +98,44 @@ def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
             f.write(raw)
             for a in arrays:
                 f.write(a.tobytes())
+        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _capped_prod(values: list[int], cap: int) -> int:
+    """``math.prod(values)`` for non-negative ints, or ``cap + 1`` once it exceeds
+    ``cap`` (a hostile header's huge extents never build a huge int)."""
+    if 0 in values:
+        return 0
+    n = 1
+    for v in values:
+        n *= v
+        if n > cap:
+            return cap + 1
+    return n
+
+
 def _fail(path: Path, detail: str) -> FormatError:
     return FormatError(f"{path}: not a valid safetensors file: {detail}")
 
 
-def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+def read(
+    path: str | Path, *, bf16_as_f32: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """Reads a safetensors file.
 
+    Args:
+        path: the file.
+        bf16_as_f32: decode BF16 tensors to ``float32`` (exact); else they come
+            back as their ``uint16`` bits (for callers that count the file's
+            bytes or decode themselves, e.g. ``neuropil quantize``).
+
     Returns:
-        ``(tensors, metadata, dtypes)``: arrays by name (BF16 tensors as their
-        ``uint16`` bits), the ``__metadata__`` strings, and each tensor's
-        safetensors dtype name.
+        ``(tensors, metadata, dtypes)``: arrays by name, the ``__metadata__``
+        strings, and each tensor's safetensors dtype name (``"BF16"`` either way).
 
     Raises:
         FormatError: the file is truncated, its header is not valid JSON of the
@@ -103,8 +153,8 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[
         raise _fail(path, f"header length {n} exceeds the file ({len(blob)} bytes)")
     try:
         header = json.loads(blob[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too deep, huge numbers
+        raise _fail(path, f"header is not JSON ({type(e).__name__}: {e})") from e
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}
@@ -135,14 +185,25 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[
         ):
             raise _fail(path, f"tensor {name!r} has data_offsets {offs!r} outside the data")
         dtype = _DTYPES[dt]
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if offs[1] - offs[0] != count * dtype.itemsize:
+        # Python ints (no wrap-around), compared with the data before numpy sees them.
+        need = _capped_prod([*shape, dtype.itemsize], len(data))
+        if offs[1] - offs[0] != need:
+            needs = f"{need} bytes" if need <= len(data) else f"more than {len(data)} bytes"
             raise _fail(
                 path,
-                f"tensor {name!r}: shape {shape} of {dt} needs {count * dtype.itemsize} bytes; "
+                f"tensor {name!r}: shape {shape} of {dt} needs {needs}; "
                 f"data_offsets span {offs[1] - offs[0]}",
             )
-        tensors[name] = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape).copy()
+        extents = [s for s in shape if s] + [dtype.itemsize]
+        if _capped_prod(extents, sys.maxsize) > sys.maxsize:  # numpy's limit, even if empty
+            raise _fail(path, f"tensor {name!r} has shape {shape}, too large for an array")
+        try:
+            arr = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape).copy()
+        except (ValueError, OverflowError) as e:  # numpy's own limits (e.g. ndim > 32)
+            raise _fail(path, f"tensor {name!r} has shape {shape} ({e})") from e
+        if bf16_as_f32 and dt == "BF16":
+            arr = bf16_to_f32(arr)
+        tensors[name] = arr
         dtypes[name] = dt
         spans.append((offs[0], offs[1]))
     spans.sort()
@@ -169,6 +230,6 @@ def save(
 
 
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """:func:`read` without the dtype names: ``(tensors, metadata)``."""
-    tensors, meta, _ = read(Path(path))
+    """:func:`read` without the dtype names: ``(tensors, metadata)``, BF16 as float32."""
+    tensors, meta, _ = read(Path(path), bf16_as_f32=True)
     return tensors, meta

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._safetensors import new_file_mode
 from .errors import ArgumentError, FormatError, NeuropilError
 
 if TYPE_CHECKING:
@@ -109,29 +109,6 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def new_file_mode(path: Path) -> int:
-    """Permission bits for a file written over ``path``: the old file's, else
-    ``0o666`` less the process umask (what a plain ``open(path, "w")`` gives)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    # /proc avoids os.umask's set-and-restore, which races with other threads.
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:

@@ -115,12 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand. Bad input (a :class:`NeuropilError`) exits with 2, a
+    file or system error (an ``OSError``: missing file, permission denied, name
+    too long...) with 1, each as one ``neuropil: error:`` line; anything else is
+    a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except NeuropilError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"neuropil: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

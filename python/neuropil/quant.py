@@ -26,6 +26,7 @@ cache-sized tile at a time).
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, FormatError
+from .errors import ArgumentError, DTypeError, FormatError
 
 __all__ = ["SCHEMES", "QuantizedWeights", "load_file", "quantize", "save_file"]
 
@@ -41,6 +42,13 @@ SCHEMES = ("asym", "sym", "q4_0", "q4_1", "q8_0")
 _GGUF = {"q4_0": (4, 32), "q4_1": (4, 32), "q8_0": (8, 32)}
 FORMAT = "neuropil.quant"
 FORMAT_VERSION = 1
+# What each argument may be, and the largest value the core's integer types take
+# (beyond it the bindings raise a bare OverflowError).
+_INT_ARGS = {"bits": ("one of 2, 3, 4, 8", 255), "group_size": ("one of 32, 64, 128, 256", 2**32)}
+_MAX_EXTENT = 2**63 - 1
+# The tensors a QuantizedWeights entry `name` is stored as (`.mins` is reserved
+# even where absent: a plain `name.mins` would be read back as its mins).
+_PARTS = ("qdata", "scales", "mins")
 
 
 def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int, int, str]:
@@ -56,7 +64,28 @@ def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int
     for name, v in (("bits", bits), ("group_size", group_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ArgumentError(f"{name} must be an integer; got {v!r}")
+        expected, largest = _INT_ARGS[name]
+        if not 0 <= v <= largest:
+            raise ArgumentError(f"{name} must be {expected}; got {v}")
     return int(bits), int(group_size), scheme
+
+
+def _shape_arg(shape: Any) -> tuple[int, int]:
+    """``shape`` as two Python ints, or ArgumentError (the core checks they are > 0)."""
+    try:
+        rows, cols = shape
+        dims = (operator.index(rows), operator.index(cols))
+    except (TypeError, ValueError):
+        raise ArgumentError(f"shape must be two integers (rows, cols); got {shape!r}") from None
+    if (
+        isinstance(rows, bool)
+        or isinstance(cols, bool)
+        or not all(0 <= d <= _MAX_EXTENT for d in dims)
+    ):
+        raise ArgumentError(
+            f"shape must be two integers (rows, cols) in [1, 2**63); got ({rows!r}, {cols!r})"
+        )
+    return dims
 
 
 def _as_numpy(w: Any) -> Any:
@@ -96,7 +125,7 @@ class QuantizedWeights:
         self.data = data
         self.scales = scales
         self.mins = mins
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = _shape_arg(shape)
         self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
         _native.quant_check(*self._args())
 
@@ -191,12 +220,15 @@ class QuantizedWeights:
 
         Args:
             x: float array (cols,).
-            rows: integer indices into ``range(rows)``, any order, repeats allowed.
+            rows: integer indices into ``range(rows)``, any order, repeats allowed;
+                an empty sequence gives an empty result.
 
         Raises:
             IndexError: an index is negative or >= rows.
         """
         idx = np.asarray(rows)
+        if idx.size == 0:  # [] is float64 to numpy; nothing to index either way
+            idx = np.empty(0, np.int64)
         if idx.dtype.kind not in "iu":
             raise ArgumentError(f"rows must be integer indices; got dtype {idx.dtype}")
         idx = idx.astype(np.int64, copy=False).reshape(-1)
@@ -211,13 +243,32 @@ class QuantizedWeights:
     def from_gguf(cls, raw: Any, scheme: str, shape: tuple[int, int]) -> QuantizedWeights:
         """Reads GGUF blocks of a (rows, cols) tensor without re-quantizing.
 
+        Args:
+            raw: the blocks' bytes: a ``uint8`` array (any shape, read in row-major
+                order), ``bytes``, ``bytearray`` or a byte ``memoryview``. Other
+                dtypes are refused, not cast (a cast would wrap or truncate).
+            scheme: ``q4_0``, ``q4_1`` or ``q8_0``.
+            shape: ``(rows, cols)`` of the matrix.
+
         Raises:
+            DTypeError: ``raw`` is not ``uint8`` bytes.
+            ArgumentError: ``shape`` is not two non-negative integers.
             FormatError: wrong byte count for the shape, or a non-finite scale.
         """
         bits, g, scheme = _resolve(None, None, scheme)
-        raw = np.ascontiguousarray(np.asarray(raw, dtype=np.uint8).reshape(-1))
-        out = _native.quant_from_gguf(raw, scheme, int(shape[0]), int(shape[1]))
-        return cls._from_native(out, shape, bits, g, scheme)
+        rows, cols = _shape_arg(shape)
+        if isinstance(raw, (bytes, bytearray)):
+            arr = np.frombuffer(raw, dtype=np.uint8)
+        else:
+            arr = np.asarray(raw)
+        if arr.dtype != np.uint8:
+            raise DTypeError(
+                f"raw must be GGUF blocks as uint8 (an array, bytes or bytearray); "
+                f"got dtype {arr.dtype}"
+            )
+        arr = np.ascontiguousarray(arr.reshape(-1))
+        out = _native.quant_from_gguf(arr, scheme, rows, cols)
+        return cls._from_native(out, (rows, cols), bits, g, scheme)
 
     # ---------------------------------------------------------------- persistence
     def _meta(self) -> dict[str, Any]:
@@ -285,7 +336,20 @@ def quantize(
     """
     bits, group_size, scheme = _resolve(bits, group_size, scheme)
     arr = _as_numpy(w)
-    out = _native.quant_quantize(arr, bits, group_size, scheme, scale_dtype, bool(search))
+    try:
+        out = _native.quant_quantize(arr, bits, group_size, scheme, scale_dtype, bool(search))
+    except ArgumentError as e:
+        hint = "(use scale_dtype=float32)"
+        if scheme not in _GGUF or hint not in str(e):
+            raise
+        # GGUF's block formats fix float16 scales: scale_dtype cannot help there.
+        raise ArgumentError(
+            str(e).replace(
+                hint,
+                f"(GGUF's {scheme} stores float16 scales; for this range use scheme "
+                "'asym' or 'sym' with scale_dtype='float32', or scale the weights down)",
+            )
+        ) from None
     shape = np.shape(arr)
     return QuantizedWeights._from_native(out, shape, bits, group_size, scheme)
 
@@ -296,7 +360,14 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
     A :class:`QuantizedWeights` entry ``name`` becomes tensors ``name.qdata``,
     ``name.scales`` (and ``name.mins``) plus its format in the metadata key
     ``neuropil.quant``; a numpy array is stored as is.
+
+    Raises:
+        ArgumentError: a key is not a string, is the reserved ``__metadata__``, or
+            names the same tensor as another entry (``{"w": q, "w.scales": a}``:
+            ``name.qdata``, ``name.scales`` and ``name.mins`` belong to the
+            quantized entry ``name``). Checked before anything is written.
     """
+    _check_names(entries)
     tensors: dict[str, np.ndarray] = {}
     formats: dict[str, Any] = {}
     for name, v in entries.items():
@@ -316,6 +387,31 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
     _safetensors.write(path, tensors, meta)
 
 
+def _check_names(entries: dict[str, Any]) -> None:
+    """Raises ArgumentError unless every entry maps to tensors of its own."""
+    owner: dict[str, str] = {}
+    clashes: list[str] = []
+    for name, v in entries.items():
+        if not isinstance(name, str):
+            raise ArgumentError(f"entries keys must be strings; got {name!r}")
+        if name == "__metadata__":
+            raise ArgumentError(
+                "entries key '__metadata__' is reserved by safetensors for the metadata; "
+                "rename the entry"
+            )
+        quantized = isinstance(v, QuantizedWeights)
+        for t in [f"{name}.{part}" for part in _PARTS] if quantized else [name]:
+            if t in owner:
+                clashes.append(f"{owner[t]!r} and {name!r} (tensor {t!r})")
+            else:
+                owner[t] = name
+    if clashes:
+        raise ArgumentError(
+            "entries must name distinct tensors (a QuantizedWeights entry 'name' is stored "
+            f"as 'name.qdata', 'name.scales', 'name.mins'); got clashes: {'; '.join(clashes)}"
+        )
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Reads a file written by :func:`save_file`: ``{name: QuantizedWeights | ndarray}``.
 
@@ -323,7 +419,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         FormatError: not safetensors, wrong format or version, a missing or
             malformed field, or buffers inconsistent with the recorded format.
     """
-    tensors, meta, _ = _safetensors.read(path)
+    tensors, meta, _ = _safetensors.read(path, bf16_as_f32=True)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format must be {FORMAT!r}; got {meta.get('format')!r}")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -332,8 +428,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
         )
     try:
         formats = json.loads(meta.get("neuropil.quant", ""))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: metadata neuropil.quant is not JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # not JSON, nested too deep, huge numbers
+        raise FormatError(
+            f"{path}: metadata neuropil.quant is not JSON ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(formats, dict):
         raise FormatError(f"{path}: metadata neuropil.quant must be a JSON object")
     out: dict[str, Any] = {}
@@ -373,9 +471,25 @@ def load_file(path: str | Path) -> dict[str, Any]:
             )
         except (ArgumentError, ValueError, TypeError, OverflowError) as e:
             raise FormatError(f"{where}: {e}") from e
+        # The core checks the buffers' lengths only: a (4, 200) matrix has as many
+        # bytes as an (8, 100) one, so the 2-D shapes must match the format too.
+        rows, cols = qw.shape
+        groups = -(-cols // qw.group_size)
+        want = {"qdata": (rows, groups * qw.group_size * qw.bits // 8), "scales": (rows, groups)}
+        if mins is not None:
+            want["mins"] = (rows, groups)
+        for part, expected in want.items():
+            found = tensors[f"{name}.{part}"].shape
+            if found != expected:
+                raise FormatError(
+                    f"{where}: {part} must have shape {expected} for shape {list(qw.shape)}, "
+                    f"bits {qw.bits}, group_size {qw.group_size}; got {found}"
+                )
         for arr, what in ((scales, "scales"), (mins, "mins")):
             if arr is not None and not np.isfinite(arr).all():
                 raise FormatError(f"{where}: {what} hold NaN or Inf")
+        if name in tensors:
+            raise FormatError(f"{where}: names both a quantized entry and a plain tensor")
         out[name] = qw
     for name, arr in tensors.items():
         if name not in used:

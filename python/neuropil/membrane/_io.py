@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._safetensors import new_file_mode
 from ..errors import ArgumentError, FormatError, NeuropilError
 from ._checks import check_codes
 
@@ -67,31 +67,12 @@ def save_bank(bank: Any, path: Any) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"neuropil": json.dumps(meta)})
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp made it 0o600
+        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0o600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _new_file_mode(path: Path) -> int:
-    """Permission bits for a file written over ``path``: the old file's, else
-    ``0o666`` less the process umask (what a plain ``open(path, "w")`` gives)."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        pass
-    try:  # /proc avoids os.umask's set-and-restore, which races with other threads
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
