@@ -488,3 +488,40 @@ def test_native_objects_shared_by_threads_serialise_their_calls():
 
     together(forward, set_hot)
     assert not errors, errors
+
+
+def test_a_getter_during_a_long_write_does_not_stall_other_threads():
+    """``len(index)`` while another thread rebuilds it waits for the rebuild
+    with the GIL released: a third, pure-Python thread keeps running."""
+    import time
+
+    from neuropil.range import RangeIndex
+
+    keys = np.random.default_rng(0).standard_normal((200_000, 32), dtype=np.float32)
+    ix = RangeIndex(keys)
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def ticker():
+        last = time.perf_counter()
+        while not stop.is_set():
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            time.sleep(0.0005)
+
+    def poller():
+        while not stop.is_set():
+            assert len(ix) == 200_000
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=ticker), threading.Thread(target=poller)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    ix.rebuild()
+    took = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join()
+    assert max(gaps) < took / 2, (max(gaps), took)

@@ -748,11 +748,15 @@ def test_pinv_dual_follows_codes_changed_in_place():
     with torch.no_grad():
         bank.store(v, keys=range(8))
         assert torch.allclose(bank.read(range(8))[0], v, atol=1e-8)
+    # Without clear(): a dual cached by a read of the empty bank, then the
+    # codes change in place; the next store and read must use the new codes.
+    C2 = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=g))[0]
+    fresh = MembraneBank(16, 4, 4, codes=C2, readout="pinv", dtype=torch.float64)
     with torch.no_grad():
-        C.mul_(3.0)  # a second in-place change, without clear()
-        bank.clear()
-        bank.store(v, keys=range(8))
-        assert torch.allclose(bank.read(range(8))[0], v, atol=1e-8)
+        fresh.read([0])
+        C2.mul_(3.0)
+        fresh.store(v, keys=range(8))
+        assert torch.allclose(fresh.read(range(8))[0], v, atol=1e-8)
     # Past L (dual over the stored keys) the cache follows the codes too.
     wide = MembraneBank(8, 2, 2, codes="gaussian", K=12, readout="pinv", dtype=torch.float64)
     w = torch.rand(5, 2, 2, dtype=torch.float64, generator=g)

@@ -631,3 +631,31 @@ def test_bfloat16_torch_weights_and_inputs_are_read_as_float32():
         got = cls(g, u, dn, activation="silu")(x)
         want = cls(*f32, activation="silu")(x.float().numpy())
         np.testing.assert_allclose(np.asarray(got, dtype=np.float32), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_sparsify_then_quantize_and_inference_mode(kind):
+    # quantize_model after sparsify_mlp quantizes the patched layers (the torch
+    # path then runs them); a model used under torch.inference_mode keeps the
+    # Rust path.
+    import torch
+
+    from neuropil.torch import QuantizedLinear, quantize_model, sparsify_mlp
+
+    model = tiny_llama() if kind == "llama" else _tiny_bert()
+    ids = torch.randint(0, 100, (1, 12))
+    sparsify_mlp(model, 0.3, ids, method="cats")
+    mlp = model.model.layers[0].mlp if kind == "llama" else model.encoder.layer[0].intermediate
+    x = torch.randn(1, 1, mlp.up.in_features)
+    with torch.inference_mode():
+        y_rust = mlp(x)
+        assert mlp.rust_ffn().stats()["calls"] == 1
+    with torch.no_grad():
+        full = model(ids).last_hidden_state if kind == "bert" else model(ids).logits
+    quantize_model(model, bits=8, group_size=32)
+    assert isinstance(mlp.up, QuantizedLinear)
+    with torch.no_grad():
+        y_q = mlp(x)
+        full_q = model(ids).last_hidden_state if kind == "bert" else model(ids).logits
+    np.testing.assert_allclose(y_q.numpy(), y_rust.numpy(), atol=0.05, rtol=0.05)
+    np.testing.assert_allclose(full_q.numpy(), full.numpy(), atol=0.1, rtol=0.1)

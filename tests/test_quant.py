@@ -911,7 +911,7 @@ def test_zero_d_arrays_keep_their_shape(tmp_path):
 
 
 def test_bf16_tensors_load_as_float32(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
     from safetensors.torch import save_file as st_save
 
     from neuropil import _safetensors
@@ -991,3 +991,19 @@ def test_minor_argument_errors_name_the_argument():
         ArgumentError, match=r"shape must be two integers \(rows, cols\) in \[1, 2\*\*63\); got"
     ):
         QuantizedWeights(q.data, q.scales, q.mins, (4, 2**70), 4, 64, "asym")
+
+
+def test_a_failed_move_leaves_a_quantized_linear_usable():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    ql = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), bits=4, group_size=32)
+    x = torch.randn(2, 64)
+    want = ql(x)
+
+    def fail(t):
+        raise RuntimeError("no such device")
+
+    with pytest.raises(RuntimeError, match="no such device"):
+        ql._apply(fail)
+    assert torch.equal(ql(x), want)

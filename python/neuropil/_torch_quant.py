@@ -249,9 +249,10 @@ class QuantizedLinear(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            for n, t in packed.items():
-                moved = fn(t)
-                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+            self._buffers.update(packed)  # a failed move leaves them in place
+        for n, t in packed.items():
+            moved = fn(t)
+            self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
         return self
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:

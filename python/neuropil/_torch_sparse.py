@@ -127,22 +127,33 @@ class SparseMLP(nn.Module):
     def down(self) -> nn.Linear:
         return self._layer(2)
 
-    def _weights_key(self) -> tuple[Any, ...]:
-        """Identity and version of every parameter the Rust copy holds (the
-        weights, an ungated up's bias, down's bias): torch bumps a tensor's
-        ``_version`` on each in-place write through it."""
+    def _held_params(self) -> list[Any]:
+        """The parameters the Rust copy holds: the weights, an ungated up's
+        bias, down's bias."""
         gate, up, down = self._layer(0), self._layer(1), self._layer(2)
-        held = [gate, up, down]
-        held = [lin._parameters.get("weight") for lin in held if lin is not None]
+        held = [lin._parameters.get("weight") for lin in (gate, up, down) if lin is not None]
         held += [down._parameters.get("bias"), None if gate else up._parameters.get("bias")]
-        return tuple((id(p), p._version) for p in held if p is not None)
+        return [p for p in held if p is not None]
+
+    def _fresh(self) -> bool:
+        """Whether the Rust copy still matches the weights: the same layers,
+        and no in-place write since (torch bumps a tensor's ``_version`` on
+        each; tensors made under ``torch.inference_mode`` have none, and are
+        taken as unchanged)."""
+        layers, params, versions = self._ffn_key
+        return (
+            self._layer(0) is layers[0]
+            and self._layer(1) is layers[1]
+            and self._layer(2) is layers[2]
+            and _versions(params) == versions
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
-        self._ffn = None
+        self._ffn = self._ffn_key = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._ffn = None
+        self._ffn = self._ffn_key = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -161,6 +172,15 @@ class SparseMLP(nn.Module):
             and self._biasless()
         )
 
+    def _plain(self) -> bool:
+        """Whether every layer holds a float ``weight`` the Rust copy can take
+        (not, say, a :class:`~neuropil.torch.QuantizedLinear` that
+        ``quantize_model`` put in after ``sparsify_mlp``)."""
+        return all(
+            lin is None or "weight" in lin._parameters
+            for lin in (self._layer(0), self._layer(1), self._layer(2))
+        )
+
     def _biasless(self) -> bool:
         """Whether a gated block has no gate/up bias (the Rust kernels take
         only an ungated up's). Read from the module dicts: attribute lookups
@@ -174,10 +194,17 @@ class SparseMLP(nn.Module):
 
     def rust_ffn(self) -> Any:
         """The Rust :class:`~neuropil.neurons.SparseFFN` (or ``InputSparseFFN``) of
-        these weights, built again when a weight changed (see the class doc)."""
-        key = self._weights_key()
-        if self._ffn is None or key != self._ffn_key:
+        these weights, built again when a weight changed (see the class doc);
+        None while a layer holds no float ``weight`` (a
+        :class:`~neuropil.torch.QuantizedLinear` put in by ``quantize_model``
+        after ``sparsify_mlp``: calls then take the torch path)."""
+        if self._ffn_key is None or not self._fresh():
             self._ffn = None
+            held = self._held_params()
+            layers = (self._layer(0), self._layer(1), self._layer(2))
+            if not self._plain():
+                self._ffn_key = (layers, held, _versions(held))
+                return None
             from .neurons import InputSparseFFN, SparseFFN
 
             def w(lin: nn.Linear | None) -> Any:
@@ -191,7 +218,7 @@ class SparseMLP(nn.Module):
                 w(self.gate), w(self.up), w(self.down), activation=self.activation,
                 up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
             )  # fmt: skip
-            self._ffn_key = key
+            self._ffn_key = (layers, held, _versions(held))
         return self._ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,14 +230,15 @@ class SparseMLP(nn.Module):
             # (numpy views in and out, thresholds set only when they change;
             # it cost 25 us a call through torch reshapes and re-validation).
             ffn = self.rust_ffn()
-            if self.method == "teal":
-                if ffn.t_in != self.t_in or ffn.t_hidden != self.threshold:
-                    ffn.set_thresholds(self.t_in, self.threshold)
-            elif ffn.threshold != self.threshold or ffn.top_k is not None:
-                ffn.set_threshold(self.threshold)
-            a = x.detach().numpy()
-            y = ffn(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]))
-            return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
+            if ffn is not None:
+                if self.method == "teal":
+                    if ffn.t_in != self.t_in or ffn.t_hidden != self.threshold:
+                        ffn.set_thresholds(self.t_in, self.threshold)
+                elif ffn.threshold != self.threshold or ffn.top_k is not None:
+                    ffn.set_threshold(self.threshold)
+                a = x.detach().numpy()
+                y = ffn(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]))
+                return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
         if self.method == "teal":
             return self._teal(x)
         act = _ACTS[self.activation]
@@ -243,19 +271,32 @@ class SparseMLP(nn.Module):
         _keep(self._calib, a)
 
 
-def _linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``lin(x)`` from its parameters (BERT's down is an identity in the model)."""
-    return F.linear(x, lin.weight, lin.bias)
+def _versions(params: list[Any]) -> list[Any]:
+    out = []
+    for p in params:
+        try:
+            out.append(p._version)
+        except RuntimeError:  # an inference-mode tensor tracks no version
+            out.append(None)
+    return out
 
 
-class _AppliedLinear(nn.Linear):
+def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)``; BERT's down, whose module in the model passes its input
+    through, from its parameters."""
+    if isinstance(lin, _AppliedLinear):
+        return F.linear(x, lin.weight, lin.bias)
+    return lin(x)
+
+
+class _AppliedLinear(nn.Module):
     """BERT's ``output.dense`` after :func:`sparsify_mlp`: it keeps the layer's
     parameters (the same tensors, under the same state-dict keys), while the
     :class:`SparseMLP` in ``intermediate`` applies them, so its forward passes
     its input through."""
 
     def __init__(self, lin: nn.Linear) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.weight = lin.weight
         self.register_parameter("bias", lin.bias)
@@ -427,7 +468,7 @@ def sparsify_mlp(
             sparse[f"{name}.intermediate" if name else "intermediate"] = sm
     for sm in sparse.values():
         sm.threshold = sm.t_in = None
-        sm._ffn = None
+        sm._ffn = sm._ffn_key = None
         sm.method = method
     if s == 0.0 and hs == 0.0:
         return dict.fromkeys(sparse, 0.0)

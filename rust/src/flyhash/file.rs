@@ -43,18 +43,23 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}-{call}.tmp", std::process::id()));
+    let failed = |e: std::io::Error| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", path.display()),
+        ))
+    };
+    // (a name already taken, by another process sharing this pid in another
+    // container, say, is an error, and that file is not this call's to remove)
+    let mut f = std::fs::File::create_new(&tmp).map_err(failed)?;
     let result = (|| {
-        let mut f = std::fs::File::create_new(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot write {}: {e}", path.display()),
-        ))
+        failed(e)
     })
 }
 

@@ -130,29 +130,37 @@ const SHORT_PIECES: usize = 8;
 /// pieces per layer 37-46 GB/s, 12-32 pieces 29-37 GB/s.
 const PIECE_BYTES: usize = 1 << 20;
 
-/// How many pieces a call reading `bytes` of codes is cut into.
-fn pieces(bytes: usize) -> Result<usize> {
+/// How many pieces a call reading `bytes` of codes is cut into, and whether
+/// it is long.
+fn pieces(bytes: usize) -> Result<(usize, bool)> {
     if bytes < SHORT_BYTES {
-        return Ok(SHORT_PIECES);
+        return Ok((SHORT_PIECES, false));
     }
     let threads = crate::threads::num_threads()?;
-    Ok((bytes / PIECE_BYTES).clamp(threads, 3 * threads))
+    Ok(((bytes / PIECE_BYTES).clamp(threads, 3 * threads), true))
 }
 
-/// Runs `task((first row, rows))` on `pieces` pieces of `out` (16-row
-/// multiples) in the team ([`crate::threads::team`]), long calls too: handing
+/// Runs `task((first row, rows))` on `pieces.0` pieces of `out` (16-row
+/// multiples) in the team ([`crate::threads::team`]), long calls (`pieces.1`)
+/// too, as long team calls (`for_each_long_chunk`): handing
 /// a call to the rayon pool wakes a sleeping worker and joins it, 5-16 us a
 /// call, which a stack of layers pays once per layer, where the team's helpers
 /// are still awake from the layer before. Measured on Zen 5 (2 threads), the
 /// 16 x 4096x4096 4-bit stack called layer by layer: 32-43 GB/s through the
 /// pool, 37-47 in the team (per-round medians in alternation: +5%, the team
 /// ahead in 11 of 16 rounds); one 65536x4096 matrix 43-48 (the read bandwidth).
-fn for_each_piece<F>(out: &mut [f32], pieces: usize, task: F) -> Result<()>
+fn for_each_piece<F>(out: &mut [f32], pieces: (usize, bool), task: F) -> Result<()>
 where
     F: Fn((usize, &mut [f32])) + Sync + Send,
 {
-    let piece = out.len().div_ceil(pieces).next_multiple_of(16);
-    crate::threads::team::for_each_chunk(out, piece, |c, o| task((c * piece, o)))
+    let (count, long) = pieces;
+    let piece = out.len().div_ceil(count).next_multiple_of(16);
+    let task = |c: usize, o: &mut [f32]| task((c * piece, o));
+    if long {
+        crate::threads::team::for_each_long_chunk(out, piece, task)
+    } else {
+        crate::threads::team::for_each_chunk(out, piece, task)
+    }
 }
 
 /// `W x` for one vector `x` of length `cols`; returns `rows` outputs.

@@ -254,10 +254,41 @@ pub fn for_each_chunk<T: Send>(
     chunk: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Result<()> {
+    chunks(data, chunk, f, Kind::Short)
+}
+
+/// [`for_each_chunk`] for a long call (hundreds of microseconds and more):
+/// the team's awake helpers still save it the pool's hand-off, which a stack
+/// of such calls (a model's layers) pays once per call, but it never runs
+/// alone to probe whether the team pays (see `health.rs`; that is a short
+/// call's question), and it runs in the pool, not alone, when another call
+/// holds the team.
+pub fn for_each_long_chunk<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Result<()> {
+    chunks(data, chunk, f, Kind::Long)
+}
+
+fn chunks<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+    kind: Kind,
+) -> Result<()> {
     let pieces: Vec<Mutex<&mut [T]>> = data.chunks_mut(chunk.max(1)).map(Mutex::new).collect();
-    run(pieces.len(), &|c| {
+    run_as(kind, pieces.len(), &|c| {
         f(c, &mut pieces[c].lock().unwrap_or_else(|e| e.into_inner()))
     })
+}
+
+/// Whether a call is short (the team's health decides whether it runs
+/// alone) or long (see [`for_each_long_chunk`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Short,
+    Long,
 }
 
 /// Closes the open call when dropped: no helper can join it after that, and
@@ -283,6 +314,10 @@ impl Drop for Close {
 
 /// Runs `task(0..tasks)` as [`map`] describes.
 fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
+    run_as(Kind::Short, tasks, task)
+}
+
+fn run_as(kind: Kind, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let threads = super::num_threads()?;
     let spin = spin_time()?;
     // Alone, panics are kept and raised after every task as in the team.
@@ -294,20 +329,24 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     if tasks <= 1 || threads <= 1 {
         return serial();
     }
+    let pool = || {
+        use rayon::prelude::*;
+        super::install(|| (0..tasks).into_par_iter().for_each(task))
+    };
     if spin.is_zero() {
         // No team: the pool, as long calls use it.
-        use rayon::prelude::*;
-        return super::install(|| (0..tasks).into_par_iter().for_each(task));
+        return pool();
     }
     // A call that panicked poisoned the lock; it guards no data, so that is moot.
     let _owner = match TEAM.owner.try_lock() {
         Ok(g) => g,
         Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) if kind == Kind::Long => return pool(),
         Err(std::sync::TryLockError::WouldBlock) => return serial(),
     };
     let mut health = *TEAM.health.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = now_ns();
-    if health.alone_next(threads) {
+    if kind == Kind::Short && health.alone_next(threads) {
         serial()?;
         let wall = now_ns() - t0;
         health.record(threads, true, wall / tasks as u64, wall);
@@ -345,9 +384,11 @@ fn run(tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
     let own = job.work();
     let t2 = now_ns();
     drop(close);
-    let wall = now_ns() - t0;
-    health.record(threads, false, (t2 - t1) / own.max(1) as u64, wall);
-    *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+    if kind == Kind::Short {
+        let wall = now_ns() - t0;
+        health.record(threads, false, (t2 - t1) / own.max(1) as u64, wall);
+        *TEAM.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+    }
     job.finish()
 }
 
@@ -380,6 +421,31 @@ mod tests {
                 assert_eq!(runs.load(Ordering::Relaxed), tasks);
             }
         }
+    }
+
+    #[test]
+    fn a_long_call_takes_the_pool_when_another_call_holds_the_team() {
+        let _pool = pool_of(3);
+        let threads_used = |long: bool| {
+            let ids = Mutex::new(std::collections::HashSet::new());
+            let mut data = vec![0u8; 12];
+            let f = |_: usize, _: &mut [u8]| {
+                std::thread::sleep(Duration::from_millis(3));
+                ids.lock().unwrap().insert(std::thread::current().id());
+            };
+            if long {
+                for_each_long_chunk(&mut data, 1, f).unwrap();
+            } else {
+                for_each_chunk(&mut data, 1, f).unwrap();
+            }
+            ids.into_inner().unwrap().len()
+        };
+        // Another call owns the team for the length of these calls.
+        let owner = TEAM.owner.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(threads_used(false), 1); // a short call runs alone
+        assert!(threads_used(true) > 1); // a long one in the pool
+        drop(owner);
+        assert!(threads_used(true) > 1);
     }
 
     #[test]
