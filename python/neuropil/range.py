@@ -31,6 +31,7 @@ device.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -119,15 +120,16 @@ class RangeIndex:
         }
         self._torch: _TorchRange | None = None
         self._native: Any = None
-        #: Largest key norm so far (for the float32 overflow check of queries).
-        self._key_norm = 0.0
+        #: An upper bound of the key norms so far, sqrt(d) max |k_i| (cheap:
+        #: the float32 overflow check of queries, exact only near the limit).
+        self._key_bound = 0.0
         if _is_cuda(keys):
             self._torch = _TorchRange(keys)
-            self._key_norm = _max_norm(self._torch.keys)
+            self._key_bound = _norm_bound(self._torch.keys)
         else:
             host = _host(keys, "keys")
             self._native = _native._RangeIndex(host, **self._params)
-            self._key_norm = _max_norm(host)
+            self._key_bound = _norm_bound(host)
 
     # ------------------------------------------------------------------ queries
     def search(self, queries: Any, thresholds: Any) -> tuple[Any, Any, Any]:
@@ -192,21 +194,26 @@ class RangeIndex:
         """Appends keys ``(m, d)``; they get ids ``len(self) .. len(self) + m - 1``."""
         if self._torch is not None:
             added = self._torch.add(keys)
-            self._key_norm = max(self._key_norm, _max_norm(added))
+            self._key_bound = max(self._key_bound, _norm_bound(added))
         else:
             host = _host(keys, "keys")
             self._native.add(host)
-            self._key_norm = max(self._key_norm, _max_norm(host))
+            self._key_bound = max(self._key_bound, _norm_bound(host))
 
     def _check_overflow(self, q: Any) -> None:
         """Raises if some ``q . k`` (or a partial sum) may overflow float32;
-        ``q`` has passed the core's checks (2-D, float, finite)."""
+        ``q`` has passed the core's checks (2-D, float, finite). A per-call
+        cost of decoding (one search per head and token): the bounds
+        ``sqrt(d) max |x_i|`` first (~1 us), the exact norms only near the limit."""
+        if _norm_bound(q) * self._key_bound * _ROUNDING <= _F32_MAX:
+            return
         qn = _max_norm(q)
-        if qn * self._key_norm * _ROUNDING > _F32_MAX:
+        kn = _max_norm(self._torch.keys if self._torch is not None else self._native.keys())
+        if qn * kn * _ROUNDING > _F32_MAX:
             raise ArgumentError(
                 "queries and keys must keep q . k within float32 "
                 f"(max |q| * max |k| <= {_F32_MAX:.4g}); got max |q| = {qn:.4g}, "
-                f"max |k| = {self._key_norm:.4g}, product {qn * self._key_norm:.4g} "
+                f"max |k| = {kn:.4g}, product {qn * kn:.4g} "
                 "(scale queries or keys down)"
             )
 
@@ -355,6 +362,20 @@ def _max_norm(x: Any) -> float:
     if a.dtype.kind != "f":
         a = a.astype(np.float64)
     return float(np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64).max()))
+
+
+def _norm_bound(x: Any) -> float:
+    """``sqrt(d) max |x_ij|``, an upper bound of the row norms of a validated
+    2-D float array or tensor (one reduction, no temporary of its size)."""
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return 0.0
+    if _is_torch(x):
+        top = float(x.detach().abs().max())
+    else:
+        a = np.asarray(x)
+        # (small: one pass with a temporary; large: two passes without one)
+        top = float(np.abs(a).max()) if a.size <= 4096 else max(float(a.max()), -float(a.min()))
+    return top * math.sqrt(x.shape[1])
 
 
 def _host(x: Any, arg: str) -> Any:
