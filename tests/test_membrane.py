@@ -891,3 +891,17 @@ def test_bank_copies_get_their_own_lock():
     bank.store(torch.rand(3, 2, 2))
     twin = copy.deepcopy(bank)
     assert twin._lock is not bank._lock and torch.equal(twin.read(), bank.read())
+
+
+def test_finite_check_takes_huge_finite_values_and_names_the_culprit():
+    # The fast test sums in float64; finite values whose sum overflows pass
+    # through the element-wise test, NaN and Inf are named.
+    from neuropil.membrane._checks import check_finite
+
+    huge = torch.full((3, 2), 1e308, dtype=torch.float64)
+    check_finite(huge, None)
+    check_finite(huge, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(neuropil.ArgumentError, match="values must be finite; got 1 NaN"):
+        check_finite(torch.tensor([1.0, float("nan"), 2.0]), None)
+    with pytest.raises(neuropil.ArgumentError, match=r"alphas must be finite .*got \[inf\]"):
+        check_finite(huge, torch.tensor([1.0, float("inf")], dtype=torch.float64))
