@@ -400,7 +400,9 @@ def _thresholds(t: Any, q: Any) -> Any:
             t = t.double()
         t = t.numpy()
     if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
-        _check_f32_range(np.asarray(float(t)))
+        v = float(t)
+        if math.isfinite(v) and abs(v) > _F32_MAX:  # (a scalar: no numpy round trip)
+            _check_f32_range(np.asarray(v))
         nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
         return np.full(nq, float(t), dtype=np.float32)
     if isinstance(t, np.ndarray) and t.dtype.kind == "f" and t.dtype.itemsize > 4:
