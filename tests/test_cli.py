@@ -114,3 +114,13 @@ def test_genuine_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_info", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["info"])
+
+
+def test_a_missing_input_file_exits_one_and_an_empty_only_is_a_usage_error(tmp_path, capsys):
+    # A file error wrapped in a library error (it names the path) keeps exit 1.
+    missing = tmp_path / "nope.safetensors"
+    assert cli.main(["quantize", str(missing), str(tmp_path / "out.safetensors")]) == 1
+    assert capsys.readouterr().err.startswith("neuropil: error: ")
+    # `tour --only` with no names is refused, not a run of every section.
+    r = run_cli("tour", "--only")
+    assert r.returncode == 2 and "expected at least one argument" in r.stderr

@@ -126,6 +126,8 @@ def test_env_override_invalid_level_raises_clear_error(value, reason):
     assert r.returncode == 0, r.stderr  # no crash, no illegal instruction
     assert f"raised: NEUROPIL_KERNEL={value} is not usable here" in r.stdout
     assert reason in r.stdout and "scalar" in r.stdout
+    assert r.stdout.count("is not usable here") == 1, r.stdout  # said once
+    assert r.stdout.count("this CPU supports") == 1, r.stdout
 
 
 # ---------------------------------------------------------------- threads

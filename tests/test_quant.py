@@ -1007,3 +1007,66 @@ def test_a_failed_move_leaves_a_quantized_linear_usable():
     with pytest.raises(RuntimeError, match="no such device"):
         ql._apply(fail)
     assert torch.equal(ql(x), want)
+
+
+def test_a_quantized_gguf_file_loads_into_the_transformers_model(smollm2, tmp_path):
+    # `neuropil quantize model.gguf out.safetensors --scheme q4_1`: the Q4_1
+    # blocks are carried over with transformers' names and q/k row order, so
+    # load_quantized puts them into the model transformers built from the same
+    # GGUF, which then predicts as before.
+    torch = pytest.importorskip("torch")
+    from neuropil._quant_cli import convert
+    from neuropil.data import smollm2_gguf
+    from neuropil.torch import QuantizedLinear, load_quantized
+
+    model, tok = smollm2
+    out = tmp_path / "smollm2.q4_1.safetensors"
+    report = convert(smollm2_gguf(), out, scheme="q4_1", skip=("embed_tokens",), progress=False)
+    assert report["quantized_tensors"] == 7 * 30
+    assert all(r["rel_error"] == 0.0 for r in report["tensors"])  # blocks carried over
+    packed = load_quantized(copy.deepcopy(model), out)  # strict: every tensor placed
+    layer = packed.model.layers[3]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear)
+    assert isinstance(layer.mlp.down_proj, QuantizedLinear)
+    ids = tok("The GNU General Public License is a free, copyleft license", return_tensors="pt")
+    with torch.no_grad():
+        want = model(**ids).logits[0]
+        got = packed(**ids).logits[0]
+    # The same weights (Q4_1 blocks either way; the embedding, Q8_0 in the
+    # file, kept in float by --skip); int16 activations on VNNI.
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.05 * float(want.abs().max()))
+
+
+def test_a_quantized_table_of_an_embedding_loads_dequantized(tmp_path):
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import load_quantized
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(64, 32), "lin": torch.nn.Linear(32, 8)})
+    table = quantize(model["emb"].weight.detach().numpy(), 8, 32)
+    path = tmp_path / "m.safetensors"
+    save_file(path, {"emb.weight": table, "lin.weight": model["lin"].weight.detach().numpy(),
+                     "lin.bias": model["lin"].bias.detach().numpy()})  # fmt: skip
+    fresh = torch.nn.ModuleDict({"emb": torch.nn.Embedding(64, 32), "lin": torch.nn.Linear(32, 8)})
+    load_quantized(fresh, path)
+    assert isinstance(fresh["emb"], torch.nn.Embedding)
+    np.testing.assert_array_equal(fresh["emb"].weight.detach().numpy(), table.dequantize())
+    # A file none of whose quantized layers match says so (strict=False).
+    other = torch.nn.ModuleDict({"x": torch.nn.Linear(32, 8)})
+    with pytest.warns(UserWarning, match="no quantized layer of the file matched"):
+        load_quantized(other, path, strict=False)
+
+
+def test_cli_skip_matches_names_as_quantize_model_does(tmp_path):
+    from safetensors.numpy import save_file as st_save
+
+    from neuropil._quant_cli import convert
+
+    src = tmp_path / "in.safetensors"
+    w = np.ones((64, 128), np.float32)
+    st_save({"lm_head.weight": w, "model.layers.0.mlp.up_proj.weight": w}, str(src))
+    report = convert(src, tmp_path / "out.safetensors", skip=("lm_head",), progress=False)
+    assert [r["tensor"] for r in report["tensors"]] == ["model.layers.0.mlp.up_proj.weight"]
+    report = convert(src, tmp_path / "out2.safetensors", skip=("*.mlp.*",), progress=False)
+    assert [r["tensor"] for r in report["tensors"]] == ["lm_head.weight"]

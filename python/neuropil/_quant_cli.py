@@ -4,13 +4,17 @@ Every 2-D float tensor with at least ``--min-size`` elements whose name matches
 no ``--skip`` pattern is quantized; everything else is copied (bfloat16 as
 float32). GGUF tensors already in the target block format (``Q4_0``, ``Q4_1``,
 ``Q8_0``) are carried over byte for byte; other GGUF block types are
-dequantized by the ``gguf`` package first. The output loads with
+dequantized by the ``gguf`` package first. A Llama-architecture GGUF (SmolLM2)
+gets the ``transformers`` tensor names and q/k row order, so the output loads
+into the model ``from_pretrained(..., gguf_file=...)`` builds; other GGUF
+architectures keep their GGUF names. ``--skip`` patterns match as
+``quantize_model``'s ``skip`` does (a glob on the name, with or without
+``.weight``, or one name component). The output loads with
 ``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import sys
@@ -22,7 +26,7 @@ import numpy as np
 from . import _safetensors
 from .errors import ArgumentError, FormatError, NeuropilError
 from .quant import FORMAT as QUANT_FORMAT
-from .quant import QuantizedWeights, _resolve, quantize, save_file
+from .quant import QuantizedWeights, _resolve, _skipped, quantize, save_file
 
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
@@ -54,22 +58,85 @@ def _read_gguf(path: Path) -> dict[str, tuple[Any, int]]:
         ) from e
     try:
         reader = GGUFReader(path)
+        llama = _field(reader, "general.architecture") == "llama"
+        heads = (
+            (_field(reader, "llama.attention.head_count"),
+             _field(reader, "llama.attention.head_count_kv"))
+            if llama else None
+        )  # fmt: skip
         out: dict[str, tuple[Any, int]] = {}
         for t in reader.tensors:
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))
             kind = t.tensor_type.name
+            name = _hf_name(t.name) if llama else t.name
             if kind in _GGUF_SCHEMES and len(shape) == 2:
-                out[t.name] = ((_GGUF_SCHEMES[kind], np.asarray(t.data), shape), int(t.n_bytes))
+                raw = np.asarray(t.data).reshape(shape[0], -1)
+                out[name] = ((_GGUF_SCHEMES[kind], _unpermute(t.name, raw, heads), shape),
+                             int(t.n_bytes))  # fmt: skip
             elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                out[t.name] = (np.asarray(t.data).reshape(shape), int(t.n_bytes))
+                arr = np.asarray(t.data).reshape(shape)
+                out[name] = (_unpermute(t.name, arr, heads), int(t.n_bytes))
             else:
                 arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-                out[t.name] = (arr.astype(np.float32), int(t.n_bytes))
+                out[name] = (_unpermute(t.name, arr.astype(np.float32), heads), int(t.n_bytes))
         return out
     except NeuropilError:
         raise
     except Exception as e:  # the gguf reader raises many kinds on a bad file
         raise FormatError(f"{path}: not a valid GGUF file: {type(e).__name__}: {e}") from e
+
+
+#: GGUF's Llama tensor names -> the ``transformers`` module names (what
+#: ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` builds), so the
+#: output loads into that model with ``load_quantized``.
+_LLAMA_NAMES = [
+    ("token_embd.", "model.embed_tokens."),
+    ("output_norm.", "model.norm."),
+    ("output.", "lm_head."),
+    ("attn_norm.", "input_layernorm."),
+    ("ffn_norm.", "post_attention_layernorm."),
+    ("attn_q.", "self_attn.q_proj."),
+    ("attn_k.", "self_attn.k_proj."),
+    ("attn_v.", "self_attn.v_proj."),
+    ("attn_output.", "self_attn.o_proj."),
+    ("ffn_gate.", "mlp.gate_proj."),
+    ("ffn_up.", "mlp.up_proj."),
+    ("ffn_down.", "mlp.down_proj."),
+]
+
+
+def _field(reader: Any, key: str) -> Any:
+    """A scalar or string metadata field of a GGUF reader (None if absent)."""
+    f = reader.fields.get(key)
+    if f is None or not f.data:
+        return None
+    part = f.parts[f.data[0]]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(part).decode("utf-8", "replace")
+    return part.tolist()[0]
+
+
+def _hf_name(name: str) -> str:
+    if name.startswith("blk."):
+        _, layer, rest = name.split(".", 2)
+        return f"model.layers.{layer}." + _hf_name(rest)
+    for gguf, hf in _LLAMA_NAMES:
+        if name.startswith(gguf):
+            return hf + name[len(gguf) :]
+    return name
+
+
+def _unpermute(name: str, rows: Any, heads: tuple[int, int] | None) -> Any:
+    """Undoes llama.cpp's reordering of the q and k projections' rows (its
+    converter interleaves each head's two rotary halves), as transformers'
+    GGUF loader does; only rows move, so packed blocks stay valid."""
+    if heads is None or not name.endswith(("attn_q.weight", "attn_k.weight")):
+        return rows
+    n = heads[0] if "attn_q" in name else heads[1]
+    r = rows.shape[0]
+    if not n or r % (2 * n):
+        raise FormatError(f"{name}: {r} rows do not split into {n} heads of two halves")
+    return rows.reshape(n, r // n // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def read_any(path: str | Path) -> dict[str, tuple[Any, int]]:
@@ -162,7 +229,7 @@ def convert(
             arr.ndim == 2
             and arr.dtype.kind == "f"
             and arr.size >= min_size
-            and not any(fnmatch.fnmatchcase(name, p) for p in skip)
+            and not _skipped(name, skip)
         )
         if not wanted:
             out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr

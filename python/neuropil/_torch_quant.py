@@ -10,7 +10,7 @@ float weight lives only for that call).
 
 from __future__ import annotations
 
-import fnmatch
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import nn
 
 from . import _native
 from .errors import ArgumentError, DTypeError, FormatError
-from .quant import QuantizedWeights, _resolve, load_file, quantize, save_file
+from .quant import QuantizedWeights, _resolve, _skipped, load_file, quantize, save_file
 
 __all__ = ["QuantizedLinear", "load_quantized", "quantize_model", "save_quantized"]
 
@@ -301,10 +301,6 @@ class QuantizedLinear(nn.Module):
         return views
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) or pat in name.split(".") for pat in skip)
-
-
 def quantize_model(
     model: nn.Module,
     bits: int | None = None,
@@ -389,6 +385,12 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
             if strict:
                 raise FormatError(f"{path}: model has no layer {name!r}") from e
             continue
+        weight = getattr(old, "weight", None)
+        if not isinstance(old, (nn.Linear, QuantizedLinear)) and isinstance(weight, torch.Tensor):
+            # A quantized table of another module (an embedding): its weight
+            # takes the dequantized values (checked with the plain tensors).
+            plain[key] = torch.from_numpy(v.dequantize())
+            continue
         want = (getattr(old, "out_features", None), getattr(old, "in_features", None))
         if not isinstance(old, (nn.Linear, QuantizedLinear)) or want != tuple(v.shape):
             raise FormatError(
@@ -407,6 +409,12 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
                 f"{path}: {key!r} has shape {tuple(t.shape)} in the file; "
                 f"the model's is {tuple(state[key].shape)}"
             )
+    if not strict and not layers and any(isinstance(v, QuantizedWeights) for v in entries.values()):
+        warnings.warn(
+            f"{path}: no quantized layer of the file matched a layer of the model "
+            "(different names?); the model keeps its float layers",
+            stacklevel=2,
+        )
     for name, new in layers.items():
         _replace(model, name, new)
     result = model.load_state_dict(plain, strict=False)

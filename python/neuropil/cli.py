@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tour", help="run every capability on real data and report")
     s.add_argument(
         "--only",
-        nargs="*",
+        nargs="+",
         metavar="SECTION",
         help=f"sections to run (default: all of {', '.join(_tour.SECTIONS)})",
     )
@@ -103,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantize", help="pack a safetensors or GGUF file's weights (2/3/4/8-bit)")
     s.add_argument("input", help="safetensors or GGUF file")
     s.add_argument("output", help="safetensors file to write (neuropil.torch.load_quantized)")
-    s.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
-    s.add_argument("--group-size", type=int, default=None, help="32, 64, 128, 256 (default 64)")
+    s.add_argument(
+        "--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4; GGUF schemes: theirs)"
+    )
+    s.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="32, 64, 128, 256 (default 64; GGUF schemes: 32)",
+    )
     s.add_argument("--scheme", default="asym", help="asym, sym, q4_0, q4_1, q8_0")
     s.add_argument("--search", action="store_true", help="error-minimising scale search")
     s.add_argument("--skip", nargs="*", metavar="PATTERN", help="tensor names to keep (glob)")
@@ -124,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except NeuropilError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
-        return 2
+        # (a file error reported with its path keeps the OSError as its cause)
+        return 1 if isinstance(e.__cause__, OSError) else 2
     except OSError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
         return 1

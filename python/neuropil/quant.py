@@ -25,8 +25,10 @@ cache-sized tile at a time).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import operator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -495,3 +497,14 @@ def load_file(path: str | Path) -> dict[str, Any]:
         if name not in used:
             out[name] = arr
     return out
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    """Whether a module or tensor name matches a ``skip`` pattern: a glob on the
+    full name (a tensor's also without ``.weight``), or one name component.
+    ``neuropil quantize --skip`` matches the same way."""
+    stem = name.removesuffix(".weight")
+    return any(
+        fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(stem, pat) or pat in name.split(".")
+        for pat in skip
+    )

@@ -3,10 +3,11 @@
 :class:`RangeIndex` answers, for a batch of queries each with its own
 threshold, *every* key whose score reaches the threshold and nothing else, in
 faiss's ``range_search`` layout; :meth:`RangeIndex.topk` returns the ``k`` best.
-It is built for attention keys of language models: the default method
-(``quant``) bounds every ``q . k`` from above by an exact integer dot product
-of 8-bit codes of key and query in the keys' principal basis, plus the
-quantisation error, and computes the float score only of keys whose bound
+It is built for attention keys of language models: the ``quant`` method (what
+the default, ``auto``, runs while pruning pays) bounds every ``q . k`` from
+above by an exact integer dot product of 8-bit codes of key and query in the
+keys' principal basis, plus the quantisation error, and computes the float
+score only of keys whose bound
 reaches the threshold (about 1.5% of them at a top-1% threshold on SmolLM2
 keys). ``pca`` bounds by ``q.mu + q_p . k_p + |q_r| |k_r|`` over the top
 principal directions under a k-d tree; ``kmeans`` is the original

@@ -128,21 +128,33 @@ fn choose(requested: Option<&str>) -> Result<Level> {
 /// Decided on first call and cached. An invalid override is an error on every
 /// call (not only the first), so no kernel ever runs with a half-valid choice.
 pub fn level() -> Result<Level> {
-    static CHOICE: OnceLock<std::result::Result<Level, String>> = OnceLock::new();
+    // The error is kept whole (its fields), so every call reports the same
+    // one, once (wrapping its text again repeated it).
+    static CHOICE: OnceLock<std::result::Result<Level, (String, String, String)>> = OnceLock::new();
     let choice = CHOICE.get_or_init(|| {
         let requested = std::env::var("NEUROPIL_KERNEL").ok();
-        choose(requested.as_deref()).map_err(|e| e.to_string())
+        choose(requested.as_deref()).map_err(|e| match e {
+            Error::Kernel {
+                requested,
+                reason,
+                supported,
+            } => (requested, reason, supported),
+            other => {
+                let supported: Vec<&str> = Level::supported().iter().map(|l| l.name()).collect();
+                (
+                    requested.unwrap_or_default(),
+                    other.to_string(),
+                    supported.join(", "),
+                )
+            }
+        })
     });
     match choice {
         Ok(l) => Ok(*l),
-        Err(msg) => Err(Error::Kernel {
-            requested: std::env::var("NEUROPIL_KERNEL").unwrap_or_default(),
-            reason: msg.clone(),
-            supported: Level::supported()
-                .iter()
-                .map(|l| l.name())
-                .collect::<Vec<_>>()
-                .join(", "),
+        Err((requested, reason, supported)) => Err(Error::Kernel {
+            requested: requested.clone(),
+            reason: reason.clone(),
+            supported: supported.clone(),
         }),
     }
 }
