@@ -1070,3 +1070,17 @@ def test_cli_skip_matches_names_as_quantize_model_does(tmp_path):
     assert [r["tensor"] for r in report["tensors"]] == ["model.layers.0.mlp.up_proj.weight"]
     report = convert(src, tmp_path / "out2.safetensors", skip=("*.mlp.*",), progress=False)
     assert [r["tensor"] for r in report["tensors"]] == ["lm_head.weight"]
+
+
+def test_quantized_linear_lets_nan_through_like_nn_linear():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    ql = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=32)
+    x = torch.randn(3, 64)
+    want = ql(x)
+    x[1, 5] = float("nan")
+    x[2, 0] = float("inf")
+    y = ql(x)
+    assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
+    np.testing.assert_allclose(y[0].numpy(), want[0].numpy(), rtol=1e-3, atol=1e-3)

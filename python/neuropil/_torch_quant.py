@@ -198,6 +198,7 @@ class QuantizedLinear(nn.Module):
         weights runs a Triton kernel on the packed codes when Triton is available;
         otherwise (and with ``force_torch``) the weight is dequantized on the
         device for this call and ``F.linear`` runs. Inference only (no gradients).
+        NaN and Inf in ``x`` reach the outputs they touch, as in ``nn.Linear``.
         """
         if x.shape[-1] != self.in_features:
             from .errors import ShapeError
@@ -214,15 +215,22 @@ class QuantizedLinear(nn.Module):
             # The CPU path, kept short: a decoding step calls it for every
             # Linear of the model, and a small layer's kernel takes 10-25 us.
             xn = x.detach().to(torch.float32).numpy().reshape(-1, self.in_features)
-            y = _native.quant_matvec(
-                *views,
-                self.out_features,
-                self.in_features,
-                self.bits,
-                self.group_size,
-                self.scheme,
-                xn[0] if xn.shape[0] == 1 else xn,
-            )
+            try:
+                y = _native.quant_matvec(
+                    *views,
+                    self.out_features,
+                    self.in_features,
+                    self.bits,
+                    self.group_size,
+                    self.scheme,
+                    xn[0] if xn.shape[0] == 1 else xn,
+                )
+            except ArgumentError:
+                if bool(torch.isfinite(x).all()):
+                    raise
+                # The kernels refuse NaN and Inf; a drop-in for nn.Linear lets
+                # them through to the rows they touch, as torch does.
+                return self._torch_forward(x)
             out = torch.from_numpy(y.reshape(*lead, self.out_features))
             if self.bias is not None:
                 out = out + self.bias
