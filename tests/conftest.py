@@ -67,3 +67,23 @@ def sentences():
     from neuropil.data import real_sentences
 
     return real_sentences(400)
+
+
+def assert_saves_take_normal_modes(save, path, kept=(0o664,)):
+    """``save(path)`` under umask 0o027 creates a 0o640 file (what ``open``
+    gives, not mkstemp's 0o600), and a save over an existing file keeps each
+    mode of ``kept``."""
+    import stat
+
+    if os.name != "posix":
+        pytest.skip("POSIX file modes")
+    old = os.umask(0o027)
+    try:
+        save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    for mode in kept:
+        path.chmod(mode)
+        save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == mode

@@ -16,7 +16,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import neuropil  # noqa: E402
-from conftest import run_python  # noqa: E402
+from conftest import assert_saves_take_normal_modes, run_python  # noqa: E402
 from neuropil.membrane import (  # noqa: E402
     AdaptivePersistence,
     HierarchicalMembraneBank,
@@ -834,20 +834,7 @@ def test_fast_hadamard_survives_save_load(tmp_path, fast):
 
 
 def test_saved_bank_file_gets_normal_permissions(tmp_path):
-    import os
-    import stat
-
-    bank = MembraneBank(8, 2, 2)
-    path = tmp_path / "b.safetensors"
-    old = os.umask(0o027)
-    try:
-        bank.save(path)
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0o600
-    path.chmod(0o664)
-    bank.save(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    assert_saves_take_normal_modes(MembraneBank(8, 2, 2).save, tmp_path / "b.safetensors")
 
 
 def test_small_input_fixes():

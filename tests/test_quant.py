@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_python
+from conftest import assert_saves_take_normal_modes, run_python
 from neuropil import ArgumentError, DTypeError, FormatError, ShapeError, _native
 from neuropil.quant import QuantizedWeights, load_file, quantize, save_file
 
@@ -851,26 +851,8 @@ def test_from_gguf_refuses_raw_blocks_that_are_not_uint8():
 
 
 def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
-    import os
-    import stat
-
-    if os.name != "posix":
-        pytest.skip("POSIX file modes")
-    old = os.umask(0o027)
-    try:
-        with open(tmp_path / "plain", "w"):
-            pass
-        path = tmp_path / "w.safetensors"
-        quantize(_matrix(11, 2, 64)).save(path)
-        want = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
-        assert want == 0o640
-        assert stat.S_IMODE(os.stat(path).st_mode) == want
-    finally:
-        os.umask(old)
-    for mode in (0o644, 0o600):
-        os.chmod(path, mode)
-        save_file(path, {"a": np.ones(2, np.float32)})
-        assert stat.S_IMODE(os.stat(path).st_mode) == mode
+    q = quantize(_matrix(11, 2, 64))
+    assert_saves_take_normal_modes(q.save, tmp_path / "w.safetensors", kept=(0o644, 0o600))
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HAS_TORCH
+from conftest import HAS_TORCH, assert_saves_take_normal_modes
 from neuropil import ArgumentError, DTypeError, ShapeError, _native
 from neuropil.windows import SlidingWindows, WindowMemoryError
 
@@ -669,20 +669,8 @@ def test_concurrent_saves_to_one_path_leave_one_whole_file(tmp_path):
 
 
 def test_saved_file_gets_normal_permissions(tmp_path):
-    import os
-    import stat
-
     sw = SlidingWindows(frames_for(20), 3)
-    path = tmp_path / "w.safetensors"
-    old = os.umask(0o027)
-    try:
-        sw.save(path)
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not 0o600
-    path.chmod(0o664)
-    sw.save(path)  # an existing file keeps its mode
-    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+    assert_saves_take_normal_modes(sw.save, tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize(
