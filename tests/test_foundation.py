@@ -527,3 +527,53 @@ def test_a_getter_during_a_long_write_does_not_stall_other_threads():
     for t in threads:
         t.join()
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+def _savers():
+    """One small object per persistent type, with its save and load calls."""
+    from neuropil import flyhash, neurons, quant, range, windows
+
+    w = np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32)
+    q = quant.quantize(w, bits=4, group_size=32)
+    out = {
+        "QuantizedWeights": (q.save, quant.QuantizedWeights.load),
+        "quant.save_file": (lambda p: quant.save_file(p, {"w": q}), quant.load_file),
+        "FlyHash": (flyhash.FlyHash(16, 2.0, 0.25, seed=1).save, flyhash.FlyHash.load),
+        "BinaryIndex": (flyhash.BinaryIndex(64).save, flyhash.BinaryIndex.load),
+        "RangeIndex": (range.RangeIndex(w).save, range.RangeIndex.load),
+        "NeuronCache": (neurons.NeuronCache(64, capacity=8).save, neurons.NeuronCache.load),
+        "SlidingWindows": (windows.SlidingWindows(w, window=4).save, windows.SlidingWindows.load),
+    }
+    if HAS_TORCH:
+        import torch
+
+        import neuropil.torch as nt
+        from neuropil.membrane import MembraneBank
+
+        model = nt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), bits=4)
+        out["MembraneBank"] = (MembraneBank(L=8, H=2, W=2).save, MembraneBank.load)
+        out["save_quantized"] = (
+            lambda p: nt.save_quantized(model, p),
+            lambda p: nt.load_quantized(model, p),
+        )
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(_savers()))
+def test_every_loader_and_saver_raises_the_oserror_open_would(kind, tmp_path):
+    # A file that cannot be opened is an OSError of the subclass Python's own
+    # open() gives, naming the path; FormatError is kept for files that were
+    # read and are malformed. Every loader agrees.
+    save, load = _savers()[kind]
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError) as e:
+        load(missing)
+    assert e.value.filename == str(missing) and not isinstance(e.value, NeuropilError)
+    with pytest.raises(IsADirectoryError) as e:
+        load(tmp_path)
+    assert e.value.filename == str(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        save(tmp_path / "no-such-dir" / "x.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    save(tmp_path / "x.safetensors")
+    load(tmp_path / "x.safetensors")

@@ -142,11 +142,8 @@ def _unpermute(name: str, rows: Any, heads: tuple[int, int] | None) -> Any:
 def read_any(path: str | Path) -> dict[str, tuple[Any, int]]:
     """Reads a safetensors or GGUF file (told apart by GGUF's magic bytes)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e}") from e
+    with open(path, "rb") as f:  # OSError (FileNotFoundError...) passes through
+        magic = f.read(4)
     return _read_gguf(path) if magic == b"GGUF" else _read_safetensors(path)
 
 

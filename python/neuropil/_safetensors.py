@@ -138,14 +138,13 @@ def read(
         strings, and each tensor's safetensors dtype name (``"BF16"`` either way).
 
     Raises:
+        OSError: the file cannot be read (``FileNotFoundError``,
+            ``IsADirectoryError``, ``PermissionError``), as from ``open``.
         FormatError: the file is truncated, its header is not valid JSON of the
             expected structure, or a tensor's offsets disagree with its shape.
     """
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e}") from e
+    blob = path.read_bytes()  # OSError (FileNotFoundError...) as from open()
     if len(blob) < 8:
         raise _fail(path, f"{len(blob)} bytes is shorter than the 8-byte header length")
     n = int.from_bytes(blob[:8], "little")

@@ -377,6 +377,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     tensors load as state.
 
     Raises:
+        OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
         FormatError: the file is malformed, or (``strict``) names a layer the model lacks.
     """
     entries = load_file(path)

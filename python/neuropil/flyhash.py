@@ -281,6 +281,7 @@ class FlyHash:
         """Reads an encoder written by :meth:`save`.
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: the file is not a FlyHash file, is truncated, has a
                 malformed or unknown field, or its projection differs from the one
                 its seed generates.

@@ -269,6 +269,7 @@ class NeuronCache:
         """Reads a cache written by :meth:`save`.
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: not such a file, an unknown version, or any field
                 missing, malformed or inconsistent.
         """

@@ -292,6 +292,7 @@ class QuantizedWeights:
         """Reads a file written by :meth:`save` (or the entry ``name`` of :func:`save_file`).
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: the file or any metadata field is malformed or inconsistent.
         """
         entries = load_file(path)
@@ -418,6 +419,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
     """Reads a file written by :func:`save_file`: ``{name: QuantizedWeights | ndarray}``.
 
     Raises:
+        OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
         FormatError: not safetensors, wrong format or version, a missing or
             malformed field, or buffers inconsistent with the recorded format.
     """

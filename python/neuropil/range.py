@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -282,7 +281,6 @@ class RangeIndex:
             "format_version": str(FORMAT_VERSION),
             **{k: str(v) for k, v in self._params.items()},
         }
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         _safetensors.save(path, {"keys": keys}, meta)
 
     @classmethod
@@ -294,6 +292,7 @@ class RangeIndex:
             device: A torch device (e.g. ``"cuda"``) for the torch path; default CPU.
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...).
             FormatError: the file is not a neuropil range index, is truncated,
                 of another format version, or any field is malformed.
         """

@@ -678,6 +678,7 @@ class SlidingWindows:
                 array stored misaligned (files of older versions) is copied.
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: the file is malformed, truncated, inconsistent or of
                 another format version.
         """

@@ -81,6 +81,17 @@ pub enum Error {
     #[error("{0}")]
     Threads(String),
 
+    /// A file could not be opened, read or written. Kept apart from
+    /// [`Error::Format`] (a file that was read but is malformed) so that the
+    /// bindings raise the `OSError` subclass Python's own `open` would
+    /// (`FileNotFoundError`, `IsADirectoryError`, `PermissionError`...).
+    #[error("cannot {action} {}: {source}", path.display())]
+    File {
+        action: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
     /// An operating-system I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -96,6 +107,15 @@ impl Error {
             arg,
             expected: expected.into(),
             found: found.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::File`]: `action` is "read" or "write".
+    pub fn file(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::File {
+            action,
+            path: path.to_path_buf(),
+            source,
         }
     }
 

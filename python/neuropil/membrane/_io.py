@@ -88,8 +88,8 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such file: {path}")
+    with open(path, "rb"):  # OSError (FileNotFoundError...) as from every loader
+        pass
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

@@ -692,6 +692,7 @@ class MembraneBank:
             device: Device to load onto (default CPU).
 
         Raises:
+            OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: The file is missing fields, truncated, inconsistent or
                 of an unknown format version.
         """

@@ -4,7 +4,7 @@
 //! they inherit from two bases (`ShapeError` is a `NeuropilError` and a
 //! `ValueError`), which a PyO3-created exception cannot.
 
-use pyo3::exceptions::PyIndexError;
+use pyo3::exceptions::{PyIndexError, PyOSError};
 use pyo3::prelude::*;
 
 pyo3::import_exception!(neuropil.errors, NeuropilError);
@@ -23,7 +23,26 @@ pub fn to_py(err: neuropil::Error) -> PyErr {
         E::Value { .. } => ArgumentError::new_err(msg),
         E::Index { .. } => PyIndexError::new_err(msg),
         E::Format { .. } => FormatError::new_err(msg),
+        E::File { path, source, .. } => os_error(&path, &source, msg),
         E::Kernel { .. } | E::Threads(_) | E::Io(_) => NeuropilError::new_err(msg),
+    }
+}
+
+/// `OSError(errno, strerror, filename)`: Python picks the subclass from the
+/// errno (`FileNotFoundError`, `IsADirectoryError`, `PermissionError`...) and
+/// prints it as its own `open` would, so a missing file reads the same from
+/// every loader in the package.
+fn os_error(path: &std::path::Path, source: &std::io::Error, msg: String) -> PyErr {
+    match source.raw_os_error() {
+        Some(errno) => {
+            // io::Error's text is strerror plus " (os error N)"; Python adds
+            // "[Errno N]" itself.
+            let text = source.to_string();
+            let suffix = format!(" (os error {errno})");
+            let strerror = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+            PyOSError::new_err((errno, strerror, path.to_string_lossy().into_owned()))
+        }
+        None => PyOSError::new_err(msg),
     }
 }
 

@@ -43,12 +43,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}-{call}.tmp", std::process::id()));
-    let failed = |e: std::io::Error| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot write {}: {e}", path.display()),
-        ))
-    };
+    let failed = |e: std::io::Error| Error::file("write", path, e);
     // (a name already taken, by another process sharing this pid in another
     // container, say, is an error, and that file is not this call's to remove)
     let mut f = std::fs::File::create_new(&tmp).map_err(failed)?;
@@ -82,12 +77,7 @@ struct Parsed {
 }
 
 fn read(path: &Path, format: &str) -> Result<Parsed> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot read {}: {e}", path.display()),
-        ))
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::file("read", path, e))?;
     let (_, md) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| fmt_err(path, format!("not a valid safetensors file ({e})")))?;
     SafeTensors::deserialize(&bytes)
