@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -409,6 +410,41 @@ def test_sparse_decode_attention_torch_matches_dense(device):
     out, info = sparse_decode_attention(q, k, v, 32**-0.5, strategy="top_p", top_p=0.99)
     assert info["dropped_bound"] <= 0.01 + 1e-6
     assert (out - dense).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("strategy", [None, "top_p", "top_k", "threshold"])
+def test_sparse_decode_attention_with_a_fully_masked_row_matches_sdpa(device, strategy):
+    # Row 0 may attend to nothing: torch's sdpa gives zeros there, and so must
+    # we; the reported fraction covers the row that has keys, never nan.
+    torch = pytest.importorskip("torch")
+    from neuropil.hf import sparse_decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(device)
+    k = torch.randn(2, 2, 50, 16, generator=g).to(device)
+    v = torch.randn(2, 2, 50, 16, generator=g).to(device)
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool, device=device)
+    mask[0] = False
+    mask[1, ..., :10] = False
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    ).transpose(1, 2)
+    kw = {"threshold": 0.0} if strategy == "threshold" else {}
+    out, info = sparse_decode_attention(
+        q, k, v, 16**-0.5, strategy=strategy, sinks=0, window=1, attention_mask=mask, **kw
+    )
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(dense[0], torch.zeros_like(dense[0]))
+    assert math.isfinite(info["fraction_read"]) and 0 < info["fraction_read"] <= 1
+    if strategy is None:
+        assert info["fraction_read"] == 1.0
+        torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    mask[1] = False
+    _, info = sparse_decode_attention(
+        q, k, v, 16**-0.5, strategy=strategy, attention_mask=mask, **kw
+    )
+    assert info["fraction_read"] == 0.0
 
 
 def _tiny_llama_config(heads=2, kv_heads=1):

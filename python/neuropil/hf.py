@@ -444,7 +444,9 @@ def sparse_decode_attention(
 
     Returns:
         ``(out, info)``: ``out`` ``(batch, 1, heads, d)``; ``info`` with
-        ``fraction_read`` (mean) and ``dropped_bound`` (max over heads).
+        ``fraction_read`` (mean over rows that have an allowed key) and
+        ``dropped_bound`` (max over heads). A row whose keys are all masked
+        gives zeros, as torch's ``scaled_dot_product_attention`` does.
 
     Raises:
         ArgumentError: an unknown strategy or a parameter out of its domain.
@@ -503,14 +505,20 @@ def sparse_decode_attention(
         3,
         idx[..., None].expand(-1, -1, -1, -1, d),
     )
-    w = torch.softmax(top_z, dim=-1)
+    # (a row with nothing selected would be softmax over -inf only: nan)
+    w = torch.softmax(top_z, dim=-1).masked_fill(count[..., None] == 0, 0.0)
     out = (w[..., None] * vsel).sum(-2).reshape(bsz, n_heads, d)[:, None].to(query.dtype)
     s_sel = torch.exp(top_z - zmax).sum(-1, keepdim=True)
     n_drop = n_ok - count[..., None].float()
     e = n_drop * torch.exp(torch.clamp(zt - zmax, max=0.0))
     bound = torch.where(n_drop > 0, e / (s_sel + e), torch.zeros_like(e))
+    # A row whose keys are all masked reads none and returns zeros, as torch's
+    # sdpa does; it has no fraction to report, so the mean skips it (0.0 if
+    # every row is such a row, never nan).
+    has = (n_ok > 0).expand_as(n_drop)
+    frac = (count[..., None].float() / n_ok.clamp(min=1))[has]
     info = {
-        "fraction_read": float((count[..., None].float() / n_ok).mean()),
+        "fraction_read": float(frac.mean()) if frac.numel() else 0.0,
         "dropped_bound": float(bound.max()),
     }
     return out, info
