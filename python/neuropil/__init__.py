@@ -23,6 +23,7 @@ __all__ = [
     "NeuropilError",
     "ShapeError",
     "__version__",
+    "dot",
     "get_num_threads",
     "info",
     "set_num_threads",
@@ -69,6 +70,52 @@ def simd_level() -> str:
         NeuropilError: ``NEUROPIL_KERNEL`` names an unknown level or one this CPU lacks.
     """
     return _native.simd_level()
+
+
+def _float32_if_torch(x: Any) -> Any:
+    """Converts a floating torch tensor the native kernels cannot borrow (bfloat16 or
+    float16, on an accelerator, or requiring grad) to float32 on the CPU, once.
+
+    Anything else, torch tensors of other dtypes included, passes through unchanged,
+    so the native layer still reports it; torch is only touched when ``x`` is a
+    torch object (``import neuropil`` stays torch-free).
+    """
+    if not type(x).__module__.startswith("torch"):
+        return x
+    import torch
+
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        return x
+    if x.dtype in (torch.bfloat16, torch.float16) or x.device.type != "cpu" or x.requires_grad:
+        return x.detach().to(device="cpu", dtype=torch.float32)
+    return x
+
+
+def dot(a: Any, b: Any) -> float:
+    """Dot product of two vectors with the dispatched SIMD kernel.
+
+    Runs at :func:`simd_level`, in the thread pool for vectors over 64 Ki elements.
+    Sums are float32, added in a fixed chunk order, so the result does not depend
+    on the thread count. NaN and Inf propagate, as in numpy.
+
+    Args:
+        a: Vector of shape ``(n,)``: a numpy array, a torch tensor or a list of
+            floats. A float32 C-contiguous numpy array or CPU torch tensor is read
+            in place; other float dtypes (float64, float16, torch bfloat16) and
+            non-contiguous views are converted to float32 once, as are torch
+            tensors on an accelerator or requiring grad (copied to the CPU).
+        b: Vector of shape ``(n,)``, the same length as ``a``; same input rules.
+
+    Returns:
+        ``sum(a * b)`` as a Python float.
+
+    Raises:
+        ShapeError: ``a`` or ``b`` is not 1-D or is empty, or ``b``'s length differs
+            from ``a``'s (``b must have shape (4,) to match a; got (3,)``).
+        DTypeError: ``a`` or ``b`` is not a float array (integer, bool, complex or
+            string dtypes are refused, not cast).
+    """
+    return _native.dot(_float32_if_torch(a), _float32_if_torch(b))
 
 
 def info(probe_torch: bool = True) -> dict[str, Any]:
