@@ -577,3 +577,21 @@ def test_every_loader_and_saver_raises_the_oserror_open_would(kind, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     save(tmp_path / "x.safetensors")
     load(tmp_path / "x.safetensors")
+
+
+def test_dot_converts_torch_half_tensors_once_and_keeps_errors():
+    """``neuropil.dot``, the README's first call: bfloat16/float16 tensors (which
+    ``_native.dot`` cannot borrow) are converted; bad input raises as before."""
+    torch = pytest.importorskip("torch")
+
+    a = torch.linspace(-1, 1, 1000)
+    want = float(a @ a)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = a.to(dtype)
+        assert neuropil.dot(half, half) == pytest.approx(float(half.float() @ half.float()))
+        assert neuropil.dot(a, half) == pytest.approx(want, rel=1e-2)
+    assert neuropil.dot(a.requires_grad_(), a) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(neuropil.ShapeError, match=r"b must have shape \(1000,\) to match a"):
+        neuropil.dot(a, a[:-1].to(torch.bfloat16))
+    with pytest.raises(neuropil.DTypeError, match="b must have dtype float32"):
+        neuropil.dot(a, torch.ones(1000, dtype=torch.int32))
