@@ -51,6 +51,70 @@ def unpack_codes(qdata: torch.Tensor, bits: int, group_size: int) -> torch.Tenso
     return lo | (hi << 2)
 
 
+def _dequantize(qdata, scales, mins, bits: int, group_size: int, cols: int, dtype) -> torch.Tensor:
+    """The float weight (rows, cols) from packed buffers, with torch on their device."""
+    u = unpack_codes(qdata, bits, group_size).to(dtype)
+    s = scales.to(dtype).unsqueeze(-1)
+    m = mins.to(dtype).unsqueeze(-1) if mins.numel() else s * -float(1 << (bits - 1))
+    return (u * s + m).reshape(qdata.shape[0], -1)[:, :cols]
+
+
+def _torch_linear(x, qdata, scales, mins, bias, bits: int, group_size: int) -> torch.Tensor:
+    """Dequantize on the buffers' device, then ``F.linear`` in x's float precision."""
+    dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w = _dequantize(qdata, scales, mins, bits, group_size, x.shape[-1], dtype)
+    b = None if bias is None else bias.to(dtype)
+    return F.linear(x.to(dtype), w, b).to(x.dtype)
+
+
+@torch.library.custom_op("neuropil::quant_linear", mutates_args=())
+def _quant_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    scheme: str,
+) -> torch.Tensor:
+    """``QuantizedLinear``'s CPU forward as a torch operator, for ``torch.compile``:
+    an opaque call in the graph instead of a graph break at the numpy views."""
+    rows, cols = qdata.shape[0], x.shape[-1]
+    lead = x.shape[:-1]
+    if x.numel() == 0:
+        return _torch_linear(x, qdata, scales, mins, bias, bits, group_size)
+    s, m = scales.numpy(), mins.numpy() if mins.numel() else None
+    if s.dtype == np.float16:  # the core takes float16 as its uint16 bits
+        s, m = s.view(np.uint16), None if m is None else m.view(np.uint16)
+    xn = x.detach().to(torch.float32).numpy().reshape(-1, cols)
+    try:
+        y = _native.quant_matvec(
+            qdata.numpy(),
+            s,
+            m,
+            rows,
+            cols,
+            bits,
+            group_size,
+            scheme,
+            xn[0] if xn.shape[0] == 1 else xn,
+        )
+    except ArgumentError:
+        if bool(torch.isfinite(x).all()):
+            raise
+        return _torch_linear(x, qdata, scales, mins, bias, bits, group_size)
+    out = torch.from_numpy(y.reshape(*lead, rows))
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
+
+
+@_quant_linear.register_fake
+def _(x, qdata, scales, mins, bias, bits, group_size, scheme):
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
 class QuantizedLinear(nn.Module):
     """A drop-in ``nn.Linear`` with packed group-wise quantized weights (inference only).
 
@@ -58,6 +122,11 @@ class QuantizedLinear(nn.Module):
     (out_features, groups), ``mins`` (same, or empty for symmetric schemes);
     ``bias`` is a float32 parameter or ``None``. Input of any shape (..., in_features),
     float dtype; output (..., out_features) in the input's dtype and device.
+
+    ``torch.compile`` (``fullgraph=True`` included) traces it without a graph
+    break: on the CPU the Rust kernel is the custom operator
+    ``torch.ops.neuropil.quant_linear``; on other devices the unpacking and
+    ``F.linear`` are traced and fused by the compiler.
     """
 
     def __init__(
@@ -174,21 +243,21 @@ class QuantizedLinear(nn.Module):
     # --------------------------------------------------------------- forward
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in), computed with torch on the buffers' device."""
-        u = unpack_codes(self.qdata, self.bits, self.group_size).to(dtype)
-        s = self.scales.to(dtype).unsqueeze(-1)
-        if self.mins.numel():
-            m = self.mins.to(dtype).unsqueeze(-1)
-        else:
-            m = s * -float(1 << (self.bits - 1))
-        w = u * s + m
-        return w.reshape(self.out_features, -1)[:, : self.in_features]
+        return _dequantize(
+            self.qdata, self.scales, self.mins, self.bits, self.group_size, self.in_features, dtype
+        )
 
     def _torch_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """Dequantize on the buffers' device, then ``F.linear`` (any device)."""
-        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        w = self.dequantized_weight(dtype)
-        b = None if self.bias is None or not bias else self.bias.to(dtype)
-        return F.linear(x.to(dtype), w, b).to(x.dtype)
+        return _torch_linear(
+            x,
+            self.qdata,
+            self.scales,
+            self.mins,
+            self.bias if bias else None,
+            self.bits,
+            self.group_size,
+        )
 
     def forward(self, x: torch.Tensor, force_torch: bool = False) -> torch.Tensor:
         """``x @ W.T + bias`` for ``x`` (..., in_features).
@@ -210,6 +279,22 @@ class QuantizedLinear(nn.Module):
         if x.numel() == 0:  # an empty batch, as nn.Linear returns it
             out = x.new_zeros(*lead, self.out_features)
             return out if self.bias is None else out + self.bias.to(x.dtype)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the CPU kernel is the opaque custom op below
+            # (no graph break, fullgraph=True works); elsewhere the torch path
+            # is traced and the compiler fuses the unpacking into the matmul.
+            if x.is_cpu and self.qdata.is_cpu and not force_torch:
+                return torch.ops.neuropil.quant_linear(
+                    x,
+                    self.qdata,
+                    self.scales,
+                    self.mins,
+                    self.bias,
+                    self.bits,
+                    self.group_size,
+                    self.scheme,
+                )
+            return self._torch_forward(x)
         views = self._cpu_views() if x.is_cpu and not force_torch else None
         if views is not None:
             # The CPU path, kept short: a decoding step calls it for every
