@@ -764,3 +764,155 @@ def test_a_bfloat16_target_with_numpy_frames_is_a_dtype_error():
         torch.from_numpy(frames), window=4, targets={"y": torch.ones(10, dtype=torch.bfloat16)}
     )
     assert sw.target("y", 0).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def _same_bits(a, b):
+    """Equal dtype, shape and bytes (numpy or torch; NaNs compared bitwise)."""
+    assert isinstance(a, np.ndarray) == isinstance(b, np.ndarray)
+    assert a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+    if isinstance(a, np.ndarray):
+        assert a.tobytes() == b.tobytes()
+    else:
+        import torch
+
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _assert_same_windows(sw, back):
+    assert type(back) is type(sw)
+    assert (back.window, back.stride, len(back)) == (sw.window, sw.stride, len(sw))
+    assert back.target_offset == sw.target_offset and list(back.targets) == list(sw.targets)
+    np.testing.assert_array_equal(back.episode_offsets, sw.episode_offsets)
+    np.testing.assert_array_equal(back.starts, sw.starts)
+    mine, theirs = sw.batches(16, seed=5, epoch=2), back.batches(16, seed=5, epoch=2)
+    for a, b in zip(mine, theirs, strict=True):
+        assert list(a) == list(b)
+        for k in a:
+            _same_bits(a[k], b[k])
+    idx = [0, len(sw) - 1, 3]
+    for k, v in sw.take(idx).items():
+        _same_bits(v, back.take(idx)[k])
+
+
+def test_pickle_and_deepcopy_round_trip_bit_identical():
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(11)
+    f = rng.standard_normal((240, 5), dtype=np.float32)
+    f[7, 2] = np.nan
+    sw = SlidingWindows(
+        f, 6, stride=3, episodes=[0, 100, 40, 100],
+        targets={"a": np.arange(240, dtype=np.int16), "w": f[:, :2].astype(np.float16),
+                 "r": rng.standard_normal(240)},
+        target_offset={"a": 1, "w": None, "r": -2},
+    )  # fmt: skip
+    assert sw.num_episodes == 4
+    for proto in (2, pickle.HIGHEST_PROTOCOL):
+        _assert_same_windows(sw, pickle.loads(pickle.dumps(sw, protocol=proto)))
+    deep = copy.deepcopy(sw)
+    _assert_same_windows(sw, deep)
+    assert not np.shares_memory(deep.frames, sw.frames)
+    _assert_same_windows(sw, copy.copy(sw))
+    # One episode, no targets; a user's own memmap is pickled by value.
+    _assert_same_windows(SlidingWindows(f, 4), pickle.loads(pickle.dumps(SlidingWindows(f, 4))))
+    # Unpickling goes through the constructor (validated again), never around it.
+    rebuild, args = sw.__reduce__()
+    assert rebuild is SlidingWindows
+    with pytest.raises(ArgumentError, match="window"):
+        rebuild(args[0], 101, *args[2:])
+    # Iterators (prefetch thread, buffers) are not pickled.
+    with pytest.raises(TypeError, match="cannot pickle a WindowBatches"):
+        pickle.dumps(sw.batches(8))
+
+
+@needs_torch
+def test_pickle_round_trip_of_torch_frames_and_dataset():
+    import copy
+    import pickle
+
+    import torch
+
+    f = torch.from_numpy(frames_for(90, 4))
+    sw = SlidingWindows(f, 5, episodes=[30, 60],
+                        targets={"b": torch.arange(90).to(torch.bfloat16), "y": np.arange(90)},
+                        target_offset={"b": 0, "y": 1})  # fmt: skip
+    back = pickle.loads(pickle.dumps(sw))
+    assert back.torch and back.device == sw.device
+    _assert_same_windows(sw, back)
+    ds = copy.deepcopy(sw.as_dataset())
+    assert type(ds).__name__ == "WindowDataset" and len(ds) == len(sw)
+    for k, v in sw.as_dataset().__getitems__([4, 0, 9]).batch.items():
+        _same_bits(v, ds.__getitems__([4, 0, 9]).batch[k])
+
+
+def test_mmap_loaded_windows_pickle_as_a_file_reference(tmp_path):
+    import copy
+    import os
+    import pickle
+
+    from neuropil import FormatError
+
+    f = np.random.default_rng(4).standard_normal((20_000, 16), dtype=np.float32)
+    sw = SlidingWindows(f, 8, stride=2, episodes=[5_000, 15_000],
+                        targets={"y": np.arange(20_000)}, target_offset=1)  # fmt: skip
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    mapped = SlidingWindows.load(path, mmap=True)
+    blob = pickle.dumps(mapped)
+    assert len(blob) < 1_000 < f.nbytes // 1_000  # a reference, not 1.3 MB of frames
+    for back in (pickle.loads(blob), copy.deepcopy(mapped)):
+        assert isinstance(back.frames, np.memmap) and not back.frames.flags.writeable
+        _assert_same_windows(sw, back)
+        assert len(pickle.dumps(back)) < 1_000  # and it pickles as a reference again
+    # Loaded into memory: pickled by value.
+    assert len(pickle.dumps(SlidingWindows.load(path, mmap=False))) > f.nbytes
+    # Arrays replaced after loading: no longer the file's, pickled by value.
+    swapped = SlidingWindows.load(path)
+    swapped.frames = np.array(swapped.frames)
+    assert len(pickle.dumps(swapped)) > f.nbytes
+
+    # The file replaced by another save (same shapes, other data): refused.
+    SlidingWindows(f + 1, 8, stride=2, episodes=[5_000, 15_000],
+                   targets={"y": np.arange(20_000)}, target_offset=1).save(path)  # fmt: skip
+    with pytest.raises(FormatError, match="changed since this SlidingWindows was loaded"):
+        pickle.loads(blob)
+    # Modified in place (a byte appended): refused.
+    blob = pickle.dumps(SlidingWindows.load(path))
+    with open(path, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(FormatError, match=r"changed since .*size"):
+        pickle.loads(blob)
+    # Gone: FileNotFoundError (an OSError) naming the file.
+    blob = pickle.dumps(SlidingWindows.load(path))
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="memory-mapped from is gone"):
+        pickle.loads(blob)
+
+
+@needs_torch
+def test_dataloader_spawn_workers_yield_the_same_batches(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    f = np.random.default_rng(8).standard_normal((600, 8), dtype=np.float32)
+    sw = SlidingWindows(f, 5, stride=2, episodes=[200, 400],
+                        targets={"y": np.arange(600), "v": f[:, :3].copy()},
+                        target_offset={"y": 1, "v": None})  # fmt: skip
+    path = tmp_path / "w.safetensors"
+    sw.save(path)
+    order = np.random.default_rng(0).permutation(len(sw)).tolist()
+    ds0 = sw.as_dataset()
+    # The workers get the mmap-loaded file as a reference and map it themselves.
+    ds2 = SlidingWindows.load(path, mmap=True).as_dataset()
+    want = list(DataLoader(ds0, batch_size=32, sampler=order, collate_fn=ds0.collate))
+    got = list(DataLoader(ds2, batch_size=32, sampler=order, collate_fn=ds2.collate,
+                          num_workers=2, multiprocessing_context="spawn", timeout=120))  # fmt: skip
+    assert len(got) == len(want) == -(-len(sw) // 32)
+    for a, b in zip(want, got, strict=True):
+        assert list(a) == list(b) == ["frames", "y", "v"]
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])

@@ -24,7 +24,11 @@ __all__ = ["WindowBatches"]
 
 
 class WindowBatches(Iterator[dict[str, Any]]):
-    """One epoch of batches of one rank; see :meth:`SlidingWindows.batches`."""
+    """One epoch of batches of one rank; see :meth:`SlidingWindows.batches`.
+
+    Not picklable (it holds a prefetch thread, its queue and batch buffers):
+    pickle the :class:`SlidingWindows` and call ``batches`` again.
+    """
 
     def __init__(
         self,
@@ -83,6 +87,12 @@ class WindowBatches(Iterator[dict[str, Any]]):
 
     def __len__(self) -> int:
         return self._n
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "cannot pickle a WindowBatches iterator (it holds a prefetch thread and "
+            "buffers): pickle the SlidingWindows and call batches() again"
+        )
 
     def __iter__(self) -> WindowBatches:
         return self

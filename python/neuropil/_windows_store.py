@@ -7,12 +7,20 @@ a temporary name and renamed, so a failed save never destroys an old file.
 :func:`load` checks every field and raises :class:`~neuropil.FormatError` on
 anything malformed, truncated or of another version; with ``mmap=True`` the
 arrays are ``np.memmap`` views of the file (read in place, paged in on use).
-Never pickle.
+The file format never uses pickle.
+
+An object loaded with ``mmap=True`` remembers the file's signature (absolute
+path, size, ``st_mtime_ns``, inode, SHA-256 of the 8-byte length + JSON
+header) and pickles as that reference; :func:`_reopen` loads the file again on
+unpickle and refuses (``FormatError``, or ``FileNotFoundError``) a file that
+is not the one that was loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -128,13 +136,15 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
 
     Raises:
         FormatError: the file is not a neuropil windows file, has another
-            version, or is malformed, truncated or inconsistent.
+            version, or is malformed, truncated or inconsistent, or changed
+            (size, mtime or inode) while it was being read.
         FileNotFoundError: ``path`` does not exist.
     """
     from .windows import SlidingWindows
 
     path = Path(path)
-    size = path.stat().st_size
+    before = os.stat(path)
+    size = before.st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -142,8 +152,10 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
             raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
+        raw = f.read(n)
+        digest = hashlib.sha256(head + raw).hexdigest()
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise _bad(path, f"header is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
@@ -180,8 +192,12 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
         raise _bad(path, f"frames must be 2-D; got shape {arrays['frames'][0].shape}")
     if arrays["episodes"][1] != "I64" or arrays["episodes"][0].ndim != 1:
         raise _bad(path, "episodes must be a 1-D I64 tensor")
+    # Every array was read or mapped from the file stat'ed first (a save
+    # renames a new file in place: another inode), so the signature holds.
+    if _stat_key(os.stat(path)) != _stat_key(before):
+        raise _bad(path, "the file changed while it was being read")
     try:
-        return SlidingWindows(
+        sw = SlidingWindows(
             arrays["frames"][0],
             window,
             stride,
@@ -191,6 +207,55 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
         )
     except (NeuropilError, OverflowError) as e:
         raise _bad(path, f"inconsistent content: {e}") from None
+    if mmap:
+        ref = (os.path.abspath(path), *_stat_key(before), digest)
+        sw._file = (ref, (sw.frames, *sw.targets.values()))
+    return sw
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    """What identifies a version of a file: size, mtime (ns) and inode."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _reopen(path: str, size: int, mtime_ns: int, ino: int, header_sha256: str) -> SlidingWindows:
+    """Unpickles a :class:`SlidingWindows` that ``load(path, mmap=True)`` returned.
+
+    Loads ``path`` memory-mapped again (through :func:`load`, which validates
+    every field) after checking it is the file that was loaded.
+
+    Raises:
+        FileNotFoundError: ``path`` is gone.
+        FormatError: ``path`` is not the file that was loaded (its size,
+            mtime, inode or header differ), or is malformed.
+    """
+    want = (size, mtime_ns, ino, header_sha256)
+
+    def changed(found: tuple[Any, ...]) -> FormatError:
+        names = ("size", "mtime_ns", "inode", "header SHA-256")
+        diff = ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, a, b in zip(names, want, found, strict=False) if a != b
+        )
+        return FormatError(
+            f"{path} changed since this SlidingWindows was loaded from it ({diff}); "
+            "it cannot be unpickled as the same windows: load the file again"
+        )
+
+    try:
+        now = _stat_key(os.stat(path))
+        if now != want[:3]:
+            raise changed(now)
+        sw = load(path, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "cannot unpickle SlidingWindows: the file it was memory-mapped from is gone",
+            path,
+        ) from None
+    found = sw._file[0][1:] if sw._file is not None else ()
+    if found != want:
+        raise changed(found)
+    return sw
 
 
 def _meta_int(path: Path, meta: dict, key: str) -> int:

@@ -50,12 +50,25 @@ class WindowDataset(Dataset):
         loader = DataLoader(ds, batch_size=256, sampler=DistributedSampler(ds),
                             collate_fn=ds.collate)
 
-    Keep ``num_workers=0``: the gather is already parallel and releases the GIL.
+    ``num_workers=0`` is usually enough: the gather is already parallel and
+    releases the GIL. Workers work too, with every start method (``"spawn"``,
+    the default on macOS and Windows, and ``"forkserver"``, the default on
+    Linux from Python 3.14, included): the dataset pickles through its
+    :class:`~neuropil.windows.SlidingWindows` (rebuilt and validated by the
+    constructor; numpy arrays by value, torch tensors shared by
+    ``torch.multiprocessing``, an ``mmap=True``-loaded file as a reference to
+    the file that each worker maps again) and yields the same batches. Each
+    worker gathers with its own thread pool: set ``NEUROPIL_NUM_THREADS`` (or
+    :func:`neuropil.set_num_threads` in ``worker_init_fn``) to share the cores.
     Out-of-range indices raise ``IndexError``.
     """
 
     def __init__(self, windows: SlidingWindows):
         self.windows = windows
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles (and deep-copies) as ``WindowDataset(windows)``; see the class docstring."""
+        return type(self), (self.windows,)
 
     def __len__(self) -> int:
         return len(self.windows)

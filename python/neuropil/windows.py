@@ -274,6 +274,24 @@ class SlidingWindows:
             target would leave the episode are not made), ``-(W-1) <= k``. A
             dict gives one of these per target name.
 
+    Pickling and ``copy.deepcopy`` work (so does ``DataLoader(num_workers > 0)``
+    with the ``"spawn"`` or ``"forkserver"`` start method, see
+    :meth:`as_dataset`): the object is rebuilt through this constructor
+    (validated again) from the frames, window, stride, episode offsets,
+    targets and target offsets, and yields the same windows and batches, bit
+    for bit. numpy arrays are pickled by value; torch tensors by torch's own
+    pickling (``torch.multiprocessing`` shares them with DataLoader workers
+    instead of copying). An object returned by ``load(path, mmap=True)`` is
+    pickled as a reference to the file instead (its absolute path, size,
+    ``st_mtime_ns``, inode and a SHA-256 of its header; a few hundred bytes)
+    and unpickled by loading it memory-mapped again, so processes share the
+    page cache; if the file has changed since it was loaded, unpickling
+    raises :class:`~neuropil.FormatError`, and ``FileNotFoundError`` (an
+    ``OSError``) if it is gone, rather than serving other data. Iterators
+    (:meth:`batches`, their prefetch threads and buffers) belong to the
+    iterator, not to this object, and are not pickled; a
+    :class:`WindowBatches` itself refuses to be pickled.
+
     Raises:
         ShapeError: ``frames`` is not 2-D or empty; a target's length is not ``N``.
         DTypeError: ``frames`` or ``episodes`` has an unusable dtype.
@@ -315,6 +333,9 @@ class SlidingWindows:
         offsets, kind = self._episodes(episodes, n)
         self._layout = _native.WindowLayout(n, window, stride, lookahead, offsets, kind)
         self.window, self.stride = window, stride
+        # Set by `load(path, mmap=True)`: (file signature, the arrays mapped
+        # from it); pickling then refers to the file instead of copying it.
+        self._file: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None
         self._arrays = [_Array("frames", self.frames, window, 0, False)]
         for name, data in self.targets.items():
             k = self.target_offset[name]
@@ -393,6 +414,31 @@ class SlidingWindows:
                 f"from 0 to {n}; got {e.size} values summing to {total}, first {first}, last {last}"
             )
         return e, "lengths"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles (and deep-copies) through the constructor, or as a file reference.
+
+        See the class docstring: the constructor's arguments (episodes as
+        offsets), or for an object from ``load(path, mmap=True)`` whose arrays
+        are still the file's, ``(path, size, mtime_ns, inode, header SHA-256)``
+        reopened by the loader.
+        """
+        if self._file is not None:
+            ref, held = self._file
+            now = (self.frames, *self.targets.values())
+            if len(held) == len(now) and all(a is b for a, b in zip(held, now, strict=True)):
+                from ._windows_store import _reopen
+
+                return _reopen, ref
+        args = (
+            self.frames,
+            self.window,
+            self.stride,
+            self.episode_offsets,
+            dict(self.targets),
+            dict(self.target_offset),
+        )
+        return type(self), args
 
     # ------------------------------------------------------------ window access
 
@@ -676,11 +722,13 @@ class SlidingWindows:
                 in as windows are read) instead of reading them into memory.
                 Files written since tensors are aligned map every array; an
                 array stored misaligned (files of older versions) is copied.
+                Such an object pickles as a reference to the file (see the
+                class docstring); with ``mmap=False`` the arrays pickle by value.
 
         Raises:
             OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
             FormatError: the file is malformed, truncated, inconsistent or of
-                another format version.
+                another format version, or changed while it was being read.
         """
         from ._windows_store import load
 
@@ -693,7 +741,9 @@ class SlidingWindows:
 
         Use it with ``DataLoader(ds, batch_size=B, sampler=..., collate_fn=ds.collate)``
         (``DistributedSampler`` works as a sampler): each batch is one Rust
-        gather. See :class:`neuropil._windows_torch.WindowDataset`.
+        gather. The dataset pickles (see the class docstring), so DataLoader
+        workers work with every start method, ``"spawn"`` and ``"forkserver"``
+        included. See :class:`neuropil._windows_torch.WindowDataset`.
         """
         from ._windows_torch import WindowDataset
 
