@@ -1066,3 +1066,72 @@ def test_quantized_linear_lets_nan_through_like_nn_linear():
     y = ql(x)
     assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
     np.testing.assert_allclose(y[0].numpy(), want[0].numpy(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "bits,g,scheme",
+    [(b, 64, s) for b in (2, 3, 4, 8) for s in ("asym", "sym")]
+    + [(None, None, s) for s in ("q4_0", "q4_1", "q8_0")],
+)
+def test_matvec_of_huge_activations_does_not_overflow(bits, g, scheme):
+    # The kernels' per-group code dots and sums of x overflowed float32 to inf
+    # for max|x| ~ 1e36 (scalar, AVX2) or ~3e37 (every level) although W x fits;
+    # such x now runs scaled down by an exact power of two.
+    rng = np.random.default_rng(5)
+    cols = 1024
+    w = rng.standard_normal((24, cols)).astype(np.float32) * 1e-3
+    q = quantize(w, scheme=scheme, **({} if bits is None else {"bits": bits, "group_size": g}))
+    d = q.dequantize().astype(np.float64)
+    big = np.full(cols, 1e36, np.float32)
+    mixed = (rng.standard_normal(cols) * 2e37).astype(np.float32)
+    mixed[100] = 3e38
+    xs = np.stack([big, big * 30, mixed, rng.standard_normal(cols).astype(np.float32) * 1e30])
+    want = xs.astype(np.float64) @ d.T
+    mag = np.abs(xs).astype(np.float64) @ np.abs(d).T
+    assert np.all(np.abs(want) < 1e38)
+    two64 = np.float32(2.0**64)
+    pick = np.array([23, 0, 7])
+    for level in _native.simd_levels():
+        for x, yw, m in zip(xs, want, mag, strict=True):
+            y = q.matvec(x, level=level)
+            # 1e-3 of the magnitude: room for the VNNI paths' int16 activations
+            assert np.all(np.abs(y - yw) <= 1e-3 * m), level
+            # exact power-of-two scaling: the bits the kernels give at x / 2^64
+            assert np.array_equal(y, q.matvec(x / two64, level=level) * two64), level
+            assert np.array_equal(q.matvec_rows(x, pick, level=level), y[pick]), level
+        for n in (3, 5):  # mat-vecs, then the batched mat-mul
+            rep = np.arange(n) % len(xs)
+            yn = q.matvec(xs[rep], level=level)
+            assert np.all(np.isfinite(yn)), (level, n)
+            assert np.all(np.abs(yn - want[rep]) <= 1e-3 * mag[rep]), (level, n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_quantized_model_compiles_without_graph_breaks(device):
+    # torch.compile(fullgraph=True) raises at any graph break: on the CPU the
+    # Rust kernel is the custom op neuropil::quant_linear, on CUDA the torch
+    # path is traced. The op equals the eager layer bit for bit.
+    torch = pytest.importorskip("torch")
+    import neuropil.torch as nt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(96, 160), torch.nn.ReLU(), torch.nn.Linear(160, 48, bias=False)
+    )
+    q = nt.quantize_model(model, bits=4, group_size=32).eval().to(device)
+    compiled = torch.compile(q, fullgraph=True, dynamic=False)
+    for shape in [(96,), (1, 96), (5, 96), (2, 3, 96)]:
+        x = torch.randn(*shape, device=device)
+        torch.testing.assert_close(compiled(x), q(x), atol=1e-5, rtol=1e-5)
+    layer = q[0]
+    x = torch.randn(3, 96, device=device)
+    if device == "cpu":
+        op = torch.ops.neuropil.quant_linear(
+            x, layer.qdata, layer.scales, layer.mins, layer.bias, 4, 32, layer.scheme
+        )
+        assert torch.equal(op, layer(x))
+        x[1, 7] = float("nan")  # NaN reaches only the row it is in, as in nn.Linear
+        y = torch.ops.neuropil.quant_linear(
+            x, layer.qdata, layer.scales, layer.mins, None, 4, 32, "asym"
+        )
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()

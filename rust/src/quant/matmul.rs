@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::dequantize::{dequant_row_at, fast_dequant};
 use super::format::QuantRef;
+use super::headroom;
 use super::matvec::matvec_at;
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -53,7 +54,26 @@ pub fn matmul_at(
         return Ok(());
     }
     if level == Level::Avx512 && super::gemm_vnni::applies(q) {
-        return super::gemm_vnni::matmul4(q, x, n, out);
+        // Its group sums overflow for huge activations as the mat-vec's do:
+        // rows with max|x| >= 2^96 run scaled down by a power of two, each by
+        // its own (see `headroom.rs`). The SGEMM below multiplies dequantized
+        // weights with x directly and needs none.
+        let shifts: Vec<Option<i32>> = x.chunks(cols.max(1)).map(headroom::shift).collect();
+        if shifts.iter().all(Option::is_none) {
+            return super::gemm_vnni::matmul4(q, x, n, out);
+        }
+        let xs: Vec<f32> = x
+            .chunks(cols.max(1))
+            .zip(&shifts)
+            .flat_map(|(xi, e)| e.map_or_else(|| xi.to_vec(), |e| headroom::scaled(xi, e)))
+            .collect();
+        super::gemm_vnni::matmul4(q, &xs, n, out)?;
+        for (yi, e) in out.chunks_mut(rows.max(1)).zip(&shifts) {
+            if let Some(e) = *e {
+                headroom::unscale(yi, e);
+            }
+        }
+        return Ok(());
     }
     let fast = fast_dequant(level);
     let tr = tile_rows(cols);
@@ -188,5 +208,42 @@ mod tests {
         let p = Params::new(4, 32, Scheme::Asym, ScaleType::F16).unwrap();
         let q = quantize(&w, rows, cols, p, false).unwrap();
         assert!(matmul(&q.view(), &[0.0; 99], 1).is_err());
+    }
+
+    /// Batches with huge rows (the int16 VNNI kernel's group sums overflowed
+    /// from max|x| ~ 3e37): each row, rescaled or not (below 2^96), is `2^64`
+    /// times what the row `x / 2^64` gives, bit for bit.
+    #[test]
+    fn huge_activation_rows_do_not_overflow() {
+        let (rows, cols, n) = (40, 320, 6);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 211) as f32 / 10500.0 - 0.01)
+            .collect();
+        let two64 = 18446744073709551616f32;
+        let mags = [1.0f32, 1e36, 3e37, 1e20, 2e38, 1e30];
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| (((i * 31) % 17) as f32 / 8.0 - 1.0) * mags[i / cols])
+            .collect();
+        for p in super::super::matvec::tests::every_format() {
+            let q = quantize(&w, rows, cols, p, false).unwrap();
+            for level in Level::supported() {
+                let mut y = vec![0f32; n * rows];
+                matmul_at(level, &q.view(), &x, n, &mut y).unwrap();
+                assert!(y.iter().all(|v| v.is_finite()), "{level} {p:?}");
+                for i in 0..n {
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    let small: Vec<f32> = xi.iter().map(|v| v / two64).collect();
+                    let mut ys = vec![0f32; n * rows];
+                    let mut batch = vec![0f32; n * cols];
+                    // The same batch path: row i of a batch of n.
+                    batch[i * cols..(i + 1) * cols].copy_from_slice(&small);
+                    matmul_at(level, &q.view(), &batch, n, &mut ys).unwrap();
+                    for r in 0..rows {
+                        let (got, want) = (y[i * rows + r], ys[i * rows + r] * two64);
+                        assert_eq!(got.to_bits(), want.to_bits(), "{level} {p:?} ({i}, {r})");
+                    }
+                }
+            }
+        }
     }
 }

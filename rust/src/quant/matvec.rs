@@ -16,13 +16,18 @@
 //! - scalar: portable loops, float32 activations.
 //!
 //! The float32-activation row dots live in `row_dot.rs`; this file drives
-//! them (checks, the split into pieces, the threads).
+//! them (checks, the split into pieces, the threads). Activations with
+//! `max|x| >= 2^96`, whose group dots would overflow float32, run scaled by an
+//! exact power of two (`headroom.rs`).
 //!
 //! Rows run in parallel, in pieces, on the caller and the short-call team's
 //! helpers ([`crate::threads::team`]). [`matvec_rows`] computes a
 //! subset of rows, for callers that know which outputs they need (sparse FFNs).
 
+#[cfg(target_arch = "x86_64")]
+use super::act16::Int16Activations;
 use super::format::QuantRef;
+use super::headroom;
 use super::row_dot::{row_at, Activations};
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -80,24 +85,73 @@ pub fn matvec_at(
             });
         }
     }
-    let ng = q.groups();
-    let pieces = pieces(n * q.params.row_bytes(q.cols))?;
+    // Huge activations (max|x| >= 2^96) run scaled down by an exact power of
+    // two, and the outputs are scaled back: the kernels' group sums would
+    // overflow float32 otherwise (see `headroom.rs`).
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx512 && super::vnni::applies(q) {
-        let a = super::act16::Int16Activations::new(q, x);
-        let task = |(start, o): (usize, &mut [f32])| {
-            for (i, y) in o.iter_mut().enumerate() {
-                let j = start + i;
-                let r = rows.map_or(j, |idx| idx[j] as usize);
-                // SAFETY: `applies()` proved AVX-512 F/BW/VL + VNNI and 4- or
-                // 8-bit weights; `a` was built from `q`; r < q.rows (checked above).
-                *y = unsafe { super::vnni::row_vnni(q, r, &a) };
-            }
+        let a = Int16Activations::new(q, x);
+        // The int16 steps already hold each group's max|x| (`dx_k = max|x_k| /
+        // qmax`), so ordinary x costs no scan of its own on this path.
+        let e = if headroom::steps_may_be_huge(&a.dx) {
+            headroom::shift(x)
+        } else {
+            None
         };
-        return for_each_piece(out, pieces, task);
+        let Some(e) = e else {
+            return rows_vnni(q, &a, rows, out);
+        };
+        rows_vnni(
+            q,
+            &Int16Activations::new(q, &headroom::scaled(x, e)),
+            rows,
+            out,
+        )?;
+        headroom::unscale(out, e);
+        return Ok(());
     }
-    let a = Activations::new(q, x);
+    let Some(e) = headroom::shift(x) else {
+        return rows_float(level, q, &Activations::new(q, x), rows, out);
+    };
+    let a = Activations::new(q, &headroom::scaled(x, e));
+    rows_float(level, q, &a, rows, out)?;
+    headroom::unscale(out, e);
+    Ok(())
+}
+
+/// The rows of [`matvec_at`] on the int16-activation VNNI path.
+#[cfg(target_arch = "x86_64")]
+fn rows_vnni(
+    q: &QuantRef<'_>,
+    a: &Int16Activations,
+    rows: Option<&[u32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let pieces = pieces(out.len() * q.params.row_bytes(q.cols))?;
+    let task = |(start, o): (usize, &mut [f32])| {
+        for (i, y) in o.iter_mut().enumerate() {
+            let j = start + i;
+            let r = rows.map_or(j, |idx| idx[j] as usize);
+            // SAFETY: the caller checked `applies()`, which proved AVX-512
+            // F/BW/VL + VNNI and a width the kernel takes; `a` was built from
+            // `q`; r < q.rows (checked by `matvec_at`).
+            *y = unsafe { super::vnni::row_vnni(q, r, a) };
+        }
+    };
+    for_each_piece(out, pieces, task)
+}
+
+/// The rows of [`matvec_at`] on the float32-activation paths (`row_dot.rs`).
+fn rows_float(
+    level: Level,
+    q: &QuantRef<'_>,
+    a: &Activations,
+    rows: Option<&[u32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    let ng = q.groups();
     let n_out = out.len();
+    let pieces = pieces(n_out * q.params.row_bytes(q.cols))?;
     let task = |(start, o): (usize, &mut [f32])| {
         let mut s = vec![0f32; ng];
         let mut m = vec![0f32; ng];
@@ -110,7 +164,7 @@ pub fn matvec_at(
                     rows.map_or(j + PREFETCH_ROWS, |idx| idx[j + PREFETCH_ROWS] as usize),
                 );
             }
-            *y = row_at(level, q, r, &a, &mut s, &mut m);
+            *y = row_at(level, q, r, a, &mut s, &mut m);
         }
     };
     for_each_piece(out, pieces, task)
@@ -269,6 +323,87 @@ pub(crate) mod tests {
                 y.iter().all(|v| v.is_finite()),
                 "{level}: a row was not written"
             );
+        }
+    }
+
+    /// Every scheme, width and group size the kernels specialise on.
+    pub(crate) fn every_format() -> Vec<Params> {
+        let mut out = vec![];
+        for (bits, g) in [
+            (2u8, 64usize),
+            (3, 64),
+            (4, 64),
+            (4, 256),
+            (8, 32),
+            (8, 256),
+        ] {
+            for scheme in [Scheme::Asym, Scheme::Sym] {
+                out.push(Params::new(bits, g, scheme, ScaleType::F16).unwrap());
+            }
+        }
+        for (bits, scheme) in [(4, Scheme::Q4_0), (4, Scheme::Q4_1), (8, Scheme::Q8_0)] {
+            out.push(Params::new(bits, 32, scheme, ScaleType::F16).unwrap());
+        }
+        out
+    }
+
+    /// Huge activations, whose code dots and group sums overflow float32
+    /// although `W x` fits (it did at the scalar and AVX2 levels from
+    /// max|x| ~ 1e36 and at every level from ~3e37): finite, close to the
+    /// reference, and exactly 2^64 times the result for `x / 2^64`.
+    #[test]
+    fn huge_activations_do_not_overflow_at_any_level() {
+        let (rows, cols) = (6, 1024);
+        let w: Vec<f32> = data(11, rows * cols).iter().map(|v| v * 1e-2).collect();
+        let two64 = 18446744073709551616f32;
+        // 5e28 is just under the rescale's 2^96 (~7.9e28), and over the
+        // int16 steps' conservative check for 3-bit codes (~2^94).
+        let mut xs: Vec<Vec<f32>> = [1e36f32, 2e37, 5e28]
+            .iter()
+            .map(|&m| data(12, cols).iter().map(|v| v * m).collect())
+            .collect();
+        // Constant positive x: no cancellation inside a group's dot or sum.
+        xs.push(vec![1e36; cols]);
+        xs.push(vec![3e37; cols]);
+        // One entry near f32::MAX among ordinary ones.
+        let mut one = data(13, cols);
+        one[700] = 3e38;
+        xs.push(one);
+        for p in every_format() {
+            let q = quantize(&w, rows, cols, p, false).unwrap();
+            let d = dequantize(&q.view()).unwrap();
+            for (i, x) in xs.iter().enumerate() {
+                let small: Vec<f32> = x.iter().map(|v| v / two64).collect();
+                for level in Level::supported() {
+                    let mut y = vec![0f32; rows];
+                    matvec_at(level, &q.view(), x, None, &mut y).unwrap();
+                    let mut ys = vec![0f32; rows];
+                    matvec_at(level, &q.view(), &small, None, &mut ys).unwrap();
+                    let pick = [rows as u32 - 1, 2];
+                    let mut yp = [0f32; 2];
+                    matvec_at(level, &q.view(), x, Some(&pick), &mut yp).unwrap();
+                    for r in 0..rows {
+                        let dr = &d[r * cols..(r + 1) * cols];
+                        let want: f64 = dr.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = dr
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        assert!(want.abs() < f32::MAX as f64 / 2.0);
+                        let tol = 1e-3 * mag + int16_bound(dr, x, p.group_size);
+                        let msg = format!("{level} {p:?} x #{i} row {r}");
+                        assert!(
+                            (y[r] as f64 - want).abs() <= tol,
+                            "{msg}: {} vs {want}",
+                            y[r]
+                        );
+                        assert_eq!(y[r].to_bits(), (ys[r] * two64).to_bits(), "{msg}");
+                    }
+                    assert_eq!(yp[0].to_bits(), y[rows - 1].to_bits());
+                    assert_eq!(yp[1].to_bits(), y[2].to_bits());
+                }
+            }
         }
     }
 

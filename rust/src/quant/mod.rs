@@ -8,6 +8,7 @@
 //! - `search`: the error-minimising scale search of `search = true`;
 //! - [`dequantize`](mod@dequantize): dequantize;
 //! - `kernels`: the explicit AVX2/AVX-512 quantize and dequantize kernels;
+//! - `headroom`: the power-of-two rescale of huge activations (mat-vec, mat-mul);
 //! - `pages`: huge-page advice for large fresh outputs;
 //! - [`matvec`](mod@matvec): fused mat-vec, also over a subset of rows;
 //! - `row_dot`: its float32-activation row dots, one per level;
@@ -24,6 +25,7 @@ pub mod dequantize;
 pub mod format;
 pub mod gemm_vnni;
 pub mod gguf;
+mod headroom;
 // Instantiated for x86-64 levels only (elsewhere the scalar reference runs).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod kernels;
