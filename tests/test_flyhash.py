@@ -610,3 +610,97 @@ def test_a_one_dimensional_input_of_the_wrong_length_names_both_shapes():
     )
     with pytest.raises(ShapeError, match=r"x must have shape \(40,\) or \(n, 40\); got \(33,\)"):
         ffn(np.zeros(33, np.float32))
+
+
+# ---------------------------------------------------------------- pickle and deepcopy
+
+
+def _unpickle_tampered(obj, state):
+    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
+    import pickle
+
+    class Tampered:
+        def __reduce__(self):
+            return (object.__new__, (type(obj),), state)
+
+    return pickle.loads(pickle.dumps(Tampered()))
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_flyhash_and_index_pickle_and_deepcopy(tmp_path, projection):
+    import copy
+    import pickle
+
+    # Correlated inputs (a shared direction plus noise), as embeddings are.
+    x = 0.3 * rand(300, 48, seed=5) + rand(1, 48, seed=6)
+    fh = FlyHash(48, expansion_ratio=8.0, active_fraction=0.1, projection=projection)  # OS seed
+    fh.save(tmp_path / "fh.safetensors")
+    loaded = FlyHash.load(tmp_path / "fh.safetensors")
+    binary = projection == "sparse"
+    seeded = FlyHash(48, 8.0, 0.1, seed=2**64 - 1, projection=projection, binary=binary)
+    for enc in (fh, loaded, seeded):
+        fn, args = enc.__reduce__()  # the constructor call: plain data only
+        assert fn is FlyHash and all(type(a) in (int, float, str, bool) for a in args)
+        for back in (pickle.loads(pickle.dumps(enc)), copy.deepcopy(enc)):
+            assert type(back) is FlyHash and back.seed == enc.seed and repr(back) == repr(enc)
+            assert back.memory_bytes == enc.memory_bytes
+            for name, arr in enc.projection_arrays().items():
+                assert np.array_equal(back.projection_arrays()[name], arr)
+            for want in ("hash", "encode", "encode_indices"):
+                assert np.array_equal(getattr(back, want)(x), getattr(enc, want)(x))
+    # A tampered constructor call is refused as the constructor refuses it.
+    with pytest.raises(neuropil.ArgumentError):
+        pickle.loads(pickle.dumps(_Call(FlyHash, (48, 8.0, 5.0, 1, projection, 0.1, False))))
+
+    # BinaryIndex: custom ids, automatic ids after them, removals.
+    codes = fh.hash(x)
+    ix = BinaryIndex(fh.output_dim)
+    ix.add(codes[:200], ids=np.arange(200) * 3 + 1000)
+    ix.add(codes[200:290])  # automatic ids 1598.. (past the largest custom one)
+    assert ix.remove([1000, 1015, 1600, 77]) == 3
+    for back in (pickle.loads(pickle.dumps(ix)), copy.deepcopy(ix)):
+        assert type(back) is BinaryIndex and len(back) == len(ix) == 287
+        assert all(
+            np.array_equal(a, b) for a, b in zip(back.contents(), ix.contents(), strict=True)
+        )
+        for metric in ("hamming", "jaccard"):
+            for a, b in zip(
+                back.search(codes[::7], 9, metric), ix.search(codes[::7], 9, metric), strict=True
+            ):
+                assert np.array_equal(a, b)
+        for a, b in zip(
+            back.range_search(codes[:5], 30), ix.range_search(codes[:5], 30), strict=True
+        ):
+            assert np.array_equal(a, b)
+        # Independent, with the same next automatic id.
+        back.add(codes[290:])
+        assert back.contents()[1][-10:].tolist() == list(range(1688, 1698))
+        assert back.remove([1015]) == 0 and back.remove([1003]) == 1
+        assert len(ix) == 287 and ix.contents()[1][-1] == 1687 and 1003 in ix.contents()[1]
+    # Corrupt states: FormatError, never a broken index.
+    data = ix.__getstate__()["safetensors"]
+    n = len(data) - 8 - int.from_bytes(data[:8], "little")  # bytes of tensor data
+    header = json.loads(data[8 : len(data) - n])
+    header["__metadata__"]["count"] = "288"  # codes must then be (288, ...): wrong shape
+    raw = json.dumps(header).encode()
+    bad_count = len(raw).to_bytes(8, "little") + raw + data[len(data) - n :]
+    for state in (
+        {"safetensors": bad_count},
+        {"safetensors": data[:-3]},
+        {"safetensors": data.replace(b"neuropil.BinaryIndex", b"neuropil.FlyHashXyzw")},
+        {"safetensors": data.decode("latin-1")},
+        {"codes": data},
+        [data],
+    ):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(ix, state)
+
+
+class _Call:
+    """Pickles as ``fn(*args)``."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)

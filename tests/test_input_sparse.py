@@ -293,3 +293,64 @@ def test_long_calls_release_the_gil_and_short_ones_agree():
     assert min(gap / took for took, gap in results) < 0.5, results
     # Short calls keep the GIL and give the same values as the long path.
     np.testing.assert_allclose(ffn(x[0], dense=True), ffn(x, dense=True)[0], atol=2e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- pickle and deepcopy
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_pickle_and_deepcopy(dtype, bits, gated):
+    import copy
+    import pickle
+
+    from test_neurons import _unpickle_tampered
+
+    # h = 600: two input column slices (512 + 88 neurons), each with its own scales.
+    g, u, dn = weights(h=600, d=40, seed=6, gated=gated)
+    rng = np.random.default_rng(6)
+    biases = {"down_bias": rng.standard_normal(40).astype(np.float32)}
+    if not gated:
+        biases["up_bias"] = rng.standard_normal(600)  # float64: converted once
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = InputSparseFFN(g, u, dn, "silu" if gated else "gelu", **kw, **biases)
+    x = rng.standard_normal((40, 40)).astype(np.float32) * np.linspace(0.2, 3.0, 40)
+    t_in, t_h = ffn.calibrate(x[:32], 0.5, hidden_sparsity=0.7)
+    ffn(x[32:36])
+    ffn(x[36])  # the per-token path
+    before = ffn.stats()
+    assert before["calls"] == 2 and before["rows"] == 5
+    copies = [pickle.loads(pickle.dumps(ffn)), copy.deepcopy(ffn)]
+    for back in copies:
+        assert type(back) is InputSparseFFN and back.stats() == before
+        assert (back.t_in, back.t_hidden, back.sparsity) == (t_in, t_h, 0.5)
+        assert (back.dtype, back.gated, back.memory_bytes) == (dtype, gated, ffn.memory_bytes)
+        for a, b in zip(back.weights(), ffn.weights(), strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        for row in (x[37], x[36:]):
+            for dense in (False, True):
+                assert np.array_equal(back(row, dense=dense), ffn(row, dense=dense))
+        assert np.array_equal(back.hidden(x, t_in), ffn.hidden(x, t_in))
+        back.set_thresholds(None, 0.5)  # independent of the original
+        back.reset_stats()
+        assert back.stats()["calls"] == 0
+    assert (ffn.t_in, ffn.t_hidden) == (t_in, t_h) and ffn.stats()["calls"] == 10
+    # Corrupt states: FormatError, never a broken FFN.
+    good = ffn.__getstate__()
+    assert all(v is None or isinstance(v, (float, str, dict, np.ndarray)) for v in good.values())
+    for change in (
+        {"up": good["up"][:-1]},  # wrong shape
+        {"down": good["down"][:, :-2]},
+        {"down": good["down"].astype(np.float16)},
+        {"down_bias": good["down_bias"][None]},
+        {"dtype": "bfloat16"},
+        {"t_in": float("nan")},
+        {"t_hidden": -0.5},
+        {"sparsity": "0.5"},
+        {"stats": {**good["stats"], "rows": 1.5}},
+        {"stats": {"calls": 1}},
+    ):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(ffn, {**good, **change})
+    with pytest.raises(neuropil.FormatError):
+        _unpickle_tampered(ffn, {**good, "extra": 1})

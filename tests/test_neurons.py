@@ -659,3 +659,147 @@ def test_sparsify_then_quantize_and_inference_mode(kind):
         full_q = model(ids).last_hidden_state if kind == "bert" else model(ids).logits
     np.testing.assert_allclose(y_q.numpy(), y_rust.numpy(), atol=0.05, rtol=0.05)
     np.testing.assert_allclose(full_q.numpy(), full.numpy(), atol=0.1, rtol=0.1)
+
+
+# ------------------------------------------------------------------- pickle and deepcopy
+
+
+def _unpickle_tampered(obj, state):
+    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
+    import pickle
+
+    class Tampered:
+        def __reduce__(self):
+            return (object.__new__, (type(obj),), state)
+
+    return pickle.loads(pickle.dumps(Tampered()))
+
+
+def _firing(tokens, neurons, seed):
+    """Skewed activity, as in real FFNs: a few neurons fire on most tokens."""
+    rng = np.random.default_rng(seed)
+    return rng.random((tokens, neurons)) < 0.7 / np.arange(1, neurons + 1) ** 0.6
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"policy": "frequency", "decay": 0.98, "hysteresis": 0.25, "reclassify_every": 64},
+        {"policy": "window", "window": 24, "hysteresis": 0.5},
+        {"policy": "static"},
+    ],
+)
+def test_neuron_cache_pickle_and_deepcopy(config):
+    import copy
+    import pickle
+
+    def state(c):
+        return (c.stats(), c.hot_neurons().tolist(), c.activation_frequency().tolist())
+
+    mask = _firing(300, 256, 1)
+    c = NeuronCache(256, 40, bytes_per_neuron=3 * 576 * 2, **config)
+    c.record(mask[:150])
+    c.reclassify()
+    c.record(mask[150:])
+    c.record([0, 5, 255])
+    before = state(c)
+    assert before[0]["num_hot"] == 40 and before[0]["hits"] > 0
+    copies = [pickle.loads(pickle.dumps(c)), copy.deepcopy(c)]
+    for back in copies:
+        assert type(back) is NeuronCache and state(back) == before
+        assert back._args == c._args
+        back.record(mask[:70])  # the same future as the original's
+        back.reclassify()
+        back.reset_stats()
+        back.record(mask[70:90])
+    assert state(c) == before  # the copies are independent
+    c.record(mask[:70])
+    c.reclassify()
+    c.reset_stats()
+    c.record(mask[70:90])
+    assert state(copies[0]) == state(copies[1]) == state(c)
+    # Corrupt states: FormatError, never a broken cache.
+    good = c.__getstate__()
+    assert _unpickle_tampered(c, good).stats() == c.stats()
+    t, m = good["tensors"], good["metadata"]
+    for tensors, meta in (
+        ({**t, "counts": t["counts"][:-1]}, m),  # wrong shape
+        ({**t, "scores": t["scores"].reshape(2, -1)}, m),
+        ({**t, "hot": t["hot"].astype(np.int64)}, m),
+        ({**t, "hot": np.array([3, 3], np.uint32)}, m),
+        ({k: v for k, v in t.items() if k != "last"}, m),
+        (t, {**m, "config": m["config"].replace('"capacity": 40', '"capacity": 400')}),
+        (t, {**m, "counters": "[1, 2]"}),
+        (t, {**m, "format_version": "2"}),
+        (t, {**m, "classified": 1}),
+    ):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(c, {"tensors": tensors, "metadata": meta})
+    for bad in ([t, m], {"tensors": t}, {"tensors": t, "metadata": m, "x": 1}):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(c, bad)
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_sparse_ffn_pickle_and_deepcopy(dtype, bits, gated):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(4)
+    g, u, dn = weights(h=192, d=64, seed=4, gated=gated)
+    biases = {} if gated else {"up_bias": rng.standard_normal(192), "down_bias": np.ones(64)}
+    ffn = SparseFFN(g, u, dn, "silu" if gated else "gelu", bits, hot_capacity=32,
+                    dtype=dtype if bits is None else "float32", **biases)  # fmt: skip
+    # Hidden-state-like inputs: a shared offset and a few large outlier dimensions.
+    x = rng.standard_normal((48, 64)).astype(np.float32) + 0.5
+    x[:, [3, 17]] *= 8
+    t = ffn.calibrate(x[:32], sparsity=0.6)
+    ffn(x[32:40])
+    ffn(x[40])
+    assert ffn.stats()["calls"] == 2 and len(ffn.hot_neurons()) == 32
+    before = (ffn.stats(), ffn.hot_neurons().tolist())
+    copies = [pickle.loads(pickle.dumps(ffn)), copy.deepcopy(ffn)]
+    for back in copies:
+        assert type(back) is SparseFFN and (back.stats(), back.hot_neurons().tolist()) == before
+        assert (back.threshold, back.sparsity, back.top_k, back.dtype) == (t, 0.6, None, ffn.dtype)
+        assert back.cache is not ffn.cache
+        assert back.cache.hot_neurons().tolist() == ffn.cache.hot_neurons().tolist()
+        for a, b in zip(back.weights(), ffn.weights(), strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        for dense in (False, True):
+            assert np.array_equal(back(x[40:], dense=dense), ffn(x[40:], dense=dense))
+        back.set_hot([0, 1, 2])  # independent of the original
+        back.set_threshold(0.0)
+        back.reset_stats()
+        assert back.stats()["calls"] == 0
+    assert ffn.hot_neurons().tolist() == before[1] and ffn.threshold == t
+    assert ffn.stats()["calls"] == 6
+    ffn.top_k = 20  # top-k and the tier survive too
+    back = pickle.loads(pickle.dumps(ffn))
+    assert back.top_k == 20 and np.array_equal(back(x), ffn(x))
+    # Corrupt states: FormatError, never a broken FFN.
+    good = ffn.__getstate__()
+    assert all(
+        v is None or isinstance(v, (int, float, str, dict, np.ndarray, NeuronCache))
+        for v in good.values()
+    )
+    for change in (
+        {"up": good["up"][:, :-1]},  # wrong shape
+        {"down": good["down"].T.copy()},
+        {"up": good["up"].astype(np.float64)},
+        {"up_bias": np.zeros(7, np.float32)},
+        {"hot": np.array([192], np.uint32)},
+        {"hot": good["hot"].astype(np.int64)},
+        {"dtype": "int3"},
+        {"activation": "tanh"},
+        {"threshold": -1.0},
+        {"top_k": 193},
+        {"sparsity": 2.0},
+        {"stats": {**good["stats"], "calls": -1}},
+        {"cache": "cache"},
+    ):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(ffn, {**good, **change})
+    with pytest.raises(neuropil.FormatError):
+        _unpickle_tampered(ffn, {k: v for k, v in good.items() if k != "hot"})

@@ -580,3 +580,94 @@ def test_cache_kwargs_follows_the_models_signature():
     assert hf.cache_kwargs(New(), marker) == {"cache": marker}
     with pytest.raises(neuropil.ArgumentError, match=r"transformers model.*got int"):
         hf.cache_kwargs(3, marker)
+
+
+# ------------------------------------------------------------------- pickle and deepcopy
+
+
+def _unpickle_tampered(obj, state):
+    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
+    import pickle
+
+    class Tampered:
+        def __reduce__(self):
+            return (object.__new__, (type(obj),), state)
+
+    return pickle.loads(pickle.dumps(Tampered()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pickle_and_deepcopy_round_trip(method):
+    import copy
+    import pickle
+
+    keys = low_rank(3000, 32, 4, 9)
+    q = low_rank(12, 32, 4, 10)
+    t = quantile_thresholds(keys, q, 0.02)
+    ix = RangeIndex(keys[:2000], method, rebuild_min=64, leaf=32, seed=5)
+    ix.add(keys[2000:2600])  # past the rebuild policy: a second build
+    ix.add(keys[2600:2700])  # appended, not in the tree
+    ix.search(q, t)
+    want = ix.search(q, t)
+    stats = {k: v for k, v in ix.stats.items() if k != "auto_work"}
+    if method != "flat":
+        assert stats["builds"] == 2 and stats["pending"] == 100
+    for back in (pickle.loads(pickle.dumps(ix)), copy.deepcopy(ix)):
+        assert back.stats["auto_work"] == 0.0  # auto re-measures (as after load)
+        assert {k: v for k, v in back.stats.items() if k != "auto_work"} == stats
+        assert np.array_equal(back.last_scanned, ix.last_scanned)
+        assert np.array_equal(back.keys(), ix.keys()) and back.device == "cpu"
+        for a, b in zip(back.search(q, t), want, strict=True):
+            assert np.array_equal(a, b)
+        for a, b in zip(back.topk(q, 7), ix.topk(q, 7), strict=True):
+            assert np.array_equal(a, b)
+        back.add(keys[2700:])  # independent of the original
+        assert len(back) == 3000 and len(ix) == 2700
+        assert all(np.array_equal(a, b) for a, b in zip(ix.search(q, t), want, strict=True))
+    # Corrupt states: FormatError, never a broken index.
+    good = ix.__getstate__()
+    assert all(isinstance(v, (int, float, str, np.ndarray)) for v in good.values())
+    assert len(_unpickle_tampered(ix, good)) == 2700
+    for change in (
+        {"keys": good["keys"].reshape(-1)},  # wrong shape
+        {"keys": good["keys"][:, :0]},
+        {"keys": good["keys"].astype(np.float64)},
+        {"keys": np.where(good["keys"] > 3, np.nan, good["keys"]).astype(np.float32)},
+        {"indexed": 2701 if method != "flat" else 5},
+        {"indexed": -1},
+        {"builds": "2"},
+        {"method": "nope"},
+        {"leaf": 0},
+        {"rebuild_fraction": -1.0},
+        {"device": "tpu"},
+        {"format_version": 2},
+        {"last_scanned": np.zeros((2, 2), np.float32)},
+        {"extra": 1},
+    ):
+        with pytest.raises(neuropil.FormatError):
+            _unpickle_tampered(ix, {**good, **change})
+    with pytest.raises(neuropil.FormatError):
+        _unpickle_tampered(ix, {k: v for k, v in good.items() if k != "seed"})
+
+
+@pytest.mark.cuda
+def test_cuda_index_pickles_through_the_cpu_and_comes_back_on_its_device():
+    import copy
+    import pickle
+
+    import torch
+
+    keys = low_rank(4000, 32, 4, 11)
+    q = low_rank(8, 32, 4, 12)
+    t = quantile_thresholds(keys, q, 0.02)
+    gpu = RangeIndex(torch.from_numpy(keys[:3000]).cuda())
+    gpu.add(torch.from_numpy(keys[3000:]).cuda())
+    state = gpu.__getstate__()
+    assert isinstance(state["keys"], np.ndarray) and state["device"] == gpu.device
+    for back in (pickle.loads(pickle.dumps(gpu)), copy.deepcopy(gpu)):
+        assert back.device == gpu.device and len(back) == 4000
+        qt, tt = torch.from_numpy(q).cuda(), torch.from_numpy(t).cuda()
+        for a, b in zip(back.search(qt, tt), gpu.search(qt, tt), strict=True):
+            assert a.device == b.device and torch.equal(a, b)
+        back.add(torch.from_numpy(keys[:5]).cuda())
+        assert len(back) == 4005 and len(gpu) == 4000

@@ -11,11 +11,12 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError
 
 __all__ = ["InputSparseFFN"]
 
 _NDARRAY = np.ndarray
+_COUNTERS = ("calls", "rows", "kept_inputs", "kept_hidden")
 # Native-order float32 (other byte orders take the converting path).
 _F32 = np.dtype(np.float32)
 
@@ -68,6 +69,11 @@ class InputSparseFFN:
     The weights are copied into the layout (input-major gate/up slices,
     neuron-major down columns); the originals are not kept.
 
+    Pickles and deep-copies as plain data: the stored weights as float32 (8- and
+    4-bit ones dequantized, which quantize back to the same codes and scales),
+    biases, activation, thresholds, sparsity and counters; the copy is rebuilt
+    through this constructor's checks.
+
     A call that reads fewer than about 512 K weights (10-20 us; e.g. a
     576x1536 FFN at 90% sparsity) keeps the GIL, as numpy does for small
     arrays: releasing and retaking it would cost ~3% of such a call. Longer
@@ -101,11 +107,15 @@ class InputSparseFFN:
 
         dtype = _weight_dtype(bits, dtype)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
-        self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
-        self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
+        # (copies: the core keeps its own, and a later change to the caller's
+        # array must not reach the torch path either)
+        self._bias_up = None if conv[3] is None else np.array(conv[3], np.float32)
+        self._bias_down = None if conv[4] is None else np.array(conv[4], np.float32)
         self._ffn = _native._InputSparseFfn(
             conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
         )
+        #: Counters of the object this one was copied from, added to :meth:`stats`.
+        self._stats_base = dict.fromkeys(_COUNTERS, 0)
         # Bound once: the per-token call below skips the attribute chain.
         self._forward = self._ffn.forward
         self.activation = activation
@@ -194,17 +204,39 @@ class InputSparseFFN:
         ``kept_inputs`` / ``kept_hidden`` ((row, input) and (row, neuron) pairs
         kept), and their densities ``input_density`` and ``hidden_density``."""
         s = dict(self._ffn.stats())
+        for k, v in self._stats_base.items():
+            s[k] += v
         s["input_density"] = s["kept_inputs"] / max(s["rows"] * self.dim, 1)
         s["hidden_density"] = s["kept_hidden"] / max(s["rows"] * self.num_neurons, 1)
         return s
 
     def reset_stats(self) -> None:
         """Zeroes the counters."""
+        self._stats_base = dict.fromkeys(_COUNTERS, 0)
         self._ffn.reset_stats()
 
     def weights(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """The stored weights in torch layout as float32 (dequantized): (gate or None, up, down)."""
         return self._ffn.to_matrices()
+
+    def __getstate__(self) -> dict[str, Any]:
+        from .neurons import _ffn_state
+
+        stats = self.stats()
+        state = _ffn_state(self, {k: stats[k] for k in _COUNTERS})
+        return {**state, "t_in": self.t_in, "t_hidden": self.t_hidden}
+
+    def __setstate__(self, state: Any) -> None:
+        from .neurons import _ffn_args
+
+        where = "InputSparseFFN state"
+        args = _ffn_args(state, ("t_in", "t_hidden"), _COUNTERS, where)
+        try:
+            self.__init__(**args, thresholds=(state["t_in"], state["t_hidden"]))  # type: ignore[misc]
+        except (ArgumentError, ShapeError, DTypeError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: {e}") from None
+        self.sparsity = state["sparsity"]
+        self._stats_base = dict(state["stats"])
 
     def __call__(self, x: Any, *, dense: bool = False) -> Any:
         """The FFN output.

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, ShapeError
+from .errors import ArgumentError, FormatError, ShapeError
 
 __all__ = ["BinaryIndex", "FlyHash"]
 
@@ -94,6 +94,9 @@ class FlyHash:
         ArgumentError: a parameter is out of range, e.g. ``active_fraction`` that
             gives 0 winners or more winners than outputs, ``connectivity`` outside
             (0, 1], or a projection that would need more than 8 GiB.
+
+    Pickles and deep-copies as its constructor call (the arguments and :attr:`seed`;
+    the projection is regenerated from them, identical, and validated as here).
     """
 
     def __init__(
@@ -131,6 +134,14 @@ class FlyHash:
         obj._native = native
         obj._torch_cache = {}
         return obj
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # The projection is a function of these (load checks a file's against
+        # them), so the constructor rebuilds it bit for bit; plain data only.
+        n = self._native
+        args = (n.input_dim, n.expansion_ratio, n.active_fraction, n.seed, n.projection,
+                n.connectivity, n.binary)  # fmt: skip
+        return (type(self), args)
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -300,10 +311,31 @@ class BinaryIndex:
 
     Args:
         nbits: Bits per code (``ceil(nbits / 8)`` bytes; bits past ``nbits`` must be 0).
+
+    Pickles and deep-copies as the bytes :meth:`save` writes (codes, ids and the
+    next automatic id), validated as :meth:`load` validates a file.
     """
 
     def __init__(self, nbits: int) -> None:
         self._native = _native.BinaryIndex(_check_int("nbits", nbits, 1))
+
+    def __getstate__(self) -> dict[str, bytes]:
+        # Taken under the index's lock, so a concurrent add/remove lands whole or not at all.
+        return {"safetensors": self._native.to_bytes()}
+
+    def __setstate__(self, state: Any) -> None:
+        if not (
+            isinstance(state, dict)
+            and list(state) == ["safetensors"]
+            and isinstance(state["safetensors"], bytes)
+        ):
+            found = (
+                {k: type(v).__name__ for k, v in state.items()}
+                if isinstance(state, dict)
+                else type(state).__name__
+            )
+            raise FormatError(f"BinaryIndex state must be {{'safetensors': bytes}}; got {found}")
+        self._native = _native.BinaryIndex.from_bytes(state["safetensors"])
 
     @property
     def nbits(self) -> int:

@@ -47,6 +47,7 @@ __all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 FORMAT = "neuropil.neuron_cache"
 FORMAT_VERSION = 1
 _POLICIES = ("frequency", "window", "static")
+_FFN_COUNTERS = ("calls", "rows", "active_pairs", "hot_fetches", "cold_fetches", "cold_bytes")
 
 
 def _int(name: str, v: Any, lo: int = 0) -> int:
@@ -80,6 +81,69 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+#: What a pickled SparseFFN / InputSparseFFN carries besides its own entries.
+_FFN_STATE = ("gate", "up", "down", "activation", "dtype", "up_bias", "down_bias", "sparsity",
+              "stats")  # fmt: skip
+_DTYPE_BITS = {"float32": None, "float16": None, "int8": 8, "int4": 4}
+
+
+def _ffn_state(ffn: Any, stats: dict[str, int]) -> dict[str, Any]:
+    """The state every FFN class pickles: its weights (float32, dequantized:
+    they quantize back to the same codes and scales), settings and counters."""
+    gate, up, down = ffn._ffn.to_matrices()
+    return {
+        "gate": gate,
+        "up": up,
+        "down": down,
+        "activation": ffn.activation,
+        "dtype": ffn.dtype,
+        "up_bias": None if ffn._bias_up is None else ffn._bias_up.copy(),
+        "down_bias": None if ffn._bias_down is None else ffn._bias_down.copy(),
+        "sparsity": float(ffn.sparsity),
+        "stats": stats,
+    }
+
+
+def _ffn_args(state: Any, extra: tuple[str, ...], counters: tuple[str, ...], where: str) -> dict:
+    """Checks a pickled FFN state (``_ffn_state`` plus ``extra`` entries) and
+    returns the constructor's weight arguments; FormatError on anything off."""
+    want = {*_FFN_STATE, *extra}
+    if not isinstance(state, dict) or set(state) != want:
+        found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise FormatError(f"{where}: must be a dict of keys {sorted(want)}; got {found}")
+    for name, ndim in (("gate", 2), ("up", 2), ("down", 2), ("up_bias", 1), ("down_bias", 1)):
+        a = state[name]
+        if a is None and name not in ("up", "down"):
+            continue
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == ndim):
+            found = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise FormatError(f"{where}: {name} must be a {ndim}-D float32 array; got {found}")
+    dtype, sparsity, stats = state["dtype"], state["sparsity"], state["stats"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
+        raise FormatError(f"{where}: dtype must be one of {list(_DTYPE_BITS)}; got {dtype!r}")
+    if not isinstance(sparsity, float) or not 0.0 <= sparsity < 1.0:
+        raise FormatError(f"{where}: sparsity must be a float in [0, 1); got {sparsity!r}")
+    if not (
+        isinstance(stats, dict)
+        and set(stats) == set(counters)
+        and all(type(v) is int and 0 <= v < 2**64 for v in stats.values())
+    ):
+        raise FormatError(
+            f"{where}: stats must map {list(counters)} to integers >= 0; got {stats!r:.200}"
+        )
+    bits = _DTYPE_BITS[dtype]
+    return {
+        "gate": state["gate"],
+        "up": state["up"],
+        "down": state["down"],
+        "activation": state["activation"],
+        "bits": bits,
+        "dtype": "float32" if bits else dtype,
+        "up_bias": state["up_bias"],
+        "down_bias": state["down_bias"],
+    }
+
+
 class NeuronCache:
     """Tracks which neurons of a layer fire and keeps a bounded hot set.
 
@@ -104,6 +168,9 @@ class NeuronCache:
     Raises:
         ArgumentError: capacity above ``num_neurons``, unknown policy, decay
             outside (0, 1], a window of 0, negative hysteresis.
+
+    Pickles and deep-copies as what :meth:`save` writes (settings, counts, scores,
+    recent tokens, hot set, counters), validated as :meth:`load` validates a file.
     """
 
     def __init__(
@@ -251,8 +318,8 @@ class NeuronCache:
         """Forgets everything recorded, and the hot set."""
         self._c.clear()
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the cache (settings, counts, hot set) as safetensors + JSON metadata."""
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The tensors and metadata :meth:`save` writes (read under the cache's lock)."""
         counts, scores, last, hot, counters, classified = self._c.state()
         meta = {
             "format": FORMAT,
@@ -261,8 +328,27 @@ class NeuronCache:
             "counters": json.dumps([int(c) for c in counters]),
             "classified": json.dumps(bool(classified)),
         }
-        tensors = {"counts": counts, "scores": scores, "last": last, "hot": hot}
-        _safetensors.save(path, tensors, meta)
+        return {"counts": counts, "scores": scores, "last": last, "hot": hot}, meta
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the cache (settings, counts, hot set) as safetensors + JSON metadata."""
+        _safetensors.save(path, *self._state())
+
+    def __getstate__(self) -> dict[str, Any]:
+        tensors, meta = self._state()
+        return {"tensors": tensors, "metadata": meta}
+
+    def __setstate__(self, state: Any) -> None:
+        if not (
+            isinstance(state, dict)
+            and set(state) == {"tensors", "metadata"}
+            and all(isinstance(state[k], dict) for k in state)
+        ):
+            raise FormatError(
+                "NeuronCache state must be {'tensors': dict, 'metadata': dict}; "
+                f"got {type(state).__name__}"
+            )
+        self._restore(state["tensors"], state["metadata"], "NeuronCache state")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronCache:
@@ -274,6 +360,13 @@ class NeuronCache:
                 missing, malformed or inconsistent.
         """
         tensors, meta = _safetensors.load(path)
+        obj = cls.__new__(cls)
+        obj._restore(tensors, meta, path)
+        return obj
+
+    def _restore(self, tensors: dict[str, Any], meta: dict[str, Any], path: Any) -> None:
+        """Builds this cache from a file's (or a pickle's) tensors and metadata,
+        checking every field; FormatError (naming ``path``) on anything wrong."""
         if meta.get("format") != FORMAT:
             raise FormatError(f"{path}: not a neuron cache file (format {meta.get('format')!r})")
         if meta.get("format_version") != str(FORMAT_VERSION):
@@ -295,19 +388,16 @@ class NeuronCache:
                 raise ValueError("counters must be non-negative integers")
             if not isinstance(classified, bool):
                 raise ValueError("classified must be a bool")
-            obj = cls(**args)
+            self.__init__(**args)  # type: ignore[misc]
         except (KeyError, ValueError, TypeError, ArgumentError) as e:
             raise FormatError(f"{path}: invalid metadata ({e})") from e
         want = {"counts": np.uint64, "scores": np.float32, "last": np.uint64, "hot": np.uint32}
         for name, dt in want.items():
             t = tensors.get(name)
-            if t is None or t.dtype != dt or t.ndim != 1:
+            if not isinstance(t, np.ndarray) or t.dtype != dt or t.ndim != 1:
                 raise FormatError(f"{path}: tensor {name!r} missing or not a 1-D {np.dtype(dt)}")
-        obj._c.load_state(
-            tensors["counts"], tensors["scores"], tensors["last"], tensors["hot"], counters,
-            classified,
-        )  # fmt: skip
-        return obj
+        t = {k: np.ascontiguousarray(tensors[k]) for k in want}
+        self._c.load_state(t["counts"], t["scores"], t["last"], t["hot"], counters, classified)
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -345,6 +435,11 @@ class SparseFFN:
 
     Float inputs other than float32 are converted once; the weights are copied
     into the bundled layout (the originals are not kept).
+
+    Pickles and deep-copies as plain data: the stored weights as float32 (8- and
+    4-bit ones dequantized, which quantize back to the same codes and scales),
+    biases, activation, threshold / top-k / sparsity, hot tier, calibration cache
+    and counters; the copy is rebuilt through this constructor's checks.
     """
 
     def __init__(
@@ -364,11 +459,15 @@ class SparseFFN:
     ) -> None:
         dtype = _weight_dtype(bits, dtype)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
-        self._bias_up = None if conv[3] is None else np.asarray(conv[3], np.float32)
-        self._bias_down = None if conv[4] is None else np.asarray(conv[4], np.float32)
+        # (copies: the core keeps its own, and a later change to the caller's
+        # array must not reach the torch path either)
+        self._bias_up = None if conv[3] is None else np.array(conv[3], np.float32)
+        self._bias_down = None if conv[4] is None else np.array(conv[4], np.float32)
         self._ffn = _native._SparseFfn(
             conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
         )
+        #: Counters of the object this one was copied from, added to :meth:`stats`.
+        self._stats_base = dict.fromkeys(_FFN_COUNTERS, 0)
         self.activation = activation
         h = self._ffn.num_neurons
         if hot_capacity is not None and _int("hot_capacity", hot_capacity) > h:
@@ -481,16 +580,57 @@ class SparseFFN:
         hot tier / the backing store), ``cold_bytes``, and ``density``
         (active_pairs / (rows x h))."""
         s = dict(self._ffn.stats())
+        for k, v in self._stats_base.items():
+            s[k] += v
         s["density"] = s["active_pairs"] / max(s["rows"] * self.num_neurons, 1)
         return s
 
     def reset_stats(self) -> None:
         """Zeroes the counters."""
+        self._stats_base = dict.fromkeys(_FFN_COUNTERS, 0)
         self._ffn.reset_stats()
 
     def weights(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """The stored weights in torch layout as float32 (dequantized): (gate or None, up, down)."""
         return self._ffn.to_matrices()
+
+    def __getstate__(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {
+            **_ffn_state(self, {k: stats[k] for k in _FFN_COUNTERS}),
+            "hot_capacity": self.hot_capacity,
+            "threshold": self.threshold,
+            "top_k": self.top_k,
+            "hot": self.hot_neurons(),
+            "cache": self.cache,
+        }
+
+    def __setstate__(self, state: Any) -> None:
+        where = "SparseFFN state"
+        extra = ("hot_capacity", "threshold", "top_k", "hot", "cache")
+        args = _ffn_args(state, extra, _FFN_COUNTERS, where)
+        hot, cache = state["hot"], state["cache"]
+        if not (isinstance(hot, np.ndarray) and hot.dtype == np.uint32 and hot.ndim == 1):
+            found = (
+                f"{hot.dtype} {hot.shape}" if isinstance(hot, np.ndarray) else type(hot).__name__
+            )
+            raise FormatError(f"{where}: hot must be a 1-D uint32 array; got {found}")
+        if cache is not None and not isinstance(cache, NeuronCache):
+            found = type(cache).__name__
+            raise FormatError(f"{where}: cache must be a NeuronCache or None; got {found}")
+        try:
+            self.__init__(  # type: ignore[misc]
+                **args,
+                hot_capacity=state["hot_capacity"],
+                threshold=state["threshold"],
+                top_k=state["top_k"],
+            )
+            self.set_hot(hot)
+        except (ArgumentError, ShapeError, DTypeError, IndexError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: {e}") from None
+        self.sparsity = state["sparsity"]
+        self.cache = cache
+        self._stats_base = dict(state["stats"])
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
         a = _as_numpy(x)

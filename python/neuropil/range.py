@@ -85,6 +85,13 @@ class RangeIndex:
         ShapeError: ``keys`` is not 2-D or is empty.
         DTypeError: ``keys`` is not a float array.
         ArgumentError: non-finite keys, unknown ``method``, bad parameters.
+
+    Pickles and deep-copies as plain data: the keys (float32, on the CPU), the build
+    parameters, how many keys the tree holds (the rest stay appended) and the
+    build count; the copy is rebuilt, identical, and checked as :meth:`load`
+    checks a file. A CUDA index comes back on its device (which must exist
+    where it is unpickled). ``auto``'s running measure of pruning work restarts
+    (as after :meth:`load`): answers are the same, ``last_scanned`` may differ.
     """
 
     def __init__(
@@ -120,6 +127,8 @@ class RangeIndex:
         }
         self._torch: _TorchRange | None = None
         self._native: Any = None
+        #: Builds before this object's own (a copy's), added to ``stats["builds"]``.
+        self._builds_base = 0
         #: An upper bound of the key norms so far, sqrt(d) max |k_i| (cheap:
         #: the float32 overflow check of queries, exact only near the limit).
         self._key_bound = 0.0
@@ -260,7 +269,9 @@ class RangeIndex:
                 "device": self.device,
                 **self._params,
             }
-        return dict(self._native.stats())
+        s = dict(self._native.stats())
+        s["builds"] += self._builds_base
+        return s
 
     def __repr__(self) -> str:
         return (
@@ -319,13 +330,7 @@ class RangeIndex:
             raise FormatError(f"{path}: malformed metadata field: {e}") from None
         if set(tensors) != {"keys"}:
             raise FormatError(f"{path}: tensors must be exactly ['keys']; got {sorted(tensors)}")
-        keys = tensors["keys"]
-        if keys.dtype != np.float32:
-            raise FormatError(f"{path}: keys must be float32 (F32); got {keys.dtype}")
-        if keys.ndim != 2 or keys.shape[0] == 0 or not np.isfinite(keys).all():
-            raise FormatError(
-                f"{path}: keys must be a finite non-empty (n, d) array; got {keys.shape}"
-            )
+        keys = _checked_keys(tensors["keys"], path)
         method = params.pop("method")
         if method not in METHODS:
             raise FormatError(f"{path}: method must be one of {METHODS}; got {method!r}")
@@ -338,8 +343,101 @@ class RangeIndex:
         except (ArgumentError, ShapeError) as e:
             raise FormatError(f"{path}: {e}") from None
 
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        if self._torch is not None:
+            keys = self._torch.keys[: self._torch.n].cpu().numpy()
+            indexed, builds = 0, 0
+        else:
+            # One lock: keys, the tree's share and the build count agree even
+            # while another thread adds keys.
+            keys, indexed, builds = self._native.state()
+            builds += self._builds_base
+        state: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "keys": keys,
+            **self._params,
+            "indexed": indexed,
+            "builds": builds,
+            "device": self.device,
+        }
+        for name in _LAST:
+            if name in self.__dict__:
+                state[name] = np.array(self.__dict__[name])
+        return state
+
+    def __setstate__(self, state: Any) -> None:
+        where = "RangeIndex state"
+        if not isinstance(state, dict) or not set(_STATE) <= set(state) <= {*_STATE, *_LAST}:
+            found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise FormatError(f"{where}: must be a dict of keys {list(_STATE)}; got {found}")
+        if not (type(state["format_version"]) is int and state["format_version"] == FORMAT_VERSION):
+            raise FormatError(
+                f"{where}: format_version must be {FORMAT_VERSION}; got {state['format_version']!r}"
+            )
+        keys = _checked_keys(state["keys"], where)
+        method, device = state["method"], state["device"]
+        if not isinstance(method, str) or method not in METHODS:
+            raise FormatError(f"{where}: method must be one of {METHODS}; got {method!r}")
+        if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+            raise FormatError(f"{where}: device must be 'cpu' or a CUDA device; got {device!r}")
+        counts = [state["indexed"], state["builds"]]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise FormatError(f"{where}: indexed and builds must be integers >= 0; got {counts}")
+        n, indexed = keys.shape[0], state["indexed"]
+        tree = device == "cpu" and method != "flat"
+        if (tree and not 1 <= indexed <= n) or (not tree and indexed != 0):
+            want = f"in [1, {n}]" if tree else "0"
+            raise FormatError(
+                f"{where}: indexed must be {want} for method {method!r} on {device}; got {indexed}"
+            )
+        last = {}
+        for name in _LAST:
+            if name in state:
+                a = state[name]
+                if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1):
+                    found = (
+                        f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                    )
+                    raise FormatError(f"{where}: {name} must be a 1-D float32 array; got {found}")
+                last[name] = a.copy()
+        params = {k: state[k] for k in _PARAMS if k != "method"}
+        try:
+            if device != "cpu":
+                import torch
+
+                self.__init__(torch.from_numpy(keys).to(device), method, **params)  # type: ignore[misc]
+            else:
+                # The tree over the keys it held, the others appended (never
+                # past the rebuild policy, so the split stays as it was).
+                self.__init__(keys[:indexed] if tree else keys, method, **params)  # type: ignore[misc]
+                if tree and indexed < n:
+                    self.add(keys[indexed:])
+                self._builds_base = max(0, state["builds"] - self._native.stats()["builds"])
+        except (ArgumentError, ShapeError, DTypeError, TypeError, ValueError) as e:
+            raise FormatError(f"{where}: {e}") from None
+        self.__dict__.update(last)
+
 
 # ---------------------------------------------------------------- helpers
+#: The entries of a pickled RangeIndex's state, and the optional ones.
+_PARAMS = ("method", "leaf", "branching", "rebuild_fraction", "rebuild_min", "seed")
+_STATE = ("format_version", "keys", *_PARAMS, "indexed", "builds", "device")
+_LAST = ("last_scanned", "last_work")
+
+
+def _checked_keys(keys: Any, where: Any) -> np.ndarray:
+    """Stored keys (a file's or a pickle's), as :meth:`RangeIndex.load` accepts them."""
+    if not isinstance(keys, np.ndarray) or keys.dtype != np.float32:
+        found = keys.dtype if isinstance(keys, np.ndarray) else type(keys).__name__
+        raise FormatError(f"{where}: keys must be float32 (F32); got {found}")
+    if keys.ndim != 2 or keys.shape[0] == 0 or not np.isfinite(keys).all():
+        raise FormatError(
+            f"{where}: keys must be a finite non-empty (n, d) array; got {keys.shape}"
+        )
+    return np.ascontiguousarray(keys)
+
+
 _F32_MAX = float(np.finfo(np.float32).max)
 _USIZE_MAX = 2 * sys.maxsize + 1
 _U64_MAX = 2**64 - 1

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use crate::buffers::{int_input, Expect, IntInput};
 use crate::errors::OrRaise;
@@ -470,6 +471,24 @@ impl PyBinaryIndex {
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py.detach(|| file::load_index(&path)).or_raise()?;
+        Ok(PyBinaryIndex::from(inner))
+    }
+
+    /// The bytes `save` writes (a safetensors file in memory), taken under the
+    /// index's lock: the state a pickle carries.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.inner.read(py, file::index_bytes).or_raise()?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// An index from the bytes of `to_bytes`, validated as `load` validates a
+    /// file (`FormatError`, naming `origin`, on anything malformed).
+    #[staticmethod]
+    #[pyo3(signature = (data, origin="BinaryIndex state"))]
+    fn from_bytes(py: Python<'_>, data: &[u8], origin: &str) -> PyResult<Self> {
+        let inner = py
+            .detach(|| file::index_from_bytes(data.to_vec(), origin))
+            .or_raise()?;
         Ok(PyBinaryIndex::from(inner))
     }
 }

@@ -149,6 +149,19 @@ impl PyRangeIndex {
         keys.into_pyarray(py).reshape([n, self.d])
     }
 
+    /// `(keys (n, d), indexed, builds)` read under one lock: every key by id,
+    /// how many of them the tree holds (the first `indexed`; 0 for `flat`),
+    /// and the builds so far. What a pickle carries.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray2<f32>>, usize, u64)> {
+        let (keys, indexed, builds) = {
+            let ix = self.inner.peek();
+            let s = ix.stats();
+            (ix.keys(), s.indexed, s.builds)
+        };
+        let n = keys.len() / self.d;
+        Ok((keys.into_pyarray(py).reshape([n, self.d])?, indexed, builds))
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ix = self.inner.peek();
         let s = ix.stats();

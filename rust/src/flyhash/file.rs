@@ -70,7 +70,7 @@ fn view<'a>(dtype: Dtype, shape: Vec<usize>, data: &'a [u8]) -> Result<TensorVie
     TensorView::new(dtype, shape, data).map_err(|e| Error::format("safetensors", e.to_string()))
 }
 
-/// Reads a file into memory and parses its header and metadata.
+/// A file's bytes, with its header and metadata parsed.
 struct Parsed {
     bytes: Vec<u8>,
     meta: HashMap<String, String>,
@@ -78,6 +78,12 @@ struct Parsed {
 
 fn read(path: &Path, format: &str) -> Result<Parsed> {
     let bytes = std::fs::read(path).map_err(|e| Error::file("read", path, e))?;
+    parse(bytes, path, format)
+}
+
+/// Parses the bytes of a file (`path` names them in errors: the file, or
+/// what else they came from).
+fn parse(bytes: Vec<u8>, path: &Path, format: &str) -> Result<Parsed> {
     let (_, md) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| fmt_err(path, format!("not a valid safetensors file ({e})")))?;
     SafeTensors::deserialize(&bytes)
@@ -298,6 +304,12 @@ const INDEX_KEYS: [&str; 5] = ["format", "format_version", "nbits", "count", "ne
 
 /// Saves an index (codes and ids).
 pub fn save_index(ix: &BinaryIndex, path: &Path) -> Result<()> {
+    write_atomic(path, &index_bytes(ix)?)
+}
+
+/// The bytes [`save_index`] writes: a safetensors file in memory (what a
+/// pickled `neuropil.flyhash.BinaryIndex` carries).
+pub fn index_bytes(ix: &BinaryIndex) -> Result<Vec<u8>> {
     let (codes, ids, next_id) = ix.parts();
     let meta: HashMap<String, String> = [
         ("format", INDEX_FORMAT.to_string()),
@@ -315,12 +327,22 @@ pub fn save_index(ix: &BinaryIndex, path: &Path) -> Result<()> {
         ("codes", view(Dtype::U8, vec![n, ix.code_bytes()], codes)?),
         ("ids", view(Dtype::I64, vec![n], &id_bytes)?),
     ];
-    write_atomic(path, &serialize(tensors, meta)?)
+    serialize(tensors, meta)
 }
 
 /// Loads an index saved by [`save_index`], validating every field.
 pub fn load_index(path: &Path) -> Result<BinaryIndex> {
-    let p = read(path, INDEX_FORMAT)?;
+    index_from_parsed(read(path, INDEX_FORMAT)?, path)
+}
+
+/// An index from the bytes of [`index_bytes`], validated as [`load_index`]
+/// validates a file; `origin` names them in errors.
+pub fn index_from_bytes(bytes: Vec<u8>, origin: &str) -> Result<BinaryIndex> {
+    let origin = Path::new(origin);
+    index_from_parsed(parse(bytes, origin, INDEX_FORMAT)?, origin)
+}
+
+fn index_from_parsed(p: Parsed, path: &Path) -> Result<BinaryIndex> {
     p.only_keys(path, &INDEX_KEYS)?;
     let nbits: usize = p.field(path, "nbits", "a positive integer")?;
     let n: usize = p.field(path, "count", "a non-negative integer")?;
@@ -408,5 +430,43 @@ mod tests {
         assert_eq!(back.parts(), ix.parts());
         assert!(matches!(load_flyhash(&path), Err(Error::Format { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn index_bytes_round_trip_and_validation() {
+        let mut ix = BinaryIndex::new(20).unwrap();
+        ix.add(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 3, Some(&[7, 3, 11]))
+            .unwrap();
+        assert_eq!(ix.remove(&[3]), 1);
+        let bytes = index_bytes(&ix).unwrap();
+        let back = index_from_bytes(bytes.clone(), "state").unwrap();
+        assert_eq!(back.parts(), ix.parts());
+        assert_eq!(back.nbits(), 20);
+        // Truncated, altered (a bit past nbits set) or of another format: Format errors.
+        let err = index_from_bytes(bytes[..bytes.len() - 3].to_vec(), "state").unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+        // next_id 12 -> 01: the stored ids 7 and 11 no longer lie below it.
+        let at = bytes
+            .windows(14)
+            .position(|w| w == b"\"next_id\":\"12\"")
+            .unwrap();
+        let mut bad = bytes.clone();
+        bad[at + 11..at + 13].copy_from_slice(b"01");
+        let err = index_from_bytes(bad, "state").unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+        assert!(err.to_string().contains("state"), "{err}");
+        let fh_bytes = {
+            let dir = std::env::temp_dir().join(format!("neuropil-fhb-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("fh.safetensors");
+            save_flyhash(&FlyHash::new(cfg(Kind::Seeded)).unwrap(), &path).unwrap();
+            let b = std::fs::read(&path).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            b
+        };
+        assert!(matches!(
+            index_from_bytes(fh_bytes, "state"),
+            Err(Error::Format { .. })
+        ));
     }
 }
