@@ -1135,3 +1135,26 @@ def test_quantized_model_compiles_without_graph_breaks(device):
             x, layer.qdata, layer.scales, layer.mins, None, 4, 32, "asym"
         )
         assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_quantized_weights_pickle_through_the_constructor():
+    import pickle
+
+    w = np.random.default_rng(3).standard_normal((12, 96), dtype=np.float32)
+    x = np.random.default_rng(4).standard_normal(96, dtype=np.float32)
+    for q in (quantize(w, bits=3, group_size=32), quantize(w, scheme="q4_1")):
+        for r in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+            got = (r.shape, r.bits, r.group_size, r.scheme)
+            assert got == (q.shape, q.bits, q.group_size, q.scheme)
+            assert np.array_equal(r.matvec(x), q.matvec(x))
+            assert r.data is not q.data
+    # A tampered object (codes cut short, as a corrupted pickle would carry):
+    # unpickling runs the constructor's check instead of failing at a matvec.
+    q = quantize(w, bits=4, group_size=32)
+    bad = object.__new__(QuantizedWeights)
+    for name in QuantizedWeights.__slots__:
+        setattr(bad, name, getattr(q, name))
+    bad.data = q.data[:, :-1].copy()
+    blob = pickle.dumps(bad)
+    with pytest.raises(ShapeError, match=r"data must have shape \(576,\)"):
+        pickle.loads(blob)

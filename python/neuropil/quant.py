@@ -110,6 +110,9 @@ class QuantizedWeights:
         mins: like ``scales`` for asymmetric schemes, else ``None``.
         shape: ``(rows, cols)`` of the original matrix.
         bits, group_size, scheme: the format.
+
+    Pickles and deep-copies as its constructor call (the arrays and the
+    format), so an unpickled object passes the constructor's checks again.
     """
 
     __slots__ = ("bits", "data", "group_size", "mins", "scales", "scheme", "shape")
@@ -130,6 +133,12 @@ class QuantizedWeights:
         self.shape = _shape_arg(shape)
         self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
         _native.quant_check(*self._args())
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Through the constructor: a tampered pickle (codes cut short, a
+        # scale array of another shape) raises there instead of at a matvec.
+        args = (self.data, self.scales, self.mins, self.shape, self.bits, self.group_size)
+        return type(self), (*args, self.scheme)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
