@@ -595,3 +595,17 @@ def test_dot_converts_torch_half_tensors_once_and_keeps_errors():
         neuropil.dot(a, a[:-1].to(torch.bfloat16))
     with pytest.raises(neuropil.DTypeError, match="b must have dtype float32"):
         neuropil.dot(a, torch.ones(1000, dtype=torch.int32))
+
+
+def test_info_lists_cuda_devices_after_the_range_submodule_is_imported(monkeypatch):
+    # Importing neuropil.range binds the package's global `range` to the
+    # submodule; info() listed CUDA devices with range() and raised TypeError
+    # on every GPU machine once neuropil.range had been imported.
+    torch = pytest.importorskip("torch")
+    import neuropil.range
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    data = neuropil.info()
+    assert data["cuda"] is True and data["cuda_devices"] == ["GPU 0", "GPU 1"]

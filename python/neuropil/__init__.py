@@ -8,6 +8,7 @@ SIMD and a rayon thread pool; this package is the Python face of it. Importing
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 from typing import Any
 
@@ -154,6 +155,9 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
     out["cuda"] = bool(torch.cuda.is_available())
     if out["cuda"]:
         out["cuda_devices"] = [
-            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+            # (builtins.range: once `neuropil.range` is imported, this module's
+            # global `range` is that submodule)
+            torch.cuda.get_device_name(i)
+            for i in builtins.range(torch.cuda.device_count())
         ]
     return out

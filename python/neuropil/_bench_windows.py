@@ -51,15 +51,17 @@ def status(key):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 def peak():
     return status("VmHWM")
-# Warm up first, so base holds the fixed overhead of the process: imports, the
-# rayon pool's threads (a batch over 1 MB runs in parallel) and the prefetch thread.
+# Warm up first, so base holds the fixed overhead of the process: imports (numpy
+# 2 imports numpy.random, and with it hashlib's libcrypto, on first use: ~4 MB),
+# the rayon pool's threads (a batch over 1 MB runs in parallel) and the prefetch thread.
+rng = np.random.default_rng(0)
+rng.standard_normal(16, dtype=np.float32)
 warm = SlidingWindows(np.zeros((w + 64, d), dtype=np.float32), w)
 for batch in warm.batches(64, prefetch=prefetch):
     pass
 del warm, batch
 base = status("VmRSS")  # resident now: the warm-up's freed buffers are not counted
 frames = np.empty((n, d), dtype=np.float32)
-rng = np.random.default_rng(0)
 for lo in range(0, n, 65536):
     rng.standard_normal(dtype=np.float32, out=frames[lo:lo + 65536])
 sw = SlidingWindows(frames, w)
