@@ -1158,3 +1158,23 @@ def test_quantized_weights_pickle_through_the_constructor():
     blob = pickle.dumps(bad)
     with pytest.raises(ShapeError, match=r"data must have shape \(576,\)"):
         pickle.loads(blob)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_quantized_linear_under_autocast_returns_the_autocast_dtype(device):
+    # As nn.Linear does: float32/float16/bfloat16 inputs give the autocast dtype.
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(device)
+    q = QuantizedLinear.from_linear(lin, bits=8, group_size=32)
+    for shape in [(64,), (7, 64)]:
+        x = torch.randn(*shape, device=device)
+        ref = q(x)
+        for dt in (torch.bfloat16, torch.float16):
+            with torch.autocast(device, dtype=dt):
+                y, want = q(x), lin(x)
+            assert y.dtype == want.dtype == dt
+            torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    assert q(torch.randn(3, 64, device=device)).dtype == torch.float32  # outside: unchanged

@@ -268,7 +268,16 @@ class QuantizedLinear(nn.Module):
         otherwise (and with ``force_torch``) the weight is dequantized on the
         device for this call and ``F.linear`` runs. Inference only (no gradients).
         NaN and Inf in ``x`` reach the outputs they touch, as in ``nn.Linear``.
+        Under ``torch.autocast`` the output has the autocast dtype, as
+        ``nn.Linear``'s has (the kernels still take float32 activations).
         """
+        out = self._forward(x, force_torch)
+        dev = x.device.type
+        if x.dtype is not torch.float64 and torch.is_autocast_enabled(dev):
+            return out.to(torch.get_autocast_dtype(dev))
+        return out
+
+    def _forward(self, x: torch.Tensor, force_torch: bool) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             from .errors import ShapeError
 
