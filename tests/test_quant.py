@@ -1178,3 +1178,312 @@ def test_quantized_linear_under_autocast_returns_the_autocast_dtype(device):
             assert y.dtype == want.dtype == dt
             torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
     assert q(torch.randn(3, 64, device=device)).dtype == torch.float32  # outside: unchanged
+
+
+# ------------------------------------------------- transformers save_pretrained / from_pretrained
+
+
+def _tiny_llama_lm(tie=False):
+    """A seeded random 2-layer LlamaForCausalLM (hidden 64): no model files needed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _formats(model):
+    from neuropil.torch import QuantizedLinear
+
+    return {
+        name: (m.bits, m.group_size, m.scheme, m.scales.dtype)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+
+
+def _assert_clean_load(info):
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"] and not info["error_msgs"], info
+
+
+def test_a_quantized_llama_round_trips_through_save_pretrained(tmp_path):
+    # save_pretrained raised AttributeError ('dict' object has no attribute
+    # 'device': the extra state was a dict). Now it writes safetensors plus a
+    # "neuropil" quantization_config, and from_pretrained rebuilds the layers.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import neuropil.hf as nhf
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    model = quantize_model(_tiny_llama_lm(), bits=4, group_size=32, skip=["lm_head"])
+    assert model.is_quantized and isinstance(model.hf_quantizer, nhf.NeuropilHfQuantizer)
+    model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc == {
+        "quant_method": "neuropil", "bits": 4, "group_size": 32, "scheme": "asym",
+        "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "overrides": {},
+    }  # fmt: skip
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        q = "model.layers.1.mlp.down_proj"
+        assert f.get_tensor(f"{q}.qdata").dtype == torch.uint8
+        assert f.get_tensor(f"{q}.qdata").shape == (64, 128)  # 256 4-bit codes a row
+        assert f.get_tensor(f"{q}.scales").dtype == torch.float16
+        # A zero-size placeholder where a float loader looks for the weight.
+        assert f.get_tensor(f"{q}.weight").shape == (0,)
+        state = json.loads(bytes(f.get_tensor(f"{q}._extra_state").tolist()))
+        assert state == {"format_version": 1, "bits": 4, "group_size": 32, "scheme": "asym",
+                         "in_features": 256, "out_features": 64}  # fmt: skip
+        assert f.get_tensor("lm_head.weight").shape == (128, 64)
+    assert "lm_head.qdata" not in keys
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    _assert_clean_load(info)
+    assert _formats(loaded) == _formats(model) and len(_formats(loaded)) == 14
+    assert type(loaded.lm_head) is torch.nn.Linear
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert isinstance(loaded.hf_quantizer, nhf.NeuropilHfQuantizer) and loaded.is_quantized
+    assert isinstance(loaded.config.quantization_config, nhf.NeuropilConfig)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    # and again: the loaded model saves the same way
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+    # The base model loads from the causal LM's checkpoint (names without "model.").
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base.layers[1].mlp.down_proj, QuantizedLinear)
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+    # transformers' model.dequantize(): float nn.Linear layers of the same weights
+    loaded.dequantize()
+    assert not _formats(loaded) and not loaded.is_quantized
+    assert not hasattr(loaded.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_formats_and_a_quantized_tied_lm_head_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    import neuropil.hf  # noqa: F401  (registers "neuropil")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    model = _tiny_llama_lm(tie=True)
+    quantize_model(model, 8, 64, "sym", skip=["self_attn", "lm_head"], scale_dtype="float32")
+    quantize_model(model, scheme="q4_1")  # the rest, lm_head (tied to the embeddings) too
+    assert isinstance(model.lm_head, QuantizedLinear)
+    qc = model.config.quantization_config.to_dict()
+    # 9 q4_1 layers (attention and lm_head) against 6 sym 8-bit ones (the MLPs)
+    default = [qc[k] for k in ("bits", "group_size", "scheme", "scale_dtype")]
+    assert default == [4, 32, "q4_1", "float16"]
+    assert qc["modules_to_not_convert"] == []
+    mlp = {"bits": 8, "group_size": 64, "scheme": "sym", "scale_dtype": "float32"}
+    assert qc["overrides"] == {
+        f"model.layers.{i}.mlp.{p}_proj": mlp for i in (0, 1) for p in ("gate", "up", "down")
+    }
+    ids = torch.randint(0, 128, (1, 11))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    _assert_clean_load(info)
+    assert _formats(loaded) == _formats(model) and len(_formats(loaded)) == 15
+    assert loaded.model.layers[0].mlp.up_proj.scales.dtype == torch.float32
+    assert loaded.model.layers[0].mlp.up_proj.mins.shape == (0, 1)  # sym: no mins
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    # Loaded in bfloat16: the packed format stays (float32 bias, the scales as saved).
+    bf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert _formats(bf) == _formats(model)
+    assert bf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf(ids).logits.dtype == torch.bfloat16
+
+
+def test_a_quantized_bert_round_trips_through_save_pretrained(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AutoModel, BertConfig, BertModel
+
+    import neuropil.hf  # noqa: F401
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    model = quantize_model(BertModel(cfg).eval(), bits=8, group_size=32, skip=["pooler"])
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    _assert_clean_load(info)
+    query = loaded.encoder.layer[0].attention.self.query
+    assert isinstance(query, QuantizedLinear) and not query.bias.requires_grad
+    assert type(loaded.pooler.dense) is torch.nn.Linear
+    assert _formats(loaded) == _formats(model) and len(_formats(loaded)) == 12
+    ids = torch.randint(0, 100, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+    # A new head on the quantized encoder: the classifier, absent from the
+    # checkpoint, stays a float nn.Linear (initialized, reported missing).
+    from transformers import AutoModelForSequenceClassification
+
+    clf, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3, output_loading_info=True
+    )
+    assert type(clf.classifier) is torch.nn.Linear
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert _formats(clf.bert) == _formats(model)
+    with torch.no_grad():
+        assert torch.equal(clf.bert(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_without_neuropil_from_pretrained_fails_instead_of_loading_random_weights(tmp_path):
+    # transformers only warns about an unknown quant method and would load the
+    # float model with random weights where the packed layers are: the
+    # zero-size `.weight` placeholders make that load raise. In the same fresh
+    # interpreter, quantize_model on any transformers model registers "neuropil"
+    # (without neuropil.hf), and the same directory then loads.
+    pytest.importorskip("transformers")
+    from neuropil.torch import quantize_model
+
+    quantize_model(_tiny_llama_lm(), bits=4, group_size=32, skip=["lm_head"]).save_pretrained(
+        tmp_path
+    )
+    code = f"""
+import sys
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+except RuntimeError as e:
+    print("refused:", e)
+else:
+    raise SystemExit("loaded without neuropil")
+assert not any(m.startswith("neuropil") for m in sys.modules)
+import neuropil.torch as nt
+cfg = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2)
+nt.quantize_model(LlamaForCausalLM(cfg), bits=4, group_size=32)
+assert "neuropil.hf" not in sys.modules
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+print(type(m.model.layers[0].self_attn.q_proj).__name__)
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refused: You set `ignore_mismatched_sizes` to `False`" in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("QuantizedLinear"), r.stdout
+    # transformers' own warning names the method it does not know
+    assert "Unknown quantization type, got neuropil" in r.stderr
+    assert "torch.Size([0]) vs model:torch.Size([64, 64])" in r.stderr
+
+
+def test_neuropil_quantizer_refuses_float_checkpoints_with_a_pointer_to_quantize_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from neuropil.hf import NeuropilConfig
+
+    _tiny_llama_lm().save_pretrained(tmp_path)
+    with pytest.raises(ArgumentError, match=r"pre-quantized checkpoints only.*quantize_model"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=NeuropilConfig(bits=4, group_size=32)
+        )
+    # A config.json that claims packed layers over float weights: a FormatError,
+    # not random codes.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "neuropil", "bits": 4, "group_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"holds no packed layer.*quantize_model"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    for bad, message in (
+        ({"bits": 5}, "bits must be one of 2, 3, 4, 8; got 5"),
+        ({"scheme": "q4_0", "group_size": 64}, r"scheme 'q4_0' has bits, group_size \(4, 32\)"),
+        ({"scale_dtype": "bfloat16"}, "scale_dtype must be float16 or float32"),
+        ({"overrides": {"lm_head": {"bits": 4}}}, r"overrides\['lm_head'\] must have the fields"),
+    ):
+        with pytest.raises(FormatError, match=message):
+            NeuropilConfig(**bad)
+    assert torch  # imported for the skip
+
+
+def test_quantized_linear_extra_state_is_a_tensor_and_accepts_the_old_dict():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    ql = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), bits=4, group_size=32)
+    state = ql.state_dict()["_extra_state"]
+    assert isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
+    old = {"format_version": 1, "bits": 4, "group_size": 32, "scheme": "asym",
+           "in_features": 64, "out_features": 8}  # fmt: skip
+    assert json.loads(bytes(state.tolist())) == old
+    fresh = QuantizedLinear(64, 8, bits=4, group_size=32)
+    fresh.load_state_dict({**ql.state_dict(), "_extra_state": old})  # state dicts saved before
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), ql(x))
+    for bad, message in (
+        (torch.tensor([1, 2]), "1-D uint8 tensor"),
+        (torch.tensor(list(b"{nope"), dtype=torch.uint8), "not valid JSON"),
+        (torch.tensor(list(json.dumps({**old, "bits": 8}).encode()), dtype=torch.uint8),
+         "does not match"),
+        (torch.tensor(list(json.dumps({**old, "format_version": 2}).encode()), dtype=torch.uint8),
+         "format_version 1"),
+    ):  # fmt: skip
+        with pytest.raises(FormatError, match=message):
+            fresh.set_extra_state(bad)
+
+
+def test_import_neuropil_torch_does_not_import_transformers():
+    pytest.importorskip("torch")
+    code = """
+import sys
+import torch
+import neuropil.torch as nt
+m = nt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), bits=4, group_size=32)
+m.state_dict()
+assert "transformers" not in sys.modules, "transformers imported"
+print("ok")
+"""
+    r = run_python(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_smollm2_round_trips_through_save_pretrained(smollm2, tmp_path):
+    # The GGUF-loaded model carries transformers' GGUF marking (which
+    # save_pretrained refuses); quantize_model's marking replaces it.
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    import neuropil.hf  # noqa: F401
+    from neuropil.torch import quantize_model
+
+    model, tok = smollm2
+    q = quantize_model(copy.deepcopy(model), bits=4, group_size=32, skip=["lm_head"])
+    q.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    _assert_clean_load(info)
+    assert _formats(loaded) == _formats(q) and len(_formats(loaded)) == 7 * 30
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    ids = tok("The GNU General Public License is a free, copyleft license", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**ids).logits, q(**ids).logits)

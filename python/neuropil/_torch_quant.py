@@ -10,6 +10,7 @@ float weight lives only for that call).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -159,7 +160,7 @@ class QuantizedLinear(nn.Module):
         )
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(
-                torch.zeros(out_features, device=device), requires_grad=False
+                torch.zeros(out_features, dtype=torch.float32, device=device), requires_grad=False
             )
         else:
             self.register_parameter("bias", None)
@@ -216,7 +217,7 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scales, self.mins))
 
     # ----------------------------------------------------------------- state
-    def get_extra_state(self) -> dict[str, Any]:
+    def _format_state(self) -> dict[str, Any]:
         return {
             "format_version": _EXTRA_VERSION,
             "bits": self.bits,
@@ -226,10 +227,26 @@ class QuantizedLinear(nn.Module):
             "out_features": self.out_features,
         }
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The layer's format (``format_version``, ``bits``, ``group_size``,
+        ``scheme``, ``in_features``, ``out_features``) as UTF-8 JSON in a 1-D
+        ``uint8`` tensor: a tensor, so safetensors writers (``save_pretrained``)
+        store it with the buffers."""
+        blob = json.dumps(self._format_state(), sort_keys=True).encode()
+        return torch.tensor(list(blob), dtype=torch.uint8)
+
     def set_extra_state(self, state: Any) -> None:
+        """Checks a saved format against this layer's: the tensor of
+        :meth:`get_extra_state`, or the dict that state dicts saved before held.
+
+        Raises:
+            FormatError: malformed, another ``format_version``, or another format.
+        """
+        if isinstance(state, torch.Tensor):
+            state = _decode_extra_state(state)
         if not isinstance(state, dict) or state.get("format_version") != _EXTRA_VERSION:
             raise FormatError(f"QuantizedLinear state must have format_version 1; got {state!r}")
-        want = self.get_extra_state()
+        want = self._format_state()
         if any(state.get(k) != want[k] for k in want):
             raise FormatError(f"QuantizedLinear state {state} does not match this module's {want}")
 
@@ -403,6 +420,36 @@ class QuantizedLinear(nn.Module):
         return views
 
 
+def _decode_extra_state(t: torch.Tensor) -> Any:
+    """The dict a :meth:`QuantizedLinear.get_extra_state` tensor holds."""
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > 4096:
+        raise FormatError(
+            "QuantizedLinear state must be a 1-D uint8 tensor of JSON (at most 4096 bytes); "
+            f"got {t.dtype} of shape {tuple(t.shape)}"
+        )
+    try:
+        return json.loads(t.detach().cpu().numpy().tobytes().decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"QuantizedLinear state is not valid JSON: {e}") from None
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__ == "transformers.modeling_utils"
+        for c in type(model).__mro__
+    )
+
+
+def _mark_transformers_model(model: nn.Module) -> None:
+    """On a transformers model: registers the ``"neuropil"`` quantization method
+    and sets what ``save_pretrained`` needs (see :mod:`neuropil._hf_quant`)."""
+    if _is_transformers_model(model):
+        from ._hf_quant import mark_quantized  # imports transformers (already imported)
+
+        mark_quantized(model)
+
+
 def quantize_model(
     model: nn.Module,
     bits: int | None = None,
@@ -415,6 +462,16 @@ def quantize_model(
 ) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` in place by a :class:`QuantizedLinear`.
 
+    On a ``transformers`` model (``PreTrainedModel``) it also registers the
+    quantization method ``"neuropil"`` with transformers and marks the model as
+    transformers' quantizers do (``model.config.quantization_config``, a
+    :class:`neuropil.hf.NeuropilConfig` recording each layer's format and the
+    layers kept in float; ``model.hf_quantizer``; ``model.is_quantized``), so
+    ``model.save_pretrained(dir)`` writes the packed weights and
+    ``AutoModel*.from_pretrained(dir)`` after ``import neuropil.hf`` rebuilds the
+    same layers. As for every quantized transformers model, ``model.half()`` and
+    ``model.float()`` then raise (``model.to(dtype)`` works).
+
     Args:
         model: any module; it is modified and returned.
         bits, group_size, scheme, scale_dtype, search: as :func:`neuropil.quant.quantize`.
@@ -423,6 +480,14 @@ def quantize_model(
 
     Returns:
         ``model``.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+        quantize_model(model, bits=4, group_size=32, skip=["lm_head"])
+        model.save_pretrained("smollm2-q4")
+        import neuropil.hf
+        again = AutoModelForCausalLM.from_pretrained("smollm2-q4")
     """
     skip = tuple(skip)
     targets = [
@@ -441,6 +506,7 @@ def quantize_model(
             )
     for name, mod in targets:
         _replace(model, name, done[id(mod)])
+    _mark_transformers_model(model)
     return model
 
 
@@ -468,7 +534,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
 def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     """Loads a file of ``neuropil quantize`` / :func:`save_quantized` into ``model``:
     each quantized ``<name>.weight`` replaces the ``nn.Linear`` ``<name>``, other
-    tensors load as state.
+    tensors load as state. A ``transformers`` model is then marked as quantized,
+    as by :func:`quantize_model` (``save_pretrained`` / ``from_pretrained`` work).
 
     Raises:
         OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
@@ -536,6 +603,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
                 f"{path}: tensors the model lacks: {result.unexpected_keys[:5]}; "
                 f"model tensors the file lacks: {missing[:5]}"
             )
+    _mark_transformers_model(model)
     return model
 
 

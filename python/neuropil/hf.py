@@ -27,6 +27,14 @@ read and an upper bound on the softmax mass dropped:
 ``n_dropped e^{z_t} / (S + n_dropped e^{z_t})`` with ``S`` the selected mass and
 ``z_t`` a logit no dropped key reaches. CUDA tensors take a torch path
 (:func:`sparse_decode_attention`) that stays on the device.
+
+Importing this module also registers the quantization method ``"neuropil"``
+(:class:`NeuropilConfig`, :class:`NeuropilHfQuantizer`), so ``from_pretrained``
+loads what ``save_pretrained`` wrote for a model quantized with
+:func:`neuropil.torch.quantize_model`::
+
+    import neuropil.hf
+    model = AutoModelForCausalLM.from_pretrained("smollm2-q4")  # QuantizedLinear layers
 """
 
 from __future__ import annotations
@@ -41,12 +49,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ._hf_quant import NeuropilConfig, NeuropilHfQuantizer
 from .errors import ArgumentError, NeuropilError, ShapeError
 from .range import METHODS, RangeIndex
 
 __all__ = [
     "ATTENTION",
     "STRATEGIES",
+    "NeuropilConfig",
+    "NeuropilHfQuantizer",
     "SparseCache",
     "SparseLayer",
     "cache_kwargs",
