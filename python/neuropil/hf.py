@@ -516,7 +516,8 @@ def sparse_decode_attention(
         3,
         idx[..., None].expand(-1, -1, -1, -1, d),
     )
-    # (a row with nothing selected would be softmax over -inf only: nan)
+    # (a row with nothing selected would be softmax over -inf only: nan; two
+    # small kernels and no device sync to zero it)
     w = torch.softmax(top_z, dim=-1).masked_fill(count[..., None] == 0, 0.0)
     out = (w[..., None] * vsel).sum(-2).reshape(bsz, n_heads, d)[:, None].to(query.dtype)
     s_sel = torch.exp(top_z - zmax).sum(-1, keepdim=True)
@@ -526,12 +527,15 @@ def sparse_decode_attention(
     # A row whose keys are all masked reads none and returns zeros, as torch's
     # sdpa does; it has no fraction to report, so the mean skips it (0.0 if
     # every row is such a row, never nan).
-    has = (n_ok > 0).expand_as(n_drop)
-    frac = (count[..., None].float() / n_ok.clamp(min=1))[has]
-    info = {
-        "fraction_read": float(frac.mean()) if frac.numel() else 0.0,
-        "dropped_bound": float(bound.max()),
-    }
+    fraction = float((count[..., None].float() / n_ok).mean())
+    if math.isnan(fraction):
+        # Some row may attend to nothing (0 / 0): the mean skips such rows, and
+        # is 0.0 if every row is one (never nan). Rare, so the common case pays
+        # no extra kernels.
+        frac = count[..., None].float() / n_ok.clamp(min=1)
+        rows = int((n_ok > 0).expand_as(frac).sum())
+        fraction = float(frac.sum()) / rows if rows else 0.0
+    info = {"fraction_read": fraction, "dropped_bound": float(bound.max())}
     return out, info
 
 
