@@ -661,6 +661,51 @@ def test_sparsify_then_quantize_and_inference_mode(kind):
     np.testing.assert_allclose(full_q.numpy(), full.numpy(), atol=0.1, rtol=0.1)
 
 
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_quantize_then_sparsify_masks_the_quantized_layers(method):
+    # The other order (a model quantized first) used to find no MLP to sparsify.
+    # The SparseMLP runs the QuantizedLinear layers on the masked values: it
+    # equals the masking done by hand with the same layers and thresholds.
+    import torch
+    import torch.nn.functional as F
+
+    from neuropil.torch import QuantizedLinear, SparseMLP, quantize_model, sparsify_mlp
+
+    model = quantize_model(tiny_llama(), bits=4, group_size=32, skip=["lm_head"])
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        dense = model(ids).logits
+    sparsify_mlp(model, 0.0, ids, method=method)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    sparsify_mlp(model, 0.5, ids, method=method)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, SparseMLP) and isinstance(mlp.gate, QuantizedLinear)
+    assert mlp.rust_ffn() is None  # quantized layers: the torch path
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        if method == "teal":
+            xm = torch.where(x.abs() > mlp.t_in, x, torch.zeros_like(x))
+            h = F.silu(mlp.gate(xm)) * mlp.up(xm)
+            want = mlp.down(torch.where(h.abs() > mlp.threshold, h, torch.zeros_like(h)))
+        else:
+            a = F.silu(mlp.gate(x))
+            a = torch.where(a.abs() > mlp.threshold, a, torch.zeros_like(a))
+            want = mlp.down(a * mlp.up(x))
+        torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(model(ids).logits, dense)
+
+
+def test_a_quantized_bert_mlp_is_refused_with_the_order_to_use():
+    import torch
+
+    from neuropil.torch import quantize_model, sparsify_mlp
+
+    model = quantize_model(_tiny_bert(), bits=8, group_size=32)
+    with pytest.raises(neuropil.ArgumentError, match="sparsify_mlp before quantize_model"):
+        sparsify_mlp(model, 0.3, torch.randint(0, 100, (1, 12)))
+
+
 # ------------------------------------------------------------------- pickle and deepcopy
 
 

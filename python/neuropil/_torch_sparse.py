@@ -320,22 +320,35 @@ def _act_name(model: nn.Module, default: str) -> str:
 
 
 def _find_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, kind) for every FFN: kind 'llama', 'bert' or 'sparse' (already done)."""
+    """(name, module, kind) for every FFN: kind 'llama', 'bert' or 'sparse' (already
+    done). Llama-style projections may be ``QuantizedLinear`` layers (a model
+    quantized first); BERT-style ones must be ``nn.Linear`` (see sparsify_mlp)."""
+    from ._torch_quant import QuantizedLinear
+
     found = []
     for name, mod in model.named_modules():
         if isinstance(mod, SparseMLP):
             found.append((name, mod, "sparse"))
         elif all(
-            isinstance(getattr(mod, a, None), nn.Linear)
+            isinstance(getattr(mod, a, None), (nn.Linear, QuantizedLinear))
             for a in ("gate_proj", "up_proj", "down_proj")
         ):
             found.append((name, mod, "llama"))
-        elif (
-            isinstance(getattr(getattr(mod, "intermediate", None), "dense", None), nn.Linear)
-            and isinstance(getattr(getattr(mod, "output", None), "dense", None), nn.Linear)
-            and not isinstance(mod.intermediate, SparseMLP)
-        ):
-            found.append((name, mod, "bert"))
+        elif isinstance(getattr(mod, "intermediate", None), SparseMLP):
+            continue
+        else:
+            pair = (
+                getattr(getattr(mod, "intermediate", None), "dense", None),
+                getattr(getattr(mod, "output", None), "dense", None),
+            )
+            if all(isinstance(d, nn.Linear) for d in pair):
+                found.append((name, mod, "bert"))
+            elif all(isinstance(d, (nn.Linear, QuantizedLinear)) for d in pair):
+                raise ArgumentError(
+                    f"{name or 'model'}: a BERT-style MLP with QuantizedLinear layers cannot be "
+                    "sparsified (its SparseMLP applies output.dense's float parameters); "
+                    "call sparsify_mlp before quantize_model"
+                )
     return found
 
 
@@ -393,10 +406,13 @@ def sparsify_mlp(
 ) -> dict[str, float]:
     """Makes every FFN of ``model`` activation-sparse, in place.
 
-    Llama-style MLPs (``gate_proj``/``up_proj``/``down_proj``) are replaced by a
-    :class:`SparseMLP`; in BERT-style layers ``intermediate`` becomes the
-    :class:`SparseMLP` (ending with ``output.dense``) and ``output.dense`` passes
-    its input through (it keeps its parameters). The model's state-dict keys
+    Llama-style MLPs (``gate_proj``/``up_proj``/``down_proj``, float or
+    :class:`~neuropil.torch.QuantizedLinear`: quantizing first or last gives the
+    same layers; quantized ones run their own kernels on the masked values, the
+    torch path) are replaced by a :class:`SparseMLP`; in BERT-style layers
+    ``intermediate`` becomes the :class:`SparseMLP` (ending with
+    ``output.dense``) and ``output.dense`` passes its input through (it keeps
+    its parameters; such layers must still be float). The model's state-dict keys
     do not change. Calling it again on a sparsified model recalibrates (sparsity 0
     makes it dense again).
 
