@@ -1224,13 +1224,15 @@ def test_a_quantized_llama_round_trips_through_save_pretrained(tmp_path):
     from neuropil.torch import QuantizedLinear, quantize_model
 
     model = quantize_model(_tiny_llama_lm(), bits=4, group_size=32, skip=["lm_head"])
-    assert model.is_quantized and isinstance(model.hf_quantizer, nhf.NeuropilHfQuantizer)
+    assert isinstance(model.hf_quantizer, nhf.NeuropilHfQuantizer)
+    assert not getattr(model, "is_quantized", False)  # transformers would refuse .half()
     model.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc == {
         "quant_method": "neuropil", "bits": 4, "group_size": 32, "scheme": "asym",
         "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "overrides": {},
+        "exact_names": True,
     }  # fmt: skip
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
@@ -1253,7 +1255,7 @@ def test_a_quantized_llama_round_trips_through_save_pretrained(tmp_path):
     assert _formats(loaded) == _formats(model) and len(_formats(loaded)) == 14
     assert type(loaded.lm_head) is torch.nn.Linear
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantizedLinear)
-    assert isinstance(loaded.hf_quantizer, nhf.NeuropilHfQuantizer) and loaded.is_quantized
+    assert isinstance(loaded.hf_quantizer, nhf.NeuropilHfQuantizer) and not loaded.is_quantized
     assert isinstance(loaded.config.quantization_config, nhf.NeuropilConfig)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
@@ -1369,16 +1371,19 @@ def test_without_neuropil_from_pretrained_fails_instead_of_loading_random_weight
     quantize_model(_tiny_llama_lm(), bits=4, group_size=32, skip=["lm_head"]).save_pretrained(
         tmp_path
     )
+    marker = "--- importing neuropil"
     code = f"""
 import sys
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 try:
     AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
-except RuntimeError as e:
-    print("refused:", e)
+except Exception as e:
+    print("refused:", type(e).__name__, e)
 else:
     raise SystemExit("loaded without neuropil")
 assert not any(m.startswith("neuropil") for m in sys.modules)
+print({marker!r}, flush=True)
+print({marker!r}, file=sys.stderr, flush=True)
 import neuropil.torch as nt
 cfg = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2)
@@ -1389,11 +1394,14 @@ print(type(m.model.layers[0].self_attn.q_proj).__name__)
 """
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "refused: You set `ignore_mismatched_sizes` to `False`" in r.stdout, r.stdout
+    assert "refused:" in r.stdout.split(marker)[0], r.stdout
     assert r.stdout.strip().endswith("QuantizedLinear"), r.stdout
-    # transformers' own warning names the method it does not know
-    assert "Unknown quantization type, got neuropil" in r.stderr
-    assert "torch.Size([0]) vs model:torch.Size([64, 64])" in r.stderr
+    # What transformers said before neuropil was imported (its error or its
+    # warnings, in whatever words) names the size mismatch or the unknown
+    # "neuropil" method; the checkpoint's path (which holds "neuropil") aside.
+    said = r.stdout.split(marker)[0] + r.stderr.split(marker)[0]
+    said = said.replace(str(tmp_path), "<checkpoint>").lower()
+    assert "mismatch" in said or "neuropil" in said, said[-3000:]
 
 
 def test_neuropil_quantizer_refuses_float_checkpoints_with_a_pointer_to_quantize_model(tmp_path):
@@ -1487,3 +1495,66 @@ def test_smollm2_round_trips_through_save_pretrained(smollm2, tmp_path):
     ids = tok("The GNU General Public License is a free, copyleft license", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(loaded(**ids).logits, q(**ids).logits)
+
+
+def test_quantized_linear_runs_on_the_meta_device():
+    # Shape inference on "meta" (init_empty_weights-style tooling): autocast
+    # does not know that device type, and the forward must not ask it.
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    q = QuantizedLinear(64, 8, bits=4, group_size=32, device="meta")
+    y = q(torch.randn(2, 5, 64, device="meta"))
+    assert y.shape == (2, 5, 8) and y.device.type == "meta"
+    assert torch.nn.Linear(64, 8, device="meta")(torch.randn(3, 64, device="meta")).shape == (3, 8)
+
+
+def test_recorded_float_layers_match_exactly_not_as_patterns():
+    # A float layer recorded by name ("proj") must not keep every "*.proj" in
+    # float on from_pretrained; names written by a user are patterns, as skip.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from neuropil.hf import NeuropilConfig
+    from neuropil.torch import quantize_model
+
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(32, 32)
+    model.block = torch.nn.Sequential()
+    model.block.proj = torch.nn.Linear(32, 32)
+    quantize_model(model, bits=8, group_size=32, skip=["*proj"])  # nothing quantized yet
+    model.block.proj = quantize_model(torch.nn.Sequential(model.block.proj), bits=8)[0]
+    cfg = NeuropilConfig.from_model(model)
+    assert cfg.exact_names and cfg.modules_to_not_convert == ["proj"]
+    assert cfg.format_for("proj") is None
+    assert cfg.format_for("block.proj") == cfg.default_format
+    user = NeuropilConfig(bits=8, group_size=32, modules_to_not_convert=["proj"])
+    assert user.format_for("block.proj") is None  # a pattern: one name component
+    back = NeuropilConfig.from_dict(cfg.to_dict())
+    assert back.exact_names and back.format_for("block.proj") == cfg.default_format
+
+
+def test_quantized_and_reloaded_transformers_models_still_cast(tmp_path):
+    # transformers refuses .half()/.float() on models it marks is_quantized;
+    # QuantizedLinear keeps its packed format under casts, so neither
+    # quantize_model nor from_pretrained sets that mark.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    import neuropil.hf  # noqa: F401  (registers "neuropil")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    model = quantize_model(_tiny_llama_lm(), bits=4, group_size=32, skip=["lm_head"])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 8))
+    for m in (model, loaded):
+        layer = m.model.layers[0].mlp.up_proj
+        assert isinstance(layer, QuantizedLinear)
+        with torch.no_grad():
+            want = m(ids).logits
+            m.half()
+            assert layer.scales.dtype == torch.float16 and m.lm_head.weight.dtype == torch.float16
+            m.float()
+            assert m.lm_head.weight.dtype == torch.float32
+            torch.testing.assert_close(m(ids).logits, want, atol=2e-2, rtol=0)

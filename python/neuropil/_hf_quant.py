@@ -4,7 +4,7 @@ quantization method ``"neuropil"`` (imports transformers).
 A ``transformers`` model quantized with :func:`neuropil.torch.quantize_model` (or
 filled by :func:`neuropil.torch.load_quantized`) is marked as quantized the way
 transformers' own quantizers mark one (``model.hf_quantizer``,
-``model.is_quantized``, ``model.config.quantization_config``), so
+``model.config.quantization_config``), so
 ``model.save_pretrained(dir)`` writes safetensors with the packed buffers and a
 ``config.json`` whose ``quantization_config`` is a :class:`NeuropilConfig`::
 
@@ -97,6 +97,9 @@ class NeuropilConfig(QuantizationConfigMixin):
         overrides: ``{module name: {bits, group_size, scheme, scale_dtype}}`` for
             layers whose format differs from the one above (a GGUF file loaded
             with ``load_quantized`` can mix formats).
+        exact_names: ``modules_to_not_convert`` holds full module names only,
+            matched exactly (what :meth:`from_model` records: a float layer
+            called ``proj`` must not keep every ``*.proj`` in float).
 
     Raises:
         FormatError: a field is out of its domain.
@@ -110,6 +113,7 @@ class NeuropilConfig(QuantizationConfigMixin):
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
+        exact_names: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -127,6 +131,9 @@ class NeuropilConfig(QuantizationConfigMixin):
                 f"got {modules_to_not_convert!r}"
             )
         self.modules_to_not_convert = list(skip)
+        if not isinstance(exact_names, bool):
+            raise FormatError(f"exact_names must be true or false; got {exact_names!r}")
+        self.exact_names = exact_names
         if overrides is not None and not isinstance(overrides, dict):
             raise FormatError(f"overrides must map module names to formats; got {overrides!r}")
         self.overrides = {
@@ -146,7 +153,11 @@ class NeuropilConfig(QuantizationConfigMixin):
         with and without it, so a checkpoint of ``...ForCausalLM`` loads into the
         base model and back)."""
         names = _aliases(name, prefix)
-        if any(_skipped(n, self.modules_to_not_convert) for n in names):
+        floats = self.modules_to_not_convert
+        if self.exact_names:
+            if any(n in floats for n in names):
+                return None
+        elif any(_skipped(n, floats) for n in names):
             return None
         for n in names:
             if n in self.overrides:
@@ -171,7 +182,7 @@ class NeuropilConfig(QuantizationConfigMixin):
         counts = Counter(tuple(f[k] for k in _FORMAT) for f in quantized.values())
         default = dict(zip(_FORMAT, counts.most_common(1)[0][0], strict=True))
         overrides = {n: f for n, f in quantized.items() if f != default}
-        return cls(**default, modules_to_not_convert=floats, overrides=overrides)
+        return cls(**default, modules_to_not_convert=floats, overrides=overrides, exact_names=True)
 
 
 class NeuropilHfQuantizer(HfQuantizer):
@@ -250,6 +261,9 @@ class NeuropilHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        # transformers sets `is_quantized` only to refuse `.half()` and `.float()`,
+        # which QuantizedLinear supports: a loaded model casts as a quantized one does.
+        model.is_quantized = False
         missing = []
         for name, mod in model.named_modules():
             if not isinstance(mod, QuantizedLinear):
@@ -371,11 +385,13 @@ def mark_quantized(model: Any) -> None:
     """Marks a transformers ``PreTrainedModel`` with QuantizedLinear layers as
     quantized by neuropil, as ``from_pretrained`` marks a model its quantizer
     loaded: ``model.config.quantization_config`` (a :class:`NeuropilConfig` of the
-    layers as they are now), ``model.hf_quantizer``, ``model.is_quantized``,
-    ``model.quantization_method``. A model without QuantizedLinear layers, or
-    one quantized by another method, is left as it is (a GGUF file unpacked to
-    float at load, as transformers' GGUF loader leaves it, is not: its GGUF
-    marking, which ``save_pretrained`` refuses, gives way)."""
+    layers as they are now), ``model.hf_quantizer``,
+    ``model.quantization_method`` (not ``model.is_quantized``, with which
+    transformers refuses ``.half()`` and ``.float()``: QuantizedLinear supports
+    them). A model without QuantizedLinear layers, or one quantized by another
+    method, is left as it is (a GGUF file unpacked to float at load, as
+    transformers' GGUF loader leaves it, is not: its GGUF marking, which
+    ``save_pretrained`` refuses, gives way)."""
     cfg = NeuropilConfig.from_model(model)
     if cfg is None:
         return
@@ -392,7 +408,8 @@ def mark_quantized(model: Any) -> None:
         other.remove_quantization_config(model)
     model.config.quantization_config = cfg
     model.hf_quantizer = NeuropilHfQuantizer(cfg, pre_quantized=True)
-    model.is_quantized = True
+    # Not `model.is_quantized`: transformers reads it only to refuse `.half()`
+    # and `.float()`, which QuantizedLinear supports (its packed format is kept).
     model.quantization_method = QUANT_METHOD
     for sub in model.modules():  # as transformers' quantizers mark every sub-model's config
         if isinstance(sub, PreTrainedModel):

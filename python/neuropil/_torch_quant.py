@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,34 +81,52 @@ def _quant_linear(
 ) -> torch.Tensor:
     """``QuantizedLinear``'s CPU forward as a torch operator, for ``torch.compile``:
     an opaque call in the graph instead of a graph break at the numpy views."""
-    rows, cols = qdata.shape[0], x.shape[-1]
-    lead = x.shape[:-1]
     if x.numel() == 0:
         return _torch_linear(x, qdata, scales, mins, bias, bits, group_size)
-    s, m = scales.numpy(), mins.numpy() if mins.numel() else None
-    if s.dtype == np.float16:  # the core takes float16 as its uint16 bits
-        s, m = s.view(np.uint16), None if m is None else m.view(np.uint16)
+    fmt = (qdata.shape[0], x.shape[-1], bits, group_size, scheme)
+    return _cpu_linear(
+        x,
+        _kernel_views(qdata, scales, mins),
+        bias,
+        fmt,
+        lambda: _torch_linear(x, qdata, scales, mins, bias, bits, group_size),
+    )
+
+
+def _kernel_views(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> tuple[Any, Any, Any]:
+    """numpy views of packed CPU buffers as the kernel takes them (float16
+    scales and mins as their uint16 bits; no mins: None)."""
+    scales = s.numpy()
+    mins = m.numpy() if m.numel() else None
+    if scales.dtype == np.float16:  # the core takes float16 as its uint16 bits
+        scales = scales.view(np.uint16)
+        mins = None if mins is None else mins.view(np.uint16)
+    return q.numpy(), scales, mins
+
+
+def _cpu_linear(
+    x: torch.Tensor,
+    views: tuple[Any, Any, Any],
+    bias: torch.Tensor | None,
+    fmt: tuple[int, int, int, int, str],
+    fallback: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """The Rust kernel on ``views`` (``fmt``: rows, cols, bits, group size,
+    scheme) for a non-empty CPU ``x``; ``fallback()`` where ``x`` holds NaN or
+    Inf, which the kernels refuse and ``nn.Linear`` lets through to the rows
+    they touch."""
+    rows, cols = fmt[0], fmt[1]
     xn = x.detach().to(torch.float32).numpy().reshape(-1, cols)
     try:
-        y = _native.quant_matvec(
-            qdata.numpy(),
-            s,
-            m,
-            rows,
-            cols,
-            bits,
-            group_size,
-            scheme,
-            xn[0] if xn.shape[0] == 1 else xn,
-        )
+        y = _native.quant_matvec(*views, *fmt, xn[0] if xn.shape[0] == 1 else xn)
     except ArgumentError:
         if bool(torch.isfinite(x).all()):
             raise
-        return _torch_linear(x, qdata, scales, mins, bias, bits, group_size)
-    out = torch.from_numpy(y.reshape(*lead, rows))
+        return fallback()
+    out = torch.from_numpy(y.reshape(*x.shape[:-1], rows))
     if bias is not None:
         out = out + bias
-    return out.to(x.dtype)
+    return out if x.dtype is torch.float32 else out.to(x.dtype)
 
 
 @_quant_linear.register_fake
@@ -289,8 +307,15 @@ class QuantizedLinear(nn.Module):
         ``nn.Linear``'s has (the kernels still take float32 activations).
         """
         out = self._forward(x, force_torch)
-        dev = "cpu" if x.is_cpu else x.device.type  # (x.device costs ~0.2 us a call)
-        if torch.is_autocast_enabled(dev) and x.dtype is not torch.float64:
+        if x.is_cpu:  # (x.device costs ~0.2 us a call)
+            dev, on = "cpu", torch.is_autocast_enabled("cpu")
+        else:
+            dev = x.device.type
+            try:
+                on = torch.is_autocast_enabled(dev)
+            except RuntimeError:  # a device type autocast does not know ("meta")
+                on = False
+        if on and x.dtype is not torch.float64:
             return out.to(torch.get_autocast_dtype(dev))
         return out
 
@@ -325,27 +350,8 @@ class QuantizedLinear(nn.Module):
         if views is not None:
             # The CPU path, kept short: a decoding step calls it for every
             # Linear of the model, and a small layer's kernel takes 10-25 us.
-            xn = x.detach().to(torch.float32).numpy().reshape(-1, self.in_features)
-            try:
-                y = _native.quant_matvec(
-                    *views,
-                    self.out_features,
-                    self.in_features,
-                    self.bits,
-                    self.group_size,
-                    self.scheme,
-                    xn[0] if xn.shape[0] == 1 else xn,
-                )
-            except ArgumentError:
-                if bool(torch.isfinite(x).all()):
-                    raise
-                # The kernels refuse NaN and Inf; a drop-in for nn.Linear lets
-                # them through to the rows they touch, as torch does.
-                return self._torch_forward(x)
-            out = torch.from_numpy(y.reshape(*lead, self.out_features))
-            if self.bias is not None:
-                out = out + self.bias
-            return out if x.dtype is torch.float32 else out.to(x.dtype)
+            fmt = (self.out_features, self.in_features, self.bits, self.group_size, self.scheme)
+            return _cpu_linear(x, views, self.bias, fmt, lambda: self._torch_forward(x))
         if x.device.type == "cuda" and self.qdata.device == x.device and not force_torch:
             if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
                 from ._triton_quant import gemv4
@@ -409,12 +415,7 @@ class QuantizedLinear(nn.Module):
         if not (q.is_cpu and s.is_cpu and m.is_cpu):
             self.__dict__.pop("_views", None)
             return None
-        scales = s.numpy()
-        mins = m.numpy() if m.numel() else None
-        if scales.dtype == np.float16:  # the core takes float16 as its uint16 bits
-            scales = scales.view(np.uint16)
-            mins = None if mins is None else mins.view(np.uint16)
-        views = (q.numpy(), scales, mins)
+        views = _kernel_views(q, s, m)
         # Held with the tensors it was made from, so their ids stay theirs.
         self.__dict__["_views"] = (key, views, (q, s, m))
         return views
@@ -444,10 +445,20 @@ def _is_transformers_model(model: nn.Module) -> bool:
 def _mark_transformers_model(model: nn.Module) -> None:
     """On a transformers model: registers the ``"neuropil"`` quantization method
     and sets what ``save_pretrained`` needs (see :mod:`neuropil._hf_quant`)."""
-    if _is_transformers_model(model):
+    if not _is_transformers_model(model):
+        return
+    try:
         from ._hf_quant import mark_quantized  # imports transformers (already imported)
 
         mark_quantized(model)
+    except Exception as e:
+        # The model is quantized and usable either way; only save_pretrained
+        # depends on the marking, so a transformers it does not fit warns.
+        warnings.warn(
+            f"the model is quantized, but could not be marked for save_pretrained "
+            f"({type(e).__name__}: {e}); use neuropil.torch.save_quantized instead",
+            stacklevel=3,
+        )
 
 
 def quantize_model(
@@ -466,11 +477,12 @@ def quantize_model(
     quantization method ``"neuropil"`` with transformers and marks the model as
     transformers' quantizers do (``model.config.quantization_config``, a
     :class:`neuropil.hf.NeuropilConfig` recording each layer's format and the
-    layers kept in float; ``model.hf_quantizer``; ``model.is_quantized``), so
+    layers kept in float; ``model.hf_quantizer``), so
     ``model.save_pretrained(dir)`` writes the packed weights and
     ``AutoModel*.from_pretrained(dir)`` after ``import neuropil.hf`` rebuilds the
-    same layers. As for every quantized transformers model, ``model.half()`` and
-    ``model.float()`` then raise (``model.to(dtype)`` works).
+    same layers. ``model.half()``, ``.float()`` and ``.to(dtype)`` keep working
+    (the packed layers keep their format). If that marking fails (a transformers
+    version it does not fit), the call warns and the model stays quantized.
 
     Args:
         model: any module; it is modified and returned.
