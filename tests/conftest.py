@@ -87,3 +87,14 @@ def assert_saves_take_normal_modes(save, path, kept=(0o664,)):
         path.chmod(mode)
         save(path)
         assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def unpickle_tampered(obj, state):
+    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
+    import pickle
+
+    class Tampered:
+        def __reduce__(self):
+            return (object.__new__, (type(obj),), state)
+
+    return pickle.loads(pickle.dumps(Tampered()))

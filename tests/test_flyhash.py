@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuropil
-from conftest import HAS_TORCH, run_python
+from conftest import HAS_TORCH, run_python, unpickle_tampered
 from neuropil import ShapeError, _native
 from neuropil.flyhash import BinaryIndex, FlyHash
 
@@ -615,17 +615,6 @@ def test_a_one_dimensional_input_of_the_wrong_length_names_both_shapes():
 # ---------------------------------------------------------------- pickle and deepcopy
 
 
-def _unpickle_tampered(obj, state):
-    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
-    import pickle
-
-    class Tampered:
-        def __reduce__(self):
-            return (object.__new__, (type(obj),), state)
-
-    return pickle.loads(pickle.dumps(Tampered()))
-
-
 @pytest.mark.parametrize("projection", PROJECTIONS)
 def test_flyhash_and_index_pickle_and_deepcopy(tmp_path, projection):
     import copy
@@ -693,7 +682,7 @@ def test_flyhash_and_index_pickle_and_deepcopy(tmp_path, projection):
         [data],
     ):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(ix, state)
+            unpickle_tampered(ix, state)
 
 
 class _Call:

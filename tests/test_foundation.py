@@ -582,9 +582,21 @@ def test_every_loader_and_saver_raises_the_oserror_open_would(kind, tmp_path):
     with pytest.raises(IsADirectoryError) as e:
         load(tmp_path)
     assert e.value.filename == str(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        save(tmp_path / "no-such-dir" / "x.safetensors")
+    # A failed save names the target, not the hidden temporary file beside it,
+    # and leaves no temporary file behind.
+    target = tmp_path / "no-such-dir" / "x.safetensors"
+    with pytest.raises(FileNotFoundError) as e:
+        save(target)
+    assert e.value.filename == str(target) and not isinstance(e.value, NeuropilError)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    target = tmp_path / "a-dir"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        save(target)
+    assert e.value.filename == str(target) and not isinstance(e.value, NeuropilError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir"]
+    assert list(target.iterdir()) == []
+    target.rmdir()
     save(tmp_path / "x.safetensors")
     load(tmp_path / "x.safetensors")
 

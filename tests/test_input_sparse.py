@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuropil
+from conftest import unpickle_tampered
 from neuropil.neurons import InputSparseFFN
 from test_neurons import FORMATS, act_np, tiny_llama, weights
 
@@ -304,8 +305,6 @@ def test_pickle_and_deepcopy(dtype, bits, gated):
     import copy
     import pickle
 
-    from test_neurons import _unpickle_tampered
-
     # h = 600: two input column slices (512 + 88 neurons), each with its own scales.
     g, u, dn = weights(h=600, d=40, seed=6, gated=gated)
     rng = np.random.default_rng(6)
@@ -351,6 +350,6 @@ def test_pickle_and_deepcopy(dtype, bits, gated):
         {"stats": {"calls": 1}},
     ):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(ffn, {**good, **change})
+            unpickle_tampered(ffn, {**good, **change})
     with pytest.raises(neuropil.FormatError):
-        _unpickle_tampered(ffn, {**good, "extra": 1})
+        unpickle_tampered(ffn, {**good, "extra": 1})

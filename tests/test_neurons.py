@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuropil
+from conftest import unpickle_tampered
 from neuropil.neurons import NeuronCache, SparseFFN
 
 # ------------------------------------------------------------------ references
@@ -709,17 +710,6 @@ def test_a_quantized_bert_mlp_is_refused_with_the_order_to_use():
 # ------------------------------------------------------------------- pickle and deepcopy
 
 
-def _unpickle_tampered(obj, state):
-    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
-    import pickle
-
-    class Tampered:
-        def __reduce__(self):
-            return (object.__new__, (type(obj),), state)
-
-    return pickle.loads(pickle.dumps(Tampered()))
-
-
 def _firing(tokens, neurons, seed):
     """Skewed activity, as in real FFNs: a few neurons fire on most tokens."""
     rng = np.random.default_rng(seed)
@@ -765,7 +755,7 @@ def test_neuron_cache_pickle_and_deepcopy(config):
     assert state(copies[0]) == state(copies[1]) == state(c)
     # Corrupt states: FormatError, never a broken cache.
     good = c.__getstate__()
-    assert _unpickle_tampered(c, good).stats() == c.stats()
+    assert unpickle_tampered(c, good).stats() == c.stats()
     t, m = good["tensors"], good["metadata"]
     for tensors, meta in (
         ({**t, "counts": t["counts"][:-1]}, m),  # wrong shape
@@ -779,10 +769,10 @@ def test_neuron_cache_pickle_and_deepcopy(config):
         (t, {**m, "classified": 1}),
     ):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(c, {"tensors": tensors, "metadata": meta})
+            unpickle_tampered(c, {"tensors": tensors, "metadata": meta})
     for bad in ([t, m], {"tensors": t}, {"tensors": t, "metadata": m, "x": 1}):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(c, bad)
+            unpickle_tampered(c, bad)
 
 
 @pytest.mark.parametrize(("dtype", "bits"), FORMATS)
@@ -845,6 +835,47 @@ def test_sparse_ffn_pickle_and_deepcopy(dtype, bits, gated):
         {"cache": "cache"},
     ):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(ffn, {**good, **change})
+            unpickle_tampered(ffn, {**good, **change})
     with pytest.raises(neuropil.FormatError):
-        _unpickle_tampered(ffn, {k: v for k, v in good.items() if k != "hot"})
+        unpickle_tampered(ffn, {k: v for k, v in good.items() if k != "hot"})
+
+
+def test_neuron_cache_state_of_wrong_keys_names_the_expected_and_found_keys():
+    c = NeuronCache(20, capacity=4)
+    good = c.__getstate__()
+    expected = r"keys \['metadata', 'tensors'\]"
+    with pytest.raises(neuropil.FormatError, match=rf"{expected}; got \['tensors'\]"):
+        unpickle_tampered(c, {"tensors": good["tensors"]})
+    with pytest.raises(
+        neuropil.FormatError, match=rf"{expected}; got \['metadata', 'tensors', 'x'\]"
+    ):
+        unpickle_tampered(c, {**good, "x": 1})
+    with pytest.raises(neuropil.FormatError, match=rf"{expected}; got list"):
+        unpickle_tampered(c, [good["tensors"], good["metadata"]])
+    with pytest.raises(neuropil.FormatError, match="metadata must be a dict; got list"):
+        unpickle_tampered(c, {**good, "metadata": []})
+
+
+def test_sparse_ffn_state_refuses_a_cache_or_hot_set_that_does_not_fit():
+    g, u, dn = weights(h=96, d=40, seed=7)
+    ffn = SparseFFN(g, u, dn, hot_capacity=8)
+    ffn.calibrate(np.random.default_rng(7).standard_normal((16, 40), dtype=np.float32), 0.5)
+    good = ffn.__getstate__()
+    assert len(good["hot"]) == 8 and good["cache"].num_neurons == 96
+    with pytest.raises(
+        neuropil.FormatError,
+        match=r"state: cache must have num_neurons 96 \(the hidden size\); got 95",
+    ):
+        unpickle_tampered(ffn, {**good, "cache": NeuronCache(95, capacity=8)})
+    with pytest.raises(
+        neuropil.FormatError, match="state: hot must hold at most hot_capacity = 8 neurons; got 9"
+    ):
+        unpickle_tampered(ffn, {**good, "hot": np.arange(9, dtype=np.uint32)})
+    back = unpickle_tampered(ffn, {**good, "hot": np.arange(8, dtype=np.uint32)})
+    assert back.hot_neurons().tolist() == list(range(8))
+    # set_hot keeps the same bound, so every live FFN pickles into a state that loads.
+    with pytest.raises(neuropil.ArgumentError, match="hot_capacity = 8 neurons; got 9"):
+        ffn.set_hot(range(9))
+    unbounded = SparseFFN(g, u, dn)
+    unbounded.set_hot(range(50))
+    assert unpickle_tampered(unbounded, unbounded.__getstate__()).hot_neurons().size == 50

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuropil
+from conftest import unpickle_tampered
 from neuropil import _native
 from neuropil.range import METHODS, RangeIndex
 
@@ -585,17 +586,6 @@ def test_cache_kwargs_follows_the_models_signature():
 # ------------------------------------------------------------------- pickle and deepcopy
 
 
-def _unpickle_tampered(obj, state):
-    """``pickle.loads`` of ``obj``'s pickle with its state replaced (a tampered pickle)."""
-    import pickle
-
-    class Tampered:
-        def __reduce__(self):
-            return (object.__new__, (type(obj),), state)
-
-    return pickle.loads(pickle.dumps(Tampered()))
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_pickle_and_deepcopy_round_trip(method):
     import copy
@@ -627,7 +617,7 @@ def test_pickle_and_deepcopy_round_trip(method):
     # Corrupt states: FormatError, never a broken index.
     good = ix.__getstate__()
     assert all(isinstance(v, (int, float, str, np.ndarray)) for v in good.values())
-    assert len(_unpickle_tampered(ix, good)) == 2700
+    assert len(unpickle_tampered(ix, good)) == 2700
     for change in (
         {"keys": good["keys"].reshape(-1)},  # wrong shape
         {"keys": good["keys"][:, :0]},
@@ -645,9 +635,9 @@ def test_pickle_and_deepcopy_round_trip(method):
         {"extra": 1},
     ):
         with pytest.raises(neuropil.FormatError):
-            _unpickle_tampered(ix, {**good, **change})
+            unpickle_tampered(ix, {**good, **change})
     with pytest.raises(neuropil.FormatError):
-        _unpickle_tampered(ix, {k: v for k, v in good.items() if k != "seed"})
+        unpickle_tampered(ix, {k: v for k, v in good.items() if k != "seed"})
 
 
 @pytest.mark.cuda

@@ -14,10 +14,12 @@ file gets the mode of the file it replaces, else the mode ``open()`` would give
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,35 @@ def new_file_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """The temporary file a save writes, renamed over ``path`` when the block ends.
+
+    Yields ``(fd, tmp)`` of a fresh ``mkstemp`` file beside ``path`` (the block
+    closes ``fd``); on success the file takes :func:`new_file_mode` and replaces
+    ``path``. On any error it is removed, and an ``OSError`` (from ``mkstemp``,
+    writing or the rename, which name the hidden temporary file or nothing) is
+    raised again as the same subclass with its errno and strerror and ``path``
+    as ``filename``, as ``open(path, "wb")`` would, the original as its cause.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+    try:
+        yield fd, tmp
+        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not isinstance(e, OSError) or e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
 def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Writes ``tensors`` (numpy arrays, any shape) and string ``metadata`` atomically."""
     path = Path(path)
@@ -91,18 +122,11 @@ def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
         arrays.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for a in arrays:
-                f.write(a.tobytes())
-        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.tobytes())
 
 
 def _capped_prod(values: list[int], cap: int) -> int:

@@ -18,20 +18,18 @@ is not the one that was loaded.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._safetensors import new_file_mode
+from ._safetensors import replacing
 from .errors import ArgumentError, FormatError, NeuropilError
 
 if TYPE_CHECKING:
@@ -103,20 +101,12 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            _write_tensors(f, [arr for _, arr, _ in tensors])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        _write_tensors(f, [arr for _, arr, _ in tensors])
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:

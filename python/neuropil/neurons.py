@@ -339,16 +339,15 @@ class NeuronCache:
         return {"tensors": tensors, "metadata": meta}
 
     def __setstate__(self, state: Any) -> None:
-        if not (
-            isinstance(state, dict)
-            and set(state) == {"tensors", "metadata"}
-            and all(isinstance(state[k], dict) for k in state)
-        ):
-            raise FormatError(
-                "NeuronCache state must be {'tensors': dict, 'metadata': dict}; "
-                f"got {type(state).__name__}"
-            )
-        self._restore(state["tensors"], state["metadata"], "NeuronCache state")
+        where = "NeuronCache state"
+        keys = ["metadata", "tensors"]
+        if not isinstance(state, dict) or set(state) != set(keys):
+            found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise FormatError(f"{where}: must be a dict of keys {keys}; got {found}")
+        for k in keys:
+            if not isinstance(state[k], dict):
+                raise FormatError(f"{where}: {k} must be a dict; got {type(state[k]).__name__}")
+        self._restore(state["tensors"], state["metadata"], where)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronCache:
@@ -426,7 +425,8 @@ class SparseFFN:
             one f32 scale per gate/up row and per down column; codes in
             [-127, 127] or [-7, 7], 4-bit packed two per byte, needs an even d).
         hot_capacity: Neurons kept in the dense hot tier after :meth:`calibrate`
-            (the most frequently active on the calibration samples). None: no tier.
+            (the most frequently active on the calibration samples), and the most
+            :meth:`set_hot` takes. None: no tier from :meth:`calibrate`, no bound.
         dtype: ``"float32"`` or ``"float16"`` weight storage.
         up_bias: (h,) float, ungated FFNs (BERT's intermediate bias).
         down_bias: (d,) float.
@@ -560,8 +560,16 @@ class SparseFFN:
         return t
 
     def set_hot(self, ids: Any) -> None:
-        """Copies neurons ``ids`` into the hot tier (replacing it)."""
+        """Copies neurons ``ids`` into the hot tier (replacing it).
+
+        Raises:
+            IndexError: an id out of range. ArgumentError: ids not non-negative
+                integers, or more than ``hot_capacity`` of them (when set).
+        """
         a = np.asarray(_as_numpy(ids)).reshape(-1)
+        cap = self.hot_capacity
+        if cap is not None and a.size > cap:
+            raise ArgumentError(f"ids must be at most hot_capacity = {cap} neurons; got {a.size}")
         if a.size and (a.dtype.kind not in "iu" or a.min() < 0):
             raise ArgumentError("ids must be non-negative integer neuron ids")
         if a.size and a.max() >= self.num_neurons:
@@ -625,6 +633,15 @@ class SparseFFN:
                 threshold=state["threshold"],
                 top_k=state["top_k"],
             )
+            h, cap = self.num_neurons, self.hot_capacity
+            if cache is not None and cache.num_neurons != h:
+                raise ArgumentError(
+                    f"cache must have num_neurons {h} (the hidden size); got {cache.num_neurons}"
+                )
+            if cap is not None and len(hot) > cap:
+                raise ArgumentError(
+                    f"hot must hold at most hot_capacity = {cap} neurons; got {len(hot)}"
+                )
             self.set_hot(hot)
         except (ArgumentError, ShapeError, DTypeError, IndexError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: {e}") from None

@@ -5,16 +5,14 @@ failed save never destroys an older file. Loading validates every field."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._safetensors import new_file_mode
+from .._safetensors import replacing
 from ..errors import ArgumentError, FormatError, NeuropilError
 from ._checks import check_codes
 
@@ -63,16 +61,9 @@ def save_bank(bank: Any, path: Any) -> None:
         "counts": bank.counts.contiguous(),
         "reads": bank.reads.contiguous(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with replacing(path) as (fd, tmp):
+        os.close(fd)
         save_file(tensors, tmp, metadata={"neuropil": json.dumps(meta)})
-        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:

@@ -34,13 +34,21 @@ pub fn to_py(err: neuropil::Error) -> PyErr {
 /// every loader in the package.
 fn os_error(path: &std::path::Path, source: &std::io::Error, msg: String) -> PyErr {
     match source.raw_os_error() {
-        Some(errno) => {
+        Some(code) => {
             // io::Error's text is strerror plus " (os error N)"; Python adds
             // "[Errno N]" itself.
             let text = source.to_string();
-            let suffix = format!(" (os error {errno})");
+            let suffix = format!(" (os error {code})");
             let strerror = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
-            PyOSError::new_err((errno, strerror, path.to_string_lossy().into_owned()))
+            let filename = path.to_string_lossy().into_owned();
+            // On Windows the raw code is a Windows error code (GetLastError), not
+            // an errno: passed as `winerror`, from which Python derives the errno
+            // and the subclass, as for its own `open`.
+            #[cfg(windows)]
+            let args = (None::<i32>, strerror, filename, code);
+            #[cfg(not(windows))]
+            let args = (code, strerror, filename);
+            PyOSError::new_err(args)
         }
         None => PyOSError::new_err(msg),
     }
