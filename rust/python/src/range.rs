@@ -144,7 +144,8 @@ impl PyRangeIndex {
 
     /// Every key (n, d), by id.
     fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let keys = self.inner.peek().keys();
+        // An O(n d) copy: made with the GIL released.
+        let keys = self.inner.read(py, |ix| ix.keys());
         let n = keys.len() / self.d;
         keys.into_pyarray(py).reshape([n, self.d])
     }
@@ -153,11 +154,10 @@ impl PyRangeIndex {
     /// how many of them the tree holds (the first `indexed`; 0 for `flat`),
     /// and the builds so far. What a pickle carries.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray2<f32>>, usize, u64)> {
-        let (keys, indexed, builds) = {
-            let ix = self.inner.peek();
+        let (keys, indexed, builds) = self.inner.read(py, |ix| {
             let s = ix.stats();
             (ix.keys(), s.indexed, s.builds)
-        };
+        });
         let n = keys.len() / self.d;
         Ok((keys.into_pyarray(py).reshape([n, self.d])?, indexed, builds))
     }
