@@ -880,6 +880,21 @@ def test_bank_copies_get_their_own_lock():
     assert twin._lock is not bank._lock and torch.equal(twin.read(), bank.read())
 
 
+def test_hierarchical_bank_pickles_and_deep_copies():
+    # It holds a lock too (TypeError: cannot pickle '_thread.RLock' before).
+    import copy
+    import pickle
+
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2)
+    v = torch.rand(20, 2, 2)
+    h.store(v, keys=range(20))
+    for twin in (copy.deepcopy(h), pickle.loads(pickle.dumps(h))):
+        assert twin._lock is not h._lock
+        assert torch.equal(twin.read(range(20)), h.read(range(20)))
+        twin.store(torch.rand(1, 2, 2), keys=[3])  # independent of the original
+        assert not torch.equal(twin.read([3]), h.read([3]))
+
+
 def test_finite_check_takes_huge_finite_values_and_names_the_culprit():
     # The fast test sums in float64; finite values whose sum overflows pass
     # through the element-wise test, NaN and Inf are named.

@@ -224,6 +224,15 @@ class HierarchicalMembraneBank:
         self.B, self.H, self.W = self.banks[0].B, H, W
         self._lock = threading.RLock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def _route(self, keys: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
         for i in range(len(self.banks)):
