@@ -1558,3 +1558,28 @@ def test_quantized_and_reloaded_transformers_models_still_cast(tmp_path):
             m.float()
             assert m.lm_head.weight.dtype == torch.float32
             torch.testing.assert_close(m(ids).logits, want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gradients_flow_through_quantized_layers_to_their_inputs(device):
+    # Adapters trained over a quantized model need dL/dx through the frozen
+    # packed layers: the kernels' outputs had no autograd graph (backward
+    # raised, or the gradient was silently missing beside another path).
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 32), bits=4, group_size=32).to(device)
+    w = q.dequantized_weight()
+    for shape in [(64,), (5, 64)]:
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        side = torch.nn.Linear(64, 32).to(device)  # a trainable path beside it
+        (q(x) + side(x)).square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        (torch.nn.functional.linear(x2, w, q.bias) + side(x2)).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    q.bias.requires_grad_(True)  # a trainable bias gets its gradient too
+    q(torch.randn(4, 64, device=device)).sum().backward()
+    torch.testing.assert_close(q.bias.grad, torch.full((32,), 4.0, device=device))
+    with torch.no_grad():  # inference keeps the kernels (no graph)
+        assert q(torch.randn(2, 64, device=device, requires_grad=True)).grad_fn is None

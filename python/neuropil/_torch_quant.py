@@ -301,7 +301,10 @@ class QuantizedLinear(nn.Module):
         larger batches dequantize cache-sized tiles). CUDA: batch 1 with 4-bit
         weights runs a Triton kernel on the packed codes when Triton is available;
         otherwise (and with ``force_torch``) the weight is dequantized on the
-        device for this call and ``F.linear`` runs. Inference only (no gradients).
+        device for this call and ``F.linear`` runs. The packed weights are
+        frozen; where a gradient is wanted (grad mode on and ``x`` or a trainable
+        bias requiring it: adapters trained over a quantized model), the call
+        takes that differentiable torch path, so gradients reach ``x``.
         NaN and Inf in ``x`` reach the outputs they touch, as in ``nn.Linear``.
         Under ``torch.autocast`` the output has the autocast dtype, as
         ``nn.Linear``'s has (the kernels still take float32 activations).
@@ -327,6 +330,12 @@ class QuantizedLinear(nn.Module):
         if not x.is_floating_point():
             raise DTypeError(f"x must be a floating-point tensor (as for nn.Linear); got {x.dtype}")
         lead = x.shape[:-1]
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            # The kernels' outputs carry no autograd graph: a gradient through
+            # them would silently be missing.
+            force_torch = True
         if x.numel() == 0:  # an empty batch, as nn.Linear returns it
             out = x.new_zeros(*lead, self.out_features)
             return out if self.bias is None else out + self.bias.to(x.dtype)
