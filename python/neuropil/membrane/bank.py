@@ -46,7 +46,21 @@ def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class MembraneBank:
+class _OwnLock:
+    """Pickling and ``copy.deepcopy`` for a class holding ``self._lock``: a lock
+    cannot be copied, so each copy gets its own."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+
+class MembraneBank(_OwnLock):
     """A tensor associative memory of ``batch`` banks, each ``(L, H, W)``.
 
     Args:
@@ -222,15 +236,6 @@ class MembraneBank:
         with self._lock:
             self._pending_reads.clear()
             self._reads = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]  # a lock cannot be copied; each copy gets its own
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ArgumentError, ShapeError
 from ._checks import as_keys, check_finite, check_int, check_values
-from .bank import MembraneBank, _check_lambda, _is_real
+from .bank import MembraneBank, _check_lambda, _is_real, _OwnLock
 
 __all__ = ["AdaptivePersistence", "HierarchicalMembraneBank", "HopfieldCleanup"]
 
@@ -195,7 +195,7 @@ class AdaptivePersistence:
             bank.steps += n
 
 
-class HierarchicalMembraneBank:
+class HierarchicalMembraneBank(_OwnLock):
     """Levels of banks with ``L, L/2, L/4, ...`` layers; global keys fill them in order.
 
     Key ``k`` lives in the first level whose cumulative capacity exceeds it:
@@ -222,15 +222,6 @@ class HierarchicalMembraneBank:
             self.offsets.append(self.offsets[-1] + b.K)
         self.K = self.offsets[-1]
         self.B, self.H, self.W = self.banks[0].B, H, W
-        self._lock = threading.RLock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_lock"]  # a lock cannot be copied; each copy gets its own
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
         self._lock = threading.RLock()
 
     def _route(self, keys: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
