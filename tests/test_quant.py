@@ -617,6 +617,14 @@ for g, scheme, cols in ((64, "asym", 300), (32, "q4_0", 96)):
     y16 = T._launch(ql, x.half())
     assert y16.dtype == torch.float16
     assert (y16.float() - ql(x.half()[None], force_torch=True)[0].float()).abs().max() < 2e-2
+    # Huge activations: the per-group code dots overflowed float32 to inf from
+    # max|x| ~ 1e35 although W x fits; such groups run on x * 2^-64 (exactly).
+    for big in (torch.full((cols,), 1e36), torch.randn(cols) * 2e37):
+        want = ql(big[None], force_torch=True)[0] - ql.bias
+        y = T._launch(ql, big, bias=False)
+        assert torch.isfinite(want).all() and torch.isfinite(y).all(), (g, scheme)
+        assert ((y - want).abs().max() / want.abs().max()).item() < 1e-4, (g, scheme)
+        assert torch.equal(y, T._launch(ql, big / 2.0**64, bias=False) * 2.0**64)
 print("ok")
 """
     r = run_python(code, env={"TRITON_INTERPRET": "1"}, timeout=300)
@@ -666,6 +674,14 @@ def test_cuda_quantized_linear_matches_cpu():
         one16 = gpu(x[0].cuda().half())
         assert one16.dtype == torch.float16
         assert torch.allclose(one16.float().cpu(), cpu[0], atol=5e-2, rtol=1e-2)
+        # Huge activations stay finite where W x fits (they overflowed to inf).
+        for big in (torch.full((512,), 1e36), torch.randn(512) * 2e37):
+            want = gpu(big[None].cuda(), force_torch=True)[0]
+            got = gpu(big.cuda())
+            assert torch.isfinite(want).all() and torch.isfinite(got).all()
+            assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+            b16 = gpu(big.cuda().bfloat16())
+            assert b16.dtype == torch.bfloat16 and torch.isfinite(b16).all()
 
 
 # ------------------------------------------------------------------ real models

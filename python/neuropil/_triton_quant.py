@@ -80,6 +80,18 @@ try:  # pragma: no cover - needs CUDA
             xh = tl.load(x_ptr + xo + H, mask=xmh, other=0.0, eviction_policy="evict_last")
             xl = xl.to(tl.float32)
             xh = xh.to(tl.float32)
+            # Headroom: a group's code dot and sum of x reach ~1000 max|x| before
+            # its scale brings them down, so for max|x| from ~1e35 they overflow
+            # float32 although W x fits. Such a group runs on x * 2^-64 and its
+            # term is multiplied back by 2^64: both exact (powers of two), so
+            # the result has the bits of unbounded exponents (as on the CPU,
+            # rust/src/quant/headroom.rs). x is shared by the BLOCK_R rows, so
+            # the check is a few operations per x value, not per code.
+            gm = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
+            huge = gm >= 79228162514264337593543950336.0  # 2^96
+            down = tl.where(huge, 5.421010862427522e-20, 1.0)  # 2^-64
+            xl = xl * down[:, None]
+            xh = xh * down[:, None]
             if PTX:  # 0.5 + code / 32, exactly
                 lo = tl.inline_asm_elementwise(
                     _LO, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4
@@ -104,7 +116,8 @@ try:  # pragma: no cover - needs CUDA
                 )
             else:
                 m = s * (-OFF)
-            acc += s * d + m * xs[None, :]
+            up = tl.where(huge, 18446744073709551616.0, 1.0)  # 2^64
+            acc += (s * d + m * xs[None, :]) * up[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
