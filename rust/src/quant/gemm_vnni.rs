@@ -70,23 +70,58 @@ fn quantize_activations(x: &[f32], n: usize, cols: usize, g: usize, ng: usize) -
     a.xq.par_chunks_mut(pc)
         .zip(a.dx.par_chunks_mut(ng).zip(a.sums.par_chunks_mut(ng)))
         .zip(x.par_chunks(cols))
-        .for_each(|((xq, (dx, sums)), row)| {
-            let mut tmp = [0i16; 256];
-            let h = g / 2;
-            for k in 0..ng {
-                let src = &row[(k * g).min(cols)..((k + 1) * g).min(cols)];
-                tmp.fill(0);
-                let (d, total) = super::act16::quantize_group(src, &mut tmp[..src.len()], 32767.0);
-                // Pair c of the group: values c and c + g/2, as in the panel.
-                for (c, pair) in xq[k * g..(k + 1) * g].chunks_exact_mut(2).enumerate() {
-                    pair[0] = tmp[c];
-                    pair[1] = tmp[c + h];
-                }
-                dx[k] = d;
-                sums[k] = d * total as f32;
-            }
-        });
+        .for_each(|((xq, (dx, sums)), row)| quantize_row(row, g, xq, dx, sums));
     a
+}
+
+/// One activation row's int16 codes, steps and `dx_k * sum(xq_k)` per group.
+fn quantize_row(row: &[f32], g: usize, xq: &mut [i16], dx: &mut [f32], sums: &mut [f32]) {
+    let cols = row.len();
+    let mut tmp = [0i16; 256];
+    let h = g / 2;
+    for k in 0..dx.len() {
+        let src = &row[(k * g).min(cols)..((k + 1) * g).min(cols)];
+        tmp.fill(0);
+        let (d, total) = super::act16::quantize_group(src, &mut tmp[..src.len()], 32767.0);
+        // Pair c of the group: values c and c + g/2, as in the panel.
+        for (c, pair) in xq[k * g..(k + 1) * g].chunks_exact_mut(2).enumerate() {
+            pair[0] = tmp[c];
+            pair[1] = tmp[c + h];
+        }
+        dx[k] = d;
+        sums[k] = d * total as f32;
+    }
+}
+
+/// Headroom (see `headroom.rs`): the group sums overflow for huge activations
+/// as the mat-vec's do, so a row with `max|x| >= 2^96` is quantized again from
+/// `x * 2^-e`, each row by its own `e`; returns the rows and exponents whose
+/// outputs must be scaled back. Rows are told apart by their int16 steps
+/// (`ng` compares a row) rather than by another pass over `x`.
+fn rescale_huge_rows(
+    a: &mut Activations,
+    x: &[f32],
+    cols: usize,
+    g: usize,
+    ng: usize,
+) -> Vec<(usize, i32)> {
+    let pc = ng * g;
+    let mut shifted = Vec::new();
+    for (i, row) in x.chunks(cols.max(1)).enumerate() {
+        if !super::headroom::steps_may_be_huge(&a.dx[i * ng..(i + 1) * ng]) {
+            continue;
+        }
+        if let Some(e) = super::headroom::shift(row) {
+            let (xq, dx, sums) = (
+                &mut a.xq[i * pc..(i + 1) * pc],
+                &mut a.dx[i * ng..(i + 1) * ng],
+                &mut a.sums[i * ng..(i + 1) * ng],
+            );
+            quantize_row(&super::headroom::scaled(row, e), g, xq, dx, sums);
+            shifted.push((i, e));
+        }
+    }
+    shifted
 }
 
 /// One tile's codes, scales and mins, interleaved for the kernel.
@@ -203,7 +238,8 @@ pub fn matmul4(q: &QuantRef<'_>, x: &[f32], n: usize, out: &mut [f32]) -> Result
     let tiles = rows.div_ceil(TILE);
     let tasks = tiles.div_ceil(TILES_PER_TASK);
     crate::threads::install(|| {
-        let a = quantize_activations(x, n, cols, g, ng);
+        let mut a = quantize_activations(x, n, cols, g, ng);
+        let shifted = rescale_huge_rows(&mut a, x, cols, g, ng);
         let np = a.dx.len() / ng;
         // Each task fills an (n, its rows) block, copied into `out` after.
         let blocks: Vec<(usize, Vec<f32>)> = (0..tasks)
@@ -245,6 +281,9 @@ pub fn matmul4(q: &QuantRef<'_>, x: &[f32], n: usize, out: &mut [f32]) -> Result
                 o[*r0..r0 + m].copy_from_slice(&y[i * width..i * width + m]);
             }
         });
+        for &(i, e) in &shifted {
+            super::headroom::unscale(&mut out[i * rows..(i + 1) * rows], e);
+        }
     })?;
     Ok(())
 }

@@ -12,7 +12,6 @@ use rayon::prelude::*;
 
 use super::dequantize::{dequant_row_at, fast_dequant};
 use super::format::QuantRef;
-use super::headroom;
 use super::matvec::matvec_at;
 use crate::error::{Error, Result};
 use crate::simd::Level;
@@ -54,26 +53,10 @@ pub fn matmul_at(
         return Ok(());
     }
     if level == Level::Avx512 && super::gemm_vnni::applies(q) {
-        // Its group sums overflow for huge activations as the mat-vec's do:
-        // rows with max|x| >= 2^96 run scaled down by a power of two, each by
-        // its own (see `headroom.rs`). The SGEMM below multiplies dequantized
-        // weights with x directly and needs none.
-        let shifts: Vec<Option<i32>> = x.chunks(cols.max(1)).map(headroom::shift).collect();
-        if shifts.iter().all(Option::is_none) {
-            return super::gemm_vnni::matmul4(q, x, n, out);
-        }
-        let xs: Vec<f32> = x
-            .chunks(cols.max(1))
-            .zip(&shifts)
-            .flat_map(|(xi, e)| e.map_or_else(|| xi.to_vec(), |e| headroom::scaled(xi, e)))
-            .collect();
-        super::gemm_vnni::matmul4(q, &xs, n, out)?;
-        for (yi, e) in out.chunks_mut(rows.max(1)).zip(&shifts) {
-            if let Some(e) = *e {
-                headroom::unscale(yi, e);
-            }
-        }
-        return Ok(());
+        // Huge activations run scaled down inside (see `headroom.rs`); the
+        // SGEMM below multiplies dequantized weights with x directly and
+        // needs no headroom.
+        return super::gemm_vnni::matmul4(q, x, n, out);
     }
     let fast = fast_dequant(level);
     let tr = tile_rows(cols);
