@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 import numpy as np
@@ -184,6 +185,27 @@ def test_seeded_equals_sign_and_scalar_process_matches():
         assert out.stdout.strip() == want
 
 
+def _hash_in_child(args):
+    fh, x = args
+    return fh.hash(x)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_processes_encode_after_the_parent_did():
+    # The parent's encode started the thread pool; a forked child (DataLoader
+    # workers, multiprocessing's "fork") has none of its threads and its first
+    # parallel encode waited for them forever.
+    import multiprocessing
+
+    fh = FlyHash(64, 8.0, 0.1, seed=5)
+    x = rand(500, 64)
+    want = fh.hash(x)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(_hash_in_child, [(fh, x)] * 2).get(timeout=60)
+    for g in got:
+        assert np.array_equal(g, want)
+
+
 def test_thread_count_does_not_change_codes(restore_threads):
     fh = FlyHash(64, 8.0, 0.05, seed=2, projection="sparse")
     x = rand(100, 64)
@@ -254,6 +276,30 @@ def test_oversized_requests_fail_before_allocating():
     fh = FlyHash(1, 3e8, 0.5, seed=0, projection="seeded")
     with pytest.raises(neuropil.ArgumentError, match="8 GiB"):
         fh.encode(np.zeros((10, 1), np.float32))  # (10, 3e8) float32 = 11 GiB
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_oversized_output_is_refused_before_the_input_is_converted(dtype):
+    # A broadcast (or strided, or float64) x is copied to float32 C order before
+    # encoding; the output limit used to be checked only after that copy, so a
+    # huge n allocated (here 10 MB, at scale the whole input again) to then fail.
+    import tracemalloc
+
+    fh = FlyHash(64, 1000.0, 0.05, seed=0, projection="seeded")  # m = 64000, nothing stored
+    n = (8 << 30) // (fh.output_dim * 4) + 1  # (n, m) float32 is just over 8 GiB
+    x = np.broadcast_to(np.ones(64, dtype), (n, 64))  # no memory of its own
+    tracemalloc.start()
+    try:
+        with pytest.raises(neuropil.ArgumentError, match="8 GiB"):
+            fh.encode(x)
+        with pytest.raises(neuropil.ArgumentError, match="8 GiB"):
+            fh.activations(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * 64 * 4 // 10, peak
+    # The packed codes of the same rows are small: they are computed.
+    assert fh.hash(x[:3]).shape == (3, fh.code_bytes)
 
 
 # ---------------------------------------------------------------- persistence
@@ -448,6 +494,57 @@ def test_index_bad_input():
     assert ix.remove([]) == 0 and len(ix) == 2
 
 
+def test_index_takes_uint64_ids_by_value_and_names_dtypes_plainly():
+    # uint64 ids (np.arange(n, dtype=np.uint64)) were refused as "not an integer
+    # array": numpy's safe casting never allows uint64 -> int64.
+    ix = BinaryIndex(8)
+    ix.add(np.arange(3, dtype=np.uint8)[:, None], ids=np.array([7, 2**62, 9], np.uint64))
+    assert ix.contents()[1].tolist() == [7, 2**62, 9]
+    assert ix.remove(np.array([9, 2**64 - 1], np.uint64)) == 1
+    with pytest.raises(neuropil.ArgumentError, match=r"ids must be non-negative integers below"):
+        ix.add(np.zeros((1, 1), np.uint8), ids=np.array([2**63], np.uint64))
+    assert len(ix) == 2
+    with pytest.raises(
+        neuropil.DTypeError, match=r"must have dtype uint8 \(packed codes\); got int8"
+    ):
+        ix.add(np.zeros((1, 1), np.int8))
+    with pytest.raises(neuropil.DTypeError, match=r"ids must have dtype int64 .*; got float64"):
+        ix.add(np.zeros((1, 1), np.uint8), ids=[1.0])
+
+
+def test_index_edge_cases_match_faiss():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    codes = np.packbits(rng.random((9, 64)) < 0.2, axis=1, bitorder="little")
+    codes[4] = codes[1]  # ties: equal codes are ordered by id, as faiss orders them
+    q = np.concatenate([codes[1:2], np.packbits(rng.random((3, 64)) < 0.2, 1, "little")])
+    ix, fx = BinaryIndex(64), faiss.IndexBinaryFlat(64)
+    for k in (3, 20):  # the empty index: every neighbour missing
+        d, i = ix.search(q, k)
+        fd, fi = fx.search(q, k)
+        assert np.array_equal(d, fd) and np.array_equal(i, fi)
+    lims, rd, ri = ix.range_search(q, 5)
+    assert lims.tolist() == [0] * 5 and rd.size == ri.size == 0
+    ix.add(codes)
+    fx.add(codes)
+    for k in (1, 9, 20):  # k > ntotal: ids -1 and distance 2**31 - 1, as in faiss
+        d, i = ix.search(q, k)
+        fd, fi = fx.search(q, k)
+        assert d.dtype == fd.dtype and i.dtype == fi.dtype
+        assert np.array_equal(d, fd) and np.array_equal(i, fi)
+    for r in (0, 12, 64):
+        lims, rd, ri = ix.range_search(q, r)
+        flims, frd, fri = fx.range_search(q, r + 1)  # faiss's radius is exclusive
+        assert np.array_equal(lims, flims.astype(np.int64))
+        for j in range(len(q)):
+            s, fs = slice(lims[j], lims[j + 1]), slice(flims[j], flims[j + 1])
+            assert sorted(zip(rd[s], ri[s], strict=True)) == sorted(
+                zip(frd[fs], fri[fs], strict=True)
+            )
+    d, i = ix.search(q[:0], 4)
+    assert d.shape == i.shape == (0, 4)
+
+
 # ---------------------------------------------------------------- torch
 
 
@@ -494,6 +591,41 @@ def test_torch_path_logic_on_cpu_tensors(projection):
         _flyhash_torch.encode(fh, bad, "hash")
     with pytest.raises(neuropil.ShapeError):
         _flyhash_torch.encode(fh, t[:, :99], "hash")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_torch_path_winners_run_in_steps_of_rows(monkeypatch):
+    """The GPU path (run on CPU tensors) computed the (n, m) activations and
+    sorted them whole for hash/encode_indices: 16 n m bytes (1M x 4992 outputs:
+    80 GB) for outputs of n * 624 bytes. It now works in steps of rows."""
+    import torch
+
+    from neuropil import _flyhash_torch
+
+    fh = FlyHash(40, 5.0, 0.1, seed=4, projection="sparse")
+    t = torch.from_numpy(rand(50, 40))
+    whole = {w: _flyhash_torch.encode(fh, t, w) for w in ("hash", "encode", "encode_indices")}
+    seen = []
+    real = _flyhash_torch.activations
+
+    def spy(fh_, x):
+        seen.append(x.shape[0])
+        return real(fh_, x)
+
+    monkeypatch.setattr(_flyhash_torch, "activations", spy)
+    monkeypatch.setattr(_flyhash_torch, "_STEP_BYTES", 16 * fh.output_dim * 8, raising=False)
+    got = {}
+    for want in whole:
+        seen.clear()
+        got[want] = _flyhash_torch.encode(fh, t, want)
+        assert got[want].dtype == whole[want].dtype, want
+        assert max(seen) <= 8 and sum(seen) == 50, (want, seen)
+    # Other row counts may round a matmul differently: a float near-tie at the
+    # threshold may flip a winner (as between devices), nothing else.
+    same = (got["encode_indices"] == whole["encode_indices"]).all(1)
+    assert same.float().mean() >= 0.9
+    assert torch.equal(got["hash"][same], whole["hash"][same])
+    torch.testing.assert_close(got["encode"][same], whole["encode"][same], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.cuda

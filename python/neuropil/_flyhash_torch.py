@@ -3,7 +3,9 @@
 The projection comes from the Rust core as packed arrays (sign bits, or sparse
 indices and sign bits: the same bytes on every device), is uploaded once per
 device and expanded to ±1 (or 0/1) float32 rows in blocks during encode, so
-the GPU holds the compact projection plus one block. Activations are float32
+the GPU holds the compact projection plus one block; ``hash``, ``encode`` and
+``encode_indices`` run over steps of rows, so their activations and sort
+buffers are one step's, not ``(n, m)``. Activations are float32
 matmuls at full precision (TF32 off); winner-take-all is a stable descending
 sort, which keeps the lowest index among equal values: the CPU's tie rule.
 Codes therefore equal the CPU's except where two activations are within float
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
     from .flyhash import FlyHash
 
 _BLOCK_ROWS = 4096
+
+# Winner-take-all runs over steps of rows whose intermediates (activations,
+# the sort's values and int64 indices: 16 bytes per output) take about this
+# much, so ``hash`` and ``encode_indices`` of n rows need their small outputs
+# plus one step, not 16 n m bytes (1M x 4992 outputs: 80 GB), as the CPU path
+# needs one batch of rows.
+_STEP_BYTES = 256 << 20
 
 
 def _weights(fh: FlyHash, device: torch.device) -> dict[str, torch.Tensor]:
@@ -94,22 +103,43 @@ def winners(fh: FlyHash, acts: torch.Tensor) -> torch.Tensor:
     return torch.sort(order[:, : fh.active_bits], dim=1).values
 
 
+def _pack(win: torch.Tensor, m: int) -> torch.Tensor:
+    """Winner indices ``(r, k)`` as packed bits: bit ``j % 8`` of byte ``j // 8``."""
+    import torch
+
+    r = win.shape[0]
+    nb = (m + 7) // 8
+    bits = torch.zeros((r, nb * 8), dtype=torch.uint8, device=win.device)
+    bits.scatter_(1, win, 1)
+    weights = (1 << torch.arange(8, device=win.device, dtype=torch.int32)).to(torch.uint8)
+    return (bits.reshape(r, nb, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
 def encode(fh: FlyHash, x: Any, want: str) -> Any:
     import torch
 
-    acts = activations(fh, x)
     if want == "activations":
-        return acts
-    win = winners(fh, acts)
-    if want == "encode_indices":
-        return win
+        return activations(fh, x)
+    if not x.is_floating_point():
+        raise DTypeError(f"x must have a float dtype; got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != fh.input_dim or x.shape[0] == 0:
+        raise ShapeError(f"x must have shape (n, {fh.input_dim}); got {tuple(x.shape)}")
+    n, m, k = x.shape[0], fh.output_dim, fh.active_bits
     if want == "encode":
-        out = torch.zeros_like(acts)
-        return out.scatter_(1, win, acts.gather(1, win))
-    # hash: packed bits, bit j % 8 of byte j // 8
-    n, m = acts.shape
-    nb = (m + 7) // 8
-    bits = torch.zeros((n, nb * 8), dtype=torch.uint8, device=acts.device)
-    bits.scatter_(1, win, 1)
-    weights = (1 << torch.arange(8, device=acts.device, dtype=torch.int32)).to(torch.uint8)
-    return (bits.reshape(n, nb, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+        out = torch.zeros((n, m), dtype=torch.float32, device=x.device)
+    elif want == "encode_indices":
+        out = torch.empty((n, k), dtype=torch.int64, device=x.device)
+    else:
+        out = torch.empty((n, (m + 7) // 8), dtype=torch.uint8, device=x.device)
+    step = max(1, _STEP_BYTES // (16 * m))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        acts = activations(fh, x[r0:r1])
+        win = winners(fh, acts)
+        if want == "encode_indices":
+            out[r0:r1] = win
+        elif want == "encode":
+            out[r0:r1].scatter_(1, win, acts.gather(1, win))
+        else:
+            out[r0:r1] = _pack(win, m)
+    return out

@@ -226,12 +226,16 @@ class FlyHash:
     # ------------------------------------------------------------------ encoding
     def _run(self, x: Any, want: str, level: str | None) -> Any:
         x2, one = _rows(x, d=self.input_dim)
-        if _is_torch(x2):
-            if x2.device.type != "cpu":
-                from . import _flyhash_torch
+        if _is_torch(x2) and x2.device.type != "cpu":
+            from . import _flyhash_torch
 
-                out = _flyhash_torch.encode(self, x2, want)
-                return out[0] if one else out
+            out = _flyhash_torch.encode(self, x2, want)
+            return out[0] if one else out
+        # The core's output limit, checked before any conversion: a float64,
+        # strided or broadcast x is copied to float32 first, which for an
+        # output over the limit is memory spent (or the process killed) in vain.
+        self._native.check_rows(int(x2.shape[0]), want)
+        if _is_torch(x2):
             import torch
 
             if x2.is_floating_point() and x2.dtype != torch.float32:
@@ -300,6 +304,33 @@ class FlyHash:
         return cls._wrap(_native.FlyHash.load(os.fspath(path)))
 
 
+_I64_MAX = 2**63 - 1
+
+
+def _ids(ids: Any, drop_above: bool) -> Any:
+    """``ids`` as numpy (torch tensors through ``.numpy()``), uint64 as int64 by value.
+
+    numpy's "safe" casting refuses uint64 -> int64 whatever the values, so a
+    uint64 array of small ids would be refused as not an integer array. Values
+    past int64 are an error for :meth:`BinaryIndex.add` (reported by the core
+    as any out-of-range id) and dropped for :meth:`BinaryIndex.remove` (no
+    stored id can equal them).
+    """
+    if _is_torch(ids):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.dtype != np.uint64:
+        return ids if isinstance(ids, np.ndarray) else arr
+    big = arr > _I64_MAX
+    if big.any():
+        if not drop_above:
+            raise ArgumentError(
+                f"ids must be non-negative integers below {_I64_MAX}; got {int(arr[big][0])}"
+            )
+        arr = arr[~big]
+    return arr.astype(np.int64)
+
+
 class BinaryIndex:
     """Exact search over packed binary codes (faiss's bit layout).
 
@@ -358,15 +389,16 @@ class BinaryIndex:
         return _rows(codes, name)[0]
 
     def add(self, codes: Any, ids: Any = None) -> None:
-        """Adds ``(n, code_bytes)`` uint8 codes, with optional ``(n,)`` non-negative ids.
+        """Adds ``(n, code_bytes)`` uint8 codes, with optional ``(n,)`` non-negative ids
+        (any integer dtype, uint64 included, checked by value).
 
         Raises:
             ShapeError: the codes do not have ``code_bytes`` columns.
             DTypeError: the codes are not uint8 or the ids not integers.
             ArgumentError: bits past ``nbits`` are set, or an id is negative.
         """
-        if ids is not None and _is_torch(ids):
-            ids = ids.detach().cpu().numpy()
+        if ids is not None:
+            ids = _ids(ids, drop_above=False)
         self._native.add(self._codes(codes, "codes"), ids)
 
     def search(self, queries: Any, k: int, metric: str = "hamming") -> tuple[Any, Any]:
@@ -399,10 +431,13 @@ class BinaryIndex:
         return self._native.range_search(self._codes(queries, "queries"), max_distance)
 
     def remove(self, ids: Any) -> int:
-        """Removes the codes with these ids; returns how many were removed."""
-        if _is_torch(ids):
-            ids = ids.detach().cpu().numpy()
-        arr = np.atleast_1d(np.asarray(ids))
+        """Removes the codes with these ids; returns how many were removed.
+
+        Absent ids are skipped and a repeated id counts once. The other codes
+        keep their ids (faiss's ``IndexBinaryFlat.remove_ids`` renumbers the
+        codes after a removed one; here ids are stable, as in ``IndexBinaryIDMap``).
+        """
+        arr = np.atleast_1d(_ids(ids, drop_above=True))
         if arr.size == 0:
             return 0
         return self._native.remove(arr)

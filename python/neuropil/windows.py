@@ -491,12 +491,21 @@ class SlidingWindows:
         """Episode (0-based) holding window ``i``."""
         return self._layout.episode_of(_window_index(i, len(self)))
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, i: int | slice) -> Any:
         """Window ``i``: a ``(W, D)`` view of the frames (no copy).
+
+        A slice gives its windows as a new ``(B, W, D)`` array or tensor (the
+        ``frames`` of :meth:`take` of ``range(len(self))[i]``), as slicing a
+        materialised ``(M, W, D)`` array would.
 
         Raises:
             IndexError: ``i`` is out of range (never clamped).
         """
+        if isinstance(i, slice):
+            r = range(len(self))[i]
+            starts = self._layout.starts(np.arange(r.start, r.stop, r.step, dtype=np.int64))
+            # Only the frames' buffer: `_fill` gathers as many arrays as it is given.
+            return self._fill(starts, [self._arrays[0].new_buffer(len(starts))])["frames"]
         s = self.start(i)
         return self.frames[s : s + self.window]
 

@@ -21,7 +21,7 @@ fn level_of(level: Option<&str>) -> PyResult<Level> {
 }
 
 fn u8_codes<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<IntInput<'py, u8>> {
-    int_input::<u8>(obj, arg, "a uint8 array of packed codes", |kind, size| {
+    int_input::<u8>(obj, arg, "uint8 (packed codes)", |kind, size| {
         kind == b'u' && size == 1
     })
 }
@@ -40,6 +40,34 @@ enum Want {
     Packed,
 }
 
+impl Want {
+    fn parse(want: &str) -> PyResult<Self> {
+        Ok(match want {
+            "encode" => Want::Dense,
+            "activations" => Want::Activations,
+            "encode_indices" => Want::Indices,
+            "hash" => Want::Packed,
+            other => {
+                return Err(Error::value(
+                    "want",
+                    "'encode', 'activations', 'encode_indices' or 'hash'",
+                    format!("{other:?}"),
+                ))
+                .or_raise()
+            }
+        })
+    }
+
+    /// Elements per output row and bytes per element.
+    fn row(self, fh: &FlyHash) -> (usize, usize) {
+        match self {
+            Want::Dense | Want::Activations => (fh.output_dim, 4),
+            Want::Indices => (fh.active_bits, 4),
+            Want::Packed => (fh.code_bytes(), 1),
+        }
+    }
+}
+
 impl PyFlyHash {
     fn run<'py>(
         &self,
@@ -53,9 +81,10 @@ impl PyFlyHash {
         let x = f32_2d(fh, x)?;
         let n = x.shape()[0];
         let xs = x.as_slice();
+        let (per_row, elem) = want.row(fh);
+        fh.output_len(n, per_row, elem).or_raise()?;
         Ok(match want {
             Want::Dense | Want::Activations => {
-                fh.output_len(n, fh.output_dim, 4).or_raise()?;
                 let arr = PyArray2::<f32>::zeros(py, [n, fh.output_dim], false);
                 {
                     let mut rw = arr.readwrite();
@@ -72,7 +101,6 @@ impl PyFlyHash {
                 arr.into_any()
             }
             Want::Indices => {
-                fh.output_len(n, fh.active_bits, 4).or_raise()?;
                 let arr = PyArray2::<u32>::zeros(py, [n, fh.active_bits], false);
                 {
                     let mut rw = arr.readwrite();
@@ -83,7 +111,6 @@ impl PyFlyHash {
                 arr.into_any()
             }
             Want::Packed => {
-                fh.output_len(n, fh.code_bytes(), 1).or_raise()?;
                 let arr = PyArray2::<u8>::zeros(py, [n, fh.code_bytes()], false);
                 {
                     let mut rw = arr.readwrite();
@@ -191,6 +218,17 @@ impl PyFlyHash {
     #[getter]
     fn memory_bytes(&self) -> usize {
         self.inner.memory_bytes()
+    }
+
+    /// Refuses `n` rows whose output for `want` (a method's name) would pass
+    /// the 8 GiB limit; called before `x` is converted or copied anywhere.
+    fn check_rows(&self, n: i64, want: &str) -> PyResult<()> {
+        let (per_row, elem) = Want::parse(want)?.row(&self.inner);
+        let n = usize::try_from(n)
+            .map_err(|_| Error::value("x", "a non-negative number of rows", n))
+            .or_raise()?;
+        self.inner.output_len(n, per_row, elem).or_raise()?;
+        Ok(())
     }
 
     /// `(n, d)` -> `(n, m)` float32, winners' activations, zeros elsewhere.
@@ -358,7 +396,7 @@ impl PyBinaryIndex {
             Some(obj) => Some(int_input::<i64>(
                 obj,
                 "ids",
-                "an integer array",
+                "int64 (or another integer dtype)",
                 |kind, _| kind == b'i' || kind == b'u',
             )?),
         };
@@ -373,7 +411,7 @@ impl PyBinaryIndex {
     }
 
     fn remove(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let ids = int_input::<i64>(ids, "ids", "an integer array", |kind, _| {
+        let ids = int_input::<i64>(ids, "ids", "int64 (or another integer dtype)", |kind, _| {
             kind == b'i' || kind == b'u'
         })?;
         let is = ids.as_slice();

@@ -8,6 +8,7 @@
 //! pool's threads, kept spinning for a moment between calls so that a burst of
 //! short calls does not pay the pool's wake-up each time.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -17,7 +18,48 @@ use crate::error::{Error, Result};
 mod health;
 pub mod team;
 
-static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+/// The pool, and the [`forks`] count it was built at: a process forked after
+/// the pool started (DataLoader workers, `multiprocessing` with "fork") has
+/// none of its threads, so a parallel call there would wait for them forever.
+/// The child builds its own pool at its first parallel call instead.
+static POOL: RwLock<Option<(u64, Arc<ThreadPool>)>> = RwLock::new(None);
+
+/// Forks of this process so far (counted in the child by a `pthread_atfork`
+/// handler, installed when the first pool is built).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+#[cfg(target_os = "linux")]
+extern "C" fn count_fork() {
+    // Async-signal-safe: one atomic add, nothing else, in the forked child.
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn forks() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            // SAFETY: registers a plain `extern "C"` function taking nothing;
+            // `count_fork` only touches an atomic, which is async-signal-safe.
+            // A failed registration (ENOMEM) leaves fork detection off, as before.
+            unsafe { libc::pthread_atfork(None, None, Some(count_fork)) };
+        });
+    }
+    FORKS.load(Ordering::SeqCst)
+}
+
+/// Installs `p` as the pool of the current process.
+fn store(slot: &mut Option<(u64, Arc<ThreadPool>)>, forks: u64, p: Arc<ThreadPool>) {
+    if let Some((at, old)) = slot.replace((forks, p)) {
+        if at != forks {
+            // The parent's pool: its threads are not in this process, so
+            // dropping it could wait on or signal threads that do not exist.
+            std::mem::forget(old);
+            // Its helpers are not here either: the child's team starts empty.
+            team::forked();
+        }
+    }
+}
 
 /// Serialises the unit tests that resize the process-wide pool.
 #[cfg(test)]
@@ -48,15 +90,21 @@ pub fn default_num_threads() -> Result<usize> {
 }
 
 pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
-    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return Ok(p.clone());
+    let now = forks();
+    if let Some((at, p)) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if *at == now {
+            return Ok(p.clone());
+        }
     }
     let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = slot.as_ref() {
-        return Ok(p.clone());
-    }
-    let p = build(default_num_threads()?)?;
-    *slot = Some(p.clone());
+    let n = match slot.as_ref() {
+        Some((at, p)) if *at == now => return Ok(p.clone()),
+        // Forked: as many threads as the parent's pool had (set_num_threads included).
+        Some((_, p)) => p.current_num_threads(),
+        None => default_num_threads()?,
+    };
+    let p = build(n)?;
+    store(&mut slot, now, p.clone());
     Ok(p)
 }
 
@@ -66,7 +114,11 @@ pub fn set_num_threads(n: usize) -> Result<()> {
         return Err(Error::value("n", "a positive integer", 0));
     }
     let p = build(n)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    store(
+        &mut POOL.write().unwrap_or_else(|e| e.into_inner()),
+        forks(),
+        p,
+    );
     // After the swap: the helpers spinning in the old pool leave, and the next
     // short call starts the new pool's (see `team::retire`).
     team::retire();

@@ -168,6 +168,14 @@ pub(crate) fn retire() {
     TEAM.generation.fetch_add(1, Ordering::SeqCst);
 }
 
+/// In a forked child: the parent's helpers are not in this process, so none
+/// is counted (the next call spawns its own in the child's pool) and any stale
+/// one is retired.
+pub(crate) fn forked() {
+    TEAM.helpers.store(0, Ordering::SeqCst);
+    retire();
+}
+
 /// A helper: joins each call after epoch `seen` published while it spins, and
 /// leaves after `spin` with none, or when retired.
 fn helper(generation: u64, mut seen: u64, spin: Duration) {
