@@ -209,6 +209,78 @@ def test_sparse_ffn_bad_input():
         ffn.set_hot([96])
 
 
+@pytest.mark.parametrize("cls", ["SparseFFN", "InputSparseFFN"])
+def test_a_gated_ffn_refuses_an_up_bias(cls):
+    # The kernels added it to the gate's pre-activation, the CUDA path dropped
+    # it: two different wrong FFNs. Ungated FFNs take it.
+    cls = getattr(neuropil.neurons, cls)
+    g, u, dn = weights()
+    with pytest.raises(neuropil.ArgumentError, match=r"up_bias must be None for a gated FFN"):
+        cls(g, u, dn, up_bias=np.ones(96, np.float32))
+    ub = np.ones(96, np.float32)
+    x = np.random.default_rng(1).standard_normal(40).astype(np.float32)
+    want = ffn_reference(x, None, u, dn, "silu", up_bias=ub)[0]
+    np.testing.assert_allclose(cls(None, u, dn, up_bias=ub)(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["SparseFFN", "InputSparseFFN"])
+def test_gradients_reach_a_torch_input_through_the_ffn(cls):
+    # A CPU tensor that requires grad went through the kernel: the numpy result
+    # carried no graph, so in `x + ffn(x)` the FFN's share of the gradient was
+    # silently missing. It takes the torch ops now: the gradient of the same
+    # masked FFN written with torch, and the kernel's values.
+    import torch
+    import torch.nn.functional as F
+
+    g, u, dn = weights()
+    ffn = getattr(neuropil.neurons, cls)(g, u, dn, activation="silu")
+    if cls == "SparseFFN":
+        ffn.set_threshold(0.1)
+    else:
+        ffn.set_thresholds(0.3, 0.1)
+    x0 = torch.randn(3, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float32)
+    x = x0.clone().requires_grad_()
+    (x + ffn(x)).pow(2).sum().backward()
+    xr = x0.clone().requires_grad_()
+    gw, uw, dw = (torch.from_numpy(a) for a in (g, u, dn))
+
+    def mask(v, t):
+        return torch.where(v.abs() > t, v, torch.zeros_like(v))
+
+    if cls == "SparseFFN":
+        want = F.linear(mask(F.silu(F.linear(xr, gw)), 0.1) * F.linear(xr, uw), dw)
+    else:
+        xm = mask(xr, 0.3)
+        want = F.linear(mask(F.silu(F.linear(xm, gw)) * F.linear(xm, uw), 0.1), dw)
+    (xr + want).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # (the kernel: no graph needed)
+        torch.testing.assert_close(ffn(x), want.detach(), atol=1e-5, rtol=1e-4)
+    assert ffn(x0).grad_fn is None and ffn.stats()["calls"] == 2
+
+
+@pytest.mark.parametrize("cls", ["SparseFFN", "InputSparseFFN"])
+def test_calibrate_checks_its_samples_and_flattens_leading_dims(cls):
+    torch = pytest.importorskip("torch")
+    cls = getattr(neuropil.neurons, cls)
+    ffn = cls(*weights())
+    x = np.random.default_rng(2).standard_normal((2, 6, 40)).astype(np.float32)
+    # Hidden states of a batch (b, t, d) calibrate as their b * t rows.
+    assert ffn.calibrate(torch.from_numpy(x), 0.5) == ffn.calibrate(x.reshape(12, 40), 0.5)
+    for bad, err, match in (
+        (x[:, :, :39], neuropil.ShapeError, r"samples must have shape \(n, 40\).*got \(2, 6, 39\)"),
+        (x[:0], neuropil.ShapeError, r"samples must have shape \(n, 40\).*got \(0, 6, 40\)"),
+        (np.float32(1.0), neuropil.ShapeError, r"samples must have shape .*got \(\)"),
+        (np.full((3, 40), np.nan, np.float32), neuropil.ArgumentError, "samples must be finite"),
+        (np.ones((3, 40), np.int64), neuropil.DTypeError, "samples must be a float.*int64"),
+    ):
+        with pytest.raises(err, match=match):
+            ffn.calibrate(bad, 0.5)
+    for bad in ("half", None, 1.0):
+        with pytest.raises(neuropil.ArgumentError, match=r"sparsity must be in \[0, 1\)"):
+            ffn.calibrate(x, bad)
+
+
 # ------------------------------------------------------------------ NeuronCache
 
 
@@ -234,10 +306,21 @@ def test_seed_api_and_out_of_range_ids_raise():
     assert c.stats()["total_activations"] == 100  # nothing recorded by the failed calls
     with pytest.raises(IndexError):
         c.activation_frequency(100)
+    with pytest.raises(IndexError, match=f"neuron index {2**70} is out of range for length 100"):
+        c.activation_frequency(2**70)  # (an OverflowError from the native call)
+    for bad in (1.5, True):
+        with pytest.raises(
+            neuropil.ArgumentError, match=rf"neuron must be an integer neuron id; got {bad}"
+        ):
+            c.activation_frequency(bad)
     with pytest.raises(neuropil.ShapeError, match=r"\(100,\) or \(n, 100\)"):
         c.record(np.zeros((2, 99), bool))
     with pytest.raises(neuropil.DTypeError):
         c.record(np.array([0.5, 1.0]))
+    # A uint64 id past int64 is named as given (it wrapped to -1).
+    for call, what in ((c.record, "active"), (c.set_hot, "hot")):
+        with pytest.raises(IndexError, match=rf"{what} index {2**64 - 1} is out of range"):
+            call(np.array([2**64 - 1], np.uint64))
     c.clear()
     assert c.stats()["total_activations"] == 0 and len(c.hot_neurons()) == 0
 
@@ -574,8 +657,9 @@ def _tiny_bert():
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_sparsify_mlp_keeps_the_state_dict_keys_and_sees_new_weights(kind):
-    # The patched model saves and loads the original model's checkpoints, and
-    # a state load or an in-place update after a Rust call reaches the kernel.
+    # The patched model keeps the original model's keys (plus one calibration
+    # buffer per FFN) and loads its checkpoints, and a state load or an
+    # in-place update after a Rust call reaches the kernel.
     import torch
 
     from neuropil.torch import sparsify_mlp
@@ -587,8 +671,10 @@ def test_sparsify_mlp_keeps_the_state_dict_keys_and_sees_new_weights(kind):
         if v.is_floating_point():
             v.mul_(1.5)
     ids = torch.randint(0, 100, (1, 12))
-    sparsify_mlp(model, 0.3, ids, method="cats")
-    assert list(model.state_dict()) == keys
+    th = sparsify_mlp(model, 0.3, ids, method="cats")
+    new_keys = [k for k in model.state_dict() if k not in keys]
+    assert sorted(new_keys) == sorted(f"{name}.sparse_config" for name in th)
+    assert [k for k in model.state_dict() if k in keys] == keys
     mlp = model.model.layers[0].mlp if kind == "llama" else model.encoder.layer[0].intermediate
     d = mlp.up.in_features
     x = torch.randn(1, 1, d)
@@ -617,6 +703,201 @@ def test_sparsify_mlp_keeps_the_state_dict_keys_and_sees_new_weights(kind):
 def _down_bias(mlp):
     b = mlp.down.bias
     return 0.0 if b is None else b.detach().numpy()
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize(
+    ("kind", "method"), [("llama", "teal"), ("llama", "cats"), ("bert", "teal")]
+)
+def test_sparsify_mlp_state_dict_carries_the_calibration(kind, method, tmp_path):
+    # Calibrate, save the state dict (torch.save, or save_pretrained's
+    # safetensors), load it into a fresh model sparsified otherwise: the same
+    # thresholds, method and outputs, on the torch path and the Rust kernel.
+    import io
+
+    import torch
+    from safetensors.torch import load_file
+
+    from neuropil.torch import sparsify_mlp
+
+    build = tiny_llama if kind == "llama" else _tiny_bert
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = build()
+    sparsify_mlp(model, 0.5, ids, method=method)
+    name = "model.layers.0.mlp" if kind == "llama" else "encoder.layer.0.intermediate"
+    mlp = model.get_submodule(name)
+    x = torch.randn(1, 1, mlp.up.in_features)
+    with torch.no_grad():
+        want_full, want_token = _logits(model, ids), mlp(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    model.save_pretrained(tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    for state in (torch.load(io.BytesIO(buf.getvalue())), load_file(files[0])):
+        fresh = build()
+        other = "cats" if method == "teal" else "teal"
+        sparsify_mlp(fresh, 0.2, ids[:, :8], method=other)  # other thresholds and method
+        fresh.load_state_dict(state)
+        got = fresh.get_submodule(name)
+        assert (got.method, got.threshold, got.t_in) == (mlp.method, mlp.threshold, mlp.t_in)
+        assert torch.equal(_logits(fresh, ids), want_full)
+        with torch.no_grad():
+            assert torch.equal(got(x), want_token)
+        assert got.rust_ffn().stats()["calls"] == 1  # (the token went to the kernel)
+        assert type(got.rust_ffn()) is type(mlp.rust_ffn())
+
+
+def test_sparse_mlp_calibration_buffer_edits_casts_and_bad_states():
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    model = tiny_llama()
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    sparsify_mlp(model, 0.5, ids)
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(1, 1, 64)
+
+    def token():  # the Rust kernel, then the torch path
+        with torch.no_grad():
+            y = mlp(x)
+            mlp.rust_max_rows = 0
+            torch.testing.assert_close(y, mlp(x), atol=1e-5, rtol=1e-4)
+            mlp.rust_max_rows = 8
+        return y
+
+    calibrated = token()
+    # An in-place write to the buffer after the kernel cached the threshold.
+    with torch.no_grad():
+        mlp.sparse_config[1] = 0.0
+    assert mlp.threshold == 0.0
+    mlp_dense = token()
+    assert not torch.equal(mlp_dense, calibrated)
+    sd = model.state_dict()
+    with torch.no_grad():
+        sd["model.layers.1.mlp.sparse_config"][1] = 1e9  # (a view of the buffer)
+    assert mlp.threshold == 1e9 and torch.count_nonzero(token()) == 0
+    mlp.threshold = None
+    torch.testing.assert_close(token(), mlp_dense)
+    sparsify_mlp(model, 0.5, ids)
+    torch.testing.assert_close(token(), calibrated)
+    # A round trip through half precision keeps the float32 thresholds (a cast
+    # would round 0.0547 to 0.05469, and bfloat16 to 0.05469 or 0.05493).
+    t = mlp.threshold
+    for dtype in (torch.float16, torch.bfloat16):
+        model.to(dtype)
+        assert mlp.sparse_config.dtype == torch.float32 and mlp.threshold == t
+        assert _logits(model, ids).dtype == dtype
+        model.float()
+        assert mlp.threshold == t and mlp.sparse_config.dtype == torch.float32
+    before = token()
+    # to("meta") and to_empty keep the calibration (to_empty leaves garbage).
+    state = {k: v for k, v in model.state_dict().items() if "sparse_config" not in k}
+    model.to("meta").to_empty(device="cpu")
+    model.load_state_dict(state)  # the dense model's own checkpoint
+    assert mlp.threshold == t
+    assert torch.equal(token(), before)
+    # Malformed states: FormatError naming the key, the expected and the found value.
+    key = "model.layers.1.mlp.sparse_config"
+    for bad, found in (
+        (torch.tensor([2.0, 0.1, float("nan")]), r"got \[2\.0"),
+        (torch.tensor([0.0, -0.1, float("nan")]), r"got \[0\.0, -0\.1"),
+        (torch.tensor([1.0, float("inf"), 0.1]), r"got \[1\.0, inf"),
+        (torch.zeros(2), r"shape \(3,\).*got torch.float32 \(2,\)"),
+        (torch.zeros(3, dtype=torch.int64), "got torch.int64"),
+    ):
+        with pytest.raises(neuropil.FormatError, match=rf"{key} must be .*{found}"):
+            model.load_state_dict({**model.state_dict(), key: bad})
+    assert mlp.threshold == t
+    with pytest.raises(neuropil.ArgumentError, match="threshold must be None or a finite"):
+        mlp.threshold = -1.0
+    with pytest.raises(neuropil.ArgumentError, match="method must be one of"):
+        mlp.method = "deja-vu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_cuda_model_loads_a_cpu_calibration(method):
+    # The CPU model's state (thresholds included) loaded into a model on the
+    # GPU, sparsified otherwise: the same masking on the GPU's torch path.
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    cpu = tiny_llama()
+    sparsify_mlp(cpu, 0.5, calibration=ids, method=method)
+    gpu = tiny_llama().cuda()
+    sparsify_mlp(gpu, 0.1, calibration=ids.cuda())
+    gpu.load_state_dict(cpu.state_dict())
+    mlp_c, mlp_g = cpu.model.layers[1].mlp, gpu.model.layers[1].mlp
+    assert mlp_g.sparse_config.device.type == "cuda"
+    assert (mlp_g.method, mlp_g.threshold, mlp_g.t_in) == (
+        mlp_c.method,
+        mlp_c.threshold,
+        mlp_c.t_in,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            gpu(ids.cuda()).logits.cpu(), cpu(ids).logits, atol=1e-3, rtol=1e-3
+        )
+        x = torch.randn(1, 1, 64)
+        torch.testing.assert_close(mlp_g(x.cuda()).cpu(), mlp_c(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_traces_and_exports_its_masking(method):
+    # Under no_grad a token call goes to the Rust kernel, whose numpy output
+    # torch.jit.trace recorded as a constant (every later input gave the
+    # traced token's result) and torch.export could not read at all.
+    import warnings
+
+    import torch
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    lin = [torch.nn.Linear(a, b, bias=False) for a, b in ((16, 40), (16, 40), (40, 16))]
+    mlp = SparseMLP(*lin, activation="silu", threshold=0.05, method=method, t_in=0.1)
+    x1, x2 = torch.randn(2, 1, 16)
+
+    def torch_path(x):
+        mlp.rust_max_rows = 0
+        y = mlp(x)
+        mlp.rust_max_rows = 8
+        return y
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(mlp, x1, check_trace=False)
+        torch.testing.assert_close(traced(x2), torch_path(x2))
+        for strict in (False, True):
+            exported = torch.export.export(mlp, (x1,), strict=strict).module()
+            torch.testing.assert_close(exported(x2), torch_path(x2))
+        assert mlp.rust_ffn().stats()["calls"] == 0  # (the kernel never ran)
+        torch.testing.assert_close(mlp(x2), torch_path(x2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_takes_an_empty_batch(method):
+    # A batch of no tokens (an empty shard, a fully cropped sequence) gives an
+    # empty result, as nn.Linear does, rather than a ShapeError from the kernel.
+    import torch
+
+    from neuropil.torch import SparseMLP
+
+    lin = [torch.nn.Linear(a, b, bias=False) for a, b in ((16, 40), (16, 40), (40, 16))]
+    mlp = SparseMLP(*lin, activation="silu", threshold=0.05, method=method, t_in=0.1)
+    with torch.no_grad():
+        for shape in ((0, 16), (2, 0, 16), (0, 1, 16)):
+            assert mlp(torch.randn(shape)).shape == shape
 
 
 def test_bfloat16_torch_weights_and_inputs_are_read_as_float32():

@@ -21,6 +21,12 @@ _COUNTERS = ("calls", "rows", "kept_inputs", "kept_hidden")
 _F32 = np.dtype(np.float32)
 
 
+def _torch_path(x: Any) -> bool:
+    from .neurons import _torch_path as f
+
+    return f(x)
+
+
 def _as_numpy(x: Any) -> Any:
     from .neurons import _as_numpy as conv
 
@@ -103,9 +109,10 @@ class InputSparseFFN:
         down_bias: Any = None,
         thresholds: tuple[float | None, float | None] | None = None,
     ) -> None:
-        from .neurons import _weight_dtype
+        from .neurons import _check_up_bias, _weight_dtype
 
         dtype = _weight_dtype(bits, dtype)
+        _check_up_bias(gate, up_bias)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
         # (copies: the core keeps its own, and a later change to the caller's
         # array must not reach the torch path either)
@@ -177,7 +184,8 @@ class InputSparseFFN:
         values, measured with the inputs already masked (as TEAL calibrates).
 
         Args:
-            samples: (n, d) float inputs of this FFN (hidden states of real text).
+            samples: (n, d) float inputs of this FFN (hidden states of real text;
+                ``(..., d)`` is flattened to rows).
             sparsity: Target fraction of dropped (row, input) pairs, in [0, 1).
             hidden_sparsity: Target fraction of dropped (row, neuron) pairs.
 
@@ -185,14 +193,14 @@ class InputSparseFFN:
             ``(t_in, t_hidden)`` (0.0 for a sparsity of 0, which keeps everything).
 
         Raises:
-            ArgumentError: a sparsity outside [0, 1).
+            ArgumentError: a sparsity outside [0, 1), samples not finite.
+            ShapeError: samples empty or not of width d. DTypeError: not floats.
         """
-        s = float(sparsity)
-        sh = s if hidden_sparsity is None else float(hidden_sparsity)
-        for name, v, given in (("sparsity", s, sparsity), ("hidden_sparsity", sh, hidden_sparsity)):
-            if not 0.0 <= v < 1.0:
-                raise ArgumentError(f"{name} must be in [0, 1); got {given!r}")
-        x = np.atleast_2d(_as_numpy(samples))
+        from .neurons import _fraction, _samples
+
+        s = _fraction("sparsity", sparsity)
+        sh = s if hidden_sparsity is None else _fraction("hidden_sparsity", hidden_sparsity)
+        x = _samples(samples, self.dim)
         t_in = float(np.quantile(np.abs(x), s)) if s > 0 else None
         t_h = float(np.quantile(np.abs(self.hidden(x, t_in)), sh)) if sh > 0 else None
         self.set_thresholds(t_in, t_h)
@@ -243,8 +251,10 @@ class InputSparseFFN:
 
         Args:
             x: (d,) or (n, d) float (numpy or torch tensor); small n is the
-                intended case. A CUDA tensor is computed with torch on its
-                device (same masking; the stored weights are copied there once).
+                intended case. A CUDA tensor, or one that requires grad (in
+                grad mode), is computed with torch ops on its device (same
+                masking; the stored weights are copied there once), so
+                gradients reach ``x``; the result then has ``x``'s dtype.
             dense: Keep every input and hidden value (the dense FFN, same kernel).
 
         Returns:
@@ -259,7 +269,7 @@ class InputSparseFFN:
             return self._forward(x, self.t_in, self.t_hidden)
         t_in, t_h = (None, None) if dense else (self.t_in, self.t_hidden)
         is_torch = type(x).__module__.startswith("torch")
-        if is_torch and x.device.type != "cpu":
+        if is_torch and _torch_path(x):
             return self._torch_forward(x, t_in, t_h)
         a, single = self._rows(x)
         y = self._ffn.forward(a, t_in, t_h)

@@ -24,6 +24,7 @@ Execution paths (same masking, same result up to float rounding):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArgumentError
+from .errors import ArgumentError, FormatError
 
 __all__ = ["SparseMLP", "sparsify_mlp"]
 _METHODS = ("cats", "teal")
+#: The buffer holding what calibration chose: ``[method, threshold, t_in]``
+#: (method 0 = cats, 1 = teal; NaN = no threshold), float32.
+_CONFIG = "sparse_config"
 
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -53,7 +57,16 @@ class SparseMLP(nn.Module):
     Gated: ``down(act(gate x) * up x)``; ungated (``gate=None``):
     ``down(act(up x))``, biases included. The linear layers are the model's
     own (shared, not copied), registered under the names they had (``names``),
-    so the state dict keeps the model's keys. The Rust kernel's copy of the
+    so the state dict keeps the model's keys, plus one buffer of this module,
+    ``sparse_config`` (float32 ``[method, threshold, t_in]``: method 0 for
+    ``"cats"``, 1 for ``"teal"``; NaN for no threshold), which carries the
+    calibration through ``state_dict`` / ``load_state_dict``, ``torch.save``,
+    ``save_pretrained`` and :func:`~neuropil.torch.save_quantized`. Loading a
+    state without it (the dense model's own checkpoint) keeps the current
+    calibration, even with ``strict=True``. ``threshold``, ``t_in`` and
+    ``method`` read and write that buffer; an in-place write to it is seen too
+    (except one to a buffer made under ``torch.inference_mode``, which tracks
+    no version). Casts (``.half()``) leave it float32. The Rust kernel's copy of the
     weights is built on the first CPU call that uses it, and built again when
     a weight changes: a state load, a move or cast, or an in-place update of a
     parameter (``p.add_``, ``p.copy_``, an optimizer step; a write through
@@ -91,8 +104,6 @@ class SparseMLP(nn.Module):
             raise ArgumentError(f"activation must be one of {sorted(_ACTS)}; got {activation!r}")
         if method not in _METHODS:
             raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
-        self.method = method
-        self.t_in = t_in
         self._calib_x: list[torch.Tensor] | None = None
         # The layers live under their model names when registered; the
         # unregistered ones (names[i] is None) are held outside the module tree.
@@ -104,12 +115,99 @@ class SparseMLP(nn.Module):
                 # read-only properties, which add_module refuses)
                 self._modules[n] = lin
         self.activation = "silu" if activation == "swish" else activation
-        self.threshold = threshold
         self.rust_max_rows = rust_max_rows
         self._ffn: Any = None
         self._ffn_key: Any = None
         self._calib: list[torch.Tensor] | None = None
         self._calib_count = 0
+        # The buffer is the truth; ``_cfg`` is its value as Python floats (what
+        # each call uses), read again when ``_seen`` (the buffer object and its
+        # version counter) no longer matches.
+        self._cfg: tuple[str, float | None, float | None] = ("cats", None, None)
+        self._seen: tuple[Any, Any] = (None, None)
+        self.register_buffer(_CONFIG, torch.empty(3, device=_device(up)))
+        self._set_config(method, threshold, t_in)
+
+    # ------------------------------------------------------------ calibration state
+
+    @property
+    def method(self) -> str:
+        """``"cats"`` or ``"teal"`` (see the module doc)."""
+        return self._config()[0]
+
+    @method.setter
+    def method(self, value: str) -> None:
+        _, t, t_in = self._config()
+        self._set_config(value, t, t_in)
+
+    @property
+    def threshold(self) -> float | None:
+        """Keep neurons (``"cats"``) or hidden values (``"teal"``) with ``|.|``
+        above it; None: all. Stored as float32 (the kernels compare in float32)."""
+        return self._config()[1]
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        m, _, t_in = self._config()
+        self._set_config(m, value, t_in)
+
+    @property
+    def t_in(self) -> float | None:
+        """``"teal"`` only: keep inputs with ``|x|`` above it; None: all."""
+        return self._config()[2]
+
+    @t_in.setter
+    def t_in(self, value: float | None) -> None:
+        m, t, _ = self._config()
+        self._set_config(m, t, value)
+
+    def _config(self) -> tuple[str, float | None, float | None]:
+        """(method, threshold, t_in) of the buffer. Per call: one identity and
+        one version check; the values are read (a device sync on CUDA) only
+        after the buffer was replaced or written in place."""
+        buf: Any = self._buffers[_CONFIG]
+        seen = self._seen
+        if _exporting():
+            # torch.export traces fake tensors (no values, a symbolic version):
+            # the last values stay, baked into the exported program.
+            return self._cfg
+        if buf is seen[0]:
+            try:
+                if buf._version == seen[1]:
+                    return self._cfg
+            except RuntimeError:  # an inference-mode tensor tracks no version
+                return self._cfg
+        return self._read_config(buf)
+
+    def _read_config(self, buf: Any) -> tuple[str, float | None, float | None]:
+        if buf.is_meta:  # (no values: the last ones stay)
+            return self._cfg
+        cfg = _parse_config(buf, _CONFIG, ArgumentError)
+        if cfg[0] != self._cfg[0]:
+            self._ffn = self._ffn_key = None  # the kernel class follows the method
+        self._cfg = cfg
+        self._seen = (buf, _version(buf))
+        return self._cfg
+
+    def _set_config(self, method: str, threshold: float | None, t_in: float | None) -> None:
+        """Validates and stores a calibration (a new buffer on the old one's device)."""
+        if method not in _METHODS:
+            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
+        ts = []
+        for name, v in (("threshold", threshold), ("t_in", t_in)):
+            f = None if v is None else float(v)
+            if f is not None and not (f >= 0 and math.isfinite(f)):
+                raise ArgumentError(f"{name} must be None or a finite value >= 0; got {v!r}")
+            # (the float32 value: what a state dict carries, so a model loaded
+            # from it computes the same)
+            ts.append(None if f is None else float(np.float32(f)))
+        cfg = (method, ts[0], ts[1])
+        old: Any = self._buffers[_CONFIG]
+        buf = _config_tensor(cfg, torch.float32, old.device)
+        self._buffers[_CONFIG] = buf
+        if method != self._cfg[0]:
+            self._ffn = self._ffn_key = None  # the kernel class follows the method
+        self._cfg, self._seen = cfg, (buf, _version(buf))
 
     def _layer(self, i: int) -> Any:
         name = self._names[i]
@@ -150,25 +248,59 @@ class SparseMLP(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
         self._ffn = self._ffn_key = None
-        return super()._apply(fn, recurse)
+        old: Any = self._buffers[_CONFIG]
+        cfg = self._config()
+        out = super()._apply(fn, recurse)
+        new: Any = self._buffers[_CONFIG]
+        if new.dtype != old.dtype or (old.is_meta and not new.is_meta):
+            # A cast (``.half()``) would round the thresholds, and ``to_empty``
+            # after ``to("meta")`` leaves garbage: the values stay those of the
+            # last calibration, on the new device.
+            self._buffers[_CONFIG] = new = _config_tensor(cfg, old.dtype, new.device)
+            self._seen = (new, _version(new))
+        return out
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + _CONFIG
+        if key in state_dict:  # checked before anything of this module is copied
+            _parse_config(state_dict[key], key, FormatError)
         self._ffn = self._ffn_key = None
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in missing_keys:
+            # The dense model's own checkpoint: its weights, this calibration.
+            missing_keys.remove(key)
 
     def extra_repr(self) -> str:
-        t = "dense" if self.threshold is None else f"threshold={self.threshold:.4g}"
-        if self.method == "teal" and self.t_in is not None:
-            t += f", t_in={self.t_in:.4g}"
-        return f"{self.activation}, {self.method}, {t}"
+        method, threshold, t_in = self._config()
+        t = "dense" if threshold is None else f"threshold={threshold:.4g}"
+        if method == "teal" and t_in is not None:
+            t += f", t_in={t_in:.4g}"
+        return f"{self.activation}, {method}, {t}"
 
-    def _rust_ok(self, x: torch.Tensor, rows: int) -> bool:
+    def _rust_ok(self, x: torch.Tensor, rows: int, threshold: float | None) -> bool:
         return (
-            self.threshold is not None
+            threshold is not None
+            and 0 < rows  # (an empty batch: torch gives the empty result)
             and x.is_cpu
             and x.dtype is torch.float32
             and rows <= self.rust_max_rows
             and not torch.is_grad_enabled()
+            # torch.jit.trace would record the kernel's output as a constant,
+            # and torch.export traces fake tensors numpy cannot read: both take
+            # the torch ops. (torch.compile runs the kernel between graphs.)
+            and not _is_tracing()
+            and not _exporting()
             and self._biasless()
         )
 
@@ -213,7 +345,7 @@ class SparseMLP(nn.Module):
             def b(lin: nn.Linear) -> Any:
                 return None if lin.bias is None else lin.bias.detach().float().cpu().numpy()
 
-            cls = InputSparseFFN if self.method == "teal" else SparseFFN
+            cls = InputSparseFFN if self._config()[0] == "teal" else SparseFFN
             self._ffn = cls(
                 w(self.gate), w(self.up), w(self.down), activation=self.activation,
                 up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
@@ -222,47 +354,48 @@ class SparseMLP(nn.Module):
         return self._ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        method, threshold, t_in = self._config()
         shape = x.shape
         rows = x.numel() // shape[-1] if len(shape) > 1 and shape[-1] else 1
-        if self._calib is None and self._rust_ok(x, rows):
+        if self._calib is None and self._rust_ok(x, rows, threshold):
             # The per-token call of a decoding model: the kernel takes 7-20 us
             # on a small model's FFN, so this path stays as short as it can
             # (numpy views in and out, thresholds set only when they change;
             # it cost 25 us a call through torch reshapes and re-validation).
             ffn = self.rust_ffn()
             if ffn is not None:
-                if self.method == "teal":
-                    if ffn.t_in != self.t_in or ffn.t_hidden != self.threshold:
-                        ffn.set_thresholds(self.t_in, self.threshold)
-                elif ffn.threshold != self.threshold or ffn.top_k is not None:
-                    ffn.set_threshold(self.threshold)
+                if method == "teal":
+                    if ffn.t_in != t_in or ffn.t_hidden != threshold:
+                        ffn.set_thresholds(t_in, threshold)
+                elif ffn.threshold != threshold or ffn.top_k is not None:
+                    ffn.set_threshold(threshold)
                 a = x.detach().numpy()
                 y = ffn(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]))
                 return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
-        if self.method == "teal":
-            return self._teal(x)
+        if method == "teal":
+            return self._teal(x, threshold, t_in)
         act = _ACTS[self.activation]
         a = act((self.gate or self.up)(x))
         if self._calib is not None:
             self._record(a)
-        if self.threshold is not None:
-            a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
+        if threshold is not None:
+            a = torch.where(a.abs() > threshold, a, torch.zeros_like(a))
         if self.gate is not None:
             a = a * self.up(x)
         return _linear(self.down, a)
 
-    def _teal(self, x: torch.Tensor) -> torch.Tensor:
+    def _teal(self, x: torch.Tensor, threshold: float | None, t_in: float | None) -> torch.Tensor:
         """TEAL with torch ops: mask the inputs, then the hidden values."""
         if self._calib_x is not None:
             _keep(self._calib_x, x)
-        if self.t_in is not None:
-            x = torch.where(x.abs() > self.t_in, x, torch.zeros_like(x))
+        if t_in is not None:
+            x = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
         act = _ACTS[self.activation]
         h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
         if self._calib is not None:
             self._record(h)
-        if self.threshold is not None:
-            h = torch.where(h.abs() > self.threshold, h, torch.zeros_like(h))
+        if threshold is not None:
+            h = torch.where(h.abs() > threshold, h, torch.zeros_like(h))
         return _linear(self.down, h)
 
     def _record(self, a: torch.Tensor) -> None:
@@ -271,14 +404,53 @@ class SparseMLP(nn.Module):
         _keep(self._calib, a)
 
 
+_is_tracing = torch.jit.is_tracing
+# (torch >= 2.6; torch.export of older versions finds the kernel call and stops)
+_exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _version(t: Any) -> Any:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor tracks no version
+        return None
+
+
+def _device(lin: nn.Module) -> torch.device:
+    """The device of a layer's first tensor (CPU for none)."""
+    t = next(iter(lin.parameters()), None)
+    if t is None:
+        t = next(iter(lin.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
+
+
+def _config_tensor(cfg: tuple[str, float | None, float | None], dtype: Any, device: Any) -> Any:
+    vals = [float(_METHODS.index(cfg[0]))] + [float("nan") if v is None else v for v in cfg[1:]]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def _parse_config(
+    t: Any, name: str, err: type[Exception]
+) -> tuple[str, float | None, float | None]:
+    """(method, threshold, t_in) of a ``sparse_config`` tensor; ``err`` naming
+    ``name``, the expected and the found value when it is not one."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (3,) or not t.is_floating_point():
+        found = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise err(f"{name} must be a float tensor of shape (3,) ([method, threshold, t_in]); "
+                  f"got {found}")  # fmt: skip
+    if t.is_meta:
+        return ("cats", None, None)  # (shape only: a meta tensor has no values)
+    m, *ts = t.detach().float().cpu().tolist()
+    if m not in (0.0, 1.0) or any(not (math.isnan(v) or 0 <= v < math.inf) for v in ts):
+        raise err(
+            f"{name} must be [method 0 (cats) or 1 (teal), threshold, t_in] with each "
+            f"threshold >= 0 and finite, or NaN for none; got {[m, *ts]}"
+        )
+    return (_METHODS[int(m)], *(None if math.isnan(v) else v for v in ts))  # type: ignore[return-value]
+
+
 def _versions(params: list[Any]) -> list[Any]:
-    out = []
-    for p in params:
-        try:
-            out.append(p._version)
-        except RuntimeError:  # an inference-mode tensor tracks no version
-            out.append(None)
-    return out
+    return [_version(p) for p in params]
 
 
 def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -413,8 +585,13 @@ def sparsify_mlp(
     ``intermediate`` becomes the :class:`SparseMLP` (ending with
     ``output.dense``) and ``output.dense`` passes its input through (it keeps
     its parameters; such layers must still be float). The model's state-dict keys
-    do not change. Calling it again on a sparsified model recalibrates (sparsity 0
-    makes it dense again).
+    stay, and each FFN adds one, ``<ffn>.sparse_config`` (the calibration), so
+    ``state_dict`` / ``save_pretrained`` keep it: to restore it, sparsify the
+    fresh model (``sparsity=0`` needs no calibration) and ``load_state_dict``
+    the saved state (``from_pretrained`` alone drops those keys, as it builds
+    the dense model). The dense model's own checkpoints still load strictly.
+    Calling it again on a sparsified model recalibrates (sparsity 0 makes it
+    dense again).
 
     Args:
         model: A ``transformers`` model (or any module holding such FFNs).
@@ -474,18 +651,17 @@ def sparsify_mlp(
             setattr(model.get_submodule(parent) if parent else model, attr, sm)
             sparse[name] = sm
         else:
-            inter, out = mod.intermediate, mod.output
-            down = _AppliedLinear(out.dense)
+            inter, output = mod.intermediate, mod.output
+            down = _AppliedLinear(output.dense)
             sm = SparseMLP(None, inter.dense, down, _act_name(model, "gelu"),
                            rust_max_rows=rust_max_rows, method=method,
                            names=(None, "dense", None))  # fmt: skip
             mod.intermediate = sm
-            out.dense = down
+            output.dense = down
             sparse[f"{name}.intermediate" if name else "intermediate"] = sm
     for sm in sparse.values():
-        sm.threshold = sm.t_in = None
+        sm._set_config(method, None, None)
         sm._ffn = sm._ffn_key = None
-        sm.method = method
     if s == 0.0 and hs == 0.0:
         return dict.fromkeys(sparse, 0.0)
     for sm in sparse.values():
@@ -505,6 +681,7 @@ def sparsify_mlp(
         for sm in sparse.values():
             sm._calib = sm._calib_x = None
     for name, sm in sparse.items():
-        sm.threshold = out[name] if hs > 0 else None
-        sm.t_in = t_in.get(name)
+        sm._set_config(method, out[name] if hs > 0 else None, t_in.get(name))
+        # (the stored, float32 value: what the model applies and a state dict carries)
+        out[name] = sm.threshold or 0.0
     return out

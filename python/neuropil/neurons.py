@@ -81,6 +81,55 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _torch_path(x: Any) -> bool:
+    """Whether a torch tensor must take the torch ops: it is on an accelerator,
+    or gradients must flow back to it (the kernels' numpy output carries no
+    autograd graph: a gradient through the FFN would be silently missing)."""
+    if x.device.type != "cpu":
+        return True
+    if x.requires_grad:
+        import torch
+
+        return torch.is_grad_enabled()
+    return False
+
+
+def _check_up_bias(gate: Any, up_bias: Any) -> None:
+    """``up_bias`` belongs to an ungated FFN: with a gate the kernels would add
+    it to the gate's pre-activation and the CUDA path would drop it, neither
+    of which is ``act(gate x) * (up x + b)``."""
+    if gate is not None and up_bias is not None:
+        raise ArgumentError(
+            "up_bias must be None for a gated FFN (it is the bias of an ungated FFN's up "
+            f"projection); got up_bias of shape {np.shape(_as_numpy(up_bias))} with a gate"
+        )
+
+
+def _fraction(name: str, v: Any) -> float:
+    """``v`` as a float in [0, 1), or ArgumentError naming ``name``."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not 0.0 <= f < 1.0:
+        raise ArgumentError(f"{name} must be in [0, 1); got {v!r}")
+    return f
+
+
+def _samples(samples: Any, d: int) -> np.ndarray:
+    """Calibration samples as (n, d) with n >= 1 and finite values; leading
+    dimensions (hidden states ``(batch, tokens, d)``) are flattened."""
+    x = _as_numpy(samples)
+    if x.dtype.kind != "f":
+        raise DTypeError(f"samples must be a float array or tensor; got dtype {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] != d or x.size == 0:
+        raise ShapeError(f"samples must have shape (n, {d}) (or (..., {d})), n >= 1; got {x.shape}")
+    x = x.reshape(-1, d)
+    if not np.isfinite(x).all():
+        raise ArgumentError("samples must be finite (no NaN or Inf)")
+    return x
+
+
 #: What a pickled SparseFFN / InputSparseFFN carries besides its own entries.
 _FFN_STATE = ("gate", "up", "down", "activation", "dtype", "up_bias", "down_bias", "sparsity",
               "stats")  # fmt: skip
@@ -285,6 +334,11 @@ class NeuronCache:
         a = np.asarray(_as_numpy(ids))
         if a.size and a.dtype.kind not in "iu":
             raise DTypeError(f"ids must be integers; got dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
+            # (the int64 conversion below would wrap it to a negative id)
+            raise IndexError(
+                f"hot index {int(a.max())} is out of range for length {self.num_neurons}"
+            )
         self._c.set_hot(np.ascontiguousarray(a.reshape(-1), dtype=np.int64))
 
     def hot_neurons(self) -> npt.NDArray[np.uint32]:
@@ -301,7 +355,12 @@ class NeuronCache:
         if neuron is None:
             tokens = self._c.stats()["total_activations"]
             return self._c.counts() / max(tokens, 1)
-        return self._c.activation_frequency(_int("neuron", neuron, -(2**62)))
+        if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)):
+            raise ArgumentError(f"neuron must be an integer neuron id; got {neuron!r}")
+        if not 0 <= int(neuron) < self.num_neurons:
+            # (checked here too: the native call takes an int64)
+            raise IndexError(f"neuron index {neuron} is out of range for length {self.num_neurons}")
+        return self._c.activation_frequency(int(neuron))
 
     def stats(self) -> dict[str, Any]:
         """``num_hot``, ``num_cold``, ``total_activations`` (tokens recorded),
@@ -428,7 +487,7 @@ class SparseFFN:
             (the most frequently active on the calibration samples), and the most
             :meth:`set_hot` takes. None: no tier from :meth:`calibrate`, no bound.
         dtype: ``"float32"`` or ``"float16"`` weight storage.
-        up_bias: (h,) float, ungated FFNs (BERT's intermediate bias).
+        up_bias: (h,) float, ungated FFNs only (BERT's intermediate bias).
         down_bias: (d,) float.
         threshold: A known threshold (else :meth:`calibrate` sets one; none: dense).
         top_k: Keep the ``top_k`` neurons of largest ``|act(pre)|`` per row instead.
@@ -458,6 +517,7 @@ class SparseFFN:
         top_k: int | None = None,
     ) -> None:
         dtype = _weight_dtype(bits, dtype)
+        _check_up_bias(gate, up_bias)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
         # (copies: the core keeps its own, and a later change to the caller's
         # array must not reach the torch path either)
@@ -529,19 +589,19 @@ class SparseFFN:
         activations inactive (CATS-style), and fills the hot tier.
 
         Args:
-            samples: (n, d) float inputs of this FFN (e.g. hidden states of real text).
+            samples: (n, d) float inputs of this FFN (e.g. hidden states of real
+                text; ``(..., d)`` is flattened to rows).
             sparsity: Target fraction of inactive (row, neuron) pairs, in [0, 1).
 
         Returns:
             The threshold (0.0 for sparsity 0, which computes every neuron).
 
         Raises:
-            ArgumentError: sparsity outside [0, 1).
+            ArgumentError: sparsity outside [0, 1), samples not finite.
+            ShapeError: samples empty or not of width d. DTypeError: not floats.
         """
-        s = float(sparsity)
-        if not 0.0 <= s < 1.0:
-            raise ArgumentError(f"sparsity must be in [0, 1); got {sparsity!r}")
-        acts = np.abs(self.activations(np.atleast_2d(_as_numpy(samples))))
+        s = _fraction("sparsity", sparsity)
+        acts = np.abs(self.activations(_samples(samples, self.dim)))
         self.sparsity = s
         self.top_k = None
         if s == 0.0:
@@ -665,15 +725,17 @@ class SparseFFN:
         Args:
             x: (d,) or (n, d) float (numpy or torch tensor); small n is the
                 intended case (rows share one pass over the weights). A CUDA
-                tensor is computed with torch on its device (same masking; the
-                stored weights are copied there once).
+                tensor, or one that requires grad (in grad mode), is computed
+                with torch ops on its device (same masking; the stored weights
+                are copied there once), so gradients reach ``x``; the result
+                then has ``x``'s dtype.
             dense: Compute every neuron (the dense FFN through the same kernel).
 
         Returns:
             (d,) or (n, d) float32, numpy or torch like ``x``.
         """
         is_torch = type(x).__module__.startswith("torch")
-        if is_torch and x.device.type != "cpu":
+        if is_torch and _torch_path(x):
             return self._torch_forward(x, dense)
         a, single = self._rows(x)
         if dense or (self.threshold is None and self.top_k is None):
