@@ -245,6 +245,32 @@ def test_out_of_range_integers_and_thresholds_name_the_argument():
         ix.search(keys[:2], np.array([0.0, -1e300]))
 
 
+def test_lists_and_scalar_arrays_are_read_as_arrays_and_numbers():
+    torch = pytest.importorskip("torch")
+    keys = low_rank(200, 8, 2, 1)
+    q = low_rank(3, 8, 2, 2)
+    ix = RangeIndex(keys)
+    want = ix.search(q, 1.5)
+    from_lists = RangeIndex(keys.tolist())
+    for got in (
+        from_lists.search(q.tolist(), 1.5),
+        ix.search(q, np.array(1.5)),  # 0-d: one threshold for all queries
+        ix.search(q, np.float32(1.5)),
+        ix.search(q, [1.5, 1.5, 1.5]),
+    ):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    _, ids, _ = ix.search(torch.from_numpy(q), torch.tensor(1.5))
+    np.testing.assert_array_equal(ids.numpy(), want[1])
+    np.testing.assert_array_equal(from_lists.topk(q.tolist(), 3)[0], ix.topk(q, 3)[0])
+    from_lists.add(keys[:2].tolist())
+    assert len(from_lists) == 202
+    with pytest.raises(neuropil.ShapeError, match="queries must have shape"):
+        ix.search([[1.0] * 8, [1.0] * 7], 0.0)
+    with pytest.raises(neuropil.ShapeError, match="thresholds must have shape"):
+        ix.search(q, np.ones((3, 1)))
+
+
 def test_bf16_and_f16_torch_tensors_are_read_as_float32():
     torch = pytest.importorskip("torch")
     keys = low_rank(300, 16, 3, 5)
@@ -495,6 +521,293 @@ def test_cpu_top_k_with_a_padding_mask_matches_the_torch_path():
         summary = cache.summary()
         assert summary["fraction_read"] == pytest.approx(info["fraction_read"], rel=1e-5)
         assert summary["dropped_bound"] == pytest.approx(info["dropped_bound"], rel=1e-4, abs=1e-7)
+
+
+def _layer_with(cache, k, v):
+    """The cache's first layer after a prefill of all keys but the last and one decode update."""
+    layer = cache.layers[0]
+    layer.update(k[:, :, :-1], v[:, :, :-1])
+    return layer.update(k[:, :, -1:], v[:, :, -1:])
+
+
+@pytest.mark.parametrize("strategy", ["top_k", "top_p", "threshold"])
+def test_a_left_padded_row_attends_as_the_same_row_unpadded(strategy):
+    """The sinks are a row's first real tokens, not its padding, and padding does
+    not widen top_p's margin: batching a prompt with a longer one (left padding)
+    reads the same keys and gives the same output, on both paths."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import types
+
+    from neuropil import hf
+
+    g = torch.Generator().manual_seed(0)
+    n, d, pad = 120, 16, 30
+    q = torch.randn(1, 2, 1, d, generator=g)
+    k = torch.randn(1, 1, n, d, generator=g)
+    v = torch.randn(1, 1, n, d, generator=g)
+    k[:, :, :3] += 2 * q[0, 0, 0]  # the first real tokens draw attention (sinks)
+    kp = torch.cat([torch.randn(1, 1, pad, d, generator=g), k], 2)
+    vp = torch.cat([torch.randn(1, 1, pad, d, generator=g), v], 2)
+    mask = torch.ones(1, 1, 1, n + pad, dtype=torch.bool)
+    mask[..., :pad] = False
+    kw = {"top_k": {"top_k": 6}, "top_p": {"top_p": 0.9}, "threshold": {"threshold": 0.5}}
+    kw = {**kw[strategy], "sinks": 3, "window": 2}
+    got = []
+    for keys, values, m in [(k, v, None), (kp, vp, mask)]:
+        cache = hf.SparseCache(_tiny_llama_config(), strategy, **kw)
+        keys, values = _layer_with(cache, keys, values)
+        module = types.SimpleNamespace(layer_idx=0)
+        out, _ = hf._attention(module, q, keys, values, m, scaling=d**-0.5)
+        ref, info = hf.sparse_decode_attention(
+            q, keys, values, d**-0.5, strategy=strategy, attention_mask=m, **kw
+        )
+        got.append((out, ref, cache.summary()["fraction_read"], info["fraction_read"]))
+    (out, ref, f_cpu, f_torch), (out_p, ref_p, f_cpu_p, f_torch_p) = got
+    torch.testing.assert_close(out_p, out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ref_p, ref, atol=1e-6, rtol=1e-6)
+    assert f_cpu_p == pytest.approx(f_cpu) and f_torch_p == pytest.approx(f_torch, rel=1e-6)
+    assert f_cpu_p == pytest.approx(f_torch_p, rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["top_k", "top_p", "threshold"])
+def test_cpu_path_with_a_fully_masked_row_matches_the_torch_path(strategy):
+    # An all-padding row gives zeros (as sdpa), the other row its usual output.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import types
+
+    from neuropil import hf
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 1, 16, generator=g)
+    k = torch.randn(2, 1, 50, 16, generator=g)
+    v = torch.randn(2, 1, 50, 16, generator=g)
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[0] = False
+    mask[1, ..., :10] = False
+    kw = {"top_k": {"top_k": 5}, "top_p": {}, "threshold": {"threshold": 0.0}}[strategy]
+    cache = hf.SparseCache(_tiny_llama_config(), strategy, sinks=2, window=1, **kw)
+    keys, values = _layer_with(cache, k, v)
+    out, _ = hf._attention(types.SimpleNamespace(layer_idx=0), q, keys, values, mask, scaling=0.25)
+    ref, info = hf.sparse_decode_attention(
+        q, keys, values, 0.25, strategy=strategy, sinks=2, window=1, attention_mask=mask, **kw
+    )
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert cache.summary()["fraction_read"] == pytest.approx(info["fraction_read"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cpu_path_in_half_precision_rounds_once(dtype):
+    """bf16/f16 keys and values: the weighted sum runs in float32 and is rounded
+    once, so with every key read the output is the correctly rounded attention
+    (not the sum of products of rounded weights)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import types
+
+    from neuropil import hf
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 16
+    q = (torch.randn(1, 2, 1, d, generator=g) * 2).to(dt)
+    k = torch.randn(1, 1, n, d, generator=g).to(dt)
+    v = (torch.randn(1, 1, n, d, generator=g) + 3).to(dt)
+    z = (q.double() @ k.double().transpose(-1, -2)) * d**-0.5
+    exact = (torch.softmax(z, -1) @ v.double()).transpose(1, 2)
+    cache = hf.SparseCache(_tiny_llama_config(), "threshold", threshold=-1e30, sinks=0, window=0)
+    keys, values = _layer_with(cache, k, v)
+    out, _ = hf._attention(
+        types.SimpleNamespace(layer_idx=0), q, keys, values, None, scaling=d**-0.5
+    )
+    assert out.dtype == dt
+    assert torch.equal(out, exact.to(dt))
+
+
+def test_beam_reordering_and_crops_keep_the_indexes_without_rebuilding():
+    """reorder_cache (beam search), batch_repeat_interleave and batch_select_indices
+    carry each row's index along (a row taken twice gets a copy of it), a crop of
+    keys no index holds keeps them, and the next decode step reads them as the
+    torch path reads the keys."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import types
+
+    from neuropil import hf
+
+    g = torch.Generator().manual_seed(2)
+    d = 16
+    kw = {"top_k": 4, "sinks": 0, "window": 1}
+    cache = hf.SparseCache(_tiny_llama_config(), "top_k", **kw)
+    module = types.SimpleNamespace(layer_idx=0)
+    layer = cache.layers[0]
+
+    def step(rows):
+        q = torch.randn(rows, 2, 1, d, generator=g)
+        k, v = torch.randn(rows, 1, 1, d, generator=g), torch.randn(rows, 1, 1, d, generator=g)
+        keys, values = layer.update(k, v)
+        out, _ = hf._attention(module, q, keys, values, None, scaling=d**-0.5)
+        ref, _ = hf.sparse_decode_attention(q, keys, values, d**-0.5, strategy="top_k", **kw)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    layer.update(torch.randn(3, 1, 300, d, generator=g), torch.randn(3, 1, 300, d, generator=g))
+    step(3)
+    old = [row[0] for row in layer.indexes]
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    new = [row[0] for row in layer.indexes]
+    assert new[0] is old[2] and new[1] is old[0] and new[2] is not old[0]
+    assert new[2].stats["builds"] == old[0].stats["builds"]  # cloned, not rebuilt
+    np.testing.assert_array_equal(new[2].keys(), old[0].keys())
+    step(3)  # each row appends its own key: the copy and its original part
+    assert len(new[1]) == len(new[2]) == 302
+    assert not np.array_equal(new[1].keys()[-1], new[2].keys()[-1])
+    cache.batch_repeat_interleave(2)
+    assert [row[0] for row in layer.indexes][::2] == new
+    step(6)
+    cache.batch_select_indices(torch.tensor([5, 0]))
+    step(2)
+    assert len(layer.indexes) == 2 and all(len(row[0]) == 304 for row in layer.indexes)
+    # Assisted decoding: a dense verification pass of 3 candidates, 2 rejected and
+    # cropped. The indexes never held them, so they stay; a deeper crop drops them.
+    kept = [row[0] for row in layer.indexes]
+    layer.update(torch.randn(2, 1, 3, d, generator=g), torch.randn(2, 1, 3, d, generator=g))
+    cache.crop(-2)
+    assert [row[0] for row in layer.indexes] == kept
+    step(2)
+    assert all(len(row[0]) == 306 for row in layer.indexes)
+    cache.crop(-3)
+    assert layer.indexes == []
+    step(2)
+
+
+def test_layer_types_decide_and_unsupported_attention_is_refused():
+    """A config whose layers are all full attention is accepted even when it
+    carries a sliding_window no layer uses (and matches DynamicCache + sdpa);
+    attention the sparse path cannot apply (learned sinks) and latent caches
+    are refused with what they lack, never computed wrongly."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import (
+        AutoModelForCausalLM,
+        DeepseekV3Config,
+        DynamicCache,
+        GptOssConfig,
+        MistralConfig,
+        Qwen3Config,
+    )
+
+    from neuropil import hf
+
+    small = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    ids = torch.randint(3, 64, (1, 20), generator=torch.Generator().manual_seed(0))
+    cfg = Qwen3Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert cfg.layer_types == ["full_attention"] * 2 and cfg.sliding_window == 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model(ids, **hf.cache_kwargs(model, DynamicCache())).logits
+        model.set_attn_implementation(hf.ATTENTION)
+        for strategy, kw in [(None, {}), ("threshold", {"threshold": -1e30})]:
+            cache = hf.SparseCache(model, strategy, **kw)
+            torch.testing.assert_close(
+                model(ids, **hf.cache_kwargs(model, cache)).logits, ref, atol=1e-5, rtol=1e-5
+            )
+    with pytest.raises(neuropil.NeuropilError, match="sliding_attention"):
+        hf.SparseCache(MistralConfig(**small, sliding_window=8))
+    with pytest.raises(neuropil.NeuropilError, match="multi-head latent attention"):
+        hf.SparseCache(DeepseekV3Config(**{**small, "num_key_value_heads": 4}, kv_lora_rank=8))
+    cfg = GptOssConfig(
+        **small, layer_types=["full_attention"] * 2, num_local_experts=2, num_experts_per_tok=1
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=hf.ATTENTION).eval()
+    with torch.no_grad(), pytest.raises(neuropil.NeuropilError, match="attention sinks"):
+        model.generate(ids, **gen, **hf.cache_kwargs(model, hf.SparseCache(model)))
+
+
+def test_generate_journeys_read_as_the_torch_path():
+    """Greedy, beam search, several return sequences, left-padded batches, prompt
+    lookup (crop) and continuing from the returned cache: at every decode step
+    the CPU path (range search over the per-row indexes) gives what the torch
+    path computes from the keys; with every key read, the tokens of sdpa."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import AttentionInterface, DynamicCache, LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from neuropil import hf
+
+    cfg = _tiny_llama_config(heads=4, kv_heads=2)
+    cfg.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked attention, so the strategies drop keys
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 6
+            layer.self_attn.k_proj.weight *= 6
+    worst = []
+
+    def checked(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, w = hf._attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        c = key._neuropil_layer.cache
+        if query.shape[2] == 1 and c.strategy is not None:
+            ref, _ = hf.sparse_decode_attention(
+                query, key, value, float(scaling), strategy=c.strategy, top_p=c.top_p,
+                top_k=c.top_k, threshold=c.threshold, sinks=c.sinks, window=c.window,
+                attention_mask=attention_mask,
+            )  # fmt: skip
+            worst.append(float((out - ref).abs().max()))
+        return out, w
+
+    # (the caches are made from the config: the model runs this wrapper, not ATTENTION)
+    AttentionInterface.register("neuropil_test_checked", checked)
+    AttentionMaskInterface.register("neuropil_test_checked", sdpa_mask)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    journeys = {
+        "greedy": ({"input_ids": ids, "attention_mask": mask}, {}),
+        "beams": ({"input_ids": ids, "attention_mask": mask}, {"num_beams": 3}),
+        "samples": ({"input_ids": ids[:1]}, {"do_sample": True, "num_return_sequences": 3}),
+        "lookup": ({"input_ids": ids[:1]}, {"prompt_lookup_num_tokens": 3}),
+    }
+    strategies = [("top_k", {"top_k": 5, "sinks": 2, "window": 2}), ("top_p", {"top_p": 0.9})]
+    with torch.no_grad():
+        for name, (inputs, kw) in journeys.items():
+            gen = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, **kw}
+            model.set_attn_implementation("sdpa")
+            torch.manual_seed(3)
+            ref = model.generate(**inputs, **gen, **hf.cache_kwargs(model, DynamicCache()))
+            model.set_attn_implementation("neuropil_test_checked")
+            for strategy, skw in [("threshold", {"threshold": -1e30}), *strategies]:
+                cache = hf.SparseCache(model.config, strategy, **skw)
+                torch.manual_seed(3)
+                out = model.generate(**inputs, **gen, **hf.cache_kwargs(model, cache))
+                if strategy == "threshold":
+                    assert torch.equal(out, ref), name
+                assert worst and max(worst) < 1e-5, (name, strategy)
+                worst.clear()
+        # Continue from the returned cache, then after cropping it.
+        cache = hf.SparseCache(model.config, "top_k", top_k=5, sinks=2, window=2)
+        out = model.generate(ids[:1], max_new_tokens=5, **hf.cache_kwargs(model, cache))
+        more = torch.cat([out, ids[:1, :3]], 1)
+        out = model.generate(more, max_new_tokens=5, **hf.cache_kwargs(model, cache))
+        assert cache.get_seq_length() == out.shape[1] - 1
+        cache.crop(-4)
+        model.generate(out[:, : cache.get_seq_length() + 1], max_new_tokens=3,
+                       **hf.cache_kwargs(model, cache))  # fmt: skip
+        assert worst and max(worst) < 1e-5
 
 
 def test_hf_arguments_are_checked_up_front():

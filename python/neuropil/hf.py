@@ -10,7 +10,8 @@ Usage::
 
 :class:`SparseCache` is a ``transformers.Cache`` made of :class:`SparseLayer`
 layers (``CacheLayerMixin``). Each layer keeps one :class:`~neuropil.range.RangeIndex`
-per batch row and kv head, built at prefill and extended as tokens append. The
+per batch row and kv head, built at the first decode step and extended as tokens
+append (beam search carries them along with their rows). The
 attention function registered as :data:`ATTENTION` (with a matching mask
 function) runs prefill densely (sdpa) and, at each decode step, reads only the
 keys the strategy selects, plus the attention sinks and a recent window:
@@ -80,13 +81,9 @@ class SparseLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if (
-            self.cache is not None
-            and self.cache.strategy is not None
-            and key_states.shape[-2] > 1
-            and keys.device.type == "cpu"
-        ):
-            self._build()
+        # The indexes are built, or extended by the new keys, when a decode step
+        # first reads them (index()): a verification pass of assisted decoding,
+        # cropped right after, costs no build.
         keys._neuropil_layer = self  # the attention function finds its layer here
         return keys, values
 
@@ -115,19 +112,41 @@ class SparseLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self.indexes = []
+        # An index of no key past the new end stays valid: assisted decoding crops the
+        # rejected candidates, which only a dense verification pass has seen.
+        n = self.get_seq_length()
+        if any(len(ix) > n for row in self.indexes for ix in row):
+            self.indexes = []
+
+    def _take_rows(self, rows: list[int]) -> None:
+        """Keeps the indexes of batch rows ``rows``, in that order, as the keys
+        were: a row taken once keeps its index, each further time it gets a
+        copy (cloned, not rebuilt: beam search reorders at every step)."""
+        taken: set[int] = set()
+        new = []
+        for r in rows:
+            new.append([ix._copy() for ix in self.indexes[r]] if r in taken else self.indexes[r])
+            taken.add(r)
+        self.indexes = new
+
+    def _rows(self, indices) -> list[int]:
+        # Whatever indexes the batch dimension of the keys (ids, a bool mask...).
+        return torch.arange(len(self.indexes))[torch.as_tensor(indices).cpu()].tolist()
 
     def reorder_cache(self, beam_idx) -> None:
         super().reorder_cache(beam_idx)
-        self.indexes = []
+        if self.indexes:
+            self._take_rows(self._rows(beam_idx))
 
     def batch_select_indices(self, indices) -> None:
         super().batch_select_indices(indices)
-        self.indexes = []
+        if self.indexes:
+            self._take_rows(self._rows(indices))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self.indexes = []
+        if self.indexes:
+            self._take_rows([r for r in range(len(self.indexes)) for _ in range(repeats)])
 
 
 class SparseCache(Cache):
@@ -142,7 +161,8 @@ class SparseCache(Cache):
         top_p: Softmax mass kept, in (0, 1).
         top_k: Key budget per query head (besides sinks and window).
         threshold: Logit threshold (``scaling * q.k``) for ``"threshold"``.
-        sinks: First keys always read (attention sinks).
+        sinks: First keys of each row always read (attention sinks): its first
+            unmasked keys, so under left padding its first real tokens.
         window: Most recent keys always read.
         method: :class:`~neuropil.range.RangeIndex` method.
 
@@ -285,14 +305,25 @@ def _check_model(model: Any, config: Any) -> None:
             f"SparseCache does not support model type {getattr(text, 'model_type', '?')!r}: "
             f"its config lacks {', '.join(missing)}"
         )
-    layer_types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other or (
-        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
-    ):
+    model_type = getattr(text, "model_type", "?")
+    if getattr(text, "kv_lora_rank", None):
+        # The cache would hold the latents, and the attention gets keys expanded from them.
+        raise NeuropilError(
+            f"SparseCache does not support multi-head latent attention (model type "
+            f"{model_type!r}, kv_lora_rank={text.kv_lora_rank}): its cache holds latents, not keys"
+        )
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        # The layers' own types decide (a config may carry a sliding_window that no layer uses).
+        other = sorted({t for t in layer_types if t != "full_attention"})
+    elif getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        other = ["sliding_attention"]  # no layer_types (Mistral): the window is in every layer
+    else:
+        other = []
+    if other:
         raise NeuropilError(
             f"SparseCache supports full attention in every layer; model type "
-            f"{getattr(text, 'model_type', '?')!r} has {other or ['sliding_attention']} layers"
+            f"{model_type!r} has {other} layers"
         )
     impl = getattr(config, "_attn_implementation", None)
     if model is not config and impl != ATTENTION:
@@ -319,8 +350,8 @@ def _select_cpu(
     torch path does."""
     ix = layer.index(b, h)
     rows = q.shape[0]
+    n_masked = 0 if allowed is None else n - int(allowed.sum())
     if cache.strategy == "top_k":
-        n_masked = 0 if allowed is None else n - int(allowed.sum())
         # Among the best top_k + n_masked keys are the best top_k allowed ones.
         ids, scores = ix.topk(q, min(cache.top_k + n_masked, n))
         if n_masked == 0:
@@ -337,8 +368,11 @@ def _select_cpu(
     if cache.strategy == "threshold":
         t = np.full(rows, cache.threshold / scaling, dtype=np.float32)
     else:  # top_p
+        # Only the allowed keys can be dropped, so they alone count in the margin (as in the
+        # torch path): padding does not widen a row's selection.
         _, best = ix.topk(q, 1)
-        t = best[:, 0].astype(np.float64) + (math.log1p(-cache.top_p) - math.log(n)) / scaling
+        margin = math.log1p(-cache.top_p) - math.log(n - n_masked)
+        t = best[:, 0].astype(np.float64) + margin / scaling
         t = t.astype(np.float32)
     lims, ids, _ = ix.search(q, t)
     return [ids[lims[r] : lims[r + 1]] for r in range(rows)], t.astype(np.float64) * scaling
@@ -354,6 +388,15 @@ def _gather(key, value, query, b, h, groups, r, sel, forced, allowed, scaling):
     return ids, z, float(z.max()), vs
 
 
+#: Attention arguments some models pass that change the scores: neither the sparse decode
+#: path nor (for sinks) sdpa applies them, so they are refused rather than dropped.
+_UNSUPPORTED = (
+    ("s_aux", "learned attention sinks"),
+    ("softcap", "logit soft-capping"),
+    ("position_bias", "an additive position bias"),
+)
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = getattr(key, "_neuropil_layer", None)
     if layer is None or layer.cache is None:
@@ -363,6 +406,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             "cache or none"
         )
     cache: SparseCache = layer.cache
+    for name, what in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise NeuropilError(
+                f"attn_implementation={ATTENTION!r} does not support {what} "
+                f"({name}, passed by {type(module).__name__}); use the model's own attention"
+            )
     if query.shape[2] != 1 or cache.strategy is None:
         if query.shape[2] == 1:
             cache._record(module.layer_idx, key.shape[2], [1.0], [0.0])
@@ -393,16 +442,23 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     groups = n_heads // kv_heads
     out = torch.empty(bsz, 1, n_heads, d, dtype=query.dtype)
     fractions, bounds = [], []
-    forced = np.unique(
-        # The current token is always read, so no query ever attends to nothing.
-        np.r_[np.arange(min(cache.sinks, n)), np.arange(max(0, n - max(cache.window, 1)), n)]
-    )
+    # The current token is always read, so no query with an allowed key attends to nothing.
+    recent = np.arange(max(0, n - max(cache.window, 1)), n)
     for b in range(bsz):
         allowed = None
         if attention_mask is not None:
             m = attention_mask[b, 0, -1, :n]
             allowed = (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2).numpy()
         n_ok = n if allowed is None else int(allowed.sum())
+        if n_ok == 0:
+            # Every key masked (an all-padding row): zeros, as sdpa and the torch path give;
+            # the row has no fraction to report.
+            out[b] = 0
+            continue
+        # The sinks are the row's first allowed keys: under left padding, its first real
+        # tokens (not padding), so a padded row reads what it would read unpadded.
+        first = 0 if allowed is None else int(allowed.argmax())
+        forced = np.union1d(np.arange(first, min(first + cache.sinks, n)), recent)
         for h in range(kv_heads):
             q = query[b, h * groups : (h + 1) * groups, 0].detach().to(torch.float32).numpy()
             sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling, allowed)
@@ -412,7 +468,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                 )
                 if cache.strategy == "top_p" and allowed is not None:
                     # The best key may be masked (padding): certify against the best allowed one.
-                    t2 = zmax + math.log1p(-cache.top_p) - math.log(n)
+                    t2 = zmax + math.log1p(-cache.top_p) - math.log(n_ok)
                     if t2 < z_t[r]:
                         z_t[r] = t2
                         _, more, _ = layer.index(b, h).search(q[r : r + 1], t2 / scaling)
@@ -420,12 +476,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                             key, value, query, b, h, groups, r, more, forced, allowed, scaling
                         )
                 w = torch.softmax(z, dim=0)
-                out[b, 0, h * groups + r] = (w.to(vs.dtype) @ vs).to(query.dtype)
+                # float32 accumulation, one rounding: a bfloat16 (or float16) vector-matrix
+                # product on the CPU is ~40x slower than the float32 one, and no more exact.
+                out[b, 0, h * groups + r] = (w @ vs.float()).to(query.dtype)
                 n_drop = n_ok - len(ids)
                 s_sel = float(torch.exp(z - zmax).sum())
                 e = n_drop * math.exp(min(float(z_t[r]) - zmax, 0.0)) if n_drop > 0 else 0.0
-                fractions.append(len(ids) / max(n_ok, 1))
+                fractions.append(len(ids) / n_ok)
                 bounds.append(e / (s_sel + e))
+    if not fractions:  # every row fully masked: 0.0, as the torch path reports
+        fractions, bounds = [0.0], [0.0]
     cache._record(module.layer_idx, n, fractions, bounds)
     return out, None
 
@@ -505,7 +565,9 @@ def sparse_decode_attention(
     else:
         zt = zmax + math.log1p(-top_p) - torch.log(n_ok)
     pos = torch.arange(n, device=z.device)
-    forced = (pos < sinks) | (pos >= n - max(window, 1))
+    # The sinks are each row's first allowed keys (its first real tokens under left padding).
+    first = ok.to(torch.int32).argmax(-1, keepdim=True)  # (b, 1, 1, 1)
+    forced = ((pos >= first) & (pos < first + sinks)) | (pos >= n - max(window, 1))
     sel = ((z >= zt) | forced) & ok
     count = sel.sum(-1)  # (b, kv, g)
     c = int(count.max())

@@ -146,7 +146,8 @@ class RangeIndex:
 
         Args:
             queries: ``(nq, d)`` float array.
-            thresholds: ``(nq,)`` float array (or a Python float for all queries).
+            thresholds: ``(nq,)`` float array, or one number for all queries (a Python
+                or numpy scalar, a 0-d array or tensor).
 
         Returns:
             ``(lims, ids, scores)`` as faiss's ``range_search``: the hits of query
@@ -225,6 +226,22 @@ class RangeIndex:
                 f"max |k| = {kn:.4g}, product {qn * kn:.4g} "
                 "(scale queries or keys down)"
             )
+
+    def _copy(self) -> RangeIndex:
+        """An independent copy with the same tree: cloned, not rebuilt as by
+        ``copy.deepcopy`` (``neuropil.hf`` forks a row's index this way when
+        beam search continues it in several beams)."""
+        new = object.__new__(RangeIndex)
+        new.__dict__.update(self.__dict__)
+        new._params = dict(self._params)
+        for name in _LAST:
+            if name in self.__dict__:
+                setattr(new, name, np.array(self.__dict__[name]))
+        if self._torch is not None:
+            new._torch = _TorchRange(self._torch.keys[: self._torch.n].clone())
+        else:
+            new._native = self._native.copy()
+        return new
 
     def rebuild(self) -> None:
         """Rebuilds the tree over every key now (``add`` does it by policy)."""
@@ -488,6 +505,13 @@ def _host(x: Any, arg: str) -> Any:
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.to(torch.float32)
         return x.numpy()
+    if not isinstance(x, np.ndarray):
+        # Nested lists and other array-likes: the core would read them, but the
+        # float32 overflow checks need an array (converted once, as documented).
+        try:
+            x = np.asarray(x)
+        except ValueError as e:  # ragged rows
+            raise ShapeError(f"{arg} must have shape (n, d); got a ragged sequence ({e})") from None
     return x
 
 
@@ -497,6 +521,8 @@ def _thresholds(t: Any, q: Any) -> Any:
         if t.is_floating_point():
             t = t.double()
         t = t.numpy()
+    if isinstance(t, np.ndarray) and t.ndim == 0:
+        t = t[()]  # a 0-d array or tensor (``scores.max() - 2``) is a scalar threshold
     if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
         v = float(t)
         if math.isfinite(v) and abs(v) > _F32_MAX:  # (a scalar: no numpy round trip)
@@ -576,6 +602,8 @@ class _TorchRange:
         t = torch.as_tensor(
             _thresholds(thresholds, q.cpu()) if not _is_torch(thresholds) else thresholds
         )
+        if t.ndim == 0:  # one threshold for every query, as on the CPU
+            t = t.expand(q.shape[0])
         t = t.to(q.device, torch.float32).reshape(-1)
         if t.shape[0] != q.shape[0]:
             raise ShapeError(

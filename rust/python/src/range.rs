@@ -138,6 +138,15 @@ impl PyRangeIndex {
         self.inner.write(py, |ix| ix.add(slice)).or_raise()
     }
 
+    /// An independent copy: the tree cloned, not rebuilt (read with the GIL released).
+    fn copy(&self, py: Python<'_>) -> Self {
+        let inner = self.inner.read(py, |ix| ix.clone());
+        PyRangeIndex {
+            inner: Shared::new(inner),
+            d: self.d,
+        }
+    }
+
     fn rebuild(&self, py: Python<'_>) {
         self.inner.write(py, |ix| ix.rebuild());
     }

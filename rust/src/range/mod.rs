@@ -151,6 +151,26 @@ pub struct RangeIndex {
     work_ewma: AtomicU64,
 }
 
+/// A copy of the tree and keys as they are (no rebuild: a memcpy, where a
+/// rebuild runs the k-means or PCA again); `auto`'s running measure comes along.
+/// Beam search forks a cached row into several this way.
+impl Clone for RangeIndex {
+    fn clone(&self) -> Self {
+        RangeIndex {
+            d: self.d,
+            method: self.method,
+            params: self.params.clone(),
+            tree: self.tree.clone(),
+            pending: self.pending.clone(),
+            knorm: self.knorm,
+            n: self.n,
+            builds: self.builds,
+            searches: AtomicU64::new(self.searches.load(Ordering::Relaxed)),
+            work_ewma: AtomicU64::new(self.work_ewma.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl RangeIndex {
     /// Builds an index over `keys` (`n x d`, row-major, finite, n >= 1).
     pub fn new(keys: &[f32], d: usize, method: Method, params: Params) -> Result<RangeIndex> {

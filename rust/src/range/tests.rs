@@ -141,3 +141,38 @@ fn bad_input_is_an_error() {
     assert!(idx.add(&[1.0; 5]).is_err());
     assert!(Method::parse("hnsw").is_err());
 }
+
+#[test]
+fn clone_answers_as_the_original_and_is_independent() {
+    let d = 16;
+    let keys = gen(700, d, 3, 21);
+    let q = gen(3, d, 3, 22);
+    let params = Params {
+        rebuild_min: 16,
+        ..Params::default()
+    };
+    for method in [
+        Method::Auto,
+        Method::Quant,
+        Method::Pca,
+        Method::Kmeans,
+        Method::Flat,
+    ] {
+        let mut idx = RangeIndex::new(&keys[..500 * d], d, method, params.clone()).unwrap();
+        idx.add(&keys[500 * d..520 * d]).unwrap(); // pending, not in the tree
+        let mut copy = idx.clone();
+        let t = [0.5f32; 3];
+        let (a, b) = (idx.search(&q, &t).unwrap(), copy.search(&q, &t).unwrap());
+        assert_eq!((a.lims, a.ids, a.scores), (b.lims, b.ids, b.scores));
+        assert_eq!(idx.stats().builds, copy.stats().builds);
+        // Keys added to the copy stay out of the original, and the copy stays exact.
+        copy.add(&keys[520 * d..]).unwrap();
+        assert_eq!((idx.len(), copy.len()), (520, 700));
+        let want: Vec<i64> = brute(&keys, d, &q[..d], t[0])
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        let got = copy.search(&q[..d], &t[..1]).unwrap();
+        assert_eq!(got.ids, want, "{method:?}");
+    }
+}
