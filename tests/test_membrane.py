@@ -907,3 +907,171 @@ def test_finite_check_takes_huge_finite_values_and_names_the_culprit():
         check_finite(torch.tensor([1.0, float("nan"), 2.0]), None)
     with pytest.raises(neuropil.ArgumentError, match=r"alphas must be finite .*got \[inf\]"):
         check_finite(huge, torch.tensor([1.0, float("inf")], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- review round: user journeys
+def test_grow_keeps_custom_codes_as_given():
+    # Custom codes are used as given (not normalised); grow used to normalise
+    # the old columns, so every stored pattern read back at another scale.
+    g = torch.Generator().manual_seed(0)
+    C = torch.linalg.qr(torch.randn(8, 4, generator=g))[0] * torch.tensor([2.0, 0.5, 3.0, 1.0])
+    bank = MembraneBank(8, 2, 2, codes=C.clone())
+    bank.store(torch.rand(4, 2, 2, generator=g))
+    before = bank.read()
+    for K in (6, 12):  # orthonormal completion, then past L
+        bank.grow(K)
+        assert torch.equal(bank.C[:, :4], C)
+        assert torch.equal(bank.read(range(4)), before)
+    # learned codes stay learnable: the grown book is a leaf that requires grad
+    learned = MembraneBank(8, 2, 2, codes=C.clone().requires_grad_(True))
+    learned.grow(6)
+    assert learned.C.is_leaf and learned.C.requires_grad
+
+
+def test_psnr_of_infinite_or_extreme_errors():
+    x = torch.rand(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[3] = math.inf  # e.g. an overflowed float16 recall
+    assert psnr(x, y, data_range=1.0) == -math.inf
+    assert psnr(x, x.to(torch.float16).to(torch.float64).clone(), 1.0) > 60
+    # data_range^2 underflows, or data_range^2 / mse does: the value is still finite
+    assert psnr(x, x + 1.0, data_range=1e-200) == pytest.approx(-4000.0, rel=1e-9)
+    big = x + 1e150
+    assert psnr(x, big, data_range=1.0) == pytest.approx(-3000.0, rel=1e-9)
+
+
+def test_hierarchical_store_takes_numpy_values_like_a_flat_bank():
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2)
+    v = np.random.default_rng(0).random((3, 2, 2), dtype=np.float32)
+    h.store(v, keys=[1, 17, 20])
+    assert torch.allclose(h.read([1, 17, 20])[0], torch.from_numpy(v), atol=1e-6)
+
+
+def test_hierarchical_persistence_ages_every_level_per_store():
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2, persistence=0.5)
+    flat = MembraneBank(24, 2, 2, codes="dct", persistence=0.5)
+    v = torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(0))
+    for bank in (h, flat):
+        bank.store(v, keys=[1, 17])  # both levels
+        bank.store(v[:1], keys=[2])  # level 0 only: level 1 must age too
+        bank.store(v[:1], keys=[18])  # level 1 only
+    assert [b.steps for b in h.banks] == [3, 3]
+    assert torch.allclose(h.read([1, 17, 2, 18]), flat.read([1, 17, 2, 18]), atol=1e-6)
+
+
+def test_hierarchical_read_never_sees_a_store_half_done():
+    import threading
+
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2)
+    inside, release = threading.Event(), threading.Event()
+    level1_store = h.banks[1].store
+
+    def slow_store(*args, **kwargs):
+        inside.set()
+        release.wait(10)
+        level1_store(*args, **kwargs)
+
+    h.banks[1].store = slow_store
+    v = torch.ones(2, 2, 2)
+    writer = threading.Thread(target=h.store, args=(v, [0, 16]))
+    writer.start()
+    assert inside.wait(10)  # level 0 written, level 1 pending
+    out = []
+    reader = threading.Thread(target=lambda: out.append(h.read([0, 16])))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # waits for the store to finish
+    release.set()
+    writer.join(10)
+    reader.join(10)
+    assert torch.allclose(out[0][0], v)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, None])
+def test_seed_must_be_a_non_negative_integer(seed):
+    for codes in ("hadamard", "gaussian"):
+        with pytest.raises(neuropil.ArgumentError, match="seed must be"):
+            MembraneBank(8, 2, 2, codes=codes, seed=seed)
+    for fn in (gaussian_codes, orthogonal_codes, generate_codes):
+        with pytest.raises(neuropil.ArgumentError, match="seed must be a non-negative integer"):
+            fn(8, 4, seed=seed)
+    assert MembraneBank(8, 2, 2, codes="gaussian", seed=np.int64(3)).seed == 3
+
+
+def test_coherence_stats_on_degenerate_code_books():
+    with pytest.raises(neuropil.ShapeError, match=r"L >= 1; got \(0, 3\)"):
+        coherence_stats(torch.zeros(0, 3))
+    # a zero code has no direction: its coherence is undefined, not 0
+    with pytest.raises(neuropil.ArgumentError, match=r"column\(s\) \[1\]"):
+        coherence_stats(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(neuropil.ArgumentError, match="finite"):
+        coherence_stats(torch.tensor([[1.0, math.nan], [0.0, 1.0]]))
+    one_row = coherence_stats(torch.tensor([[1.0, -2.0, 3.0]]))  # L = 1: all collinear
+    assert one_row["max"] == one_row["mean"] == 1.0 and one_row["welch_bound"] == 1.0
+    c = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = c / c.norm(dim=0)
+    g = (u.T @ u).abs()
+    off = g[~torch.eye(7, dtype=torch.bool)]
+    s = coherence_stats(c)  # K > L
+    assert s["max"] == pytest.approx(float(off.max())) and s["rms"] >= s["welch_bound"]
+
+
+def test_adaptive_persistence_on_a_state_that_requires_grad():
+    # bank.decay handles a state that requires grad; AdaptivePersistence used to
+    # raise ("a view of a leaf Variable ... in-place operation")
+    bank = MembraneBank(8, 2, 2)
+    bank.store(torch.ones(8, 2, 2))
+    bank.M.requires_grad_(True)
+    leaf = bank.M
+    AdaptivePersistence(bank, base_lambda=0.5, max_lambda=0.5).step()
+    bank.read()[0].sum().backward()
+    assert torch.allclose(bank.read()[0], torch.full((8, 2, 2), 0.5))
+    # read = C^T (M - 0.5 C C^T M) = 0.5 C^T M: the gradient of its sum is 0.5 C 1
+    want = 0.5 * (bank.C @ torch.ones(8, 1)).reshape(1, 8, 1, 1).expand_as(leaf)
+    assert torch.allclose(leaf.grad, want, atol=1e-6)
+
+
+def test_hopfield_cleanup_takes_an_empty_batch_and_refuses_integer_y():
+    hop = HopfieldCleanup(torch.rand(4, 3, 3))
+    assert hop(torch.rand(0, 3, 3)).shape == (0, 3, 3)
+    assert hop.similarity(torch.rand(2, 0, 3, 3)).shape == (2, 0, 4)
+    assert hop.nearest(torch.rand(0, 3, 3)).shape == (0,)
+    with pytest.raises(neuropil.DTypeError, match="y must be a floating"):
+        hop(torch.ones(3, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("K,keys", [(6, [0, 2, 3, 5]), (12, [1, 4, 7, 9, 11])])
+def test_pinv_read_differentiates_through_the_dual_codes(K, keys):
+    # y = D(C)^T M with D = pinv(C)^T: the gradient wrt learned codes runs
+    # through D as well as M (it used to see only M, and none at all when the
+    # state was written without grad).
+    g = torch.Generator().manual_seed(0)
+    C0 = torch.randn(8, K, generator=g, dtype=torch.float64)
+    v = torch.rand(len(keys), 2, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(len(keys), 2, 2, generator=g, dtype=torch.float64)
+    for store_grad in (False, True):
+        C = C0.clone().requires_grad_(True)
+        bank = MembraneBank(8, 2, 2, codes=C, dtype=torch.float64, readout="pinv")
+        with torch.set_grad_enabled(store_grad):
+            bank.store(v, keys=keys)
+        (bank.read(keys)[0] * w).sum().backward()
+        ref = C0.clone().requires_grad_(True)
+        cs = ref[:, keys]
+        m = (cs if store_grad else cs.detach()) @ v.reshape(len(keys), -1)
+        # the dual of the whole book while K <= L, of the stored keys' codes past L
+        y = (torch.linalg.pinv(ref)[keys] if K <= 8 else torch.linalg.pinv(cs)) @ m
+        (y.reshape_as(w) * w).sum().backward()
+        assert C.grad is not None
+        assert torch.allclose(C.grad, ref.grad, atol=1e-9)
+    with torch.no_grad():  # the cached, detached dual still serves no-grad reads
+        assert torch.allclose(bank.read(keys)[0], v, atol=1e-9)
+
+
+@pytest.mark.parametrize("codes,L", [("dct", 8), ("hadamard", 64)])
+def test_store_of_values_that_view_the_state(codes, L):
+    bank = MembraneBank(L, 2, 2, codes=codes)
+    bank.store(torch.rand(L, 2, 2, generator=torch.Generator().manual_seed(0)))
+    state = bank.M[0].reshape(L, -1).clone()
+    bank.store(bank.M[0])  # values alias the state the GEMM writes
+    want = state + bank.C @ state
+    assert torch.allclose(bank.M[0].reshape(L, -1), want, atol=1e-5)

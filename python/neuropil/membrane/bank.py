@@ -124,6 +124,8 @@ class MembraneBank(_OwnLock):
         self._lock = threading.RLock()
         for name, v in (("L", L), ("H", H), ("W", W), ("batch", batch)):
             check_int(name, v)
+        # checked for every code kind: grow() draws from it later, and save() writes it
+        check_int("seed", seed, minimum=0)
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise DTypeError(
                 "dtype must be torch.float32, float64, bfloat16 or float16; "
@@ -294,6 +296,10 @@ class MembraneBank(_OwnLock):
         values = check_values(values, self)
         if sparse and values._nnz() > SPARSE_MAX_DENSITY * values.numel():
             values, sparse = values.to_dense(), False  # the GEMM is faster above this density
+        if not sparse and _shares_storage(values, self._M):
+            # values that view the state (bank.M[0]): the in-place GEMM would read
+            # entries it has already overwritten
+            values = values.clone()
         kp = values.shape[1]
         keys_t = as_keys(keys, kp, self.B, self.K, "keys")
         a = self._alphas(alphas, values, kp)
@@ -537,9 +543,14 @@ class MembraneBank(_OwnLock):
 
         Cached until the codes change: learned codes updated in place (an
         optimizer step) bump the tensor's version counter, so the dual is
-        recomputed; so is a code book replaced by another tensor.
+        recomputed; so is a code book replaced by another tensor. Learned codes
+        with grad enabled get a fresh dual in the autograd graph (not cached),
+        so a ``pinv`` read differentiates through ``D(C)`` as well as ``M``.
         """
+        grad = torch.is_grad_enabled() and self.C.requires_grad
         if self.K <= self.L:
+            if grad:
+                return self._pinv_t(self.C, "the code book", grad=True)
             key = (*self._codes_key(), None)
             if self._dual is None or self._dual_keys != key:
                 self._dual, self._dual_keys = self._pinv_t(self.C, "the code book"), key
@@ -552,11 +563,14 @@ class MembraneBank(_OwnLock):
                 "HopfieldCleanup)"
             )
         key = (*self._codes_key(), stored)
-        if self._dual is None or self._dual_keys != key:
+        if grad or self._dual is None or self._dual_keys != key:
             d = torch.zeros_like(self.C.detach())
             if stored:
                 idx = torch.tensor(stored, device=self.device)
-                d[:, idx] = self._pinv_t(self.C[:, idx], "the stored keys' codes")
+                p = self._pinv_t(self.C[:, idx], "the stored keys' codes", grad=grad)
+                d = d.index_copy(1, idx, p)  # out of place: p may carry grad
+            if grad:
+                return d
             self._dual, self._dual_keys = d, key
         return self._dual
 
@@ -568,7 +582,7 @@ class MembraneBank(_OwnLock):
             version = None
         return (id(self.C), version, self.C.data_ptr(), tuple(self.C.shape))
 
-    def _pinv_t(self, c: torch.Tensor, what: str) -> torch.Tensor:
+    def _pinv_t(self, c: torch.Tensor, what: str, grad: bool = False) -> torch.Tensor:
         c64 = c.detach().to(torch.float64)
         s = torch.linalg.svdvals(c64)
         if s.numel() == 0 or float(s[-1]) <= 1e-7 * float(s[0]):
@@ -576,15 +590,19 @@ class MembraneBank(_OwnLock):
                 f"readout 'pinv' needs full-rank codes; {what} have condition number "
                 f"{float(s[0]) / max(float(s[-1]), 1e-300):.3g}"
             )
+        if grad:  # full rank (checked above), so pinv is differentiable here
+            c64 = c.to(torch.float64)
         return torch.linalg.pinv(c64).t().contiguous().to(self.dtype)
 
     @_locked
     def grow(self, K: int) -> None:
         """Extends the code book to ``K`` keys without disturbing stored patterns.
 
-        The existing codes stay as the first columns; the new ones come from
-        :func:`~neuropil.membrane.codes.generate_codes` (orthonormal completion
-        while ``K <= L``, a low-coherence frame past ``L``), seeded by ``seed``.
+        The existing codes stay, bit for bit, as the first columns; the new ones
+        come from :func:`~neuropil.membrane.codes.generate_codes` (orthonormal
+        completion while ``K <= L``, a low-coherence frame past ``L``), seeded by
+        ``seed``. ``C`` becomes a new tensor: learned codes (``requires_grad``)
+        give a new leaf that requires grad, to be handed to the optimizer again.
 
         Args:
             K: New number of keys, at least the current ``K``.
@@ -593,7 +611,13 @@ class MembraneBank(_OwnLock):
         if K == self.K:
             return
         extra = K - self.K
-        self.C = _codes.generate_codes(self.L, K, existing=self.C.detach(), seed=self.seed)
+        old = self.C.detach()
+        grown = _codes.generate_codes(self.L, K, existing=old, seed=self.seed)
+        # generate_codes normalises the existing columns (and rounds them through
+        # float64): put them back as they were, or custom codes that are not unit
+        # (used as given) would read every stored pattern at another scale.
+        grown[:, : self.K] = old
+        self.C = grown.requires_grad_(self.C.requires_grad)
         self.gains = torch.cat(
             [self.gains, torch.ones_like(self.gains[:, :1]).expand(-1, extra)], 1
         )
@@ -750,6 +774,10 @@ def _check_lambda(lam: Any, name: str) -> float:
     if not (0.0 < lam <= 1.0):
         raise ArgumentError(f"{name} must be in (0, 1]; got {lam}")
     return lam
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _last_occurrence(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ArgumentError, ShapeError
+from ._checks import check_codes
 
 __all__ = [
     "coherence_stats",
@@ -30,10 +31,13 @@ __all__ = [
 ]
 
 
-def _check_lk(L: Any, K: Any, *, at_most_l: bool, fn: str) -> None:
+def _check_lk(L: Any, K: Any, *, at_most_l: bool, fn: str, seed: Any = 0) -> None:
     for name, v in (("L", L), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ArgumentError(f"{fn}: {name} must be a positive integer; got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # np.random.default_rng would raise its own ValueError/TypeError
+        raise ArgumentError(f"{fn}: seed must be a non-negative integer; got {seed!r}")
     if at_most_l and K > L:
         raise ArgumentError(
             f"{fn}: K must be <= L={L} (at most L mutually orthogonal codes of length L); "
@@ -119,7 +123,7 @@ def gaussian_codes(
     Returns:
         ``(L, K)`` tensor with unit columns.
     """
-    _check_lk(L, K, at_most_l=False, fn="gaussian_codes")
+    _check_lk(L, K, at_most_l=False, fn="gaussian_codes", seed=seed)
     return _finish(np.random.default_rng(seed).standard_normal((L, K)), device, dtype)
 
 
@@ -141,7 +145,7 @@ def orthogonal_codes(
     Returns:
         ``(L, K)`` tensor with orthonormal columns.
     """
-    _check_lk(L, K, at_most_l=True, fn="orthogonal_codes")
+    _check_lk(L, K, at_most_l=True, fn="orthogonal_codes", seed=seed)
     g = np.random.default_rng(seed).standard_normal((L, K))
     q, r = np.linalg.qr(g)
     q = q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
@@ -198,7 +202,7 @@ def generate_codes(
     Raises:
         ShapeError: ``existing`` is not ``(L, K0)`` with ``K0 <= K``.
     """
-    _check_lk(L, K, at_most_l=False, fn="generate_codes")
+    _check_lk(L, K, at_most_l=False, fn="generate_codes", seed=seed)
     if existing is None:
         if K <= L:
             if L & (L - 1) == 0:
@@ -244,15 +248,18 @@ def coherence_stats(C: torch.Tensor) -> dict[str, float]:
         (0.0 when ``K == 1``), and the Welch lower bound on the max coherence.
 
     Raises:
-        ShapeError: ``C`` is not 2-D.
+        ShapeError: ``C`` is not 2-D, or has no rows.
+        ArgumentError: ``C`` holds NaN or Inf, or a zero column (whose
+            coherence is undefined, not 0).
     """
     if not isinstance(C, torch.Tensor):
         raise ArgumentError(f"C must be a torch.Tensor; got {type(C).__name__}")
-    if C.ndim != 2:
-        raise ShapeError(f"C must have shape (L, K); got {tuple(C.shape)}")
+    if C.ndim != 2 or C.shape[0] == 0:
+        raise ShapeError(f"C must have shape (L, K) with L >= 1; got {tuple(C.shape)}")
+    check_codes(C, "C")
     L, K = C.shape
     c = C.detach().to(torch.float64)
-    c = c / c.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    c = c / c.norm(dim=0, keepdim=True)
     if K < 2:
         return {"max": 0.0, "mean": 0.0, "rms": 0.0, "welch_bound": 0.0}
     g = (c.T @ c).abs()

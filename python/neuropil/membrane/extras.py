@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentError, ShapeError
+from ..errors import ArgumentError, DTypeError, ShapeError
 from ._checks import as_keys, check_finite, check_int, check_values
 from .bank import MembraneBank, _check_lambda, _is_real, _OwnLock
 
@@ -56,8 +56,10 @@ class HopfieldCleanup:
                 f"y must have shape (..., {', '.join(map(str, self.shape))}); got {tuple(y.shape)}"
             )
         lead = y.shape[: y.ndim - len(self.shape)]
-        flat = y.reshape(-1, self._unit.shape[1]).to(self._unit.device, self._unit.dtype)
-        return (_unit(flat) @ self._unit.T).reshape(*lead, -1)
+        # math.prod, not -1: a batch of zero patterns has no size to infer
+        u = self._unit
+        flat = y.reshape(math.prod(lead), u.shape[1]).to(u.device, u.dtype)
+        return (_unit(flat) @ u.T).reshape(*lead, u.shape[0])
 
     def nearest(self, y: torch.Tensor) -> torch.Tensor:
         """Index of the most similar stored pattern, ``(...,)`` int64."""
@@ -125,6 +127,9 @@ class HopfieldCleanup:
     def __call__(self, y: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """Cleans ``y`` with ``steps`` Hopfield updates; same shape as ``y``."""
         check_int("steps", steps)
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            # the result is a mix of patterns cast to y's dtype: integers would truncate it
+            raise DTypeError(f"y must be a floating torch.Tensor; got {getattr(y, 'dtype', y)!r}")
         out = y
         for _ in range(steps):
             p = torch.softmax(self.beta * self.similarity(out), dim=-1)
@@ -191,7 +196,12 @@ class AdaptivePersistence:
             m3 = bank.M.view(bank.B, bank.L, -1)
             y = torch.matmul(dual[:, idx].T, m3)  # (B, S, N): each key's component
             cs = bank.C[:, idx].unsqueeze(0) * f.unsqueeze(1)  # (B, L, S)
-            m3.baddbmm_(cs, y)
+            if bank._grad(cs, y):
+                # out of place, as MembraneBank.store: the state may be a leaf
+                # that requires grad, which autograd refuses to update in place
+                bank.M = torch.baddbmm(m3, cs, y).view_as(bank.M)
+            else:
+                m3.baddbmm_(cs, y)
             bank.steps += n
 
 
@@ -201,7 +211,10 @@ class HierarchicalMembraneBank(_OwnLock):
     Key ``k`` lives in the first level whose cumulative capacity exceeds it:
     keys ``0 .. L-1`` in level 0, ``L .. L + L/2 - 1`` in level 1, and so on.
     Each level is a :class:`MembraneBank` (same ``H, W``, codes, readout),
-    so every level keeps exact recall with orthogonal codes.
+    so every level keeps exact recall with orthogonal codes. With
+    ``persistence``, every :meth:`store` ages every level by one step, as in
+    one flat bank. :meth:`store`, :meth:`read`, :meth:`decay` and :meth:`clear`
+    hold the bank's lock, so a read never sees a store half done.
 
     Args:
         L: Layers of level 0 (divisible by ``2^(levels-1)``).
@@ -253,11 +266,20 @@ class HierarchicalMembraneBank(_OwnLock):
             )
         a = b0._alphas(alphas, v4, kp)  # (B, K') or None; checks shape, device, dtype
         check_finite(v4, a, isinstance(alphas, str))
+        # check_values took numpy arrays too: select from the tensor it made of them
+        src = values if isinstance(values, torch.Tensor) else v4
         with self._lock:
+            touched = set()
             for i, pos, local in self._route(k):
-                p = pos.to(values.device)
+                p = pos.to(src.device)
                 ai = alphas if a is None or isinstance(alphas, str) else a.index_select(1, p)
-                self.banks[i].store(values.index_select(-3, p), local, ai)
+                self.banks[i].store(src.index_select(-3, p), local, ai)
+                touched.add(i)
+            # Automatic persistence ages every pattern once per store, whichever
+            # level the store's keys live in (as in one flat bank).
+            for i, bank in enumerate(self.banks):
+                if i not in touched and bank.persistence not in (None, 1.0):
+                    bank.step(1)
 
     def read(self, keys: Any = None, **kwargs: Any) -> torch.Tensor:
         """Recalls global ``keys`` (default all): ``(B, K', H, W)``."""
@@ -267,17 +289,20 @@ class HierarchicalMembraneBank(_OwnLock):
             raise ShapeError("keys must be a 1-D sequence of global keys for a hierarchical bank")
         b0 = self.banks[0]
         out = torch.empty(self.B, k.shape[0], self.H, self.W, device=b0.device, dtype=b0.dtype)
-        for i, pos, local in self._route(k):
-            out[:, pos.to(out.device)] = self.banks[i].read(local, **kwargs)
+        with self._lock:  # every level read between the same two stores
+            for i, pos, local in self._route(k):
+                out[:, pos.to(out.device)] = self.banks[i].read(local, **kwargs)
         return out
 
     def decay(self, lam: float, steps: int = 1) -> None:
-        for b in self.banks:
-            b.decay(lam, steps)
+        with self._lock:
+            for b in self.banks:
+                b.decay(lam, steps)
 
     def clear(self) -> None:
-        for b in self.banks:
-            b.clear()
+        with self._lock:
+            for b in self.banks:
+                b.clear()
 
     def stats(self) -> dict[str, Any]:
         return {

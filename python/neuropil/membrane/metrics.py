@@ -56,14 +56,19 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float | None = None) -> f
             ``x.max() - x.min()``.
 
     Returns:
-        PSNR in dB; ``inf`` when ``x == y`` exactly.
+        PSNR in dB; ``inf`` when ``x == y`` exactly, ``-inf`` when the error
+        is infinite (e.g. an overflowed float16 recall), NaN when ``y`` holds NaN.
     """
     x, y = _pair(x, y, "psnr")
     r = _range(x, data_range, "psnr")
     mse = float((x - y).pow(2).mean())
     if mse == 0:
         return math.inf
-    return 10 * math.log10(r * r / mse)
+    if mse == math.inf:
+        return -math.inf
+    # In two logarithms: r * r / mse underflows to 0 (log10 raises) or overflows
+    # for a tiny or huge data_range or error.
+    return 20 * math.log10(r) - 10 * math.log10(mse)
 
 
 def ssim(
