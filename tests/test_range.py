@@ -403,6 +403,13 @@ def test_sparse_cache_generation(smollm2):
                     **single, max_new_tokens=3, do_sample=False, **hf.cache_kwargs(model, c)
                 )
                 assert c.summary()["steps"] == 2
+                # reset empties the keys and the statistics: a new generation
+                c.reset()
+                assert c.get_seq_length() == 0 and c.summary()["steps"] == 0
+                model.generate(
+                    **single, max_new_tokens=2, do_sample=False, **hf.cache_kwargs(model, c)
+                )
+                assert c.summary()["steps"] == 1
             # The attention function without the cache: a clear error.
             with pytest.raises(neuropil.NeuropilError, match="SparseCache"):
                 model.generate(

@@ -222,9 +222,16 @@ class SparseCache(Cache):
         self._current = []
         self._step_layer = -1
 
+    def reset(self) -> None:
+        """Empties the cache for a new generation, its statistics included."""
+        super().reset()
+        self.steps = []
+        self._current = []
+        self._step_layer = -1
+
     def summary(self) -> dict[str, float]:
         """Mean fraction of keys read and the largest dropped-mass bound over
-        the decode steps so far."""
+        the decode steps since the cache was made or reset."""
         self._flush()
         if not self.steps:
             return {"steps": 0, "fraction_read": 1.0, "dropped_bound": 0.0}
