@@ -625,6 +625,10 @@ for g, scheme, cols in ((64, "asym", 300), (32, "q4_0", 96)):
         assert torch.isfinite(want).all() and torch.isfinite(y).all(), (g, scheme)
         assert ((y - want).abs().max() / want.abs().max()).item() < 1e-4, (g, scheme)
         assert torch.equal(y, T._launch(ql, big / 2.0**64, bias=False) * 2.0**64)
+    # (a program whose rows are not finite runs again rescaled: NaN stays NaN)
+    nan = x.clone()
+    nan[1] = float("nan")
+    assert torch.isnan(T._launch(ql, nan)).all()
 print("ok")
 """
     r = run_python(code, env={"TRITON_INTERPRET": "1"}, timeout=300)

@@ -47,18 +47,14 @@ try:  # pragma: no cover - needs CUDA
     _HI = tl.constexpr(_nibbles_ptx("shr.u32 t, $4, 1; and.b32 t, t, 0x78787878; "))
 
     @triton.jit
-    def _gemv4(
-        q_ptr, s_ptr, m_ptr, x_ptr, b_ptr, y_ptr, R, C, G, RB,
-        HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, OFF: tl.constexpr, H: tl.constexpr,
-        BLOCK_R: tl.constexpr, GB: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr,
+    def _groups(
+        q_ptr, s_ptr, m_ptr, x_ptr, rows, rmask, C, G, RB,
+        HAS_MIN: tl.constexpr, OFF: tl.constexpr, H: tl.constexpr, BLOCK_R: tl.constexpr,
+        GB: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr, HEADROOM: tl.constexpr,
     ):  # fmt: skip
-        # One program: BLOCK_R rows; each step reads GB whole groups of every row
-        # (BLOCK_R x GB x H contiguous bytes per row), so the grid has enough
-        # programs (rows / BLOCK_R) to fill every SM. Byte j of group k holds
+        # Per-group terms of BLOCK_R rows: each step reads GB whole groups of every
+        # row (BLOCK_R x GB x H contiguous bytes per row). Byte j of group k holds
         # code j (low nibble) and code H + j (high nibble).
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
         kk = tl.arange(0, GB)
         j = tl.arange(0, H)
         acc = tl.zeros([BLOCK_R, GB], dtype=tl.float32)
@@ -80,18 +76,14 @@ try:  # pragma: no cover - needs CUDA
             xh = tl.load(x_ptr + xo + H, mask=xmh, other=0.0, eviction_policy="evict_last")
             xl = xl.to(tl.float32)
             xh = xh.to(tl.float32)
-            # Headroom: a group's code dot and sum of x reach ~1000 max|x| before
-            # its scale brings them down, so for max|x| from ~1e35 they overflow
-            # float32 although W x fits. Such a group runs on x * 2^-64 and its
-            # term is multiplied back by 2^64: both exact (powers of two), so
-            # the result has the bits of unbounded exponents (as on the CPU,
-            # rust/src/quant/headroom.rs). x is shared by the BLOCK_R rows, so
-            # the check is a few operations per x value, not per code.
-            gm = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
-            huge = gm >= 79228162514264337593543950336.0  # 2^96
-            down = tl.where(huge, 5.421010862427522e-20, 1.0)  # 2^-64
-            xl = xl * down[:, None]
-            xh = xh * down[:, None]
+            if HEADROOM:
+                # A group with max|x| >= 2^96 runs on x * 2^-64, and its term is
+                # multiplied back by 2^64: both exact (powers of two).
+                gm = tl.maximum(tl.max(tl.abs(xl), axis=1), tl.max(tl.abs(xh), axis=1))
+                huge = gm >= 79228162514264337593543950336.0  # 2^96
+                down = tl.where(huge, 5.421010862427522e-20, 1.0)  # 2^-64
+                xl = xl * down[:, None]
+                xh = xh * down[:, None]
             if PTX:  # 0.5 + code / 32, exactly
                 lo = tl.inline_asm_elementwise(
                     _LO, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4
@@ -116,9 +108,36 @@ try:  # pragma: no cover - needs CUDA
                 )
             else:
                 m = s * (-OFF)
-            up = tl.where(huge, 18446744073709551616.0, 1.0)  # 2^64
-            acc += (s * d + m * xs[None, :]) * up[None, :]
-        y = tl.sum(acc, axis=1)
+            term = s * d + m * xs[None, :]
+            if HEADROOM:
+                term = term * tl.where(huge, 18446744073709551616.0, 1.0)[None, :]  # 2^64
+            acc += term
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _gemv4(
+        q_ptr, s_ptr, m_ptr, x_ptr, b_ptr, y_ptr, R, C, G, RB,
+        HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, OFF: tl.constexpr, H: tl.constexpr,
+        BLOCK_R: tl.constexpr, GB: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr,
+    ):  # fmt: skip
+        # One program: BLOCK_R rows, so the grid has enough programs (rows /
+        # BLOCK_R) to fill every SM.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        y = _groups(q_ptr, s_ptr, m_ptr, x_ptr, rows, rmask, C, G, RB, HAS_MIN, OFF, H,
+                    BLOCK_R, GB, EVEN, PTX, False)  # fmt: skip
+        # Headroom: a group's code dot and sum of x reach ~1000 max|x| before its
+        # scale brings them down, so from max|x| ~1e35 they overflow float32
+        # although W x fits (as on the CPU, rust/src/quant/headroom.rs). An
+        # overflow never returns to a finite value, so a program whose rows are
+        # all finite is exact as it is; otherwise it runs again with huge groups
+        # rescaled. Checking x per group on every call cost 15-28% of the time
+        # of a large layer on an H100.
+        bad = tl.sum(((y != y) | (tl.abs(y) == float("inf"))).to(tl.int32), axis=0)
+        if bad > 0:
+            y = _groups(q_ptr, s_ptr, m_ptr, x_ptr, rows, rmask, C, G, RB, HAS_MIN, OFF, H,
+                        BLOCK_R, GB, EVEN, PTX, True)  # fmt: skip
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y, mask=rmask)
