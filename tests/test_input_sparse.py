@@ -222,8 +222,10 @@ def test_cuda_tensor_matches_cpu(dtype, bits):
     ffn = InputSparseFFN(g, u, dn, thresholds=(0.3, 0.05), **kw)
     x = torch.randn(3, 40)
     y = ffn(x.cuda())
-    assert y.device.type == "cuda"
+    assert y.device.type == "cuda" and y.dtype == torch.float32
     np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
+    # On a GPU the result keeps x's dtype (float32 only on the CPU)
+    assert ffn(x.cuda().half()).dtype == torch.float16
 
 
 def test_sparsify_teal_with_its_own_hidden_sparsity_on_a_tiny_llama():

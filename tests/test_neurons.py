@@ -257,6 +257,19 @@ def test_gradients_reach_a_torch_input_through_the_ffn(cls):
     with torch.no_grad():  # (the kernel: no graph needed)
         torch.testing.assert_close(ffn(x), want.detach(), atol=1e-5, rtol=1e-4)
     assert ffn(x0).grad_fn is None and ffn.stats()["calls"] == 2
+    # Either path returns float32 (the torch one returned x's dtype: float64
+    # stayed float64), and the gradient still reaches a float64 x.
+    x64 = x0.double().requires_grad_()
+    y = ffn(x64)
+    with torch.no_grad():
+        y_kernel = ffn(x64)
+    assert y.dtype == y_kernel.dtype == torch.float32 and y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), y_kernel, atol=1e-5, rtol=1e-4)
+    y.sum().backward()
+    assert x64.grad.dtype == torch.float64
+    xw = x0.clone().requires_grad_()
+    ffn(xw).sum().backward()
+    torch.testing.assert_close(x64.grad.float(), xw.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cls", ["SparseFFN", "InputSparseFFN"])
@@ -589,8 +602,10 @@ def test_sparse_ffn_cuda_tensor_matches_cpu(dtype, bits):
     ffn = SparseFFN(g, u, dn, threshold=0.1, **kw)
     x = torch.randn(3, 40)
     y = ffn(x.cuda())
-    assert y.device.type == "cuda"
+    assert y.device.type == "cuda" and y.dtype == torch.float32
     np.testing.assert_allclose(y.cpu().numpy(), ffn(x).numpy(), atol=1e-4, rtol=1e-4)
+    # On a GPU the result keeps x's dtype (float32 only on the CPU)
+    assert ffn(x.cuda().half()).dtype == torch.float16
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -791,6 +806,7 @@ def test_sparse_mlp_calibration_buffer_edits_casts_and_bad_states():
     # A round trip through half precision keeps the float32 thresholds (a cast
     # would round 0.0547 to 0.05469, and bfloat16 to 0.05469 or 0.05493).
     t = mlp.threshold
+    t0 = model.model.layers[0].mlp.threshold
     for dtype in (torch.float16, torch.bfloat16):
         model.to(dtype)
         assert mlp.sparse_config.dtype == torch.float32 and mlp.threshold == t
@@ -804,18 +820,34 @@ def test_sparse_mlp_calibration_buffer_edits_casts_and_bad_states():
     model.load_state_dict(state)  # the dense model's own checkpoint
     assert mlp.threshold == t
     assert torch.equal(token(), before)
-    # Malformed states: FormatError naming the key, the expected and the found value.
+    # Malformed states, as torch treats a shape mismatch: load_state_dict's
+    # RuntimeError names the key, the expected and the found value; that entry
+    # is not copied, and the rest of the state (which torch walks before
+    # raising) is loaded. (It raised FormatError in the middle of the walk.)
     key = "model.layers.1.mlp.sparse_config"
+    first = model.model.layers[0].mlp
     for bad, found in (
         (torch.tensor([2.0, 0.1, float("nan")]), r"got \[2\.0"),
         (torch.tensor([0.0, -0.1, float("nan")]), r"got \[0\.0, -0\.1"),
         (torch.tensor([1.0, float("inf"), 0.1]), r"got \[1\.0, inf"),
         (torch.zeros(2), r"shape \(3,\).*got torch.float32 \(2,\)"),
         (torch.zeros(3, dtype=torch.int64), "got torch.int64"),
+        ("0.1", "got str"),
     ):
-        with pytest.raises(neuropil.FormatError, match=rf"{key} must be .*{found}"):
-            model.load_state_dict({**model.state_dict(), key: bad})
-    assert mlp.threshold == t
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["model.layers.0.mlp.sparse_config"][1] = 0.5  # (a valid change, loaded)
+        state["model.norm.weight"] += 1.0  # (a module after the bad one, loaded)
+        state[key] = bad
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=rf"{key} must be .*{found}") as e:
+                model.load_state_dict(state, strict=strict)
+            assert "Missing key" not in str(e.value)
+            assert first.threshold == 0.5 and mlp.threshold == t
+            assert torch.equal(model.model.norm.weight, state["model.norm.weight"])
+        first.threshold = t0
+        with torch.no_grad():
+            model.model.norm.weight -= 1.0
+    assert torch.equal(token(), before)
     with pytest.raises(neuropil.ArgumentError, match="threshold must be None or a finite"):
         mlp.threshold = -1.0
     with pytest.raises(neuropil.ArgumentError, match="method must be one of"):
@@ -883,6 +915,96 @@ def test_sparse_mlp_traces_and_exports_its_masking(method):
             torch.testing.assert_close(exported(x2), torch_path(x2))
         assert mlp.rust_ffn().stats()["calls"] == 0  # (the kernel never ran)
         torch.testing.assert_close(mlp(x2), torch_path(x2), atol=1e-5, rtol=1e-4)
+
+
+def _compiled_model_follows_the_eager_one(device):
+    # torch.compile(fullgraph=True) failed with "Could not guard on
+    # data-dependent expression" at the buffer's version check (grad mode on
+    # CPU, every call on CUDA). Compiled, the model gives the eager outputs,
+    # and a threshold set or loaded after compiling reaches the compiled model.
+    import torch
+
+    from neuropil.torch import SparseMLP, sparsify_mlp
+
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = tiny_llama().to(device)
+    sparsify_mlp(model, 0.5, ids.to(device))
+    mlp = model.model.layers[1].mlp
+    x = ids[:1, :12].to(device)  # (more rows than rust_max_rows: no kernel call in the graph)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+
+    def same(y, want):
+        if device == "cpu":  # (the same ops in the same order)
+            assert torch.equal(y, want)
+        else:
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            same(compiled(x).logits, model(x).logits)
+    calibrated = model(x).logits
+    mlp.threshold = 0.0
+    dense = model(x).logits
+    assert not torch.allclose(dense, calibrated)
+    same(compiled(x).logits, dense)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.1.mlp.sparse_config"][1] = 1e9  # (every neuron masked)
+    model.load_state_dict(state)
+    masked = model(x).logits
+    assert not torch.allclose(masked, dense)
+    same(compiled(x).logits, masked)
+    # The default backend (inductor) on one block: same masking up to rounding.
+    torch.manual_seed(0)
+    lin = [torch.nn.Linear(a, b, bias=False) for a, b in ((16, 40), (16, 40), (40, 16))]
+    block = SparseMLP(*lin, activation="silu", threshold=0.05, method="teal", t_in=0.1)
+    block = block.to(device)
+    compiled = torch.compile(block, fullgraph=True)
+    x = torch.randn(12, 16, device=device)
+    for t in (0.05, 0.3):
+        block.threshold = t
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph_follows_the_eager_model():
+    _compiled_model_follows_the_eager_one("cpu")
+
+
+@pytest.mark.cuda
+def test_torch_compile_fullgraph_follows_the_eager_model_on_cuda():
+    _compiled_model_follows_the_eager_one("cuda")
+
+
+def test_a_calibration_made_under_inference_mode_loads_in_and_out_of_it():
+    # sparsify_mlp under torch.inference_mode made the buffer an inference
+    # tensor: a later load_state_dict outside the mode raised "While copying
+    # the parameter named ...sparse_config", and one inside it was not seen
+    # (calls kept the old threshold while state_dict carried the new one).
+    import torch
+
+    from neuropil.torch import sparsify_mlp
+
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = tiny_llama()
+    with torch.inference_mode():
+        sparsify_mlp(model, 0.5, ids)
+    mlp = model.model.layers[1].mlp
+    key = "model.layers.1.mlp.sparse_config"
+    x = torch.randn(1, 1, 64)
+    for mode, t in ((torch.no_grad, 0.0), (torch.inference_mode, 1e9), (torch.no_grad, 0.25)):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state[key][1] = t
+        with mode():
+            model.load_state_dict(state)
+            assert mlp.threshold == model.state_dict()[key][1].item() == t
+            y = mlp(x)  # (the Rust kernel)
+            mlp.rust_max_rows = 0
+            torch.testing.assert_close(mlp(x), y, atol=1e-5, rtol=1e-4)
+            mlp.rust_max_rows = 8
+            if t == 1e9:
+                assert torch.count_nonzero(y) == 0
+            a = torch.nn.functional.silu(mlp.gate(x))
+            want = mlp.down(torch.where(a.abs() > t, a, torch.zeros_like(a)) * mlp.up(x))
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["cats", "teal"])
@@ -976,6 +1098,43 @@ def test_quantize_then_sparsify_masks_the_quantized_layers(method):
             want = mlp.down(a * mlp.up(x))
         torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=1e-5)
         assert not torch.equal(model(ids).logits, dense)
+
+
+def test_load_quantized_checks_the_calibrations_before_the_model_changes(tmp_path):
+    # A file with a malformed sparse_config: FormatError naming it, and the
+    # model keeps its float layers and its state (load_state_dict would have
+    # refused it only after the layers were replaced).
+    import torch
+
+    from neuropil.quant import load_file, save_file
+    from neuropil.torch import (
+        QuantizedLinear,
+        load_quantized,
+        quantize_model,
+        save_quantized,
+        sparsify_mlp,
+    )
+
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = tiny_llama()
+    sparsify_mlp(model, 0.5, ids)
+    good = tmp_path / "good.safetensors"
+    save_quantized(quantize_model(model, bits=8, group_size=32), good)
+    key = "model.layers.1.mlp.sparse_config"
+    entries = load_file(good)
+    entries[key] = np.array([0.0, -1.0, np.nan], dtype=np.float32)
+    bad = tmp_path / "bad.safetensors"
+    save_file(bad, entries)
+    fresh = tiny_llama()
+    sparsify_mlp(fresh, 0.2, ids)
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(neuropil.FormatError, match=rf"{key} must be .*got \[0\.0, -1\.0"):
+        load_quantized(fresh, bad)
+    assert not any(isinstance(m, QuantizedLinear) for m in fresh.modules())
+    torch.testing.assert_close(fresh.state_dict(), state, rtol=0, atol=0, equal_nan=True)
+    load_quantized(fresh, good)
+    assert fresh.model.layers[1].mlp.threshold == model.model.layers[1].mlp.threshold
+    assert isinstance(fresh.model.layers[1].mlp.up, QuantizedLinear)
 
 
 def test_a_quantized_bert_mlp_is_refused_with_the_order_to_use():

@@ -70,14 +70,19 @@ def _block(fh: FlyHash, w: dict[str, torch.Tensor], r0: int, r1: int) -> torch.T
     return dense.scatter_(1, idx, vals)
 
 
-def activations(fh: FlyHash, x: torch.Tensor) -> torch.Tensor:
-    """``(n, d)`` -> ``(n, m)`` float32 activations on ``x``'s device."""
-    import torch
-
+def _check_input(fh: FlyHash, x: torch.Tensor) -> None:
+    """DTypeError / ShapeError unless ``x`` is a float ``(n, d)`` tensor, n >= 1."""
     if not x.is_floating_point():
         raise DTypeError(f"x must have a float dtype; got {x.dtype}")
     if x.ndim != 2 or x.shape[1] != fh.input_dim or x.shape[0] == 0:
         raise ShapeError(f"x must have shape (n, {fh.input_dim}); got {tuple(x.shape)}")
+
+
+def activations(fh: FlyHash, x: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` -> ``(n, m)`` float32 activations on ``x``'s device."""
+    import torch
+
+    _check_input(fh, x)
     x = x.to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
         raise ArgumentError("x must be finite (no NaN or Inf); got a non-finite value")
@@ -120,10 +125,7 @@ def encode(fh: FlyHash, x: Any, want: str) -> Any:
 
     if want == "activations":
         return activations(fh, x)
-    if not x.is_floating_point():
-        raise DTypeError(f"x must have a float dtype; got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != fh.input_dim or x.shape[0] == 0:
-        raise ShapeError(f"x must have shape (n, {fh.input_dim}); got {tuple(x.shape)}")
+    _check_input(fh, x)
     n, m, k = x.shape[0], fh.output_dim, fh.active_bits
     if want == "encode":
         out = torch.zeros((n, m), dtype=torch.float32, device=x.device)

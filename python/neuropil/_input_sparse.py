@@ -254,11 +254,14 @@ class InputSparseFFN:
                 intended case. A CUDA tensor, or one that requires grad (in
                 grad mode), is computed with torch ops on its device (same
                 masking; the stored weights are copied there once), so
-                gradients reach ``x``; the result then has ``x``'s dtype.
+                gradients reach ``x``; computed in
+                ``x``'s dtype, returned as float32 on the CPU and in ``x``'s
+                dtype on a GPU.
             dense: Keep every input and hidden value (the dense FFN, same kernel).
 
         Returns:
-            (d,) or (n, d) float32, numpy or torch like ``x``.
+            (d,) or (n, d), numpy or torch like ``x`` (on its device); float32
+            but on a GPU (``x``'s dtype).
         """
         if type(x) is _NDARRAY and x.ndim == 1 and x.dtype is _F32:
             # The per-token call of a decoding model: nothing to convert, and
@@ -309,7 +312,11 @@ class InputSparseFFN:
         )
         if t_h is not None:
             h = torch.where(h.abs() > t_h, h, zero)
-        return F.linear(h, down, db)
+        y = F.linear(h, down, db)
+        # On the CPU, float32 as the kernel path returns, so grad mode does not
+        # change the dtype (the graph to x goes through the cast); on a GPU the
+        # torch ops are the only path and keep x's dtype (float16 stays float16).
+        return y.float() if y.device.type == "cpu" else y
 
     def __repr__(self) -> str:
         t = (

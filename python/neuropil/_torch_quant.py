@@ -560,7 +560,12 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
 
     Raises:
         OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
-        FormatError: the file is malformed, or (``strict``) names a layer the model lacks.
+        FormatError: the file is malformed (a tensor whose shape differs from
+            the model's, a malformed ``sparse_config`` of a
+            :class:`~neuropil.torch.SparseMLP`...) or names a quantized layer
+            the model lacks (``strict``): found before the model changes; or
+            (``strict``) the other tensors of the file and the model differ:
+            found after the file's tensors are loaded.
     """
     entries = load_file(path)
     plain: dict[str, torch.Tensor] = {}
@@ -592,7 +597,11 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
         layers[name] = QuantizedLinear.from_quantized(
             v, bias if isinstance(bias, torch.Tensor) else None
         ).to(_device_of(old))
-    # Checked before anything changes: the plain tensors' shapes too.
+    # Checked before anything changes: the plain tensors' shapes too, and the
+    # calibrations of sparsified FFNs (load_state_dict would refuse a bad one
+    # after the layers were replaced).
+    from ._torch_sparse import _CONFIG, SparseMLP, _parse_config
+
     state = model.state_dict()
     for key, t in plain.items():
         if key in state and tuple(state[key].shape) != tuple(t.shape):
@@ -600,6 +609,10 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
                 f"{path}: {key!r} has shape {tuple(t.shape)} in the file; "
                 f"the model's is {tuple(state[key].shape)}"
             )
+        owner, _, leaf = key.rpartition(".")
+        if leaf == _CONFIG and key in state:
+            if isinstance(model.get_submodule(owner), SparseMLP):
+                _parse_config(t, f"{path}: {key}", FormatError)
     if not strict and not layers and any(isinstance(v, QuantizedWeights) for v in entries.values()):
         warnings.warn(
             f"{path}: no quantized layer of the file matched a layer of the model "
@@ -629,6 +642,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
 
 
 def _device_of(mod: nn.Module) -> torch.device:
+    """The device of a module's first parameter, else first buffer (CPU for none)."""
     t = next(iter(mod.parameters()), None)
     if t is None:
         t = next(iter(mod.buffers()), None)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._torch_quant import _device_of
 from .errors import ArgumentError, FormatError
 
 __all__ = ["SparseMLP", "sparsify_mlp"]
@@ -63,10 +64,15 @@ class SparseMLP(nn.Module):
     calibration through ``state_dict`` / ``load_state_dict``, ``torch.save``,
     ``save_pretrained`` and :func:`~neuropil.torch.save_quantized`. Loading a
     state without it (the dense model's own checkpoint) keeps the current
-    calibration, even with ``strict=True``. ``threshold``, ``t_in`` and
-    ``method`` read and write that buffer; an in-place write to it is seen too
-    (except one to a buffer made under ``torch.inference_mode``, which tracks
-    no version). Casts (``.half()``) leave it float32. The Rust kernel's copy of the
+    calibration, even with ``strict=True``; a malformed one is not copied and
+    ``load_state_dict`` raises its ``RuntimeError`` naming it, as for a shape
+    mismatch (the state's other tensors are loaded, as torch does).
+    ``threshold``, ``t_in`` and ``method`` read and write that buffer; an
+    in-place write to it is seen too (except one to an inference tensor a
+    caller put there, which tracks no version; under ``torch.compile``, once
+    read outside the compiled code, e.g. by ``.threshold``: a compiled call
+    uses the values last read, and the setters and state loads read them).
+    Casts (``.half()``) leave it float32. The Rust kernel's copy of the
     weights is built on the first CPU call that uses it, and built again when
     a weight changes: a state load, a move or cast, or an in-place update of a
     parameter (``p.add_``, ``p.copy_``, an optimizer step; a write through
@@ -125,7 +131,7 @@ class SparseMLP(nn.Module):
         # version counter) no longer matches.
         self._cfg: tuple[str, float | None, float | None] = ("cats", None, None)
         self._seen: tuple[Any, Any] = (None, None)
-        self.register_buffer(_CONFIG, torch.empty(3, device=_device(up)))
+        self.register_buffer(_CONFIG, torch.empty(3, device=_device_of(up)))
         self._set_config(method, threshold, t_in)
 
     # ------------------------------------------------------------ calibration state
@@ -162,21 +168,20 @@ class SparseMLP(nn.Module):
         self._set_config(m, t, value)
 
     def _config(self) -> tuple[str, float | None, float | None]:
-        """(method, threshold, t_in) of the buffer. Per call: one identity and
-        one version check; the values are read (a device sync on CUDA) only
-        after the buffer was replaced or written in place."""
+        """(method, threshold, t_in) of the buffer (see :meth:`_config_now`);
+        while torch.compile or torch.export traces, the last values read."""
+        if _compiling() or _exporting():
+            return self._cfg
+        return self._config_now()
+
+    def _config_now(self) -> tuple[str, float | None, float | None]:
+        """(method, threshold, t_in) of the buffer, outside tracing. Per call:
+        one identity and one version check; the values are read (a device
+        sync on CUDA) only after the buffer was replaced or written in place."""
         buf: Any = self._buffers[_CONFIG]
         seen = self._seen
-        if _exporting():
-            # torch.export traces fake tensors (no values, a symbolic version):
-            # the last values stay, baked into the exported program.
+        if buf is seen[0] and _version(buf) == seen[1]:
             return self._cfg
-        if buf is seen[0]:
-            try:
-                if buf._version == seen[1]:
-                    return self._cfg
-            except RuntimeError:  # an inference-mode tensor tracks no version
-                return self._cfg
         return self._read_config(buf)
 
     def _read_config(self, buf: Any) -> tuple[str, float | None, float | None]:
@@ -252,10 +257,11 @@ class SparseMLP(nn.Module):
         cfg = self._config()
         out = super()._apply(fn, recurse)
         new: Any = self._buffers[_CONFIG]
-        if new.dtype != old.dtype or (old.is_meta and not new.is_meta):
+        if new.dtype != old.dtype or (old.is_meta and not new.is_meta) or new.is_inference():
             # A cast (``.half()``) would round the thresholds, and ``to_empty``
             # after ``to("meta")`` leaves garbage: the values stay those of the
-            # last calibration, on the new device.
+            # last calibration, on the new device (and not an inference tensor,
+            # as a move under torch.inference_mode makes: see _config_tensor).
             self._buffers[_CONFIG] = new = _config_tensor(cfg, old.dtype, new.device)
             self._seen = (new, _version(new))
         return out
@@ -271,8 +277,15 @@ class SparseMLP(nn.Module):
         error_msgs: list[str],
     ) -> None:
         key = prefix + _CONFIG
-        if key in state_dict:  # checked before anything of this module is copied
-            _parse_config(state_dict[key], key, FormatError)
+        if key in state_dict:
+            try:
+                _parse_config(state_dict[key], key, FormatError)
+            except FormatError as e:
+                # torch's way with a bad entry (as with a shape mismatch): the
+                # entry is not copied, the rest of the state loads, and
+                # load_state_dict raises its RuntimeError listing the message.
+                error_msgs.append(str(e))
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
         self._ffn = self._ffn_key = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -280,6 +293,13 @@ class SparseMLP(nn.Module):
         if key in missing_keys:
             # The dense model's own checkpoint: its weights, this calibration.
             missing_keys.remove(key)
+        # Read now, whatever the load did (copied in place, assigned, or
+        # copied into a buffer whose version did not move): the next call may
+        # be a compiled one, which keeps the values last read.
+        try:
+            self._read_config(self._buffers[_CONFIG])
+        except ArgumentError:
+            pass  # (written invalid in place before, and not loaded: the next call says so)
 
     def extra_repr(self) -> str:
         method, threshold, t_in = self._config()
@@ -288,7 +308,7 @@ class SparseMLP(nn.Module):
             t += f", t_in={t_in:.4g}"
         return f"{self.activation}, {method}, {t}"
 
-    def _rust_ok(self, x: torch.Tensor, rows: int, threshold: float | None) -> bool:
+    def _rust_ok(self, x: torch.Tensor, rows: int, threshold: float | None, export: bool) -> bool:
         return (
             threshold is not None
             and 0 < rows  # (an empty batch: torch gives the empty result)
@@ -299,8 +319,8 @@ class SparseMLP(nn.Module):
             # torch.jit.trace would record the kernel's output as a constant,
             # and torch.export traces fake tensors numpy cannot read: both take
             # the torch ops. (torch.compile runs the kernel between graphs.)
+            and not export
             and not _is_tracing()
-            and not _exporting()
             and self._biasless()
         )
 
@@ -354,10 +374,18 @@ class SparseMLP(nn.Module):
         return self._ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        method, threshold, t_in = self._config()
+        # (each tracing check once a call: the token path below is ~10 us)
+        export = _exporting()
+        if export or _compiling():
+            # Tracers cannot guard on the buffer's version (a data-dependent
+            # value); torch.compile guards on these Python values instead, and
+            # the setters and state loads replace them, so it recompiles.
+            method, threshold, t_in = self._cfg
+        else:
+            method, threshold, t_in = self._config_now()
         shape = x.shape
         rows = x.numel() // shape[-1] if len(shape) > 1 and shape[-1] else 1
-        if self._calib is None and self._rust_ok(x, rows, threshold):
+        if self._calib is None and self._rust_ok(x, rows, threshold, export):
             # The per-token call of a decoding model: the kernel takes 7-20 us
             # on a small model's FFN, so this path stays as short as it can
             # (numpy views in and out, thresholds set only when they change;
@@ -405,6 +433,7 @@ class SparseMLP(nn.Module):
 
 
 _is_tracing = torch.jit.is_tracing
+_compiling: Callable[[], bool] = torch.compiler.is_compiling
 # (torch >= 2.6; torch.export of older versions finds the kernel call and stops)
 _exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", lambda: False)
 
@@ -416,17 +445,13 @@ def _version(t: Any) -> Any:
         return None
 
 
-def _device(lin: nn.Module) -> torch.device:
-    """The device of a layer's first tensor (CPU for none)."""
-    t = next(iter(lin.parameters()), None)
-    if t is None:
-        t = next(iter(lin.buffers()), None)
-    return torch.device("cpu") if t is None else t.device
-
-
 def _config_tensor(cfg: tuple[str, float | None, float | None], dtype: Any, device: Any) -> Any:
     vals = [float(_METHODS.index(cfg[0]))] + [float("nan") if v is None else v for v in cfg[1:]]
-    return torch.tensor(vals, dtype=dtype, device=device)
+    # Never an inference tensor (one made under torch.inference_mode, say by
+    # sparsify_mlp called there): load_state_dict could not copy into it
+    # outside that mode, and it tracks no version for _config_now to check.
+    with torch.inference_mode(False):
+        return torch.tensor(vals, dtype=dtype, device=device)
 
 
 def _parse_config(

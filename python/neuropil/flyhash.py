@@ -312,9 +312,11 @@ def _ids(ids: Any, drop_above: bool) -> Any:
 
     numpy's "safe" casting refuses uint64 -> int64 whatever the values, so a
     uint64 array of small ids would be refused as not an integer array. Values
-    past int64 are an error for :meth:`BinaryIndex.add` (reported by the core
-    as any out-of-range id) and dropped for :meth:`BinaryIndex.remove` (no
-    stored id can equal them).
+    past int64 are an ArgumentError for :meth:`BinaryIndex.add`, raised here
+    (the int64 cast would wrap them to negative ids) with the core's message
+    for any out-of-range id: ids must be below ``2**63 - 1`` (the core keeps
+    that last value free for the next automatic id, so it refuses it too). For
+    :meth:`BinaryIndex.remove` they are dropped (no stored id can equal them).
     """
     if _is_torch(ids):
         ids = ids.detach().cpu().numpy()
@@ -324,6 +326,7 @@ def _ids(ids: Any, drop_above: bool) -> Any:
     big = arr > _I64_MAX
     if big.any():
         if not drop_above:
+            # (the core's words: it refuses 2**63 - 1 itself, see the docstring)
             raise ArgumentError(
                 f"ids must be non-negative integers below {_I64_MAX}; got {int(arr[big][0])}"
             )

@@ -349,15 +349,17 @@ def _select_cpu(
     h: int,
     n: int,
     scaling: float,
-    allowed: np.ndarray | None = None,
+    allowed: np.ndarray | None,
+    n_ok: int,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Selected key ids per query row of kv head ``h`` and the logit no
     dropped key reaches (per row). ``allowed`` (bool, ``(n,)``) masks keys out
     (padding): ``top_k`` then picks the best ``top_k`` allowed keys, as the
-    torch path does."""
+    torch path does. ``n_ok``: how many keys ``allowed`` keeps (``n`` for
+    None), counted once per batch row by the caller, not per kv head."""
     ix = layer.index(b, h)
     rows = q.shape[0]
-    n_masked = 0 if allowed is None else n - int(allowed.sum())
+    n_masked = n - n_ok
     if cache.strategy == "top_k":
         # Among the best top_k + n_masked keys are the best top_k allowed ones.
         ids, scores = ix.topk(q, min(cache.top_k + n_masked, n))
@@ -378,7 +380,7 @@ def _select_cpu(
         # Only the allowed keys can be dropped, so they alone count in the margin (as in the
         # torch path): padding does not widen a row's selection.
         _, best = ix.topk(q, 1)
-        margin = math.log1p(-cache.top_p) - math.log(n - n_masked)
+        margin = math.log1p(-cache.top_p) - math.log(n_ok)
         t = best[:, 0].astype(np.float64) + margin / scaling
         t = t.astype(np.float32)
     lims, ids, _ = ix.search(q, t)
@@ -468,7 +470,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         forced = np.union1d(np.arange(first, min(first + cache.sinks, n)), recent)
         for h in range(kv_heads):
             q = query[b, h * groups : (h + 1) * groups, 0].detach().to(torch.float32).numpy()
-            sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling, allowed)
+            sel, z_t = _select_cpu(layer, cache, q, b, h, n, scaling, allowed, n_ok)
             for r in range(groups):
                 ids, z, zmax, vs = _gather(
                     key, value, query, b, h, groups, r, sel[r], forced, allowed, scaling

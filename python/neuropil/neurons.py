@@ -727,12 +727,14 @@ class SparseFFN:
                 intended case (rows share one pass over the weights). A CUDA
                 tensor, or one that requires grad (in grad mode), is computed
                 with torch ops on its device (same masking; the stored weights
-                are copied there once), so gradients reach ``x``; the result
-                then has ``x``'s dtype.
+                are copied there once), so gradients reach ``x``; computed in
+                ``x``'s dtype, returned as float32 on the CPU and in ``x``'s
+                dtype on a GPU.
             dense: Compute every neuron (the dense FFN through the same kernel).
 
         Returns:
-            (d,) or (n, d) float32, numpy or torch like ``x``.
+            (d,) or (n, d), numpy or torch like ``x`` (on its device); float32
+            but on a GPU (``x``'s dtype).
         """
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
@@ -781,7 +783,11 @@ class SparseFFN:
             a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
         if gate is not None:
             a = a * F.linear(x, up)
-        return F.linear(a, down, db)
+        y = F.linear(a, down, db)
+        # On the CPU, float32 as the kernel path returns, so grad mode does not
+        # change the dtype (the graph to x goes through the cast); on a GPU the
+        # torch ops are the only path and keep x's dtype (float16 stays float16).
+        return y.float() if y.device.type == "cpu" else y
 
     def __repr__(self) -> str:
         mode = (
