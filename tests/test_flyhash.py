@@ -233,8 +233,10 @@ def test_bad_inputs_raise_clear_errors():
         fh.encode_indices(bad)
     with pytest.raises(neuropil.DTypeError, match="float32"):
         fh.encode(np.zeros((2, 16), np.int64))
-    with pytest.raises(neuropil.ShapeError, match="must not be empty"):
-        fh.encode(np.zeros((0, 16), np.float32))
+    # A batch of no rows is an empty result (test_an_empty_batch_...), a
+    # zero-width one is not a batch of this encoder's inputs.
+    with pytest.raises(neuropil.ShapeError, match=r"\(n, 16\); got \(0, 0\)"):
+        fh.encode(np.zeros((0, 0), np.float32))
     with pytest.raises(neuropil.ArgumentError, match="level"):
         fh.encode(np.zeros((1, 16), np.float32), level="sse9")
 
@@ -834,3 +836,61 @@ class _Call:
 
     def __reduce__(self):
         return (self.fn, self.args)
+
+
+EMPTY_OUTPUTS = {  # method: (width of a row, numpy dtype, torch dtype name)
+    "encode": (lambda fh: fh.output_dim, np.float32, "float32"),
+    "activations": (lambda fh: fh.output_dim, np.float32, "float32"),
+    "encode_indices": (lambda fh: fh.active_bits, np.uint32, "int64"),
+    "hash": (lambda fh: fh.code_bytes, np.uint8, "uint8"),
+}
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_an_empty_batch_encodes_to_an_empty_output(projection, level):
+    # As numpy and torch do for 0 rows: the (0, ...) output of the method's
+    # dtype, not a ShapeError.
+    fh = FlyHash(16, 8.0, 0.1, seed=1, projection=projection)
+    for method, (width, dtype, _) in EMPTY_OUTPUTS.items():
+        for x in (np.zeros((0, 16), np.float32), np.zeros((0, 16))):
+            out = getattr(fh, method)(x, level=level)
+            assert isinstance(out, np.ndarray)
+            assert out.shape == (0, width(fh)) and out.dtype == dtype, method
+    with pytest.raises(ShapeError, match=r"\(16,\) or \(n, 16\); got \(0,\)"):
+        fh.encode(np.zeros(0, np.float32))
+    with pytest.raises(ShapeError):
+        fh.hash(np.zeros((0, 15), np.float32))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_an_empty_torch_batch_encodes_to_an_empty_tensor():
+    import torch
+
+    from neuropil import _flyhash_torch
+
+    fh = FlyHash(16, 8.0, 0.1, seed=1)
+    for method, (width, _, tdtype) in EMPTY_OUTPUTS.items():
+        for x in (torch.zeros(0, 16), torch.zeros(0, 16, dtype=torch.float64)):
+            out = getattr(fh, method)(x)
+            assert isinstance(out, torch.Tensor), method
+            assert out.shape == (0, width(fh)) and out.dtype == getattr(torch, tdtype), method
+        # The CUDA path's logic, on a CPU tensor.
+        out = _flyhash_torch.encode(fh, torch.zeros(0, 16), method)
+        assert out.shape == (0, width(fh)) and out.dtype == getattr(torch, tdtype), method
+    with pytest.raises(ShapeError):
+        _flyhash_torch.encode(fh, torch.zeros(0, 15), "hash")
+
+
+def test_binary_index_answers_an_empty_batch_of_queries():
+    fh = FlyHash(16, 8.0, 0.1, seed=1)
+    ix = BinaryIndex(fh.output_dim)
+    ix.add(fh.hash(rand(20, 16)))
+    q = np.zeros((0, fh.code_bytes), np.uint8)
+    for metric, dtype in (("hamming", np.int32), ("jaccard", np.float32)):
+        d, i = ix.search(q, 3, metric=metric)
+        assert d.shape == i.shape == (0, 3)
+        assert (d.dtype, i.dtype) == (dtype, np.int64)
+    lims, d, i = ix.range_search(q, 10)
+    assert lims.tolist() == [0] and lims.dtype == np.int64
+    assert (d.shape, d.dtype, i.shape, i.dtype) == ((0,), np.int32, (0,), np.int64)

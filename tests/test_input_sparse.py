@@ -134,7 +134,7 @@ def test_bad_input_raises_clear_errors():
     ffn = InputSparseFFN(g, u, dn)
     with pytest.raises(neuropil.ShapeError, match=r"\(40,\) or \(n, 40\); got \(39,\)"):
         ffn(np.zeros(39, np.float32))
-    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\) with n >= 1; got \(2, 39\)"):
+    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\); got \(2, 39\)"):
         ffn(np.zeros((2, 39), np.float32))
     with pytest.raises(neuropil.ArgumentError, match="t_in must be a finite value >= 0"):
         ffn.set_thresholds(-1.0, None)
@@ -355,3 +355,40 @@ def test_pickle_and_deepcopy(dtype, bits, gated):
             unpickle_tampered(ffn, {**good, **change})
     with pytest.raises(neuropil.FormatError):
         unpickle_tampered(ffn, {**good, "extra": 1})
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+def test_an_empty_batch_gives_an_empty_result(dtype, bits):
+    # As nn.Linear does: (0, d) in, (0, d) out, with or without thresholds,
+    # and the counters stay as they were.
+    g, u, dn = weights(h=64)
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = InputSparseFFN(g, u, dn, **kw)
+    x = np.zeros((0, 40), np.float32)
+    before = ffn.stats()
+    for t in ((None, None), (0.1, 0.2)):
+        ffn.set_thresholds(*t)
+        for xx in (x, x.astype(np.float64)):
+            for dense in (False, True):
+                y = ffn(xx, dense=dense)
+                assert isinstance(y, np.ndarray)
+                assert y.shape == (0, 40) and y.dtype == np.float32
+        hid = ffn.hidden(x, t[0])
+        assert hid.shape == (0, 64) and hid.dtype == np.float32
+    assert ffn.stats() == before
+    with pytest.raises(neuropil.ShapeError, match=r"\(n, 40\); got \(0, 39\)"):
+        ffn(np.zeros((0, 39), np.float32))
+    with pytest.raises(neuropil.ShapeError, match="x must not be empty"):
+        ffn(np.zeros(0, np.float32))
+    with pytest.raises(neuropil.ShapeError, match="samples"):
+        ffn.calibrate(x, 0.5)
+
+
+def test_an_empty_torch_batch_gives_an_empty_tensor():
+    torch = pytest.importorskip("torch")
+    g, u, dn = weights(h=64)
+    ffn = InputSparseFFN(g, u, dn, thresholds=(0.1, 0.1))
+    for dtype in (torch.float32, torch.float64):
+        y = ffn(torch.zeros(0, 40, dtype=dtype))
+        assert isinstance(y, torch.Tensor)
+        assert y.shape == (0, 40) and y.dtype == torch.float32

@@ -1319,3 +1319,41 @@ def test_sparse_ffn_state_refuses_a_cache_or_hot_set_that_does_not_fit():
     unbounded = SparseFFN(g, u, dn)
     unbounded.set_hot(range(50))
     assert unpickle_tampered(unbounded, unbounded.__getstate__()).hot_neurons().size == 50
+
+
+@pytest.mark.parametrize(("dtype", "bits"), FORMATS)
+def test_sparse_ffn_takes_an_empty_batch(dtype, bits):
+    # As nn.Linear does: (0, d) in, (0, d) out (float32), in every mode, and
+    # the counters stay as they were (no call was computed).
+    g, u, dn = weights()
+    kw = {"bits": bits} if bits else {"dtype": dtype}
+    ffn = SparseFFN(g, u, dn, hot_capacity=8, **kw)
+    x = np.zeros((0, 40), np.float32)
+    before = ffn.stats()
+    for setup in (lambda: None, lambda: ffn.set_threshold(0.1), lambda: setattr(ffn, "top_k", 5)):
+        setup()
+        for xx in (x, x.astype(np.float64)):
+            for dense in (False, True):
+                y = ffn(xx, dense=dense)
+                assert isinstance(y, np.ndarray)
+                assert y.shape == (0, 40) and y.dtype == np.float32
+    a = ffn.activations(x)
+    assert a.shape == (0, 96) and a.dtype == np.float32
+    assert ffn.stats() == before
+    # Still refused: a width other than d (zero included), empty calibration.
+    with pytest.raises(neuropil.ShapeError):
+        ffn(np.zeros((0, 39), np.float32))
+    with pytest.raises(neuropil.ShapeError, match="x must not be empty"):
+        ffn(np.zeros((0, 0), np.float32))
+    with pytest.raises(neuropil.ShapeError, match="samples"):
+        ffn.calibrate(x, 0.5)
+
+
+def test_sparse_ffn_takes_an_empty_torch_batch():
+    torch = pytest.importorskip("torch")
+    g, u, dn = weights()
+    ffn = SparseFFN(g, u, dn)
+    for dtype in (torch.float32, torch.float64):
+        y = ffn(torch.zeros(0, 40, dtype=dtype))
+        assert isinstance(y, torch.Tensor)
+        assert y.shape == (0, 40) and y.dtype == torch.float32

@@ -981,3 +981,66 @@ def test_cuda_index_pickles_through_the_cpu_and_comes_back_on_its_device():
             assert a.device == b.device and torch.equal(a, b)
         back.add(torch.from_numpy(keys[:5]).cuda())
         assert len(back) == 4005 and len(gpu) == 4000
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_of_queries_gets_empty_answers(method):
+    # faiss's answer to 0 queries: lims == [0] and empty ids and scores.
+    keys = low_rank(500, 16, 4, 0)
+    ix = RangeIndex(keys, method)
+    q = np.zeros((0, 16), np.float32)
+    for t in (0.5, np.zeros(0, np.float32), np.zeros(0)):
+        lims, ids, scores = ix.search(q, t)
+        assert lims.tolist() == [0] and lims.dtype == np.int64
+        assert (ids.shape, ids.dtype) == ((0,), np.int64)
+        assert (scores.shape, scores.dtype) == ((0,), np.float32)
+        assert ix.last_scanned.shape == (0,)
+    ids, scores = ix.topk(q, 5)
+    assert (ids.shape, ids.dtype, scores.shape, scores.dtype) == (
+        (0, 5),
+        np.int64,
+        (0, 5),
+        np.float32,
+    )
+    # The index answers as before afterwards (an empty batch is no search to `auto`).
+    full = np.asarray(ix.search(keys[:3], 0.0)[1])
+    assert full.size > 0
+    # Adding 0 keys appends nothing; building from 0 keys stays refused.
+    builds = ix.stats["builds"]
+    ix.add(np.zeros((0, 16), np.float32))
+    assert len(ix) == 500 and ix.stats["builds"] == builds
+    with pytest.raises(neuropil.ShapeError, match="keys must not be empty"):
+        RangeIndex(np.zeros((0, 16), np.float32), method)
+    # Still refused: a width that differs from the keys', a zero width,
+    # thresholds that do not match the empty batch.
+    with pytest.raises(neuropil.ShapeError, match=r"queries must have shape \(nq, 16\)"):
+        ix.search(np.zeros((0, 15), np.float32), 0.0)
+    with pytest.raises(neuropil.ShapeError, match="queries must not be empty"):
+        ix.topk(np.zeros((0, 0), np.float32), 1)
+    with pytest.raises(neuropil.ShapeError, match="thresholds"):
+        ix.search(q, np.zeros(1, np.float32))
+    with pytest.raises(neuropil.ArgumentError, match="k must be between 1"):
+        ix.topk(q, 501)
+
+
+def test_an_empty_torch_batch_gets_empty_tensors():
+    torch = pytest.importorskip("torch")
+    from neuropil.range import _TorchRange
+
+    keys = low_rank(200, 8, 3, 1)
+    ix = RangeIndex(keys)
+    q = torch.zeros(0, 8)
+    lims, ids, scores = ix.search(q, 0.0)
+    assert all(isinstance(a, torch.Tensor) for a in (lims, ids, scores))
+    assert lims.tolist() == [0] and ids.shape == scores.shape == (0,)
+    assert (lims.dtype, ids.dtype, scores.dtype) == (torch.int64, torch.int64, torch.float32)
+    ids, scores = ix.topk(q.double(), 4)
+    assert ids.shape == scores.shape == (0, 4)
+    assert (ids.dtype, scores.dtype) == (torch.int64, torch.float32)
+    # The CUDA path's logic, on CPU tensors.
+    tr = _TorchRange(torch.from_numpy(keys))
+    lims, ids, scores = tr.search(q, 0.0, ix)
+    assert lims.tolist() == [0] and ids.shape == scores.shape == (0,)
+    assert (lims.dtype, ids.dtype, scores.dtype) == (torch.int64, torch.int64, torch.float32)
+    ids, scores = tr.topk(q, 4, ix)
+    assert ids.shape == scores.shape == (0, 4)

@@ -71,10 +71,11 @@ def _block(fh: FlyHash, w: dict[str, torch.Tensor], r0: int, r1: int) -> torch.T
 
 
 def _check_input(fh: FlyHash, x: torch.Tensor) -> None:
-    """DTypeError / ShapeError unless ``x`` is a float ``(n, d)`` tensor, n >= 1."""
+    """DTypeError / ShapeError unless ``x`` is a float ``(n, d)`` tensor; n may
+    be 0 (an empty batch gives an empty output, as on the CPU)."""
     if not x.is_floating_point():
         raise DTypeError(f"x must have a float dtype; got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != fh.input_dim or x.shape[0] == 0:
+    if x.ndim != 2 or x.shape[1] != fh.input_dim:
         raise ShapeError(f"x must have shape (n, {fh.input_dim}); got {tuple(x.shape)}")
 
 

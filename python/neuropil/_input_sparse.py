@@ -171,7 +171,7 @@ class InputSparseFFN:
 
     def hidden(self, x: Any, t_in: float | None = None) -> npt.NDArray[np.float32]:
         """The hidden values ``h`` before the hidden mask, inputs ``|x| <= t_in``
-        dropped: x (d,) or (n, d) -> (h,) or (n, h) float32."""
+        dropped: x (d,) or (n, d) -> (h,) or (n, h) float32 (n may be 0)."""
         a, single = self._rows(x)
         out = self._ffn.hidden(a, _threshold("t_in", t_in))
         return out[0] if single else out
@@ -251,7 +251,8 @@ class InputSparseFFN:
 
         Args:
             x: (d,) or (n, d) float (numpy or torch tensor); small n is the
-                intended case. A CUDA tensor, or one that requires grad (in
+                intended case; n = 0 (an empty batch) gives a (0, d) result and
+                leaves :meth:`stats`. A CUDA tensor, or one that requires grad (in
                 grad mode), is computed with torch ops on its device (same
                 masking; the stored weights are copied there once), so
                 gradients reach ``x``; computed in

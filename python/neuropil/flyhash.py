@@ -252,7 +252,8 @@ class FlyHash:
         Args:
             x: ``(d,)`` or ``(n, d)`` floats (numpy, torch CPU/CUDA, lists). float32
                 C-contiguous numpy input is read in place; other floats are
-                converted once; NaN/Inf are refused.
+                converted once; NaN/Inf are refused. ``n`` may be 0: every method
+                then returns its ``(0, ...)`` output, of its usual dtype.
             level: Force a SIMD level (``"scalar"``, ``"avx2"``, ``"avx512"``) for
                 this call; the result is identical at every level.
 

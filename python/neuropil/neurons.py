@@ -579,7 +579,8 @@ class SparseFFN:
         self.top_k = None
 
     def activations(self, x: Any) -> npt.NDArray[np.float32]:
-        """``act(pre)`` of every neuron: x (d,) or (n, d) -> (h,) or (n, h) float32."""
+        """``act(pre)`` of every neuron: x (d,) or (n, d) -> (h,) or (n, h) float32
+        (n may be 0)."""
         a, single = self._rows(x)
         out = self._ffn.activations(a)
         return out[0] if single else out
@@ -724,7 +725,8 @@ class SparseFFN:
 
         Args:
             x: (d,) or (n, d) float (numpy or torch tensor); small n is the
-                intended case (rows share one pass over the weights). A CUDA
+                intended case (rows share one pass over the weights); n = 0 (an
+                empty batch) gives a (0, d) result and leaves :meth:`stats`. A CUDA
                 tensor, or one that requires grad (in grad mode), is computed
                 with torch ops on its device (same masking; the stored weights
                 are copied there once), so gradients reach ``x``; computed in

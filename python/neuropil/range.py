@@ -145,7 +145,8 @@ class RangeIndex:
         """Every key with ``queries[i] . k >= thresholds[i]``.
 
         Args:
-            queries: ``(nq, d)`` float array.
+            queries: ``(nq, d)`` float array; ``nq`` may be 0 (an empty batch:
+                ``lims == [0]`` and empty ``ids`` and ``scores``, as from faiss).
             thresholds: ``(nq,)`` float array, or one number for all queries (a Python
                 or numpy scalar, a 0-d array or tensor).
 
@@ -177,11 +178,12 @@ class RangeIndex:
         """The ``k`` keys of highest score per query, best first (ties: lower id).
 
         Args:
-            queries: ``(nq, d)`` float array.
+            queries: ``(nq, d)`` float array; ``nq`` may be 0.
             k: ``1 <= k <= len(self)``.
 
         Returns:
-            ``(ids, scores)``: int64 and float32, shape ``(nq, k)``.
+            ``(ids, scores)``: int64 and float32, shape ``(nq, k)`` (``(0, k)``
+            for no queries).
 
         Raises:
             ArgumentError: ``k`` out of range, or as :meth:`search`.
@@ -201,7 +203,10 @@ class RangeIndex:
         return _like(queries, _is_torch(queries), ids, scores)
 
     def add(self, keys: Any) -> None:
-        """Appends keys ``(m, d)``; they get ids ``len(self) .. len(self) + m - 1``."""
+        """Appends keys ``(m, d)``; they get ids ``len(self) .. len(self) + m - 1``.
+
+        ``m`` may be 0: nothing is appended (the index must be built from at
+        least one key, more may come in any number)."""
         if self._torch is not None:
             added = self._torch.add(keys)
             self._key_bound = max(self._key_bound, _norm_bound(added))

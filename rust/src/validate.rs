@@ -38,6 +38,19 @@ pub fn non_empty(arg: &'static str, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Fails if any axis but the first is 0. The first axis is a batch (rows,
+/// queries, thresholds), which may hold 0 items: an empty batch gives an empty
+/// result, as in numpy and torch. The message names the whole shape.
+pub fn non_empty_rows(arg: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.iter().skip(1).any(|&s| s == 0) {
+        return Err(Error::Empty {
+            arg,
+            found: crate::error::Shape(shape.to_vec()),
+        });
+    }
+    Ok(())
+}
+
 /// Fails unless two lengths agree; `expected` describes the partner argument.
 pub fn same_len(arg: &'static str, found: usize, expected: usize, partner: &str) -> Result<()> {
     if found != expected {
@@ -72,5 +85,15 @@ mod tests {
     fn empty_is_rejected() {
         assert!(non_empty("x", &[3, 0]).is_err());
         assert!(non_empty("x", &[3, 2]).is_ok());
+    }
+
+    #[test]
+    fn only_the_batch_axis_may_be_empty() {
+        assert!(non_empty_rows("x", &[0, 4]).is_ok());
+        assert!(non_empty_rows("x", &[3, 4]).is_ok());
+        let msg = non_empty_rows("x", &[3, 0]).unwrap_err().to_string();
+        assert_eq!(msg, "x must not be empty; got shape (3, 0)");
+        assert!(non_empty_rows("x", &[0, 0]).is_err());
+        assert!(non_empty_rows("thresholds", &[0]).is_ok());
     }
 }

@@ -186,6 +186,8 @@ pub struct Expect {
     ndim: &'static [usize],
     shape_hint: &'static str,
     non_empty: bool,
+    /// The rank at which the first axis is a batch that may hold 0 items.
+    batch_rank: Option<usize>,
     finite: bool,
 }
 
@@ -198,8 +200,18 @@ impl Expect {
             ndim,
             shape_hint,
             non_empty: true,
+            batch_rank: None,
             finite: true,
         }
+    }
+
+    /// At rank `rank`, the first axis is a batch (rows of `x`, queries,
+    /// thresholds) and may hold 0 items, so an empty batch gets an empty
+    /// result as in numpy and torch; every other axis must still be >= 1.
+    /// Other ranks (a 1-D `x` is one vector) stay non-empty.
+    pub const fn empty_batch_at(mut self, rank: usize) -> Self {
+        self.batch_rank = Some(rank);
+        self
     }
 
     /// Lets NaN and Inf through (for kernels where they propagate like numpy's).
@@ -213,7 +225,9 @@ impl Expect {
         if !self.ndim.contains(&shape.len()) {
             return Err(Error::shape(self.arg, self.shape_hint, shape)).or_raise();
         }
-        if self.non_empty {
+        if self.batch_rank == Some(shape.len()) {
+            validate::non_empty_rows(self.arg, shape).or_raise()?;
+        } else if self.non_empty {
             validate::non_empty(self.arg, shape).or_raise()?;
         }
         if self.finite {

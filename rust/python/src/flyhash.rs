@@ -14,7 +14,8 @@ use neuropil::flyhash::{file, BinaryIndex, Config, FlyHash, Kind, Output, Weight
 use neuropil::simd::{self, Level};
 use neuropil::Error;
 
-const X: Expect = Expect::new("x", &[2], "(n, d)");
+// A batch of 0 rows gives a (0, ...) output of the method's dtype.
+const X: Expect = Expect::new("x", &[2], "(n, d)").empty_batch_at(2);
 
 fn level_of(level: Option<&str>) -> PyResult<Level> {
     simd::resolve(level).or_raise()

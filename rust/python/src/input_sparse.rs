@@ -34,8 +34,10 @@ const UP: Expect = Expect::new("up", &[2], "(h, d)");
 const DOWN: Expect = Expect::new("down", &[2], "(d, h)");
 const UP_BIAS: Expect = Expect::new("up_bias", &[1], "(h,)");
 const DOWN_BIAS: Expect = Expect::new("down_bias", &[1], "(d,)");
-const X: Expect = Expect::new("x", &[2], "(n, d)");
-const X_ROWS: Expect = Expect::new("x", &[1, 2], "(d,) or (n, d)");
+// A batch of 0 rows gives an empty result, as `nn.Linear` does; a 1-D `x` is
+// one token and must hold `d` values.
+const X: Expect = Expect::new("x", &[2], "(n, d)").empty_batch_at(2);
+const X_ROWS: Expect = Expect::new("x", &[1, 2], "(d,) or (n, d)").empty_batch_at(2);
 
 /// The core input-sparse FFN.
 #[pyclass(name = "_InputSparseFfn", module = "neuropil._native")]
@@ -151,8 +153,14 @@ impl PyInputSparseFfn {
         let x = X_ROWS.read(x)?;
         let single = x.shape().len() == 1;
         let (rows, xs) = (if single { 1 } else { x.shape()[0] }, x.as_slice());
-        if single && xs.len() != self.dim() {
-            let want = format!("({},) or (n, {})", self.dim(), self.dim());
+        // The width is checked on the shape: with n = 0 the core's length
+        // check (`n * d` values) holds for any d.
+        if x.shape()[x.shape().len() - 1] != self.dim() {
+            let want = if single {
+                format!("({},) or (n, {})", self.dim(), self.dim())
+            } else {
+                format!("(n, {})", self.dim())
+            };
             return Err(Error::shape("x", want, x.shape())).or_raise();
         }
         let y = with_ffn!(&self.inner, f => {
@@ -180,6 +188,10 @@ impl PyInputSparseFfn {
         t_in: Option<f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let x = X.read(x)?;
+        if x.shape()[1] != self.dim() {
+            let want = format!("(n, {})", self.dim());
+            return Err(Error::shape("x", want, x.shape())).or_raise();
+        }
         let (rows, xs) = (x.shape()[0], x.as_slice());
         let v = py
             .detach(|| with_ffn!(&self.inner, f => f.hidden(xs, rows, t_in)))

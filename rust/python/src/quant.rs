@@ -204,7 +204,8 @@ fn quant_dequantize<'py>(
     Ok(out.into_pyarray(py).reshape([rows, cols])?.into_any())
 }
 
-const X: Expect = Expect::new("x", &[1, 2], "(cols,) or (n, cols)");
+// A batch of 0 rows gives (0, rows), as `np.zeros((0, cols)) @ W.T` does.
+const X: Expect = Expect::new("x", &[1, 2], "(cols,) or (n, cols)").empty_batch_at(2);
 
 /// `W x` for x of shape (cols,) -> (rows,), or `x W^T` for (n, cols) -> (n, rows).
 #[pyfunction]

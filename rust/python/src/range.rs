@@ -12,8 +12,12 @@ use neuropil::simd::{self, Level};
 use neuropil::Error;
 
 const KEYS: Expect = Expect::new("keys", &[2], "(n, d)");
-const QUERIES: Expect = Expect::new("queries", &[2], "(nq, d)");
-const THRESHOLDS: Expect = Expect::new("thresholds", &[1], "(nq,)");
+// The keys an index is built from must not be empty; keys added later, the
+// queries and their thresholds may be 0 rows (an empty batch: empty answers, as
+// from faiss).
+const KEYS_ADDED: Expect = Expect::new("keys", &[2], "(m, d)").empty_batch_at(2);
+const QUERIES: Expect = Expect::new("queries", &[2], "(nq, d)").empty_batch_at(2);
+const THRESHOLDS: Expect = Expect::new("thresholds", &[1], "(nq,)").empty_batch_at(1);
 
 fn level_of(level: Option<&str>) -> PyResult<Level> {
     simd::resolve(level).or_raise()
@@ -132,7 +136,7 @@ impl PyRangeIndex {
 
     /// Appends keys (m, d); ids continue from len.
     fn add(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<()> {
-        let k = KEYS.read(keys)?;
+        let k = KEYS_ADDED.read(keys)?;
         self.check_d_named("keys", k.shape())?;
         let slice = k.as_slice();
         self.inner.write(py, |ix| ix.add(slice)).or_raise()

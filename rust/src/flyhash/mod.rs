@@ -218,7 +218,6 @@ impl FlyHash {
         if x.len() != n * d {
             return Err(Error::shape("x", expected, &[n, x.len() / n.max(1)]));
         }
-        validate::non_empty("x", &[n, d])?;
         validate::finite("x", x)?;
         let cb = self.code_bytes();
         let (want, got) = match &out {
@@ -228,6 +227,10 @@ impl FlyHash {
         };
         if want != got {
             return Err(Error::value("out", format!("{want} elements"), got));
+        }
+        if n == 0 {
+            // An empty batch: its (0, ...) output is already complete.
+            return Ok(());
         }
         let p = Proj {
             d,
@@ -423,5 +426,30 @@ mod tests {
         let mut x = vec![0.0f32; 1536];
         x[3] = f32::NAN;
         assert!(fh.encode(&x, 1, Output::Indices(&mut out)).is_err());
+    }
+
+    #[test]
+    fn an_empty_batch_encodes_to_nothing_at_every_level() {
+        for kind in [Kind::Sign, Kind::Sparse, Kind::Seeded] {
+            let mut c = cfg(kind);
+            c.input_dim = 40;
+            let fh = FlyHash::new(c).unwrap();
+            for level in Level::supported() {
+                fh.encode_at(level, &[], 0, Output::Dense(&mut [])).unwrap();
+                fh.encode_at(level, &[], 0, Output::Activations(&mut []))
+                    .unwrap();
+                fh.encode_at(level, &[], 0, Output::Indices(&mut []))
+                    .unwrap();
+                fh.encode_at(level, &[], 0, Output::Packed(&mut []))
+                    .unwrap();
+                // A wrong output size is still an error for n = 0.
+                assert!(fh
+                    .encode_at(level, &[], 0, Output::Packed(&mut [0u8; 1]))
+                    .is_err());
+                assert!(fh
+                    .encode_at(level, &[1.0; 40], 0, Output::Packed(&mut []))
+                    .is_err());
+            }
+        }
     }
 }

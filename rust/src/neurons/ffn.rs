@@ -170,12 +170,14 @@ impl<W: NeuronWeights> SparseFfn<W> {
         }
     }
 
+    /// `rows` may be 0 (an empty batch): the callers return an empty result
+    /// before any kernel, whose neuron-major buffers hold `rows` values a neuron.
     fn check_input(&self, xs: &[f32], rows: usize) -> Result<()> {
         let d = self.all.dim();
-        if rows == 0 || xs.len() != rows * d {
+        if xs.len() != rows * d {
             return Err(Error::shape(
                 "x",
-                format!("(n, {d}) with n >= 1"),
+                format!("(n, {d})"),
                 &[rows, xs.len() / rows.max(1)],
             ));
         }
@@ -205,6 +207,9 @@ impl<W: NeuronWeights> SparseFfn<W> {
     /// `(rows, h)`: what calibration and the neuron cache record.
     pub fn activations(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.check_input(xs, rows)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         let h = self.all.num_neurons();
         let nm = self.activations_nm(simd::level()?, xs, rows)?;
         let mut out = vec![0.0f32; rows * h];
@@ -327,6 +332,10 @@ impl<W: NeuronWeights> SparseFfn<W> {
                 return Err(Error::value("top_k", format!("in [1, {h}]"), k));
             }
             _ => {}
+        }
+        if rows == 0 {
+            // An empty batch: no work, and the counters stay as they are.
+            return Ok(Vec::new());
         }
         let level = simd::level()?;
         match select {
@@ -517,5 +526,25 @@ mod tests {
         for (a, b) in all.iter().zip(&dense) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn an_empty_batch_gives_an_empty_output_and_counts_nothing() {
+        let (h, d) = (70, 37);
+        let mut s = 11u64;
+        let g: Vec<f32> = (0..h * d).map(|_| lcg(&mut s)).collect();
+        let u: Vec<f32> = (0..h * d).map(|_| lcg(&mut s)).collect();
+        let dn: Vec<f32> = (0..d * h).map(|_| lcg(&mut s)).collect();
+        let w = Bundled::<f32>::from_matrices(Some(&g), &u, &dn, h, d).unwrap();
+        let ffn = SparseFfn::new(w, Activation::Silu, None, Some(vec![1.0; d])).unwrap();
+        for select in [Select::Dense, Select::Threshold(0.1), Select::TopK(5)] {
+            assert_eq!(ffn.forward(&[], 0, select).unwrap(), Vec::<f32>::new());
+        }
+        assert_eq!(ffn.activations(&[], 0).unwrap(), Vec::<f32>::new());
+        assert_eq!((ffn.stats().calls, ffn.stats().rows), (0, 0));
+        // Bad arguments are still refused with no rows.
+        assert!(ffn.forward(&[], 0, Select::TopK(0)).is_err());
+        assert!(ffn.forward(&[], 0, Select::Threshold(f32::NAN)).is_err());
+        assert!(ffn.forward(&[0.0; 3], 0, Select::Dense).is_err());
     }
 }

@@ -44,6 +44,10 @@ pub fn matmul_at(
     if out.len() != n * rows {
         return Err(Error::shape("out", format!("({n}, {rows})"), &[out.len()]));
     }
+    if n == 0 {
+        // An empty batch: nothing to compute (and no GEMM tiling over 0 rows).
+        return Ok(());
+    }
     if n < MIN_GEMM_BATCH {
         let mut col = vec![0f32; rows];
         for i in 0..n {
@@ -226,6 +230,22 @@ mod tests {
                         assert_eq!(got.to_bits(), want.to_bits(), "{level} {p:?} ({i}, {r})");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_is_an_empty_product_at_every_level() {
+        let (rows, cols) = (24, 64);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+        for scheme in [Scheme::Asym, Scheme::Q4_0] {
+            let p = Params::new(4, 32, scheme, ScaleType::F16).unwrap();
+            let q = quantize(&w, rows, cols, p, false).unwrap();
+            for level in Level::supported() {
+                matmul_at(level, &q.view(), &[], 0, &mut []).unwrap();
+                // The shape checks still hold for n = 0.
+                assert!(matmul_at(level, &q.view(), &[0.0; 3], 0, &mut []).is_err());
+                assert!(matmul_at(level, &q.view(), &[], 0, &mut [0.0]).is_err());
             }
         }
     }

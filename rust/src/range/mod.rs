@@ -275,6 +275,10 @@ impl RangeIndex {
             return Err(Error::shape("keys", format!("(m, {d})"), &[keys.len()]));
         }
         validate::finite("keys", keys)?;
+        if keys.is_empty() {
+            // Nothing appended: no rebuild either.
+            return Ok(());
+        }
         if self.n + keys.len() / d >= u32::MAX as usize {
             return Err(Error::value(
                 "keys",
@@ -360,6 +364,14 @@ impl RangeIndex {
         let nq = self.check_queries(queries)?;
         validate::same_len("thresholds", thresholds.len(), nq, "the number of queries")?;
         validate::finite("thresholds", thresholds)?;
+        if nq == 0 {
+            // An empty batch: faiss's empty answer (lims = [0]), before
+            // `prune_now`, so it does not count as a search for `auto`.
+            return Ok(RangeResult {
+                lims: vec![0],
+                ..Default::default()
+            });
+        }
         let prune = self.prune_now();
         let d = self.d;
         if let (Some(tree), true) = (&self.tree, prune) {
@@ -481,6 +493,12 @@ impl RangeIndex {
                 format!("between 1 and the number of keys ({})", self.n),
                 k,
             ));
+        }
+        if nq == 0 {
+            return Ok(TopKResult {
+                k,
+                ..Default::default()
+            });
         }
         let prune = self.method != Method::Flat;
         let per: Vec<(Vec<Hit>, Scan)> = crate::threads::install(|| {

@@ -176,3 +176,37 @@ fn clone_answers_as_the_original_and_is_independent() {
         assert_eq!(got.ids, want, "{method:?}");
     }
 }
+
+#[test]
+fn an_empty_batch_of_queries_gets_empty_answers() {
+    let (n, d) = (300, 8);
+    let keys = gen(n, d, 3, 5);
+    for method in [
+        Method::Flat,
+        Method::Pca,
+        Method::Kmeans,
+        Method::Quant,
+        Method::Auto,
+    ] {
+        let mut idx = RangeIndex::new(&keys, d, method, Params::default()).unwrap();
+        for level in crate::simd::Level::supported() {
+            let r = idx.search_at(level, &[], &[]).unwrap();
+            assert_eq!(r.lims, vec![0], "{method:?}");
+            assert!(r.ids.is_empty() && r.scores.is_empty() && r.scanned.is_empty());
+            assert!(r.work.is_empty());
+            let t = idx.topk_at(level, &[], 3).unwrap();
+            assert!(t.ids.is_empty() && t.scores.is_empty() && t.scanned.is_empty());
+            // k is still checked against the keys with no queries.
+            assert!(idx.topk_at(level, &[], n + 1).is_err());
+        }
+        // An empty batch is no search to `auto`'s running measure.
+        assert_eq!(idx.searches.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Thresholds must still match the (empty) batch.
+        assert!(idx.search(&[], &[0.0]).is_err());
+        // Adding no keys changes nothing (no rebuild either).
+        let before = idx.stats();
+        idx.add(&[]).unwrap();
+        let after = idx.stats();
+        assert_eq!((after.n, after.builds), (before.n, before.builds));
+    }
+}

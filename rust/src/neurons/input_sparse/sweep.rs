@@ -70,12 +70,14 @@ fn ahead_items(bytes: usize) -> usize {
 }
 
 impl<E: Elem> InputSparseFfn<E> {
+    /// `rows` may be 0 (an empty batch): [`Self::hidden`] and [`Self::sweep`]
+    /// return an empty result for it before any kernel.
     fn check(&self, xs: &[f32], rows: usize, t: &[(&'static str, Option<f32>)]) -> Result<()> {
         let d = self.d;
-        if rows == 0 || xs.len() != rows * d {
+        if xs.len() != rows * d {
             return Err(Error::shape(
                 "x",
-                format!("(n, {d}) with n >= 1"),
+                format!("(n, {d})"),
                 &[rows, xs.len() / rows.max(1)],
             ));
         }
@@ -208,6 +210,9 @@ impl<E: Elem> InputSparseFfn<E> {
     /// calibration measures.
     pub fn hidden(&self, xs: &[f32], rows: usize, t_in: Option<f32>) -> Result<Vec<f32>> {
         self.check(xs, rows, &[("t_in", t_in)])?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         let level = simd::level()?;
         let (ids, coef, _) = self.kept_inputs(level, xs, rows, t_in);
         let parts: Vec<Vec<f32>> = crate::threads::install(|| {
@@ -287,6 +292,10 @@ impl<E: Elem> InputSparseFfn<E> {
             t_hidden,
             values,
         } = kept;
+        if rows == 0 {
+            // An empty batch: no work, and the counters stay as they are.
+            return Ok(Vec::new());
+        }
         let (d, du) = (self.d, self.d / E::LANES);
         let work = |(mut y, mut kept): (Vec<f32>, u64), t: usize| {
             let hid = self.hidden_tile(level, (&ids, &coef), rows, t);

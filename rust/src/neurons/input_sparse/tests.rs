@@ -166,3 +166,22 @@ fn prepare_tells_short_sweeps_and_forward_is_prepare_then_sweep() {
     let other = g.prepare(&x[..d2], 1, None, None).unwrap();
     assert!(f.sweep(other).is_err());
 }
+
+#[test]
+fn an_empty_batch_gives_an_empty_output_and_counts_nothing() {
+    let (h, d) = (130, 6);
+    let mut seed = 3;
+    let w: Vec<f32> = (0..h * d).map(|_| lcg(&mut seed)).collect();
+    let f =
+        InputSparseFfn::<Q8>::new(Some(&w), &w, &w, (h, d), Activation::Silu, None, None).unwrap();
+    for (t_in, t_h) in [(None, None), (Some(0.1), Some(0.1))] {
+        assert_eq!(f.forward(&[], 0, t_in, t_h).unwrap(), Vec::<f32>::new());
+        let kept = f.prepare(&[], 0, t_in, t_h).unwrap();
+        assert!(kept.is_short());
+        assert_eq!(f.sweep(kept).unwrap(), Vec::<f32>::new());
+        assert_eq!(f.hidden(&[], 0, t_in).unwrap(), Vec::<f32>::new());
+    }
+    assert_eq!((f.stats().calls, f.stats().rows), (0, 0));
+    assert!(f.forward(&[], 0, Some(-1.0), None).is_err());
+    assert!(f.forward(&[0.0; 2], 0, None, None).is_err());
+}
