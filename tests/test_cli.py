@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import neuropil
-from neuropil import cli
+from neuropil import cli, quant
 
 
 def console_script() -> str:
@@ -124,3 +127,117 @@ def test_a_missing_input_file_exits_one_and_an_empty_only_is_a_usage_error(tmp_p
     # `tour --only` with no names is refused, not a run of every section.
     r = run_cli("tour", "--only")
     assert r.returncode == 2 and "expected at least one argument" in r.stderr
+
+
+# ------------------------------------------------------------------ quantize as a user runs it
+
+
+def _save(path: Path, tensors: dict) -> Path:
+    from safetensors.numpy import save_file as st_save
+
+    st_save(tensors, str(path))
+    return path
+
+
+def test_quantize_writes_into_a_pipe_in_place(tmp_path):
+    # The output is written beside and renamed over the target, which put a
+    # regular file in place of a pipe or device (as root, /dev/null itself);
+    # such a target is written in place, as open(OUT, "wb") would.
+    src = _save(tmp_path / "in.safetensors", {"w": np.ones((64, 64), np.float32)})
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert cli.main(["quantize", str(src), str(fifo), "--json"]) == 0
+    reader.join(timeout=30)
+    assert not reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    (tmp_path / "out.safetensors").write_bytes(got[0])
+    assert set(quant.load_file(tmp_path / "out.safetensors")) == {"w"}
+
+
+@pytest.mark.parametrize(
+    "tensor,argv,message",
+    [
+        (np.ones((64, 100), np.float32), ["--scheme", "q4_0"], "divisible by 32"),
+        (np.full((64, 64), np.nan, np.float32), [], "finite"),
+    ],
+)
+def test_a_tensor_that_cannot_be_quantized_is_named(tmp_path, capsys, tensor, argv, message):
+    src = _save(
+        tmp_path / "in.safetensors",
+        {"model.ok.weight": np.ones((64, 64), np.float32), "model.bad.weight": tensor},
+    )
+    out = tmp_path / "out.safetensors"
+    # (--json: no progress bar on stderr)
+    assert cli.main(["quantize", str(src), str(out), "--json", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuropil: error: tensor 'model.bad.weight'") and message in err
+    assert "--skip model.bad.weight" in err and not out.exists()
+    # the hint works
+    assert cli.main(["quantize", str(src), str(out), *argv, "--skip", "model.bad.weight"]) == 0
+
+
+def test_copied_tensors_keep_their_float_dtype_and_the_report_counts_them(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "w": rng.standard_normal((64, 128)).astype(np.float32),
+        "norm16": rng.standard_normal(300).astype(np.float16),
+        "bias64": rng.standard_normal(300),
+        "ids": np.arange(300, dtype=np.int32),
+    }
+    src = _save(tmp_path / "in.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    back = neuropil.quant.load_file(out)
+    for name in ("norm16", "bias64", "ids"):
+        assert back[name].dtype == tensors[name].dtype
+        np.testing.assert_array_equal(back[name], tensors[name])
+    assert report["bytes_before"] == sum(t.nbytes for t in tensors.values())
+    assert report["bytes_after"] == back["w"].memory_bytes + sum(
+        tensors[n].nbytes for n in ("norm16", "bias64", "ids")
+    )
+
+
+def test_the_text_report_says_larger_when_the_output_grows(tmp_path, capsys):
+    # bfloat16 tensors kept in float are written as float32: twice their bytes.
+    bf16 = (np.arange(8192, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    src = tmp_path / "in.safetensors"
+    header = json.dumps({"t": {"dtype": "BF16", "shape": [8192], "data_offsets": [0, 16384]}})
+    raw = header.encode() + b" " * (-len(header) % 8)
+    src.write_bytes(len(raw).to_bytes(8, "little") + raw + bf16.tobytes())
+    assert cli.main(["quantize", str(src), str(tmp_path / "out.safetensors")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("(2.00x larger)"), last
+
+
+def test_ctrl_c_while_saving_keeps_the_old_output_and_leaves_no_temp_file(
+    tmp_path, capsys, monkeypatch
+):
+    src = _save(tmp_path / "in.safetensors", {"w": np.ones((64, 64), np.float32)})
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the old output")
+
+    def interrupted(a, b):  # the temporary file is written; the rename never happens
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    assert cli.main(["quantize", str(src), str(out), "--json"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "neuropil: interrupted" and "Traceback" not in err
+    assert out.read_bytes() == b"the old output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+
+
+def test_a_failed_data_install_is_one_line(monkeypatch, capsys):
+    from neuropil import data
+
+    def pip_fails():
+        raise subprocess.CalledProcessError(1, [sys.executable, "-m", "pip", "install", "x==1"])
+
+    monkeypatch.setattr(data, "install_missing", pip_fails)
+    assert cli.main(["data", "--install"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("neuropil: error: ") and "pip install x==1" in err
+    assert err.count("\n") == 1

@@ -1603,3 +1603,98 @@ def test_gradients_flow_through_quantized_layers_to_their_inputs(device):
     torch.testing.assert_close(q.bias.grad, torch.full((32,), 4.0, device=device))
     with torch.no_grad():  # inference keeps the kernels (no graph)
         assert q(torch.randn(2, 64, device=device, requires_grad=True)).grad_fn is None
+
+
+# ------------------------------------------------------------------ API edges a user meets
+
+
+def test_scale_dtype_takes_numpy_and_torch_dtypes():
+    torch = pytest.importorskip("torch")
+    w = _matrix(0, 8, 64)
+    for as_dtype, name in [
+        (np.float16, "float16"),
+        (np.dtype("float32"), "float32"),
+        (torch.float16, "float16"),
+        (torch.float32, "float32"),
+    ]:
+        q, ref = quantize(w, scale_dtype=as_dtype), quantize(w, scale_dtype=name)
+        assert q.scale_dtype == name
+        np.testing.assert_array_equal(q.scales, ref.scales)
+        np.testing.assert_array_equal(q.mins, ref.mins)
+    # None is not numpy's default float64 here, and the message names the argument
+    for bad in (None, np.float64, torch.bfloat16, object()):
+        with pytest.raises(ArgumentError, match="scale_dtype must be float16 or float32"):
+            quantize(w, scale_dtype=bad)
+
+
+def test_save_file_takes_a_layers_torch_tensors(tmp_path):
+    # A layer's bias requires grad and a bf16 model's norm has no numpy dtype:
+    # both save as quantize() takes their weights.
+    torch = pytest.importorskip("torch")
+    lin = torch.nn.Linear(64, 8)
+    norm = torch.randn(64).bfloat16()
+    path = tmp_path / "layer.safetensors"
+    save_file(path, {"w": quantize(lin.weight), "bias": lin.bias, "norm": norm})
+    back = load_file(path)
+    np.testing.assert_array_equal(back["bias"], lin.bias.detach().numpy())
+    assert back["norm"].dtype == np.float32
+    np.testing.assert_array_equal(back["norm"], norm.float().numpy())
+
+
+def test_skip_names_a_module_and_keeps_every_layer_inside_it(tmp_path):
+    from safetensors.numpy import save_file as st_save
+
+    from neuropil._quant_cli import convert
+
+    w = np.ones((64, 128), np.float32)
+    names = [f"model.layers.{i}.{p}.weight" for i in (0, 1) for p in ("mlp.up", "attn.q")]
+    src = tmp_path / "in.safetensors"
+    st_save(dict.fromkeys(names, w), str(src))
+    for skip, kept in [
+        ("model.layers.0", names[:2]),
+        ("*.mlp", names[0::2]),
+        ("model.layers.1.attn.q", names[3:]),  # a module's own name, as before
+    ]:
+        report = convert(src, tmp_path / "out.safetensors", skip=(skip,), progress=False)
+        assert sorted(r["tensor"] for r in report["tensors"]) == sorted(set(names) - set(kept))
+
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    block = torch.nn.ModuleDict({"mlp": torch.nn.Linear(128, 64), "attn": torch.nn.Linear(128, 64)})
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([block, copy.deepcopy(block)])})
+    quantize_model(model, skip=["layers.1"])
+    assert isinstance(model["layers"][0]["mlp"], QuantizedLinear)
+    assert type(model["layers"][1]["mlp"]) is torch.nn.Linear
+    assert type(model["layers"][1]["attn"]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("level", ["scalar", None])
+def test_matvec_takes_an_empty_batch(level):
+    # np.zeros((0, cols)) @ W.T is (0, rows): so is matvec, for every scheme.
+    w = _matrix(3, 24, 96)
+    for bits, scheme in ((4, "asym"), (4, "q4_0"), (8, "sym"), (3, "sym")):
+        q = quantize(w, bits=bits, scheme=scheme)
+        for x in (np.zeros((0, 96), np.float32), np.zeros((0, 96))):
+            y = q.matvec(x, level=level)
+            assert isinstance(y, np.ndarray)
+            assert y.shape == (0, 24) and y.dtype == np.float32
+    # Still refused: a zero-width x, a 1-D empty x (one vector of 0 values)
+    # and a wrong width; an empty matrix cannot be quantized.
+    with pytest.raises(ShapeError, match=r"x must not be empty; got shape \(0, 0\)"):
+        q.matvec(np.zeros((0, 0), np.float32))
+    with pytest.raises(ShapeError, match=r"x must not be empty; got shape \(0,\)"):
+        q.matvec(np.zeros(0, np.float32))
+    with pytest.raises(ShapeError, match=r"\(n, 96\)"):
+        q.matvec(np.zeros((0, 95), np.float32))
+    with pytest.raises(ShapeError, match=r"w must not be empty; got shape \(0, 96\)"):
+        quantize(np.zeros((0, 96), np.float32), bits=4)
+
+
+def test_matvec_of_an_empty_torch_batch_is_an_empty_tensor():
+    torch = pytest.importorskip("torch")
+    q = quantize(_matrix(4, 24, 96), bits=4)
+    for dtype in (torch.float32, torch.float64):
+        y = q.matvec(torch.zeros(0, 96, dtype=dtype))
+        assert isinstance(y, torch.Tensor)
+        assert y.shape == (0, 24) and y.dtype == torch.float32

@@ -1,15 +1,16 @@
 """``neuropil quantize IN OUT``: a safetensors or GGUF file in, a packed safetensors file out.
 
 Every 2-D float tensor with at least ``--min-size`` elements whose name matches
-no ``--skip`` pattern is quantized; everything else is copied (bfloat16 as
-float32). GGUF tensors already in the target block format (``Q4_0``, ``Q4_1``,
-``Q8_0``) are carried over byte for byte; other GGUF block types are
-dequantized by the ``gguf`` package first. A Llama-architecture GGUF (SmolLM2)
-gets the ``transformers`` tensor names and q/k row order, so the output loads
-into the model ``from_pretrained(..., gguf_file=...)`` builds; other GGUF
-architectures keep their GGUF names. ``--skip`` patterns match as
-``quantize_model``'s ``skip`` does (a glob on the name, with or without
-``.weight``, or one name component). The output loads with
+no ``--skip`` pattern is quantized; everything else is copied in its dtype
+(bfloat16 as float32, which numpy lacks). GGUF tensors already in the target
+block format (``Q4_0``, ``Q4_1``, ``Q8_0``) are carried over byte for byte;
+other GGUF block types are dequantized by the ``gguf`` package first. A
+Llama-architecture GGUF (SmolLM2) gets the ``transformers`` tensor names and
+q/k row order, so the output loads into the model
+``from_pretrained(..., gguf_file=...)`` builds; other GGUF architectures keep
+their GGUF names. ``--skip`` patterns match as ``quantize_model``'s ``skip``
+does (a glob on the name, with or without ``.weight``, or on an enclosing
+module's name, or one name component). The output loads with
 ``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``.
 """
 
@@ -229,10 +230,17 @@ def convert(
             and not _skipped(name, skip)
         )
         if not wanted:
-            out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
-            after += out[name].nbytes
+            # Copied as is: float16/float64 keep their dtype (bfloat16 was read as float32).
+            out[name] = arr
+            after += arr.nbytes
             continue
-        q = quantize(arr, bits, group_size, scheme, search=search)
+        try:
+            q = quantize(arr, bits, group_size, scheme, search=search)
+        except NeuropilError as e:
+            # The core names its argument `w`; the user needs the tensor.
+            raise type(e)(
+                f"tensor {name!r} {tuple(arr.shape)}: {e} (keep it in float with --skip {name})"
+            ) from e
         out[name] = q
         after += q.memory_bytes
         rows.append(
@@ -282,10 +290,16 @@ def main(args: Any) -> int:
         mean = np.mean([r["rel_error"] for r in report["tensors"]])
         print(f"... {len(report['tensors'])} tensors quantized, mean relative error {mean:.4g}")
     mb = 1 << 20
+    before, after = report["bytes_before"], report["bytes_after"]
+    # (8-bit from a 4-bit GGUF, or tensors kept in float, can make the output larger)
+    ratio = (
+        f"{before / max(after, 1):.2f}x smaller"
+        if after <= before
+        else f"{after / max(before, 1):.2f}x larger"
+    )
     print(
-        f"{report['input']}: {report['bytes_before'] / mb:.1f} MiB -> {report['output']}: "
-        f"{report['bytes_after'] / mb:.1f} MiB "
-        f"({report['bytes_before'] / max(report['bytes_after'], 1):.2f}x smaller)",
+        f"{report['input']}: {before / mb:.1f} MiB -> {report['output']}: "
+        f"{after / mb:.1f} MiB ({ratio})",
         file=sys.stdout,
     )
     return 0

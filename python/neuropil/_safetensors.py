@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -80,7 +81,21 @@ def replacing(path: Path) -> Iterator[tuple[int, str]]:
     writing or the rename, which name the hidden temporary file or nothing) is
     raised again as the same subclass with its errno and strerror and ``path``
     as ``filename``, as ``open(path, "wb")`` would, the original as its cause.
+
+    An existing ``path`` that is not a regular file or a folder (``/dev/null``,
+    a named pipe) is written in place, as ``open(path, "wb")`` writes it:
+    renaming a file over it would replace the device or pipe itself (as root,
+    ``/dev/null`` would become a plain file).
     """
+    if _special(path):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        except OSError as e:
+            if e.errno is None:
+                raise
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        yield fd, str(path)
+        return
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -97,6 +112,15 @@ def replacing(path: Path) -> Iterator[tuple[int, str]]:
         if not isinstance(e, OSError) or e.errno is None:
             raise
         raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def _special(path: Path) -> bool:
+    """Whether ``path`` exists (through links) and is neither a regular file nor a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,7 +107,8 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
         f.write(raw)
         _write_tensors(f, [arr for _, arr, _ in tensors])
         f.flush()
-        os.fsync(f.fileno())
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # (a pipe cannot be synced)
+            os.fsync(f.fileno())
 
 
 def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:

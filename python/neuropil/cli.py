@@ -28,8 +28,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from . import data
 
     if args.install:
-        for dist in data.install_missing():
-            print(f"installed {dist}")
+        import subprocess
+
+        try:
+            for dist in data.install_missing():
+                print(f"installed {dist}")
+        except subprocess.CalledProcessError as e:
+            # pip has printed its own reason (no network, no such version...) above;
+            # a failed install is a system error (exit 1), like an OSError.
+            cmd = " ".join(map(str, e.cmd))
+            print(f"neuropil: error: `{cmd}` exited with {e.returncode}", file=sys.stderr)
+            return 1
     missing = 0
     for name, where in data.status().items():
         print(f"{name:<18} {where}")
@@ -114,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--scheme", default="asym", help="asym, sym, q4_0, q4_1, q8_0")
     s.add_argument("--search", action="store_true", help="error-minimising scale search")
-    s.add_argument("--skip", nargs="*", metavar="PATTERN", help="tensor names to keep (glob)")
+    s.add_argument(
+        "--skip",
+        nargs="*",
+        metavar="PATTERN",
+        help="tensors to keep in float: a glob on the name or on an enclosing module's, "
+        "or a name component",
+    )
     s.add_argument("--min-size", type=int, default=4096, help="smallest tensor to quantize")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=_cmd_quantize)
@@ -124,11 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand. Bad input (a :class:`NeuropilError`) exits with 2, a
     file or system error (an ``OSError``: missing file, permission denied, name
-    too long...) with 1, each as one ``neuropil: error:`` line; anything else is
-    a bug and keeps its traceback."""
+    too long...) with 1, each as one ``neuropil: error:`` line; Ctrl-C with 130
+    and one line; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a bug: no traceback. Savers write a
+        # temporary file and remove it on any exception, so no output is left half
+        # written; 130 is the shell's code for a SIGINT.
+        print("\nneuropil: interrupted", file=sys.stderr)
+        return 130
     except NeuropilError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
         # (a file error reported with its path keeps the OSError as its cause)

@@ -90,6 +90,35 @@ def _shape_arg(shape: Any) -> tuple[int, int]:
     return dims
 
 
+def _scale_dtype(v: Any) -> str:
+    """``scale_dtype`` as the core's name: a string passes as is (the core checks
+    it); a numpy dtype or type (``np.float32``) or a torch dtype gives its name."""
+    if isinstance(v, str):
+        return v
+    if type(v).__module__.startswith("torch"):
+        return str(v).removeprefix("torch.")
+    try:
+        # (np.dtype(None) is float64: None is refused here, not read as a dtype)
+        if v is not None:
+            return np.dtype(v).name
+    except TypeError:
+        pass
+    raise ArgumentError(f"scale_dtype must be float16 or float32; got {v!r}")
+
+
+def _plain_array(v: Any) -> np.ndarray:
+    """A plain (not quantized) ``save_file`` entry as numpy: a torch tensor by its
+    CPU values, detached (a layer's bias requires grad), bfloat16 as float32
+    (exact: numpy has no bfloat16)."""
+    if type(v).__module__.startswith("torch"):
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu()
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return np.asarray(v)
+
+
 def _as_numpy(w: Any) -> Any:
     if type(w).__module__.startswith("torch"):
         import torch
@@ -207,7 +236,8 @@ class QuantizedWeights:
             level: force one SIMD level (``scalar``, ``avx2``, ``avx512``) for this call.
 
         Returns:
-            float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``).
+            float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``);
+            a batch of n = 0 rows gives (0, rows), as numpy's ``@`` does.
 
         Precision: at the ``avx512`` level on CPUs with VNNI, the weights
         multiply ``x`` quantized per group to int16 (step ``max|x_group| / 32767``;
@@ -324,7 +354,7 @@ def quantize(
     group_size: int | None = None,
     scheme: str = "asym",
     *,
-    scale_dtype: str = "float16",
+    scale_dtype: npt.DTypeLike = "float16",
     search: bool = False,
 ) -> QuantizedWeights:
     """Quantizes a float matrix group-wise along its rows.
@@ -335,7 +365,8 @@ def quantize(
         bits: 2, 3, 4 or 8 (default 4; fixed by GGUF schemes).
         group_size: 32, 64, 128 or 256 (default 64; 32 for GGUF schemes).
         scheme: ``asym``, ``sym``, ``q4_0``, ``q4_1`` or ``q8_0``.
-        scale_dtype: ``float16`` (default) or ``float32`` scales and mins.
+        scale_dtype: ``float16`` (default) or ``float32`` scales and mins (a
+            name, or a numpy or torch dtype such as ``np.float32``).
         search: search each group's clipping range for the least squared error
             instead of round-to-nearest over the full range.
 
@@ -349,7 +380,9 @@ def quantize(
     bits, group_size, scheme = _resolve(bits, group_size, scheme)
     arr = _as_numpy(w)
     try:
-        out = _native.quant_quantize(arr, bits, group_size, scheme, scale_dtype, bool(search))
+        out = _native.quant_quantize(
+            arr, bits, group_size, scheme, _scale_dtype(scale_dtype), bool(search)
+        )
     except ArgumentError as e:
         hint = "(use scale_dtype=float32)"
         if scheme not in _GGUF or hint not in str(e):
@@ -371,7 +404,8 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
 
     A :class:`QuantizedWeights` entry ``name`` becomes tensors ``name.qdata``,
     ``name.scales`` (and ``name.mins``) plus its format in the metadata key
-    ``neuropil.quant``; a numpy array is stored as is.
+    ``neuropil.quant``; a numpy array is stored as is, a torch tensor as its CPU
+    values (detached; bfloat16 as float32, exactly).
 
     Raises:
         ArgumentError: a key is not a string, is the reserved ``__metadata__``, or
@@ -390,7 +424,7 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
                 tensors[f"{name}.mins"] = v.mins
             formats[name] = v._meta()
         else:
-            tensors[name] = np.asarray(v)
+            tensors[name] = _plain_array(v)
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -512,10 +546,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     """Whether a module or tensor name matches a ``skip`` pattern: a glob on the
-    full name (a tensor's also without ``.weight``), or one name component.
+    full name (a tensor's also without ``.weight``) or on the name of a module
+    that holds it (``model.layers.0`` keeps every layer of block 0, as
+    transformers' ``modules_to_not_convert`` does), or one name component.
     ``neuropil quantize --skip`` matches the same way."""
-    stem = name.removesuffix(".weight")
-    return any(
-        fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(stem, pat) or pat in name.split(".")
-        for pat in skip
-    )
+    parts = name.split(".")
+    names = [name] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    return any(pat in parts or any(fnmatch.fnmatchcase(n, pat) for n in names) for pat in skip)

@@ -32,7 +32,7 @@ def _dtype_key(dtype: torch.dtype) -> str:
 
 
 def save_bank(bank: Any, path: Any) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     # Learned codes may have drifted since construction: never write a file load refuses.
@@ -61,9 +61,10 @@ def save_bank(bank: Any, path: Any) -> None:
         "counts": bank.counts.contiguous(),
         "reads": bank.reads.contiguous(),
     }
-    with replacing(path) as (fd, tmp):
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"neuropil": json.dumps(meta)})
+    data = save(tensors, metadata={"neuropil": json.dumps(meta)})
+    # Through the descriptor the save opened (a pipe given as path is opened once).
+    with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:

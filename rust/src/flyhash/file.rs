@@ -28,7 +28,20 @@ fn fmt_err(path: &Path, detail: impl Into<String>) -> Error {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
+///
+/// An existing `path` that is neither a regular file nor a folder (`/dev/null`,
+/// a named pipe) is written in place, as `File::create` would: a rename over
+/// it would replace the device or pipe itself (as root, `/dev/null` would
+/// become a plain file).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| Error::file("write", path, e));
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
