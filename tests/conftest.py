@@ -98,3 +98,16 @@ def unpickle_tampered(obj, state):
             return (object.__new__, (type(obj),), state)
 
     return pickle.loads(pickle.dumps(Tampered()))
+
+
+def read_pipe(path):
+    """Makes ``path`` a named pipe and starts a daemon thread reading it to the
+    end; returns ``(thread, chunks)``: after ``thread.join()``, ``chunks`` holds
+    the one ``bytes`` read (empty while the writer has not closed)."""
+    import threading
+
+    os.mkfifo(path)
+    chunks: list[bytes] = []
+    thread = threading.Thread(target=lambda: chunks.append(path.read_bytes()), daemon=True)
+    thread.start()
+    return thread, chunks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import neuropil
-from conftest import HAS_TORCH, run_python
+from conftest import HAS_TORCH, read_pipe, run_python
 from neuropil import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError, _native
 
 
@@ -604,31 +605,50 @@ def test_every_loader_and_saver_raises_the_oserror_open_would(kind, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 @pytest.mark.parametrize("kind", _PERSISTENT)
-def test_a_save_into_a_pipe_or_device_writes_it_in_place(kind, tmp_path):
-    # Saves write a temporary file and rename it over the target; over a named
+def test_a_save_follows_links_and_writes_pipes_and_devices_in_place(kind, tmp_path):
+    # Saves write a temporary file and rename it over the target: over a named
     # pipe or a device that replaced the pipe or device itself (as root,
-    # `QuantizedWeights.save("/dev/null")` turned /dev/null into a plain file).
-    # They are written in place now, as open(path, "wb") writes them.
+    # `QuantizedWeights.save("/dev/null")` turned /dev/null into a plain file),
+    # and over a symbolic link it replaced the link. As open(path, "wb"), they
+    # now follow links and write pipes and devices in place.
     savers = _savers()
     if kind not in savers:
         pytest.skip("needs torch")
     save, load = savers[kind]
     save(tmp_path / "plain.safetensors")
     want = (tmp_path / "plain.safetensors").read_bytes()
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
-    reader.start()
-    save(fifo)
-    reader.join(timeout=30)
-    assert not reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode)
-    # (the same file but for the order of the metadata's keys, which the Rust
-    # savers do not fix)
-    assert len(got) == 1 and len(got[0]) == len(want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "plain.safetensors"]
-    (tmp_path / "from-pipe.safetensors").write_bytes(got[0])
-    load(tmp_path / "from-pipe.safetensors")
+    for name in ("pipe", "pipe-link"):
+        reader, got = (
+            read_pipe(tmp_path / "pipe") if name == "pipe" else read_pipe(tmp_path / "pipe2")
+        )
+        if name == "pipe-link":
+            (tmp_path / "pipe-link").symlink_to("pipe2")
+        save(tmp_path / name)
+        reader.join(timeout=30)
+        assert not reader.is_alive() and stat.S_ISFIFO(os.stat(tmp_path / name).st_mode)
+        # (the same file but for the order of the metadata's keys, which the
+        # Rust savers do not fix)
+        assert len(got) == 1 and len(got[0]) == len(want), name
+        (tmp_path / "from-pipe.safetensors").write_bytes(got[0])
+        load(tmp_path / "from-pipe.safetensors")
+    # A link to a regular file: the file is replaced, the link stays.
+    (tmp_path / "real.safetensors").write_bytes(b"old")
+    (tmp_path / "link").symlink_to("real.safetensors")
+    save(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert len((tmp_path / "real.safetensors").read_bytes()) == len(want)
+    load(tmp_path / "link")
+    # A write error in place names the path given (a link to /dev/full: the
+    # device itself is never a target here).
+    if os.path.exists("/dev/full"):
+        (tmp_path / "full").symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            save(tmp_path / "full")
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["plain.safetensors", "pipe", "pipe2", "pipe-link", "from-pipe.safetensors",
+         "real.safetensors", "link"] + (["full"] if os.path.exists("/dev/full") else [])
+    )  # fmt: skip
 
 
 def test_dot_converts_torch_half_tensors_once_and_keeps_errors():

@@ -9,7 +9,8 @@ on load; anything malformed, truncated or inconsistent raises
 :class:`~neuropil.errors.FormatError`. Saving writes a temporary file beside the
 target and renames it, so a failed save never destroys an existing file; the new
 file gets the mode of the file it replaces, else the mode ``open()`` would give
-(``0o666`` less the umask).
+(``0o666`` less the umask). As ``open()``, saving follows a symbolic link and
+writes a pipe or device (``/dev/null``) in place (see :func:`replacing`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -82,39 +84,49 @@ def replacing(path: Path) -> Iterator[tuple[int, str]]:
     raised again as the same subclass with its errno and strerror and ``path``
     as ``filename``, as ``open(path, "wb")`` would, the original as its cause.
 
-    An existing ``path`` that is not a regular file or a folder (``/dev/null``,
-    a named pipe) is written in place, as ``open(path, "wb")`` writes it:
-    renaming a file over it would replace the device or pipe itself (as root,
-    ``/dev/null`` would become a plain file).
+    As ``open(path, "wb")`` does, a symbolic link is followed (the file it
+    points to is replaced, the link stays), and an existing target that is not
+    a regular file or a folder (``/dev/null``, a named pipe) is written in
+    place: ``(fd, tmp)`` are then its own descriptor and name. Renaming a file
+    over it would replace the device or pipe itself (as root, ``/dev/null``
+    would become a plain file); a write cut short there stays partial.
     """
-    if _special(path):
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    if special_file(target):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
         except OSError as e:
-            if e.errno is None:
-                raise
-            raise type(e)(e.errno, e.strerror, str(path)) from e
-        yield fd, str(path)
+            _reraise(e, path)
+        try:
+            yield fd, str(target)
+        except OSError as e:
+            _reraise(e, path)
         return
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as e:
-        if e.errno is None:
-            raise
-        raise type(e)(e.errno, e.strerror, str(path)) from e
+        _reraise(e, path)
     try:
         yield fd, tmp
-        os.chmod(tmp, new_file_mode(path))  # mkstemp made it 0600
-        os.replace(tmp, path)
+        os.chmod(tmp, new_file_mode(target))  # mkstemp made it 0600
+        os.replace(tmp, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if not isinstance(e, OSError) or e.errno is None:
+        if not isinstance(e, OSError):
             raise
-        raise type(e)(e.errno, e.strerror, str(path)) from e
+        _reraise(e, path)
 
 
-def _special(path: Path) -> bool:
+def _reraise(e: OSError, path: Path) -> NoReturn:
+    """Raises ``e`` again as the same ``OSError`` subclass naming ``path`` (``e``
+    itself when it carries no errno)."""
+    if e.errno is None:
+        raise e
+    raise type(e)(e.errno, e.strerror, str(path)) from e
+
+
+def special_file(path: Path) -> bool:
     """Whether ``path`` exists (through links) and is neither a regular file nor a folder."""
     try:
         mode = os.stat(path).st_mode

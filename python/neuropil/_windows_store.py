@@ -3,7 +3,8 @@
 One file holds the frames (``frames``), the episode offsets (``episodes``,
 int64), each target (``target.<name>``) and a JSON metadata header with a format
 version, the window, the stride and the target offsets. The file is written to
-a temporary name and renamed, so a failed save never destroys an old file.
+a temporary name and renamed, so a failed save never destroys an old file (a
+pipe or device is written in place, and links are followed, as by ``open``).
 :func:`load` checks every field and raises :class:`~neuropil.FormatError` on
 anything malformed, truncated or of another version; with ``mmap=True`` the
 arrays are ``np.memmap`` views of the file (read in place, paged in on use).
@@ -68,7 +69,8 @@ def _host(data: Any) -> tuple[np.ndarray, str]:
 
 
 def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
-    """Writes ``sw`` to ``path`` (safetensors + JSON metadata; temp file, then rename).
+    """Writes ``sw`` to ``path`` (safetensors + JSON metadata; temp file, then rename;
+    a pipe or device in place).
 
     Tensors are laid out by descending item size after a header padded to a
     multiple of 8 bytes, so every tensor's data is aligned to its item size in

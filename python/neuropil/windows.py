@@ -714,7 +714,8 @@ class SlidingWindows:
         """Writes frames, episodes, targets and settings to one safetensors file.
 
         The JSON metadata carries a format version; the file is written to a
-        temporary name and renamed, so a failed save leaves an old file intact.
+        temporary name and renamed, so a failed save leaves an old file intact
+        (a pipe or device such as ``/dev/null`` is written in place).
         CUDA tensors are copied to the host to be written.
         """
         from ._windows_store import save

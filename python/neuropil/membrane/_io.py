@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._safetensors import replacing
+from .._safetensors import replacing, special_file
 from ..errors import ArgumentError, FormatError, NeuropilError
 from ._checks import check_codes
 
@@ -32,7 +32,7 @@ def _dtype_key(dtype: torch.dtype) -> str:
 
 
 def save_bank(bank: Any, path: Any) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save, save_file
 
     path = Path(path)
     # Learned codes may have drifted since construction: never write a file load refuses.
@@ -61,10 +61,17 @@ def save_bank(bank: Any, path: Any) -> None:
         "counts": bank.counts.contiguous(),
         "reads": bank.reads.contiguous(),
     }
-    data = save(tensors, metadata={"neuropil": json.dumps(meta)})
-    # Through the descriptor the save opened (a pipe given as path is opened once).
-    with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
-        f.write(data)
+    metadata = {"neuropil": json.dumps(meta)}
+    if special_file(path):
+        # A pipe or device is written through the one descriptor replacing()
+        # opened (a pipe opened twice would end its reader's read at the first
+        # close); only then is the file built in memory first.
+        with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
+            f.write(save(tensors, metadata=metadata))
+        return
+    with replacing(path) as (fd, tmp):
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:

@@ -29,24 +29,28 @@ fn fmt_err(path: &Path, detail: impl Into<String>) -> Error {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 ///
-/// An existing `path` that is neither a regular file nor a folder (`/dev/null`,
-/// a named pipe) is written in place, as `File::create` would: a rename over
-/// it would replace the device or pipe itself (as root, `/dev/null` would
-/// become a plain file).
+/// As `File::create` does, a symbolic link is followed (the file it points to
+/// is replaced, the link stays), and an existing target that is neither a
+/// regular file nor a folder (`/dev/null`, a named pipe) is written in place:
+/// a rename over it would replace the device or pipe itself (as root,
+/// `/dev/null` would become a plain file). Errors name `path`, as given.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    let failed = |e: std::io::Error| Error::file("write", path, e);
+    let resolved = link_target(path);
+    let target = resolved.as_deref().unwrap_or(path);
+    if std::fs::metadata(target).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
-            .open(path)
+            .open(target)
             .and_then(|mut f| f.write_all(bytes))
-            .map_err(|e| Error::file("write", path, e));
+            .map_err(failed);
     }
-    let dir = match path.parent() {
+    let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let name = path
+    let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -56,18 +60,33 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}-{call}.tmp", std::process::id()));
-    let failed = |e: std::io::Error| Error::file("write", path, e);
     // (a name already taken, by another process sharing this pid in another
     // container, say, is an error, and that file is not this call's to remove)
     let mut f = std::fs::File::create_new(&tmp).map_err(failed)?;
     let result = (|| {
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, target)
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         failed(e)
+    })
+}
+
+/// Where the symbolic link `path` points (through every link, or one step for a
+/// dangling one, as `File::create` creates a dangling link's target); `None`
+/// for anything else.
+fn link_target(path: &Path) -> Option<std::path::PathBuf> {
+    if !path.is_symlink() {
+        return None;
+    }
+    std::fs::canonicalize(path).ok().or_else(|| {
+        let to = std::fs::read_link(path).ok()?;
+        Some(match path.parent() {
+            Some(dir) if to.is_relative() => dir.join(to),
+            _ => to,
+        })
     })
 }
 
