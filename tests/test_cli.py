@@ -8,13 +8,13 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import neuropil
+from conftest import read_pipe
 from neuropil import cli, quant
 
 
@@ -145,15 +145,90 @@ def test_quantize_writes_into_a_pipe_in_place(tmp_path):
     # such a target is written in place, as open(OUT, "wb") would.
     src = _save(tmp_path / "in.safetensors", {"w": np.ones((64, 64), np.float32)})
     fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
-    reader.start()
+    reader, got = read_pipe(fifo)
     assert cli.main(["quantize", str(src), str(fifo), "--json"]) == 0
     reader.join(timeout=30)
     assert not reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode)
     (tmp_path / "out.safetensors").write_bytes(got[0])
     assert set(quant.load_file(tmp_path / "out.safetensors")) == {"w"}
+
+
+@pytest.mark.parametrize("json_report", [False, True])
+@pytest.mark.parametrize("stdout", ["pipe", "file"])
+def test_quantize_to_dev_stdout_puts_the_report_on_stderr(tmp_path, stdout, json_report):
+    # `neuropil quantize IN /dev/stdout | cat > x`: the report printed after the
+    # file's bytes made x a corrupt file; it goes to stderr when OUT is stdout.
+    if not (os.path.exists("/dev/stdout") and os.path.exists("/proc/self/fd/1")):
+        pytest.skip("no /dev/stdout or /proc")
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    src = _save(tmp_path / "in.safetensors", {"w": w})
+    # `... > x` names stdout /proc/self/fd/1, the same file: a saver that renamed
+    # a temporary file over the link itself cannot replace that one, where as
+    # root it would replace /dev/stdout for the whole machine.
+    out = "/dev/stdout" if stdout == "pipe" else "/proc/self/fd/1"
+    cmd = [sys.executable, "-m", "neuropil", "quantize", str(src), out]
+    cmd += ["--json"] if json_report else []
+    captured = tmp_path / "captured.safetensors"
+    if stdout == "pipe":  # `... | cat > x`
+        r = subprocess.run(cmd, capture_output=True, timeout=300)
+        captured.write_bytes(r.stdout)
+    else:  # `... > x`
+        with open(captured, "wb") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    back = quant.load_file(captured)
+    assert set(back) == {"w"}
+    np.testing.assert_array_equal(back["w"].data, quant.quantize(w).data)
+    if json_report:
+        report = json.loads(err)
+        assert (report["output"], report["quantized_tensors"]) == (out, 1)
+    else:
+        assert "tensors quantized" in err and f"-> {out}:" in err
+
+
+def test_the_report_stays_on_stdout_for_a_file(tmp_path, capsys):
+    src = _save(tmp_path / "in.safetensors", {"w": np.ones((64, 64), np.float32)})
+    assert cli.main(["quantize", str(src), str(tmp_path / "out.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized_tensors"] == 1
+
+
+def _write_gguf(path: Path, tensors: dict) -> Path:
+    """A GGUF file of Q8_0 tensors, written by the ``gguf`` package."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize as gguf_quantize
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer = gguf.GGUFWriter(str(path), "test")
+    for name, w in tensors.items():
+        writer.add_tensor(name, gguf_quantize(w, q8), raw_dtype=q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_skip_keeps_gguf_tensors_of_the_target_format_in_float(tmp_path, capsys):
+    # A Q8_0 GGUF tensor quantized to q8_0 was carried over as blocks before
+    # --skip was read: a skipped one is dequantized and copied in float.
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal((8, 64)).astype(np.float32) for n in ("keep", "skip.me")}
+    src = _write_gguf(tmp_path / "in.gguf", w)
+    out = tmp_path / "out.safetensors"
+    argv = ["quantize", str(src), str(out), "--scheme", "q8_0", "--skip", "skip", "--json"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["tensor"] for r in report["tensors"]] == ["keep"]
+    back = quant.load_file(out)
+    kept = back["keep"]  # carried over byte for byte
+    assert isinstance(kept, quant.QuantizedWeights) and kept.scheme == "q8_0"
+    skipped = back["skip.me"]
+    assert isinstance(skipped, np.ndarray) and skipped.dtype == np.float32
+    # the values the Q8_0 blocks hold (the float input is not in the file)
+    blocks = quant.quantize(w["skip.me"], scheme="q8_0")
+    np.testing.assert_array_equal(skipped, blocks.dequantize())
+    assert report["bytes_after"] == kept.memory_bytes + skipped.nbytes
 
 
 @pytest.mark.parametrize(
@@ -176,6 +251,28 @@ def test_a_tensor_that_cannot_be_quantized_is_named(tmp_path, capsys, tensor, ar
     assert "--skip model.bad.weight" in err and not out.exists()
     # the hint works
     assert cli.main(["quantize", str(src), str(out), *argv, "--skip", "model.bad.weight"]) == 0
+
+
+@pytest.mark.parametrize("name", ["layers[0].w", "a*b", "two words", "it's"])
+def test_the_skip_hint_works_as_printed_for_any_name(tmp_path, capsys, name):
+    # The hint is a glob matching only the name ("[" and "*" escaped), quoted
+    # for the shell: pasted into a shell it keeps this tensor, and only it.
+    import shlex
+
+    other = name.replace("[0]", "0").replace("*", "x").replace(" ", "_").replace("'", "")
+    nan = np.full((64, 64), np.nan, np.float32)
+    src = _save(tmp_path / "in.safetensors", {name: nan, other: np.ones((64, 64), np.float32)})
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--json"]) == 2
+    err = capsys.readouterr().err
+    hint = err.rsplit("(keep it in float with ", 1)[1].rsplit(")", 1)[0]
+    # what the shell makes of it
+    argv = shlex.split(hint)
+    assert argv[0] == "--skip" and len(argv) == 2
+    assert cli.main(["quantize", str(src), str(out), "--json", *argv]) == 0
+    back = quant.load_file(out)
+    assert isinstance(back[name], np.ndarray)
+    assert isinstance(back[other], quant.QuantizedWeights)
 
 
 def test_copied_tensors_keep_their_float_dtype_and_the_report_counts_them(tmp_path, capsys):

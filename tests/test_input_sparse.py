@@ -384,6 +384,25 @@ def test_an_empty_batch_gives_an_empty_result(dtype, bits):
         ffn.calibrate(x, 0.5)
 
 
+@pytest.mark.parametrize("call", ["hidden", "call", "dense"])
+@pytest.mark.parametrize("width", [39, 41])
+def test_an_empty_batch_of_the_wrong_width_is_refused(call, width):
+    # With 0 rows the core's length check (n * d values) holds for any width:
+    # the bindings check x's width on its shape.
+    g, u, dn = weights(h=64)
+    ffn = InputSparseFFN(g, u, dn, thresholds=(0.1, 0.1))
+    x = np.zeros((0, width), np.float32)
+    run = {
+        "hidden": lambda: ffn.hidden(x),
+        "call": lambda: ffn(x),
+        "dense": lambda: ffn(x, dense=True),
+    }[call]
+    with pytest.raises(
+        neuropil.ShapeError, match=rf"x must have shape \(n, 40\); got \(0, {width}\)"
+    ):
+        run()
+
+
 def test_an_empty_torch_batch_gives_an_empty_tensor():
     torch = pytest.importorskip("torch")
     g, u, dn = weights(h=64)

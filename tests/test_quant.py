@@ -1627,6 +1627,21 @@ def test_scale_dtype_takes_numpy_and_torch_dtypes():
             quantize(w, scale_dtype=bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [np.float32(1.0), np.float16(0.0), {}, [], float, np.void, np.int8, np.dtype("int8")],
+    ids=repr,
+)
+def test_scale_dtype_refuses_values_and_quotes_what_was_passed(bad):
+    # A numpy value is not a dtype (np.float32(1.0) was read as "float32"), and
+    # the message quotes the argument, not numpy's reading of it ({} -> "void").
+    w = _matrix(0, 8, 64)
+    with pytest.raises(ArgumentError, match="scale_dtype must be float16 or float32") as e:
+        quantize(w, scale_dtype=bad)
+    assert str(e.value).endswith(f"got {bad!r}")
+    assert bad is np.void or "void" not in str(e.value)
+
+
 def test_save_file_takes_a_layers_torch_tensors(tmp_path):
     # A layer's bias requires grad and a bf16 model's norm has no numpy dtype:
     # both save as quantize() takes their weights.

@@ -1002,7 +1002,8 @@ def test_an_empty_batch_of_queries_gets_empty_answers(method):
         (0, 5),
         np.float32,
     )
-    # The index answers as before afterwards (an empty batch is no search to `auto`).
+    # The index answers as before afterwards (that an empty batch is no search
+    # to `auto`: test_an_empty_batch_is_no_search_to_auto).
     full = np.asarray(ix.search(keys[:3], 0.0)[1])
     assert full.size > 0
     # Adding 0 keys appends nothing; building from 0 keys stays refused.
@@ -1021,6 +1022,31 @@ def test_an_empty_batch_of_queries_gets_empty_answers(method):
         ix.search(q, np.zeros(1, np.float32))
     with pytest.raises(neuropil.ArgumentError, match="k must be between 1"):
         ix.topk(q, 501)
+
+
+def test_an_empty_batch_is_no_search_to_auto():
+    # Where pruning does not pay (every key within reach of a low threshold),
+    # `auto` scans in full and prunes again every 16th search to re-measure:
+    # a full scan reads every key once and nothing else (last_work == 1), a
+    # pruned search also the principal prefixes (last_work > 1). Empty
+    # batches in between must not move that schedule.
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2000, 64)).astype(np.float32)
+    q = rng.standard_normal((4, 64)).astype(np.float32)
+    ix = RangeIndex(keys, "auto")
+    empty = np.zeros((0, 64), np.float32)
+
+    def pruned() -> bool:
+        ix.search(q, -5.0)
+        return bool((ix.last_work != 1.0).any())
+
+    assert pruned() and ix.stats["auto_work"] > 0.9  # search 0 measures
+    # 15 empty batches: counted as searches, they would make the next real
+    # search the 16th, which prunes.
+    for i in range(15):
+        ix.search(empty, -5.0 if i % 2 else np.zeros(0, np.float32))
+        assert ix.last_work.shape == (0,)
+    assert [pruned() for _ in range(16)] == [False] * 15 + [True]
 
 
 def test_an_empty_torch_batch_gets_empty_tensors():

@@ -92,8 +92,10 @@ class NeuropilConfig(QuantizationConfigMixin):
         scale_dtype: ``float16`` or ``float32`` scales and mins.
         modules_to_not_convert: ``nn.Linear`` modules kept in float: full module
             names or patterns matched as ``quantize_model``'s ``skip`` (a glob on
-            the full name or one name component, e.g. ``"lm_head"``). Names are
-            also tried with and without the model's ``base_model_prefix``.
+            the full name or on the name of an enclosing module, so
+            ``"model.layers.0"`` keeps every layer of block 0, or one name
+            component, e.g. ``"lm_head"``). Names are also tried with and
+            without the model's ``base_model_prefix``.
         overrides: ``{module name: {bits, group_size, scheme, scale_dtype}}`` for
             layers whose format differs from the one above (a GGUF file loaded
             with ``load_quantized`` can mix formats).

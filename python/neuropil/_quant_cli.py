@@ -3,21 +3,26 @@
 Every 2-D float tensor with at least ``--min-size`` elements whose name matches
 no ``--skip`` pattern is quantized; everything else is copied in its dtype
 (bfloat16 as float32, which numpy lacks). GGUF tensors already in the target
-block format (``Q4_0``, ``Q4_1``, ``Q8_0``) are carried over byte for byte;
-other GGUF block types are dequantized by the ``gguf`` package first. A
-Llama-architecture GGUF (SmolLM2) gets the ``transformers`` tensor names and
-q/k row order, so the output loads into the model
+block format (``Q4_0``, ``Q4_1``, ``Q8_0``) are carried over byte for byte
+(unless ``--skip`` keeps them in float: they are then dequantized and copied
+as float32); other GGUF block types are dequantized by the ``gguf`` package
+first. A Llama-architecture GGUF (SmolLM2) gets the ``transformers`` tensor
+names and q/k row order, so the output loads into the model
 ``from_pretrained(..., gguf_file=...)`` builds; other GGUF architectures keep
 their GGUF names. ``--skip`` patterns match as ``quantize_model``'s ``skip``
 does (a glob on the name, with or without ``.weight``, or on an enclosing
 module's name, or one name component). The output loads with
-``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``.
+``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``. When OUT
+is stdout (``/dev/stdout``, ``| cat > out``), the report (text or ``--json``)
+goes to stderr: printed after the file's bytes it would corrupt the file.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -213,7 +218,8 @@ def convert(
         before += nbytes
         if isinstance(value, tuple):  # GGUF blocks
             gscheme, raw, shape = value
-            if gscheme == scheme:
+            # (a skipped tensor is dequantized and copied in float below)
+            if gscheme == scheme and not _skipped(name, skip):
                 q = QuantizedWeights.from_gguf(raw, gscheme, shape)
                 out[name] = q
                 after += q.memory_bytes
@@ -237,9 +243,12 @@ def convert(
         try:
             q = quantize(arr, bits, group_size, scheme, search=search)
         except NeuropilError as e:
-            # The core names its argument `w`; the user needs the tensor.
+            # The core names its argument `w`; the user needs the tensor, and a
+            # hint that works as printed: the name as a glob matching only
+            # itself ("[" and "*" escaped), quoted for the shell.
+            hint = shlex.quote(glob.escape(name))
             raise type(e)(
-                f"tensor {name!r} {tuple(arr.shape)}: {e} (keep it in float with --skip {name})"
+                f"tensor {name!r} {tuple(arr.shape)}: {e} (keep it in float with --skip {hint})"
             ) from e
         out[name] = q
         after += q.memory_bytes
@@ -267,7 +276,20 @@ def convert(
     }
 
 
+def _is_stdout(path: str | Path) -> bool:
+    """Whether ``path`` exists and is the file, pipe or device open as fd 1
+    (``/dev/stdout``, or the file stdout is redirected to)."""
+    try:
+        return os.path.samestat(os.fstat(1), os.stat(path))
+    except (OSError, ValueError):  # fd 1 closed, or OUT missing or unreachable
+        return False
+
+
 def main(args: Any) -> int:
+    # `quantize IN /dev/stdout | ...`: the file's bytes go to stdout, so the
+    # report goes to stderr instead of after them (checked before the save,
+    # which may rename a new file over a regular OUT).
+    out = sys.stderr if _is_stdout(args.output) else sys.stdout
     report = convert(
         args.input,
         args.output,
@@ -280,15 +302,18 @@ def main(args: Any) -> int:
         progress=not args.json,
     )
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2), file=out)
         return 0
     worst = sorted(report["tensors"], key=lambda r: -r["rel_error"])[:10]
     if worst:
-        print("tensor | shape | relative RMS error")
+        print("tensor | shape | relative RMS error", file=out)
         for r in worst:
-            print(f"{r['tensor']} | {tuple(r['shape'])} | {r['rel_error']:.4g}")
+            print(f"{r['tensor']} | {tuple(r['shape'])} | {r['rel_error']:.4g}", file=out)
         mean = np.mean([r["rel_error"] for r in report["tensors"]])
-        print(f"... {len(report['tensors'])} tensors quantized, mean relative error {mean:.4g}")
+        print(
+            f"... {len(report['tensors'])} tensors quantized, mean relative error {mean:.4g}",
+            file=out,
+        )
     mb = 1 << 20
     before, after = report["bytes_before"], report["bytes_after"]
     # (8-bit from a 4-bit GGUF, or tensors kept in float, can make the output larger)
@@ -300,6 +325,6 @@ def main(args: Any) -> int:
     print(
         f"{report['input']}: {before / mb:.1f} MiB -> {report['output']}: "
         f"{after / mb:.1f} MiB ({ratio})",
-        file=sys.stdout,
+        file=out,
     )
     return 0

@@ -91,17 +91,19 @@ def replacing(path: Path) -> Iterator[tuple[int, str]]:
     over it would replace the device or pipe itself (as root, ``/dev/null``
     would become a plain file); a write cut short there stays partial.
     """
-    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
-    if special_file(target):
+    if special_file(path):
+        # (opened through its links: /dev/stdout's resolve only in the kernel,
+        # as /proc/self/fd/1 -> "pipe:[N]")
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         except OSError as e:
             _reraise(e, path)
         try:
-            yield fd, str(target)
+            yield fd, str(path)
         except OSError as e:
             _reraise(e, path)
         return
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as e:

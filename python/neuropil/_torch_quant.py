@@ -23,7 +23,15 @@ from torch import nn
 
 from . import _native
 from .errors import ArgumentError, DTypeError, FormatError
-from .quant import QuantizedWeights, _resolve, _skipped, load_file, quantize, save_file
+from .quant import (
+    QuantizedWeights,
+    ScaleDType,
+    _resolve,
+    _skipped,
+    load_file,
+    quantize,
+    save_file,
+)
 
 __all__ = ["QuantizedLinear", "load_quantized", "quantize_model", "save_quantized"]
 
@@ -146,6 +154,10 @@ class QuantizedLinear(nn.Module):
     break: on the CPU the Rust kernel is the custom operator
     ``torch.ops.neuropil.quant_linear``; on other devices the unpacking and
     ``F.linear`` are traced and fused by the compiler.
+
+    The constructor builds zeroed buffers of one format (what ``load_state_dict``
+    then fills); its ``scale_dtype`` is the name ``"float16"`` or ``"float32"``.
+    :meth:`from_linear` and :func:`quantize_model` also take a numpy or torch dtype.
     """
 
     def __init__(
@@ -206,10 +218,15 @@ class QuantizedLinear(nn.Module):
         group_size: int | None = None,
         scheme: str = "asym",
         *,
-        scale_dtype: str = "float16",
+        scale_dtype: ScaleDType = "float16",
         search: bool = False,
     ) -> QuantizedLinear:
-        """Quantizes an ``nn.Linear`` (any device; the result lands on the same device)."""
+        """Quantizes an ``nn.Linear`` (any device; the result lands on the same device).
+
+        ``bits``, ``group_size``, ``scheme``, ``scale_dtype`` (a name, a numpy
+        dtype or scalar type, or a torch dtype) and ``search`` are as
+        :func:`neuropil.quant.quantize` takes them.
+        """
         device = linear.weight.device
         qw = quantize(
             linear.weight, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
@@ -477,7 +494,7 @@ def quantize_model(
     scheme: str = "asym",
     skip: Iterable[str] = (),
     *,
-    scale_dtype: str = "float16",
+    scale_dtype: ScaleDType = "float16",
     search: bool = False,
 ) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` in place by a :class:`QuantizedLinear`.
@@ -495,9 +512,12 @@ def quantize_model(
 
     Args:
         model: any module; it is modified and returned.
-        bits, group_size, scheme, scale_dtype, search: as :func:`neuropil.quant.quantize`.
+        bits, group_size, scheme, scale_dtype, search: as :func:`neuropil.quant.quantize`
+            (``scale_dtype`` a name, a numpy dtype or scalar type, or a torch dtype).
         skip: module names to keep in float: glob patterns on the full name
-            (``"lm_head"``, ``"*.attn.*"``) or exact name components.
+            (``"lm_head"``, ``"*.attn.*"``) or on the name of an enclosing
+            module (``"model.layers.0"`` keeps every layer of block 0), or
+            exact name components.
 
     Returns:
         ``model``.

@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a name component",
     )
     s.add_argument("--min-size", type=int, default=4096, help="smallest tensor to quantize")
-    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (the report goes to stderr when OUT is stdout)",
+    )
     s.set_defaults(func=_cmd_quantize)
     return p
 
@@ -146,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         # Ctrl-C is the user's choice, not a bug: no traceback. Savers write a
-        # temporary file and remove it on any exception, so no output is left half
-        # written; 130 is the shell's code for a SIGINT.
+        # temporary file and remove it on any exception, so a file target is
+        # never left half written; a pipe or device target (/dev/stdout, a named
+        # pipe) is written in place, so an interrupted write there is partial.
+        # 130 is the shell's code for a SIGINT.
         print("\nneuropil: interrupted", file=sys.stderr)
         return 130
     except NeuropilError as e:

@@ -30,13 +30,16 @@ import json
 import operator
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
 from .errors import ArgumentError, DTypeError, FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SCHEMES", "QuantizedWeights", "load_file", "quantize", "save_file"]
 
@@ -51,6 +54,10 @@ _MAX_EXTENT = 2**63 - 1
 # The tensors a QuantizedWeights entry `name` is stored as (`.mins` is reserved
 # even where absent: a plain `name.mins` would be read back as its mins).
 _PARTS = ("qdata", "scales", "mins")
+
+#: What ``scale_dtype`` takes: a name (``"float16"``, ``"float32"``), a numpy
+#: dtype or scalar type (``np.dtype("float16")``, ``np.float16``) or a torch dtype.
+ScaleDType: TypeAlias = "str | np.dtype[Any] | type[np.generic] | torch.dtype"
 
 
 def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int, int, str]:
@@ -92,18 +99,25 @@ def _shape_arg(shape: Any) -> tuple[int, int]:
 
 def _scale_dtype(v: Any) -> str:
     """``scale_dtype`` as the core's name: a string passes as is (the core checks
-    it); a numpy dtype or type (``np.float32``) or a torch dtype gives its name."""
+    it); a numpy dtype, a numpy scalar type (``np.float32``) or a torch dtype
+    gives its name, which must be float16 or float32. Anything else (a numpy
+    value such as ``np.float32(1.0)``, a Python type, a dict numpy would read as
+    a structured dtype) is refused, the message quoting what was passed."""
     if isinstance(v, str):
         return v
-    if type(v).__module__.startswith("torch"):
-        return str(v).removeprefix("torch.")
-    try:
-        # (np.dtype(None) is float64: None is refused here, not read as a dtype)
-        if v is not None:
-            return np.dtype(v).name
-    except TypeError:
-        pass
-    raise ArgumentError(f"scale_dtype must be float16 or float32; got {v!r}")
+    name = None
+    if isinstance(v, np.dtype):
+        name = v.name
+    elif isinstance(v, type) and issubclass(v, np.generic):
+        name = np.dtype(v).name
+    elif type(v).__module__ == "torch" and type(v).__name__ == "dtype":
+        name = str(v).removeprefix("torch.")
+    if name in ("float16", "float32"):
+        return name
+    raise ArgumentError(
+        "scale_dtype must be float16 or float32 (a name, a numpy dtype or type, or a "
+        f"torch dtype); got {v!r}"
+    )
 
 
 def _plain_array(v: Any) -> np.ndarray:
@@ -354,7 +368,7 @@ def quantize(
     group_size: int | None = None,
     scheme: str = "asym",
     *,
-    scale_dtype: npt.DTypeLike = "float16",
+    scale_dtype: ScaleDType = "float16",
     search: bool = False,
 ) -> QuantizedWeights:
     """Quantizes a float matrix group-wise along its rows.
@@ -365,8 +379,9 @@ def quantize(
         bits: 2, 3, 4 or 8 (default 4; fixed by GGUF schemes).
         group_size: 32, 64, 128 or 256 (default 64; 32 for GGUF schemes).
         scheme: ``asym``, ``sym``, ``q4_0``, ``q4_1`` or ``q8_0``.
-        scale_dtype: ``float16`` (default) or ``float32`` scales and mins (a
-            name, or a numpy or torch dtype such as ``np.float32``).
+        scale_dtype: ``float16`` (default) or ``float32`` scales and mins: a
+            name, a numpy dtype or scalar type (``np.float32``) or a torch dtype
+            (``torch.float32``); not a numpy value (``np.float32(1.0)``).
         search: search each group's clipping range for the least squared error
             instead of round-to-nearest over the full range.
 

@@ -36,16 +36,18 @@ fn fmt_err(path: &Path, detail: impl Into<String>) -> Error {
 /// `/dev/null` would become a plain file). Errors name `path`, as given.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let failed = |e: std::io::Error| Error::file("write", path, e);
-    let resolved = link_target(path);
-    let target = resolved.as_deref().unwrap_or(path);
-    if std::fs::metadata(target).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+    // (opened through its links: /dev/stdout's resolve only in the kernel, as
+    // /proc/self/fd/1 -> "pipe:[N]")
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
         return std::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
-            .open(target)
+            .open(path)
             .and_then(|mut f| f.write_all(bytes))
             .map_err(failed);
     }
+    let resolved = link_target(path);
+    let target = resolved.as_deref().unwrap_or(path);
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
