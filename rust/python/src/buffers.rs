@@ -242,6 +242,22 @@ impl Expect {
         self.check(&input)?;
         Ok(input)
     }
+
+    /// [`Expect::read`], and the last axis must hold `d` values: with a batch
+    /// of 0 rows a core's length check (`n * d` values) holds for any width.
+    pub fn read_width<'py>(&self, obj: &Bound<'py, PyAny>, d: usize) -> PyResult<F32Input<'py>> {
+        let input = self.read(obj)?;
+        let shape = input.shape();
+        if shape.last() != Some(&d) {
+            let want = if shape.len() == 1 {
+                format!("({d},) or (n, {d})")
+            } else {
+                format!("(n, {d})")
+            };
+            return Err(Error::shape(self.arg, want, shape)).or_raise();
+        }
+        Ok(input)
+    }
 }
 
 /// Describes `obj` for an error message: `ndarray of int32, shape (3, 4)` or its type name.

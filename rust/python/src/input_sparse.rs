@@ -150,19 +150,9 @@ impl PyInputSparseFfn {
         t_in: Option<f32>,
         t_hidden: Option<f32>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let x = X_ROWS.read(x)?;
+        let x = X_ROWS.read_width(x, self.dim())?;
         let single = x.shape().len() == 1;
         let (rows, xs) = (if single { 1 } else { x.shape()[0] }, x.as_slice());
-        // The width is checked on the shape: with n = 0 the core's length
-        // check (`n * d` values) holds for any d.
-        if x.shape()[x.shape().len() - 1] != self.dim() {
-            let want = if single {
-                format!("({},) or (n, {})", self.dim(), self.dim())
-            } else {
-                format!("(n, {})", self.dim())
-            };
-            return Err(Error::shape("x", want, x.shape())).or_raise();
-        }
         let y = with_ffn!(&self.inner, f => {
             let kept = f.prepare(xs, rows, t_in, t_hidden).or_raise()?;
             // A short sweep keeps the GIL (see `Kept::is_short`).
@@ -187,11 +177,7 @@ impl PyInputSparseFfn {
         x: &Bound<'py, PyAny>,
         t_in: Option<f32>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let x = X.read(x)?;
-        if x.shape()[1] != self.dim() {
-            let want = format!("(n, {})", self.dim());
-            return Err(Error::shape("x", want, x.shape())).or_raise();
-        }
+        let x = X.read_width(x, self.dim())?;
         let (rows, xs) = (x.shape()[0], x.as_slice());
         let v = py
             .detach(|| with_ffn!(&self.inner, f => f.hidden(xs, rows, t_in)))

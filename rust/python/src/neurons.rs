@@ -370,7 +370,7 @@ impl PySparseFfn {
         mode: &str,
         value: f64,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let x = self.rows_of(x)?;
+        let x = X.read_width(x, self.dim())?;
         let rows = x.shape()[0];
         let select = match mode {
             "dense" => Select::Dense,
@@ -403,7 +403,7 @@ impl PySparseFfn {
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let x = self.rows_of(x)?;
+        let x = X.read_width(x, self.dim())?;
         let rows = x.shape()[0];
         let xs = x.as_slice();
         let h = self.num_neurons();
@@ -468,19 +468,6 @@ impl PySparseFfn {
             arr(u, h, d)?,
             arr(dn, d, h)?,
         ))
-    }
-}
-
-impl PySparseFfn {
-    /// `x` as (n, d) rows of this FFN's width. The width is checked on the
-    /// shape: with n = 0 the core's length check (`n * d` values) holds for any d.
-    fn rows_of<'py>(&self, x: &Bound<'py, PyAny>) -> PyResult<crate::buffers::F32Input<'py>> {
-        let x = X.read(x)?;
-        let d = self.dim();
-        if x.shape()[1] != d {
-            return Err(Error::shape("x", format!("(n, {d})"), x.shape())).or_raise();
-        }
-        Ok(x)
     }
 }
 
