@@ -33,13 +33,7 @@ fn bench_range(c: &mut Criterion) {
     let t: Vec<f32> = top.scores.chunks(n / 100).map(|s| s[s.len() - 1]).collect();
     let mut group = c.benchmark_group("range_search_32k_x256");
     group.throughput(Throughput::Elements(256));
-    for method in [
-        Method::Flat,
-        Method::Pca,
-        Method::Kmeans,
-        Method::Quant,
-        Method::Auto,
-    ] {
+    for method in Method::ALL {
         let idx = RangeIndex::new(&k, d, method, Params::default()).unwrap();
         group.bench_with_input(BenchmarkId::new(method.name(), n), &n, |b, _| {
             b.iter(|| idx.search(black_box(&q), black_box(&t)).unwrap())

@@ -58,6 +58,15 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method, the order tests and benches go through them.
+    pub const ALL: [Method; 5] = [
+        Method::Flat,
+        Method::Pca,
+        Method::Kmeans,
+        Method::Quant,
+        Method::Auto,
+    ];
+
     pub fn parse(s: &str) -> Result<Method> {
         match s {
             "flat" => Ok(Method::Flat),

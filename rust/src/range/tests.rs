@@ -151,13 +151,7 @@ fn clone_answers_as_the_original_and_is_independent() {
         rebuild_min: 16,
         ..Params::default()
     };
-    for method in [
-        Method::Auto,
-        Method::Quant,
-        Method::Pca,
-        Method::Kmeans,
-        Method::Flat,
-    ] {
+    for method in Method::ALL {
         let mut idx = RangeIndex::new(&keys[..500 * d], d, method, params.clone()).unwrap();
         idx.add(&keys[500 * d..520 * d]).unwrap(); // pending, not in the tree
         let mut copy = idx.clone();
@@ -181,13 +175,7 @@ fn clone_answers_as_the_original_and_is_independent() {
 fn an_empty_batch_of_queries_gets_empty_answers() {
     let (n, d) = (300, 8);
     let keys = gen(n, d, 3, 5);
-    for method in [
-        Method::Flat,
-        Method::Pca,
-        Method::Kmeans,
-        Method::Quant,
-        Method::Auto,
-    ] {
+    for method in Method::ALL {
         let mut idx = RangeIndex::new(&keys, d, method, Params::default()).unwrap();
         for level in crate::simd::Level::supported() {
             let r = idx.search_at(level, &[], &[]).unwrap();
