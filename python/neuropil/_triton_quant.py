@@ -185,11 +185,11 @@ BLOCK_R, STEP_BYTES, WARPS = 4, 256, 1
 
 #: Layers of at least this many weights check for the headroom rerun in a second
 #: launch that scans 1,024 rows per program, not in the main kernel. On an H100
-#: (CUDA graph, against the kernel without any rerun): in-kernel +22% / +18%
-#: (float16 / float32 x) on 65536 x 4096, +12% / +4% on 11008 x 4096, -11% / 0%
-#: on 4096 x 4096; a second launch +3% / +2%, +11% / +6%, +15% / +16%. The
-#: second launch costs ~1.5 us whatever the size; the in-kernel check slows the
-#: whole kernel, so it costs in proportion.
+#: (CUDA graph, float16 / float32 x, against the kernel without any rerun): in the
+#: kernel +21% / +18% on 65536 x 4096, +26% / +6% on 11008 x 4096, -5% / -2% on
+#: 4096 x 4096; in a second launch +2% / +2%, +9% / +7%, +12% / +12% at 8192 x
+#: 4096. The second launch costs ~1.5 us whatever the size, the check in the
+#: kernel slows all of it. Both give the same bits (same warps, same order).
 _SPLIT_WEIGHTS = 1 << 25
 _RESCUE_ROWS = 1024
 
@@ -223,7 +223,7 @@ def _launch(mod: Any, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
     if not rescue_here:
         span = _RESCUE_ROWS // BLOCK_R
         _rescue4[(triton.cdiv(mod.out_features, _RESCUE_ROWS),)](
-            *args, **meta, SPAN=span, num_warps=4
+            *args, **meta, SPAN=span, num_warps=WARPS
         )
     return y
 
