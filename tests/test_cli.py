@@ -338,3 +338,135 @@ def test_a_failed_data_install_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("neuropil: error: ") and "pip install x==1" in err
     assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ --skip patterns
+
+
+def _two_layers(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    names = ("model.layers.0.mlp.up_proj.weight", "lm_head.weight")
+    return _save(
+        tmp_path / "in.safetensors",
+        {n: rng.standard_normal((64, 64)).astype(np.float32) for n in names},
+    )
+
+
+def test_a_skip_pattern_that_matches_nothing_is_an_error_before_writing(tmp_path, capsys):
+    # A typo once quantized the layer the user meant to keep, silently.
+    src = _two_layers(tmp_path)
+    out = tmp_path / "out.safetensors"
+    argv = ["quantize", str(src), str(out), "--json", "--skip", "model.layers.0", "lm_haed"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuropil: error: --skip pattern 'lm_haed'"), err
+    assert "matches no tensor or module" in err and "'lm_head'" in err, err
+    assert err.count("\n") == 1 and not out.exists()
+    # patterns that match (a module, a component, a glob) are accepted
+    for pattern in ("lm_head", "mlp", "*.up_proj", "lm_head.weight", "model.layers.*"):
+        assert cli.main(["quantize", str(src), str(out), "--json", "--skip", pattern]) == 0
+        kept = quant.load_file(out)
+        assert sum(isinstance(v, np.ndarray) for v in kept.values()) == 1, pattern
+    capsys.readouterr()
+    # a glob that matches nothing, far from every name: a few names as examples
+    assert cli.main(["quantize", str(src), str(out), "--skip", "*.zzz"]) == 2
+    err = capsys.readouterr().err
+    assert "'*.zzz'" in err and "lm_head" in err, err
+
+
+def test_skip_patterns_before_the_positionals(tmp_path, capsys):
+    src = _two_layers(tmp_path)
+    out = tmp_path / "out.safetensors"
+    # --skip takes every word after it: the positionals went with it
+    r = run_cli("quantize", "--skip", "lm_head", "mlp", str(src), str(out))
+    assert r.returncode == 2 and not out.exists()
+    assert "the following arguments are required: input, output" in r.stderr
+    assert "--skip took every word after it" in r.stderr and "--skip=PATTERN" in r.stderr
+    assert "Traceback" not in r.stderr
+    # the ways that work: after IN OUT (as before), --skip=, or -- ending the list;
+    # and repeated --skip's add up instead of the last one winning
+    for argv in (
+        [str(src), str(out), "--skip", "lm_head", "mlp"],
+        ["--skip=lm_head", "--skip=mlp", str(src), str(out)],
+        ["--skip", "lm_head", "mlp", "--", str(src), str(out)],
+        [str(src), "--skip", "lm_head", "--skip", "mlp", "--", str(out)],
+    ):
+        out.unlink(missing_ok=True)
+        assert cli.main(["quantize", "--json", *argv]) == 0, argv
+        report = json.loads(capsys.readouterr().out)
+        assert report["quantized_tensors"] == 0, argv
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_data_exits_one_when_something_is_missing(monkeypatch, capsys, tmp_path):
+    # Scripts check `neuropil data`'s exit status; it was 0 with a model missing.
+    from neuropil import data
+
+    assert cli.main(["data"]) == 0  # everything is installed here
+    assert "missing" not in capsys.readouterr().out
+
+    def no_minilm():
+        raise FileNotFoundError("all-MiniLM-L6-v2 not found: run `neuropil data --install`")
+
+    monkeypatch.setattr(data, "minilm_dir", no_minilm)
+    assert cli.main(["data"]) == 1
+    captured = capsys.readouterr()
+    assert "all-MiniLM-L6-v2   missing (" in captured.out
+    assert captured.err == (
+        "neuropil: error: missing: all-MiniLM-L6-v2 (run `neuropil data --install`)\n"
+    )
+    # no license texts at all: a missing row too, not a traceback or a bare error line
+    monkeypatch.setattr(data, "LICENSE_DIR", tmp_path / "none")
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert cli.main(["data"]) == 1
+    captured = capsys.readouterr()
+    assert "license texts      missing (no license texts in" in captured.out
+    assert "missing: license texts, all-MiniLM-L6-v2" in captured.err
+    # --install still installs what is missing, and still exits 1 if that did not help
+    monkeypatch.setattr(data, "install_missing", lambda: [])
+    assert cli.main(["data", "--install"]) == 1
+    assert "still missing after --install: license texts" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ info without torch
+
+
+def _info_with_torch(tmp_path: Path, init: str | None, *args: str) -> subprocess.CompletedProcess:
+    """``python -m neuropil info`` with a stand-in ``torch`` package (``init`` its
+    ``__init__.py``) first on the path, or with torch hidden (``init=None``)."""
+    env = dict(os.environ)
+    if init is None:
+        code = "import sys; sys.modules['torch'] = None; from neuropil.cli import main; "
+    else:
+        (tmp_path / "torch").mkdir()
+        (tmp_path / "torch" / "__init__.py").write_text(init)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+        code = "from neuropil.cli import main; "
+    code += f"raise SystemExit(main(['info', *{list(args)!r}]))"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_info_says_plainly_when_torch_is_missing_or_broken(tmp_path):
+    # The table once read `torch  None`.
+    r = _info_with_torch(tmp_path / "a", None)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
+    assert lines["torch"] == "not installed" and "None" not in r.stdout
+    r = _info_with_torch(tmp_path / "a", None, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["torch"] is None  # JSON: null
+    # found but failing on import, or without a version: said so, no traceback
+    for init, why in [
+        ("raise ImportError('libtorch_cpu.so: cannot open shared object file')", "ImportError"),
+        ("", "no attribute '__version__'"),
+        ("__version__ = None\nclass cuda:\n    is_available = staticmethod(bool)", "no version"),
+    ]:
+        (tmp_path / "b").mkdir()
+        r = _info_with_torch(tmp_path / "b", init)
+        shutil.rmtree(tmp_path / "b")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
+        assert lines["torch"].startswith("installed, but unusable (") and why in lines["torch"]

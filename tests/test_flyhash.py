@@ -894,3 +894,46 @@ def test_binary_index_answers_an_empty_batch_of_queries():
     lims, d, i = ix.range_search(q, 10)
     assert lims.tolist() == [0] and lims.dtype == np.int64
     assert (d.shape, d.dtype, i.shape, i.dtype) == ((0,), np.int32, (0,), np.int64)
+
+
+_SAVE_BOTH = """
+import sys
+import numpy as np
+from neuropil.flyhash import BinaryIndex, FlyHash
+out = sys.argv[1] if len(sys.argv) > 1 else {out!r}
+fh = FlyHash(40, 5.0, 0.1, seed=11, projection="sparse", connectivity=0.2)
+fh.save(out + "/fh.safetensors")
+FlyHash(40, 5.0, 0.1, seed=11, projection="seeded").save(out + "/seeded.safetensors")
+ix = BinaryIndex(fh.output_dim)
+ix.add(fh.hash(np.arange(200, dtype=np.float32).reshape(5, 40)), ids=[9, 4, 7, 1, 3])
+ix.save(out + "/ix.safetensors")
+"""
+
+
+def test_saved_files_are_identical_across_processes(tmp_path):
+    # The metadata header's key order once followed a per-process random hash
+    # seed: the same object saved twice gave different bytes.
+    names = ("fh.safetensors", "seeded.safetensors", "ix.safetensors")
+    runs = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        out.mkdir()
+        r = run_python(_SAVE_BOTH.format(out=str(out)))
+        assert r.returncode == 0, r.stderr
+        runs.append({name: (out / name).read_bytes() for name in names})
+    assert runs[0] == runs[1]
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    for name in names:
+        path = tmp_path / "0" / name
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert n % 8 == 0
+        header = json.loads(raw[8 : 8 + n])
+        meta = header["__metadata__"]
+        assert list(meta) == sorted(meta)
+        assert next(iter(header)) == "__metadata__"
+        safetensors_numpy.load_file(path)  # the reference reader accepts it
+    FlyHash.load(tmp_path / "0" / "fh.safetensors")
+    FlyHash.load(tmp_path / "0" / "seeded.safetensors")
+    ix = BinaryIndex.load(tmp_path / "0" / "ix.safetensors")
+    assert len(ix) == 5

@@ -1070,3 +1070,92 @@ def test_an_empty_torch_batch_gets_empty_tensors():
     assert (lims.dtype, ids.dtype, scores.dtype) == (torch.int64, torch.int64, torch.float32)
     ids, scores = tr.topk(q, 4, ix)
     assert ids.shape == scores.shape == (0, 4)
+
+
+def test_integer_thresholds_are_read_as_floats_when_float32_holds_them_exactly():
+    # An integer array or list of ints was refused with DTypeError, while a
+    # Python int and a float list were accepted.
+    torch = pytest.importorskip("torch")
+    keys = low_rank(200, 8, 2, 1)
+    q = low_rank(3, 8, 2, 2)
+    ix = RangeIndex(keys)
+    want = ix.search(q, np.array([1.0, 2.0, -3.0], np.float32))
+    for t in (
+        [1, 2, -3],
+        np.array([1, 2, -3]),
+        np.array([1, 2, -3], np.int8),
+        torch.tensor([1, 2, -3]),
+        (1, 2.0, np.int32(-3)),
+    ):
+        for a, b in zip(ix.search(q, t), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ix.search(q, np.uint16(2))[1], ix.search(q, 2.0)[1])
+    # Beyond 2^24 only the integers float32 holds exactly: a rounded one
+    # would change which scores reach it.
+    assert ix.search(q, [2**24, 2**70, -(2**100)])[0].tolist() == [0, 0, 0, 200]
+    for t, bad, at in [
+        ([0, 2**24 + 1, 0], 2**24 + 1, 1),
+        (np.array([1, -(2**53 + 1)], np.int64), -(2**53 + 1), 1),
+        (np.array([2**64 - 1], np.uint64), 2**64 - 1, 0),
+        ([3, 2**200], 2**200, 1),
+        (2**24 + 1, 2**24 + 1, 0),
+    ]:
+        n = q.shape[0] if np.ndim(t) == 0 else len(t)
+        with pytest.raises(neuropil.ArgumentError, match=rf"got {bad} at flat index {at}"):
+            ix.search(q[:n], t)
+    # the CUDA path's logic, on CPU tensors: the same conversion and check
+    from neuropil.range import _TorchRange
+
+    tr = _TorchRange(torch.from_numpy(keys))
+    _, ids, _ = tr.search(torch.from_numpy(q), torch.tensor([1, 2, -3]), ix)
+    np.testing.assert_array_equal(ids.numpy(), want[1])
+    with pytest.raises(neuropil.ArgumentError, match=r"got 16777217 at flat index 0"):
+        tr.search(torch.from_numpy(q[:1]), torch.tensor([2**24 + 1]), ix)
+    # bool and complex stay refused
+    for t in ([True, False, True], np.ones(3, np.complex64)):
+        with pytest.raises(neuropil.DTypeError, match="thresholds must be a float or integer"):
+            ix.search(q, t)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("leaf", " 64 "),
+        ("leaf", "6_4"),
+        ("leaf", "+64"),
+        ("leaf", "64.0"),
+        ("leaf", "\u0666\u0664"),  # Arabic-Indic digits: int() takes them
+        ("seed", "0x10"),
+        ("rebuild_min", "256\n"),
+        ("rebuild_fraction", " 0.25"),
+        ("rebuild_fraction", "0_5"),
+        ("rebuild_fraction", "nan"),
+        ("branching", ""),
+    ],
+)
+def test_metadata_fields_must_be_written_as_save_writes_them(tmp_path, field, value):
+    # int(" 64 ") and float(" 0.25") accept spaces, underscores and other digits.
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    _rewrite(path, lambda h: h["__metadata__"].update({field: value}))
+    with pytest.raises(neuropil.FormatError, match=rf"metadata field {field!r} must be"):
+        RangeIndex.load(path)
+
+
+def test_metadata_written_by_save_loads_for_every_value():
+    # the strict parse takes everything save writes (float repr: 1e-05, 2.5e+30)
+    import tempfile
+    from pathlib import Path
+
+    keys = low_rank(50, 16, 2, 1)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "ix.safetensors"
+        for kw in (
+            {"rebuild_fraction": 1e-05, "seed": 2**64 - 1, "leaf": 1},
+            {"rebuild_fraction": 2.5e30, "rebuild_min": 0},
+            {"rebuild_fraction": 0.5, "branching": 2},
+            {"rebuild_fraction": 3},
+        ):
+            ix = RangeIndex(keys, "kmeans", **kw)
+            ix.save(path)
+            assert RangeIndex.load(path).stats == ix.stats, kw

@@ -11,7 +11,9 @@ names and q/k row order, so the output loads into the model
 ``from_pretrained(..., gguf_file=...)`` builds; other GGUF architectures keep
 their GGUF names. ``--skip`` patterns match as ``quantize_model``'s ``skip``
 does (a glob on the name, with or without ``.weight``, or on an enclosing
-module's name, or one name component). The output loads with
+module's name, or one name component); a pattern that matches no tensor is an
+error (exit 2) before anything is written, as a typo would otherwise quantize
+the layer it meant to keep. The output loads with
 ``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``. When OUT
 is stdout (``/dev/stdout``, ``| cat > out``), the report (text or ``--json``)
 goes to stderr: printed after the file's bytes it would corrupt the file.
@@ -32,7 +34,7 @@ import numpy as np
 from . import _safetensors
 from .errors import ArgumentError, FormatError, NeuropilError
 from .quant import FORMAT as QUANT_FORMAT
-from .quant import QuantizedWeights, _resolve, _skipped, quantize, save_file
+from .quant import QuantizedWeights, _check_skip, _resolve, _skipped, quantize, save_file
 
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
@@ -195,7 +197,9 @@ def convert(
     Raises:
         ArgumentError: a bad ``bits``/``group_size``/``scheme`` or ``min_size``,
             or a ``dst`` that is a folder, lies in a missing folder or is ``src``
-            itself (checked before anything is read).
+            itself (checked before anything is read), or a ``skip`` pattern
+            that matches no tensor or module of ``src`` (checked before
+            anything is quantized or written).
         FormatError: ``src`` is unreadable, not safetensors or GGUF, or already
             a neuropil quantized file.
         NeuropilError: ``dst`` cannot be written.
@@ -209,6 +213,7 @@ def convert(
         raise ArgumentError(f"min_size must be an integer >= 0; got {min_size!r}")
     _check_paths(Path(src), Path(dst))
     entries = read_any(src)
+    _check_skip(entries, skip, "--skip")
     out: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     before = after = 0

@@ -6,13 +6,64 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from . import info as _info
 from .errors import NeuropilError
 
 
+class _Patterns(argparse.Action):
+    """``--skip PATTERN ...``: adds its patterns to those of earlier ``--skip``'s
+    (``--skip=a --skip=b``) and remembers the words it took, for the parser's
+    error hint."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken: list[str] = []
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        values = list(values or [])
+        self.taken += values
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose "arguments are required" error says so when a
+    ``--skip`` before the positionals took them as patterns (``--skip a b IN OUT``)."""
+
+    def error(self, message: str) -> NoReturn:
+        taken = [w for a in self._actions if isinstance(a, _Patterns) for w in a.taken]
+        if taken and "arguments are required" in message:
+            words = ", ".join(map(repr, taken))
+            message += (
+                f" (--skip took every word after it as a pattern: {words}; put input and "
+                "output before --skip, end the patterns with --, or write --skip=PATTERN)"
+            )
+        super().error(message)
+
+
+def _info_or_why_torch_fails() -> dict[str, Any]:
+    """:func:`neuropil.info`; where torch is found but fails (on import, or
+    has no version), ``torch`` says so instead of a traceback or ``None``."""
+    try:
+        data = _info()
+    except Exception as e:
+        data = _info(probe_torch=False)  # (raises again unless torch's part failed)
+        data["torch"] = f"installed, but unusable ({type(e).__name__}: {e})"
+        return data
+    if data["torch"] is None and sys.modules.get("torch") is not None:
+        data["torch"] = "installed, but unusable (no version: torch.__version__ is None)"
+    return data
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    data = _info()
+    data = _info_or_why_torch_fails()
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -20,6 +71,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for key, value in data.items():
         if isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
+        elif key == "torch" and value is None:
+            value = "not installed"
         print(f"{key:<{width}}  {value}")
     return 0
 
@@ -39,11 +92,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
             cmd = " ".join(map(str, e.cmd))
             print(f"neuropil: error: `{cmd}` exited with {e.returncode}", file=sys.stderr)
             return 1
-    missing = 0
+    missing = []
     for name, where in data.status().items():
         print(f"{name:<18} {where}")
-        missing += where.startswith("missing")
-    return 1 if missing and args.install else 0
+        if where.startswith("missing"):
+            missing.append(name)
+    if not missing:
+        return 0
+    # Scripts (CI, the test command) check the exit status: anything missing
+    # is a failure, with or without --install.
+    names = ", ".join(missing)
+    if args.install:
+        print(f"neuropil: error: still missing after --install: {names}", file=sys.stderr)
+    else:
+        hint = (
+            " (run `neuropil data --install`)"
+            if any(n in data.INSTALLABLE for n in missing)
+            else ""
+        )
+        print(f"neuropil: error: missing: {names}{hint}", file=sys.stderr)
+    return 1
 
 
 def _cmd_tour(args: argparse.Namespace) -> int:
@@ -67,14 +135,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import _bench, _tour
 
-    p = argparse.ArgumentParser(prog="neuropil", description=__doc__)
+    p = _Parser(prog="neuropil", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="version, SIMD level, threads, torch/CUDA")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("data", help="where the real data of the tour and tests is")
+    s = sub.add_parser(
+        "data",
+        help="where the real data of the tour and tests is (exit 1 if any is missing)",
+    )
     s.add_argument(
         "--install",
         action="store_true",
@@ -126,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--skip",
         nargs="*",
+        action=_Patterns,
         metavar="PATTERN",
         help="tensors to keep in float: a glob on the name or on an enclosing module's, "
-        "or a name component",
+        "or a name component; a pattern that matches no tensor is an error. Takes every "
+        "word up to the next option: put input and output first, end the patterns with --, or "
+        "write --skip=PATTERN (repeated --skip's add up)",
     )
     s.add_argument("--min-size", type=int, default=4096, help="smallest tensor to quantize")
     s.add_argument(

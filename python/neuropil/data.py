@@ -144,10 +144,19 @@ def gpl3_text() -> str:
     return "\n".join(license_texts().values())
 
 
+#: The sources ``neuropil data --install`` adds (the license texts come with the
+#: OS, or Python's own license).
+INSTALLABLE = ("SmolLM2-135M GGUF", "all-MiniLM-L6-v2")
+
+
 def status() -> dict[str, str]:
-    """Each data source and where it was found (or what to run)."""
-    out: dict[str, str] = {"license texts": f"{len(license_texts())} files"}
-    for name, fn in [("SmolLM2-135M GGUF", smollm2_gguf), ("all-MiniLM-L6-v2", minilm_dir)]:
+    """Each data source and where it was found, or ``"missing (why)"``."""
+    out: dict[str, str] = {}
+    try:
+        out["license texts"] = f"{len(license_texts())} files"
+    except FileNotFoundError as e:
+        out["license texts"] = f"missing ({e})"
+    for name, fn in zip(INSTALLABLE, (smollm2_gguf, minilm_dir), strict=True):
         try:
             out[name] = str(fn())
         except FileNotFoundError as e:

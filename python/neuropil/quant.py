@@ -25,6 +25,7 @@ cache-sized tile at a time).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import operator
@@ -566,5 +567,36 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     transformers' ``modules_to_not_convert`` does), or one name component.
     ``neuropil quantize --skip`` matches the same way."""
     parts = name.split(".")
-    names = [name] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    names = _module_names(name)
     return any(pat in parts or any(fnmatch.fnmatchcase(n, pat) for n in names) for pat in skip)
+
+
+def _module_names(name: str) -> list[str]:
+    """``name`` and the names of the modules that hold it, longest first."""
+    parts = name.split(".")
+    return [name] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _check_skip(names: Iterable[str], skip: Iterable[str], what: str = "skip") -> None:
+    """Raises :class:`ArgumentError` for the first ``skip`` pattern that matches
+    none of ``names`` as :func:`_skipped` matches: a typo would otherwise
+    quantize the layer it was meant to keep. The message names the pattern and
+    the (up to three) nearest tensor or module names, or, when none is near, the
+    first three names."""
+    names = list(names)
+    for pat in skip:
+        if any(_skipped(n, (pat,)) for n in names):
+            continue
+        candidates = sorted({m for n in names for m in _module_names(n)})
+        near = difflib.get_close_matches(pat, candidates, n=3)
+        hint = (
+            f"nearest: {', '.join(map(repr, near))}"
+            if near
+            else f"names look like {', '.join(map(repr, candidates[:3]))}"
+            if candidates
+            else "there are none"
+        )
+        raise ArgumentError(
+            f"{what} pattern {pat!r} must match a tensor or module name; it matches no "
+            f"tensor or module (of {len(names)} tensors; {hint})"
+        )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -148,7 +149,11 @@ class RangeIndex:
             queries: ``(nq, d)`` float array; ``nq`` may be 0 (an empty batch:
                 ``lims == [0]`` and empty ``ids`` and ``scores``, as from faiss).
             thresholds: ``(nq,)`` float array, or one number for all queries (a Python
-                or numpy scalar, a 0-d array or tensor).
+                or numpy scalar, a 0-d array or tensor). Integers (int arrays,
+                lists of ints) are read as float32 when float32 holds them
+                exactly (every integer up to ``2**24`` in magnitude, larger
+                ones only if representable): a rounded threshold would change
+                which float32 scores reach it.
 
         Returns:
             ``(lims, ids, scores)`` as faiss's ``range_search``: the hits of query
@@ -160,8 +165,10 @@ class RangeIndex:
         Raises:
             ShapeError: wrong ranks, ``d`` mismatch, thresholds of the wrong length.
             ArgumentError: NaN or Inf in queries or thresholds, thresholds
-                beyond the float32 range, or scores that may overflow float32
+                beyond the float32 range, integer thresholds float32 does not
+                hold exactly, or scores that may overflow float32
                 (``max |q| * max |k| > 3.4e38``).
+            DTypeError: bool, complex or other non-numeric thresholds.
         """
         want_torch = _is_torch(queries)
         if self._torch is not None:
@@ -339,17 +346,14 @@ class RangeIndex:
                 f"{path}: format_version must be {FORMAT_VERSION}; "
                 f"got {meta.get('format_version')!r}"
             )
-        try:
-            params: dict[str, Any] = {
-                "method": meta["method"],
-                "leaf": int(meta["leaf"]),
-                "branching": int(meta["branching"]),
-                "rebuild_fraction": float(meta["rebuild_fraction"]),
-                "rebuild_min": int(meta["rebuild_min"]),
-                "seed": int(meta["seed"]),
-            }
-        except (KeyError, ValueError) as e:
-            raise FormatError(f"{path}: malformed metadata field: {e}") from None
+        params: dict[str, Any] = {
+            "method": _meta_field(meta, "method", path),
+            "leaf": int(_meta_field(meta, "leaf", path, _META_INT)),
+            "branching": int(_meta_field(meta, "branching", path, _META_INT)),
+            "rebuild_fraction": float(_meta_field(meta, "rebuild_fraction", path, _META_FLOAT)),
+            "rebuild_min": int(_meta_field(meta, "rebuild_min", path, _META_INT)),
+            "seed": int(_meta_field(meta, "seed", path, _META_INT)),
+        }
         if set(tensors) != {"keys"}:
             raise FormatError(f"{path}: tensors must be exactly ['keys']; got {sorted(tensors)}")
         keys = _checked_keys(tensors["keys"], path)
@@ -498,6 +502,25 @@ def _norm_bound(x: Any) -> float:
     return top * math.sqrt(x.shape[1])
 
 
+#: The metadata numbers as :meth:`RangeIndex.save` writes them (``str`` of an
+#: int, ``repr`` of a float): no spaces, signs, underscores or non-ASCII digits,
+#: which ``int()`` and ``float()`` would take.
+_META_INT = ("a non-negative integer", re.compile(r"0|[1-9][0-9]*"))
+_META_FLOAT = ("a decimal number", re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?(e[-+]?[0-9]+)?"))
+
+
+def _meta_field(
+    meta: dict[str, str], key: str, path: Any, kind: tuple[str, re.Pattern[str]] | None = None
+) -> str:
+    """The metadata field ``key``, checked against ``kind``'s pattern."""
+    if key not in meta:
+        raise FormatError(f"{path}: metadata field {key!r} is missing")
+    raw = meta[key]
+    if kind is not None and not kind[1].fullmatch(raw):
+        raise FormatError(f"{path}: metadata field {key!r} must be {kind[0]}; got {raw!r}")
+    return raw
+
+
 def _host(x: Any, arg: str) -> Any:
     """CPU view for the native core: torch CPU tensors via ``.numpy()`` (no
     copy); bfloat16 and float16 tensors are converted to float32 once."""
@@ -521,6 +544,9 @@ def _host(x: Any, arg: str) -> Any:
 
 
 def _thresholds(t: Any, q: Any) -> Any:
+    """Thresholds for the core: a scalar as ``(nq,)`` float32, integers as
+    float32 (refused where float32 does not hold them exactly), other float
+    arrays as given (the core converts them once)."""
     if _is_torch(t):
         t = t.detach().cpu()
         if t.is_floating_point():
@@ -528,15 +554,63 @@ def _thresholds(t: Any, q: Any) -> Any:
         t = t.numpy()
     if isinstance(t, np.ndarray) and t.ndim == 0:
         t = t[()]  # a 0-d array or tensor (``scores.max() - 2``) is a scalar threshold
-    if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
+        return np.full(nq, _int_thresholds([int(t)])[0], dtype=np.float32)
+    if isinstance(t, (float, np.floating)):
         v = float(t)
         if math.isfinite(v) and abs(v) > _F32_MAX:  # (a scalar: no numpy round trip)
             _check_f32_range(np.asarray(v))
         nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
-        return np.full(nq, float(t), dtype=np.float32)
-    if isinstance(t, np.ndarray) and t.dtype.kind == "f" and t.dtype.itemsize > 4:
-        _check_f32_range(t)
+        return np.full(nq, v, dtype=np.float32)
+    if not isinstance(t, np.ndarray) and not isinstance(t, (bool, np.bool_)):
+        # lists and tuples: an array, to tell their dtype (ints beyond int64
+        # give an object array of Python ints)
+        try:
+            t = np.asarray(t)
+        except ValueError as e:  # ragged
+            raise ShapeError(
+                f"thresholds must have shape (nq,); got a ragged sequence ({e})"
+            ) from None
+        if t.dtype == object and all(type(v) is int for v in t.reshape(-1)):
+            return _int_thresholds(t)
+    if isinstance(t, np.ndarray):
+        if t.dtype.kind in "iu":
+            return _int_thresholds(t)
+        if t.dtype.kind != "f":
+            raise DTypeError(
+                f"thresholds must be a float or integer array (float32, or converted once); "
+                f"got {t.dtype}"
+            )
+        if t.dtype.itemsize > 4:
+            _check_f32_range(t)
     return t
+
+
+def _int_thresholds(t: Any) -> np.ndarray:
+    """Integer thresholds (an int array, or Python ints) as float32, refused
+    where float32 does not hold one exactly: scores are float32, and a rounded
+    threshold would let in (or leave out) the scores between the two."""
+    t = np.asarray(t)
+    # (an object array holds Python ints beyond int64: each is checked below)
+    f = t.astype(np.float32) if t.dtype != object else None
+    flat = t.reshape(-1)
+    if f is not None and t.dtype.itemsize <= 2:
+        return f  # int8/int16/uint8/uint16: every value is exact
+    big = (
+        np.flatnonzero((flat > 2**24) | (flat < -(2**24)))
+        if f is not None
+        else range(flat.shape[0])
+    )
+    for i in big:
+        v = int(flat[i])
+        if abs(v) > _F32_MAX or int(np.float32(float(v))) != v:
+            raise ArgumentError(
+                "thresholds must be numbers float32 holds exactly (integers up to 2**24 in "
+                f"magnitude, or larger ones float32 represents; pass floats to have them "
+                f"rounded); got {v} at flat index {int(i)}"
+            )
+    return f if f is not None else np.array([float(v) for v in flat], np.float32).reshape(t.shape)
 
 
 def _check_f32_range(t: np.ndarray) -> None:
@@ -604,9 +678,9 @@ class _TorchRange:
         import torch
 
         q = self._q(queries)
-        t = torch.as_tensor(
-            _thresholds(thresholds, q.cpu()) if not _is_torch(thresholds) else thresholds
-        )
+        # (a float tensor stays on its device; integers are checked as on the CPU)
+        floats = _is_torch(thresholds) and thresholds.is_floating_point()
+        t = torch.as_tensor(thresholds if floats else _thresholds(thresholds, q.cpu()))
         if t.ndim == 0:  # one threshold for every query, as on the CPU
             t = t.expand(q.shape[0])
         t = t.to(q.device, torch.float32).reshape(-1)

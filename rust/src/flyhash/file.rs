@@ -8,7 +8,7 @@
 //! dtypes/shapes, and (for encoders) that the stored projection is exactly the
 //! one its seed generates; anything else is a `Format` error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,12 +92,84 @@ fn link_target(path: &Path) -> Option<std::path::PathBuf> {
     })
 }
 
+/// The safetensors bytes of `tensors`, with `meta` as the `__metadata__`
+/// header in key order.
+///
+/// `safetensors::serialize` (0.7) takes the metadata as a `HashMap` and writes
+/// it in that map's iteration order, which follows a per-process random seed:
+/// the same object would give different bytes in every process. So the tensors
+/// are serialized alone (their header entries come in a fixed order: dtype
+/// alignment, then name) and the metadata object is put in front of them, as
+/// `serialize` puts it, with the header padded with spaces to the 8-byte
+/// multiple `serialize` pads to.
 fn serialize(
     tensors: Vec<(&str, TensorView<'_>)>,
-    meta: HashMap<String, String>,
+    meta: &BTreeMap<&str, String>,
 ) -> Result<Vec<u8>> {
-    safetensors::serialize(tensors, Some(meta))
-        .map_err(|e| Error::format("safetensors", e.to_string()))
+    let bare = safetensors::serialize(tensors, None)
+        .map_err(|e| Error::format("safetensors", e.to_string()))?;
+    let malformed = || {
+        Error::format(
+            "safetensors",
+            "unexpected header from safetensors::serialize",
+        )
+    };
+    let n = bare
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(malformed)?;
+    let header = n
+        .checked_add(8)
+        .and_then(|end| bare.get(8..end))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(malformed)?;
+    // `{}` or `{"name":{...},...}`, then padding
+    let entries = header
+        .trim_end_matches(' ')
+        .strip_prefix('{')
+        .ok_or_else(malformed)?;
+    let mut json = String::from("{\"__metadata__\":{");
+    for (i, (key, value)) in meta.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        push_json_string(&mut json, key);
+        json.push(':');
+        push_json_string(&mut json, value);
+    }
+    json.push('}');
+    if entries != "}" {
+        json.push(',');
+    }
+    json.push_str(entries);
+    let padded = json.len().next_multiple_of(8);
+    let mut out = Vec::with_capacity(8 + padded + bare.len() - 8 - n);
+    out.extend_from_slice(&(padded as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.resize(8 + padded, b' ');
+    out.extend_from_slice(&bare[8 + n..]);
+    Ok(out)
+}
+
+/// Appends `s` as a JSON string literal, escaped as `serde_json` escapes it.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn view<'a>(dtype: Dtype, shape: Vec<usize>, data: &'a [u8]) -> Result<TensorView<'a>> {
@@ -220,7 +292,7 @@ const FLYHASH_KEYS: [&str; 11] = [
 /// Saves an encoder (its configuration and projection tensors).
 pub fn save_flyhash(fh: &FlyHash, path: &Path) -> Result<()> {
     let c = &fh.config;
-    let meta: HashMap<String, String> = [
+    let meta: BTreeMap<&str, String> = [
         ("format", FLYHASH_FORMAT.to_string()),
         ("format_version", FORMAT_VERSION.to_string()),
         ("input_dim", c.input_dim.to_string()),
@@ -234,7 +306,6 @@ pub fn save_flyhash(fh: &FlyHash, path: &Path) -> Result<()> {
         ("active_bits", fh.active_bits.to_string()),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
     .collect();
     let m = fh.output_dim;
     let idx_bytes: Vec<u8>;
@@ -254,7 +325,7 @@ pub fn save_flyhash(fh: &FlyHash, path: &Path) -> Result<()> {
             ]
         }
     };
-    write_atomic(path, &serialize(tensors, meta)?)
+    write_atomic(path, &serialize(tensors, &meta)?)
 }
 
 /// Loads an encoder saved by [`save_flyhash`], validating every field.
@@ -345,7 +416,7 @@ pub fn save_index(ix: &BinaryIndex, path: &Path) -> Result<()> {
 /// pickled `neuropil.flyhash.BinaryIndex` carries).
 pub fn index_bytes(ix: &BinaryIndex) -> Result<Vec<u8>> {
     let (codes, ids, next_id) = ix.parts();
-    let meta: HashMap<String, String> = [
+    let meta: BTreeMap<&str, String> = [
         ("format", INDEX_FORMAT.to_string()),
         ("format_version", FORMAT_VERSION.to_string()),
         ("nbits", ix.nbits().to_string()),
@@ -353,7 +424,6 @@ pub fn index_bytes(ix: &BinaryIndex) -> Result<Vec<u8>> {
         ("next_id", next_id.to_string()),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
     .collect();
     let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
     let n = ix.len();
@@ -361,7 +431,7 @@ pub fn index_bytes(ix: &BinaryIndex) -> Result<Vec<u8>> {
         ("codes", view(Dtype::U8, vec![n, ix.code_bytes()], codes)?),
         ("ids", view(Dtype::I64, vec![n], &id_bytes)?),
     ];
-    serialize(tensors, meta)
+    serialize(tensors, &meta)
 }
 
 /// Loads an index saved by [`save_index`], validating every field.
@@ -464,6 +534,67 @@ mod tests {
         assert_eq!(back.parts(), ix.parts());
         assert!(matches!(load_flyhash(&path), Err(Error::Format { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn saved_bytes_do_not_depend_on_hash_map_order() {
+        // Every `HashMap` draws its own hash keys, so two saves of one object
+        // in one process already ordered the metadata differently.
+        let fh = FlyHash::new(cfg(Kind::Sparse)).unwrap();
+        let dir = std::env::temp_dir().join(format!("neuropil-fhdet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fh.safetensors");
+        let mut saved = Vec::new();
+        for _ in 0..8 {
+            save_flyhash(&fh, &path).unwrap();
+            saved.push(std::fs::read(&path).unwrap());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(saved.iter().all(|b| *b == saved[0]));
+        let mut ix = BinaryIndex::new(20).unwrap();
+        ix.add(&[1, 2, 3, 4, 5, 6], 2, None).unwrap();
+        let first = index_bytes(&ix).unwrap();
+        assert!((0..8).all(|_| index_bytes(&ix).unwrap() == first));
+        // Keys sorted, the layout safetensors reads.
+        let (n, md) = SafeTensors::read_metadata(&first).unwrap();
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+        assert!(header.starts_with(
+            r#"{"__metadata__":{"count":"2","format":"neuropil.BinaryIndex","format_version":"1","nbits":"20","next_id":"2"},"#
+        ), "{header}");
+        assert_eq!(md.metadata().as_ref().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn serialize_writes_what_safetensors_writes_for_one_key() {
+        // With a single metadata key there is no order to differ: the bytes
+        // must be the crate's own, padding included, for every header length,
+        // tensors or none, and escaped strings must read back unchanged.
+        let data = [7u8; 24];
+        for value in ["", "a", "ab\"c\\d\n\u{1}é", "0123456789abcdef"] {
+            for with_tensors in [false, true] {
+                let tensors = || {
+                    if with_tensors {
+                        vec![
+                            ("b", view(Dtype::U8, vec![8], &data[..8]).unwrap()),
+                            ("a", view(Dtype::I64, vec![2], &data[8..]).unwrap()),
+                        ]
+                    } else {
+                        vec![]
+                    }
+                };
+                let ours =
+                    serialize(tensors(), &BTreeMap::from([("k", value.to_string())])).unwrap();
+                let theirs = safetensors::serialize(
+                    tensors(),
+                    Some(HashMap::from([("k".to_string(), value.to_string())])),
+                )
+                .unwrap();
+                assert_eq!(ours, theirs, "{value:?} {with_tensors}");
+                let (_, md) = SafeTensors::read_metadata(&ours).unwrap();
+                assert_eq!(md.metadata().as_ref().unwrap()["k"], value);
+            }
+        }
     }
 
     #[test]
