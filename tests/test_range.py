@@ -1072,9 +1072,10 @@ def test_an_empty_torch_batch_gets_empty_tensors():
     assert ids.shape == scores.shape == (0, 4)
 
 
-def test_integer_thresholds_are_read_as_floats_when_float32_holds_them_exactly():
+def test_integer_and_float64_thresholds_round_up_to_float32():
     # An integer array or list of ints was refused with DTypeError, while a
-    # Python int and a float list were accepted.
+    # Python int and a float list were accepted; float64 thresholds were
+    # rounded to the nearest float32, which let in the scores in between.
     torch = pytest.importorskip("torch")
     keys = low_rank(200, 8, 2, 1)
     q = low_rank(3, 8, 2, 2)
@@ -1090,27 +1091,35 @@ def test_integer_thresholds_are_read_as_floats_when_float32_holds_them_exactly()
         for a, b in zip(ix.search(q, t), want, strict=True):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ix.search(q, np.uint16(2))[1], ix.search(q, 2.0)[1])
-    # Beyond 2^24 only the integers float32 holds exactly: a rounded one
-    # would change which scores reach it.
-    assert ix.search(q, [2**24, 2**70, -(2**100)])[0].tolist() == [0, 0, 0, 200]
-    for t, bad, at in [
-        ([0, 2**24 + 1, 0], 2**24 + 1, 1),
-        (np.array([1, -(2**53 + 1)], np.int64), -(2**53 + 1), 1),
-        (np.array([2**64 - 1], np.uint64), 2**64 - 1, 0),
-        ([3, 2**200], 2**200, 1),
-        (2**24 + 1, 2**24 + 1, 0),
-    ]:
-        n = q.shape[0] if np.ndim(t) == 0 else len(t)
-        with pytest.raises(neuropil.ArgumentError, match=rf"got {bad} at flat index {at}"):
-            ix.search(q[:n], t)
-    # the CUDA path's logic, on CPU tensors: the same conversion and check
+    # Exact scores: key j is v[j] on axis 0, the query is e0.
+    one_up = float(np.nextafter(np.float32(1), np.float32(2)))
+    v = np.array([2.0**24, 2.0**24 + 2, 1.0, one_up, 2.0**70, -(2.0**100)], np.float32)
+    keys1 = np.pad(v[:, None], ((0, 0), (0, 7)))
+    exact = RangeIndex(keys1)
+    e0 = np.eye(1, 8, dtype=np.float32)
     from neuropil.range import _TorchRange
 
-    tr = _TorchRange(torch.from_numpy(keys))
-    _, ids, _ = tr.search(torch.from_numpy(q), torch.tensor([1, 2, -3]), ix)
-    np.testing.assert_array_equal(ids.numpy(), want[1])
-    with pytest.raises(neuropil.ArgumentError, match=r"got 16777217 at flat index 0"):
-        tr.search(torch.from_numpy(q[:1]), torch.tensor([2**24 + 1]), ix)
+    on_torch = _TorchRange(torch.from_numpy(keys1))
+    cases = [
+        (2**24 + 1, [1, 4]),  # nearest float32 is 2^24 (ties to even): key 0 crept in
+        (np.array([2**24 + 1]), [1, 4]),
+        ([2**24 + 1], [1, 4]),
+        (torch.tensor([2**24 + 1]), [1, 4]),
+        (1.0 + 1e-12, [0, 1, 3, 4]),  # float64 just above 1: key 2 (exactly 1) is out
+        (np.array([1.0 + 1e-12]), [0, 1, 3, 4]),
+        (torch.tensor([1.0 + 1e-12], dtype=torch.float64), [0, 1, 3, 4]),
+        (2**70, [4]),  # exact in float32
+        ([2**70 + 1], []),  # an object array of Python ints beyond int64
+        (-(2**100) - 1, [0, 1, 2, 3, 4, 5]),
+        (np.array([2**63 - 1], np.int64), [4]),
+        (np.array([2**64 - 1], np.uint64), [4]),
+    ]
+    for t, hits in cases:
+        assert sorted(exact.search(e0, t)[1].tolist()) == hits, t
+        # the CUDA path's logic, on CPU tensors: the same conversion
+        assert sorted(on_torch.search(torch.from_numpy(e0), t, exact)[1].tolist()) == hits, t
+    with pytest.raises(neuropil.ArgumentError, match=rf"got {2**200} at flat index 1"):
+        exact.search(np.repeat(e0, 2, 0), [3, 2**200])
     # bool and complex stay refused
     for t in ([True, False, True], np.ones(3, np.complex64)):
         with pytest.raises(neuropil.DTypeError, match="thresholds must be a float or integer"):

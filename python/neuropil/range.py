@@ -149,11 +149,11 @@ class RangeIndex:
             queries: ``(nq, d)`` float array; ``nq`` may be 0 (an empty batch:
                 ``lims == [0]`` and empty ``ids`` and ``scores``, as from faiss).
             thresholds: ``(nq,)`` float array, or one number for all queries (a Python
-                or numpy scalar, a 0-d array or tensor). Integers (int arrays,
-                lists of ints) are read as float32 when float32 holds them
-                exactly (every integer up to ``2**24`` in magnitude, larger
-                ones only if representable): a rounded threshold would change
-                which float32 scores reach it.
+                or numpy scalar, a 0-d array or tensor). Integer and float64
+                thresholds that float32 does not hold are rounded up to the
+                next float32: scores are float32, so the hits are exactly the
+                keys whose score is ``>= t`` (rounding to the nearest would let
+                in the scores between the two).
 
         Returns:
             ``(lims, ids, scores)`` as faiss's ``range_search``: the hits of query
@@ -165,8 +165,7 @@ class RangeIndex:
         Raises:
             ShapeError: wrong ranks, ``d`` mismatch, thresholds of the wrong length.
             ArgumentError: NaN or Inf in queries or thresholds, thresholds
-                beyond the float32 range, integer thresholds float32 does not
-                hold exactly, or scores that may overflow float32
+                beyond the float32 range, or scores that may overflow float32
                 (``max |q| * max |k| > 3.4e38``).
             DTypeError: bool, complex or other non-numeric thresholds.
         """
@@ -544,25 +543,24 @@ def _host(x: Any, arg: str) -> Any:
 
 
 def _thresholds(t: Any, q: Any) -> Any:
-    """Thresholds for the core: a scalar as ``(nq,)`` float32, integers as
-    float32 (refused where float32 does not hold them exactly), other float
-    arrays as given (the core converts them once)."""
+    """Thresholds for the core: float32 as given, a scalar as ``(nq,)``
+    float32, anything float32 does not hold (float64, integers beyond
+    ``2**24``) rounded up to the next float32. Scores are float32, so a score
+    reaches ``t`` exactly when it reaches that float32: rounding to the nearest
+    would let in the scores between the two."""
     if _is_torch(t):
+        import torch
+
         t = t.detach().cpu()
-        if t.is_floating_point():
+        if t.is_floating_point() and t.dtype != torch.float32:
             t = t.double()
         t = t.numpy()
     if isinstance(t, np.ndarray) and t.ndim == 0:
         t = t[()]  # a 0-d array or tensor (``scores.max() - 2``) is a scalar threshold
-    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+    if isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):
         nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
-        return np.full(nq, _int_thresholds([int(t)])[0], dtype=np.float32)
-    if isinstance(t, (float, np.floating)):
-        v = float(t)
-        if math.isfinite(v) and abs(v) > _F32_MAX:  # (a scalar: no numpy round trip)
-            _check_f32_range(np.asarray(v))
-        nq = np.shape(q)[0] if np.ndim(q) == 2 else 0
-        return np.full(nq, v, dtype=np.float32)
+        v = float(t) if isinstance(t, (float, np.floating)) else int(t)
+        return np.full(nq, _ceil_f32(np.array([v]))[0], dtype=np.float32)
     if not isinstance(t, np.ndarray) and not isinstance(t, (bool, np.bool_)):
         # lists and tuples: an array, to tell their dtype (ints beyond int64
         # give an object array of Python ints)
@@ -572,45 +570,56 @@ def _thresholds(t: Any, q: Any) -> Any:
             raise ShapeError(
                 f"thresholds must have shape (nq,); got a ragged sequence ({e})"
             ) from None
-        if t.dtype == object and all(type(v) is int for v in t.reshape(-1)):
-            return _int_thresholds(t)
     if isinstance(t, np.ndarray):
-        if t.dtype.kind in "iu":
-            return _int_thresholds(t)
-        if t.dtype.kind != "f":
+        ints = t.dtype == object and all(type(v) is int for v in t.reshape(-1))
+        if t.dtype.kind not in "iuf" and not ints:
             raise DTypeError(
                 f"thresholds must be a float or integer array (float32, or converted once); "
                 f"got {t.dtype}"
             )
-        if t.dtype.itemsize > 4:
-            _check_f32_range(t)
+        if t.dtype != np.float32:
+            return _ceil_f32(t)
     return t
 
 
-def _int_thresholds(t: Any) -> np.ndarray:
-    """Integer thresholds (an int array, or Python ints) as float32, refused
-    where float32 does not hold one exactly: scores are float32, and a rounded
-    threshold would let in (or leave out) the scores between the two."""
-    t = np.asarray(t)
-    # (an object array holds Python ints beyond int64: each is checked below)
-    f = t.astype(np.float32) if t.dtype != object else None
+def _ceil_f32(t: np.ndarray) -> np.ndarray:
+    """The least float32 >= each value of ``t`` (floats or integers of any
+    size; NaN and Inf pass through for the finiteness check)."""
+    if t.dtype.kind == "f":
+        _check_f32_range(t)
+        f = t.astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            low = f.astype(t.dtype) < t
+        f[low] = np.nextafter(f[low], np.float32(np.inf))
+        return f
     flat = t.reshape(-1)
-    if f is not None and t.dtype.itemsize <= 2:
-        return f  # int8/int16/uint8/uint16: every value is exact
+    # Integers up to 2**24 are exact; beyond, each one as a Python int
+    # (int64 values past 2**53 have no exact float64 either).
+    if t.dtype != object and t.dtype.itemsize <= 2:
+        return t.astype(np.float32)
+    f = flat.astype(np.float64).astype(np.float32) if t.dtype != object else None
     big = (
         np.flatnonzero((flat > 2**24) | (flat < -(2**24)))
         if f is not None
         else range(flat.shape[0])
     )
+    if f is None:
+        f = np.zeros(flat.shape[0], np.float32)
     for i in big:
         v = int(flat[i])
-        if abs(v) > _F32_MAX or int(np.float32(float(v))) != v:
+        if abs(v) > _F32_MAX:
             raise ArgumentError(
-                "thresholds must be numbers float32 holds exactly (integers up to 2**24 in "
-                f"magnitude, or larger ones float32 represents; pass floats to have them "
-                f"rounded); got {v} at flat index {int(i)}"
+                f"thresholds must be finite float32 values (|t| <= {_F32_MAX:.4g}); "
+                f"got {v} at flat index {int(i)}"
             )
-    return f if f is not None else np.array([float(v) for v in flat], np.float32).reshape(t.shape)
+        c = np.float32(float(v))  # within an ulp (double rounding), then exact:
+        if int(c) < v:
+            c = np.nextafter(c, np.float32(np.inf))
+        below = np.nextafter(c, np.float32(-np.inf))
+        if np.isfinite(below) and int(below) >= v:
+            c = below
+        f[i] = c
+    return f.reshape(t.shape)
 
 
 def _check_f32_range(t: np.ndarray) -> None:
@@ -678,12 +687,16 @@ class _TorchRange:
         import torch
 
         q = self._q(queries)
-        # (a float tensor stays on its device; integers are checked as on the CPU)
+        # (a float tensor stays on its device; integers are converted as on the CPU)
         floats = _is_torch(thresholds) and thresholds.is_floating_point()
         t = torch.as_tensor(thresholds if floats else _thresholds(thresholds, q.cpu()))
         if t.ndim == 0:  # one threshold for every query, as on the CPU
             t = t.expand(q.shape[0])
-        t = t.to(q.device, torch.float32).reshape(-1)
+        t = t.to(q.device).reshape(-1)
+        if t.dtype == torch.float64:  # rounded up to float32, as on the CPU
+            t32 = t.float()
+            t = torch.where(t32.double() < t, torch.nextafter(t32, t32.new_tensor(math.inf)), t32)
+        t = t.to(torch.float32)
         if t.shape[0] != q.shape[0]:
             raise ShapeError(
                 f"thresholds must have shape ({q.shape[0]},) to match the number of queries; "
