@@ -1357,3 +1357,22 @@ def test_sparse_ffn_takes_an_empty_torch_batch():
         y = ffn(torch.zeros(0, 40, dtype=dtype))
         assert isinstance(y, torch.Tensor)
         assert y.shape == (0, 40) and y.dtype == torch.float32
+
+
+def test_ragged_lists_raise_shape_error_naming_the_argument():
+    # numpy's own ValueError ("setting an array element with a sequence") came out
+    # bare; ShapeError is a ValueError too, so `except ValueError` still catches it.
+    cache = NeuronCache(10, capacity=3)
+    for ragged in ([[1, 2], [3]], [1, [2, 3]]):
+        with pytest.raises(neuropil.ShapeError, match=r"^active must be .*got a ragged") as e:
+            cache.record(ragged)
+        assert isinstance(e.value, ValueError)
+        assert "(num_neurons,)" in str(e.value) or "(10,)" in str(e.value)
+        with pytest.raises(neuropil.ShapeError, match=r"^ids must be .*got a ragged"):
+            cache.set_hot(ragged)
+    assert cache.stats() == NeuronCache(10, capacity=3).stats()  # nothing recorded
+    mask = [[True] * 10, [False] * 9 + [True]]
+    cache.record(mask)  # rectangular lists still work
+    same = NeuronCache(10, capacity=3)
+    same.record(np.array(mask))
+    assert cache.stats() == same.stats() != NeuronCache(10, capacity=3).stats()

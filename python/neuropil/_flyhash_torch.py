@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._scoped import no_tf32
 from .errors import ArgumentError, DTypeError, ShapeError
 
 if TYPE_CHECKING:
@@ -90,14 +91,10 @@ def activations(fh: FlyHash, x: torch.Tensor) -> torch.Tensor:
     w = _weights(fh, x.device)
     m = fh.output_dim
     out = torch.empty((x.shape[0], m), dtype=torch.float32, device=x.device)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with no_tf32():
         for r0 in range(0, m, _BLOCK_ROWS):
             r1 = min(m, r0 + _BLOCK_ROWS)
             out[:, r0:r1] = x @ _block(fh, w, r0, r1).T
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     return out
 
 

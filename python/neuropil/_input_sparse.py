@@ -85,6 +85,11 @@ class InputSparseFFN:
     arrays: releasing and retaking it would cost ~3% of such a call. Longer
     calls release it, so other Python threads run meanwhile.
 
+    Threads may share one object: calls run side by side (the weights are
+    only read, the counters are atomic); :meth:`set_thresholds` or
+    :meth:`calibrate` from another thread gives each call the old pair of
+    thresholds or the new one, never one of each.
+
     Example:
         >>> import numpy as np
         >>> from neuropil.neurons import InputSparseFFN
@@ -127,8 +132,9 @@ class InputSparseFFN:
         self._forward = self._ffn.forward
         self.activation = activation
         self.sparsity = 0.0
-        self.t_in: float | None = None
-        self.t_hidden: float | None = None
+        # (t_in, t_hidden), replaced as one tuple: a call from another thread
+        # reads the pair once, never one old and one new value.
+        self._t: tuple[float | None, float | None] = (None, None)
         if thresholds is not None:
             self.set_thresholds(*thresholds)
 
@@ -159,9 +165,27 @@ class InputSparseFFN:
 
     def set_thresholds(self, t_in: float | None, t_hidden: float | None) -> None:
         """Keeps inputs with ``|x| > t_in`` and hidden values with
-        ``|h| > t_hidden`` from now on (None: keep all of them)."""
-        self.t_in = _threshold("t_in", t_in)
-        self.t_hidden = _threshold("t_hidden", t_hidden)
+        ``|h| > t_hidden`` from now on (None: keep all of them). Both change at
+        once: a call running in another thread uses the old pair or the new one."""
+        self._t = (_threshold("t_in", t_in), _threshold("t_hidden", t_hidden))
+
+    @property
+    def t_in(self) -> float | None:
+        """Keep inputs with ``|x|`` above it (None: all)."""
+        return self._t[0]
+
+    @t_in.setter
+    def t_in(self, value: float | None) -> None:
+        self._t = (_threshold("t_in", value), self._t[1])
+
+    @property
+    def t_hidden(self) -> float | None:
+        """Keep hidden values with ``|h|`` above it (None: all)."""
+        return self._t[1]
+
+    @t_hidden.setter
+    def t_hidden(self, value: float | None) -> None:
+        self._t = (self._t[0], _threshold("t_hidden", value))
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
         a = _as_numpy(x)
@@ -232,7 +256,8 @@ class InputSparseFFN:
 
         stats = self.stats()
         state = _ffn_state(self, {k: stats[k] for k in _COUNTERS})
-        return {**state, "t_in": self.t_in, "t_hidden": self.t_hidden}
+        t_in, t_hidden = self._t
+        return {**state, "t_in": t_in, "t_hidden": t_hidden}
 
     def __setstate__(self, state: Any) -> None:
         from .neurons import _ffn_args
@@ -270,8 +295,9 @@ class InputSparseFFN:
             # SmolLM2's FFN takes 7-10 us, and each 0.1 us is 1% of it).
             if dense:
                 return self._forward(x, None, None)
-            return self._forward(x, self.t_in, self.t_hidden)
-        t_in, t_h = (None, None) if dense else (self.t_in, self.t_hidden)
+            t = self._t  # (one read: see set_thresholds)
+            return self._forward(x, t[0], t[1])
+        t_in, t_h = (None, None) if dense else self._t
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
             return self._torch_forward(x, t_in, t_h)
@@ -290,18 +316,23 @@ class InputSparseFFN:
         import torch.nn.functional as F
 
         key = (str(x.device), x.dtype)
-        if getattr(self, "_dev_key", None) != key:
-            self._dev = [
-                None if w is None else torch.from_numpy(w).to(x.device, x.dtype)
-                for w in self.weights()
-            ]
-            self._dev_bias = [
-                None if b is None else torch.from_numpy(b).to(x.device, x.dtype)
-                for b in (self._bias_up, self._bias_down)
-            ]
-            self._dev_key = key
-        gate, up, down = self._dev
-        ub, db = self._dev_bias
+        # (key, weights, biases) as one tuple: a thread calling with another
+        # device or dtype replaces it whole, never under a call reading it.
+        dev = self.__dict__.get("_dev")
+        if dev is None or dev[0] != key:
+            dev = self._dev = (
+                key,
+                [
+                    None if w is None else torch.from_numpy(w).to(x.device, x.dtype)
+                    for w in self.weights()
+                ],
+                [
+                    None if b is None else torch.from_numpy(b).to(x.device, x.dtype)
+                    for b in (self._bias_up, self._bias_down)
+                ],
+            )
+        gate, up, down = dev[1]
+        ub, db = dev[2]
         act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         if t_in is not None:

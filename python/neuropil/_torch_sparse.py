@@ -76,7 +76,11 @@ class SparseMLP(nn.Module):
     weights is built on the first CPU call that uses it, and built again when
     a weight changes: a state load, a move or cast, or an in-place update of a
     parameter (``p.add_``, ``p.copy_``, an optimizer step; a write through
-    ``p.data`` is not seen).
+    ``p.data`` is not seen). Threads may call one module at once (a server
+    decoding several requests): they share the Rust copy, which a call only
+    reads (its thresholds go with the call); a change of the calibration, the
+    method or the weights from another thread gives each call the
+    configuration before or after it.
 
     Args:
         gate: ``nn.Linear`` (h <- d) or None.
@@ -122,15 +126,21 @@ class SparseMLP(nn.Module):
                 self._modules[n] = lin
         self.activation = "silu" if activation == "swish" else activation
         self.rust_max_rows = rust_max_rows
-        self._ffn: Any = None
-        self._ffn_key: Any = None
+        # ``(key, ffn)``: the Rust copy and what it was built from (method,
+        # layers, held parameters and their versions), or None. One tuple, read
+        # once per call and replaced whole, so a thread that rebuilds or drops it
+        # (a weight update, a state load, a method change) never leaves another
+        # thread's call with one half of the pair.
+        self._rust: tuple[Any, Any] | None = None
         self._calib: list[torch.Tensor] | None = None
         self._calib_count = 0
         # The buffer is the truth; ``_cfg`` is its value as Python floats (what
         # each call uses), read again when ``_seen`` (the buffer object and its
-        # version counter) no longer matches.
+        # version counter, with the values read from them: one tuple, so a call
+        # never pairs a buffer check with another thread's values) no longer
+        # matches.
         self._cfg: tuple[str, float | None, float | None] = ("cats", None, None)
-        self._seen: tuple[Any, Any] = (None, None)
+        self._seen: tuple[Any, Any, Any] = (None, None, self._cfg)
         self.register_buffer(_CONFIG, torch.empty(3, device=_device_of(up)))
         self._set_config(method, threshold, t_in)
 
@@ -181,7 +191,7 @@ class SparseMLP(nn.Module):
         buf: Any = self._buffers[_CONFIG]
         seen = self._seen
         if buf is seen[0] and _version(buf) == seen[1]:
-            return self._cfg
+            return seen[2]
         return self._read_config(buf)
 
     def _read_config(self, buf: Any) -> tuple[str, float | None, float | None]:
@@ -189,10 +199,10 @@ class SparseMLP(nn.Module):
             return self._cfg
         cfg = _parse_config(buf, _CONFIG, ArgumentError)
         if cfg[0] != self._cfg[0]:
-            self._ffn = self._ffn_key = None  # the kernel class follows the method
+            self._rust = None  # the kernel class follows the method
         self._cfg = cfg
-        self._seen = (buf, _version(buf))
-        return self._cfg
+        self._seen = (buf, _version(buf), cfg)
+        return cfg
 
     def _set_config(self, method: str, threshold: float | None, t_in: float | None) -> None:
         """Validates and stores a calibration (a new buffer on the old one's device)."""
@@ -211,8 +221,8 @@ class SparseMLP(nn.Module):
         buf = _config_tensor(cfg, torch.float32, old.device)
         self._buffers[_CONFIG] = buf
         if method != self._cfg[0]:
-            self._ffn = self._ffn_key = None  # the kernel class follows the method
-        self._cfg, self._seen = cfg, (buf, _version(buf))
+            self._rust = None  # the kernel class follows the method
+        self._cfg, self._seen = cfg, (buf, _version(buf), cfg)
 
     def _layer(self, i: int) -> Any:
         name = self._names[i]
@@ -238,12 +248,12 @@ class SparseMLP(nn.Module):
         held += [down._parameters.get("bias"), None if gate else up._parameters.get("bias")]
         return [p for p in held if p is not None]
 
-    def _fresh(self) -> bool:
-        """Whether the Rust copy still matches the weights: the same layers,
-        and no in-place write since (torch bumps a tensor's ``_version`` on
-        each; tensors made under ``torch.inference_mode`` have none, and are
-        taken as unchanged)."""
-        layers, params, versions = self._ffn_key
+    def _fresh(self, key: Any) -> bool:
+        """Whether a Rust copy built at ``key`` still matches the weights: the
+        same layers, and no in-place write since (torch bumps a tensor's
+        ``_version`` on each; tensors made under ``torch.inference_mode`` have
+        none, and are taken as unchanged)."""
+        _, layers, params, versions = key
         return (
             self._layer(0) is layers[0]
             and self._layer(1) is layers[1]
@@ -252,7 +262,7 @@ class SparseMLP(nn.Module):
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
-        self._ffn = self._ffn_key = None
+        self._rust = None
         old: Any = self._buffers[_CONFIG]
         cfg = self._config()
         out = super()._apply(fn, recurse)
@@ -263,7 +273,7 @@ class SparseMLP(nn.Module):
             # last calibration, on the new device (and not an inference tensor,
             # as a move under torch.inference_mode makes: see _config_tensor).
             self._buffers[_CONFIG] = new = _config_tensor(cfg, old.dtype, new.device)
-            self._seen = (new, _version(new))
+            self._seen = (new, _version(new), cfg)
         return out
 
     def _load_from_state_dict(
@@ -286,7 +296,7 @@ class SparseMLP(nn.Module):
                 # load_state_dict raises its RuntimeError listing the message.
                 error_msgs.append(str(e))
                 state_dict = {k: v for k, v in state_dict.items() if k != key}
-        self._ffn = self._ffn_key = None
+        self._rust = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -324,14 +334,12 @@ class SparseMLP(nn.Module):
             and self._biasless()
         )
 
-    def _plain(self) -> bool:
+    @staticmethod
+    def _plain(layers: tuple[Any, Any, Any]) -> bool:
         """Whether every layer holds a float ``weight`` the Rust copy can take
         (not, say, a :class:`~neuropil.torch.QuantizedLinear` that
         ``quantize_model`` put in after ``sparsify_mlp``)."""
-        return all(
-            lin is None or "weight" in lin._parameters
-            for lin in (self._layer(0), self._layer(1), self._layer(2))
-        )
+        return all(lin is None or "weight" in lin._parameters for lin in layers)
 
     def _biasless(self) -> bool:
         """Whether a gated block has no gate/up bias (the Rust kernels take
@@ -349,14 +357,26 @@ class SparseMLP(nn.Module):
         these weights, built again when a weight changed (see the class doc);
         None while a layer holds no float ``weight`` (a
         :class:`~neuropil.torch.QuantizedLinear` put in by ``quantize_model``
-        after ``sparsify_mlp``: calls then take the torch path)."""
-        if self._ffn_key is None or not self._fresh():
-            self._ffn = None
-            held = self._held_params()
-            layers = (self._layer(0), self._layer(1), self._layer(2))
-            if not self._plain():
-                self._ffn_key = (layers, held, _versions(held))
-                return None
+        after ``sparsify_mlp``: calls then take the torch path). It holds the
+        thresholds of its build; :meth:`forward` passes the module's current
+        ones with each call and never changes it, so threads may share it."""
+        return self._rust_for(self._config()[0])
+
+    def _rust_for(self, method: str) -> Any:
+        """:meth:`rust_ffn` for ``method`` (the one the calling forward read).
+
+        Threads calling at once may both build a copy (the last one stays);
+        each call uses the copy it built or found, of its own method. The
+        versions are read before the weights, so a write during a build makes
+        the next call build again."""
+        cur = self._rust
+        if cur is not None and cur[0][0] == method and self._fresh(cur[0]):
+            return cur[1]
+        held = self._held_params()
+        layers = (self._layer(0), self._layer(1), self._layer(2))
+        key = (method, layers, held, _versions(held))
+        ffn = None
+        if self._plain(layers):
             from .neurons import InputSparseFFN, SparseFFN
 
             def w(lin: nn.Linear | None) -> Any:
@@ -365,13 +385,20 @@ class SparseMLP(nn.Module):
             def b(lin: nn.Linear) -> Any:
                 return None if lin.bias is None else lin.bias.detach().float().cpu().numpy()
 
-            cls = InputSparseFFN if self._config()[0] == "teal" else SparseFFN
-            self._ffn = cls(
-                w(self.gate), w(self.up), w(self.down), activation=self.activation,
-                up_bias=b(self.up) if self.gate is None else None, down_bias=b(self.down),
+            gate, up, down = layers
+            cls = InputSparseFFN if method == "teal" else SparseFFN
+            ffn = cls(
+                w(gate), w(up), w(down), activation=self.activation,
+                up_bias=b(up) if gate is None else None, down_bias=b(down),
             )  # fmt: skip
-            self._ffn_key = (layers, held, _versions(held))
-        return self._ffn
+            # (for a direct call of the copy; forward passes its thresholds per call)
+            _, t, t_in = self._config()
+            if method == "teal":
+                ffn.set_thresholds(t_in, t)
+            elif t is not None:
+                ffn.set_threshold(t)
+        self._rust = (key, ffn)
+        return ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (each tracing check once a call: the token path below is ~10 us)
@@ -388,17 +415,18 @@ class SparseMLP(nn.Module):
         if self._calib is None and self._rust_ok(x, rows, threshold, export):
             # The per-token call of a decoding model: the kernel takes 7-20 us
             # on a small model's FFN, so this path stays as short as it can
-            # (numpy views in and out, thresholds set only when they change;
-            # it cost 25 us a call through torch reshapes and re-validation).
-            ffn = self.rust_ffn()
+            # (numpy views in and out; it cost 25 us a call through torch
+            # reshapes and re-validation). The thresholds read above go to the
+            # kernel with the call, so the Rust copy, shared by the threads
+            # calling this module, is never written to here.
+            ffn = self._rust_for(method)
             if ffn is not None:
-                if method == "teal":
-                    if ffn.t_in != t_in or ffn.t_hidden != threshold:
-                        ffn.set_thresholds(t_in, threshold)
-                elif ffn.threshold != threshold or ffn.top_k is not None:
-                    ffn.set_threshold(threshold)
                 a = x.detach().numpy()
-                y = ffn(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]))
+                if method == "teal":
+                    y = ffn._forward(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]),
+                                     t_in, threshold)  # fmt: skip
+                else:
+                    y = ffn._ffn.forward(a.reshape(rows, shape[-1]), "threshold", threshold)
                 return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
         if method == "teal":
             return self._teal(x, threshold, t_in)
@@ -686,7 +714,7 @@ def sparsify_mlp(
             sparse[f"{name}.intermediate" if name else "intermediate"] = sm
     for sm in sparse.values():
         sm._set_config(method, None, None)
-        sm._ffn = sm._ffn_key = None
+        sm._rust = None
     if s == 0.0 and hs == 0.0:
         return dict.fromkeys(sparse, 0.0)
     for sm in sparse.values():

@@ -41,6 +41,7 @@ loads what ``save_pretrained`` wrote for a model quantized with
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,19 @@ class SparseLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.cache = cache
         self.indexes: list[list[RangeIndex]] = []
+        # Held while index() builds or extends the indexes: two threads reading
+        # one layer would otherwise both append the new keys (ids past the end).
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (copy.deepcopy of a prefilled cache, pickling: a lock copies as a new one)
+        state = dict(super().__getstate__())
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -98,12 +112,13 @@ class SparseLayer(DynamicLayer):
     def index(self, b: int, h: int) -> RangeIndex:
         """The index of batch row ``b``, kv head ``h``, brought up to date."""
         assert self.keys is not None
-        if not self.indexes:
-            self._build()
-        ix = self.indexes[b][h]
-        n = self.keys.shape[-2]
-        if len(ix) < n:
-            ix.add(self.keys[b, h, len(ix) : n].detach().to(torch.float32).numpy())
+        with self._lock:
+            if not self.indexes:
+                self._build()
+            ix = self.indexes[b][h]
+            n = self.keys.shape[-2]
+            if len(ix) < n:
+                ix.add(self.keys[b, h, len(ix) : n].detach().to(torch.float32).numpy())
         return ix
 
     def reset(self) -> None:

@@ -69,8 +69,9 @@ def _weight_dtype(bits: Any, dtype: str) -> str:
     return dtype
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    """numpy view of an array-like or a CPU torch tensor (CUDA tensors are copied to the host)."""
+def _as_numpy(x: Any, arg: str = "input", want: str = "an array") -> np.ndarray:
+    """numpy view of an array-like or a CPU torch tensor (CUDA tensors are copied to the host).
+    A ragged nested list raises ShapeError: ``{arg} must be {want}; got a ragged sequence``."""
     if type(x).__module__.startswith("torch"):
         x = x.detach()
         if x.device.type != "cpu":
@@ -78,7 +79,10 @@ def _as_numpy(x: Any) -> np.ndarray:
         if x.dtype.is_floating_point and x.dtype.itemsize == 2:
             x = x.float()  # bfloat16 (no numpy dtype) and float16: read as float32
         return x.numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise ShapeError(f"{arg} must be {want}; got a ragged sequence ({e})") from None
 
 
 def _torch_path(x: Any) -> bool:
@@ -295,7 +299,7 @@ class NeuronCache:
             ShapeError: a mask whose width is not ``num_neurons``.
             DTypeError: floats or other non-integer, non-bool input.
         """
-        a = _as_numpy(active)
+        a = _as_numpy(active, "active", "ids (k,) or a mask (num_neurons,) or (n, num_neurons)")
         if a.dtype == np.bool_:
             if a.ndim not in (1, 2) or a.shape[-1] != self.num_neurons:
                 raise ShapeError(
@@ -331,7 +335,7 @@ class NeuronCache:
         Raises:
             IndexError: an id out of range. ArgumentError: repeated ids or more than capacity.
         """
-        a = np.asarray(_as_numpy(ids))
+        a = np.asarray(_as_numpy(ids, "ids", "integer neuron ids of shape (k,)"))
         if a.size and a.dtype.kind not in "iu":
             raise DTypeError(f"ids must be integers; got dtype {a.dtype}")
         if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
@@ -499,6 +503,12 @@ class SparseFFN:
     4-bit ones dequantized, which quantize back to the same codes and scales),
     biases, activation, threshold / top-k / sparsity, hot tier, calibration cache
     and counters; the copy is rebuilt through this constructor's checks.
+
+    Threads may share one object: calls run side by side (the kernels only
+    read the weights, the counters are atomic). A :meth:`set_threshold`,
+    :meth:`calibrate`, :meth:`set_hot` or assignment to ``threshold`` /
+    ``top_k`` from another thread gives each call the mode before it or
+    after it, never a mix of the two.
     """
 
     def __init__(
@@ -535,8 +545,9 @@ class SparseFFN:
         self.hot_capacity = hot_capacity
         self.cache: NeuronCache | None = None
         self.sparsity = 0.0
-        self.threshold: float | None = None
-        self.top_k: int | None = None
+        # (threshold, top_k), replaced as one tuple: a call from another thread
+        # reads the mode once, never a half-made change (see calibrate).
+        self._mode: tuple[float | None, int | None] = (None, None)
         if threshold is not None:
             self.set_threshold(threshold)
         if top_k is not None:
@@ -570,13 +581,33 @@ class SparseFFN:
         """Bytes of one neuron's bundle (gate row, up row, down column)."""
         return self._ffn.bytes_per_neuron
 
+    @property
+    def threshold(self) -> float | None:
+        """Keep neurons with ``|act(pre)|`` above it (None: dense, unless ``top_k``)."""
+        return self._mode[0]
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self._mode = (None if value is None else float(value), self._mode[1])
+
+    @property
+    def top_k(self) -> int | None:
+        """Keep the ``top_k`` neurons of largest ``|act(pre)|`` per row (takes
+        precedence over ``threshold``); None: the threshold decides."""
+        return self._mode[1]
+
+    @top_k.setter
+    def top_k(self, value: int | None) -> None:
+        self._mode = (self._mode[0], None if value is None else int(value))
+
     def set_threshold(self, threshold: float) -> None:
-        """Keeps neurons with ``|act(pre)| > threshold`` from now on."""
+        """Keeps neurons with ``|act(pre)| > threshold`` from now on (and
+        clears ``top_k``, in one step: a call running in another thread uses
+        the old mode or the new one)."""
         t = float(threshold)
         if not (t >= 0 and np.isfinite(t)):
             raise ArgumentError(f"threshold must be a finite value >= 0; got {threshold!r}")
-        self.threshold = t
-        self.top_k = None
+        self._mode = (t, None)
 
     def activations(self, x: Any) -> npt.NDArray[np.float32]:
         """``act(pre)`` of every neuron: x (d,) or (n, d) -> (h,) or (n, h) float32
@@ -603,21 +634,19 @@ class SparseFFN:
         """
         s = _fraction("sparsity", sparsity)
         acts = np.abs(self.activations(_samples(samples, self.dim)))
+        t = float(np.quantile(acts, s)) if s > 0.0 else 0.0
+        # One step (see _mode): calls in other threads use the old mode or this one.
+        self._mode = (t if s > 0.0 else None, None)
         self.sparsity = s
-        self.top_k = None
-        if s == 0.0:
-            self.threshold = None
-            t = 0.0
-        else:
-            t = float(np.quantile(acts, s))
-            self.threshold = t
         if self.hot_capacity:
-            self.cache = NeuronCache(
+            # Filled before it is published (another thread's calibrate makes its own).
+            cache = NeuronCache(
                 self.num_neurons, self.hot_capacity, bytes_per_neuron=self.bytes_per_neuron
             )
-            self.cache.record(acts > t if s > 0 else np.ones_like(acts, dtype=bool))
-            self.cache.reclassify()
-            self._ffn.set_hot(self.cache.hot_neurons())
+            cache.record(acts > t if s > 0 else np.ones_like(acts, dtype=bool))
+            cache.reclassify()
+            self.cache = cache
+            self._ffn.set_hot(cache.hot_neurons())
         return t
 
     def set_hot(self, ids: Any) -> None:
@@ -665,11 +694,12 @@ class SparseFFN:
 
     def __getstate__(self) -> dict[str, Any]:
         stats = self.stats()
+        threshold, top_k = self._mode
         return {
             **_ffn_state(self, {k: stats[k] for k in _FFN_COUNTERS}),
             "hot_capacity": self.hot_capacity,
-            "threshold": self.threshold,
-            "top_k": self.top_k,
+            "threshold": threshold,
+            "top_k": top_k,
             "hot": self.hot_neurons(),
             "cache": self.cache,
         }
@@ -740,14 +770,15 @@ class SparseFFN:
         """
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
-            return self._torch_forward(x, dense)
+            return self._torch_forward(x, dense, self._mode)
         a, single = self._rows(x)
-        if dense or (self.threshold is None and self.top_k is None):
+        threshold, top_k = self._mode  # (one read: see set_threshold)
+        if dense or (threshold is None and top_k is None):
             y = self._ffn.forward(a, "dense", 0.0)
-        elif self.top_k is not None:
-            y = self._ffn.forward(a, "topk", float(self.top_k))
+        elif top_k is not None:
+            y = self._ffn.forward(a, "topk", float(top_k))
         else:
-            y = self._ffn.forward(a, "threshold", float(self.threshold))
+            y = self._ffn.forward(a, "threshold", float(threshold))
         out = y[0] if single else y
         if is_torch:
             import torch
@@ -755,20 +786,28 @@ class SparseFFN:
             return torch.from_numpy(out)
         return out
 
-    def _torch_forward(self, x: Any, dense: bool) -> Any:
+    def _torch_forward(
+        self, x: Any, dense: bool, mode: tuple[float | None, int | None] | None = None
+    ) -> Any:
         """The same masked FFN with torch ops on ``x``'s device (CUDA), from the
-        stored (dequantized) weights, copied to that device once."""
+        stored (dequantized) weights, copied to that device once; ``mode`` is
+        the ``(threshold, top_k)`` the caller read (default: the current one)."""
         import torch
         import torch.nn.functional as F
 
+        threshold, top_k = self._mode if mode is None else mode
+
         key = (str(x.device), x.dtype)
-        if getattr(self, "_dev_key", None) != key:
+        # (key, weights) as one tuple: a thread calling with another device or
+        # dtype replaces it whole, never under a call reading it.
+        dev = self.__dict__.get("_dev")
+        if dev is None or dev[0] != key:
             ws = self.weights()
-            self._dev = [
-                None if w is None else torch.from_numpy(w).to(x.device, x.dtype) for w in ws
-            ]
-            self._dev_key = key
-        gate, up, down = self._dev
+            dev = self._dev = (
+                key,
+                [None if w is None else torch.from_numpy(w).to(x.device, x.dtype) for w in ws],
+            )
+        gate, up, down = dev[1]
         acts = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
         if self._bias_up is not None or self._bias_down is not None:
             ub, db = (
@@ -778,11 +817,11 @@ class SparseFFN:
         else:
             ub = db = None
         a = acts(F.linear(x, gate) if gate is not None else F.linear(x, up, ub))
-        if not dense and self.top_k is not None:
-            kth = a.abs().topk(self.top_k, dim=-1).values[..., -1:]
+        if not dense and top_k is not None:
+            kth = a.abs().topk(top_k, dim=-1).values[..., -1:]
             a = torch.where(a.abs() >= kth, a, torch.zeros_like(a))
-        elif not dense and self.threshold is not None:
-            a = torch.where(a.abs() > self.threshold, a, torch.zeros_like(a))
+        elif not dense and threshold is not None:
+            a = torch.where(a.abs() > threshold, a, torch.zeros_like(a))
         if gate is not None:
             a = a * F.linear(x, up)
         y = F.linear(a, down, db)
@@ -792,9 +831,10 @@ class SparseFFN:
         return y.float() if y.device.type == "cpu" else y
 
     def __repr__(self) -> str:
+        threshold, top_k = self._mode
         mode = (
-            f"top_k={self.top_k}" if self.top_k else
-            f"threshold={self.threshold:.4g}" if self.threshold is not None else "dense"
+            f"top_k={top_k}" if top_k else
+            f"threshold={threshold:.4g}" if threshold is not None else "dense"
         )  # fmt: skip
         return (
             f"SparseFFN(h={self.num_neurons}, d={self.dim}, {self.activation}, {self.dtype}, "

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import _native, _safetensors
+from ._scoped import no_tf32
 from .errors import ArgumentError, DTypeError, FormatError, ShapeError
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
@@ -680,7 +681,7 @@ class _TorchRange:
         return q
 
     def scores(self, q: Any) -> Any:
-        with _NoTF32():
+        with no_tf32():
             return q @ self.keys[: self.n].T
 
     def search(self, queries: Any, thresholds: Any, owner: RangeIndex) -> tuple[Any, Any, Any]:
@@ -743,18 +744,3 @@ class _TorchRange:
         self.keys[self.n : self.n + m] = k
         self.n += m
         return k
-
-
-class _NoTF32:
-    """Context manager: full float32 matmuls (no TF32) inside."""
-
-    def __enter__(self) -> None:
-        import torch
-
-        self._old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = self._old

@@ -14,12 +14,13 @@ import functools
 import math
 import numbers
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._scoped import Scoped
 from ..errors import ArgumentError, DTypeError, ShapeError
 from . import codes as _codes
 from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
@@ -751,15 +752,10 @@ class MembraneBank(_OwnLock):
 _NULL = contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _tf32() -> Iterator[None]:
-    """Lets float32 GEMMs use TF32 tensor cores for the duration, then restores."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+#: ``with _tf32():`` lets float32 GEMMs use TF32 tensor cores for the duration,
+#: then restores the precision, also when banks in several threads overlap (the
+#: setting is process-wide: see :mod:`neuropil._scoped`).
+_tf32 = Scoped(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high")
 
 
 def _is_real(x: Any) -> bool:

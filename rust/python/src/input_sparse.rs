@@ -40,7 +40,11 @@ const X: Expect = Expect::new("x", &[2], "(n, d)").empty_batch_at(2);
 const X_ROWS: Expect = Expect::new("x", &[1, 2], "(d,) or (n, d)").empty_batch_at(2);
 
 /// The core input-sparse FFN.
-#[pyclass(name = "_InputSparseFfn", module = "neuropil._native")]
+///
+/// Frozen: every method reads (the counters are atomics in the core), so
+/// Python threads call one object at once without pyo3's borrow flag, which
+/// a non-frozen class checks and updates on every call.
+#[pyclass(name = "_InputSparseFfn", module = "neuropil._native", frozen)]
 pub struct PyInputSparseFfn {
     inner: Ffn,
 }
