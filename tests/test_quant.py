@@ -1686,6 +1686,24 @@ def test_skip_names_a_module_and_keeps_every_layer_inside_it(tmp_path):
     assert type(model["layers"][1]["attn"]) is torch.nn.Linear
 
 
+def test_quantize_model_refuses_a_skip_pattern_that_matches_nothing():
+    # A typo (lm_haed) used to be ignored: the layer meant to stay float was
+    # quantized. Now an error before any layer changes, as `neuropil quantize`.
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    model = torch.nn.ModuleDict(
+        {"body": torch.nn.Linear(128, 64), "lm_head": torch.nn.Linear(64, 96)}
+    )
+    with pytest.raises(ArgumentError, match=r"'lm_haed'.*nearest: 'lm_head'"):
+        quantize_model(model, skip=["body", "lm_haed"])
+    assert type(model["body"]) is torch.nn.Linear and type(model["lm_head"]) is torch.nn.Linear
+    # one string is one pattern (it was read as its characters)
+    quantize_model(model, skip="lm_head")
+    assert isinstance(model["body"], QuantizedLinear)
+    assert type(model["lm_head"]) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("level", ["scalar", None])
 def test_matvec_takes_an_empty_batch(level):
     # np.zeros((0, cols)) @ W.T is (0, rows): so is matvec, for every scheme.

@@ -26,6 +26,7 @@ from .errors import ArgumentError, DTypeError, FormatError
 from .quant import (
     QuantizedWeights,
     ScaleDType,
+    _check_skip,
     _resolve,
     _skipped,
     load_file,
@@ -517,10 +518,15 @@ def quantize_model(
         skip: module names to keep in float: glob patterns on the full name
             (``"lm_head"``, ``"*.attn.*"``) or on the name of an enclosing
             module (``"model.layers.0"`` keeps every layer of block 0), or
-            exact name components.
+            exact name components. A pattern that matches no module is an
+            error (a typo would quantize the layer it meant to keep).
 
     Returns:
         ``model``.
+
+    Raises:
+        ArgumentError: a ``skip`` pattern that matches no module, or a bad
+            ``bits``/``group_size``/``scheme`` (the model is left as it was).
 
     Example::
 
@@ -530,7 +536,10 @@ def quantize_model(
         import neuropil.hf
         again = AutoModelForCausalLM.from_pretrained("smollm2-q4")
     """
-    skip = tuple(skip)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    # A pattern that matches nothing is a typo that would quantize the layer it
+    # was meant to keep (as `neuropil quantize --skip`).
+    _check_skip([n for n, _ in model.named_modules(remove_duplicate=False) if n], skip)
     targets = [
         (name, mod)
         for name, mod in model.named_modules(remove_duplicate=False)

@@ -598,5 +598,5 @@ def _check_skip(names: Iterable[str], skip: Iterable[str], what: str = "skip") -
         )
         raise ArgumentError(
             f"{what} pattern {pat!r} must match a tensor or module name; it matches no "
-            f"tensor or module (of {len(names)} tensors; {hint})"
+            f"tensor or module (of {len(names)} names; {hint})"
         )
