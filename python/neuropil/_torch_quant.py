@@ -315,8 +315,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, force_torch: bool = False) -> torch.Tensor:
         """``x @ W.T + bias`` for ``x`` (..., in_features).
 
-        CPU: the Rust kernels on the packed buffers (batch 1 streams the codes;
-        larger batches dequantize cache-sized tiles). CUDA: batch 1 with 4-bit
+        CPU: the Rust kernels on the packed buffers, as
+        :meth:`~neuropil.quant.QuantizedWeights.matvec` (up to 3 tokens stream the
+        codes; more run the int16 kernel for 4-bit weights on AVX-512 VNNI, else
+        dequantize cache-sized tiles). CUDA: batch 1 with 4-bit
         weights runs a Triton kernel on the packed codes when Triton is available;
         otherwise (and with ``force_torch``) the weight is dequantized on the
         device for this call and ``F.linear`` runs. The packed weights are

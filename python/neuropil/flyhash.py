@@ -264,7 +264,7 @@ class FlyHash:
         return self._run(x, "encode", level)
 
     def activations(self, x: Any, level: str | None = None) -> Any:
-        """All ``m`` activations before winner-take-all, ``(n, m)`` float32."""
+        """All ``m`` activations before winner-take-all: ``(m,)`` or ``(n, m)`` float32."""
         return self._run(x, "activations", level)
 
     def encode_indices(self, x: Any, level: str | None = None) -> Any:
@@ -338,8 +338,11 @@ def _ids(ids: Any, drop_above: bool) -> Any:
 class BinaryIndex:
     """Exact search over packed binary codes (faiss's bit layout).
 
-    Each code gets a stable ``int64`` id: the ones passed to :meth:`add`, or an
-    insertion counter (0, 1, 2, ...). :meth:`remove` never renumbers the others.
+    Each code gets a stable ``int64`` id: the ones passed to :meth:`add`, or
+    automatic ones counting up from one past the largest id added so far (0, 1, 2, ...
+    when every id is automatic). Ids need not be distinct (as in faiss):
+    :meth:`remove` removes every code holding a given id and never renumbers
+    the others.
     Results are ordered by distance, ties by insertion order. Distances use the
     AVX-512 VPOPCNTDQ popcount where the CPU has it (``popcnt`` or portable code
     otherwise; identical results).
@@ -397,9 +400,11 @@ class BinaryIndex:
         (any integer dtype, uint64 included, checked by value).
 
         Raises:
-            ShapeError: the codes do not have ``code_bytes`` columns.
+            ShapeError: the codes do not have ``code_bytes`` columns, or ``ids``
+                is not ``(n,)``.
             DTypeError: the codes are not uint8 or the ids not integers.
-            ArgumentError: bits past ``nbits`` are set, or an id is negative.
+            ArgumentError: bits past ``nbits`` are set, or an id is negative or
+                at least ``2**63 - 1``.
         """
         if ids is not None:
             ids = _ids(ids, drop_above=False)

@@ -245,8 +245,9 @@ class SparseCache(Cache):
         self._step_layer = -1
 
     def summary(self) -> dict[str, float]:
-        """Mean fraction of keys read and the largest dropped-mass bound over
-        the decode steps since the cache was made or reset."""
+        """``steps`` (decode steps since the cache was made or reset), the mean
+        ``fraction_read`` of keys and the largest ``dropped_bound`` over them
+        (1.0 and 0.0 before any step)."""
         self._flush()
         if not self.steps:
             return {"steps": 0, "fraction_read": 1.0, "dropped_bound": 0.0}

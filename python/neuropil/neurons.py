@@ -334,6 +334,7 @@ class NeuronCache:
 
         Raises:
             IndexError: an id out of range. ArgumentError: repeated ids or more than capacity.
+            DTypeError: ids that are not integers.
         """
         a = np.asarray(_as_numpy(ids, "ids", "integer neuron ids of shape (k,)"))
         if a.size and a.dtype.kind not in "iu":

@@ -12,15 +12,17 @@ Schemes:
     with the ``gguf`` package's quantize and dequantize; :meth:`QuantizedWeights.to_gguf`
     gives the GGUF blocks.
 
-A row whose length is not a multiple of the group size is padded with zeros to
-the next multiple; padding is stored but never returned and meets zero
-activations in the kernels. Scales and mins are float16 (``scale_dtype="float32"``
+With ``asym`` and ``sym``, a row whose length is not a multiple of the group
+size is padded with zeros to the next multiple; padding is stored but never
+returned and meets zero activations in the kernels (the GGUF schemes take rows
+of a multiple of 32 only, as GGUF does). Scales and mins are float16 (``scale_dtype="float32"``
 for ranges beyond float16). With ``search=True`` each group's clipping range is
 searched to minimise the squared error (calibration-free, deterministic).
 
 Every method runs in the Rust core on the packed bytes: ``matvec`` never builds
-the float matrix (batch 1 streams the codes; larger batches dequantize one
-cache-sized tile at a time).
+the float matrix (up to 3 rows stream the codes, one mat-vec each; larger batches
+of 4-bit weights on AVX-512 VNNI run an int16-activation kernel on the codes, and
+other larger batches dequantize one cache-sized tile at a time).
 """
 
 from __future__ import annotations
@@ -248,7 +250,8 @@ class QuantizedWeights:
             x: float array of shape (cols,) or (n, cols); float32 C-contiguous
                 input is read in place, other floats are converted once. A CPU
                 torch tensor gives a torch tensor back.
-            level: force one SIMD level (``scalar``, ``avx2``, ``avx512``) for this call.
+            level: force one SIMD level (``scalar``, ``avx2``, ``avx512``, ``neon``)
+                for this call.
 
         Returns:
             float32 (rows,) for a vector, (n, rows) for a batch (``x @ W.T``);
@@ -261,7 +264,10 @@ class QuantizedWeights:
         more rows do so for 4-bit weights only. Every other level uses float32 ``x``.
 
         Raises:
-            ShapeError: ``x``'s last dimension is not ``cols``.
+            ShapeError: ``x`` is not 1-D or 2-D, or its last dimension is not ``cols``.
+            DTypeError: ``x`` is not a float array.
+            ArgumentError: ``level`` is not a level name.
+            NeuropilError: ``level`` names a level this CPU lacks.
         """
         is_torch = type(x).__module__.startswith("torch")
         y = _native.quant_matvec(*self._args(), _as_numpy(x), level)
@@ -281,6 +287,8 @@ class QuantizedWeights:
 
         Raises:
             IndexError: an index is negative or >= rows.
+            ArgumentError: ``rows`` holds non-integers.
+            ShapeError: ``x`` is not of shape (cols,).
         """
         idx = np.asarray(rows)
         if idx.size == 0:  # [] is float64 to numpy; nothing to index either way
@@ -292,7 +300,11 @@ class QuantizedWeights:
 
     # ---------------------------------------------------------------------- GGUF
     def to_gguf(self) -> npt.NDArray[np.uint8]:
-        """The GGUF blocks (``uint8``, 1-D) of a ``q4_0``/``q4_1``/``q8_0`` matrix."""
+        """The GGUF blocks (``uint8``, 1-D) of a ``q4_0``/``q4_1``/``q8_0`` matrix.
+
+        Raises:
+            ArgumentError: the scheme is ``asym`` or ``sym`` (no GGUF block type).
+        """
         return _native.quant_to_gguf(*self._args())
 
     @classmethod
@@ -308,8 +320,10 @@ class QuantizedWeights:
 
         Raises:
             DTypeError: ``raw`` is not ``uint8`` bytes.
-            ArgumentError: ``shape`` is not two non-negative integers.
-            FormatError: wrong byte count for the shape, or a non-finite scale.
+            ArgumentError: ``scheme`` is not a GGUF scheme, or ``shape`` is not two
+                non-negative integers.
+            FormatError: an empty shape, ``cols`` not a multiple of 32, a wrong
+                byte count for the shape, or a non-finite scale.
         """
         bits, g, scheme = _resolve(None, None, scheme)
         rows, cols = _shape_arg(shape)
@@ -390,8 +404,11 @@ def quantize(
         The packed matrix.
 
     Raises:
-        ArgumentError: unsupported bits, group size, scheme, or NaN/Inf weights.
+        ArgumentError: unsupported bits, group size, scheme or ``scale_dtype``,
+            NaN/Inf weights, a range the scales' dtype cannot hold, or (GGUF
+            schemes) rows whose length is not a multiple of 32.
         ShapeError: ``w`` is not 2-D or is empty.
+        DTypeError: ``w`` is not a float array (integers are refused, not cast).
     """
     bits, group_size, scheme = _resolve(bits, group_size, scheme)
     arr = _as_numpy(w)

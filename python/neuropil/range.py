@@ -8,8 +8,8 @@ the default, ``auto``, runs while pruning pays) bounds every ``q . k`` from
 above by an exact integer dot product of 8-bit codes of key and query in the
 keys' principal basis, plus the quantisation error, and computes the float
 score only of keys whose bound
-reaches the threshold (about 1.5% of them at a top-1% threshold on SmolLM2
-keys). ``pca`` bounds by ``q.mu + q_p . k_p + |q_r| |k_r|`` over the top
+reaches the threshold (a median of 1.6-2.0% of them at a top-1% threshold on
+SmolLM2 keys, BENCHMARKS.md). ``pca`` bounds by ``q.mu + q_p . k_p + |q_r| |k_r|`` over the top
 principal directions under a k-d tree; ``kmeans`` is the original
 hierarchical k-means with exact radii; ``flat`` scans everything.
 

@@ -679,7 +679,8 @@ class MembraneBank(_OwnLock):
             ``coherence`` (:func:`coherence_stats` of the stored keys' codes),
             ``expected_crosstalk`` (sqrt((K-1)/L) for K stored: the relative
             error of the correlation readout with random codes), ``code_crosstalk``
-            (the same from the actual codes' Gram matrix), ``half_life``, ``steps``.
+            (the same from the actual codes' Gram matrix), ``half_life``, ``steps``,
+            ``readout`` and ``bytes`` (of the state).
         """
         per_bank = (self.counts > 0).sum(1)
         k = int(per_bank.max()) if self.B else 0
