@@ -208,6 +208,25 @@ def test_matvec_reads_torch_tensors_and_returns_torch():
     d = q.dequantize()
     bound = _rounding_bound(d, x.numpy()[None], 64, 32767.0)[0] + 1e-4
     assert np.all(np.abs(y.numpy() - d @ x.numpy()) <= bound)
+    # matvec_rows too (it returned numpy for a tensor)
+    r = q.matvec_rows(x, [3, 0, 3])
+    assert isinstance(r, torch.Tensor) and r.dtype == torch.float32
+    np.testing.assert_array_equal(r.numpy(), y.numpy()[[3, 0, 3]])
+
+
+@pytest.mark.cuda
+def test_matvec_of_a_cuda_tensor_answers_on_its_device():
+    # It returned a CPU tensor (the packed weights live on the host).
+    import torch
+
+    q = quantize(_matrix(3, 16, 64))
+    x = torch.randn(2, 64)
+    for got, want in (
+        (q.matvec(x.cuda()), q.matvec(x)),
+        (q.matvec_rows(x[0].cuda(), [1]), q.matvec_rows(x[0], [1])),
+    ):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want)
 
 
 def test_bandwidth_probe_reports_a_positive_rate():

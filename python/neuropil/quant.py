@@ -147,6 +147,14 @@ def _as_numpy(w: Any) -> Any:
     return w
 
 
+def _like_input(y: Any, x: Any) -> Any:
+    """numpy result ``y`` as a torch tensor on torch input ``x``'s device."""
+    import torch
+
+    out = torch.from_numpy(y)
+    return out if x.device.type == "cpu" else out.to(x.device)
+
+
 class QuantizedWeights:
     """A (rows, cols) matrix stored as packed codes plus per-group scales (and mins).
 
@@ -248,8 +256,11 @@ class QuantizedWeights:
 
         Args:
             x: float array of shape (cols,) or (n, cols); float32 C-contiguous
-                input is read in place, other floats are converted once. A CPU
-                torch tensor gives a torch tensor back.
+                input is read in place, other floats are converted once. A torch
+                tensor gives a torch tensor back, on its device (a CUDA tensor
+                is read on the host: the packed weights live there; for GPU
+                inference move a :class:`~neuropil.torch.QuantizedLinear` to the
+                device instead).
             level: force one SIMD level (``scalar``, ``avx2``, ``avx512``, ``neon``)
                 for this call.
 
@@ -271,17 +282,14 @@ class QuantizedWeights:
         """
         is_torch = type(x).__module__.startswith("torch")
         y = _native.quant_matvec(*self._args(), _as_numpy(x), level)
-        if is_torch:
-            import torch
+        return _like_input(y, x) if is_torch else y
 
-            return torch.from_numpy(y)
-        return y
-
-    def matvec_rows(self, x: Any, rows: Any, level: str | None = None) -> npt.NDArray[np.float32]:
+    def matvec_rows(self, x: Any, rows: Any, level: str | None = None) -> Any:
         """Selected rows of ``W @ x``: ``out[i] = W[rows[i]] @ x`` (a sparse FFN's up-projection).
 
         Args:
-            x: float array (cols,).
+            x: float array (cols,); a torch tensor gives a torch tensor back on
+                its device, as :meth:`matvec`.
             rows: integer indices into ``range(rows)``, any order, repeats allowed;
                 an empty sequence gives an empty result.
 
@@ -296,7 +304,8 @@ class QuantizedWeights:
         if idx.dtype.kind not in "iu":
             raise ArgumentError(f"rows must be integer indices; got dtype {idx.dtype}")
         idx = idx.astype(np.int64, copy=False).reshape(-1)
-        return _native.quant_matvec_rows(*self._args(), _as_numpy(x), idx, level)
+        y = _native.quant_matvec_rows(*self._args(), _as_numpy(x), idx, level)
+        return _like_input(y, x) if type(x).__module__.startswith("torch") else y
 
     # ---------------------------------------------------------------------- GGUF
     def to_gguf(self) -> npt.NDArray[np.uint8]:
