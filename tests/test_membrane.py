@@ -895,6 +895,43 @@ def test_hierarchical_bank_pickles_and_deep_copies():
         assert not torch.equal(twin.read([3]), h.read([3]))
 
 
+def test_unpickled_banks_are_checked_as_loaded_files_are():
+    # A tampered pickle was accepted: M of the wrong shape read as (1, 1, 2, 2)
+    # with no error.
+    import pickle
+
+    bank = MembraneBank(8, 2, 2)
+    bank.store(torch.rand(3, 2, 2))
+    twin = pickle.loads(pickle.dumps(bank))
+    assert torch.equal(twin.read(), bank.read()) and twin.M.shape == (1, 8, 2, 2)
+
+    def tampered(**change):
+        state = bank.__getstate__()
+        state.update(change)
+        copy = MembraneBank.__new__(MembraneBank)
+        copy.__setstate__(state)
+
+    for change, match in [
+        ({"_M": torch.zeros(3, 3)}, r"tensor 'M' must be torch.float32 of shape \(1, 8, 2, 2\)"),
+        ({"C": bank.C.double()}, r"tensor 'C' must be torch.float32"),
+        ({"gains": torch.full((1, 8), float("nan"))}, "'gains' holds non-finite values"),
+        ({"_counts": -torch.ones(1, 8, dtype=torch.int64)}, "'counts' holds negative counts"),
+        ({"K": 9}, r"tensor 'C' must be .* of shape \(8, 9\)"),
+        ({"L": 0}, "must be positive ints"),
+    ]:
+        with pytest.raises(neuropil.FormatError, match=match):
+            tampered(**change)
+    state = bank.__getstate__()
+    del state["gains"]
+    with pytest.raises(neuropil.FormatError, match="state has no 'gains'"):
+        MembraneBank.__new__(MembraneBank).__setstate__(state)
+    h = HierarchicalMembraneBank(L=16, H=2, W=2, levels=2)
+    state = h.__getstate__()
+    state["offsets"] = [0, 3, 24]
+    with pytest.raises(neuropil.FormatError, match="offsets must be"):
+        HierarchicalMembraneBank.__new__(HierarchicalMembraneBank).__setstate__(state)
+
+
 def test_finite_check_takes_huge_finite_values_and_names_the_culprit():
     # The fast test sums in float64; finite values whose sum overflows pass
     # through the element-wise test, NaN and Inf are named.

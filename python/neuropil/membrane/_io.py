@@ -74,6 +74,35 @@ def save_bank(bank: Any, path: Any) -> None:
         save_file(tensors, tmp, metadata=metadata)
 
 
+def check_tensors(
+    t: dict[str, torch.Tensor], dims: tuple[int, int, int, int, int], dtype: torch.dtype, where: str
+) -> None:
+    """The state tensors of a bank of ``dims`` = (L, H, W, B, K): shapes and
+    dtypes, finite values, non-negative counts (a file or an unpickled state)."""
+    L, H, W, B, K = dims
+    want = {
+        "M": ((B, L, H, W), dtype),
+        "C": ((L, K), dtype),
+        "gains": ((B, K), dtype),
+        "counts": ((B, K), torch.int64),
+        "reads": ((B, K), torch.int64),
+    }
+    for n, (shape, dt) in want.items():
+        if not isinstance(t[n], torch.Tensor):
+            raise FormatError(f"{where}: {n!r} must be a tensor; got {type(t[n]).__name__}")
+        if tuple(t[n].shape) != shape or t[n].dtype != dt:
+            raise FormatError(
+                f"{where}: tensor {n!r} must be {dt} of shape {shape}; "
+                f"got {t[n].dtype} of shape {tuple(t[n].shape)}"
+            )
+    for n in ("M", "C", "gains"):
+        if not bool(torch.isfinite(t[n].detach()).all()):
+            raise FormatError(f"{where}: tensor {n!r} holds non-finite values")
+    for n in ("counts", "reads"):
+        if bool((t[n] < 0).any()):
+            raise FormatError(f"{where}: tensor {n!r} holds negative counts")
+
+
 def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
     if name not in meta:
         raise FormatError(f"{path}: metadata field {name!r} is missing")
@@ -142,25 +171,7 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
             f"{path}: fast_hadamard must be true, false or null; got {fast_hadamard!r}"
         )
     L, H, W, B, K = (dims[n] for n in ("L", "H", "W", "batch", "K"))
-    want = {
-        "M": ((B, L, H, W), dtype),
-        "C": ((L, K), dtype),
-        "gains": ((B, K), dtype),
-        "counts": ((B, K), torch.int64),
-        "reads": ((B, K), torch.int64),
-    }
-    for n, (shape, dt) in want.items():
-        if tuple(t[n].shape) != shape or t[n].dtype != dt:
-            raise FormatError(
-                f"{path}: tensor {n!r} must be {dt} of shape {shape}; "
-                f"got {t[n].dtype} of shape {tuple(t[n].shape)}"
-            )
-    for n in ("M", "C", "gains"):
-        if not bool(torch.isfinite(t[n]).all()):
-            raise FormatError(f"{path}: tensor {n!r} holds non-finite values")
-    for n in ("counts", "reads"):
-        if bool((t[n] < 0).any()):
-            raise FormatError(f"{path}: tensor {n!r} holds negative counts")
+    check_tensors(t, (L, H, W, B, K), dtype, str(path))
     try:
         check_codes(t["C"], "C")  # the test the constructor applies to custom codes
     except ArgumentError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._scoped import Scoped
-from ..errors import ArgumentError, DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, FormatError, ShapeError
 from . import codes as _codes
 from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
 
@@ -201,6 +201,27 @@ class MembraneBank(_OwnLock):
         self._dual_keys: tuple[Any, ...] | None = None
         if readout == "pinv" and self.K <= self.L:
             self._dual_for(None)  # fails early on a rank-deficient code book
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An unpickled bank is checked as a loaded file is (shapes, dtypes,
+        # finite values), so a tampered or mismatched state fails here, not
+        # in a later read with a wrong answer.
+        from ._io import check_tensors
+
+        super().__setstate__(state)
+        where = "unpickled MembraneBank"
+        try:
+            dims = (self.L, self.H, self.W, self.B, self.K)
+            t = {"M": self._M, "C": self.C, "gains": self.gains}
+            t.update(counts=self._counts, reads=self._reads)
+        except AttributeError as e:
+            raise FormatError(f"{where}: state has no {e.name!r}") from None
+        if not all(type(v) is int and v >= 1 for v in dims):
+            raise FormatError(f"{where}: L, H, W, batch and K must be positive ints; got {dims}")
+        if not isinstance(self._M, torch.Tensor):
+            raise FormatError(f"{where}: 'M' must be a tensor; got {type(self._M).__name__}")
+        check_tensors(t, dims, self._M.dtype, where)
+        self.M = self._M  # (its (B, L, H*W) view again)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentError, DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, FormatError, ShapeError
 from ._checks import as_keys, check_finite, check_int, check_values
 from .bank import MembraneBank, _check_lambda, _is_real, _OwnLock
 
@@ -236,6 +236,25 @@ class HierarchicalMembraneBank(_OwnLock):
         self.K = self.offsets[-1]
         self.B, self.H, self.W = self.banks[0].B, H, W
         self._lock = threading.RLock()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Each bank checks itself on unpickling; the routing must match them.
+        super().__setstate__(state)
+        banks = self.__dict__.get("banks")
+        if (
+            not isinstance(banks, list)
+            or not banks
+            or not all(isinstance(b, MembraneBank) for b in banks)
+        ):
+            raise FormatError("unpickled HierarchicalMembraneBank: banks must be a list of banks")
+        offsets = [0]
+        for b in banks:
+            offsets.append(offsets[-1] + b.K)
+        if self.__dict__.get("offsets") != offsets or self.__dict__.get("K") != offsets[-1]:
+            raise FormatError(
+                f"unpickled HierarchicalMembraneBank: offsets must be {offsets} for its banks; "
+                f"got {self.__dict__.get('offsets')}"
+            )
 
     def _route(self, keys: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
