@@ -769,6 +769,64 @@ def test_sparsify_mlp_state_dict_carries_the_calibration(kind, method, tmp_path)
         assert type(got.rust_ffn()) is type(mlp.rust_ffn())
 
 
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_pickled_by_the_previous_release_still_runs(method):
+    # torch.save(model) pickles each module's __dict__: one written before
+    # the Rust copy became `_rust` holds `_ffn`/`_ffn_key` and a `_seen` pair
+    # (it raised AttributeError: no attribute '_rust' on its first call).
+    import torch
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    d, h = 32, 64
+    layers = [torch.nn.Linear(d, h, bias=False), torch.nn.Linear(d, h, bias=False),
+              torch.nn.Linear(h, d, bias=False)]  # fmt: skip
+    mlp = SparseMLP(*layers, "silu", threshold=0.05, method=method, t_in=0.1)
+    x = torch.randn(1, 1, d)
+    with torch.no_grad():
+        want = mlp(x)
+    state = {k: v for k, v in mlp.__dict__.items() if k != "_rust"}
+    state.update(_ffn=mlp.rust_ffn(), _ffn_key=None, _seen=mlp._seen[:2])
+    old = unpickle_tampered(mlp, state)
+    with torch.no_grad():
+        assert torch.equal(old(x), want)
+        mlp.threshold = old.threshold = 0.2
+        assert torch.equal(old(x), mlp(x))
+    assert old.rust_ffn() is not None and "_ffn" not in old.__dict__
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_rust_ffn_has_the_current_thresholds(method):
+    # forward passes its thresholds with each call and leaves the shared copy
+    # alone; rust_ffn() gave that copy with the thresholds of its build, so a
+    # direct call of it after a threshold change computed another FFN.
+    import torch
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    d, h = 32, 64
+    layers = [torch.nn.Linear(d, h, bias=False), torch.nn.Linear(d, h, bias=False),
+              torch.nn.Linear(h, d, bias=False)]  # fmt: skip
+    mlp = SparseMLP(*layers, "silu", threshold=0.05, method=method, t_in=0.1)
+    x = torch.randn(1, d)
+    with torch.no_grad():
+        mlp(x)  # (the copy is built here)
+        for t, t_in in ((0.2, 0.3), (None, None), (0.01, 0.0)):
+            mlp.threshold = t
+            if method == "teal":
+                mlp.t_in = t_in
+            ffn = mlp.rust_ffn()
+            if method == "teal":
+                assert (ffn.t_in, ffn.t_hidden) == (mlp.t_in, mlp.threshold)
+            else:
+                assert (ffn.threshold, ffn.top_k) == (mlp.threshold, None)
+            want = mlp(x)[0] if t is not None else None  # (dense: the torch path)
+            if want is not None:
+                assert torch.equal(torch.from_numpy(ffn(x[0].numpy())), want)
+
+
 def test_sparse_mlp_calibration_buffer_edits_casts_and_bad_states():
     import torch
 

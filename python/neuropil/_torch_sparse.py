@@ -276,6 +276,18 @@ class SparseMLP(nn.Module):
             self._seen = (new, _version(new), cfg)
         return out
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A module pickled before the Rust copy became ``_rust`` (``torch.save``
+        # of a whole model) holds ``_ffn``/``_ffn_key`` and a ``_seen`` pair:
+        # built again on the next call, the calibration read again from the buffer.
+        state = dict(state)
+        if "_rust" not in state:
+            state.pop("_ffn", None)
+            state.pop("_ffn_key", None)
+            state["_rust"] = None
+            state["_seen"] = (None, None, state.get("_cfg"))
+        super().__setstate__(state)
+
     def _load_from_state_dict(
         self,
         state_dict: Any,
@@ -357,10 +369,19 @@ class SparseMLP(nn.Module):
         these weights, built again when a weight changed (see the class doc);
         None while a layer holds no float ``weight`` (a
         :class:`~neuropil.torch.QuantizedLinear` put in by ``quantize_model``
-        after ``sparsify_mlp``: calls then take the torch path). It holds the
-        thresholds of its build; :meth:`forward` passes the module's current
-        ones with each call and never changes it, so threads may share it."""
-        return self._rust_for(self._config()[0])
+        after ``sparsify_mlp``: calls then take the torch path). It is given
+        the module's current thresholds here, so a direct call of it computes
+        what :meth:`forward` does; :meth:`forward` passes them with each call
+        instead and never changes it, so threads may share it."""
+        method, t, t_in = self._config()
+        ffn = self._rust_for(method)
+        if ffn is not None:
+            # (one tuple each, as their setters write: see SparseFFN._mode)
+            if method == "teal":
+                ffn.set_thresholds(t_in, t)
+            else:
+                ffn._mode = (t, None)
+        return ffn
 
     def _rust_for(self, method: str) -> Any:
         """:meth:`rust_ffn` for ``method`` (the one the calling forward read).
@@ -391,12 +412,6 @@ class SparseMLP(nn.Module):
                 w(gate), w(up), w(down), activation=self.activation,
                 up_bias=b(up) if gate is None else None, down_bias=b(down),
             )  # fmt: skip
-            # (for a direct call of the copy; forward passes its thresholds per call)
-            _, t, t_in = self._config()
-            if method == "teal":
-                ffn.set_thresholds(t_in, t)
-            elif t is not None:
-                ffn.set_threshold(t)
         self._rust = (key, ffn)
         return ffn
 
