@@ -1691,8 +1691,9 @@ def test_skip_names_a_module_and_keeps_every_layer_inside_it(tmp_path):
         ("*.mlp", names[0::2]),
         ("model.layers.1.attn.q", names[3:]),  # a module's own name, as before
     ]:
-        report = convert(src, tmp_path / "out.safetensors", skip=(skip,), progress=False)
-        assert sorted(r["tensor"] for r in report["tensors"]) == sorted(set(names) - set(kept))
+        for patterns in ((skip,), skip):  # a tuple of patterns, or one string (not its letters)
+            report = convert(src, tmp_path / "out.safetensors", skip=patterns, progress=False)
+            assert sorted(r["tensor"] for r in report["tensors"]) == sorted(set(names) - set(kept))
 
     torch = pytest.importorskip("torch")
     from neuropil.torch import QuantizedLinear, quantize_model

@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def convert(
     bits: int | None = None,
     group_size: int | None = None,
     scheme: str = "asym",
-    skip: tuple[str, ...] = (),
+    skip: str | Iterable[str] = (),
     min_size: int = 4096,
     search: bool = False,
     progress: bool = True,
@@ -213,6 +214,7 @@ def convert(
         raise ArgumentError(f"min_size must be an integer >= 0; got {min_size!r}")
     _check_paths(Path(src), Path(dst))
     entries = read_any(src)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)  # one string: one pattern
     _check_skip(entries, skip, "--skip")
     out: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
