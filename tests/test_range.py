@@ -1174,6 +1174,15 @@ def test_metadata_fields_must_be_written_as_save_writes_them(tmp_path, field, va
         RangeIndex.load(path)
 
 
+def test_unknown_metadata_fields_are_refused(tmp_path):
+    # They were dropped without a word (FlyHash's loader refuses them).
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    _rewrite(path, lambda h: h["__metadata__"].update({"metric": "cosine"}))
+    with pytest.raises(neuropil.FormatError, match=r"unknown metadata fields \['metric'\]"):
+        RangeIndex.load(path)
+
+
 def test_metadata_written_by_save_loads_for_every_value():
     # the strict parse takes everything save writes (float repr: 1e-05, 2.5e+30)
     import tempfile

@@ -354,6 +354,9 @@ class RangeIndex:
             "rebuild_min": int(_meta_field(meta, "rebuild_min", path, _META_INT)),
             "seed": int(_meta_field(meta, "seed", path, _META_INT)),
         }
+        extra = sorted(set(meta) - {"format", "format_version", *params})
+        if extra:  # (as FlyHash's loader: a field it would silently drop)
+            raise FormatError(f"{path}: unknown metadata fields {extra}")
         if set(tensors) != {"keys"}:
             raise FormatError(f"{path}: tensors must be exactly ['keys']; got {sorted(tensors)}")
         keys = _checked_keys(tensors["keys"], path)
