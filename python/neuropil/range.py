@@ -161,7 +161,8 @@ class RangeIndex:
             ``i`` are ``ids[lims[i]:lims[i+1]]`` (int64, ascending) with their
             float32 ``scores``. numpy arrays, or torch tensors on the input's
             device for torch input. The fraction of keys scored in full per query
-            is in ``self.last_scanned``.
+            is in ``self.last_scanned`` (the object's latest call: with threads
+            searching one index at once, possibly another thread's).
 
         Raises:
             ShapeError: wrong ranks, ``d`` mismatch, thresholds of the wrong length.
