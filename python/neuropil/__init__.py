@@ -130,8 +130,8 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
         A dict with ``version``, ``simd_level``, ``simd_levels`` (all the CPU
         supports), ``cpu_features``, ``threads``, ``spin_us`` (how long the
         short-call threads spin between calls, ``NEUROPIL_SPIN_US``), ``torch``
-        (version or None),
-        ``cuda`` (bool) and ``cuda_devices`` (names).
+        (version, None when not installed, or ``"installed, but unusable (...)"``
+        when importing it fails), ``cuda`` (bool) and ``cuda_devices`` (names).
     """
     out: dict[str, Any] = {
         "version": __version__,
@@ -149,15 +149,21 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
     if not probe_torch:
         out["torch"] = "installed"
         return out
-    import torch
+    try:
+        import torch
 
-    out["torch"] = torch.__version__
-    out["cuda"] = bool(torch.cuda.is_available())
-    if out["cuda"]:
-        out["cuda_devices"] = [
-            # (builtins.range: once `neuropil.range` is imported, this module's
-            # global `range` is that submodule)
-            torch.cuda.get_device_name(i)
-            for i in builtins.range(torch.cuda.device_count())
-        ]
+        if torch.__version__ is None:
+            raise ValueError("no version: torch.__version__ is None")
+        out["torch"] = torch.__version__
+        out["cuda"] = bool(torch.cuda.is_available())
+        if out["cuda"]:
+            out["cuda_devices"] = [
+                # (builtins.range: once `neuropil.range` is imported, this module's
+                # global `range` is that submodule)
+                torch.cuda.get_device_name(i)
+                for i in builtins.range(torch.cuda.device_count())
+            ]
+    except Exception as e:  # a broken install: say so rather than fail to describe it
+        out.update(torch=f"installed, but unusable ({type(e).__name__}: {e})", cuda=False)
+        out["cuda_devices"] = []
     return out

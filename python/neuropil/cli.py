@@ -48,22 +48,8 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _info_or_why_torch_fails() -> dict[str, Any]:
-    """:func:`neuropil.info`; where torch is found but fails (on import, or
-    has no version), ``torch`` says so instead of a traceback or ``None``."""
-    try:
-        data = _info()
-    except Exception as e:
-        data = _info(probe_torch=False)  # (raises again unless torch's part failed)
-        data["torch"] = f"installed, but unusable ({type(e).__name__}: {e})"
-        return data
-    if data["torch"] is None and sys.modules.get("torch") is not None:
-        data["torch"] = "installed, but unusable (no version: torch.__version__ is None)"
-    return data
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
-    data = _info_or_why_torch_fails()
+    data = _info()
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
