@@ -113,8 +113,9 @@ def fast_switching():
 
 def _ffn_weights(h: int = 1536, d: int = 576, seed: int = 0):
     rng = np.random.default_rng(seed)
-    g, u = rng.standard_normal((2, h, d), dtype=np.float32) / np.sqrt(d)
-    dn = rng.standard_normal((d, h), dtype=np.float32) / np.sqrt(h)
+    # float32 scales: float64 ones make float64 weights on numpy 2 (NEP 50)
+    g, u = rng.standard_normal((2, h, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    dn = rng.standard_normal((d, h), dtype=np.float32) / np.float32(np.sqrt(h))
     x = rng.standard_normal((8, d), dtype=np.float32)
     return g, u, dn, x
 

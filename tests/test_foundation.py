@@ -52,6 +52,33 @@ def test_exception_hierarchy():
     assert issubclass(ArgumentError, NeuropilError) and issubclass(ArgumentError, ValueError)
 
 
+def _bad_numpy_scalar_calls():
+    from neuropil import flyhash, neurons, quant, range, windows
+
+    keys = np.ones((8, 4), np.float32)
+    return [
+        (lambda: range.RangeIndex(keys, leaf=np.int64(0)), "leaf must be an integer >= 1; got 0"),
+        (lambda: flyhash.FlyHash(16, 2.0, 0.25, seed=np.float64(1.5)), "seed .*; got 1.5"),
+        (lambda: flyhash.FlyHash(np.float32(16), 2.0, 0.25), "input_dim .*; got 16.0"),
+        (lambda: neurons.NeuronCache(np.int64(-3)), "num_neurons .*; got -3"),
+        (lambda: windows.SlidingWindows(keys, np.float32(2.0)), "window .*; got 2.0"),
+        (lambda: quant.quantize(keys, bits=np.float32(4)), "bits must be an integer; got 4.0"),
+        (
+            lambda: quant.QuantizedWeights(keys, keys, None, (np.float32(2.5), 4), 4, 32, "q4_0"),
+            r"rows, cols\); got \(2.5, 4\)",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_numpy_scalar_calls())))
+def test_messages_show_numpy_scalars_as_numbers(i):
+    # numpy 2's repr is np.float32(2.0): messages give the value as "got 2.0".
+    call, message = _bad_numpy_scalar_calls()[i]
+    with pytest.raises(ArgumentError, match=message) as e:
+        call()
+    assert "np." not in str(e.value)
+
+
 # ---------------------------------------------------------------- SIMD dispatch
 
 LEVELS = _native.simd_levels()

@@ -64,7 +64,7 @@ def _ffn_rows(h: int, d: int, dtype: str, quick: bool, torch_mod: Any) -> list[R
     from .neurons import InputSparseFFN, SparseFFN
 
     rng = np.random.default_rng(1)
-    scale = 1 / np.sqrt(d)
+    scale = np.float32(1 / np.sqrt(d))  # float32 products on numpy 1 and 2 (NEP 50)
     gate = (rng.standard_normal((h, d), dtype=np.float32) * scale).astype(np.float32)
     up = (rng.standard_normal((h, d), dtype=np.float32) * scale).astype(np.float32)
     down = (rng.standard_normal((d, h), dtype=np.float32) * scale).astype(np.float32)

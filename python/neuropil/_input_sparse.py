@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 
 __all__ = ["InputSparseFFN"]
 
@@ -38,7 +38,7 @@ def _threshold(name: str, v: Any) -> float | None:
         return None
     t = float(v)
     if not (t >= 0 and np.isfinite(t)):
-        raise ArgumentError(f"{name} must be a finite value >= 0 or None; got {v!r}")
+        raise ArgumentError(f"{name} must be a finite value >= 0 or None; got {_shown(v)}")
     return t
 
 

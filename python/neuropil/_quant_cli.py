@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import _safetensors
-from .errors import ArgumentError, FormatError, NeuropilError
+from .errors import ArgumentError, FormatError, NeuropilError, _shown
 from .quant import FORMAT as QUANT_FORMAT
 from .quant import QuantizedWeights, _check_skip, _resolve, _skipped, quantize, save_file
 
@@ -211,7 +211,7 @@ def convert(
     # The core checks the format combination; a one-group matrix costs nothing.
     quantize(np.zeros((1, 32), np.float32), bits, group_size, scheme)
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ArgumentError(f"min_size must be an integer >= 0; got {min_size!r}")
+        raise ArgumentError(f"min_size must be an integer >= 0; got {_shown(min_size)}")
     _check_paths(Path(src), Path(dst))
     entries = read_any(src)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)  # one string: one pattern

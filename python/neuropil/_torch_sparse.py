@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._torch_quant import _device_of
-from .errors import ArgumentError, FormatError
+from .errors import ArgumentError, FormatError, _shown
 
 __all__ = ["SparseMLP", "sparsify_mlp"]
 _METHODS = ("cats", "teal")
@@ -212,7 +212,7 @@ class SparseMLP(nn.Module):
         for name, v in (("threshold", threshold), ("t_in", t_in)):
             f = None if v is None else float(v)
             if f is not None and not (f >= 0 and math.isfinite(f)):
-                raise ArgumentError(f"{name} must be None or a finite value >= 0; got {v!r}")
+                raise ArgumentError(f"{name} must be None or a finite value >= 0; got {_shown(v)}")
             # (the float32 value: what a state dict carries, so a model loaded
             # from it computes the same)
             ts.append(None if f is None else float(np.float32(f)))
@@ -693,14 +693,14 @@ def sparsify_mlp(
     """
     s = float(sparsity)
     if not 0.0 <= s < 1.0:
-        raise ArgumentError(f"sparsity must be in [0, 1); got {sparsity!r}")
+        raise ArgumentError(f"sparsity must be in [0, 1); got {_shown(sparsity)}")
     if method not in _METHODS:
         raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
     hs = s if hidden_sparsity is None else float(hidden_sparsity)
     if hidden_sparsity is not None and method != "teal":
         raise ArgumentError(f"hidden_sparsity applies to method='teal' only; got method={method!r}")
     if not 0.0 <= hs < 1.0:
-        raise ArgumentError(f"hidden_sparsity must be in [0, 1); got {hidden_sparsity!r}")
+        raise ArgumentError(f"hidden_sparsity must be in [0, 1); got {_shown(hidden_sparsity)}")
     if max(s, hs) > 0 and calibration is None:
         raise ArgumentError("calibration is required for sparsity > 0")
     found = _find_mlps(model)

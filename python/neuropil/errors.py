@@ -14,6 +14,10 @@ was read and is malformed raises :class:`FormatError`.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 __all__ = ["ArgumentError", "DTypeError", "FormatError", "NeuropilError", "ShapeError"]
 
 
@@ -35,3 +39,18 @@ class ArgumentError(NeuropilError, ValueError):
 
 class FormatError(NeuropilError, ValueError):
     """A file is malformed, truncated, tampered with or of an unknown version."""
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message's found value, with numpy scalars written
+    as Python writes numbers (``1.5``, ``3``, ``True``), not as numpy 2's
+    ``np.float32(1.5)``; the items of a tuple or list too (a shape of numpy ints)."""
+    if isinstance(value, np.generic):
+        if isinstance(value, (np.number, np.bool_)):
+            return str(value)  # np.float32(0.1): "0.1" (its .item() is 0.10000000149011612)
+        return repr(value.item())
+    if type(value) is list:
+        return f"[{', '.join(map(_shown, value))}]"
+    if type(value) is tuple:
+        return f"({_shown(value[0])},)" if len(value) == 1 else f"({', '.join(map(_shown, value))})"
+    return repr(value)

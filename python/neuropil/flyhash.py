@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, FormatError, ShapeError
+from .errors import ArgumentError, FormatError, ShapeError, _shown
 
 __all__ = ["BinaryIndex", "FlyHash"]
 
@@ -42,7 +42,7 @@ def _is_torch(x: Any) -> bool:
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentError(f"{name} must be an integer; got {value!r}")
+        raise ArgumentError(f"{name} must be an integer; got {_shown(value)}")
     value = int(value)
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
@@ -52,7 +52,7 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ArgumentError(f"{name} must be a number; got {value!r}")
+        raise ArgumentError(f"{name} must be a number; got {_shown(value)}")
     return float(value)
 
 

@@ -52,7 +52,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._hf_quant import NeuropilConfig, NeuropilHfQuantizer
-from .errors import ArgumentError, NeuropilError, ShapeError
+from .errors import ArgumentError, NeuropilError, ShapeError, _shown
 from .range import METHODS, RangeIndex
 
 __all__ = [
@@ -296,19 +296,21 @@ def _check_strategy(
         raise ArgumentError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     if strategy == "top_p":
         if not _is_real(top_p) or not 0.0 < float(top_p) < 1.0:
-            raise ArgumentError(f"top_p must be a number in (0, 1); got {top_p!r}")
+            raise ArgumentError(f"top_p must be a number in (0, 1); got {_shown(top_p)}")
         top_p = float(top_p)
     if strategy == "top_k":
         if not _is_int(top_k) or top_k < 1:
-            raise ArgumentError(f"top_k must be a positive integer; got {top_k!r}")
+            raise ArgumentError(f"top_k must be a positive integer; got {_shown(top_k)}")
         top_k = int(top_k)
     if strategy == "threshold":
         if not _is_real(threshold) or not math.isfinite(float(threshold)):
-            raise ArgumentError(f"threshold must be a finite logit (a number); got {threshold!r}")
+            raise ArgumentError(
+                f"threshold must be a finite logit (a number); got {_shown(threshold)}"
+            )
         threshold = float(threshold)
     for name, v in (("sinks", sinks), ("window", window)):
         if not _is_int(v) or v < 0:
-            raise ArgumentError(f"{name} must be an integer >= 0; got {v!r}")
+            raise ArgumentError(f"{name} must be an integer >= 0; got {_shown(v)}")
     return strategy, top_p, top_k, threshold, int(sinks), int(window)
 
 
@@ -552,7 +554,7 @@ def sparse_decode_attention(
         strategy, top_p, top_k, threshold, sinks, window
     )
     if not _is_real(scaling) or not math.isfinite(float(scaling)):
-        raise ArgumentError(f"scaling must be a finite number; got {scaling!r}")
+        raise ArgumentError(f"scaling must be a finite number; got {_shown(scaling)}")
     if query.ndim != 4 or query.shape[2] != 1:
         raise ShapeError(f"query must have shape (batch, heads, 1, d); got {tuple(query.shape)}")
     bsz, n_heads, _, d = query.shape

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 
 __all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 
@@ -52,7 +52,7 @@ _FFN_COUNTERS = ("calls", "rows", "active_pairs", "hot_fetches", "cold_fetches",
 
 def _int(name: str, v: Any, lo: int = 0) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise ArgumentError(f"{name} must be an integer >= {lo}; got {v!r}")
+        raise ArgumentError(f"{name} must be an integer >= {lo}; got {_shown(v)}")
     return int(v)
 
 
@@ -60,7 +60,7 @@ def _weight_dtype(bits: Any, dtype: str) -> str:
     """The stored weight type for a ``bits`` / ``dtype`` pair (both FFN classes)."""
     if bits is not None:
         if isinstance(bits, bool) or bits not in (8, 4):
-            raise ArgumentError(f"bits must be None, 8 or 4; got {bits!r}")
+            raise ArgumentError(f"bits must be None, 8 or 4; got {_shown(bits)}")
         if dtype != "float32":
             raise ArgumentError(f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}")
         return "int8" if bits == 8 else "int4"
@@ -116,7 +116,7 @@ def _fraction(name: str, v: Any) -> float:
     except (TypeError, ValueError):
         f = float("nan")
     if not 0.0 <= f < 1.0:
-        raise ArgumentError(f"{name} must be in [0, 1); got {v!r}")
+        raise ArgumentError(f"{name} must be in [0, 1); got {_shown(v)}")
     return f
 
 
@@ -175,7 +175,7 @@ def _ffn_args(state: Any, extra: tuple[str, ...], counters: tuple[str, ...], whe
     if not isinstance(dtype, str) or dtype not in _DTYPE_BITS:
         raise FormatError(f"{where}: dtype must be one of {list(_DTYPE_BITS)}; got {dtype!r}")
     if not isinstance(sparsity, float) or not 0.0 <= sparsity < 1.0:
-        raise FormatError(f"{where}: sparsity must be a float in [0, 1); got {sparsity!r}")
+        raise FormatError(f"{where}: sparsity must be a float in [0, 1); got {_shown(sparsity)}")
     if not (
         isinstance(stats, dict)
         and set(stats) == set(counters)
@@ -361,7 +361,7 @@ class NeuronCache:
             tokens = self._c.stats()["total_activations"]
             return self._c.counts() / max(tokens, 1)
         if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)):
-            raise ArgumentError(f"neuron must be an integer neuron id; got {neuron!r}")
+            raise ArgumentError(f"neuron must be an integer neuron id; got {_shown(neuron)}")
         if not 0 <= int(neuron) < self.num_neurons:
             # (checked here too: the native call takes an int64)
             raise IndexError(f"neuron index {neuron} is out of range for length {self.num_neurons}")
@@ -607,7 +607,7 @@ class SparseFFN:
         the old mode or the new one)."""
         t = float(threshold)
         if not (t >= 0 and np.isfinite(t)):
-            raise ArgumentError(f"threshold must be a finite value >= 0; got {threshold!r}")
+            raise ArgumentError(f"threshold must be a finite value >= 0; got {_shown(threshold)}")
         self._mode = (t, None)
 
     def activations(self, x: Any) -> npt.NDArray[np.float32]:

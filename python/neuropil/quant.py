@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError
+from .errors import ArgumentError, DTypeError, FormatError, _shown
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,7 @@ def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int
     group_size = 64 if group_size is None else group_size
     for name, v in (("bits", bits), ("group_size", group_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ArgumentError(f"{name} must be an integer; got {v!r}")
+            raise ArgumentError(f"{name} must be an integer; got {_shown(v)}")
         expected, largest = _INT_ARGS[name]
         if not 0 <= v <= largest:
             raise ArgumentError(f"{name} must be {expected}; got {v}")
@@ -88,14 +88,17 @@ def _shape_arg(shape: Any) -> tuple[int, int]:
         rows, cols = shape
         dims = (operator.index(rows), operator.index(cols))
     except (TypeError, ValueError):
-        raise ArgumentError(f"shape must be two integers (rows, cols); got {shape!r}") from None
+        raise ArgumentError(
+            f"shape must be two integers (rows, cols); got {_shown(shape)}"
+        ) from None
     if (
         isinstance(rows, bool)
         or isinstance(cols, bool)
         or not all(0 <= d <= _MAX_EXTENT for d in dims)
     ):
         raise ArgumentError(
-            f"shape must be two integers (rows, cols) in [1, 2**63); got ({rows!r}, {cols!r})"
+            "shape must be two integers (rows, cols) in [1, 2**63); "
+            f"got ({_shown(rows)}, {_shown(cols)})"
         )
     return dims
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import _native, _safetensors
 from ._scoped import no_tf32
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
 
@@ -116,9 +116,11 @@ class RangeIndex:
             ("seed", seed, 0, _U64_MAX),
         ]:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ArgumentError(f"{name} must be an integer >= {lo}; got {v!r}")
+                raise ArgumentError(f"{name} must be an integer >= {lo}; got {_shown(v)}")
             if v > hi:
-                raise ArgumentError(f"{name} must be an integer between {lo} and {hi}; got {v!r}")
+                raise ArgumentError(
+                    f"{name} must be an integer between {lo} and {hi}; got {_shown(v)}"
+                )
         self._params = {
             "method": method,
             "leaf": int(leaf),
@@ -413,7 +415,9 @@ class RangeIndex:
             raise FormatError(f"{where}: device must be 'cpu' or a CUDA device; got {device!r}")
         counts = [state["indexed"], state["builds"]]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
-            raise FormatError(f"{where}: indexed and builds must be integers >= 0; got {counts}")
+            raise FormatError(
+                f"{where}: indexed and builds must be integers >= 0; got {_shown(counts)}"
+            )
         n, indexed = keys.shape[0], state["indexed"]
         tree = device == "cpu" and method != "flat"
         if (tree and not 1 <= indexed <= n) or (not tree and indexed != 0):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
-from .errors import ArgumentError, DTypeError, NeuropilError, ShapeError
+from .errors import ArgumentError, DTypeError, NeuropilError, ShapeError, _shown
 
 __all__ = [
     "MemoryPlan",
@@ -53,11 +53,11 @@ _I64_MAX = 2**63 - 1
 
 def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool):
-        raise ArgumentError(f"{name} must be an integer; got {value!r}")
+        raise ArgumentError(f"{name} must be an integer; got {_shown(value)}")
     try:
         v = operator.index(value)
     except TypeError:
-        raise ArgumentError(f"{name} must be an integer; got {value!r}") from None
+        raise ArgumentError(f"{name} must be an integer; got {_shown(value)}") from None
     if minimum is not None and v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ArgumentError(f"{name} must be {what}; got {v}")

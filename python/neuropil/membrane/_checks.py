@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, DTypeError, ShapeError
+from ..errors import ArgumentError, DTypeError, ShapeError, _shown
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -20,7 +20,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def check_int(name: str, v: Any, minimum: int = 1) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ArgumentError(f"{name} must be {what}; got {v!r}")
+        raise ArgumentError(f"{name} must be {what}; got {_shown(v)}")
 
 
 def check_codes(codes: torch.Tensor, name: str = "codes") -> None:
@@ -146,7 +146,9 @@ def as_keys(keys: Any, kp: int | None, B: int, K: int, name: str) -> torch.Tenso
             raise ArgumentError(f"{name} must be in [0, {K}); got {int(arr.max())}")
         t = torch.from_numpy(arr.astype(np.int64, copy=False).reshape(arr.shape))
     else:
-        raise ArgumentError(f"{name} must be an int, a sequence or a tensor of ints; got {keys!r}")
+        raise ArgumentError(
+            f"{name} must be an int, a sequence or a tensor of ints; got {_shown(keys)}"
+        )
     if t.ndim not in (1, 2) or (t.ndim == 2 and t.shape[0] != B):
         raise ShapeError(f"{name} must have shape (K',) or ({B}, K'); got {tuple(t.shape)}")
     if kp is not None and t.shape[-1] != kp:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._scoped import Scoped
-from ..errors import ArgumentError, DTypeError, FormatError, ShapeError
+from ..errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 from . import codes as _codes
 from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
 
@@ -217,7 +217,9 @@ class MembraneBank(_OwnLock):
         except AttributeError as e:
             raise FormatError(f"{where}: state has no {e.name!r}") from None
         if not all(type(v) is int and v >= 1 for v in dims):
-            raise FormatError(f"{where}: L, H, W, batch and K must be positive ints; got {dims}")
+            raise FormatError(
+                f"{where}: L, H, W, batch and K must be positive ints; got {_shown(dims)}"
+            )
         if not isinstance(self._M, torch.Tensor):
             raise FormatError(f"{where}: 'M' must be a tensor; got {type(self._M).__name__}")
         check_tensors(t, dims, self._M.dtype, where)
@@ -445,7 +447,9 @@ class MembraneBank(_OwnLock):
                 raise ArgumentError(f"alphas must be finite; got {alphas}")
             return torch.full((self.B, kp), float(alphas), device=self.device, dtype=self.dtype)
         if not isinstance(alphas, torch.Tensor):
-            raise ArgumentError(f"alphas must be a number, a tensor or 'adaptive'; got {alphas!r}")
+            raise ArgumentError(
+                f"alphas must be a number, a tensor or 'adaptive'; got {_shown(alphas)}"
+            )
         if alphas.shape not in ((kp,), (self.B, kp)):
             raise ShapeError(
                 f"alphas must have shape ({kp},) or ({self.B}, {kp}); got {tuple(alphas.shape)}"
@@ -787,7 +791,7 @@ def _is_real(x: Any) -> bool:
 
 def _check_lambda(lam: Any, name: str) -> float:
     if not _is_real(lam):
-        raise ArgumentError(f"{name} must be a number in (0, 1]; got {lam!r}")
+        raise ArgumentError(f"{name} must be a number in (0, 1]; got {_shown(lam)}")
     lam = float(lam)
     if not (0.0 < lam <= 1.0):
         raise ArgumentError(f"{name} must be in (0, 1]; got {lam}")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, ShapeError
+from ..errors import ArgumentError, ShapeError, _shown
 from ._checks import check_codes
 
 __all__ = [
@@ -34,10 +34,10 @@ __all__ = [
 def _check_lk(L: Any, K: Any, *, at_most_l: bool, fn: str, seed: Any = 0) -> None:
     for name, v in (("L", L), ("K", K)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ArgumentError(f"{fn}: {name} must be a positive integer; got {v!r}")
+            raise ArgumentError(f"{fn}: {name} must be a positive integer; got {_shown(v)}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         # np.random.default_rng would raise its own ValueError/TypeError
-        raise ArgumentError(f"{fn}: seed must be a non-negative integer; got {seed!r}")
+        raise ArgumentError(f"{fn}: seed must be a non-negative integer; got {_shown(seed)}")
     if at_most_l and K > L:
         raise ArgumentError(
             f"{fn}: K must be <= L={L} (at most L mutually orthogonal codes of length L); "

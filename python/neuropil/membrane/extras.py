@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentError, DTypeError, FormatError, ShapeError
+from ..errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 from ._checks import as_keys, check_finite, check_int, check_values
 from .bank import MembraneBank, _check_lambda, _is_real, _OwnLock
 
@@ -40,7 +40,7 @@ class HopfieldCleanup:
             )
         if not (_is_real(beta) and 0 < beta < math.inf):
             # beta = inf makes softmax(inf * s) NaN: use a large finite beta instead
-            raise ArgumentError(f"beta must be a positive finite number; got {beta!r}")
+            raise ArgumentError(f"beta must be a positive finite number; got {_shown(beta)}")
         self.shape = tuple(patterns.shape[1:])
         self.patterns = patterns.detach().reshape(patterns.shape[0], -1)
         self.beta = float(beta)

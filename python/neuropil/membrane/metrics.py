@@ -12,7 +12,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArgumentError, ShapeError
+from ..errors import ArgumentError, ShapeError, _shown
 
 __all__ = ["psnr", "ssim"]
 
@@ -37,7 +37,7 @@ def _range(x: torch.Tensor, data_range: float | None, fn: str) -> float:
     if data_range is None:
         data_range = float(x.max() - x.min())
     elif isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
-        raise ArgumentError(f"{fn}: data_range must be a number; got {data_range!r}")
+        raise ArgumentError(f"{fn}: data_range must be a number; got {_shown(data_range)}")
     if not (data_range > 0 and math.isfinite(data_range)):
         raise ArgumentError(
             f"{fn}: data_range must be positive and finite; got {data_range} "
