@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._scoped import Scoped
+from .._scoped import tf32 as _tf32  # the old name: tests/test_concurrency.py uses bank._tf32
 from ..errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 from . import codes as _codes
 from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
@@ -83,7 +83,10 @@ class MembraneBank(_OwnLock):
         dtype: Floating dtype of the state: float32 (default), float64,
             bfloat16 or float16 (reduced precision, lower fidelity).
         precision: ``"highest"`` or ``"tf32"``: float32 GEMMs may use TF32
-            tensor cores (CUDA only; about 2x faster, lower fidelity).
+            tensor cores (CUDA only; about 2x faster, lower fidelity). The
+            setting is process-wide: while an exact range search or FlyHash
+            block runs in another thread, a tf32 bank's GEMMs run in full
+            float32 (see :mod:`neuropil._scoped`).
         seed: Seed of the random code books (``np.random.default_rng``).
         fast_hadamard: Use the factored Hadamard transform (``H_L = H_a (x) H_b``,
             two small GEMMs with ``2 (a + b) L H W`` FLOPs instead of ``2 L K H W``)
@@ -776,12 +779,6 @@ class MembraneBank(_OwnLock):
 
 
 _NULL = contextlib.nullcontext()
-
-
-#: ``with _tf32():`` lets float32 GEMMs use TF32 tensor cores for the duration,
-#: then restores the precision, also when banks in several threads overlap (the
-#: setting is process-wide: see :mod:`neuropil._scoped`).
-_tf32 = Scoped(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high")
 
 
 def _is_real(x: Any) -> bool:
