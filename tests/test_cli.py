@@ -298,15 +298,189 @@ def test_copied_tensors_keep_their_float_dtype_and_the_report_counts_them(tmp_pa
 
 
 def test_the_text_report_says_larger_when_the_output_grows(tmp_path, capsys):
-    # bfloat16 tensors kept in float are written as float32: twice their bytes.
-    bf16 = (np.arange(8192, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    # A skipped Q8_0 tensor is dequantized to float32: 16384 bytes for 4352.
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    src = _write_gguf(tmp_path / "in.gguf", {"t": w})
+    assert cli.main(["quantize", str(src), str(tmp_path / "out.safetensors"), "--skip", "t"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "... 1 tensors kept unquantized (float32: 1)", lines
+    assert lines[-1].endswith("(3.76x larger)"), lines
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (round to nearest even), as uint16 bits."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _header_dtypes(path: Path) -> dict[str, str]:
+    from neuropil import _safetensors
+
+    return _safetensors.read(path)[2]
+
+
+def test_a_bfloat16_safetensors_tensor_kept_in_float_stays_bfloat16(tmp_path, capsys):
+    # It was widened to float32 (numpy has no bfloat16): twice its bytes.
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as st_save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(64, 128, generator=g, dtype=torch.bfloat16),
+        "skip.w": torch.randn(64, 128, generator=g, dtype=torch.bfloat16),
+        "norm": torch.randn(300, generator=g, dtype=torch.bfloat16),
+    }
     src = tmp_path / "in.safetensors"
-    header = json.dumps({"t": {"dtype": "BF16", "shape": [8192], "data_offsets": [0, 16384]}})
-    raw = header.encode() + b" " * (-len(header) % 8)
-    src.write_bytes(len(raw).to_bytes(8, "little") + raw + bf16.tobytes())
-    assert cli.main(["quantize", str(src), str(tmp_path / "out.safetensors")]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.endswith("(2.00x larger)"), last
+    st_save(tensors, str(src))
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--skip", "skip", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert _header_dtypes(out) == {"w.qdata": "U8", "w.scales": "F16", "w.mins": "F16",
+                                   "skip.w": "BF16", "norm": "BF16"}  # fmt: skip
+    back = quant.load_file(out)  # bfloat16 read back as float32, exactly
+    for name in ("skip.w", "norm"):
+        np.testing.assert_array_equal(back[name], tensors[name].float().numpy())
+    np.testing.assert_array_equal(back["w"].data, quant.quantize(tensors["w"].float().numpy()).data)
+    kept = {r["tensor"]: (r["from"], r["dtype"]) for r in report["kept"]}
+    assert kept == {"skip.w": ("BF16", "bfloat16"), "norm": ("BF16", "bfloat16")}
+    assert report["bytes_before"] == 2 * (2 * 64 * 128 + 300)
+    assert report["bytes_after"] == back["w"].memory_bytes + 2 * (64 * 128 + 300)
+
+
+def _write_llama_gguf(path: Path, tensors: dict, heads: int = 2) -> Path:
+    """A Llama-architecture GGUF (renamed to transformers' names on reading) of
+    ``{name: (float32 array, GGML type name)}``, written by the ``gguf`` package."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize as gguf_quantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    for name, (w, kind) in tensors.items():
+        qtype = gguf.GGMLQuantizationType[kind]
+        if kind in ("F32", "F16"):
+            writer.add_tensor(name, w.astype(np.float32 if kind == "F32" else np.float16))
+        else:
+            writer.add_tensor(name, gguf_quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_tensors_kept_in_float_keep_their_dtype(tmp_path, capsys):
+    # F16 stayed float16, but BF16 was widened to float32; a skipped Q4_1/Q8_0
+    # tensor is dequantized: float32 (d * q + m needs it), or float16 where
+    # that holds every value exactly.
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import load_quantized
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    ints = rng.integers(-127, 128, (64, 128)).astype(np.float32)
+    ints[:, ::32] = 127  # each Q8_0 block's scale is 1: its values are small integers
+    v = rng.standard_normal(128).astype(np.float32)
+    src = _write_llama_gguf(
+        tmp_path / "in.gguf",
+        {
+            "blk.0.attn_q.weight": (w, "F32"),
+            "blk.0.attn_k.weight": (w, "BF16"),  # rows reordered as q's
+            "blk.0.attn_v.weight": (w, "F16"),
+            "blk.0.attn_output.weight": (w, "Q4_1"),
+            "blk.0.ffn_up.weight": (ints, "Q8_0"),
+            "blk.0.ffn_down.weight": (w.T.copy(), "Q4_1"),  # quantized: carried over
+            "blk.0.attn_norm.weight": (v, "BF16"),
+            "output_norm.weight": (v, "F16"),
+        },
+    )
+    out = tmp_path / "out.safetensors"
+    argv = ["quantize", str(src), str(out), "--scheme", "q4_1", "--json"]
+    argv += ["--skip", "model.layers.0.self_attn", "up_proj"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    dtypes = _header_dtypes(out)
+    assert {k: v for k, v in dtypes.items() if not k.startswith(mlp + "down_proj.")} == {
+        attn + "q_proj.weight": "F32",
+        attn + "k_proj.weight": "BF16",
+        attn + "v_proj.weight": "F16",
+        attn + "o_proj.weight": "F32",
+        mlp + "up_proj.weight": "F16",
+        "model.layers.0.input_layernorm.weight": "BF16",
+        "model.norm.weight": "F16",
+    }
+    back = quant.load_file(out)
+    q = back[attn + "q_proj.weight"]  # F32, rows in transformers' order
+    np.testing.assert_array_equal(back[attn + "k_proj.weight"], _bf16_f32(_bf16_bits(q)))
+    np.testing.assert_array_equal(back[attn + "v_proj.weight"], w.astype(np.float16))
+    np.testing.assert_array_equal(
+        back[attn + "o_proj.weight"], quant.quantize(w, scheme="q4_1").dequantize()
+    )
+    np.testing.assert_array_equal(back[mlp + "up_proj.weight"], ints.astype(np.float16))
+    np.testing.assert_array_equal(
+        back["model.layers.0.input_layernorm.weight"], _bf16_f32(_bf16_bits(v))
+    )
+    kept = {r["tensor"]: (r["from"], r["dtype"]) for r in report["kept"]}
+    assert kept[attn + "k_proj.weight"] == ("BF16", "bfloat16")
+    assert kept[attn + "o_proj.weight"] == ("Q4_1", "float32")
+    assert kept[mlp + "up_proj.weight"] == ("Q8_0", "float16")
+    # the report's sizes are the file's tensors, byte for byte
+    blob = out.read_bytes()
+    data_bytes = len(blob) - 8 - int.from_bytes(blob[:8], "little")
+    assert report["bytes_after"] == data_bytes
+    # neuropil.torch loads it (bfloat16 as float32 values, then the model's dtype)
+    nn = torch.nn
+
+    def linear(rows, cols):
+        return nn.Linear(cols, rows, bias=False)
+
+    layer = nn.ModuleDict(
+        {
+            "self_attn": nn.ModuleDict(
+                {p: linear(64, 128) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            ),
+            "mlp": nn.ModuleDict({"up_proj": linear(64, 128), "down_proj": linear(128, 64)}),
+            "input_layernorm": nn.LayerNorm(128, bias=False),
+        }
+    )
+    norm = nn.LayerNorm(128, bias=False)
+    model = nn.ModuleDict(
+        {"model": nn.ModuleDict({"layers": nn.ModuleList([layer]), "norm": norm})}
+    )
+    load_quantized(model, out)
+    got = model.model.layers[0]
+    np.testing.assert_array_equal(
+        got.self_attn.k_proj.weight.detach().numpy(), back[attn + "k_proj.weight"]
+    )
+    np.testing.assert_array_equal(
+        got.input_layernorm.weight.detach().numpy(), _bf16_f32(_bf16_bits(v))
+    )
+    assert type(got.mlp.down_proj).__name__ == "QuantizedLinear"
+
+
+def test_gguf_float64_and_integer_tensors_are_copied_as_stored(tmp_path, capsys):
+    # They went to gguf's dequantize, which has none for them: "not a valid GGUF".
+    gguf = pytest.importorskip("gguf")
+    src = tmp_path / "in.gguf"
+    writer = gguf.GGUFWriter(str(src), "test")
+    tensors = {"ids": np.arange(10, dtype=np.int32), "f64": np.linspace(0, 1, 4096).reshape(64, 64)}
+    for name, t in tensors.items():
+        writer.add_tensor(name, t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--skip", "f64", "--json"]) == 0
+    assert _header_dtypes(out) == {"ids": "I32", "f64": "F64"}
+    back = quant.load_file(out)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(back[name], t)
+
+
+def _bf16_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def test_ctrl_c_while_saving_keeps_the_old_output_and_leaves_no_temp_file(
@@ -395,6 +569,77 @@ def test_skip_patterns_before_the_positionals(tmp_path, capsys):
         assert cli.main(["quantize", "--json", *argv]) == 0, argv
         report = json.loads(capsys.readouterr().out)
         assert report["quantized_tensors"] == 0, argv
+
+
+def _small_llama_gguf(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    w = {"F32": rng.standard_normal((64, 128)).astype(np.float32)}
+    names = ["token_embd.weight", "output.weight"] + [
+        f"blk.{i}.{p}.weight" for i in (0, 1) for p in ("attn_q", "attn_k", "ffn_up", "ffn_down")
+    ]
+    tensors = {n: (w["F32"], "F32") for n in names}
+    tensors["output_norm.weight"] = (w["F32"][0], "F32")
+    return _write_llama_gguf(tmp_path / "in.gguf", tensors)
+
+
+def _kept(argv: list[str], capsys) -> set[str]:
+    assert cli.main(["quantize", *argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    return {r["tensor"] for r in report["kept"]}
+
+
+@pytest.mark.parametrize(
+    "gguf_pattern,hf_pattern",
+    [
+        ("blk.0.attn_q", "model.layers.0.self_attn.q_proj"),  # a module, as gguf-dump shows it
+        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),  # a tensor
+        ("blk.*.ffn_down", "model.layers.*.mlp.down_proj"),  # a glob
+        ("blk.1", "model.layers.1"),  # a block
+        ("output", "lm_head"),  # a name component
+        ("token_embd", "embed_tokens"),
+    ],
+)
+def test_skip_takes_the_gguf_names_of_a_renamed_gguf(tmp_path, capsys, gguf_pattern, hf_pattern):
+    # A Llama GGUF's tensors get transformers' names; --skip with the file's own
+    # names (what gguf-dump shows) was an error whose hint did not point there.
+    src, out = _small_llama_gguf(tmp_path), tmp_path / "out.safetensors"
+    norm = {"model.norm.weight"}  # 1-D: never quantized
+    kept = _kept([str(src), str(out), "--skip", gguf_pattern], capsys)
+    assert kept == _kept([str(src), str(out), "--skip", hf_pattern], capsys)
+    assert len(kept - norm) >= 1
+    # mixed with transformers names, as one list
+    both = _kept([str(src), str(out), "--skip", gguf_pattern, "model.layers.0.mlp"], capsys)
+    assert both == kept | {
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    }
+
+
+def test_an_unmatched_skip_pattern_of_a_gguf_shows_both_names(tmp_path, capsys):
+    from neuropil.data import smollm2_gguf
+
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(smollm2_gguf()), str(out), "--skip", "blk.0.atn_q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuropil: error: --skip pattern 'blk.0.atn_q' must match"), err
+    assert "nearest: 'blk.0.attn_q' (= 'model.layers.0.self_attn.q_proj')" in err, err
+    assert "GGUF tensor names are renamed to transformers' names " in err, err
+    assert "(blk.0.attn_q -> model.layers.0.self_attn.q_proj); patterns may use either" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_skip_takes_gguf_names_of_the_real_smollm2_gguf(tmp_path, capsys):
+    from neuropil.data import smollm2_gguf
+
+    out = tmp_path / "out.safetensors"
+    argv = ["quantize", str(smollm2_gguf()), str(out), "--scheme", "q4_1", "--json"]
+    assert cli.main([*argv, "--skip", "blk.0.attn_q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized_tensors"] == 7 * 30  # the embedding (Q8_0) too
+    (kept,) = [r for r in report["kept"] if r["from"] != "F32"]  # (the F32 norms are 1-D)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert kept == {"tensor": q, "shape": [576, 576], "from": "Q4_1", "dtype": "float32"}
+    assert isinstance(quant.load_file(out)[q], np.ndarray)
 
 
 # ------------------------------------------------------------------ data

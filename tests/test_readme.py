@@ -6,11 +6,16 @@ temporary directory. Names a block uses but does not define (``frames``,
 images, SmolLM2-135M (a copy, as the examples modify it in place), its layer-0
 projections and FFN inputs on the GPL-3 text. After a block, the claims its
 comments make are checked where that is cheap.
+
+The ``>>>`` examples of the package's docstrings run too (doctest), each module's
+in a namespace of its own: an example must import what it uses.
 """
 
 from __future__ import annotations
 
 import copy
+import doctest
+import importlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -284,3 +289,32 @@ def test_readme_example_runs(i, request, tmp_path, monkeypatch, capsys, restore_
     for marker, check in CHECKS.items():
         if marker in src:
             check(ns, out)
+
+
+# ---------------------------------------------------------------- docstring examples
+
+PACKAGE = Path(__import__("neuropil").__file__).resolve().parent
+# Every module of the package with a ``>>>`` example (found in the source, so
+# modules without one, e.g. neuropil.hf, are not imported).
+DOCTEST_MODULES = sorted(
+    ".".join(("neuropil", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py")
+    if ">>> " in p.read_text(encoding="utf-8")
+)
+
+
+def test_docstring_examples_are_collected():
+    # neuropil.windows' example used names it never defined, and no test ran it.
+    assert {"neuropil.windows", "neuropil.flyhash", "neuropil.neurons"} <= set(DOCTEST_MODULES)
+
+
+@pytest.mark.parametrize("name", DOCTEST_MODULES)
+def test_docstring_examples_run_as_written(name, tmp_path, monkeypatch, restore_threads):
+    module = importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)
+    # globs={}: not the module's globals, which would hide a missing import.
+    result = doctest.testmod(
+        module, globs={}, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} of {name}'s docstring examples fail (see stdout)"

@@ -2,21 +2,29 @@
 
 Every 2-D float tensor with at least ``--min-size`` elements whose name matches
 no ``--skip`` pattern is quantized; everything else is copied in its dtype
-(bfloat16 as float32, which numpy lacks). GGUF tensors already in the target
-block format (``Q4_0``, ``Q4_1``, ``Q8_0``) are carried over byte for byte
-(unless ``--skip`` keeps them in float: they are then dequantized and copied
-as float32); other GGUF block types are dequantized by the ``gguf`` package
-first. A Llama-architecture GGUF (SmolLM2) gets the ``transformers`` tensor
-names and q/k row order, so the output loads into the model
-``from_pretrained(..., gguf_file=...)`` builds; other GGUF architectures keep
-their GGUF names. ``--skip`` patterns match as ``quantize_model``'s ``skip``
-does (a glob on the name, with or without ``.weight``, or on an enclosing
-module's name, or one name component); a pattern that matches no tensor is an
+(float16, bfloat16, float32, float64, ints: a bfloat16 tensor stays 2 bytes a
+value). GGUF tensors already in the target block format (``Q4_0``, ``Q4_1``,
+``Q8_0``) are carried over byte for byte; other GGUF block types are
+dequantized by the ``gguf`` package first. A GGUF block tensor kept in float
+(by ``--skip``, or as 1-D) is dequantized to float32, as ``d * q (+ m)``
+needs (float16 only where it holds every value exactly, which real weights
+rarely do: none of SmolLM2's 211 block tensors), so it grows (a ``Q8_0``
+tensor 3.8x, a ``Q4_1`` one 6.4x). A Llama-architecture GGUF (SmolLM2) gets
+the ``transformers`` tensor names and q/k row order, so the output loads into
+the model ``from_pretrained(..., gguf_file=...)`` builds; other GGUF
+architectures keep their GGUF names. ``--skip`` patterns match as
+``quantize_model``'s ``skip`` does (a glob on the name, with or without
+``.weight``, or on an enclosing module's name, or one name component); for a
+renamed GGUF they match either name, the file's own (``blk.0.attn_q``, as
+``gguf-dump`` shows it) or the ``transformers`` one
+(``model.layers.0.self_attn.q_proj``). A pattern that matches no tensor is an
 error (exit 2) before anything is written, as a typo would otherwise quantize
-the layer it meant to keep. The output loads with
-``neuropil.quant.load_file`` and ``neuropil.torch.load_quantized``. When OUT
-is stdout (``/dev/stdout``, ``| cat > out``), the report (text or ``--json``)
-goes to stderr: printed after the file's bytes it would corrupt the file.
+the layer it meant to keep. The output loads with ``neuropil.quant.load_file``
+(bfloat16 as float32 values) and ``neuropil.torch.load_quantized``. The report
+lists the quantized tensors and (``--json``: ``kept``) those copied, with
+their type in the file and the dtype written. When OUT is stdout
+(``/dev/stdout``, ``| cat > out``), the report (text or ``--json``) goes to
+stderr: printed after the file's bytes it would corrupt the file.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import json
 import os
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,28 +47,49 @@ from .quant import FORMAT as QUANT_FORMAT
 from .quant import QuantizedWeights, _check_skip, _resolve, _skipped, quantize, save_file
 
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+# GGUF tensor types read as they are stored (the gguf reader gives them typed):
+# copied in their dtype, never dequantized.
+_GGUF_PLAIN = ("F32", "F16", "F64", "I8", "I16", "I32", "I64")
 
 
-def _read_safetensors(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+class Source(NamedTuple):
+    """What :func:`read_any` read.
+
+    Attributes:
+        entries: name -> (value, bytes in the file); a value is a numpy array
+            (any dtype, as stored), :class:`_safetensors.BF16` bits, or GGUF
+            ``Q4_0``/``Q4_1``/``Q8_0`` blocks as ``(scheme, raw blocks, shape)``
+            (other GGUF block types are dequantized to float32).
+        kinds: name -> the tensor's type in the file (``"F16"``, ``"BF16"``,
+            ``"Q4_1"``...).
+        gguf_names: name -> the GGUF file's own name, for tensors renamed to
+            ``transformers``' names (a Llama GGUF); empty otherwise.
+        dequantized: names of GGUF tensors stored as quantized blocks, whose
+            float values are dequantized ones.
+    """
+
+    entries: dict[str, tuple[Any, int]]
+    kinds: dict[str, str]
+    gguf_names: dict[str, str]
+    dequantized: frozenset[str] = frozenset()
+
+
+def _read_safetensors(path: Path) -> Source:
     tensors, meta, dtypes = _safetensors.read(path)
     if meta.get("format") == QUANT_FORMAT:
         raise FormatError(
             f"{path}: input is already quantized (format {QUANT_FORMAT!r}); "
             "quantize the original float weights instead"
         )
-    out = {}
+    out: dict[str, tuple[Any, int]] = {}
     for name, arr in tensors.items():
-        nbytes = arr.nbytes
-        if dtypes[name] == "BF16":
-            arr = _safetensors.bf16_to_f32(arr)
-        out[name] = (arr, nbytes)
-    return out
+        out[name] = (_safetensors.BF16(arr) if dtypes[name] == "BF16" else arr, arr.nbytes)
+    return Source(out, dtypes, {})
 
 
-def _read_gguf(path: Path) -> dict[str, tuple[Any, int]]:
-    """name -> (float array or (scheme, raw blocks, shape), bytes in the file)."""
+def _read_gguf(path: Path) -> Source:
     try:
-        from gguf import GGMLQuantizationType, GGUFReader
+        from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError as e:  # pragma: no cover - the hf extra installs gguf
         raise NeuropilError(
@@ -74,21 +104,30 @@ def _read_gguf(path: Path) -> dict[str, tuple[Any, int]]:
             if llama else None
         )  # fmt: skip
         out: dict[str, tuple[Any, int]] = {}
+        kinds: dict[str, str] = {}
+        renamed: dict[str, str] = {}
         for t in reader.tensors:
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))
             kind = t.tensor_type.name
             name = _hf_name(t.name) if llama else t.name
+            if name != t.name:
+                renamed[name] = t.name
+            kinds[name] = kind
+            value: Any
             if kind in _GGUF_SCHEMES and len(shape) == 2:
                 raw = np.asarray(t.data).reshape(shape[0], -1)
-                out[name] = ((_GGUF_SCHEMES[kind], _unpermute(t.name, raw, heads), shape),
-                             int(t.n_bytes))  # fmt: skip
-            elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                arr = np.asarray(t.data).reshape(shape)
-                out[name] = (_unpermute(t.name, arr, heads), int(t.n_bytes))
+                value = (_GGUF_SCHEMES[kind], _unpermute(t.name, raw, heads), shape)
+            elif kind in _GGUF_PLAIN:
+                value = _unpermute(t.name, np.asarray(t.data).reshape(shape), heads)
+            elif kind == "BF16":  # raw bytes: kept as bfloat16 bits, not widened
+                bits = np.asarray(t.data).view(np.uint16).reshape(shape)
+                value = _safetensors.BF16(_unpermute(t.name, bits, heads))
             else:
                 arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-                out[name] = (_unpermute(t.name, arr.astype(np.float32), heads), int(t.n_bytes))
-        return out
+                value = _unpermute(t.name, arr.astype(np.float32), heads)
+            out[name] = (value, int(t.n_bytes))
+        blocks = frozenset(n for n, k in kinds.items() if k not in (*_GGUF_PLAIN, "BF16"))
+        return Source(out, kinds, renamed, blocks)
     except NeuropilError:
         raise
     except Exception as e:  # the gguf reader raises many kinds on a bad file
@@ -148,7 +187,7 @@ def _unpermute(name: str, rows: Any, heads: tuple[int, int] | None) -> Any:
     return rows.reshape(n, r // n // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def read_any(path: str | Path) -> dict[str, tuple[Any, int]]:
+def read_any(path: str | Path) -> Source:
     """Reads a safetensors or GGUF file (told apart by GGUF's magic bytes)."""
     path = Path(path)
     with open(path, "rb") as f:  # OSError (FileNotFoundError...) passes through
@@ -213,20 +252,32 @@ def convert(
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ArgumentError(f"min_size must be an integer >= 0; got {_shown(min_size)}")
     _check_paths(Path(src), Path(dst))
-    entries = read_any(src)
+    source = read_any(src)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)  # one string: one pattern
-    _check_skip(entries, skip, "--skip")
+    gguf_names = source.gguf_names
+    _check_skip(
+        source.entries,
+        skip,
+        "--skip",
+        aliases={g: n for n, g in gguf_names.items()},
+        note=_renaming_note(gguf_names),
+    )
+
+    def skipped(name: str) -> bool:  # by its name, or by its GGUF name before renaming
+        return _skipped(name, skip) or (name in gguf_names and _skipped(gguf_names[name], skip))
+
     out: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
     before = after = 0
     for name, (value, nbytes) in tqdm(
-        entries.items(), desc="quantize", disable=not progress, unit="tensor"
+        source.entries.items(), desc="quantize", disable=not progress, unit="tensor"
     ):
         before += nbytes
         if isinstance(value, tuple):  # GGUF blocks
             gscheme, raw, shape = value
             # (a skipped tensor is dequantized and copied in float below)
-            if gscheme == scheme and not _skipped(name, skip):
+            if gscheme == scheme and not skipped(name):
                 q = QuantizedWeights.from_gguf(raw, gscheme, shape)
                 out[name] = q
                 after += q.memory_bytes
@@ -235,18 +286,32 @@ def convert(
                 )
                 continue
             value = QuantizedWeights.from_gguf(raw, gscheme, shape).dequantize()
-        arr = np.asarray(value)
+        bf16 = isinstance(value, _safetensors.BF16)
+        stored = value.bits if bf16 else np.asarray(value)
         wanted = (
-            arr.ndim == 2
-            and arr.dtype.kind == "f"
-            and arr.size >= min_size
-            and not _skipped(name, skip)
+            stored.ndim == 2
+            and (bf16 or stored.dtype.kind == "f")
+            and stored.size >= min_size
+            and not skipped(name)
         )
         if not wanted:
-            # Copied as is: float16/float64 keep their dtype (bfloat16 was read as float32).
-            out[name] = arr
-            after += arr.nbytes
+            # Copied in its dtype (float16, bfloat16, float32, float64, ints);
+            # values dequantized from GGUF blocks as float32, or float16 where
+            # that holds every one of them exactly.
+            if name in source.dequantized:
+                value = _float16_if_exact(stored)
+            out[name] = value
+            after += value.nbytes
+            kept.append(
+                {
+                    "tensor": name,
+                    "shape": list(stored.shape),
+                    "from": source.kinds[name],
+                    "dtype": "bfloat16" if bf16 else str(value.dtype),
+                }
+            )
             continue
+        arr = value.to_f32() if bf16 else stored
         try:
             q = quantize(arr, bits, group_size, scheme, search=search)
         except NeuropilError as e:
@@ -280,7 +345,28 @@ def convert(
         "bytes_after": after,
         "quantized_tensors": len(rows),
         "tensors": rows,
+        "kept": kept,
     }
+
+
+def _float16_if_exact(values: np.ndarray) -> np.ndarray:
+    """Dequantized GGUF values (float32) as float16 when that holds each of them
+    exactly, else as they are (the usual case: ``d * q + m`` needs float32)."""
+    half = values.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), values) else values
+
+
+def _renaming_note(gguf_names: dict[str, str]) -> str:
+    """For an error about a renamed GGUF file: how its names were renamed."""
+    if not gguf_names:
+        return ""
+    # (a layer's tensor as the example where there is one, a q projection first)
+    pairs = sorted(gguf_names.items(), key=lambda p: (".attn_q." not in p[1], p[1][:4] != "blk."))
+    name, gguf = (s.removesuffix(".weight") for s in pairs[0])
+    return (
+        f"; GGUF tensor names are renamed to transformers' names ({gguf} -> {name}); "
+        "patterns may use either"
+    )
 
 
 def _is_stdout(path: str | Path) -> bool:
@@ -319,6 +405,14 @@ def main(args: Any) -> int:
         mean = np.mean([r["rel_error"] for r in report["tensors"]])
         print(
             f"... {len(report['tensors'])} tensors quantized, mean relative error {mean:.4g}",
+            file=out,
+        )
+    if report["kept"]:
+        counts = Counter(r["dtype"] for r in report["kept"])
+        print(
+            f"... {len(report['kept'])} tensors kept unquantized ("
+            + ", ".join(f"{dt}: {c}" for dt, c in sorted(counts.items()))
+            + ")",
             file=out,
         )
     mb = 1 << 20

@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -137,17 +137,49 @@ def special_file(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Writes ``tensors`` (numpy arrays, any shape) and string ``metadata`` atomically."""
+class BF16:
+    """bfloat16 values held as their bit patterns (numpy has no bfloat16 dtype):
+    :func:`write` stores them as the safetensors dtype ``BF16``, 2 bytes each.
+
+    Attributes:
+        bits: ``uint16`` array of any shape, the values' upper 16 float32 bits.
+    """
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: np.ndarray) -> None:
+        bits = np.asarray(bits)
+        if bits.dtype.kind != "u" or bits.dtype.itemsize != 2:
+            raise TypeError(f"bits must be a uint16 array; got dtype {bits.dtype}")
+        self.bits = bits
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    def to_f32(self) -> np.ndarray:
+        """The values as float32 (exact)."""
+        return bf16_to_f32(self.bits)
+
+
+def write(
+    path: str | Path, tensors: Mapping[str, np.ndarray | BF16], metadata: dict[str, str]
+) -> None:
+    """Writes ``tensors`` (numpy arrays of any shape, or :class:`BF16` bits) and
+    string ``metadata`` atomically."""
     path = Path(path)
     header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
     arrays = []
     for name, arr in tensors.items():
-        a = np.asarray(arr)
+        a = np.asarray(arr.bits if isinstance(arr, BF16) else arr)
         if not a.flags.c_contiguous:
             a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
-        key = _NAMES.get(a.dtype.newbyteorder("<").str)
+        key = "BF16" if isinstance(arr, BF16) else _NAMES.get(a.dtype.newbyteorder("<").str)
         if key is None:
             raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)

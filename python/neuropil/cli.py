@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=_Patterns,
         metavar="PATTERN",
         help="tensors to keep in float: a glob on the name or on an enclosing module's, "
-        "or a name component; a pattern that matches no tensor is an error. Takes every "
+        "or a name component (for a GGUF input, its own names or the transformers names "
+        "they become); a pattern that matches no tensor is an error. Takes every "
         "word up to the next option: put input and output first, end the patterns with --, or "
         "write --skip=PATTERN (repeated --skip's add up)",
     )

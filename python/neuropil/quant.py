@@ -31,7 +31,7 @@ import difflib
 import fnmatch
 import json
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -126,10 +126,13 @@ def _scale_dtype(v: Any) -> str:
     )
 
 
-def _plain_array(v: Any) -> np.ndarray:
+def _plain_array(v: Any) -> np.ndarray | _safetensors.BF16:
     """A plain (not quantized) ``save_file`` entry as numpy: a torch tensor by its
     CPU values, detached (a layer's bias requires grad), bfloat16 as float32
-    (exact: numpy has no bfloat16)."""
+    (exact: numpy has no bfloat16); bfloat16 bits held by ``neuropil quantize``
+    (``_safetensors.BF16``) pass as they are and are stored as ``BF16``."""
+    if isinstance(v, _safetensors.BF16):
+        return v
     if type(v).__module__.startswith("torch"):
         import torch
 
@@ -459,7 +462,7 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
             quantized entry ``name``). Checked before anything is written.
     """
     _check_names(entries)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, np.ndarray | _safetensors.BF16] = {}
     formats: dict[str, Any] = {}
     for name, v in entries.items():
         if isinstance(v, QuantizedWeights):
@@ -606,26 +609,62 @@ def _module_names(name: str) -> list[str]:
     return [name] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def _check_skip(names: Iterable[str], skip: Iterable[str], what: str = "skip") -> None:
+def _check_skip(
+    names: Iterable[str],
+    skip: Iterable[str],
+    what: str = "skip",
+    aliases: Mapping[str, str] | None = None,
+    note: str = "",
+) -> None:
     """Raises :class:`ArgumentError` for the first ``skip`` pattern that matches
     none of ``names`` as :func:`_skipped` matches: a typo would otherwise
     quantize the layer it was meant to keep. The message names the pattern and
     the (up to three) nearest tensor or module names, or, when none is near, the
-    first three names."""
+    first three names, then ``note``.
+
+    ``aliases`` maps other names of some tensors to their names in ``names``
+    (a GGUF file's own names to the ``transformers`` names ``neuropil
+    quantize`` writes): a pattern matching an alias matches too, and an alias
+    among the nearest names is shown with its translation, ``'blk.0.attn_q'
+    (= 'model.layers.0.self_attn.q_proj')``."""
     names = list(names)
+    aliases = dict(aliases or {})
+    every = names + list(aliases)
     for pat in skip:
-        if any(_skipped(n, (pat,)) for n in names):
+        if any(_skipped(n, (pat,)) for n in every):
             continue
-        candidates = sorted({m for n in names for m in _module_names(n)})
+        own = sorted({m for n in names for m in _module_names(n)})
+        candidates = sorted({m for n in every for m in _module_names(n)})
         near = difflib.get_close_matches(pat, candidates, n=3)
+        same = _translations(names, aliases) if aliases else {}
+        shown = [f"{m!r} (= {same[m]!r})" if m in same else repr(m) for m in near]
         hint = (
-            f"nearest: {', '.join(map(repr, near))}"
+            f"nearest: {', '.join(shown)}"
             if near
-            else f"names look like {', '.join(map(repr, candidates[:3]))}"
-            if candidates
+            else f"names look like {', '.join(map(repr, own[:3]))}"
+            if own
             else "there are none"
         )
         raise ArgumentError(
             f"{what} pattern {pat!r} must match a tensor or module name; it matches no "
-            f"tensor or module (of {len(names)} names; {hint})"
+            f"tensor or module (of {len(names)} names; {hint}){note}"
         )
+
+
+def _translations(names: list[str], aliases: dict[str, str]) -> dict[str, str]:
+    """Each alias tensor or module name (see :func:`_check_skip`) -> its name
+    among ``names``: the alias tensor's own name, else the shortest module of
+    ``names`` that holds exactly the same tensors (``blk.0`` -> ``model.layers.0``)."""
+    held: dict[str, set[str]] = {}
+    for n in names:
+        for m in _module_names(n):
+            held.setdefault(m, set()).add(n)
+    by_tensors: dict[frozenset[str], str] = {}
+    for m in sorted(held, key=lambda m: (len(m), m)):
+        by_tensors.setdefault(frozenset(held[m]), m)
+    alias_held: dict[str, set[str]] = {}
+    for alias, n in aliases.items():
+        for m in _module_names(alias):
+            alias_held.setdefault(m, set()).add(n)
+    out = {m: by_tensors[frozenset(t)] for m, t in alias_held.items() if frozenset(t) in by_tensors}
+    return out | aliases

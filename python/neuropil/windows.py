@@ -8,18 +8,33 @@ gather into a reusable buffer, with the GIL released and the next batches
 prepared in the background. CUDA frames are gathered on the GPU by torch.
 
 Example:
+    >>> import numpy as np
+    >>> from neuropil.windows import SlidingWindows
+    >>> rng = np.random.default_rng(0)
+    >>> frames = rng.standard_normal((1000, 287), dtype=np.float32)  # (N, D) embeddings
+    >>> lengths = [400, 350, 250]                 # three episodes
+    >>> actions = rng.integers(0, 18, 1000)       # one action per frame
     >>> sw = SlidingWindows(frames, window=30, episodes=lengths,
     ...                     targets={"action": actions}, target_offset=1)
-    >>> for batch in sw.batches(256, seed=0, epoch=epoch):
-    ...     batch["frames"]   # (256, 30, 287) float32, same library as frames
-    ...     batch["action"]   # (256,), the action one frame after each window
+    >>> len(sw)  # length - 30 per episode: the frame after a window stays in its episode
+    910
+    >>> for batch in sw.batches(256, seed=0, epoch=0):  # each epoch has its own order
+    ...     print(batch["frames"].shape, batch["frames"].dtype, batch["action"].shape)
+    (256, 30, 287) float32 (256,)
+    (256, 30, 287) float32 (256,)
+    (256, 30, 287) float32 (256,)
+    (142, 30, 287) float32 (142,)
+    >>> bool(sw.target("action", 0) == actions[sw.start(0) + 30])  # the action after the window
+    True
 
+Batches are of the frames' library and device (torch frames give torch tensors).
 ``import neuropil.windows`` does not import torch; torch is imported when the
 frames are a torch tensor or :meth:`SlidingWindows.as_dataset` is called.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from collections.abc import Mapping
@@ -64,6 +79,14 @@ def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None 
     if maximum is not None and v > maximum:
         raise ArgumentError(f"{name} must be at most {maximum}; got {v}")
     return v
+
+
+def _asarray(value: Any, name: str) -> np.ndarray:
+    """``np.asarray(value)``; a ragged nested list is a ShapeError naming ``name``."""
+    try:
+        return np.asarray(value)
+    except ValueError as e:
+        raise ShapeError(f"{name} must be an array (N, ...); got a ragged sequence ({e})") from None
 
 
 def _window_index(i: Any, n: int) -> int:
@@ -317,6 +340,11 @@ class SlidingWindows:
         n = int(self.frames.shape[0])
         self.targets: dict[str, Any] = {}
         self.target_offset: dict[str, int | None] = {}
+        if targets is not None and not isinstance(targets, Mapping):
+            raise ArgumentError(
+                f"targets must be a mapping {{name: (N, ...) array}} or None; "
+                f"got {type(targets).__name__}"
+            )
         for name, value in (targets or {}).items():
             if not isinstance(name, str) or name == "frames":
                 raise ArgumentError(f"targets keys must be names other than 'frames'; got {name!r}")
@@ -356,7 +384,7 @@ class SlidingWindows:
             out = frames.detach()
             out = out if out.is_contiguous() else out.contiguous()
         else:
-            out = frames if isinstance(frames, np.ndarray) else np.asarray(frames)
+            out = frames if isinstance(frames, np.ndarray) else _asarray(frames, "frames")
             if out.dtype.hasobject or out.dtype.kind not in "fiub":
                 raise DTypeError(f"frames must have a numeric dtype; got {out.dtype}")
             if out.ndim != 2:
@@ -374,8 +402,16 @@ class SlidingWindows:
             if _is_torch(value):
                 t = value.detach()
             else:
-                arr = np.asarray(value)  # torch refuses read-only memory (a memmap): copy it
+                arr = _asarray(value, f"targets[{name!r}]")
+                # (checked here: torch.from_numpy's TypeError would name no target)
+                if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
+                    raise DTypeError(
+                        f"targets[{name!r}] must have a numeric dtype; got {arr.dtype}"
+                    )
+                # torch refuses read-only memory (a memmap): copy it
                 t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            if t.is_complex():  # (as numpy frames refuse a complex target)
+                raise DTypeError(f"targets[{name!r}] must be real numbers; got {t.dtype}")
             t = t.to(self.device).contiguous()
             shape = tuple(t.shape)
         else:
@@ -385,7 +421,11 @@ class SlidingWindows:
                     "carry (numpy has no bfloat16): pass the frames as a torch tensor, "
                     "or the target as float32"
                 )
-            t = value.detach().cpu().numpy() if _is_torch(value) else np.asarray(value)
+            t = (
+                value.detach().cpu().numpy()
+                if _is_torch(value)
+                else _asarray(value, f"targets[{name!r}]")
+            )
             if t.dtype.hasobject or t.dtype.kind not in "fiub":
                 raise DTypeError(f"targets[{name!r}] must have a numeric dtype; got {t.dtype}")
             t = np.ascontiguousarray(t)
@@ -609,15 +649,18 @@ class SlidingWindows:
             A :class:`WindowBatches` iterator of dicts ``{"frames": (B, W, D),
             name: (B, W, ...) or (B, ...)}`` with ``len()`` batches.
         """
+        # (the native layout takes int64 epoch, rank and world size: past it a
+        # bare OverflowError; a batch size or prefetch past the windows is
+        # allowed, the iterator sizes its buffers by what a batch can hold)
         return WindowBatches(
             self,
             _int("batch_size", batch_size, 1),
             bool(shuffle),
             _int("seed", seed, 0),
-            _int("epoch", epoch, 0),
+            _int("epoch", epoch, 0, _I64_MAX),
             bool(drop_last),
-            _int("rank", rank, 0),
-            _int("world_size", world_size, 1),
+            _int("rank", rank, 0, _I64_MAX),
+            _int("world_size", world_size, 1, _I64_MAX),
             device,
             _int("prefetch", prefetch, 0),
             bool(pin_memory),
@@ -639,9 +682,9 @@ class SlidingWindows:
         return self._layout.epoch_order(
             bool(shuffle),
             seed,
-            _int("epoch", epoch, 0),
-            _int("rank", rank, 0),
-            _int("world_size", world_size, 1),
+            _int("epoch", epoch, 0, _I64_MAX),
+            _int("rank", rank, 0, _I64_MAX),
+            _int("world_size", world_size, 1, _I64_MAX),
             bool(drop_last),
         )
 
@@ -669,7 +712,23 @@ class SlidingWindows:
             available: Bytes available (default: :func:`available_memory` of
                 the frames' device).
             headroom: Fraction of ``available`` eager may use.
+
+        Raises:
+            ArgumentError: ``batch_size`` below 1, ``prefetch`` or ``available``
+                negative or not integers, ``headroom`` not a finite number > 0.
         """
+        batch_size = _int("batch_size", batch_size, 1)
+        prefetch = _int("prefetch", prefetch, 0)
+        if available is not None:
+            available = _int("available", available, 0)
+        # (a string headroom once made `headroom * avail` a string of avail
+        # characters: a hang, then a MemoryError)
+        if (
+            isinstance(headroom, (bool, np.bool_))
+            or not isinstance(headroom, (int, float, np.integer, np.floating))
+            or not (math.isfinite(headroom) and headroom > 0)
+        ):
+            raise ArgumentError(f"headroom must be a finite number > 0; got {_shown(headroom)}")
         frames_bytes = sum(a.data.shape[0] * a.row_bytes for a in self._arrays)
         m = len(self)
         eager = m * self.window_bytes()
@@ -694,7 +753,7 @@ class SlidingWindows:
             ArgumentError: ``chunk`` is not a positive integer.
         """
         chunk = _int("chunk", chunk, 1)
-        plan = self.memory_plan(available=available)
+        plan = self.memory_plan(available=available)  # (which checks `available`)
         if plan.mode != "eager" and not force:
             raise WindowMemoryError(f"materialize would not fit: {plan}; use batches()")
         m = len(self)
