@@ -431,6 +431,206 @@ def test_range_index_writes_beside_searches():
     assert len(ix) == 60_000
 
 
+class _PausedCore:
+    """A RangeIndex's core whose ``add`` (before and after appending) or
+    ``copy`` (before copying) waits at ``points`` (name -> (reached, resume)
+    events) while another thread acts there; everything else as the core."""
+
+    def __init__(self, core: Any, points: dict[str, tuple[threading.Event, threading.Event]]):
+        self._core, self._points = core, points
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def _at(self, point: str) -> None:
+        if point in self._points:
+            reached, resume = self._points[point]
+            reached.set()
+            assert resume.wait(TIMEOUT)
+
+    def add(self, keys: Any) -> None:
+        self._at("add")
+        self._core.add(keys)
+        self._at("added")
+
+    def copy(self) -> Any:
+        self._at("copy")
+        return self._core.copy()
+
+
+def _paused_at(ix: RangeIndex, *points: str) -> dict[str, tuple[threading.Event, threading.Event]]:
+    events = {p: (threading.Event(), threading.Event()) for p in points}
+    ix._native = _PausedCore(ix._native, events)
+    return events
+
+
+def _near_overflow(d: int = 8) -> tuple[RangeIndex, np.ndarray, np.ndarray]:
+    """An index of keys of norm ~3, queries of norm ~3e19 (their scores
+    ~1e20, fine) and keys of norm ~3e19 (scores ~8e38: beyond float32)."""
+    keys = np.random.default_rng(11).standard_normal((500, d), dtype=np.float32)
+    return RangeIndex(keys, method="flat"), np.full((2, d), 1e19, np.float32), keys * 0 + 1e19
+
+
+def test_range_index_search_beside_add_checks_the_keys_it_sees_for_overflow():
+    """The add raised the key-norm bound after the core appended the keys: a
+    search in between saw keys near 1e19 with the old bound, skipped the
+    float32 overflow check and returned Inf scores. The bound now rises
+    first; a search before the append, with the raised bound and the old
+    keys, takes the exact check of the keys it searched and answers."""
+    ix, q, big = _near_overflow()
+    want = ix.search(q, 0.0)
+    at = _paused_at(ix, "add", "added")
+
+    def searcher() -> tuple[Any, Any]:
+        try:
+            assert at["add"][0].wait(TIMEOUT)
+            before = ix.search(q, 0.0)  # (the bound raised, the keys not yet in)
+        finally:
+            at["add"][1].set()
+        try:
+            assert at["added"][0].wait(TIMEOUT)
+            try:
+                after = ix.search(q, 0.0)
+            except neuropil.ArgumentError as e:
+                after = e
+        finally:
+            at["added"][1].set()
+        return before, after
+
+    before, after = together([lambda: ix.add(big[:3]), searcher])[1]
+    assert same(before, want)
+    assert isinstance(after, neuropil.ArgumentError), f"no overflow error; got {after}"
+    assert "max |k| = 2.828e+19" in str(after)
+
+
+def test_range_index_copy_beside_add_covers_the_keys_it_copies():
+    """``_copy`` took the key-norm bound before cloning the core: keys added
+    in between were copied without their bound, and the copy's searches
+    skipped the overflow check for them."""
+    ix, q, big = _near_overflow()
+    at = _paused_at(ix, "copy")
+
+    def adder() -> None:
+        try:
+            assert at["copy"][0].wait(TIMEOUT)
+            ix.add(big[:3])  # (the whole add, while the copy waits to clone)
+        finally:
+            at["copy"][1].set()
+
+    copied = together([ix._copy, adder])[0]
+    assert len(copied) == 503
+    with pytest.raises(neuropil.ArgumentError, match="within float32"):
+        copied.search(q, 0.0)
+    assert copied._lock is not ix._lock  # (adds to one don't wait for the other's)
+
+
+def _torch_range(keys: Any) -> RangeIndex:
+    """A RangeIndex on its torch path (the one CUDA keys take), here on CPU tensors."""
+    from neuropil.range import _TorchRange
+
+    ix = RangeIndex(keys.numpy(), method="flat")
+    ix._native, ix._torch = None, _TorchRange(keys)
+    return ix
+
+
+@needs_torch
+def test_torch_range_adds_from_several_threads_keep_every_key(fast_switching):
+    """The torch path had no lock: adds at once wrote the same rows (keys
+    lost, others counted twice) or raised on a buffer another add had grown.
+    Four threads each add 100 chunks: each chunk is there once, its rows
+    together and in order, each thread's chunks in its order."""
+    import torch
+
+    m, d, threads, n = 5, 8, 4, 100
+
+    def chunk(t: int, r: int) -> Any:
+        c = np.zeros((m, d), np.float32)
+        c[:, 0], c[:, 1], c[:, 2] = t, r, np.arange(m)
+        return torch.from_numpy(c)
+
+    ix = _torch_range(chunk(-1, 0))
+    meet = threading.Barrier(threads)
+
+    def adder(t: int) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                for r in range(n):
+                    meet.wait(TIMEOUT)
+                    ix.add(chunk(t, r))
+            except BaseException:
+                meet.abort()  # (the others stop at once instead of timing out)
+                raise
+
+        return run
+
+    together([adder(t) for t in range(threads)])
+    blocks = ix.keys().numpy().reshape(-1, m, d)
+    assert len(ix) == m * (1 + threads * n) == m * blocks.shape[0]
+    assert (blocks[:, :, 2] == np.arange(m)).all() and (blocks[:, :, :2] == blocks[:, :1, :2]).all()
+    tags = [tuple(map(int, b)) for b in blocks[:, 0, :2]]
+    assert sorted(tags) == sorted([(-1, 0)] + [(t, r) for t in range(threads) for r in range(n)])
+    for t in range(threads):
+        assert [r for tt, r in tags if tt == t] == list(range(n))
+
+
+@needs_torch
+def test_torch_range_searches_beside_adds_answer_over_one_state(fast_switching):
+    """search / topk / len / keys beside adds on the torch path: each answer
+    is the one over the keys of some moment (scores of small integers, exact
+    in any summation order). A search read the key buffer, then the count:
+    an add that grew the buffer in between gave it rows never written."""
+    import torch
+
+    rng = np.random.default_rng(12)
+    allk = rng.integers(-3, 4, (3000, 16)).astype(np.float32)
+    q, sizes = allk[:4], range(200, 3001, 100)
+    t = (q * q).sum(1) - 3  # (each query's own key, and a few others)
+    s_all = q @ allk.T
+    ix = _torch_range(torch.from_numpy(allk[:200]))
+    adds, reads, progress = iter(sizes[1:]), [0], threading.Condition()
+
+    def write() -> None:
+        n = next(adds)
+        ix.add(torch.from_numpy(allk[n - 100 : n]))
+        with progress:  # (some reads between adds, on a machine of few cores too)
+            seen = reads[0]
+            assert progress.wait_for(lambda: reads[0] >= seen + 6, TIMEOUT)
+
+    def over(n: int, lims: Any, ids: Any, scores: Any) -> bool:
+        """Whether a search's answer is the one over the first ``n`` keys."""
+        for r in range(4):
+            want = np.flatnonzero(s_all[r, :n] >= t[r])
+            a, b = int(lims[r]), int(lims[r + 1])
+            if not (np.array_equal(ids[a:b], want) and np.array_equal(scores[a:b], s_all[r, want])):
+                return False
+        return True
+
+    tops = {n: -np.sort(-s_all[:, :n], axis=1)[:, :5] for n in sizes}
+
+    def read(i: int) -> bool:
+        ok = answer_of_one_state(i)
+        with progress:
+            reads[0] += 1
+            progress.notify_all()
+        return ok
+
+    def answer_of_one_state(i: int) -> bool:
+        if i % 3 == 0:
+            ids, scores = (a.numpy() for a in ix.topk(torch.from_numpy(q), 5))
+            return np.array_equal(s_all[np.arange(4)[:, None], ids], scores) and any(
+                np.array_equal(scores, tops[n]) and ids.max() < n for n in sizes
+            )
+        if i % 3 == 1:
+            k = ix.keys().numpy()
+            return len(k) in sizes and np.array_equal(k, allk[: len(k)])
+        answer = [a.numpy() for a in ix.search(torch.from_numpy(q), torch.from_numpy(t))]
+        return any(over(n, *answer) for n in sizes)
+
+    assert writer_beside_readers(write, read, len(sizes) - 1) == [0, 0]
+    assert len(ix) == 3000
+    assert over(3000, *(a.numpy() for a in ix.search(torch.from_numpy(q), torch.from_numpy(t))))
+
+
 # ------------------------------------------------------------------ the thread pool
 
 
@@ -587,6 +787,69 @@ def test_sparse_mlp_reconfigured_beside_calls(fast_switching):
         return any(same(y, w) for w in want.values())
 
     assert writer_beside_readers(write, read, 400) == [0, 0]
+
+
+@needs_torch
+@pytest.mark.parametrize("new_tensors", [False, True], ids=["same-tensors", "new-tensors"])
+def test_sparse_mlp_weights_replaced_beside_calls(fast_switching, new_tensors):
+    """``p.data = w`` in one thread (the assignment ``module.to()`` and casts
+    make) while two threads call: each call gives the result of a weight the
+    module held during it, and every call that starts after a replacement
+    uses the new weight. The Rust copy was keyed on the versions, which the
+    assignment does not bump: every call after the first used the copy of the
+    first weights. The weights go back and forth between three tensors (the
+    same ones, so old addresses come back; or copies, allocated where freed
+    ones were)."""
+    import torch
+
+    mlp = _mlp("cats")
+    x = torch.randn(1, 1, 256)
+    up = mlp.up.weight
+    sets = [up.detach().clone(), torch.randn_like(up) * 0.06, torch.randn_like(up) * 0.07]
+
+    def alone(w: Any) -> Any:
+        ref = _mlp("cats")  # (the same layers: a fresh module, its copy built at its call)
+        ref.up.weight.data = w.clone()
+        with torch.inference_mode():
+            return ref(x)
+
+    want = [alone(w) for w in sets]
+    assert not any(same(want[i], want[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    order = [0, 1, 2, 0, 2, 1] * 8  # (no weight follows itself)
+    # begun[0]: the last replacement begun; held[0]: the last one done, and
+    # checked[0]: the latest ``held`` a call started at and has finished.
+    begun, held, checked = [0], [0], [-1]
+    progress, done = threading.Condition(), threading.Event()
+
+    def writer() -> None:
+        try:
+            for k in range(1, len(order)):
+                begun[0] = k
+                up.data = sets[order[k]].clone() if new_tensors else sets[order[k]]
+                held[0] = k
+                with progress:  # (a call that starts now must see it)
+                    assert progress.wait_for(lambda k=k: checked[0] >= k, TIMEOUT)
+        finally:
+            done.set()
+
+    def caller() -> list[tuple[int, int]]:
+        bad = []
+        while not done.is_set():
+            first = held[0]
+            with torch.inference_mode():
+                y = mlp(x)
+            last = begun[0]
+            if not any(same(y, want[order[k]]) for k in range(first, last + 1)):
+                bad.append((first, last))
+            with progress:
+                checked[0] = max(checked[0], first)
+                progress.notify_all()
+        return bad
+
+    bad = together([writer, caller, caller])[1:]
+    assert bad == [[], []], f"calls (held, begun) with none of the weights held: {bad}"
+    with torch.inference_mode():
+        assert same(mlp(x), want[order[-1]])
 
 
 @needs_torch

@@ -1434,3 +1434,61 @@ def test_ragged_lists_raise_shape_error_naming_the_argument():
     same = NeuronCache(10, capacity=3)
     same.record(np.array(mask))
     assert cache.stats() == same.stats() != NeuronCache(10, capacity=3).stats()
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_sees_every_replacement_of_a_weight(method):
+    # The Rust copy was keyed on the parameters' versions, which `p.data = w`
+    # does not bump (nor a cast of one layer alone, which assigns p.data, nor
+    # a new Parameter object, whose versions were never looked at): the calls
+    # after such a change kept computing with the old weights.
+    import copy
+    import pickle
+
+    import torch
+    from torch import nn
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    d = h = 48  # (square weights: a transposed view keeps storage, address and shape)
+    layers = [nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False),
+              nn.Linear(h, d, bias=False)]  # fmt: skip
+    mlp = SparseMLP(*layers, "silu", threshold=0.05, method=method, t_in=0.1)
+    x = torch.randn(1, 1, d)
+
+    def built_now() -> torch.Tensor:
+        """The call of a module around the same layers, its copy built now."""
+        return SparseMLP(mlp.gate, mlp.up, mlp.down, "silu", threshold=0.05, method=method,
+                         t_in=0.1)(x)  # fmt: skip
+
+    memory = np.random.default_rng(0).standard_normal((h, d), dtype=np.float32)
+    changes = {
+        "p.data = w": lambda: setattr(mlp.up.weight, "data", torch.randn(h, d)),
+        "a new Parameter": lambda: setattr(mlp.down, "weight", nn.Parameter(torch.randn(d, h))),
+        "a cast of one layer": lambda: mlp.gate.half(),  # (rounds the weights)
+        "a transposed view": lambda: setattr(mlp.up.weight, "data", mlp.up.weight.data.t()),
+        "numpy memory": lambda: setattr(mlp.down.weight, "data", torch.from_numpy(memory)),
+        # New data at the very address (and shape, dtype, version) of the
+        # freed one: the old storage is gone, so its key matches nothing.
+        "other values where freed ones were": lambda: (
+            memory.__setitem__(slice(None), -memory),
+            setattr(mlp.down.weight, "data", torch.from_numpy(memory)),
+        ),
+    }
+    with torch.no_grad():
+        y = mlp(x)
+        for name, change in changes.items():
+            change()
+            want = built_now()
+            assert not torch.equal(want, y), name  # (the change changes the result)
+            y = mlp(x)
+            assert torch.equal(y, want), name
+        # Unchanged weights: the copy stays (built once, not on every call).
+        ffn = mlp.rust_ffn()
+        assert torch.equal(mlp(x), y) and mlp.rust_ffn() is ffn
+        # The copy is not pickled nor deep-copied (its key holds weak
+        # references); the copies build their own.
+        for other in (pickle.loads(pickle.dumps(mlp)), copy.deepcopy(mlp)):
+            assert other._rust is None and torch.equal(other(x), y)
+            assert other.rust_ffn() is not ffn

@@ -315,6 +315,66 @@ def test_scores_that_may_overflow_float32_are_rejected():
         ix.search(q, 0.0)
 
 
+def test_a_refused_add_keeps_the_core_error_and_the_overflow_bound():
+    # add raises the key-norm bound before the core appends (so a search
+    # beside it never sees keys beyond the bound, tests/test_concurrency.py):
+    # keys the core refuses still get its error, and the bound goes back, so
+    # searches of large queries keep the cheap check.
+    ix = RangeIndex(low_rank(300, 8, 2, 1))
+    bound = ix._key_bound
+    q = np.full((2, 8), 1e18, np.float32)  # (fine with these keys; not with 1e30 ones)
+    want = ix.search(q, 0.0)
+    for bad, error, match in [
+        (np.ones(8, np.float32), neuropil.ShapeError, r"\(m, d\); got \(8,\)"),
+        (np.full((2, 9), 1e30, np.float32), neuropil.ShapeError, r"\(m, 8\) to match"),
+        (np.full((2, 8), np.nan, np.float32), neuropil.ArgumentError, "finite"),
+        (np.full((2, 8), np.inf, np.float32), neuropil.ArgumentError, "finite"),
+        (np.array([["a"] * 8]), neuropil.DTypeError, "got <U1"),
+        (np.ones((2, 8), np.int32), neuropil.DTypeError, "got int32"),
+        ([[1e30] * 7], neuropil.ShapeError, r"got \(1, 7\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            ix.add(bad)
+        assert ix._key_bound == bound and len(ix) == 300
+    for a, b in zip(ix.search(q, 0.0), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    ix.add(np.zeros((0, 8), np.float32))  # (nothing appended)
+    assert ix._key_bound == bound
+    ix.add(np.full((1, 8), 1e30, np.float32))
+    assert ix._key_bound >= 1e30 * math.sqrt(8)
+    with pytest.raises(neuropil.ArgumentError, match="within float32"):
+        ix.search(q, 0.0)
+
+
+def test_torch_path_copies_and_pickles_with_a_lock_of_its_own():
+    # The torch path (CUDA's; CPU tensors here) holds a lock for its adds: a
+    # copy, a deep copy or an unpickled one gets a fresh lock (a lock does not
+    # pickle) and its own keys.
+    import copy
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    from neuropil.range import _TorchRange
+
+    keys = torch.from_numpy(low_rank(100, 8, 2, 1))
+    tr = _TorchRange(keys)
+    tr.add(keys[:7] * 2)
+    want = tr.snapshot()
+    for other in (tr.copy(), copy.deepcopy(tr), pickle.loads(pickle.dumps(tr))):
+        assert other._lock is not tr._lock and not other._lock.locked()
+        got = other.snapshot()
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:] == (107, want[2])
+        other.add(keys[:3])
+        assert other.snapshot()[1] == 110 and tr.snapshot()[1] == 107
+    ix = RangeIndex(keys.numpy())
+    ix._native, ix._torch = None, tr
+    twin = ix._copy()
+    assert twin._lock is not ix._lock and twin._torch._lock is not tr._lock
+    twin.add(keys[:1])
+    assert (len(twin), len(ix)) == (108, 107)
+    assert torch.equal(ix.keys(), want[0]) and ix.keys() is not want[0]
+
+
 def test_torch_cpu_inputs_give_tensors():
     torch = pytest.importorskip("torch")
     keys = low_rank(200, 16, 2, 3)

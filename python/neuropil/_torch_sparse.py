@@ -25,6 +25,7 @@ Execution paths (same masking, same result up to float rounding):
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,13 +75,17 @@ class SparseMLP(nn.Module):
     uses the values last read, and the setters and state loads read them).
     Casts (``.half()``) leave it float32. The Rust kernel's copy of the
     weights is built on the first CPU call that uses it, and built again when
-    a weight changes: a state load, a move or cast, or an in-place update of a
-    parameter (``p.add_``, ``p.copy_``, an optimizer step; a write through
-    ``p.data`` is not seen). Threads may call one module at once (a server
-    decoding several requests): they share the Rust copy, which a call only
-    reads (its thresholds go with the call); a change of the calibration, the
-    method or the weights from another thread gives each call the
-    configuration before or after it.
+    a weight changes: a state load, a move or cast (of this module or of a
+    layer alone), a parameter replaced (``p.data = w``, ``lin.weight =
+    nn.Parameter(w)``), or an in-place update of a parameter (``p.add_``,
+    ``p.copy_``, an optimizer step; an in-place write through ``p.data``,
+    ``p.data.copy_(w)``, is not seen: torch counts no version for it). It is
+    not pickled (nor deep-copied): a copy builds its own. Threads may call
+    one module at once (a server decoding several requests): they share the
+    Rust copy, which a call only reads (its thresholds go with the call); a
+    change of the calibration, the method or a weight from another thread
+    gives each call the configuration before or after it, and every call
+    that starts after a change uses the new weights.
 
     Args:
         gate: ``nn.Linear`` (h <- d) or None.
@@ -127,7 +132,8 @@ class SparseMLP(nn.Module):
         self.activation = "silu" if activation == "swish" else activation
         self.rust_max_rows = rust_max_rows
         # ``(key, ffn)``: the Rust copy and what it was built from (method,
-        # layers, held parameters and their versions), or None. One tuple, read
+        # layers, and each held weight's storage, place and version: see
+        # _weights), or None. One tuple, read
         # once per call and replaced whole, so a thread that rebuilds or drops it
         # (a weight update, a state load, a method change) never leaves another
         # thread's call with one half of the pair.
@@ -240,25 +246,30 @@ class SparseMLP(nn.Module):
     def down(self) -> nn.Linear:
         return self._layer(2)
 
-    def _held_params(self) -> list[Any]:
-        """The parameters the Rust copy holds: the weights, an ungated up's
-        bias, down's bias."""
-        gate, up, down = self._layer(0), self._layer(1), self._layer(2)
-        held = [lin._parameters.get("weight") for lin in (gate, up, down) if lin is not None]
-        held += [down._parameters.get("bias"), None if gate else up._parameters.get("bias")]
-        return [p for p in held if p is not None]
+    @staticmethod
+    def _held_params(layers: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        """The parameters the Rust copy of ``layers`` (gate, up, down) holds,
+        None where there is none: the three weights, down's bias, an ungated
+        up's bias."""
+        gate, up, down = layers
+        return (
+            None if gate is None else gate._parameters.get("weight"),
+            up._parameters.get("weight"),
+            down._parameters.get("weight"),
+            down._parameters.get("bias"),
+            None if gate is not None else up._parameters.get("bias"),
+        )
 
     def _fresh(self, key: Any) -> bool:
         """Whether a Rust copy built at ``key`` still matches the weights: the
-        same layers, and no in-place write since (torch bumps a tensor's
-        ``_version`` on each; tensors made under ``torch.inference_mode`` have
-        none, and are taken as unchanged)."""
-        _, layers, params, versions = key
+        same layers, holding parameters whose data is the very data the copy
+        was read from (see :func:`_weights`), with no in-place write since."""
+        _, layers, weights = key
         return (
             self._layer(0) is layers[0]
             and self._layer(1) is layers[1]
             and self._layer(2) is layers[2]
-            and _versions(params) == versions
+            and _same_weights(self._held_params(layers), weights)
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
@@ -275,6 +286,14 @@ class SparseMLP(nn.Module):
             self._buffers[_CONFIG] = new = _config_tensor(cfg, old.dtype, new.device)
             self._seen = (new, _version(new), cfg)
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Rust copy stays behind (its key holds weak references, which do
+        # not pickle, and the copy would duplicate the weights in the file):
+        # the unpickled or deep-copied module builds its own on its first call.
+        state = super().__getstate__()
+        state["_rust"] = None
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A module pickled before the Rust copy became ``_rust`` (``torch.save``
@@ -387,31 +406,26 @@ class SparseMLP(nn.Module):
         """:meth:`rust_ffn` for ``method`` (the one the calling forward read).
 
         Threads calling at once may both build a copy (the last one stays);
-        each call uses the copy it built or found, of its own method. The
-        versions are read before the weights, so a write during a build makes
-        the next call build again."""
+        each call uses the copy it built or found, of its own method. The copy
+        is read from the tensors the key describes, taken once (``detach``:
+        the data a parameter holds at that moment, whatever another thread
+        assigns to it later), so a replacement of a weight during a build
+        cannot pair one weight's key with another's values; versions are
+        read before the values, so an in-place write during a build makes the
+        next call build again."""
         cur = self._rust
         if cur is not None and cur[0][0] == method and self._fresh(cur[0]):
             return cur[1]
-        held = self._held_params()
         layers = (self._layer(0), self._layer(1), self._layer(2))
-        key = (method, layers, held, _versions(held))
+        data = [None if p is None else p.detach() for p in self._held_params(layers)]
+        key = (method, layers, _weights(data))  # (before the values are read)
         ffn = None
         if self._plain(layers):
             from .neurons import InputSparseFFN, SparseFFN
 
-            def w(lin: nn.Linear | None) -> Any:
-                return None if lin is None else lin.weight.detach().float().cpu().numpy()
-
-            def b(lin: nn.Linear) -> Any:
-                return None if lin.bias is None else lin.bias.detach().float().cpu().numpy()
-
-            gate, up, down = layers
+            g, u, d, d_bias, u_bias = (None if t is None else t.float().cpu().numpy() for t in data)
             cls = InputSparseFFN if method == "teal" else SparseFFN
-            ffn = cls(
-                w(gate), w(up), w(down), activation=self.activation,
-                up_bias=b(up) if gate is None else None, down_bias=b(down),
-            )  # fmt: skip
+            ffn = cls(g, u, d, activation=self.activation, up_bias=u_bias, down_bias=d_bias)
         self._rust = (key, ffn)
         return ffn
 
@@ -517,8 +531,57 @@ def _parse_config(
     return (_METHODS[int(m)], *(None if math.isnan(v) else v for v in ts))  # type: ignore[return-value]
 
 
-def _versions(params: list[Any]) -> list[Any]:
-    return [_version(p) for p in params]
+def _weights(tensors: list[Any]) -> list[tuple[Any, ...] | None]:
+    """What identifies each tensor's values without reading them, for
+    :func:`_same_weights`: a weak reference to its storage, where in it the
+    values are and how they are read (address, dtype, shape, strides), and its
+    version. The version alone misses a replaced parameter (``p.data = w``,
+    and ``module.to()`` / ``.half()``, which assign ``p.data``, keep ``p``'s
+    version counter); an address alone misses new data allocated where freed
+    data was (the weak reference dies with that storage, so a dead one never
+    matches) and another view of the same storage. A tensor whose storage
+    cannot be had (a wrapper subclass) gets ``()``, which never matches: built
+    again on each call. An absent tensor (None) gives None."""
+    out: list[tuple[Any, ...] | None] = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            ref = weakref.ref(t.untyped_storage())
+            out.append((ref, t.data_ptr(), t.dtype, t.shape, t.stride(), _version(t)))
+        except (RuntimeError, NotImplementedError, TypeError):
+            out.append(())
+    return out
+
+
+def _same_weights(params: tuple[Any, ...], weights: list[tuple[Any, ...] | None]) -> bool:
+    """Whether ``params`` hold the data :func:`_weights` described (a
+    parameter added, removed, replaced, moved, cast or written in place
+    since: False). Run on every token, so no tuples built and no helper
+    calls: about 0.5 us a weight (a check of its version alone took 0.1 us)."""
+    for p, w in zip(params, weights, strict=True):
+        if w is None:
+            if p is not None:
+                return False
+            continue
+        if p is None or not w:
+            return False
+        ref, ptr, dtype, shape, stride, version = w
+        try:
+            v = p._version
+        except RuntimeError:  # (an inference tensor: see _version)
+            v = None
+        if (
+            v != version
+            or ref() is not p.untyped_storage()
+            or p.data_ptr() != ptr
+            or p.dtype is not dtype
+            or p.shape != shape
+            or p.stride() != stride
+        ):
+            return False
+    return True
 
 
 def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -133,12 +134,17 @@ class RangeIndex:
         self._native: Any = None
         #: Builds before this object's own (a copy's), added to ``stats["builds"]``.
         self._builds_base = 0
-        #: An upper bound of the key norms so far, sqrt(d) max |k_i| (cheap:
-        #: the float32 overflow check of queries, exact only near the limit).
+        #: CPU index: an upper bound of the key norms so far, sqrt(d) max |k_i|
+        #: (cheap: the float32 overflow check of queries, exact only near the
+        #: limit). Never below the norm of a key a search can see: :meth:`add`
+        #: raises it before its keys become visible. (The torch path keeps its
+        #: bound with its keys, in one snapshot.)
         self._key_bound = 0.0
+        #: Serialises :meth:`add` (the bound's raise, the core's append, and
+        #: the bound's restore if the append fails); searches never take it.
+        self._lock = threading.Lock()
         if _is_cuda(keys):
             self._torch = _TorchRange(keys)
-            self._key_bound = _norm_bound(self._torch.keys)
         else:
             host = _host(keys, "keys")
             self._native = _native._RangeIndex(host, **self._params)
@@ -178,8 +184,10 @@ class RangeIndex:
             return self._torch.search(queries, thresholds, self)
         q = _host(queries, "queries")
         t = _thresholds(thresholds, q)
-        lims, ids, scores, scanned, work = self._native.search(q, t)
-        self._check_overflow(q)
+        native = self._native
+        lims, ids, scores, scanned, work = native.search(q, t)
+        # (the bound read after the search: see _check_overflow)
+        self._check_overflow(q, self._key_bound, native.keys)
         self.last_scanned = scanned
         self.last_work = work
         return _like(queries, want_torch, lims, ids, scores)
@@ -207,8 +215,9 @@ class RangeIndex:
         if self._torch is not None:
             return self._torch.topk(queries, int(k), self)
         q = _host(queries, "queries")
-        ids, scores, scanned = self._native.topk(q, int(k))
-        self._check_overflow(q)
+        native = self._native
+        ids, scores, scanned = native.topk(q, int(k))
+        self._check_overflow(q, self._key_bound, native.keys)
         self.last_scanned = scanned
         return _like(queries, _is_torch(queries), ids, scores)
 
@@ -218,22 +227,40 @@ class RangeIndex:
         ``m`` may be 0: nothing is appended (the index must be built from at
         least one key, more may come in any number)."""
         if self._torch is not None:
-            added = self._torch.add(keys)
-            self._key_bound = max(self._key_bound, _norm_bound(added))
-        else:
-            host = _host(keys, "keys")
-            self._native.add(host)
-            self._key_bound = max(self._key_bound, _norm_bound(host))
+            self._torch.add(keys)
+            return
+        host = _host(keys, "keys")
+        with self._lock:
+            before = self._key_bound
+            # Raised before the core appends: a search that sees the new keys
+            # (the bound is read after the search) is checked against them. A
+            # search in between sees a bound too large for its keys, which only
+            # sends it to the exact check of the keys it searched (no false error).
+            self._key_bound = max(before, _added_bound(host))
+            try:
+                self._native.add(host)
+            except BaseException:
+                # Nothing was appended; adds hold the lock, so no other add
+                # raised the bound meanwhile and the old one still covers every key.
+                self._key_bound = before
+                raise
 
-    def _check_overflow(self, q: Any) -> None:
+    def _check_overflow(self, q: Any, bound: float, keys: Any) -> None:
         """Raises if some ``q . k`` (or a partial sum) may overflow float32;
         ``q`` has passed the core's checks (2-D, float, finite). A per-call
         cost of decoding (one search per head and token): the bounds
-        ``sqrt(d) max |x_i|`` first (~1 us), the exact norms only near the limit."""
-        if _norm_bound(q) * self._key_bound * _ROUNDING <= _F32_MAX:
+        ``sqrt(d) max |x_i|`` first (~1 us), the exact norms only near the limit.
+
+        ``bound`` and ``keys`` (a callable giving them: a copy on the CPU) must
+        cover every key the search scored: the torch path's snapshot, or on
+        the CPU the core searched, with the bound read after the search (keys
+        are only ever added, and each add raises the bound before its keys
+        become visible). A key added after the search may count too: its
+        error is the one an add before the search would give."""
+        if _norm_bound(q) * bound * _ROUNDING <= _F32_MAX:
             return
         qn = _max_norm(q)
-        kn = _max_norm(self._torch.keys if self._torch is not None else self._native.keys())
+        kn = _max_norm(keys())
         if qn * kn * _ROUNDING > _F32_MAX:
             raise ArgumentError(
                 "queries and keys must keep q . k within float32 "
@@ -249,13 +276,17 @@ class RangeIndex:
         new = object.__new__(RangeIndex)
         new.__dict__.update(self.__dict__)
         new._params = dict(self._params)
+        new._lock = threading.Lock()  # (its own: adds to the copy don't wait on this one's)
         for name in _LAST:
             if name in self.__dict__:
                 setattr(new, name, np.array(self.__dict__[name]))
         if self._torch is not None:
-            new._torch = _TorchRange(self._torch.keys[: self._torch.n].clone())
+            new._torch = self._torch.copy()
         else:
             new._native = self._native.copy()
+            # Read after the copy of the keys (the dict's may predate an add
+            # that appended more of them): it covers every key copied.
+            new._key_bound = self._key_bound
         return new
 
     def rebuild(self) -> None:
@@ -266,7 +297,7 @@ class RangeIndex:
     def keys(self) -> Any:
         """Every key, ``(n, d)`` float32, by id (a copy)."""
         if self._torch is not None:
-            return self._torch.keys[: self._torch.n].clone()
+            return self._torch.snapshot()[0].clone()
         return self._native.keys()
 
     @property
@@ -281,10 +312,10 @@ class RangeIndex:
     @property
     def device(self) -> str:
         """``"cpu"`` or the torch device the keys live on."""
-        return str(self._torch.keys.device) if self._torch is not None else "cpu"
+        return str(self._torch.device) if self._torch is not None else "cpu"
 
     def __len__(self) -> int:
-        return self._torch.n if self._torch is not None else len(self._native)
+        return self._torch.snapshot()[1] if self._torch is not None else len(self._native)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -295,7 +326,7 @@ class RangeIndex:
         a full scan's) and the build parameters."""
         if self._torch is not None:
             return {
-                "n": self._torch.n,
+                "n": self._torch.snapshot()[1],
                 "d": self._torch.d,
                 "method": "torch-dense",
                 "device": self.device,
@@ -378,7 +409,7 @@ class RangeIndex:
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         if self._torch is not None:
-            keys = self._torch.keys[: self._torch.n].cpu().numpy()
+            keys = self._torch.snapshot()[0].cpu().numpy()
             indexed, builds = 0, 0
         else:
             # One lock: keys, the tree's share and the build count agree even
@@ -494,6 +525,18 @@ def _max_norm(x: Any) -> float:
     if a.dtype.kind != "f":
         a = a.astype(np.float64)
     return float(np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64).max()))
+
+
+def _added_bound(x: Any) -> float:
+    """:func:`_norm_bound` of keys to append, before the core has checked them:
+    Inf when it cannot be computed or is not a number (keys the core refuses,
+    whose add then restores the bound; were one accepted, the bound would
+    stay Inf: every search checked exactly, none unchecked)."""
+    try:
+        b = _norm_bound(x)
+    except Exception:  # not 2-D, not numeric...: the core says what is wrong
+        return math.inf
+    return b if b == b else math.inf  # (NaN: max() would keep the old bound)
 
 
 def _norm_bound(x: Any) -> float:
@@ -658,7 +701,18 @@ def _like(src: Any, want_torch: bool, *arrays: Any) -> tuple[Any, ...]:
 
 
 class _TorchRange:
-    """The CUDA path: keys on the device, exact scores by dense matmul."""
+    """The CUDA path: keys on the device, exact scores by dense matmul.
+
+    Threads may share one. ``_snap`` is ``(buffer, n, bound)``: the key buffer
+    (grown by doubling), the count of keys in it (its first ``n`` rows) and
+    ``sqrt(d) max |k_i|`` over them, one tuple replaced whole by :meth:`add`
+    under ``_lock``. A search reads it once and works on that state alone,
+    with no lock held over its device work; an add writes only rows past every
+    published ``n`` (or a new buffer), which no search reads. (Device work is
+    ordered by stream: threads on one stream, torch's default, see an add's
+    rows written before the snapshot that counts them; a thread searching on
+    a stream of its own must order it after the adds, as for any tensor.)
+    """
 
     def __init__(self, keys: Any) -> None:
         import torch
@@ -674,8 +728,32 @@ class _TorchRange:
         keys = keys.detach().to(torch.float32).contiguous()
         if not torch.isfinite(keys).all():
             raise ArgumentError("keys must be finite (no NaN or Inf)")
-        self.keys = keys
-        self.n, self.d = keys.shape
+        self.__setstate__({"keys": keys, "bound": _norm_bound(keys)})
+
+    def snapshot(self) -> tuple[Any, int, float]:
+        """``(keys, n, bound)`` of one state: the ``(n, d)`` keys (a view of
+        the buffer, not a copy) and an upper bound of their norms."""
+        buf, n, bound = self._snap
+        return buf[:n], n, bound
+
+    def copy(self) -> _TorchRange:
+        """An independent copy (the keys cloned, a lock of its own)."""
+        keys, _, bound = self.snapshot()
+        new = object.__new__(_TorchRange)
+        new.__setstate__({"keys": keys.clone(), "bound": bound})
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (never the lock, which does not pickle: a fresh one on unpickling)
+        keys, _, bound = self.snapshot()
+        return {"keys": keys.clone(), "bound": bound}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        keys = state["keys"]
+        self.d = keys.shape[1]
+        self.device = keys.device
+        self._lock = threading.Lock()
+        self._snap = (keys, keys.shape[0], state["bound"])
 
     def _q(self, queries: Any) -> Any:
         import torch
@@ -689,18 +767,20 @@ class _TorchRange:
             raise ShapeError(
                 f"queries must have shape (nq, {self.d}) to match the keys; got {tuple(q.shape)}"
             )
-        q = q.to(self.keys.device, torch.float32)
+        q = q.to(self.device, torch.float32)
         if not torch.isfinite(q).all():
             raise ArgumentError("queries must be finite (no NaN or Inf)")
         return q
 
-    def scores(self, q: Any) -> Any:
+    @staticmethod
+    def scores(q: Any, keys: Any) -> Any:
         with no_tf32():
-            return q @ self.keys[: self.n].T
+            return q @ keys.T
 
     def search(self, queries: Any, thresholds: Any, owner: RangeIndex) -> tuple[Any, Any, Any]:
         import torch
 
+        keys, _, bound = self.snapshot()
         q = self._q(queries)
         # (a float tensor stays on its device; integers are converted as on the CPU)
         floats = _is_torch(thresholds) and thresholds.is_floating_point()
@@ -719,8 +799,8 @@ class _TorchRange:
             )
         if not torch.isfinite(t).all():
             raise ArgumentError("thresholds must be finite (no NaN or Inf)")
-        owner._check_overflow(q)
-        s = self.scores(q)
+        owner._check_overflow(q, bound, lambda: keys)
+        s = self.scores(q, keys)
         rows, ids = torch.nonzero(s >= t[:, None], as_tuple=True)
         counts = torch.bincount(rows, minlength=q.shape[0])
         lims = torch.zeros(q.shape[0] + 1, dtype=torch.int64, device=q.device)
@@ -729,11 +809,12 @@ class _TorchRange:
         return lims, ids.to(torch.int64), s[rows, ids]
 
     def topk(self, queries: Any, k: int, owner: RangeIndex) -> tuple[Any, Any]:
+        keys, n, bound = self.snapshot()
         q = self._q(queries)
-        if not 1 <= k <= self.n:
-            raise ArgumentError(f"k must be between 1 and the number of keys ({self.n}); got {k}")
-        owner._check_overflow(q)
-        s, ids = self.scores(q).topk(k, dim=1)
+        if not 1 <= k <= n:
+            raise ArgumentError(f"k must be between 1 and the number of keys ({n}); got {k}")
+        owner._check_overflow(q, bound, lambda: keys)
+        s, ids = self.scores(q, keys).topk(k, dim=1)
         owner.last_scanned = np.ones(q.shape[0], dtype=np.float32)
         return ids, s
 
@@ -746,15 +827,19 @@ class _TorchRange:
             raise ShapeError(
                 f"keys must have shape (m, {self.d}) to match the index; got {tuple(k.shape)}"
             )
-        k = k.to(self.keys.device, torch.float32)
+        k = k.to(self.device, torch.float32)
         if not torch.isfinite(k).all():
             raise ArgumentError("keys must be finite (no NaN or Inf)")
+        bound = _norm_bound(k)
         m = k.shape[0]
-        if self.n + m > self.keys.shape[0]:
-            cap = max(self.n + m, 2 * self.keys.shape[0])
-            grown = torch.empty(cap, self.d, dtype=torch.float32, device=self.keys.device)
-            grown[: self.n] = self.keys[: self.n]
-            self.keys = grown
-        self.keys[self.n : self.n + m] = k
-        self.n += m
+        with self._lock:  # (adds one at a time: each appends after the last one's rows)
+            buf, n, old = self._snap
+            if n + m > buf.shape[0]:
+                cap = max(n + m, 2 * buf.shape[0])
+                grown = torch.empty(cap, self.d, dtype=torch.float32, device=self.device)
+                grown[:n] = buf[:n]
+                buf = grown
+            buf[n : n + m] = k
+            # Published once the rows are in: keys, count and bound together.
+            self._snap = (buf, n + m, max(old, bound))
         return k
