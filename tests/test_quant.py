@@ -1753,3 +1753,242 @@ def test_matvec_of_an_empty_torch_batch_is_an_empty_tensor():
         y = q.matvec(torch.zeros(0, 96, dtype=dtype))
         assert isinstance(y, torch.Tensor)
         assert y.shape == (0, 24) and y.dtype == torch.float32
+
+
+def _bf16_model():
+    """A seeded bfloat16 model with an embedding, a norm, biases and three linears."""
+    import torch
+
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(300, 128),
+        torch.nn.LayerNorm(128),
+        torch.nn.Linear(128, 256),
+        torch.nn.Linear(256, 128),
+        torch.nn.Linear(128, 64, bias=False),
+    ).to(torch.bfloat16)
+
+
+def _save_widened(model, path):
+    """What save_quantized wrote while it widened bfloat16: every float tensor
+    of the state other than the packed layers' buffers as float32."""
+    from neuropil.torch import QuantizedLinear
+
+    entries, covered = {}, set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            entries[f"{name}.weight"] = mod.quantized()
+            covered.update(f"{name}.{b}" for b in ("qdata", "scales", "mins", "_extra_state"))
+    for key, t in model.state_dict().items():
+        if key not in covered:
+            entries[key] = t.detach().float().numpy() if t.is_floating_point() else t.numpy()
+    save_file(path, entries)
+
+
+def _bits(t):
+    """A tensor's bit patterns (int16 for bfloat16/float16, int32 for float32)."""
+    import torch
+
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def test_save_quantized_writes_a_bf16_models_float_tensors_as_bf16(tmp_path):
+    # save_quantized widened every bfloat16 tensor (embedding, norm, biases,
+    # layers kept in float) to float32: twice the bytes. Now they are BF16, bit
+    # for bit, as safetensors' own reader sees them; the file is that much smaller.
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    from neuropil.torch import QuantizedLinear, quantize_model, save_quantized
+
+    model = quantize_model(_bf16_model(), bits=4, group_size=64, skip=["3", "4"])
+    assert isinstance(model[2], QuantizedLinear) and type(model[3]) is torch.nn.Linear
+    path, widened = tmp_path / "bf16.safetensors", tmp_path / "widened.safetensors"
+    save_quantized(model, path)
+    _save_widened(model, widened)
+    state = model.state_dict()
+    bf16 = {k: t for k, t in state.items() if t.dtype == torch.bfloat16}
+    assert sorted(bf16) == ["0.weight", "1.bias", "1.weight", "3.bias", "3.weight", "4.weight"]
+    with safe_open(str(path), framework="pt") as f:
+        packed = ["2.weight.qdata", "2.weight.scales", "2.weight.mins", "2.bias"]
+        assert sorted(f.keys()) == sorted([*bf16, *packed])
+        for key, t in bf16.items():
+            got = f.get_tensor(key)
+            assert got.dtype == torch.bfloat16, key
+            assert torch.equal(_bits(got), _bits(t)), key
+        # the packed layer's own tensors are as before (its bias is float32 in the module)
+        assert f.get_tensor("2.bias").dtype == torch.float32
+        assert f.get_tensor("2.weight.scales").dtype == torch.float16
+    values = sum(t.numel() for t in bf16.values())  # 2 bytes less each; headers differ a little
+    saved = widened.stat().st_size - 2 * values
+    assert saved <= path.stat().st_size <= saved + 8 * len(state)
+    assert path.stat().st_size < 0.6 * widened.stat().st_size
+
+
+def test_load_quantized_gives_back_bf16_values_exactly_from_new_and_old_files(tmp_path):
+    # Into a bfloat16 model the file's BF16 bits as they are; into a float32
+    # model the same values widened exactly. A file written while bfloat16 was
+    # widened to float32 loads to the same values as before.
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    from neuropil.torch import QuantizedLinear, load_quantized, quantize_model, save_quantized
+
+    model = quantize_model(_bf16_model(), bits=8, group_size=64, skip=["3"])
+    path, widened = tmp_path / "bf16.safetensors", tmp_path / "widened.safetensors"
+    save_quantized(model, path)
+    _save_widened(model, widened)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("3.weight").dtype == torch.bfloat16
+    ids = torch.tensor([[1, 7, 299, 42]])
+    ref = model(ids)
+    want = {k: t for k, t in model.state_dict().items() if t.is_floating_point()}
+    for file in (path, widened):
+        for dtype in (torch.bfloat16, torch.float32):
+            fresh = _bf16_model().to(dtype)
+            with torch.no_grad():
+                for p in fresh.parameters():
+                    p.fill_(0.5)  # nothing of the file's values left by chance
+            load_quantized(fresh, file)
+            assert isinstance(fresh[2], QuantizedLinear) and isinstance(fresh[4], QuantizedLinear)
+            got = fresh.state_dict()
+            for key, t in want.items():
+                if t.dtype != torch.bfloat16:  # the packed layers' scales, their float32 bias
+                    assert torch.equal(got[key], t), (file.name, key)
+                    continue
+                assert got[key].dtype == dtype, (file.name, key)
+                assert torch.equal(_bits(got[key]), _bits(t.to(dtype))), (file.name, key)
+            if dtype is torch.bfloat16:
+                assert torch.equal(_bits(fresh(ids)), _bits(ref)), file.name
+
+
+def test_a_bf16_transformers_model_saves_bf16_and_loads_back_exactly(tmp_path):
+    # A tiny Llama in bfloat16 with lm_head kept in float: the norms, the
+    # embeddings and lm_head are BF16 in the file (not float32) and come back
+    # bit for bit, with the same logits.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    from neuropil.torch import load_quantized, quantize_model, save_quantized
+
+    model = quantize_model(_tiny_llama_lm().to(torch.bfloat16), bits=4, group_size=32,
+                           skip=["lm_head"])  # fmt: skip
+    path = tmp_path / "llama.safetensors"
+    save_quantized(model, path)
+    bf16 = {k: t for k, t in model.state_dict().items() if t.dtype == torch.bfloat16}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(bf16)
+    with safe_open(str(path), framework="pt") as f:
+        for key, t in bf16.items():
+            assert f.get_tensor(key).dtype == torch.bfloat16, key
+            assert torch.equal(_bits(f.get_tensor(key)), _bits(t)), key
+    fresh = _tiny_llama_lm().to(torch.bfloat16)
+    load_quantized(fresh, path)
+    got = fresh.state_dict()
+    for key, t in bf16.items():
+        assert got[key].dtype == torch.bfloat16 and torch.equal(_bits(got[key]), _bits(t)), key
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(_bits(fresh(ids).logits), _bits(model(ids).logits))
+    wide = load_quantized(_tiny_llama_lm(), path)  # a float32 model: widened exactly
+    for key, t in bf16.items():
+        assert wide.state_dict()[key].dtype == torch.float32
+        assert torch.equal(wide.state_dict()[key], t.float()), key
+
+
+def test_save_file_stores_torch_bf16_as_bf16_and_load_file_reads_it_as_float32(tmp_path):
+    # save_file wrote a torch bfloat16 tensor as float32. Now BF16, bit for bit
+    # (NaN payloads, -0.0, infinities, subnormals; a strided view, a 0-d
+    # tensor); float16 and float32 stay as they were. load_file (numpy: no
+    # bfloat16) returns float32 arrays of the same values, as it documents.
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    special = torch.tensor([0x7FC1, -0x0001, 0x7F80, -0x0080, 0x0001, -0x8000, 0x3F80, 0x0000],
+                           dtype=torch.int16).view(torch.bfloat16)  # fmt: skip
+    grid = torch.randn(6, 10).bfloat16()
+    entries = {
+        "special": special,
+        "strided": grid[::2, 1::3],
+        "scalar": torch.tensor(-1.5, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "param": torch.nn.Parameter(grid.clone()),  # requires grad
+        "half": torch.randn(5).half(),
+        "single": torch.randn(5),
+        "np16": np.linspace(0, 1, 5, dtype=np.float16),
+    }
+    path = tmp_path / "plain.safetensors"
+    save_file(path, entries)
+    dtypes = {"half": torch.float16, "single": torch.float32, "np16": torch.float16}
+    with safe_open(str(path), framework="pt") as f:
+        for key, v in entries.items():
+            got = f.get_tensor(key)
+            want = torch.from_numpy(v) if isinstance(v, np.ndarray) else v.detach()
+            assert got.dtype == dtypes.get(key, torch.bfloat16), key
+            assert got.shape == want.shape and torch.equal(_bits(got), _bits(want)), key
+    back = load_file(path)
+    for key, v in entries.items():
+        if key in dtypes:
+            continue
+        assert back[key].dtype == np.float32 and back[key].shape == tuple(v.shape), key
+        want = v.detach().float().numpy()
+        assert np.array_equal(back[key].view(np.uint32), want.view(np.uint32)), key
+
+
+def test_saving_bf16_makes_no_float32_copy_and_loading_none_either(tmp_path):
+    # Widening built a float32 copy of every bfloat16 tensor (plus its bytes)
+    # to write it; the bits are written from the tensor's own memory now, and
+    # load_quantized reads them back as bfloat16.
+    import tracemalloc
+
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import load_quantized, save_quantized
+
+    table = torch.nn.Embedding(1 << 15, 128).to(torch.bfloat16)  # 8 MiB as bfloat16
+    nbytes = table.weight.numel() * 2
+    path = tmp_path / "table.safetensors"
+    tracemalloc.start()  # sees numpy's buffers and Python's bytes, not torch's own
+    try:
+        save_quantized(table, path)
+        assert tracemalloc.get_traced_memory()[1] < nbytes // 4
+        tracemalloc.reset_peak()
+        fresh = torch.nn.Embedding(1 << 15, 128).to(torch.bfloat16)
+        load_quantized(fresh, path)
+        # the file's bytes, and each tensor's copy of them: nothing 4 bytes a value
+        assert tracemalloc.get_traced_memory()[1] < 2.5 * nbytes
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size < nbytes + 256
+    assert torch.equal(_bits(fresh.weight), _bits(table.weight))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_save_quantized_keeps_every_kept_tensors_dtype(tmp_path, dtype):
+    # save_quantized wrote every float tensor but bfloat16 as float32: a float16
+    # model's kept layers at twice their bytes, a float64 buffer rounded. Each
+    # is now stored in its own dtype, integer buffers too, and loads back exactly.
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    from neuropil.torch import load_quantized, quantize_model, save_quantized
+
+    dt = getattr(torch, dtype)
+    model = _bf16_model().to(dt)
+    model.register_buffer("steps", torch.arange(5, dtype=torch.int64))
+    model.register_buffer("fine", torch.tensor([1 / 3, 1e-300], dtype=torch.float64))
+    model = quantize_model(model, bits=4, group_size=64, skip=["3", "4"])
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, path)
+    state = model.state_dict()
+    with safe_open(str(path), framework="pt") as f:
+        for key in ("0.weight", "1.weight", "3.weight", "3.bias", "4.weight", "steps", "fine"):
+            got = f.get_tensor(key)
+            assert got.dtype == state[key].dtype, key
+            assert torch.equal(got, state[key]), key
+    fresh = _bf16_model().to(dt)
+    fresh.register_buffer("steps", torch.zeros(5, dtype=torch.int64))
+    fresh.register_buffer("fine", torch.zeros(2, dtype=torch.float64))
+    load_quantized(fresh, path)
+    for key, t in fresh.state_dict().items():
+        if key in state and not key.startswith("2."):
+            assert t.dtype == state[key].dtype and torch.equal(t, state[key]), key

@@ -196,7 +196,7 @@ def write(
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for a in arrays:
-            f.write(a.tobytes())
+            f.write(a.data)  # C-contiguous: its own bytes, no copy (tobytes would make one)
 
 
 def _capped_prod(values: list[int], cap: int) -> int:
@@ -312,7 +312,9 @@ def read(
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) to float32 (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    np.left_shift(wide, np.uint32(16), out=wide)  # in place: one 4-byte array, not two
+    return wide.view(np.float32)
 
 
 def save(

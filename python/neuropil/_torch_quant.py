@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _native
+from . import _native, _safetensors
 from .errors import ArgumentError, DTypeError, FormatError
 from .quant import (
     QuantizedWeights,
     ScaleDType,
     _check_skip,
+    _load_entries,
     _resolve,
     _skipped,
-    load_file,
     quantize,
     save_file,
 )
@@ -570,7 +570,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Writes a model's quantized layers and every other tensor of its state to one
-    safetensors file (the format of ``neuropil quantize``)."""
+    safetensors file (the format of ``neuropil quantize``).
+
+    A bfloat16 tensor (a bf16 model's norms, embeddings, biases, layers kept in
+    float) is stored as the safetensors dtype ``BF16``, bit for bit, from its
+    own bytes (no float32 copy); every other tensor (float16, float32,
+    float64, integer, bool; on any device) in its own dtype.
+    """
     entries: dict[str, Any] = {}
     covered: set[str] = set()
     for name, mod in model.named_modules():
@@ -579,7 +585,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
             covered.update(f"{name}.{b}" for b in ("qdata", "scales", "mins", "_extra_state"))
     for key, t in model.state_dict().items():
         if key not in covered and isinstance(t, torch.Tensor):
-            entries[key] = t.detach().float().cpu().numpy() if t.is_floating_point() else t.numpy()
+            # save_file keeps the dtype (bfloat16 as BF16 bits) and copies
+            # a device tensor to the host
+            entries[key] = t
     save_file(path, entries)
 
 
@@ -588,6 +596,13 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     each quantized ``<name>.weight`` replaces the ``nn.Linear`` ``<name>``, other
     tensors load as state. A ``transformers`` model is then marked as quantized,
     as by :func:`quantize_model` (``save_pretrained`` / ``from_pretrained`` work).
+
+    A tensor is cast to the dtype of the model's tensor it fills, as
+    ``load_state_dict`` casts: ``BF16`` ones are read as bfloat16 (into a
+    bfloat16 model bit for bit, into a float32 one widened exactly, without a
+    float32 copy of the file's tensor first); float32 ones of a bfloat16 model
+    (files saved while bfloat16 was widened to float32) round back to the
+    same bfloat16 values.
 
     Raises:
         OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
@@ -598,10 +613,13 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
             (``strict``) the other tensors of the file and the model differ:
             found after the file's tensors are loaded.
     """
-    entries = load_file(path)
+    entries = _load_entries(path, bf16_bits=True)
     plain: dict[str, torch.Tensor] = {}
     layers: dict[str, QuantizedLinear] = {}
     for key, v in entries.items():
+        if isinstance(v, _safetensors.BF16):  # the file's bits, viewed as bfloat16
+            plain[key] = torch.from_numpy(v.bits.view(np.int16)).view(torch.bfloat16)
+            continue
         if not isinstance(v, QuantizedWeights):
             plain[key] = torch.from_numpy(np.ascontiguousarray(v))
             continue

@@ -128,9 +128,10 @@ def _scale_dtype(v: Any) -> str:
 
 def _plain_array(v: Any) -> np.ndarray | _safetensors.BF16:
     """A plain (not quantized) ``save_file`` entry as numpy: a torch tensor by its
-    CPU values, detached (a layer's bias requires grad), bfloat16 as float32
-    (exact: numpy has no bfloat16); bfloat16 bits held by ``neuropil quantize``
-    (``_safetensors.BF16``) pass as they are and are stored as ``BF16``."""
+    CPU values, detached (a layer's bias requires grad), a bfloat16 one as its
+    bits (a ``uint16`` view of the tensor, no copy on the CPU: numpy has no
+    bfloat16), stored as ``BF16``; bfloat16 bits held by ``neuropil quantize``
+    (``_safetensors.BF16``) pass as they are."""
     if isinstance(v, _safetensors.BF16):
         return v
     if type(v).__module__.startswith("torch"):
@@ -138,7 +139,9 @@ def _plain_array(v: Any) -> np.ndarray | _safetensors.BF16:
 
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu()
-            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+            if t.dtype == torch.bfloat16:
+                return _safetensors.BF16(t.view(torch.int16).numpy().view(np.uint16))
+            return t.numpy()
     return np.asarray(v)
 
 
@@ -453,7 +456,8 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
     A :class:`QuantizedWeights` entry ``name`` becomes tensors ``name.qdata``,
     ``name.scales`` (and ``name.mins``) plus its format in the metadata key
     ``neuropil.quant``; a numpy array is stored as is, a torch tensor as its CPU
-    values (detached; bfloat16 as float32, exactly).
+    values in its dtype (detached; bfloat16 as the safetensors dtype ``BF16``,
+    2 bytes a value, bit for bit, as ``safetensors.torch.save_file`` stores it).
 
     Raises:
         ArgumentError: a key is not a string, is the reserved ``__metadata__``, or
@@ -509,12 +513,23 @@ def _check_names(entries: dict[str, Any]) -> None:
 def load_file(path: str | Path) -> dict[str, Any]:
     """Reads a file written by :func:`save_file`: ``{name: QuantizedWeights | ndarray}``.
 
+    Plain tensors come back in their dtype, except ``BF16`` ones (numpy has no
+    bfloat16): those are ``float32`` arrays of the same values, exactly (twice
+    the bytes; :func:`neuropil.torch.load_quantized` puts them into a model as
+    bfloat16 without that widening).
+
     Raises:
         OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
         FormatError: not safetensors, wrong format or version, a missing or
             malformed field, or buffers inconsistent with the recorded format.
     """
-    tensors, meta, _ = _safetensors.read(path, bf16_as_f32=True)
+    return _load_entries(path, bf16_bits=False)
+
+
+def _load_entries(path: str | Path, *, bf16_bits: bool) -> dict[str, Any]:
+    """:func:`load_file`; with ``bf16_bits`` a plain ``BF16`` tensor comes back
+    as its bits (``_safetensors.BF16``), not widened to float32."""
+    tensors, meta, dtypes = _safetensors.read(path, bf16_as_f32=not bf16_bits)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format must be {FORMAT!r}; got {meta.get('format')!r}")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -555,6 +570,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
         if missing:
             raise FormatError(f"{where}: missing tensors {missing}")
         used.update(keys)
+        for k in keys:  # (a quantized entry's parts are checked as load_file reads them)
+            if bf16_bits and dtypes[k] == "BF16":
+                tensors[k] = _safetensors.bf16_to_f32(tensors[k])
         scales = tensors[f"{name}.scales"]
         mins = tensors.get(f"{name}.mins")
         for arr, what in ((scales, "scales"), (mins, "mins")):
@@ -588,7 +606,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         out[name] = qw
     for name, arr in tensors.items():
         if name not in used:
-            out[name] = arr
+            out[name] = _safetensors.BF16(arr) if bf16_bits and dtypes[name] == "BF16" else arr
     return out
 
 
