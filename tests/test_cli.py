@@ -15,7 +15,7 @@ import pytest
 
 import neuropil
 from conftest import read_pipe
-from neuropil import cli, quant
+from neuropil import _safetensors, cli, quant
 
 
 def console_script() -> str:
@@ -343,6 +343,8 @@ def test_a_bfloat16_safetensors_tensor_kept_in_float_stays_bfloat16(tmp_path, ca
     np.testing.assert_array_equal(back["w"].data, quant.quantize(tensors["w"].float().numpy()).data)
     kept = {r["tensor"]: (r["from"], r["dtype"]) for r in report["kept"]}
     assert kept == {"skip.w": ("BF16", "bfloat16"), "norm": ("BF16", "bfloat16")}
+    # every row names the tensor's type in the input, quantized ones too
+    assert [(r["tensor"], r["from"]) for r in report["tensors"]] == [("w", "BF16")]
     assert report["bytes_before"] == 2 * (2 * 64 * 128 + 300)
     assert report["bytes_after"] == back["w"].memory_bytes + 2 * (64 * 128 + 300)
 
@@ -479,8 +481,7 @@ def test_gguf_float64_and_integer_tensors_are_copied_as_stored(tmp_path, capsys)
         np.testing.assert_array_equal(back[name], t)
 
 
-def _bf16_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+_bf16_f32 = _safetensors.bf16_to_f32
 
 
 def test_ctrl_c_while_saving_keeps_the_old_output_and_leaves_no_temp_file(
@@ -640,6 +641,11 @@ def test_skip_takes_gguf_names_of_the_real_smollm2_gguf(tmp_path, capsys):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert kept == {"tensor": q, "shape": [576, 576], "from": "Q4_1", "dtype": "float32"}
     assert isinstance(quant.load_file(out)[q], np.ndarray)
+    # the quantized rows name the input's type as the kept ones do (blocks
+    # carried over as they are, and the Q8_0 embedding quantized to q4_1)
+    froms = {r["tensor"]: r["from"] for r in report["tensors"]}
+    assert froms["model.layers.0.self_attn.k_proj.weight"] == "Q4_1"
+    assert froms["model.embed_tokens.weight"] == "Q8_0"
 
 
 # ------------------------------------------------------------------ data

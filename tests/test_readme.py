@@ -310,7 +310,12 @@ def test_docstring_examples_are_collected():
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
 def test_docstring_examples_run_as_written(name, tmp_path, monkeypatch, restore_threads):
-    module = importlib.import_module(name)
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:  # neuropil.membrane needs torch, an optional extra
+        if e.name != "torch":
+            raise
+        pytest.skip(f"{name} needs torch")
     monkeypatch.chdir(tmp_path)
     # globs={}: not the module's globals, which would hide a missing import.
     result = doctest.testmod(

@@ -281,9 +281,8 @@ def convert(
                 q = QuantizedWeights.from_gguf(raw, gscheme, shape)
                 out[name] = q
                 after += q.memory_bytes
-                rows.append(
-                    {"tensor": name, "shape": list(shape), "from": gscheme, "rel_error": 0.0}
-                )
+                kind = source.kinds[name]
+                rows.append({"tensor": name, "shape": list(shape), "from": kind, "rel_error": 0.0})
                 continue
             value = QuantizedWeights.from_gguf(raw, gscheme, shape).dequantize()
         bf16 = isinstance(value, _safetensors.BF16)
@@ -328,6 +327,7 @@ def convert(
             {
                 "tensor": name,
                 "shape": list(arr.shape),
+                "from": source.kinds[name],
                 "rel_error": _rel_error(arr, q.dequantize()),
             }
         )

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import DTypeError, FormatError
 
 _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("<u1"),
@@ -150,7 +150,7 @@ class BF16:
     def __init__(self, bits: np.ndarray) -> None:
         bits = np.asarray(bits)
         if bits.dtype.kind != "u" or bits.dtype.itemsize != 2:
-            raise TypeError(f"bits must be a uint16 array; got dtype {bits.dtype}")
+            raise DTypeError(f"bits must be a uint16 array; got dtype {bits.dtype}")
         self.bits = bits
 
     @property

@@ -29,8 +29,12 @@ setter leaves the legacy level, and where they contradict, the legacy getters
 (read by user code from other threads, and by some torch versions' own CUDA
 GEMMs) raise "mix of the legacy and new APIs". The user's setting is saved as those
 three parts and written back the same way, so that afterwards every getter
-reads what it read before (and raises only where it raised before). A change
-the user makes while a block is inside is overwritten when the last one leaves.
+reads what it read before (and raises only where it raised before). One
+difference remains: torch's getters answer a backend's matmul value resolved
+through its parents, so a value the user set to what the parent already said
+(cuda matmul "tf32" under a generic "tf32") comes back unset, and follows a
+later change of the parent. A change the user makes while a block is inside is
+overwritten when the last one leaves.
 """
 
 from __future__ import annotations
