@@ -334,3 +334,22 @@ def test_cuda_matmul_inside_no_tf32_is_full_float32(holder):
     other.join(TIMEOUT)
     assert other.error is None
     assert torch.get_float32_matmul_precision() == "high"
+
+
+@pytest.mark.parametrize("level", ["highest", "high", "medium"])
+def test_the_torch_before_2_9_branch_restores_the_level(monkeypatch, level):
+    # torch 2.4-2.8 have no fp32_precision: the level is the whole setting, and
+    # the arbiter saves and restores it alone. CI's torch takes the other
+    # branch, so run this one here by hiding the new API from the arbiter.
+    monkeypatch.setattr(_scoped, "_new_api", lambda torch: False)
+    torch.set_float32_matmul_precision(level)
+    outer = _scoped.tf32()
+    outer.__enter__()
+    assert torch.get_float32_matmul_precision() == "high"
+    with _scoped.no_tf32():  # exact wins while inside
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"
+    outer.__exit__(None, None, None)
+    assert torch.get_float32_matmul_precision() == level
+    assert _scoped._MODE._saved is None and _scoped._MODE._mode is None
