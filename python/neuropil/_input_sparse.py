@@ -36,10 +36,28 @@ def _as_numpy(x: Any) -> Any:
 def _threshold(name: str, v: Any) -> float | None:
     if v is None:
         return None
-    t = float(v)
+    from .neurons import _real
+
+    t = _real(name, v, "a finite value >= 0 or None")
     if not (t >= 0 and np.isfinite(t)):
         raise ArgumentError(f"{name} must be a finite value >= 0 or None; got {_shown(v)}")
     return t
+
+
+def _check_shapes(conv: list[Any]) -> None:
+    """``gate`` (h, d) and ``down`` (d, h) against ``up`` (h, d): the core gets
+    flat buffers and checks only their lengths, so a transposed ``down`` (or a
+    gate of another shape with as many values) would be read in the wrong
+    layout: a wrong answer, not an error. (Ranks and dtypes are the core's.)"""
+    gate, up, down = conv[:3]
+    shape = getattr(up, "shape", None)
+    if shape is None or len(shape) != 2:
+        return  # the core's ShapeError names up
+    h, d = shape
+    for name, a, want in (("gate", gate, (h, d)), ("down", down, (d, h))):
+        found = getattr(a, "shape", None)
+        if a is not None and found is not None and len(found) == 2 and tuple(found) != want:
+            raise ShapeError(f"{name} must have shape {want} to match up; got {tuple(found)}")
 
 
 class InputSparseFFN:
@@ -114,18 +132,21 @@ class InputSparseFFN:
         down_bias: Any = None,
         thresholds: tuple[float | None, float | None] | None = None,
     ) -> None:
-        from .neurons import _check_up_bias, _weight_dtype
+        from .neurons import _activation, _check_up_bias, _weight_dtype
 
         dtype = _weight_dtype(bits, dtype)
         _check_up_bias(gate, up_bias)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
-        # (copies: the core keeps its own, and a later change to the caller's
-        # array must not reach the torch path either)
+        _check_shapes(conv)
+        self._ffn = _native._InputSparseFfn(
+            conv[0], conv[1], conv[2], _activation(activation), dtype, conv[3], conv[4]
+        )
+        # (copies, taken after the core checked them: a string bias is a
+        # DTypeError there, not float()'s ValueError here; the core keeps its
+        # own, and a later change to the caller's array must not reach the
+        # torch path either)
         self._bias_up = None if conv[3] is None else np.array(conv[3], np.float32)
         self._bias_down = None if conv[4] is None else np.array(conv[4], np.float32)
-        self._ffn = _native._InputSparseFfn(
-            conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
-        )
         #: Counters of the object this one was copied from, added to :meth:`stats`.
         self._stats_base = dict.fromkeys(_COUNTERS, 0)
         # Bound once: the per-token call below skips the attribute chain.
@@ -136,6 +157,11 @@ class InputSparseFFN:
         # reads the pair once, never one old and one new value.
         self._t: tuple[float | None, float | None] = (None, None)
         if thresholds is not None:
+            if not isinstance(thresholds, (tuple, list)) or len(thresholds) != 2:
+                raise ArgumentError(
+                    f"thresholds must be a pair (t_in, t_hidden) of numbers or None; "
+                    f"got {_shown(thresholds)}"
+                )
             self.set_thresholds(*thresholds)
 
     @property
@@ -300,6 +326,9 @@ class InputSparseFFN:
         t_in, t_h = (None, None) if dense else self._t
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
+            from .neurons import _check_torch_x
+
+            _check_torch_x(x, self.dim)
             return self._torch_forward(x, t_in, t_h)
         a, single = self._rows(x)
         y = self._ffn.forward(a, t_in, t_h)

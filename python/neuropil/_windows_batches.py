@@ -23,6 +23,21 @@ if TYPE_CHECKING:
 __all__ = ["WindowBatches"]
 
 
+def _device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` that exists here, or ArgumentError naming it
+    (torch's own errors, at the first batch, would not name the argument)."""
+    import torch
+
+    try:
+        # (a concrete, available device: torch.device("cuda") alone succeeds
+        # without a GPU, and the first copy to it would fail)
+        return torch.empty(0, device=device).device
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ArgumentError(
+            f"device must be None or an available torch device; got {device!r} ({e})"
+        ) from None
+
+
 class WindowBatches(Iterator[dict[str, Any]]):
     """One epoch of batches of one rank; see :meth:`SlidingWindows.batches`.
 
@@ -65,18 +80,20 @@ class WindowBatches(Iterator[dict[str, Any]]):
             prefetch = 0  # kernel launches are asynchronous already
         self.device = None
         if device is not None and not self._cuda_frames:
-            import torch
-
-            self.device = torch.device(device)
+            self.device = _device(device)
             if self.device.type == "cpu":
                 self.device = None
         pin = pin_memory and sw.torch and self.device is not None
+        # No more buffers than batches, none larger than a batch can be: a
+        # prefetch or batch size past the epoch (allowed: one batch of
+        # everything) would otherwise allocate for windows that do not exist
+        # (prefetch=2**62 built a list of 2**62 buffers: a hang).
+        prefetch = min(prefetch, max(self._n - 1, 0))
+        rows = min(batch_size, per_rank)
         self._ring = prefetch + 1
         self._reuse = reuse_buffers
         self._pin = pin
-        self._slots = (
-            [sw._buffers(batch_size, pin) for _ in range(self._ring)] if reuse_buffers else []
-        )
+        self._slots = [sw._buffers(rows, pin) for _ in range(self._ring)] if reuse_buffers else []
         self._events: list[Any] = [None] * self._ring
         self._prefetch = prefetch
         self._thread: threading.Thread | None = None

@@ -51,8 +51,9 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items() if k != "BF16"}
 
 
-def _host(data: Any) -> tuple[np.ndarray, str]:
-    """A C-contiguous numpy view/copy of ``data`` and its safetensors dtype name."""
+def _host(data: Any, name: str) -> tuple[np.ndarray, str]:
+    """A C-contiguous little-endian numpy view/copy of ``data`` and its
+    safetensors dtype name; ``name`` (``frames``, ``targets['a']``) for messages."""
     if type(data).__module__.split(".")[0] == "torch":
         import torch
 
@@ -62,10 +63,18 @@ def _host(data: Any) -> tuple[np.ndarray, str]:
         arr = t.numpy()
     else:
         arr = np.ascontiguousarray(data)
-    name = _NAMES.get(arr.dtype.newbyteorder("=")) if arr.dtype.isnative else None
-    if name is None:
-        raise ArgumentError(f"save supports numeric native-endian dtypes; got {arr.dtype}")
-    return arr, name
+    if arr.dtype.byteorder not in ("=", "|", "<"):
+        # Big-endian frames are valid windows (the constructor takes them):
+        # safetensors is little-endian, so they are written converted, the
+        # same values (refusing them made a good object unsaveable).
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    st = _NAMES.get(arr.dtype.newbyteorder("="))
+    if st is None:
+        raise ArgumentError(
+            f"{name} must have a dtype safetensors stores ({', '.join(sorted(_DTYPES))}) "
+            f"to be saved; got {arr.dtype}"
+        )
+    return arr, st
 
 
 def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
@@ -80,8 +89,8 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
     else ``0o666`` minus the umask, as ``open`` would give it.
     """
     path = Path(path)
-    tensors = [("frames", *_host(sw.frames)), ("episodes", sw.episode_offsets, "I64")]
-    tensors += [(f"target.{k}", *_host(v)) for k, v in sw.targets.items()]
+    tensors = [("frames", *_host(sw.frames, "frames")), ("episodes", sw.episode_offsets, "I64")]
+    tensors += [(f"target.{k}", *_host(v, f"targets[{k!r}]")) for k, v in sw.targets.items()]
     # Widest items first (stable): with an 8-aligned data start, every tensor is aligned.
     tensors.sort(key=lambda t: -t[1].dtype.itemsize)
     header: dict[str, Any] = {

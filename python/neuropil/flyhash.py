@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, FormatError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 
 __all__ = ["BinaryIndex", "FlyHash"]
 
@@ -40,12 +40,16 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+_I64_MAX = 2**63 - 1
+
+
+def _check_int(name: str, value: Any, low: int, high: int = _I64_MAX) -> int:
+    # (the default bound is the bindings' int64: past it they raise a bare OverflowError)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ArgumentError(f"{name} must be an integer; got {_shown(value)}")
     value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    if value < low or value > high:
+        bound = f">= {low}" if value < low and high == _I64_MAX else f"in [{low}, {high}]"
         raise ArgumentError(f"{name} must be an integer {bound}; got {value}")
     return value
 
@@ -53,13 +57,38 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ArgumentError(f"{name} must be a number; got {_shown(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range (10**400)
+        raise ArgumentError(f"{name} must be a finite number; got {value}") from None
 
 
-def _rows(x: Any, name: str = "x", d: int | None = None) -> tuple[Any, bool]:
-    """``x`` as a 2-D array-like and whether it was 1-D (of length ``d``, if given)."""
+def _check_level(level: Any) -> None:
+    """``level`` is None or a name (the core checks which); other types would
+    reach the bindings and fail there without naming the argument."""
+    if level is not None and not isinstance(level, str):
+        raise ArgumentError(
+            f"level must be None or a SIMD level name ('scalar', 'avx2', 'avx512', 'neon'); "
+            f"got {_shown(level)}"
+        )
+
+
+def _rows(x: Any, name: str = "x", d: int | None = None, want: str = "floats") -> tuple[Any, bool]:
+    """``x`` as a 2-D array-like and whether it was 1-D (of length ``d``, if given).
+
+    ``want`` describes the element type in messages: a ragged list is a
+    ShapeError, and a value that is no array of numbers at all (a string,
+    None) a DTypeError naming what it is, rather than a shape ``()``."""
     if not hasattr(x, "ndim"):
-        x = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:  # ragged nested lists
+            raise ShapeError(
+                f"{name} must have shape (d,) or (n, d) of {want}; got a ragged sequence ({e})"
+            ) from None
+        if arr.ndim == 0 and arr.dtype.kind not in "biufc":
+            raise DTypeError(f"{name} must be an array of {want}; got {type(x).__name__}")
+        x = arr
     if x.ndim == 1:
         if d is not None and x.shape[0] != d:
             raise ShapeError(f"{name} must have shape ({d},) or (n, {d}); got {tuple(x.shape)}")
@@ -82,7 +111,8 @@ class FlyHash:
             (``round(connectivity * d)`` inputs per output, ``uint16`` indices and
             sign bits) or ``"seeded"`` (the ``sign`` projection of the same seed,
             regenerated during encode: nothing stored, same codes, slower).
-        connectivity: Fraction of the inputs each output of a ``sparse`` projection reads.
+        connectivity: Fraction of the inputs each output of a ``sparse`` projection reads
+            (in (0, 1], checked whatever the projection: a NaN is never kept).
         binary: ``sparse`` only: 0/1 weights (the paper's), instead of ±1.
 
     Winner-take-all keeps the ``k`` largest activations; ties go to the lowest
@@ -225,6 +255,7 @@ class FlyHash:
 
     # ------------------------------------------------------------------ encoding
     def _run(self, x: Any, want: str, level: str | None) -> Any:
+        _check_level(level)
         x2, one = _rows(x, d=self.input_dim)
         if _is_torch(x2) and x2.device.type != "cpu":
             from . import _flyhash_torch
@@ -303,9 +334,6 @@ class FlyHash:
                 its seed generates.
         """
         return cls._wrap(_native.FlyHash.load(os.fspath(path)))
-
-
-_I64_MAX = 2**63 - 1
 
 
 def _ids(ids: Any, drop_above: bool) -> Any:
@@ -393,7 +421,7 @@ class BinaryIndex:
     def _codes(codes: Any, name: str) -> Any:
         if _is_torch(codes):
             codes = codes.detach().cpu().numpy()
-        return _rows(codes, name)[0]
+        return _rows(codes, name, want="uint8 codes")[0]
 
     def add(self, codes: Any, ids: Any = None) -> None:
         """Adds ``(n, code_bytes)`` uint8 codes, with optional ``(n,)`` non-negative ids
@@ -424,6 +452,8 @@ class BinaryIndex:
             ``(distances, ids)``, both ``(nq, k)``; ids are int64.
         """
         k = _check_int("k", k, 1)
+        if not isinstance(metric, str):
+            raise ArgumentError(f"metric must be 'hamming' or 'jaccard'; got {_shown(metric)}")
         return self._native.search(self._codes(queries, "queries"), k, metric)
 
     def range_search(self, queries: Any, max_distance: int) -> tuple[Any, Any, Any]:
@@ -446,6 +476,14 @@ class BinaryIndex:
         keep their ids (faiss's ``IndexBinaryFlat.remove_ids`` renumbers the
         codes after a removed one; here ids are stable, as in ``IndexBinaryIDMap``).
         """
+        try:
+            shape = np.shape(ids)
+        except ValueError:  # ragged nested lists
+            raise ShapeError(
+                "ids must have shape (n,) or be one id; got a ragged sequence"
+            ) from None
+        if len(shape) > 1:  # (as add's ids: a matrix is no list of ids)
+            raise ShapeError(f"ids must have shape (n,) or be one id; got {shape}")
         arr = np.atleast_1d(_ids(ids, drop_above=True))
         if arr.size == 0:
             return 0

@@ -52,7 +52,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ._hf_quant import NeuropilConfig, NeuropilHfQuantizer
-from .errors import ArgumentError, NeuropilError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, NeuropilError, ShapeError, _shown
 from .range import METHODS, RangeIndex
 
 __all__ = [
@@ -314,6 +314,44 @@ def _check_strategy(
     return strategy, top_p, top_k, threshold, int(sinks), int(window)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _f32(v: float) -> float:
+    """``v`` clipped to the finite float32 range: a float32 logit never exceeds it, so
+    a threshold beyond it selects the same keys as the bound (and stays finite)."""
+    return min(max(v, -_F32_MAX), _F32_MAX)
+
+
+def _check_tensors(query: Any, key: Any, value: Any) -> None:
+    """``query``, ``key``, ``value`` must be floating torch tensors: numpy arrays
+    or lists would fail deep inside with errors naming no argument, and an
+    integer or complex tensor would be cast (a complex one losing its imaginary part)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise DTypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+
+
+def _check_mask(mask: Any, bsz: int, n: int) -> None:
+    """``attention_mask``: ``(batch, 1, q, >= n)`` bool or float (transformers' 4-D masks)."""
+    if not isinstance(mask, torch.Tensor):
+        raise DTypeError(
+            f"attention_mask must be a torch.Tensor or None; got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise DTypeError(
+            f"attention_mask must be bool (True = attend) or an additive float mask; "
+            f"got {mask.dtype}"
+        )
+    if mask.ndim != 4 or mask.shape[0] != bsz or mask.shape[1] != 1 or mask.shape[3] < n:
+        raise ShapeError(
+            f"attention_mask must have shape ({bsz}, 1, q, >= {n}) to match query and key; "
+            f"got {tuple(mask.shape)}"
+        )
+
+
 def _check_model(model: Any, config: Any) -> None:
     if not hasattr(config, "get_text_config"):
         raise NeuropilError(
@@ -393,7 +431,9 @@ def _select_cpu(
                 z_t[r] = float(kept[-1]) * scaling
         return sel, z_t
     if cache.strategy == "threshold":
-        t = np.full(rows, cache.threshold / scaling, dtype=np.float32)
+        # Within float32 (a logit threshold past it selects what +-F32_MAX does:
+        # nothing or everything), so the search never gets an infinite one.
+        t = np.full(rows, _f32(cache.threshold / scaling), dtype=np.float32)
     else:  # top_p
         # Only the allowed keys can be dropped, so they alone count in the margin (as in the
         # torch path): padding does not widen a row's selection.
@@ -546,21 +586,28 @@ def sparse_decode_attention(
         ``dropped_bound`` (max over heads). A row whose keys are all masked
         gives zeros, as torch's ``scaled_dot_product_attention`` does.
 
+    An empty batch gives an empty ``out``; ``sinks`` and ``window`` past ``n``
+    read every key; a ``threshold`` beyond float32 selects what the largest
+    float32 logit of its sign would.
+
     Raises:
         ArgumentError: an unknown strategy or a parameter out of its domain.
-        ShapeError: inconsistent query, key and value shapes.
+        ShapeError: inconsistent query, key, value and attention_mask shapes.
+        DTypeError: query, key or value is not a floating-point torch tensor, or
+            attention_mask is neither a bool nor a float tensor.
     """
     strategy, top_p, top_k, threshold, sinks, window = _check_strategy(
         strategy, top_p, top_k, threshold, sinks, window
     )
     if not _is_real(scaling) or not math.isfinite(float(scaling)):
         raise ArgumentError(f"scaling must be a finite number; got {_shown(scaling)}")
+    _check_tensors(query, key, value)
     if query.ndim != 4 or query.shape[2] != 1:
         raise ShapeError(f"query must have shape (batch, heads, 1, d); got {tuple(query.shape)}")
     bsz, n_heads, _, d = query.shape
-    if key.ndim != 4 or key.shape[0] != bsz or key.shape[3] != d or key.shape[2] == 0:
+    if key.ndim != 4 or key.shape[0] != bsz or key.shape[3] != d or 0 in key.shape[1:3]:
         raise ShapeError(
-            f"key must have shape ({bsz}, kv_heads, n >= 1, {d}) to match the query; "
+            f"key must have shape ({bsz}, kv_heads >= 1, n >= 1, {d}) to match the query; "
             f"got {tuple(key.shape)}"
         )
     if n_heads % key.shape[1]:
@@ -572,6 +619,15 @@ def sparse_decode_attention(
             f"value must have the key's shape {tuple(key.shape)}; got {tuple(value.shape)}"
         )
     kv, n = key.shape[1], key.shape[2]
+    if attention_mask is not None:
+        _check_mask(attention_mask, bsz, n)
+    if bsz == 0:
+        # An empty batch: an empty output, as sdpa gives (the reductions
+        # below have no rows); nothing read, nothing dropped.
+        return query.new_empty(0, 1, n_heads, d), {"fraction_read": 0.0, "dropped_bound": 0.0}
+    # Past n, sinks and window read every key: the same selection, and no
+    # Python int too large for the tensors below (2**70 overflowed them).
+    sinks, window = min(sinks, n), min(window, n)
     g = n_heads // kv
     q = query.reshape(bsz, kv, g, d).float()
     z = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * scaling  # (b, kv, g, n)
@@ -588,7 +644,7 @@ def sparse_decode_attention(
     elif strategy == "top_k":
         zt = z.topk(min(top_k, n), dim=-1).values[..., -1:]
     elif strategy == "threshold":
-        zt = torch.full_like(zmax, float(threshold))
+        zt = torch.full_like(zmax, _f32(float(threshold)))
     else:
         zt = zmax + math.log1p(-top_p) - torch.log(n_ok)
     pos = torch.arange(n, device=z.device)
@@ -624,7 +680,9 @@ def sparse_decode_attention(
         frac = count[..., None].float() / n_ok.clamp(min=1)
         rows = int((n_ok > 0).expand_as(frac).sum())
         fraction = float(frac.sum()) / rows if rows else 0.0
-    info = {"fraction_read": fraction, "dropped_bound": float(bound.max())}
+    # (detached: a statistic, so a query that requires grad gives no
+    # "converting a tensor with requires_grad" warning)
+    info = {"fraction_read": fraction, "dropped_bound": float(bound.detach().max())}
     return out, info
 
 

@@ -50,16 +50,43 @@ _POLICIES = ("frequency", "window", "static")
 _FFN_COUNTERS = ("calls", "rows", "active_pairs", "hot_fetches", "cold_fetches", "cold_bytes")
 
 
-def _int(name: str, v: Any, lo: int = 0) -> int:
+_U64_MAX = 2**64 - 1
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _int(name: str, v: Any, lo: int = 0, hi: int = _U64_MAX) -> int:
+    # (the default bound is the bindings' u64: past it they raise a bare OverflowError)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
         raise ArgumentError(f"{name} must be an integer >= {lo}; got {_shown(v)}")
+    if int(v) > hi:
+        raise ArgumentError(f"{name} must be an integer in [{lo}, {hi}]; got {_shown(v)}")
     return int(v)
+
+
+def _real(name: str, v: Any, want: str) -> float:
+    """``v`` as a float, or ArgumentError (``{name} must be {want}; got ...``)
+    for what is no real number: a string, None, a bool, a list (``float()``
+    would parse ``"0.5"`` or raise an error that names no argument)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ArgumentError(f"{name} must be {want}; got {_shown(v)}")
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range
+        raise ArgumentError(f"{name} must be {want}; got {v}") from None
+
+
+def _activation(v: Any) -> str:
+    """``activation`` checked for type here (the core names the accepted values)."""
+    if not isinstance(v, str):
+        raise ArgumentError(f"activation must be one of 'silu', 'gelu', 'relu'; got {_shown(v)}")
+    return v
 
 
 def _weight_dtype(bits: Any, dtype: str) -> str:
     """The stored weight type for a ``bits`` / ``dtype`` pair (both FFN classes)."""
     if bits is not None:
-        if isinstance(bits, bool) or bits not in (8, 4):
+        # (an int: 4.0 == 4, but a float where an integer is meant is refused)
+        if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits not in (8, 4):
             raise ArgumentError(f"bits must be None, 8 or 4; got {_shown(bits)}")
         if dtype != "float32":
             raise ArgumentError(f"give bits or dtype, not both; got bits={bits}, dtype={dtype!r}")
@@ -98,6 +125,16 @@ def _torch_path(x: Any) -> bool:
     return False
 
 
+def _check_torch_x(x: Any, d: int) -> None:
+    """The checks the kernels make, for a tensor taking the torch path (CUDA, or
+    requiring grad): torch's own errors there would name no argument, and a
+    complex tensor would lose its imaginary part."""
+    if not x.is_floating_point():
+        raise DTypeError(f"x must be a floating-point tensor; got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] != d:
+        raise ShapeError(f"x must have shape (..., {d}); got {tuple(x.shape)}")
+
+
 def _check_up_bias(gate: Any, up_bias: Any) -> None:
     """``up_bias`` belongs to an ungated FFN: with a gate the kernels would add
     it to the gate's pre-activation and the CUDA path would drop it, neither
@@ -110,11 +147,9 @@ def _check_up_bias(gate: Any, up_bias: Any) -> None:
 
 
 def _fraction(name: str, v: Any) -> float:
-    """``v`` as a float in [0, 1), or ArgumentError naming ``name``."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        f = float("nan")
+    """``v`` as a float in [0, 1), or ArgumentError naming ``name`` (a string
+    such as ``"0.5"`` included: it is no number)."""
+    f = _real(name, v, "in [0, 1)")
     if not 0.0 <= f < 1.0:
         raise ArgumentError(f"{name} must be in [0, 1); got {_shown(v)}")
     return f
@@ -132,6 +167,14 @@ def _samples(samples: Any, d: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ArgumentError("samples must be finite (no NaN or Inf)")
     return x
+
+
+def _threshold(name: str, v: Any) -> float:
+    """A threshold on ``|activation|``: a finite number >= 0 (not a string)."""
+    t = _real(name, v, "a finite value >= 0")
+    if not (t >= 0 and np.isfinite(t)):
+        raise ArgumentError(f"{name} must be a finite value >= 0; got {_shown(v)}")
+    return t
 
 
 #: What a pickled SparseFFN / InputSparseFFN carries besides its own entries.
@@ -197,6 +240,26 @@ def _ffn_args(state: Any, extra: tuple[str, ...], counters: tuple[str, ...], whe
     }
 
 
+def _decay(v: Any) -> float:
+    """``decay`` in (0, 1] and still above 0 as the core's float32 (1e-50 is not)."""
+    d = _real("decay", v, "a number in (0, 1]")
+    if not 0.0 < d <= 1.0:
+        raise ArgumentError(f"decay must be a number in (0, 1]; got {_shown(v)}")
+    if np.float32(d) == 0:
+        raise ArgumentError(
+            f"decay must be a number in (0, 1] that float32 holds; got {_shown(v)} (0 as float32)"
+        )
+    return d
+
+
+def _hysteresis(v: Any) -> float:
+    """``hysteresis`` finite, >= 0 and within float32 (1e300 would reach the core as inf)."""
+    h = _real("hysteresis", v, "a finite number >= 0")
+    if not 0.0 <= h <= _F32_MAX:
+        raise ArgumentError(f"hysteresis must be a finite number >= 0 (float32); got {_shown(v)}")
+    return h
+
+
 class NeuronCache:
     """Tracks which neurons of a layer fire and keeps a bounded hot set.
 
@@ -253,16 +316,16 @@ class NeuronCache:
             cap = _int("capacity", capacity)
         if cap > n:
             raise ArgumentError(f"capacity must be at most num_neurons = {n}; got {cap}")
-        if policy not in _POLICIES:
+        if not isinstance(policy, str) or policy not in _POLICIES:
             raise ArgumentError(f"policy must be one of {_POLICIES}; got {policy!r}")
         self._args = {
             "num_neurons": n,
             "capacity": cap,
             "bytes_per_neuron": bpn,
             "policy": policy,
-            "decay": None if decay is None else float(decay),
+            "decay": None if decay is None else _decay(decay),
             "window": None if window is None else _int("window", window, 1),
-            "hysteresis": float(hysteresis),
+            "hysteresis": _hysteresis(hysteresis),
             "reclassify_every": _int("reclassify_every", reclassify_every),
         }
         a = self._args
@@ -339,6 +402,8 @@ class NeuronCache:
         a = np.asarray(_as_numpy(ids, "ids", "integer neuron ids of shape (k,)"))
         if a.size and a.dtype.kind not in "iu":
             raise DTypeError(f"ids must be integers; got dtype {a.dtype}")
+        if a.ndim > 1:  # (a scalar is one id; a matrix is no list of ids)
+            raise ShapeError(f"ids must have shape (k,); got {a.shape}")
         if a.dtype.kind == "u" and a.size and int(a.max()) > np.iinfo(np.int64).max:
             # (the int64 conversion below would wrap it to a negative id)
             raise IndexError(
@@ -530,13 +595,15 @@ class SparseFFN:
         dtype = _weight_dtype(bits, dtype)
         _check_up_bias(gate, up_bias)
         conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
-        # (copies: the core keeps its own, and a later change to the caller's
-        # array must not reach the torch path either)
+        self._ffn = _native._SparseFfn(
+            conv[0], conv[1], conv[2], _activation(activation), dtype, conv[3], conv[4]
+        )
+        # (copies, taken after the core checked them: a string bias is a
+        # DTypeError there, not float()'s ValueError here; the core keeps its
+        # own, and a later change to the caller's array must not reach the
+        # torch path either)
         self._bias_up = None if conv[3] is None else np.array(conv[3], np.float32)
         self._bias_down = None if conv[4] is None else np.array(conv[4], np.float32)
-        self._ffn = _native._SparseFfn(
-            conv[0], conv[1], conv[2], activation, dtype, conv[3], conv[4]
-        )
         #: Counters of the object this one was copied from, added to :meth:`stats`.
         self._stats_base = dict.fromkeys(_FFN_COUNTERS, 0)
         self.activation = activation
@@ -589,7 +656,9 @@ class SparseFFN:
 
     @threshold.setter
     def threshold(self, value: float | None) -> None:
-        self._mode = (None if value is None else float(value), self._mode[1])
+        # Checked as set_threshold checks it: a NaN would otherwise be stored and
+        # fail (or mask every neuron) only at the next call.
+        self._mode = (None if value is None else _threshold("threshold", value), self._mode[1])
 
     @property
     def top_k(self) -> int | None:
@@ -599,16 +668,20 @@ class SparseFFN:
 
     @top_k.setter
     def top_k(self, value: int | None) -> None:
-        self._mode = (self._mode[0], None if value is None else int(value))
+        # An integer in [1, h]: int(2.7) would silently keep 2, and a negative
+        # or huge k reached the core clamped (its message then showed 0 or 2**64-1).
+        if value is not None:
+            h = self.num_neurons
+            value = _int("top_k", value, 1)
+            if value > h:
+                raise ArgumentError(f"top_k must be in [1, {h}]; got {value}")
+        self._mode = (self._mode[0], value)
 
     def set_threshold(self, threshold: float) -> None:
         """Keeps neurons with ``|act(pre)| > threshold`` from now on (and
         clears ``top_k``, in one step: a call running in another thread uses
         the old mode or the new one)."""
-        t = float(threshold)
-        if not (t >= 0 and np.isfinite(t)):
-            raise ArgumentError(f"threshold must be a finite value >= 0; got {_shown(threshold)}")
-        self._mode = (t, None)
+        self._mode = (_threshold("threshold", threshold), None)
 
     def activations(self, x: Any) -> npt.NDArray[np.float32]:
         """``act(pre)`` of every neuron: x (d,) or (n, d) -> (h,) or (n, h) float32
@@ -657,12 +730,19 @@ class SparseFFN:
             IndexError: an id out of range. ArgumentError: ids not non-negative
                 integers, or more than ``hot_capacity`` of them (when set).
         """
-        a = np.asarray(_as_numpy(ids)).reshape(-1)
+        a = np.asarray(_as_numpy(ids, "ids", "integer neuron ids of shape (k,)"))
+        if a.ndim > 1:  # (a scalar is one id; a matrix is no list of ids)
+            raise ShapeError(f"ids must have shape (k,); got {a.shape}")
+        a = a.reshape(-1)
         cap = self.hot_capacity
         if cap is not None and a.size > cap:
             raise ArgumentError(f"ids must be at most hot_capacity = {cap} neurons; got {a.size}")
-        if a.size and (a.dtype.kind not in "iu" or a.min() < 0):
-            raise ArgumentError("ids must be non-negative integer neuron ids")
+        if a.size and a.dtype.kind not in "iu":
+            raise ArgumentError(f"ids must be non-negative integer neuron ids; got dtype {a.dtype}")
+        if a.size and a.min() < 0:
+            raise ArgumentError(
+                f"ids must be non-negative integer neuron ids; got {_shown(a.min())}"
+            )
         if a.size and a.max() >= self.num_neurons:
             raise IndexError(
                 f"hot index {int(a.max())} is out of range for length {self.num_neurons}"
@@ -771,6 +851,7 @@ class SparseFFN:
         """
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
+            _check_torch_x(x, self.dim)
             return self._torch_forward(x, dense, self._mode)
         a, single = self._rows(x)
         threshold, top_k = self._mode  # (one read: see set_threshold)

@@ -626,7 +626,8 @@ class SlidingWindows:
         the same number of batches.
 
         Args:
-            batch_size: Windows per batch, ``>= 1``.
+            batch_size: Windows per batch, ``>= 1`` (past this rank's windows: one
+                batch of all of them; buffers never hold more).
             shuffle: Permute the windows (else in order).
             seed: Seed in ``[0, 2**64)``.
             epoch: Epoch number; each epoch has its own order.
@@ -634,10 +635,11 @@ class SlidingWindows:
             rank: This process's rank, ``0 <= rank < world_size``.
             world_size: Number of ranks.
             device: Torch device to move CPU batches to (``None``: stay where the
-                frames are). CUDA frames are always gathered on their device.
+                frames are); one that is not available here raises ArgumentError.
+                CUDA frames are always gathered on their device.
             prefetch: Batches prepared ahead in a background thread (0: gather
-                on demand). The Rust gather releases the GIL, so it runs while
-                the training step does.
+                on demand; at most the epoch's other batches are). The Rust
+                gather releases the GIL, so it runs while the training step does.
             pin_memory: Gather CPU batches into page-locked memory (torch) so
                 the copy to ``device`` is asynchronous.
             reuse_buffers: Gather into a ring of ``prefetch + 1`` buffers

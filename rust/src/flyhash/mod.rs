@@ -137,15 +137,17 @@ impl FlyHash {
                 format!("True with projection={:?}", config.kind.name()),
             ));
         }
+        // Checked for every projection, though only `sparse` reads it: a NaN
+        // here would otherwise be kept, saved and loaded as if it meant something.
+        let ct = config.connectivity;
+        if !ct.is_finite() || ct <= 0.0 || ct > 1.0 {
+            return Err(Error::value("connectivity", "a number in (0, 1]", ct));
+        }
         let mut c = 0;
         let bytes: u128 = match config.kind {
             Kind::Sign => m as u128 * projection::sign_row_bytes(d) as u128,
             Kind::Seeded => 0,
             Kind::Sparse => {
-                let ct = config.connectivity;
-                if !ct.is_finite() || ct <= 0.0 || ct > 1.0 {
-                    return Err(Error::value("connectivity", "a number in (0, 1]", ct));
-                }
                 if d > MAX_SPARSE_DIM {
                     return Err(Error::value(
                         "input_dim",
@@ -426,6 +428,21 @@ mod tests {
         let mut x = vec![0.0f32; 1536];
         x[3] = f32::NAN;
         assert!(fh.encode(&x, 1, Output::Indices(&mut out)).is_err());
+    }
+
+    #[test]
+    fn connectivity_is_checked_for_every_projection() {
+        for kind in [Kind::Sign, Kind::Sparse, Kind::Seeded] {
+            for bad in [f64::NAN, f64::INFINITY, 0.0, -0.5, 1.5] {
+                let mut c = cfg(kind);
+                c.connectivity = bad;
+                let err = FlyHash::new(c).unwrap_err().to_string();
+                assert!(
+                    err.starts_with("connectivity must be"),
+                    "{kind:?} {bad}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

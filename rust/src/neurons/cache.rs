@@ -72,10 +72,11 @@ pub struct CacheStats {
     pub hot_ratio: f64,
     /// `hits / (hits + misses)`, 0 before any.
     pub hit_rate: f64,
-    /// `misses * bytes_per_neuron`: bytes fetched from slow memory.
-    pub bytes_fetched: u64,
-    /// `num_hot * bytes_per_neuron`: bytes the hot set occupies.
-    pub hot_bytes: u64,
+    /// `misses * bytes_per_neuron`: bytes fetched from slow memory (u128: the
+    /// product of two u64s is exact, never wrapped or saturated).
+    pub bytes_fetched: u128,
+    /// `num_hot * bytes_per_neuron`: bytes the hot set occupies (exact, as above).
+    pub hot_bytes: u128,
 }
 
 /// The full state, for saving and loading.
@@ -509,8 +510,8 @@ impl NeuronCache {
             } else {
                 self.hits as f64 / looked as f64
             },
-            bytes_fetched: self.misses.saturating_mul(bpn),
-            hot_bytes: num_hot as u64 * bpn,
+            bytes_fetched: self.misses as u128 * bpn as u128,
+            hot_bytes: num_hot as u128 * bpn as u128,
         }
     }
 

@@ -79,6 +79,26 @@ fn hits_and_bytes_are_counted_after_classification() {
 }
 
 #[test]
+fn byte_figures_are_exact_past_u64() {
+    // 2 hot neurons and 3 misses of 2^63 bytes each: products past u64::MAX,
+    // reported exactly (they used to wrap to 0 and saturate at u64::MAX).
+    let mut c = NeuronCache::new(
+        8,
+        CacheConfig {
+            bytes_per_neuron: 1 << 63,
+            ..cfg(2, freq())
+        },
+    )
+    .unwrap();
+    c.record_indices(&[1, 2]).unwrap();
+    c.reclassify();
+    c.record_indices(&[3, 4, 5]).unwrap();
+    let s = c.stats();
+    assert_eq!(s.hot_bytes, 2 * (1u128 << 63));
+    assert_eq!(s.bytes_fetched, 3 * (1u128 << 63));
+}
+
+#[test]
 fn window_policy_keeps_recent_neurons() {
     let mut c = NeuronCache::new(6, cfg(3, Policy::Window { k: 2 })).unwrap();
     for ids in [&[0i64, 1][..], &[2], &[3]] {

@@ -61,6 +61,24 @@ fn store(slot: &mut Option<(u64, Arc<ThreadPool>)>, forks: u64, p: Arc<ThreadPoo
     }
 }
 
+/// The most threads the pool takes: far past any CPU's cores (oversubscribed
+/// many times over), and a bound on what a typo costs: 2000 threads took 2.5 s
+/// to start on a 2-vCPU VM, so a million would take many minutes (or exhaust
+/// the OS's thread limit); larger counts are refused rather than attempted.
+pub const MAX_THREADS: usize = 4096;
+
+fn check_count(name: &'static str, n: usize, found: impl std::fmt::Display) -> Result<usize> {
+    if (1..=MAX_THREADS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(Error::value(
+            name,
+            format!("a positive integer at most {MAX_THREADS}"),
+            found,
+        ))
+    }
+}
+
 /// Serialises the unit tests that resize the process-wide pool.
 #[cfg(test)]
 pub(crate) static TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -78,7 +96,7 @@ fn build(n: usize) -> Result<Arc<ThreadPool>> {
 pub fn default_num_threads() -> Result<usize> {
     match std::env::var("NEUROPIL_NUM_THREADS") {
         Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(n),
+            Ok(n) if n >= 1 => check_count("NEUROPIL_NUM_THREADS", n, format!("{s:?}")),
             _ => Err(Error::value(
                 "NEUROPIL_NUM_THREADS",
                 "a positive integer",
@@ -113,7 +131,7 @@ pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::value("n", "a positive integer", 0));
     }
-    let p = build(n)?;
+    let p = build(check_count("n", n, n)?)?;
     store(
         &mut POOL.write().unwrap_or_else(|e| e.into_inner()),
         forks(),
@@ -160,5 +178,12 @@ mod tests {
         let total: u64 = install(|| (0..1000u64).into_par_iter().sum()).unwrap();
         assert_eq!(total, 499_500);
         assert!(set_num_threads(0).is_err());
+        // Refused before any thread starts (a million would take minutes).
+        let err = set_num_threads(1_000_000).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("n must be a positive integer at most {MAX_THREADS}; got 1000000")
+        );
+        assert_eq!(num_threads().unwrap(), 3);
     }
 }
