@@ -573,62 +573,188 @@ def test_torch_range_adds_from_several_threads_keep_every_key(fast_switching):
         assert [r for tt, r in tags if tt == t] == list(range(n))
 
 
+def _paused_torch_range(ix: RangeIndex) -> Callable[..., dict[str, Any]]:
+    """Lets ``ix``'s torch path wait at points, each once, while another
+    thread acts: ``"count"``, a search's read of the key count, after its
+    read of the key buffer (3a5a72a read ``keys``, then ``n``; the snapshot
+    ``_snap`` carries both, so it waits after that one read), and
+    ``"publish"``, an add about to publish a grown buffer, built and filled
+    (``_snap``; 3a5a72a: ``keys``). Returns ``arm(point=thread name, ...)``,
+    which sets the points (the thread that waits at each) and returns name
+    -> (reached, resume) events."""
+    events: dict[str, Any] = {}
+    pending: dict[str, str] = {}
+
+    def arm(**points: str) -> dict[str, Any]:
+        events.clear()
+        events.update({p: (threading.Event(), threading.Event()) for p in points})
+        pending.update(points)
+        return dict(events)
+
+    def at(point: str) -> None:
+        if pending.get(point) == threading.current_thread().name:
+            del pending[point]
+            reached, resume = events[point]
+            reached.set()
+            assert resume.wait(TIMEOUT)
+
+    base = type(ix._torch)
+
+    class Paused(base):  # type: ignore[misc, valid-type]
+        def __getattribute__(self, name: str) -> Any:
+            if name == "n":
+                at("count")
+            value = base.__getattribute__(self, name)
+            if name == "_snap":
+                at("count")
+            return value
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name in ("_snap", "keys"):
+                at("publish")
+            base.__setattr__(self, name, value)
+
+    ix._torch.__class__ = Paused
+    return arm
+
+
+def _named(name: str, f: Callable[[], Any]) -> Callable[[], Any]:
+    """``f``, run under the thread name ``name`` (see _paused_torch_range)."""
+
+    def run() -> Any:
+        threading.current_thread().name = name
+        return f()
+
+    return run
+
+
 @needs_torch
-def test_torch_range_searches_beside_adds_answer_over_one_state(fast_switching):
-    """search / topk / len / keys beside adds on the torch path: each answer
-    is the one over the keys of some moment (scores of small integers, exact
-    in any summation order). A search read the key buffer, then the count:
-    an add that grew the buffer in between gave it rows never written."""
+def test_torch_range_searches_beside_adds_answer_over_one_state(monkeypatch):
+    """A search on the torch path read the key buffer, then the count: an add
+    that grew the buffer in between gave it the new count over the old
+    buffer, whose rows past the old count were never written (garbage, or
+    fewer rows than counted). A search paused between those reads while a
+    whole growing add runs, from a buffer that is not full (250 keys in 400
+    rows), answers over the 250 keys; one beside an add paused before it
+    publishes its grown buffer answers over the keys before it, and after
+    it over all of them. (Scores of small integers, exact in any order; a
+    threshold every key passes, so the answer counts the rows searched; the
+    rows not written hold 7s, not whatever memory held, so reading them
+    shows.)"""
     import torch
 
     rng = np.random.default_rng(12)
-    allk = rng.integers(-3, 4, (3000, 16)).astype(np.float32)
-    q, sizes = allk[:4], range(200, 3001, 100)
-    t = (q * q).sum(1) - 3  # (each query's own key, and a few others)
-    s_all = q @ allk.T
+    allk = rng.integers(-3, 4, (850, 16)).astype(np.float32)
+    q = torch.from_numpy(allk[:4].copy())
+    t = torch.full((4,), -1e30)
     ix = _torch_range(torch.from_numpy(allk[:200]))
-    adds, reads, progress = iter(sizes[1:]), [0], threading.Condition()
+    with monkeypatch.context() as m:  # (the grown buffer: torch.empty(cap, d, ...))
+        full = torch.full
+        m.setattr(torch, "empty", lambda *size, **kw: full(size, 7.0, **kw))
+        ix.add(torch.from_numpy(allk[200:250]))  # (grown to 400 rows: 150 not written)
+    assert len(ix) == 250
 
-    def write() -> None:
-        n = next(adds)
-        ix.add(torch.from_numpy(allk[n - 100 : n]))
-        with progress:  # (some reads between adds, on a machine of few cores too)
-            seen = reads[0]
-            assert progress.wait_for(lambda: reads[0] >= seen + 6, TIMEOUT)
+    def over(n: int, answer: tuple[Any, Any, Any]) -> None:
+        """That ``answer`` is the search's over the first ``n`` keys."""
+        lims, ids, scores = (a.numpy() for a in answer)
+        s = allk[:4] @ allk[:n].T
+        np.testing.assert_array_equal(lims, np.arange(5) * n)
+        np.testing.assert_array_equal(ids, np.tile(np.arange(n), 4))
+        np.testing.assert_array_equal(scores, s.reshape(-1))
 
-    def over(n: int, lims: Any, ids: Any, scores: Any) -> bool:
-        """Whether a search's answer is the one over the first ``n`` keys."""
-        for r in range(4):
-            want = np.flatnonzero(s_all[r, :n] >= t[r])
-            a, b = int(lims[r]), int(lims[r + 1])
-            if not (np.array_equal(ids[a:b], want) and np.array_equal(scores[a:b], s_all[r, want])):
-                return False
-        return True
+    arm = _paused_torch_range(ix)
+    at = arm(count="searcher")
 
-    tops = {n: -np.sort(-s_all[:, :n], axis=1)[:, :5] for n in sizes}
+    def searcher() -> Any:
+        return ix.search(q, t)  # (waits at "count" for the add below)
 
-    def read(i: int) -> bool:
-        ok = answer_of_one_state(i)
-        with progress:
-            reads[0] += 1
-            progress.notify_all()
-        return ok
+    def adder() -> None:
+        try:
+            assert at["count"][0].wait(TIMEOUT)
+            ix.add(torch.from_numpy(allk[250:450]))  # (450 > 400 rows: grows)
+        finally:
+            at["count"][1].set()
 
-    def answer_of_one_state(i: int) -> bool:
-        if i % 3 == 0:
-            ids, scores = (a.numpy() for a in ix.topk(torch.from_numpy(q), 5))
-            return np.array_equal(s_all[np.arange(4)[:, None], ids], scores) and any(
-                np.array_equal(scores, tops[n]) and ids.max() < n for n in sizes
-            )
-        if i % 3 == 1:
-            k = ix.keys().numpy()
-            return len(k) in sizes and np.array_equal(k, allk[: len(k)])
-        answer = [a.numpy() for a in ix.search(torch.from_numpy(q), torch.from_numpy(t))]
-        return any(over(n, *answer) for n in sizes)
+    over(250, together([_named("searcher", searcher), _named("adder", adder)])[0])
+    assert len(ix) == 450
+    over(450, ix.search(q, t))
 
-    assert writer_beside_readers(write, read, len(sizes) - 1) == [0, 0]
-    assert len(ix) == 3000
-    assert over(3000, *(a.numpy() for a in ix.search(torch.from_numpy(q), torch.from_numpy(t))))
+    at = arm(publish="adder")
+
+    def adder2() -> None:
+        ix.add(torch.from_numpy(allk[450:850]))  # (850 > 800 rows: grows)
+
+    def searcher2() -> tuple[Any, ...]:
+        try:
+            assert at["publish"][0].wait(TIMEOUT)
+            # (the grown buffer built and filled, not published)
+            return ix.search(q, t), ix.topk(q, 450), ix.keys(), len(ix)
+        finally:
+            at["publish"][1].set()
+
+    answer, (top_ids, top_s), keys, n = together([_named("adder", adder2), searcher2])[1]
+    over(450, answer)
+    s = allk[:4] @ allk[:450].T
+    np.testing.assert_array_equal(top_ids.shape, (4, 450))
+    np.testing.assert_array_equal(np.take_along_axis(s, top_ids.numpy(), 1), top_s.numpy())
+    np.testing.assert_array_equal(keys.numpy(), allk[:450])
+    assert n == 450
+    assert len(ix) == 850
+    over(850, ix.search(q, t))
+    np.testing.assert_array_equal(ix.keys().numpy(), allk)
+
+
+@needs_torch
+def test_torch_range_search_beside_add_checks_the_keys_it_sees_for_overflow():
+    """The torch path of test_range_index_search_beside_add_checks_the_keys_it_sees_for_overflow:
+    ``RangeIndex.add`` raised the key-norm bound after the torch path had
+    appended the keys, so a search in between saw keys near 1e19 with the old
+    bound, skipped the float32 overflow check and returned Inf scores. The
+    keys and their bound are now published together."""
+    import torch
+
+    ix, q, big = _near_overflow()
+    ix = _torch_range(torch.from_numpy(ix.keys()))
+    q = torch.from_numpy(q)
+    want = ix.search(q, 0.0)
+    points = {p: (threading.Event(), threading.Event()) for p in ("add", "added")}
+    add = ix._torch.add
+
+    def wait(point: str) -> None:
+        reached, resume = points[point]
+        reached.set()
+        assert resume.wait(TIMEOUT)
+
+    def paused_add(keys: Any) -> Any:
+        wait("add")
+        out = add(keys)
+        wait("added")  # (returned to RangeIndex.add, which has not returned)
+        return out
+
+    ix._torch.add = paused_add
+
+    def searcher() -> tuple[Any, Any]:
+        try:
+            assert points["add"][0].wait(TIMEOUT)
+            before = ix.search(q, 0.0)
+        finally:
+            points["add"][1].set()
+        try:
+            assert points["added"][0].wait(TIMEOUT)
+            try:
+                after = ix.search(q, 0.0)
+            except neuropil.ArgumentError as e:
+                after = e
+        finally:
+            points["added"][1].set()
+        return before, after
+
+    before, after = together([lambda: ix.add(torch.from_numpy(big[:3])), searcher])[1]
+    assert same(before, want)
+    assert isinstance(after, neuropil.ArgumentError), f"no overflow error; got {after}"
+    assert "max |k| = 2.828e+19" in str(after)
+    with pytest.raises(neuropil.ArgumentError, match="within float32"):
+        ix.search(q, 0.0)
 
 
 # ------------------------------------------------------------------ the thread pool

@@ -796,6 +796,43 @@ def test_sparse_mlp_pickled_by_the_previous_release_still_runs(method):
     assert old.rust_ffn() is not None and "_ffn" not in old.__dict__
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparse_mlp_pickled_with_a_rust_copy_keyed_by_versions_runs(method, gated):
+    # A module pickled after its first call by the version before the Rust
+    # copy's key held each weight's storage (commit 3a5a72a) holds `_rust` =
+    # ((method, layers, held parameters, their versions), ffn): the key
+    # survived the load and its first call raised "too many values to unpack".
+    # The state is the one that version pickles (checked against a real pickle
+    # of it): its __dict__ as it is after a call.
+    import torch
+    from torch import nn
+
+    from neuropil.torch import SparseMLP
+
+    torch.manual_seed(0)
+    d, h = 32, 64
+    gate = nn.Linear(d, h, bias=False) if gated else None
+    layers = (gate, nn.Linear(d, h, bias=not gated), nn.Linear(h, d, bias=not gated))
+    mlp = SparseMLP(*layers, "silu", threshold=0.05, method=method, t_in=0.1)
+    x = torch.randn(1, 1, d)
+    with torch.no_grad():
+        want = mlp(x)
+    gate, up, down = layers  # (what that version's Rust copy held)
+    held = [gate and gate.weight, up.weight, down.weight, down.bias, None if gate else up.bias]
+    held = [p for p in held if p is not None]
+    key = (method, layers, held, [p._version for p in held])
+    state = dict(mlp.__dict__, _rust=(key, mlp.rust_ffn()))
+    old = unpickle_tampered(mlp, state)
+    fresh = SparseMLP(old.gate, old.up, old.down, "silu", threshold=0.05, method=method,
+                      t_in=0.1)  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(old(x), fresh(x)) and torch.equal(old(x), want)
+        assert old.rust_ffn().stats()["calls"] == 2  # (the token went to the kernel)
+        old.up.weight.data = old.up.weight.data * 2  # (its new key sees a change)
+        assert torch.equal(old(x), fresh(x)) and not torch.equal(old(x), want)
+
+
 @pytest.mark.parametrize("method", ["cats", "teal"])
 def test_sparse_mlp_rust_ffn_has_the_current_thresholds(method):
     # forward passes its thresholds with each call and leaves the shared copy

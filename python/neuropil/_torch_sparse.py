@@ -132,8 +132,9 @@ class SparseMLP(nn.Module):
         self.activation = "silu" if activation == "swish" else activation
         self.rust_max_rows = rust_max_rows
         # ``(key, ffn)``: the Rust copy and what it was built from (method,
-        # layers, and each held weight's storage, place and version: see
-        # _weights), or None. One tuple, read
+        # layers, each held weight's storage, place and version: see
+        # _weights; and a gated block's gate and up parameter dicts, whose
+        # biases keep forward off the kernel), or None. One tuple, read
         # once per call and replaced whole, so a thread that rebuilds or drops it
         # (a weight update, a state load, a method change) never leaves another
         # thread's call with one half of the pair.
@@ -234,6 +235,15 @@ class SparseMLP(nn.Module):
         name = self._names[i]
         return self._modules.get(name) if name else self._held[i]
 
+    def _layers(self) -> tuple[Any, Any, Any]:
+        """``(gate, up, down)``: :meth:`_layer` of each, in one call."""
+        (n0, n1, n2), mods, held = self._names, self._modules, self._held
+        return (
+            mods.get(n0) if n0 else held[0],
+            mods.get(n1) if n1 else held[1],
+            mods.get(n2) if n2 else held[2],
+        )
+
     @property
     def gate(self) -> nn.Linear | None:
         return self._layer(0)
@@ -247,30 +257,60 @@ class SparseMLP(nn.Module):
         return self._layer(2)
 
     @staticmethod
-    def _held_params(layers: tuple[Any, Any, Any]) -> tuple[Any, ...]:
-        """The parameters the Rust copy of ``layers`` (gate, up, down) holds,
-        None where there is none: the three weights, down's bias, an ungated
-        up's bias."""
+    def _slots(layers: tuple[Any, Any, Any]) -> tuple[tuple[dict[str, Any], str] | None, ...]:
+        """Where the parameters the Rust copy of ``layers`` (gate, up, down)
+        holds live, as (the layer's ``_parameters``, name), None where it
+        holds none: the three weights, down's bias, an ungated up's bias. (A
+        module keeps its one ``_parameters`` dict: replacing, adding or
+        removing a parameter writes into it.)"""
         gate, up, down = layers
         return (
-            None if gate is None else gate._parameters.get("weight"),
-            up._parameters.get("weight"),
-            down._parameters.get("weight"),
-            down._parameters.get("bias"),
-            None if gate is not None else up._parameters.get("bias"),
+            None if gate is None else (gate._parameters, "weight"),
+            (up._parameters, "weight"),
+            (down._parameters, "weight"),
+            (down._parameters, "bias"),
+            None if gate is not None else (up._parameters, "bias"),
         )
 
     def _fresh(self, key: Any) -> bool:
         """Whether a Rust copy built at ``key`` still matches the weights: the
         same layers, holding parameters whose data is the very data the copy
-        was read from (see :func:`_weights`), with no in-place write since."""
-        _, layers, weights = key
-        return (
-            self._layer(0) is layers[0]
-            and self._layer(1) is layers[1]
-            and self._layer(2) is layers[2]
-            and _same_weights(self._held_params(layers), weights)
-        )
+        was read from (see :func:`_weights`), with no in-place write since.
+
+        Run on every token of every layer, so inlined, and cheapest-first:
+        for each weight its version (an in-place update), its address (a new
+        tensor), then the identity of its storage (new data allocated where
+        freed data was), its dtype, strides and shape (another view of the
+        same storage): ~0.3 us a weight, each read 35-70 ns."""
+        _, (g, u, d), weights, _ = key
+        (n0, n1, n2), mods, held = self._names, self._modules, self._held
+        if (
+            (mods.get(n0) if n0 else held[0]) is not g
+            or (mods.get(n1) if n1 else held[1]) is not u
+            or (mods.get(n2) if n2 else held[2]) is not d
+            or weights is None
+        ):
+            return False
+        for params, name, ref, ptr, dtype, shape, stride, version in weights:
+            p = params.get(name)
+            if p is None or ref is None:
+                if p is not None or ref is not None:
+                    return False  # (a parameter added or removed)
+                continue
+            try:
+                v = p._version
+            except RuntimeError:  # (an inference tensor: see _version)
+                v = None
+            if (
+                v != version
+                or p.data_ptr() != ptr
+                or p.untyped_storage() is not ref()
+                or p.dtype is not dtype
+                or p.stride() != stride
+                or p.shape != shape
+            ):
+                return False
+        return True
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseMLP:
         self._rust = None
@@ -296,15 +336,17 @@ class SparseMLP(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A module pickled before the Rust copy became ``_rust`` (``torch.save``
-        # of a whole model) holds ``_ffn``/``_ffn_key`` and a ``_seen`` pair:
-        # built again on the next call, the calibration read again from the buffer.
+        # Whatever Rust copy a pickle holds is dropped: built again on the
+        # next call. Earlier versions pickled theirs, keyed in their own way
+        # (``torch.save`` of a whole model): ``_rust`` with a key of (method,
+        # layers, parameters, versions), and before it ``_ffn``/``_ffn_key``
+        # with a ``_seen`` pair, whose calibration is read again from the buffer.
         state = dict(state)
         if "_rust" not in state:
-            state.pop("_ffn", None)
-            state.pop("_ffn_key", None)
-            state["_rust"] = None
             state["_seen"] = (None, None, state.get("_cfg"))
+        state.pop("_ffn", None)
+        state.pop("_ffn_key", None)
+        state["_rust"] = None
         super().__setstate__(state)
 
     def _load_from_state_dict(
@@ -362,7 +404,8 @@ class SparseMLP(nn.Module):
             # the torch ops. (torch.compile runs the kernel between graphs.)
             and not export
             and not _is_tracing()
-            and self._biasless()
+            # (and no gate or up bias in a gated block: _rust_for(kernel=True)
+            # checks it with the weights, on the layers that check looked up)
         )
 
     @staticmethod
@@ -372,15 +415,14 @@ class SparseMLP(nn.Module):
         ``quantize_model`` put in after ``sparsify_mlp``)."""
         return all(lin is None or "weight" in lin._parameters for lin in layers)
 
-    def _biasless(self) -> bool:
+    @staticmethod
+    def _biasless(layers: tuple[Any, Any, Any]) -> bool:
         """Whether a gated block has no gate/up bias (the Rust kernels take
         only an ungated up's). Read from the module dicts: attribute lookups
         through ``nn.Module`` cost ~1 us each per call."""
-        gate = self._layer(0)
-        if gate is None:
-            return True
-        return (
-            gate._parameters.get("bias") is None and self._layer(1)._parameters.get("bias") is None
+        gate, up, _ = layers
+        return gate is None or (
+            gate._parameters.get("bias") is None and up._parameters.get("bias") is None
         )
 
     def rust_ffn(self) -> Any:
@@ -402,8 +444,12 @@ class SparseMLP(nn.Module):
                 ffn._mode = (t, None)
         return ffn
 
-    def _rust_for(self, method: str) -> Any:
-        """:meth:`rust_ffn` for ``method`` (the one the calling forward read).
+    def _rust_for(self, method: str, kernel: bool = False) -> Any:
+        """:meth:`rust_ffn` for ``method`` (the one the calling forward read);
+        ``kernel``: for :meth:`forward`'s kernel call, None (and no copy
+        built) while the kernel cannot compute the block: a gated one with a
+        gate or up bias (read from the layers the weights' check found, not
+        looked up again).
 
         Threads calling at once may both build a copy (the last one stays);
         each call uses the copy it built or found, of its own method. The copy
@@ -415,10 +461,20 @@ class SparseMLP(nn.Module):
         next call build again."""
         cur = self._rust
         if cur is not None and cur[0][0] == method and self._fresh(cur[0]):
+            if kernel:
+                for params in cur[0][3]:  # (the layers are the key's: their dicts)
+                    if params.get("bias") is not None:
+                        return None
             return cur[1]
-        layers = (self._layer(0), self._layer(1), self._layer(2))
-        data = [None if p is None else p.detach() for p in self._held_params(layers)]
-        key = (method, layers, _weights(data))  # (before the values are read)
+        layers = self._layers()
+        if kernel and not self._biasless(layers):
+            return None  # (no copy built for calls that cannot use it)
+        slots = self._slots(layers)
+        params = [None if s is None else s[0].get(s[1]) for s in slots]
+        data = [None if p is None else p.detach() for p in params]
+        gate, up, _ = layers
+        biases = () if gate is None else (gate._parameters, up._parameters)
+        key = (method, layers, _weights(slots, data), biases)  # (before the values are read)
         ffn = None
         if self._plain(layers):
             from .neurons import InputSparseFFN, SparseFFN
@@ -448,7 +504,7 @@ class SparseMLP(nn.Module):
             # reshapes and re-validation). The thresholds read above go to the
             # kernel with the call, so the Rust copy, shared by the threads
             # calling this module, is never written to here.
-            ffn = self._rust_for(method)
+            ffn = self._rust_for(method, kernel=True)
             if ffn is not None:
                 a = x.detach().numpy()
                 if method == "teal":
@@ -531,57 +587,34 @@ def _parse_config(
     return (_METHODS[int(m)], *(None if math.isnan(v) else v for v in ts))  # type: ignore[return-value]
 
 
-def _weights(tensors: list[Any]) -> list[tuple[Any, ...] | None]:
-    """What identifies each tensor's values without reading them, for
-    :func:`_same_weights`: a weak reference to its storage, where in it the
-    values are and how they are read (address, dtype, shape, strides), and its
-    version. The version alone misses a replaced parameter (``p.data = w``,
-    and ``module.to()`` / ``.half()``, which assign ``p.data``, keep ``p``'s
+def _weights(
+    slots: tuple[tuple[dict[str, Any], str] | None, ...], tensors: list[Any]
+) -> tuple[tuple[Any, ...], ...] | None:
+    """What identifies the values of the parameters in ``slots`` (see
+    :meth:`SparseMLP._slots`) without reading them, for :meth:`SparseMLP._fresh`:
+    for each slot, its place and, for the tensor it held (``tensors``: None
+    where none), a weak reference to its storage, where in it the values are
+    and how they are read (address, dtype, shape, strides), and its version.
+    The version alone misses a replaced parameter (``p.data = w``, and
+    ``module.to()`` / ``.half()``, which assign ``p.data``, keep ``p``'s
     version counter); an address alone misses new data allocated where freed
     data was (the weak reference dies with that storage, so a dead one never
-    matches) and another view of the same storage. A tensor whose storage
-    cannot be had (a wrapper subclass) gets ``()``, which never matches: built
-    again on each call. An absent tensor (None) gives None."""
-    out: list[tuple[Any, ...] | None] = []
-    for t in tensors:
+    matches) and another view of the same storage. None, which never matches
+    (built again on each call), when a tensor's storage cannot be had (a
+    wrapper subclass)."""
+    out: list[tuple[Any, ...]] = []
+    for slot, t in zip(slots, tensors, strict=True):
+        if slot is None:
+            continue
         if t is None:
-            out.append(None)
+            out.append((*slot, None, None, None, None, None, None))
             continue
         try:
             ref = weakref.ref(t.untyped_storage())
-            out.append((ref, t.data_ptr(), t.dtype, t.shape, t.stride(), _version(t)))
         except (RuntimeError, NotImplementedError, TypeError):
-            out.append(())
-    return out
-
-
-def _same_weights(params: tuple[Any, ...], weights: list[tuple[Any, ...] | None]) -> bool:
-    """Whether ``params`` hold the data :func:`_weights` described (a
-    parameter added, removed, replaced, moved, cast or written in place
-    since: False). Run on every token, so no tuples built and no helper
-    calls: about 0.5 us a weight (a check of its version alone took 0.1 us)."""
-    for p, w in zip(params, weights, strict=True):
-        if w is None:
-            if p is not None:
-                return False
-            continue
-        if p is None or not w:
-            return False
-        ref, ptr, dtype, shape, stride, version = w
-        try:
-            v = p._version
-        except RuntimeError:  # (an inference tensor: see _version)
-            v = None
-        if (
-            v != version
-            or ref() is not p.untyped_storage()
-            or p.data_ptr() != ptr
-            or p.dtype is not dtype
-            or p.shape != shape
-            or p.stride() != stride
-        ):
-            return False
-    return True
+            return None
+        out.append((*slot, ref, t.data_ptr(), t.dtype, t.shape, t.stride(), _version(t)))
+    return tuple(out)
 
 
 def _linear(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -315,7 +315,7 @@ class RangeIndex:
         return str(self._torch.device) if self._torch is not None else "cpu"
 
     def __len__(self) -> int:
-        return self._torch.snapshot()[1] if self._torch is not None else len(self._native)
+        return self._torch.n if self._torch is not None else len(self._native)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -326,7 +326,7 @@ class RangeIndex:
         a full scan's) and the build parameters."""
         if self._torch is not None:
             return {
-                "n": self._torch.snapshot()[1],
+                "n": self._torch.n,
                 "d": self._torch.d,
                 "method": "torch-dense",
                 "device": self.device,
@@ -735,6 +735,11 @@ class _TorchRange:
         the buffer, not a copy) and an upper bound of their norms."""
         buf, n, bound = self._snap
         return buf[:n], n, bound
+
+    @property
+    def n(self) -> int:
+        """The count of keys now (read from the snapshot: no view made)."""
+        return self._snap[1]
 
     def copy(self) -> _TorchRange:
         """An independent copy (the keys cloned, a lock of its own)."""
