@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._torch_quant import _device_of
-from .errors import ArgumentError, FormatError, _shown
+from .errors import ArgumentError, FormatError, _real, _shown
 
 __all__ = ["SparseMLP", "sparsify_mlp"]
 _METHODS = ("cats", "teal")
@@ -787,12 +787,12 @@ def sparsify_mlp(
             hidden_sparsity with ``"cats"``, no FFN found, an unsupported
             activation, or calibration missing or of an unknown kind.
     """
-    s = float(sparsity)
+    s = _real("sparsity", sparsity, "in [0, 1)")
     if not 0.0 <= s < 1.0:
         raise ArgumentError(f"sparsity must be in [0, 1); got {_shown(sparsity)}")
     if method not in _METHODS:
         raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
-    hs = s if hidden_sparsity is None else float(hidden_sparsity)
+    hs = s if hidden_sparsity is None else _real("hidden_sparsity", hidden_sparsity, "in [0, 1)")
     if hidden_sparsity is not None and method != "teal":
         raise ArgumentError(f"hidden_sparsity applies to method='teal' only; got method={method!r}")
     if not 0.0 <= hs < 1.0:

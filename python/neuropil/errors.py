@@ -54,3 +54,15 @@ def _shown(value: Any) -> str:
     if type(value) is tuple:
         return f"({_shown(value[0])},)" if len(value) == 1 else f"({', '.join(map(_shown, value))})"
     return repr(value)
+
+
+def _real(name: str, v: Any, want: str) -> float:
+    """``v`` as a float, or ArgumentError (``{name} must be {want}; got ...``)
+    for what is no real number: a string, None, a bool, a list (``float()``
+    would parse ``"0.5"`` or raise an error that names no argument)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ArgumentError(f"{name} must be {want}; got {_shown(v)}")
+    try:
+        return float(v)
+    except OverflowError:  # an int past float's range
+        raise ArgumentError(f"{name} must be {want}; got {v}") from None

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _real, _shown
 
 __all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 
@@ -61,18 +61,6 @@ def _int(name: str, v: Any, lo: int = 0, hi: int = _U64_MAX) -> int:
     if int(v) > hi:
         raise ArgumentError(f"{name} must be an integer in [{lo}, {hi}]; got {_shown(v)}")
     return int(v)
-
-
-def _real(name: str, v: Any, want: str) -> float:
-    """``v`` as a float, or ArgumentError (``{name} must be {want}; got ...``)
-    for what is no real number: a string, None, a bool, a list (``float()``
-    would parse ``"0.5"`` or raise an error that names no argument)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ArgumentError(f"{name} must be {want}; got {_shown(v)}")
-    try:
-        return float(v)
-    except OverflowError:  # an int past float's range
-        raise ArgumentError(f"{name} must be {want}; got {v}") from None
 
 
 def _activation(v: Any) -> str:

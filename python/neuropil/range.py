@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _native, _safetensors
 from ._scoped import no_tf32
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _real, _shown
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
 
@@ -126,7 +126,7 @@ class RangeIndex:
             "method": method,
             "leaf": int(leaf),
             "branching": int(branching),
-            "rebuild_fraction": float(rebuild_fraction),
+            "rebuild_fraction": _real("rebuild_fraction", rebuild_fraction, "a positive number"),
             "rebuild_min": int(rebuild_min),
             "seed": int(seed),
         }
