@@ -425,17 +425,51 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    # The disk fills up after the header: the OSError open() would give,
+    # naming the file (not safetensors' own SafetensorError), old file intact.
+    import errno
+    import os
+
     bank, path = _saved(tmp_path)
     before = path.read_bytes()
-    import safetensors.torch
+    fdopen = os.fdopen
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    class Full:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+        def write(self, b):
+            self.writes += 1
+            if self.writes > 2:  # the length and the header went through
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Full(fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left on device") as info:
         bank.save(path)
-    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*"))
+    assert MembraneBank.load(path).K == bank.K
+
+
+def test_saved_bank_files_are_plain_safetensors(tmp_path):
+    # Written by the package's writer: safetensors reads every tensor as saved.
+    from safetensors.torch import load_file as st_load
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        bank, path = _saved(tmp_path, dtype=dtype)
+        got = st_load(str(path))
+        assert sorted(got) == ["C", "M", "counts", "gains", "reads"]
+        for name, t in got.items():
+            assert t.dtype == getattr(bank, name).dtype, (dtype, name)
+            assert torch.equal(t, getattr(bank, name).cpu()), (dtype, name)
 
 
 def _rewrite(path, edit_meta=None, edit_tensors=None):
@@ -1112,3 +1146,59 @@ def test_store_of_values_that_view_the_state(codes, L):
     bank.store(bank.M[0])  # values alias the state the GEMM writes
     want = state + bank.C @ state
     assert torch.allclose(bank.M[0].reshape(L, -1), want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- sizes refused before allocating
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        # were torch's RuntimeError 'Storage size calculation overflowed' and
+        # numpy's ValueError 'array is too big' (or np.block filling memory)
+        (lambda: MembraneBank(8, 2**40, 2**40), "H"),
+        (lambda: MembraneBank(8, 2**40, 2**40, device="meta"), "H"),  # past 2**63 bytes
+        (lambda: MembraneBank(2**62, 1, 1, codes="gaussian"), "L"),
+        (lambda: MembraneBank(2**40, 1, 1), "L"),  # Hadamard: an L x L matrix built
+        (lambda: MembraneBank(4, 2, 2, batch=2**61), "batch"),
+        (lambda: MembraneBank(4, 2, 2, codes="gaussian", K=2**58), "K"),
+        (lambda: MembraneBank(4, 2**62, 1, codes=torch.eye(4)), "H"),
+    ],
+)
+def test_banks_too_large_for_memory_are_refused_before_allocating(make, name):
+    with pytest.raises(neuropil.ArgumentError, match=rf"^{name} must give a bank that fits") as e:
+        make()
+    assert "bytes" in str(e.value) and "would need" in str(e.value)
+
+
+def test_bank_size_limit_is_the_devices_memory_and_the_message_gives_the_bytes(monkeypatch):
+    from neuropil.membrane import _checks
+
+    monkeypatch.setattr(_checks, "device_memory", lambda device: 1 << 20)
+    # M 8*256*128*4 + C 8*8*4 + gains 8*4 + counters 2*8*8 + the float64
+    # Hadamard matrix while built, twice over (16*8*8): 1050016 bytes; the
+    # argument named is the largest extent
+    with pytest.raises(neuropil.ArgumentError) as e:
+        MembraneBank(8, 256, 128)
+    msg = str(e.value)
+    assert msg.startswith("H must give a bank that fits in the memory of cpu (1048576 bytes)")
+    assert "L=8, H=256, W=128, batch=1, K=8" in msg and "would need 1050016 bytes" in msg
+    MembraneBank(8, 255, 128)  # 8 KiB less: fits
+    bank = MembraneBank(16, 4, 4)
+    with pytest.raises(neuropil.ArgumentError, match="K must give a bank that fits"):
+        bank.grow(2**20)
+    assert bank.K == 16 and bank.C.shape == (16, 16)  # unchanged
+    bank.grow(32)
+
+
+def test_hopfield_cleanup_refuses_non_finite_patterns():
+    p = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    for value in (float("nan"), float("inf")):
+        bad = p.clone()
+        bad[2, 1, 1] = value
+        # were accepted: every decode and similarity was NaN
+        with pytest.raises(
+            neuropil.ArgumentError, match=r"patterns must be finite; got 1 NaN .*pattern 2"
+        ):
+            HopfieldCleanup(bad)
+    with pytest.raises(neuropil.ArgumentError, match=r"patterns must be a floating .*got ndarray"):
+        HopfieldCleanup(np.ones((3, 2, 2)))
+    HopfieldCleanup(p)

@@ -1992,3 +1992,176 @@ def test_save_quantized_keeps_every_kept_tensors_dtype(tmp_path, dtype):
     for key, t in fresh.state_dict().items():
         if key in state and not key.startswith("2."):
             assert t.dtype == state[key].dtype and torch.equal(t, state[key]), key
+
+
+# ------------------------------------------------------------------ bad-input fixes
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8", "bool", "complex64"])
+def test_torch_tensors_of_non_float_dtypes_are_refused_as_numpy_arrays_are(dtype):
+    # _as_numpy cast every torch dtype but float16/32/64 with .float(): an int
+    # tensor was quantized, a complex one lost its imaginary part. Each is now
+    # refused with the very message the numpy array of that dtype gets.
+    torch = pytest.importorskip("torch")
+    w = _matrix(40, 4, 64)
+    q = quantize(w)
+    arr = (w * 3).astype(dtype)
+    t = torch.from_numpy(arr)
+    for fn in (quantize, q.matvec, lambda a: q.matvec_rows(a[0], [1])):
+        with pytest.raises(DTypeError) as from_numpy:
+            fn(arr)
+        with pytest.raises(DTypeError) as from_torch:
+            fn(t)
+        assert str(from_torch.value) == str(from_numpy.value)
+        assert f"got {dtype}" in str(from_torch.value)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_torch_float_dtypes_numpy_lacks_are_widened_exactly_and_complex32_refused():
+    torch = pytest.importorskip("torch")
+    w = _matrix(41, 4, 64)
+    q = quantize(w)
+    x = torch.from_numpy(w[0])
+    for dt in (torch.bfloat16, torch.float8_e4m3fn):
+        low = x.to(dt)
+        assert torch.equal(q.matvec(low), q.matvec(low.float()))
+    b = torch.from_numpy(w).to(torch.bfloat16)
+    assert np.array_equal(quantize(b).data, quantize(b.float()).data)
+    with pytest.raises(DTypeError, match=r"x must have dtype float32 .*got torch.complex32"):
+        q.matvec(x.to(torch.complex32))
+    with pytest.raises(DTypeError, match="got complex64"):  # a conjugated view: refused too
+        q.matvec(x.to(torch.complex64).conj())
+
+
+@pytest.mark.parametrize("bad", ["no", "", 1, 0, None, np.float64(1.0)])
+def test_search_must_be_a_bool(bad):
+    # bool(search) took "no" (any non-empty string) as True.
+    w = _matrix(42, 4, 64)
+    with pytest.raises(ArgumentError, match="search must be True or False; got "):
+        quantize(w, search=bad)
+    assert np.array_equal(quantize(w, search=np.True_).data, quantize(w, search=True).data)
+
+
+def test_level_must_be_none_or_a_name():
+    q = quantize(_matrix(43, 8, 64))
+    x = _matrix(44, 1, 64)[0]
+    for bad in (3, b"scalar", ["scalar"]):
+        for fn in (lambda lv: q.matvec(x, level=lv), lambda lv: q.matvec_rows(x, [1], level=lv)):
+            with pytest.raises(ArgumentError, match="level must be None or a SIMD level name"):
+                fn(bad)
+    assert np.array_equal(q.matvec_rows(x, [2], level="scalar"), q.matvec(x, level="scalar")[[2]])
+
+
+def test_matvec_rows_refuses_rows_that_are_not_1d_and_shows_uint64_indices_as_passed():
+    q = quantize(_matrix(45, 8, 64))
+    x = _matrix(46, 1, 64)[0]
+    y = q.matvec(x, level="scalar")
+    # 2-D rows were flattened (a (2, 2) request gave 4 values); a scalar gave (1,)
+    for bad, shape in (([[1, 2], [3, 4]], r"\(2, 2\)"), (3, r"\(\)"), ([[]], r"\(1, 0\)")):
+        with pytest.raises(ShapeError, match=rf"rows must be a 1-D array .*got shape {shape}"):
+            q.matvec_rows(x, bad)
+    # uint64 indices were cast to int64 first: 2**63 was reported as -2**63
+    for rows, first in (([2**63], 2**63), ([2, 2**64 - 1, 9], 2**64 - 1), ([9, 2**63], 9)):
+        with pytest.raises(IndexError, match=f"rows index {first} is out of range for length 8"):
+            q.matvec_rows(x, np.array(rows, np.uint64))
+    for dtype in (np.uint64, np.uint8, np.int32):
+        got = q.matvec_rows(x, np.array([7, 0, 7], dtype), level="scalar")
+        assert np.array_equal(got, y[[7, 0, 7]])
+
+
+def test_constructor_checks_what_load_file_checks(tmp_path):
+    # QuantizedWeights() checked the buffers' lengths only: NaN scales (every
+    # output NaN) and scales of another 2-D shape passed, and so did a
+    # tampered pickle, while load_file refused both. One check now serves both.
+    import pickle
+
+    q = quantize(_matrix(47, 8, 96), bits=4, group_size=32)  # scales (8, 3)
+    fmt = (q.shape, q.bits, q.group_size, q.scheme)
+    for part, value in (("scales", np.nan), ("mins", np.inf), ("scales", -np.inf)):
+        bad = {"scales": q.scales.copy(), "mins": q.mins.copy()}
+        bad[part][5, 2] = value
+        with pytest.raises(
+            ArgumentError, match=rf"{part} must be finite; got -?(nan|inf) at \(5, 2\)"
+        ):
+            QuantizedWeights(q.data, bad["scales"], bad["mins"], *fmt)
+        broken = copy.copy(q)
+        broken.scales, broken.mins = bad["scales"], bad["mins"]
+        blob = pickle.dumps(broken)  # (pickles as its constructor call)
+        with pytest.raises(ArgumentError, match=f"{part} must be finite"):
+            pickle.loads(blob)
+        path = tmp_path / f"{part}.safetensors"
+        save_file(path, {"w": broken})
+        with pytest.raises(FormatError, match=rf"tensor 'w': {part} must be finite"):
+            load_file(path)
+    for data, scales, mins, wrong in (
+        (q.data, q.scales.reshape(3, 8), q.mins, r"scales must have shape \(8, 3\).*got \(3, 8\)"),
+        (q.data, q.scales, q.mins.reshape(-1), r"mins must have shape \(8, 3\).*got \(24,\)"),
+        (q.data.reshape(4, -1), q.scales, q.mins, r"data must have shape \(8, 48\).*got \(4, 96\)"),
+    ):
+        with pytest.raises(ShapeError, match=wrong):
+            QuantizedWeights(data, scales, mins, *fmt)
+    # float16 scales as their uint16 bits (what the core reads) would slip a NaN past isfinite
+    with pytest.raises(DTypeError, match="scales must be float16 or float32; got dtype uint16"):
+        QuantizedWeights(q.data, q.scales.view(np.uint16), q.mins.view(np.uint16), *fmt)
+    again = QuantizedWeights(q.data, q.scales, q.mins, *fmt)
+    assert np.array_equal(again.dequantize(), q.dequantize())
+
+
+def test_from_linear_refuses_non_modules_and_non_finite_biases():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    for bad in ("x", None, torch.nn.ReLU(), torch.zeros(4, 64)):
+        with pytest.raises(ArgumentError, match=r"linear must be an nn\.Linear"):
+            QuantizedLinear.from_linear(bad)
+    for value in (float("nan"), float("inf")):
+        lin = torch.nn.Linear(64, 8)
+        with torch.no_grad():
+            lin.bias[3] = value
+        # kept, every output would be NaN or Inf (NaN weights were refused)
+        with pytest.raises(ArgumentError, match="bias must be finite; got 1 NaN or Inf"):
+            QuantizedLinear.from_linear(lin)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(QuantizedLinear.from_linear(lin)(x), lin(x), atol=0.1, rtol=0.1)
+
+
+def test_quantized_linear_forward_refuses_what_nn_linear_cannot_take():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8))
+    with pytest.raises(ShapeError, match=r"x must have shape \(\.\.\., 64\); got \(\)"):
+        q(torch.tensor(1.0))  # was IndexError 'tuple index out of range'
+    for bad, found in ((np.ones(64, np.float32), "ndarray"), ([1.0] * 64, "list")):
+        with pytest.raises(DTypeError, match=f"x must be a torch.Tensor .*got {found}"):
+            q(bad)  # was AttributeError
+    assert q(torch.ones(64)).shape == (8,)
+
+
+def test_quantize_model_skip_none_keeps_no_layer_and_bad_arguments_are_named():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    def mlp():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+    # None: no pattern, as the default () and transformers' modules_to_not_convert=None
+    a, b = quantize_model(mlp(), skip=None), quantize_model(mlp())
+    assert isinstance(a[0], QuantizedLinear) and isinstance(a[2], QuantizedLinear)
+    x = torch.randn(2, 64)
+    assert torch.equal(a(x), b(x))
+    kept = quantize_model(mlp(), skip="2")  # one string: one pattern
+    assert isinstance(kept[0], QuantizedLinear) and isinstance(kept[2], torch.nn.Linear)
+    for skip, msg in (
+        ([1], r"skip patterns must be strings .*got 1 in \[1\]"),
+        (["0", None], r"skip patterns must be strings .*got None"),
+        (5, "skip must be a string, an iterable of strings or None; got 5"),
+    ):
+        model = mlp()
+        with pytest.raises(ArgumentError, match=msg):
+            quantize_model(model, skip=skip)
+        assert isinstance(model[0], torch.nn.Linear)  # left as it was
+    with pytest.raises(ArgumentError, match=r"model must be a torch\.nn\.Module; got str"):
+        quantize_model("x")

@@ -882,10 +882,17 @@ def test_mmap_loaded_windows_pickle_as_a_file_reference(tmp_path):
                    targets={"y": np.arange(20_000)}, target_offset=1).save(path)  # fmt: skip
     with pytest.raises(FormatError, match="changed since this SlidingWindows was loaded"):
         pickle.loads(blob)
-    # Modified in place (a byte appended): refused.
+    # Modified in place (the same inode rewritten with a valid file of another
+    # size; bytes appended would make a file load refuses): refused.
     blob = pickle.dumps(SlidingWindows.load(path))
-    with open(path, "ab") as fh:
-        fh.write(b"\0")
+    other = tmp_path / "other.safetensors"
+    SlidingWindows(f[:10_000], 8, stride=2, targets={"y": np.arange(10_000)},
+                   target_offset=1).save(other)  # fmt: skip
+    inode = os.stat(path).st_ino
+    with open(path, "r+b") as fh:
+        fh.write(other.read_bytes())
+        fh.truncate()
+    assert os.stat(path).st_ino == inode
     with pytest.raises(FormatError, match=r"changed since .*size"):
         pickle.loads(blob)
     # Gone: FileNotFoundError (an OSError) naming the file.
@@ -966,3 +973,23 @@ def test_slices_of_torch_frames_keep_the_library_and_dtype():
     got = sw[1:6:2]
     assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16
     assert torch.equal(got, torch.stack([sw[1], sw[3], sw[5]]))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_refuses_bytes_after_the_last_tensor(tmp_path, mmap):
+    # Were read as if absent (safetensors and every other loader refuse them).
+    from neuropil import FormatError
+
+    f = np.random.default_rng(9).standard_normal((50, 3)).astype(np.float32)
+    path = tmp_path / "w.safetensors"
+    SlidingWindows(f, 4, targets={"y": np.arange(50)}).save(path)
+    good = path.read_bytes()
+    for extra in (b"\0", b"x" * 4096):
+        path.write_bytes(good + extra)
+        with pytest.raises(FormatError) as e:
+            SlidingWindows.load(path, mmap=mmap)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: {len(extra)} trailing bytes after the last tensor")
+        assert f"a file of {len(good)} bytes; found {len(good) + len(extra)} bytes" in msg
+    path.write_bytes(good)
+    assert np.array_equal(np.asarray(SlidingWindows.load(path, mmap=mmap).frames), f)

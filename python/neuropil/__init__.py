@@ -47,14 +47,16 @@ def set_num_threads(n: int) -> None:
     side), calls under 40 us run on the calling thread alone.
 
     Args:
-        n: Positive thread count.
+        n: Thread count, 1 to 4096 (far past any CPU's cores: a bound on
+            what a typo costs, since each thread takes time to start; the
+            same bound applies to ``NEUROPIL_NUM_THREADS``).
 
     Raises:
-        ArgumentError: ``n`` is not a positive integer.
+        ArgumentError: ``n`` is not an integer in [1, 4096].
     """
     if isinstance(n, bool) or not isinstance(n, int):
-        raise ArgumentError(f"n must be a positive integer; got {n!r}")
-    _native.set_num_threads(n)
+        raise ArgumentError(f"n must be a positive integer at most 4096; got {n!r}")
+    _native.set_num_threads(n)  # (refuses 0, negative and past 4096 counts, 2**70 too)
 
 
 def get_num_threads() -> int:

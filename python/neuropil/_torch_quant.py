@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError
 from .quant import (
     QuantizedWeights,
     ScaleDType,
     _check_skip,
     _load_entries,
     _resolve,
+    _skip_patterns,
     _skipped,
     quantize,
     save_file,
@@ -227,12 +228,31 @@ class QuantizedLinear(nn.Module):
         ``bits``, ``group_size``, ``scheme``, ``scale_dtype`` (a name, a numpy
         dtype or scalar type, or a torch dtype) and ``search`` are as
         :func:`neuropil.quant.quantize` takes them.
+
+        Raises:
+            ArgumentError: ``linear`` is not a module with a ``weight`` tensor
+                (an ``nn.Linear``), its bias holds NaN or Inf (as its weight
+                may not: every output would be NaN or Inf), or an argument
+                :func:`~neuropil.quant.quantize` refuses.
+            ShapeError, DTypeError: the weight is not a 2-D float tensor.
         """
-        device = linear.weight.device
-        qw = quantize(
-            linear.weight, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
-        )
-        return cls.from_quantized(qw, linear.bias).to(device)
+        weight = getattr(linear, "weight", None)
+        if not isinstance(linear, nn.Module) or not isinstance(weight, torch.Tensor):
+            raise ArgumentError(
+                "linear must be an nn.Linear (a module with a weight tensor); "
+                f"got {type(linear).__name__}"
+            )
+        bias = getattr(linear, "bias", None)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            raise ArgumentError(f"bias must be a tensor or None; got {type(bias).__name__}")
+        if bias is not None and not bool(torch.isfinite(bias.detach()).all()):
+            bad = bias.detach()[~torch.isfinite(bias.detach())]
+            raise ArgumentError(
+                f"bias must be finite; got {bad.numel()} NaN or Inf values "
+                f"({bad[:4].tolist()}...) in {type(linear).__name__}.bias"
+            )
+        qw = quantize(weight, bits, group_size, scheme, scale_dtype=scale_dtype, search=search)
+        return cls.from_quantized(qw, bias).to(weight.device)
 
     def quantized(self) -> QuantizedWeights:
         """The weights as :class:`~neuropil.quant.QuantizedWeights` (CPU buffers shared)."""
@@ -343,9 +363,9 @@ class QuantizedLinear(nn.Module):
         return out
 
     def _forward(self, x: torch.Tensor, force_torch: bool) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            from .errors import ShapeError
-
+        if not isinstance(x, torch.Tensor):
+            raise DTypeError(f"x must be a torch.Tensor (as for nn.Linear); got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ShapeError(f"x must have shape (..., {self.in_features}); got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise DTypeError(f"x must be a floating-point tensor (as for nn.Linear); got {x.dtype}")
@@ -495,7 +515,7 @@ def quantize_model(
     bits: int | None = None,
     group_size: int | None = None,
     scheme: str = "asym",
-    skip: Iterable[str] = (),
+    skip: str | Iterable[str] | None = (),
     *,
     scale_dtype: ScaleDType = "float16",
     search: bool = False,
@@ -520,15 +540,18 @@ def quantize_model(
         skip: module names to keep in float: glob patterns on the full name
             (``"lm_head"``, ``"*.attn.*"``) or on the name of an enclosing
             module (``"model.layers.0"`` keeps every layer of block 0), or
-            exact name components. A pattern that matches no module is an
-            error (a typo would quantize the layer it meant to keep).
+            exact name components; one string is one pattern, ``None`` (as
+            the default ``()``) keeps none. A pattern that matches no module
+            is an error (a typo would quantize the layer it meant to keep).
 
     Returns:
         ``model``.
 
     Raises:
-        ArgumentError: a ``skip`` pattern that matches no module, or a bad
-            ``bits``/``group_size``/``scheme`` (the model is left as it was).
+        ArgumentError: ``model`` is not an ``nn.Module``, ``skip`` is not a
+            string, an iterable of strings or None, a ``skip`` pattern that
+            matches no module, or a bad ``bits``/``group_size``/``scheme``
+            (the model is left as it was).
 
     Example::
 
@@ -538,7 +561,9 @@ def quantize_model(
         import neuropil.hf
         again = AutoModelForCausalLM.from_pretrained("smollm2-q4")
     """
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    skip = _skip_patterns(skip)
     # A pattern that matches nothing is a typo that would quantize the layer it
     # was meant to keep (as `neuropil quantize --skip`).
     _check_skip([n for n, _ in model.named_modules(remove_duplicate=False) if n], skip)

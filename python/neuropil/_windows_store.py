@@ -139,7 +139,8 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
 
     Raises:
         FormatError: the file is not a neuropil windows file, has another
-            version, or is malformed, truncated or inconsistent, or changed
+            version, or is malformed, truncated (or has bytes after its last
+            tensor) or inconsistent, or changed
             (size, mtime or inode) while it was being read.
         FileNotFoundError: ``path`` does not exist.
     """
@@ -190,6 +191,18 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
     if set(header) != want:
         raise _bad(path, f"tensors must be {sorted(want)}; got {sorted(header)}")
     data_start = 8 + n
+    ends = [e for e in (_data_end(header[k]) for k in want) if e is not None]
+    # (with a malformed entry, _tensor below says what is wrong with it)
+    if len(ends) == len(want) and data_start + max(ends) < size:
+        # As safetensors and every other loader: bytes past the last tensor
+        # are a damaged or tampered file, not padding to ignore. Checked
+        # before any array maps the file.
+        end = data_start + max(ends)
+        raise _bad(
+            path,
+            f"{size - end} trailing bytes after the last tensor: the header and tensors "
+            f"make a file of {end} bytes; found {size} bytes",
+        )
     arrays = {k: _tensor(path, k, header[k], data_start, size, mmap) for k in sorted(want)}
     if arrays["frames"][0].ndim != 2:
         raise _bad(path, f"frames must be 2-D; got shape {arrays['frames'][0].shape}")
@@ -267,6 +280,16 @@ def _meta_int(path: Path, meta: dict, key: str) -> int:
     if not (isinstance(v, str) and v.isascii() and v.isdigit() and 1 <= int(v) < _MAX_INT):
         raise _bad(path, f"metadata {key} must be a positive integer below 2**62; got {v!r}")
     return int(v)
+
+
+def _data_end(entry: Any) -> int | None:
+    """The end offset of a tensor entry's data, or None if the entry is malformed."""
+    offs = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if isinstance(offs, (list, tuple)) and len(offs) == 2:
+        end = offs[1]
+        if isinstance(end, int) and not isinstance(end, bool):
+            return end
+    return None
 
 
 def _tensor(

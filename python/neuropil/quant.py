@@ -39,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
+from .flyhash import _check_level
 
 if TYPE_CHECKING:
     import torch
@@ -145,14 +146,36 @@ def _plain_array(v: Any) -> np.ndarray | _safetensors.BF16:
     return np.asarray(v)
 
 
-def _as_numpy(w: Any) -> Any:
+def _as_numpy(w: Any, name: str) -> Any:
+    """A torch tensor as numpy (CPU values, detached), for the core to check as
+    it checks numpy input: a float dtype numpy lacks (bfloat16, float8) is
+    widened to float32, exactly; every other dtype keeps its numpy dtype, so
+    integer, bool and complex tensors are refused by the core with the message
+    a numpy array of that dtype gets (``x must have dtype float32 ...; got
+    int64``), never cast; one numpy has no dtype for (complex32, qint8) is
+    refused here. Anything else passes as it is. ``name`` names the argument."""
     if type(w).__module__.startswith("torch"):
         import torch
 
+        if not isinstance(w, torch.Tensor):
+            return w
         w = w.detach().cpu()
-        if w.dtype not in (torch.float32, torch.float16, torch.float64):
-            w = w.float()  # bfloat16 has no numpy dtype; ints are refused by the core
-        return w.numpy()
+        if w.layout != torch.strided:
+            raise ArgumentError(f"{name} must be a dense tensor; got layout {w.layout}")
+        if w.dtype.is_floating_point and w.dtype not in (
+            torch.float32,
+            torch.float16,
+            torch.float64,
+        ):
+            w = w.float()
+        try:
+            # (a complex view with its conjugate bit set must be resolved first)
+            return w.resolve_conj().resolve_neg().numpy()
+        except TypeError:  # a dtype numpy has no match for (complex32, qint8)
+            raise DTypeError(
+                f"{name} must have dtype float32 (or another float dtype, converted once); "
+                f"got {w.dtype}"
+            ) from None
     return w
 
 
@@ -176,6 +199,16 @@ class QuantizedWeights:
 
     Pickles and deep-copies as its constructor call (the arrays and the
     format), so an unpickled object passes the constructor's checks again.
+
+    Raises:
+        ShapeError: ``data``, ``scales`` or ``mins`` do not have the 2-D shape
+            the format gives (``(rows, row_bytes)``, ``(rows, groups)``).
+        DTypeError: ``data`` is not ``uint8``, or ``scales``/``mins`` are not
+            float16 or float32 numpy arrays (both of one dtype).
+        ArgumentError: a bad format (``shape``, ``bits``, ``group_size``,
+            ``scheme``), ``mins`` missing for an asymmetric scheme, or NaN/Inf
+            scales or mins (every output they touch would be NaN). The checks
+            :func:`load_file` applies to a file's tensors.
     """
 
     __slots__ = ("bits", "data", "group_size", "mins", "scales", "scheme", "shape")
@@ -190,12 +223,59 @@ class QuantizedWeights:
         group_size: int,
         scheme: str,
     ) -> None:
+        self._init(data, scales, mins, shape, bits, group_size, scheme, ("data", "scales", "mins"))
+
+    def _init(
+        self,
+        data: Any,
+        scales: Any,
+        mins: Any,
+        shape: Any,
+        bits: Any,
+        group_size: Any,
+        scheme: Any,
+        names: tuple[str, str, str],
+    ) -> None:
+        """The constructor; ``names`` name ``data``, ``scales`` and ``mins`` in
+        the layout messages (:func:`load_file` gives the file's tensor names)."""
         self.data = data
         self.scales = scales
         self.mins = mins
         self.shape = _shape_arg(shape)
         self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
-        _native.quant_check(*self._args())
+        _native.quant_check(*self._args())  # the dtypes and the buffers' lengths
+        self._check_layout(names)
+
+    def _check_layout(self, names: tuple[str, str, str]) -> None:
+        """What the core leaves to this class: it reads the buffers flat and
+        checks their lengths only (a (4, 200) matrix has as many code bytes as
+        an (8, 100) one; a (1, 8) scale array as many scales as (8, 1)), it
+        takes float16 scales as their uint16 bits, and it reads any values."""
+        for arr, name in ((self.scales, names[1]), (self.mins, names[2])):
+            if arr is not None and arr.dtype not in (np.float16, np.float32):
+                raise DTypeError(f"{name} must be float16 or float32; got dtype {arr.dtype}")
+        rows, cols = self.shape
+        groups = -(-cols // self.group_size)
+        want = [
+            (names[0], self.data, (rows, groups * self.group_size * self.bits // 8)),
+            (names[1], self.scales, (rows, groups)),
+        ]
+        if self.mins is not None:
+            want.append((names[2], self.mins, (rows, groups)))
+        for name, arr, expected in want:
+            if arr.shape != expected:
+                raise ShapeError(
+                    f"{name} must have shape {expected} for shape {list(self.shape)}, "
+                    f"bits {self.bits}, group_size {self.group_size}; got {arr.shape}"
+                )
+        for name, arr, _ in want[1:]:
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                at = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ArgumentError(
+                    f"{name} must be finite; got {_shown(arr[at])} at {at} "
+                    f"({int(bad.sum())} NaN or Inf)"
+                )
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Through the constructor: a tampered pickle (codes cut short, a
@@ -286,11 +366,12 @@ class QuantizedWeights:
         Raises:
             ShapeError: ``x`` is not 1-D or 2-D, or its last dimension is not ``cols``.
             DTypeError: ``x`` is not a float array.
-            ArgumentError: ``level`` is not a level name.
+            ArgumentError: ``level`` is not None or a level name.
             NeuropilError: ``level`` names a level this CPU lacks.
         """
         is_torch = type(x).__module__.startswith("torch")
-        y = _native.quant_matvec(*self._args(), _as_numpy(x), level)
+        _check_level(level)
+        y = _native.quant_matvec(*self._args(), _as_numpy(x, "x"), level)
         return _like_input(y, x) if is_torch else y
 
     def matvec_rows(self, x: Any, rows: Any, level: str | None = None) -> Any:
@@ -299,21 +380,38 @@ class QuantizedWeights:
         Args:
             x: float array (cols,); a torch tensor gives a torch tensor back on
                 its device, as :meth:`matvec`.
-            rows: integer indices into ``range(rows)``, any order, repeats allowed;
-                an empty sequence gives an empty result.
+            rows: 1-D integer indices into ``range(rows)``, any order, repeats
+                allowed; an empty sequence gives an empty result.
+            level: as for :meth:`matvec`.
+
+        Returns:
+            float32 (len(rows),).
 
         Raises:
-            IndexError: an index is negative or >= rows.
-            ArgumentError: ``rows`` holds non-integers.
-            ShapeError: ``x`` is not of shape (cols,).
+            IndexError: an index is negative or >= rows (the message gives it
+                as passed, a ``uint64`` past ``2**63`` included).
+            ArgumentError: ``rows`` holds non-integers, or ``level`` is not a
+                level name.
+            ShapeError: ``rows`` is not 1-D (a nested list or a scalar: the
+                result would not have its shape), or ``x`` is not of shape (cols,).
         """
+        _check_level(level)
         idx = np.asarray(rows)
-        if idx.size == 0:  # [] is float64 to numpy; nothing to index either way
-            idx = np.empty(0, np.int64)
+        if idx.size == 0 and idx.dtype.kind not in "iu":
+            idx = idx.astype(np.int64)  # [] is float64 to numpy; nothing to index either way
         if idx.dtype.kind not in "iu":
             raise ArgumentError(f"rows must be integer indices; got dtype {idx.dtype}")
-        idx = idx.astype(np.int64, copy=False).reshape(-1)
-        y = _native.quant_matvec_rows(*self._args(), _as_numpy(x), idx, level)
+        if idx.ndim != 1:
+            raise ShapeError(f"rows must be a 1-D array of row indices; got shape {idx.shape}")
+        if idx.dtype.kind == "u" and idx.dtype.itemsize == 8:
+            # checked before the int64 cast, which would wrap 2**63 to a negative index
+            past = np.flatnonzero(idx >= self.shape[0])
+            if past.size:
+                raise IndexError(
+                    f"rows index {int(idx[past[0]])} is out of range for length {self.shape[0]}"
+                )
+        idx = idx.astype(np.int64, copy=False)
+        y = _native.quant_matvec_rows(*self._args(), _as_numpy(x, "x"), idx, level)
         return _like_input(y, x) if type(x).__module__.startswith("torch") else y
 
     # ---------------------------------------------------------------------- GGUF
@@ -423,13 +521,18 @@ def quantize(
 
     Raises:
         ArgumentError: unsupported bits, group size, scheme or ``scale_dtype``,
-            NaN/Inf weights, a range the scales' dtype cannot hold, or (GGUF
-            schemes) rows whose length is not a multiple of 32.
+            a ``search`` that is not a bool, NaN/Inf weights, a range the
+            scales' dtype cannot hold, or (GGUF schemes) rows whose length is
+            not a multiple of 32.
         ShapeError: ``w`` is not 2-D or is empty.
-        DTypeError: ``w`` is not a float array (integers are refused, not cast).
+        DTypeError: ``w`` is not a float array or tensor (integer, bool and
+            complex ones are refused, not cast; torch bfloat16 is widened to
+            float32 exactly).
     """
     bits, group_size, scheme = _resolve(bits, group_size, scheme)
-    arr = _as_numpy(w)
+    if not isinstance(search, (bool, np.bool_)):  # bool("no") would be True
+        raise ArgumentError(f"search must be True or False; got {_shown(search)}")
+    arr = _as_numpy(w, "w")
     try:
         out = _native.quant_quantize(
             arr, bits, group_size, scheme, _scale_dtype(scale_dtype), bool(search)
@@ -578,29 +681,22 @@ def _load_entries(path: str | Path, *, bf16_bits: bool) -> dict[str, Any]:
         for arr, what in ((scales, "scales"), (mins, "mins")):
             if arr is not None and str(arr.dtype) != sdt:
                 raise FormatError(f"{where}: {what} dtype must be {sdt}; got {arr.dtype}")
+        # The constructor's checks (a pickle passes them too): the lengths, the
+        # 2-D shapes the format gives, finite scales and mins.
+        qw = QuantizedWeights.__new__(QuantizedWeights)
         try:
-            qw = QuantizedWeights(
-                tensors[f"{name}.qdata"], scales, mins, tuple(shape), bits, g, scheme
+            qw._init(
+                tensors[f"{name}.qdata"],
+                scales,
+                mins,
+                tuple(shape),
+                bits,
+                g,
+                scheme,
+                ("qdata", "scales", "mins"),
             )
         except (ArgumentError, ValueError, TypeError, OverflowError) as e:
             raise FormatError(f"{where}: {e}") from e
-        # The core checks the buffers' lengths only: a (4, 200) matrix has as many
-        # bytes as an (8, 100) one, so the 2-D shapes must match the format too.
-        rows, cols = qw.shape
-        groups = -(-cols // qw.group_size)
-        want = {"qdata": (rows, groups * qw.group_size * qw.bits // 8), "scales": (rows, groups)}
-        if mins is not None:
-            want["mins"] = (rows, groups)
-        for part, expected in want.items():
-            found = tensors[f"{name}.{part}"].shape
-            if found != expected:
-                raise FormatError(
-                    f"{where}: {part} must have shape {expected} for shape {list(qw.shape)}, "
-                    f"bits {qw.bits}, group_size {qw.group_size}; got {found}"
-                )
-        for arr, what in ((scales, "scales"), (mins, "mins")):
-            if arr is not None and not np.isfinite(arr).all():
-                raise FormatError(f"{where}: {what} hold NaN or Inf")
         if name in tensors:
             raise FormatError(f"{where}: names both a quantized entry and a plain tensor")
         out[name] = qw
@@ -608,6 +704,29 @@ def _load_entries(path: str | Path, *, bf16_bits: bool) -> dict[str, Any]:
         if name not in used:
             out[name] = _safetensors.BF16(arr) if bf16_bits and dtypes[name] == "BF16" else arr
     return out
+
+
+def _skip_patterns(skip: Any, what: str = "skip") -> tuple[str, ...]:
+    """``skip`` as a tuple of patterns: one string is one pattern, ``None`` is
+    none (as transformers' ``modules_to_not_convert=None``); anything else must
+    be an iterable of strings. ``what`` names the argument in messages."""
+    if skip is None:
+        return ()
+    if isinstance(skip, str):
+        return (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        raise ArgumentError(
+            f"{what} must be a string, an iterable of strings or None; got {_shown(skip)}"
+        ) from None
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise ArgumentError(
+                f"{what} patterns must be strings (module names or globs); got {_shown(pat)} "
+                f"in {_shown(list(patterns))}"
+            )
+    return patterns
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:

@@ -4,6 +4,7 @@ the expected and the found value."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,9 @@ import numpy as np
 import torch
 
 from ..errors import ArgumentError, DTypeError, ShapeError, _shown
+
+# Past this many bytes a tensor's size overflows torch's int64 byte count.
+_MAX_BYTES = 2**63 - 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -21,6 +25,62 @@ def check_int(name: str, v: Any, minimum: int = 1) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ArgumentError(f"{name} must be {what}; got {_shown(v)}")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory ``device`` has: a CUDA device's total, the host's
+    physical memory for the CPU (and devices that share it), ``None`` where
+    unknown (the meta device allocates nothing)."""
+    if device.type == "meta":
+        return None
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def check_bank_size(
+    dims: dict[str, int], dtype: torch.dtype, device: torch.device, code_book_bytes: int
+) -> None:
+    """Refuses a bank whose tensors could never be allocated, before any is.
+
+    ``dims``: ``L, H, W, batch, K``. The bank holds ``M`` ``(batch, L, H, W)``,
+    ``C`` ``(L, K)`` and ``gains`` ``(batch, K)`` of ``dtype`` on ``device``,
+    and ``counts``/``reads`` ``(batch, K)`` int64 on the CPU; building a named
+    code book takes ``code_book_bytes`` more on the CPU (float64). A bank
+    needing more than the memory of its device (or, for the CPU tensors, of
+    the host) would fail in torch or numpy with a message naming no argument
+    (or after paging everything out); past 2**63 bytes the sizes overflow.
+    The argument named is the largest extent (ties: the first of ``L, H, W,
+    batch, K``).
+    """
+    L, H, W, B, K = (dims[n] for n in ("L", "H", "W", "batch", "K"))
+    item = torch.empty(0, dtype=dtype).element_size()
+    state = item * (B * L * H * W + L * K + B * K)
+    what = f"the {dtype_name(dtype)} state (batch, L, H, W), codes (L, K) and gains"
+    host = device_memory(torch.device("cpu"))
+    counters = 16 * B * K + code_book_bytes
+    extra = "the int64 counters (batch, K)" + (
+        " and the code book (built in float64)" if code_book_bytes else ""
+    )
+    if device.type == "cpu":
+        needs = [(state + counters, host, "cpu", f"{what}, {extra}")]
+    else:
+        needs = [(state, device_memory(device), str(device), what), (counters, host, "cpu", extra)]
+    for need, have, where, parts in needs:
+        limit = _MAX_BYTES if have is None else min(have, _MAX_BYTES)
+        if need > limit:
+            name = max(dims, key=lambda n: dims[n])  # (max keeps the first of equals)
+            shown = ", ".join(f"{n}={v}" for n, v in dims.items())
+            raise ArgumentError(
+                f"{name} must give a bank that fits in the memory of {where} ({limit} bytes); "
+                f"got {shown}: {parts} would need {need} bytes ({need / 2**30:.3g} GiB)"
+            )
 
 
 def check_codes(codes: torch.Tensor, name: str = "codes") -> None:

@@ -6,13 +6,13 @@ failed save never destroys an older file. Loading validates every field."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .._safetensors import replacing, special_file
+from .._safetensors import BF16, write
 from ..errors import ArgumentError, FormatError, NeuropilError
 from ._checks import check_codes
 
@@ -31,9 +31,20 @@ def _dtype_key(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save_bank(bank: Any, path: Any) -> None:
-    from safetensors.torch import save, save_file
+def _host_array(t: torch.Tensor) -> Any:
+    """A CPU tensor as the package's writer takes it: a numpy view, bfloat16
+    as its bits (numpy has no bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        return BF16(t.view(torch.int16).numpy().view(np.uint16))
+    return t.numpy()
 
+
+def save_bank(bank: Any, path: Any) -> None:
+    """Writes ``bank`` through the package's safetensors writer
+    (:func:`neuropil._safetensors.write`), as every other ``save``: a temporary
+    file renamed over ``path`` (a pipe or device written in place), and a
+    failed write (a full disk) raises the ``OSError`` ``open`` would, naming
+    ``path``, with the old file intact."""
     path = Path(path)
     # Learned codes may have drifted since construction: never write a file load refuses.
     check_codes(bank.C, "codes")
@@ -54,24 +65,16 @@ def save_bank(bank: Any, path: Any) -> None:
         "steps": bank.steps,
         "fast_hadamard": bank.fast_hadamard,
     }
+    # The int64 counters first: every tensor then starts at a multiple of its
+    # item size (the data starts 8-aligned), as safetensors' own writer lays them.
     tensors = {
+        "counts": bank.counts.contiguous(),
+        "reads": bank.reads.contiguous(),
         "M": bank.M.detach().cpu().contiguous(),
         "C": bank.C.detach().cpu().contiguous(),
         "gains": bank.gains.detach().cpu().contiguous(),
-        "counts": bank.counts.contiguous(),
-        "reads": bank.reads.contiguous(),
     }
-    metadata = {"neuropil": json.dumps(meta)}
-    if special_file(path):
-        # A pipe or device is written through the one descriptor replacing()
-        # opened (a pipe opened twice would end its reader's read at the first
-        # close); only then is the file built in memory first.
-        with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
-            f.write(save(tensors, metadata=metadata))
-        return
-    with replacing(path) as (fd, tmp):
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+    write(path, {k: _host_array(t) for k, t in tensors.items()}, {"neuropil": json.dumps(meta)})
 
 
 def check_tensors(

@@ -23,7 +23,15 @@ import torch
 from .._scoped import tf32 as _tf32  # the old name: tests/test_concurrency.py uses bank._tf32
 from ..errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
 from . import codes as _codes
-from ._checks import as_keys, check_codes, check_finite, check_int, check_values, dtype_name
+from ._checks import (
+    as_keys,
+    check_bank_size,
+    check_codes,
+    check_finite,
+    check_int,
+    check_values,
+    dtype_name,
+)
 
 __all__ = ["READOUTS", "MembraneBank"]
 
@@ -33,6 +41,10 @@ _PRECISIONS = ("highest", "tf32")
 # Sparse COO values denser than this are densified: the scatter path costs nnz * L
 # and wins over the dense write only below about 0.1-0.15% non-zeros (BENCHMARKS.md).
 SPARSE_MAX_DENSITY = 0.0015
+
+
+def _dims(L: int, H: int, W: int, batch: int, K: int) -> dict[str, int]:
+    return {"L": int(L), "H": int(H), "W": int(W), "batch": int(batch), "K": int(K)}
 
 
 def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,6 +106,12 @@ class MembraneBank(_OwnLock):
             keys. ``None`` (default): on CPU only, where it measured 2-3x past the
             GEMM limit; on CUDA the fp32 GEMM is already near the memory limit.
 
+    Raises:
+        ArgumentError: an argument out of its domain, or extents whose tensors
+            need more memory than the device has (the host's physical memory
+            for the CPU; the message gives the bytes needed): refused before
+            anything is allocated (:meth:`grow` checks its ``K`` the same way).
+
     Attributes:
         M: The state, ``(B, L, H, W)`` tensor of ``dtype`` on ``device``.
         C: The code book, ``(L, K)``, unit columns.
@@ -153,6 +171,15 @@ class MembraneBank(_OwnLock):
                 )
             K = L if K is None else K
             check_int("K", K)
+            if codes in ("hadamard", "dct", "orthogonal") and K > L:
+                # the reason to give, before the size check below
+                _codes._check_lk(L, K, at_most_l=True, fn=f"{codes}_codes")
+            # Sizes are checked before anything is allocated. A code book is
+            # built in float64 on the CPU (a Hadamard one as the whole L x L
+            # matrix, then cut to K columns), about twice over.
+            square = codes == "hadamard" or (codes == "auto" and K <= L and not L & (L - 1))
+            built = 16 * L * (L if square else K)
+            check_bank_size(_dims(L, H, W, batch, K), dtype, device, built)
             kw: dict[str, Any] = {"device": device, "dtype": dtype}
             if codes in ("gaussian", "orthogonal", "auto"):
                 kw["seed"] = seed
@@ -173,6 +200,7 @@ class MembraneBank(_OwnLock):
             if codes.device != device:
                 raise ArgumentError(f"codes must be on device {device}; got {codes.device}")
             check_codes(codes)
+            check_bank_size(_dims(L, H, W, batch, int(codes.shape[1])), dtype, device, 0)
             C = codes
             self.code_kind = "custom"
         else:
@@ -639,6 +667,10 @@ class MembraneBank(_OwnLock):
         check_int("K", K, minimum=self.K)
         if K == self.K:
             return
+        # the new code book is built in float64 on the CPU, as the constructor's
+        check_bank_size(
+            _dims(self.L, self.H, self.W, self.B, K), self.dtype, self.device, 16 * self.L * K
+        )
         extra = K - self.K
         old = self.C.detach()
         grown = _codes.generate_codes(self.L, K, existing=old, seed=self.seed)

@@ -27,16 +27,27 @@ class HopfieldCleanup:
     patterns themselves (``P * H * W`` numbers).
 
     Args:
-        patterns: ``(P, H, W)`` or ``(P, D)`` float tensor of stored patterns.
+        patterns: ``(P, H, W)`` or ``(P, D)`` float tensor of stored patterns,
+            finite (a NaN or Inf would make every decode NaN, as
+            :meth:`MembraneBank.store` refuses them).
         beta: Inverse temperature (larger: closer to a hard nearest neighbour).
     """
 
     def __init__(self, patterns: torch.Tensor, beta: float = 64.0) -> None:
         if not isinstance(patterns, torch.Tensor) or not patterns.is_floating_point():
-            raise ArgumentError("patterns must be a floating torch.Tensor")
+            found = (
+                patterns.dtype if isinstance(patterns, torch.Tensor) else type(patterns).__name__
+            )
+            raise ArgumentError(f"patterns must be a floating torch.Tensor; got {found}")
         if patterns.ndim not in (2, 3) or patterns.shape[0] == 0:
             raise ShapeError(
                 f"patterns must have shape (P, H, W) or (P, D); got {tuple(patterns.shape)}"
+            )
+        bad = ~torch.isfinite(patterns.detach())
+        if bool(bad.any()):
+            raise ArgumentError(
+                f"patterns must be finite; got {int(bad.sum())} NaN or Inf entries "
+                f"(the first in pattern {int(bad.flatten(1).any(1).nonzero()[0])})"
             )
         if not (_is_real(beta) and 0 < beta < math.inf):
             # beta = inf makes softmax(inf * s) NaN: use a large finite beta instead

@@ -12,6 +12,7 @@ use numpy::{
     Element, PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArray,
     PyReadonlyArrayDyn, PyReadwriteArray, PyUntypedArray, PyUntypedArrayMethods,
 };
+use pyo3::exceptions::{PyException, PyMemoryError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
@@ -58,6 +59,19 @@ impl<'py> F32Input<'py> {
     }
 }
 
+/// `wrap(e)` for numpy's (or a tensor's `__array__`) refusal of the input: a
+/// `TypeError`, the `ValueError` of a ragged list, a tensor's `RuntimeError`
+/// (it requires grad)...; a `MemoryError` (a copy too large, of a broadcast
+/// view) or an interrupt is not about the argument's type and propagates as
+/// it is.
+fn if_type_error(py: Python<'_>, e: PyErr, wrap: impl FnOnce(PyErr) -> PyErr) -> PyErr {
+    if e.is_instance_of::<PyMemoryError>(py) || !e.is_instance_of::<PyException>(py) {
+        e
+    } else {
+        wrap(e)
+    }
+}
+
 fn numpy(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
     static NUMPY: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
     Ok(NUMPY
@@ -80,10 +94,12 @@ pub fn f32_input<'py>(obj: &Bound<'py, PyAny>, arg: &'static str) -> PyResult<F3
         obj.clone()
     } else {
         np.call_method1("asarray", (obj,)).map_err(|e| {
-            let found = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-            crate::errors::DTypeError::new_err(format!(
-                "{arg} must be a float array (numpy, torch CPU tensor or nested list); got {found} ({e})"
-            ))
+            if_type_error(py, e, |e| {
+                let found = obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+                crate::errors::DTypeError::new_err(format!(
+                    "{arg} must be a float array (numpy, torch CPU tensor or nested list); got {found} ({e})"
+                ))
+            })
         })?
     };
     let untyped = viewed.cast::<PyUntypedArray>()?;
@@ -135,7 +151,8 @@ impl<'py, T: numpy::Element> IntInput<'py, T> {
 /// `accept(kind, itemsize)` decides which source dtypes are taken (numpy kind
 /// characters: `b'u'`, `b'i'`...); accepted ones are converted to `T` with
 /// numpy's "safe" casting, so no value is ever wrapped or truncated. Anything
-/// else is a `DTypeError` naming `arg` and `expected`.
+/// else is a `DTypeError` naming `arg` and `expected`; a failure that is not
+/// about the dtype (a `MemoryError` copying a broadcast view) propagates as it is.
 pub fn int_input<'py, T: numpy::Element>(
     obj: &Bound<'py, PyAny>,
     arg: &'static str,
@@ -152,7 +169,9 @@ pub fn int_input<'py, T: numpy::Element>(
     }
     let np = numpy(py)?;
     let viewed = np.call_method1("asarray", (obj,)).map_err(|e| {
-        crate::errors::DTypeError::new_err(format!("{arg} must be {expected}; got {e}"))
+        if_type_error(py, e, |e| {
+            crate::errors::DTypeError::new_err(format!("{arg} must be {expected}; got {e}"))
+        })
     })?;
     let untyped = viewed.cast::<PyUntypedArray>()?;
     let dtype = untyped.dtype();
@@ -171,9 +190,11 @@ pub fn int_input<'py, T: numpy::Element>(
     let converted = viewed
         .call_method("astype", (numpy::dtype::<T>(py),), Some(&kwargs))
         .map_err(|e| {
-            crate::errors::DTypeError::new_err(format!(
-                "{arg} must be {expected}; got {dtype} ({e})"
-            ))
+            if_type_error(py, e, |e| {
+                crate::errors::DTypeError::new_err(format!(
+                    "{arg} must be {expected}; got {dtype} ({e})"
+                ))
+            })
         })?;
     Ok(IntInput {
         array: converted.cast::<PyArrayDyn<T>>()?.try_readonly()?,

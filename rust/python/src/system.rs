@@ -2,6 +2,7 @@
 //! dot product.
 
 use pyo3::prelude::*;
+use pyo3::types::PyInt;
 
 use crate::buffers::{f32_input, Expect};
 use crate::errors::OrRaise;
@@ -25,12 +26,22 @@ fn cpu_features() -> Vec<&'static str> {
     simd::cpu_features()
 }
 
+/// `n` is any Python int: one past `usize` (`2**70`, `-1`) is out of range
+/// like `10**6`, with the same message, not an `OverflowError`.
 #[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
-    let n = usize::try_from(n)
-        .map_err(|_| neuropil::Error::value("n", "a positive integer", n))
-        .or_raise()?;
-    neuropil::threads::set_num_threads(n).or_raise()
+fn set_num_threads(n: &Bound<'_, PyInt>) -> PyResult<()> {
+    let Ok(count) = n.extract::<usize>() else {
+        return Err(neuropil::Error::value(
+            "n",
+            format!(
+                "a positive integer at most {}",
+                neuropil::threads::MAX_THREADS
+            ),
+            n.str()?,
+        ))
+        .or_raise();
+    };
+    neuropil::threads::set_num_threads(count).or_raise() // (0 and past the bound refused there)
 }
 
 #[pyfunction]
