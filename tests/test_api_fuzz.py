@@ -102,24 +102,31 @@ def _run(cases):
 def run_cases(setup: str, cases: dict[str, str], timeout: float = 120) -> dict[str, dict]:
     """Runs each statement of ``cases`` in one fresh interpreter after ``setup``.
 
-    Returns ``{label: {"exc": name or None, "mro": [...], "msg": ...}}``. A case
-    that kills the interpreter is reported as ``exc="CRASH"``, one still running
-    at ``timeout`` as ``exc="HANG"`` (the cases after it as ``NOT RUN``), so
-    the others keep their own results."""
+    Returns ``{label: {"exc": name or None, "mro": [...], "msg": ...}}``. The
+    first case without a result, whether it started or not (setup itself may
+    have died or hung), is reported as ``exc="CRASH"`` if the interpreter
+    ended (the message: its exit status and stderr) or ``exc="HANG"`` if it
+    was still running at ``timeout`` (the message says how long and where);
+    the cases after it are ``NOT RUN``, and the others keep their results."""
     script = (
         textwrap.dedent(setup)
         + _CASE_RUNNER
         + f"\n_run(json.loads({json.dumps(json.dumps(list(cases.items())))}))\n"
     )
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+    def text(b: str | bytes | None) -> str:
+        return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
     try:
         proc = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
         )
         out, err, status = proc.stdout, proc.stderr, "CRASH"
+        why = f"the interpreter exited with status {proc.returncode}"
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err, status = "", "HANG"
+        out, err, status = text(e.stdout), text(e.stderr), "HANG"
+        why = f"no result within the {timeout} s timeout (interpreter start included)"
     results: dict[str, dict] = {}
     started = None
     for line in out.splitlines():
@@ -132,11 +139,16 @@ def run_cases(setup: str, cases: dict[str, str], timeout: float = 120) -> dict[s
         else:
             results[rec["label"]] = rec
             started = None
-    if started is not None:
-        results[started] = {"exc": status, "mro": [], "msg": err[-3000:]}
-    for label in cases:
-        results.setdefault(label, {"exc": "NOT RUN", "mro": [], "msg": err[-3000:]})
-    return results
+    unfinished = [label for label in cases if label not in results]
+    if unfinished:
+        first = unfinished[0]
+        where = "while running this case" if started == first else "before this case started"
+        if not results and started is None:
+            where = "during setup, before any case started"
+        results[first] = {"exc": status, "mro": [], "msg": f"{why}, {where}\n{err[-3000:]}"}
+        for label in unfinished[1:]:
+            results[label] = {"exc": "NOT RUN", "mro": [], "msg": f"after {first!r}: {status}"}
+    return {label: results[label] for label in cases}
 
 
 def expect(fn: Any, exc: type[BaseException] | tuple, *needles: str) -> BaseException:
@@ -384,8 +396,9 @@ QUANT_CASES = [
         lambda: QuantizedWeights(
             qw().data, np.full_like(qw().scales, np.nan), qw().mins, (8, 64), 4, 64, "asym"
         ),
-        (ArgumentError, FormatError),
-        "scales",
+        ArgumentError,
+        "scales must be finite",
+        "nan at (0, 0)",
     ),
     P(
         "ctor-scales-wrong-2d-shape",
@@ -425,7 +438,14 @@ FLYHASH_CASES = [
     P("dim-bool", lambda: FlyHash(True), ArgumentError, "input_dim must", "True"),
     P("dim-0", lambda: FlyHash(0), ArgumentError, "input_dim must", ">= 1", "0"),
     P("dim-neg", lambda: FlyHash(-3), ArgumentError, "input_dim must", "-3"),
-    P("dim-2**62", lambda: FlyHash(2**62, seed=0), ArgumentError, "8 GiB"),
+    P(
+        "dim-2**62",
+        lambda: FlyHash(2**62, seed=0),
+        ArgumentError,
+        "input_dim must be small enough for the sign projection to fit in 8 GiB "
+        "(8589934592 bytes); got 4611686018427387904 (with expansion_ratio=13.0: ",
+        "a projection of 3.456e37 bytes)",
+    ),
     P("dim-2**70", lambda: FlyHash(2**70, seed=0), ArgumentError, "input_dim must", str(2**70)),
     P(
         "ratio-nan",
@@ -1671,8 +1691,9 @@ TORCH_MODULE_CASES = [
     P(
         "from_linear-str",
         lambda: _torch_mod().QuantizedLinear.from_linear("x"),
-        (ArgumentError, DTypeError),
-        "linear must",
+        ArgumentError,
+        "linear must be an nn.Linear",
+        "got str",
     ),
     P(
         "from_linear-nan-bias",
@@ -1756,6 +1777,141 @@ TORCH_MODULE_CASES = [
 @pytest.mark.parametrize(("fn", "exc", "needles"), TORCH_MODULE_CASES)
 def test_torch_modules_bad_arguments(fn, exc, needles):
     expect(fn, exc, *needles)
+
+
+# ------------------------------------------------------------------ real-number arguments
+# Every argument read by errors._real takes any real number, as float() would:
+# numpy scalars, fractions.Fraction, and a 0-d numpy array or torch tensor (a
+# tensor's .quantile(0.9), torch.tensor(0.5)) read with .item(); each gives
+# what the equal float gives. Bools, complex values and 1-element arrays are
+# no real numbers: ArgumentError naming the argument.
+# (id, name in the message, call(v) -> what v became, needs torch)
+
+
+def _called(obj: Any, method: str, *args: Any) -> Any:
+    """``obj`` after ``obj.method(*args)``."""
+    getattr(obj, method)(*args)
+    return obj
+
+
+def _assigned(obj: Any, attr: str, v: Any) -> Any:
+    """``obj`` after ``obj.attr = v``."""
+    setattr(obj, attr, v)
+    return obj
+
+
+def _llama_mlp_model() -> Any:
+    """A seeded module holding one Llama-style MLP (gate/up/down), no transformers."""
+    torch = _torch()
+    nn = torch.nn
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj = nn.Linear(D, H, bias=False)
+            self.up_proj = nn.Linear(D, H, bias=False)
+            self.down_proj = nn.Linear(H, D, bias=False)
+
+        def forward(self, x: Any) -> Any:
+            return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = MLP()
+
+        def forward(self, x: Any) -> Any:
+            return self.mlp(x)
+
+    torch.manual_seed(0)
+    return Model()
+
+
+def _sparsify(v: Any, **kw: Any) -> dict:
+    model = _llama_mlp_model()
+    x = T(np.tile(XF, (8, 1)))
+    return _torch_mod().sparsify_mlp(model, v, calibration=lambda: model(x), **kw)
+
+
+REAL_ARGS = [
+    ("SparseFFN-set_threshold", "threshold",
+     lambda v: (lambda f: (f.threshold, f(XF)))(_called(ffn(), "set_threshold", v)), False),
+    ("SparseFFN-threshold-setter", "threshold",
+     lambda v: _assigned(ffn(), "threshold", v).threshold, False),
+    ("SparseFFN-calibrate", "sparsity", lambda v: ffn().calibrate(XF, v), False),
+    ("NeuronCache-decay", "decay", lambda v: NeuronCache(8, decay=v)._args["decay"], False),
+    ("NeuronCache-hysteresis", "hysteresis",
+     lambda v: NeuronCache(8, hysteresis=v)._args["hysteresis"], False),
+    ("InputSparseFFN-thresholds", "t_in",
+     lambda v: (lambda f: (f.t_in, f.t_hidden, f(XF)))(ffn(InputSparseFFN, thresholds=(v, v))),
+     False),
+    ("InputSparseFFN-set_thresholds", "t_hidden",
+     lambda v: _called(ffn(InputSparseFFN), "set_thresholds", None, v).t_hidden, False),
+    ("InputSparseFFN-t_in-setter", "t_in", lambda v: _assigned(ffn(InputSparseFFN), "t_in", v).t_in,
+     False),
+    ("InputSparseFFN-hidden", "t_in", lambda v: ffn(InputSparseFFN).hidden(XF, v), False),
+    ("InputSparseFFN-calibrate", "hidden_sparsity",
+     lambda v: ffn(InputSparseFFN).calibrate(XF, 0.5, v), False),
+    ("RangeIndex-rebuild_fraction", "rebuild_fraction",
+     lambda v: RangeIndex(KEYS, rebuild_fraction=v)._params["rebuild_fraction"], False),
+    ("sparsify_mlp-sparsity", "sparsity", lambda v: _sparsify(v), True),
+    ("sparsify_mlp-hidden_sparsity", "hidden_sparsity",
+     lambda v: _sparsify(0.5, method="teal", hidden_sparsity=v), True),
+]  # fmt: skip
+REAL_VALUES = [
+    ("np-0d", lambda: np.array(0.5), False),
+    ("np-0d-float32", lambda: np.array(0.5, np.float32), False),
+    ("torch-0d", lambda: _torch().tensor(0.5), True),
+    ("torch-0d-quantile", lambda: _torch().tensor([0.0, 1.0]).quantile(0.5), True),
+    ("torch-0d-requires-grad", lambda: _torch().tensor(0.5, requires_grad=True), True),
+    ("np.float32", lambda: np.float32(0.5), False),
+    ("Fraction", lambda: __import__("fractions").Fraction(1, 4), False),
+]
+NOT_REAL_VALUES = [
+    ("torch-1d", lambda: _torch().tensor([0.5]), "tensor([0.5000])", True),
+    ("np-1d", lambda: np.array([0.5]), "array([0.5])", False),
+    ("np-0d-bool", lambda: np.array(True), "array(True)", False),
+    ("torch-0d-bool", lambda: _torch().tensor(True), "tensor(True)", True),
+    ("torch-0d-complex", lambda: _torch().tensor(0.5j), "0.5000j", True),
+    ("np-0d-complex", lambda: np.array(0.5j), "0.5j", False),
+    ("complex", lambda: 0.5j, "0.5j", False),
+]
+
+
+def _skip_without_torch(*needs: bool) -> None:
+    if any(needs) and not HAS_TORCH:
+        pytest.skip("needs torch")
+
+
+def _same_result(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` equal: item by item, arrays exactly, numbers in type too."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(_same_result, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_result(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize(("value", "vt"), [(v[1], v[2]) for v in REAL_VALUES],
+                         ids=[v[0] for v in REAL_VALUES])  # fmt: skip
+@pytest.mark.parametrize(("name", "call", "ct"), [(a[1], a[2], a[3]) for a in REAL_ARGS],
+                         ids=[a[0] for a in REAL_ARGS])  # fmt: skip
+def test_real_arguments_take_any_real_number(name, call, ct, value, vt):
+    _skip_without_torch(ct, vt)
+    v = value()
+    as_float = float(v.item() if hasattr(v, "item") else v)
+    assert _same_result(call(v), call(as_float))
+
+
+@pytest.mark.parametrize(("value", "found", "vt"), [v[1:] for v in NOT_REAL_VALUES],
+                         ids=[v[0] for v in NOT_REAL_VALUES])  # fmt: skip
+@pytest.mark.parametrize(("name", "call", "ct"), [(a[1], a[2], a[3]) for a in REAL_ARGS],
+                         ids=[a[0] for a in REAL_ARGS])  # fmt: skip
+def test_real_arguments_refuse_what_is_no_real_number(name, call, ct, value, found, vt):
+    _skip_without_torch(ct, vt)
+    expect(lambda: call(value()), ArgumentError, f"{name} must", found)
 
 
 def _qkv(b: int = 2, heads: int = 4, kv: int = 2, n: int = 10, d: int = 8) -> tuple:
@@ -2663,7 +2819,15 @@ RISKY = {
     ),
     "windows-take-broadcast": ("sw.take(B((2**40,), np.int64))", "MemoryError", ()),
     "windows-frames-broadcast": ("SlidingWindows(B((2**40, 4)), 3)", "MemoryError", ()),
-    "flyhash-dim-2**62": ("FlyHash(2**62, seed=0)", "ArgumentError", ("8 GiB",)),
+    "flyhash-dim-2**62": (
+        "FlyHash(2**62, seed=0)",
+        "ArgumentError",
+        (
+            "input_dim must be small enough for the sign projection to fit in 8 GiB",
+            "(8589934592 bytes); got 4611686018427387904 (with expansion_ratio=13.0",
+            "a projection of 3.456e37 bytes",
+        ),
+    ),
     "flyhash-ratio-1e9": ("FlyHash(64, 1e9, seed=0)", "ArgumentError", ("8 GiB",)),
     "flyhash-encode-broadcast": ("fh.encode(B((2**34, 16)))", "ArgumentError", ("x must", "8 GiB")),
     "flyhash-hash-broadcast": ("fh.hash(B((2**36, 16)))", "ArgumentError", ("x must", "8 GiB")),
@@ -2767,6 +2931,8 @@ def test_num_threads_env_var_past_the_bound():
 def test_the_case_runner_reports_crashes_and_hangs():
     """The harness itself: a case that kills the interpreter or never ends is
     reported as such, and the cases around it keep their results."""
+    import concurrent.futures
+
     res = run_cases(
         "import os, time",
         {
@@ -2778,8 +2944,28 @@ def test_the_case_runner_reports_crashes_and_hangs():
     )
     assert res["fine"]["exc"] is None and res["raises"]["exc"] == "ValueError"
     assert res["crash"]["exc"] == "CRASH" and res["after"]["exc"] == "NOT RUN"
-    res = run_cases("import time", {"hang": "time.sleep(60)"}, timeout=3)
-    assert res["hang"]["exc"] == "HANG"
+    assert res["crash"]["msg"].startswith("the interpreter exited with status -6, while running")
+    assert "after 'crash': CRASH" in res["after"]["msg"]
+    # setup dying: the first case gets the status (was NOT RUN with no reason)
+    res = run_cases("import os; os.abort()", {"a": "x = 1", "b": "x = 2"})
+    assert res["a"]["exc"] == "CRASH" and res["b"]["exc"] == "NOT RUN"
+    assert "status -6, during setup, before any case started" in res["a"]["msg"]
+    res = run_cases("import os", {"a": "x = 1", "quiet-exit": "os._exit(0)", "b": "x = 2"})
+    assert res["a"]["exc"] is None and res["quiet-exit"]["exc"] == "CRASH"
+    assert "status 0, while running this case" in res["quiet-exit"]["msg"]
+    # Hangs, in a case and in setup: a sleep far past a timeout generous enough
+    # for a loaded machine to start the interpreter (3 s was not); run side by side.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        in_case = pool.submit(
+            run_cases, "import time", {"fine": "x = 1", "hang": "time.sleep(600)"}, 20
+        )
+        in_setup = pool.submit(run_cases, "import time; time.sleep(600)", {"a": "x = 1"}, 20)
+        in_case, in_setup = in_case.result(), in_setup.result()
+    assert in_case["fine"]["exc"] is None and in_case["hang"]["exc"] == "HANG"
+    assert in_case["hang"]["msg"].startswith("no result within the 20 s timeout")
+    assert "while running this case" in in_case["hang"]["msg"]
+    assert in_setup["a"]["exc"] == "HANG", in_setup  # was NOT RUN with an empty message
+    assert "20 s timeout" in in_setup["a"]["msg"] and "during setup" in in_setup["a"]["msg"]
     with pytest.raises(AssertionError, match="PanicException"):
         check_result({"exc": "PanicException", "mro": ["PanicException"], "msg": ""}, None, ())
 

@@ -39,6 +39,61 @@ def test_info_json_via_console_script_and_module(module):
     assert data["simd_level"] == neuropil.simd_level()
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "key", "expected"),
+    [
+        (
+            "NEUROPIL_NUM_THREADS",
+            "5000",
+            "threads",
+            'NEUROPIL_NUM_THREADS must be a positive integer at most 4096; got "5000"',
+        ),
+        ("NEUROPIL_NUM_THREADS", "two", "threads", "NEUROPIL_NUM_THREADS must be a positive"),
+        ("NEUROPIL_SPIN_US", "-1", "spin_us", "NEUROPIL_SPIN_US must be an integer number"),
+        ("NEUROPIL_KERNEL", "bogus", "simd_level", "NEUROPIL_KERNEL=bogus is not usable here"),
+    ],
+)
+def test_info_reports_a_bad_environment_setting_instead_of_failing(var, value, key, expected):
+    # `neuropil info` is where a user looks to see what is wrong: it exited 2
+    # with the error (every parallel call raises it) instead of describing it.
+    env = {**os.environ, var: value}
+    exe = [sys.executable, "-m", "neuropil", "info"]
+    for json_out in (False, True):
+        r = subprocess.run(
+            exe + ["--json"] * json_out, capture_output=True, text=True, env=env, timeout=300
+        )
+        assert r.returncode == 0, r.stderr
+        if json_out:
+            shown = json.loads(r.stdout)[key]
+        else:
+            line = next(ln for ln in r.stdout.splitlines() if ln.split()[0] == key)
+            shown = line.split(None, 1)[1]
+        assert shown.startswith("unusable (") and expected in shown, shown
+
+
+def test_a_parallel_call_with_a_bad_thread_count_raises_naming_the_variable():
+    code = (
+        "import numpy as np, neuropil\n"
+        "from neuropil.quant import quantize\n"
+        "w = np.ones((4096, 4096), np.float32)\n"
+        "for f in (lambda: quantize(w), neuropil.get_num_threads):\n"
+        "    try:\n"
+        "        f()\n"
+        "    except neuropil.ArgumentError as e:\n"
+        "        print('ArgumentError:', e)\n"
+        "neuropil.set_num_threads(2)\n"  # set explicitly: the variable is not read
+        "quantize(w)\n"
+        "print(neuropil.get_num_threads())\n"
+    )
+    env = {**os.environ, "NEUROPIL_NUM_THREADS": "5000"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr  # no panic
+    msg = 'ArgumentError: NEUROPIL_NUM_THREADS must be a positive integer at most 4096; got "5000"'
+    assert r.stdout.splitlines() == [msg, msg, "2"], r.stdout
+
+
 def test_info_table(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

@@ -269,10 +269,35 @@ def test_bad_parameters(kwargs, pattern):
 
 
 def test_oversized_requests_fail_before_allocating():
-    with pytest.raises(neuropil.ArgumentError, match="at most 8 GiB; got a request for"):
+    # The argument that made the projection too big (input_dim: too big even
+    # at expansion_ratio=1), the 8 GiB limit and the bytes it would need (was
+    # "expansion_ratio must be at most 8 GiB" for a huge input_dim)
+    with pytest.raises(neuropil.ArgumentError) as e:
         FlyHash(1_000_000, 100_000.0, seed=0)
-    with pytest.raises(neuropil.ArgumentError, match="at most 8 GiB"):
+    assert str(e.value) == (
+        "input_dim must be small enough for the sign projection to fit in 8 GiB (8589934592 "
+        "bytes); got 1000000 (with expansion_ratio=100000.0: output_dim = 100000000000, "
+        "a projection of 12500000000000000 bytes)"
+    )
+    with pytest.raises(neuropil.ArgumentError) as e:
+        FlyHash(64, 1e9, seed=0)
+    assert str(e.value).startswith(
+        "expansion_ratio must be small enough for the sign projection to fit in 8 GiB"
+    )
+    assert str(e.value).endswith(
+        "got 1000000000.0 (with input_dim=64: output_dim = 64000000000, a projection of "
+        "512000000000 bytes)"
+    )
+    with pytest.raises(neuropil.ArgumentError, match=r"^input_dim must .* got 4611686018427387904"):
+        FlyHash(2**62, seed=0)
+    # no weights to store: the limit is the output indices' (u32)
+    with pytest.raises(neuropil.ArgumentError) as e:
         FlyHash(10, 4e9, seed=0, projection="seeded")
+    assert str(e.value) == (
+        "expansion_ratio must be small enough for output_dim = floor(input_dim * "
+        "expansion_ratio) to be at most 4294967295 (u32 output indices); got 4000000000.0 "
+        "(with input_dim=10: output_dim = 40000000000)"
+    )
     with pytest.raises(neuropil.ArgumentError, match=r"at most 65535 for projection='sparse'"):
         FlyHash(70_000, 1.0, seed=0, projection="sparse")
     fh = FlyHash(1, 3e8, 0.5, seed=0, projection="seeded")

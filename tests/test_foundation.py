@@ -708,3 +708,21 @@ def test_info_lists_cuda_devices_after_the_range_submodule_is_imported(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
     data = neuropil.info()
     assert data["cuda"] is True and data["cuda_devices"] == ["GPU 0", "GPU 1"]
+
+
+def test_info_describes_a_bad_thread_count_instead_of_raising():
+    import json
+
+    # (info raised the error every parallel call raises; `neuropil info` exited 2)
+    r = run_python(
+        "import json, neuropil; d = neuropil.info(probe_torch=False); "
+        "print(json.dumps([d['threads'], d['spin_us']]))",
+        env={"NEUROPIL_NUM_THREADS": "5000"},
+    )
+    assert r.returncode == 0, r.stderr
+    threads, spin = json.loads(r.stdout)
+    assert threads == (
+        "unusable (ArgumentError: NEUROPIL_NUM_THREADS must be a positive integer at most "
+        '4096; got "5000")'
+    )
+    assert isinstance(spin, int)

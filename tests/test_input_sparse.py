@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuropil
-from conftest import unpickle_tampered
+from conftest import run_python, unpickle_tampered
 from neuropil.neurons import InputSparseFFN
 from test_neurons import FORMATS, act_np, tiny_llama, weights
 
@@ -146,6 +146,81 @@ def test_bad_input_raises_clear_errors():
         ffn.calibrate(np.zeros((2, 40), np.float32), 0.5, hidden_sparsity=-0.1)
     with pytest.raises(neuropil.NeuropilError, match="finite"):
         ffn(np.full(40, np.nan, np.float32))
+
+
+def _pair_values():
+    """Pairs of thresholds, each as a tuple and in another 1-D length-2 form."""
+    yield (0.25, 0.5), np.array([0.25, 0.5])
+    yield (0.25, 0.5), np.array([0.25, 0.5], np.float32)
+    yield (0.25, None), np.array([0.25, None], dtype=object)
+    yield (None, 0.5), [None, np.float32(0.5)]
+    try:
+        import torch
+    except ImportError:
+        return
+    yield (0.25, 0.5), torch.tensor([0.25, 0.5])
+    yield (0.25, 0.5), torch.tensor([0.25, 0.5], dtype=torch.float64)
+    yield (0.25, 0.5), [torch.tensor(0.25), np.array(0.5)]
+
+
+@pytest.mark.parametrize(("pair", "given"), list(_pair_values()))
+def test_thresholds_take_any_pair_of_numbers(pair, given):
+    # np.array([0.1, 0.2]) was refused as "thresholds must be a pair (t_in,
+    # t_hidden) of numbers or None; got array([0.1, 0.2])".
+    g, u, dn = weights(h=64, d=40)
+    x = np.random.default_rng(6).standard_normal((3, 40)).astype(np.float32)
+    want = InputSparseFFN(g, u, dn, thresholds=pair)
+    ffn = InputSparseFFN(g, u, dn, thresholds=given)
+    assert (ffn.t_in, ffn.t_hidden) == (want.t_in, want.t_hidden)
+    np.testing.assert_array_equal(ffn(x), want(x))
+
+
+_PAIR = (
+    "thresholds must be a pair (t_in, t_hidden) of numbers or None (a tuple, list, "
+    "or 1-D array or tensor of length 2); got "
+)
+_NUM = " must be a finite value >= 0 or None; got "
+
+
+@pytest.mark.parametrize(
+    ("given", "err"),
+    [
+        (np.array([0.1, 0.2, 0.3]), _PAIR + "ndarray of shape (3,)"),
+        (np.array([[0.1, 0.2]]), _PAIR + "ndarray of shape (1, 2)"),
+        (np.array(0.1), _PAIR + "ndarray of shape ()"),
+        ((0.1,), _PAIR + "(0.1,)"),
+        ("ab", _PAIR + "'ab'"),
+        ({0.1, 0.2}, _PAIR + "{0.1, 0.2}"),
+        (np.array([True, False]), "t_in" + _NUM + "True"),
+        (np.array([0.1, -0.2]), "t_hidden" + _NUM + "-0.2"),
+        (np.array([0.1, np.nan]), "t_hidden" + _NUM + "nan"),
+        (np.array([0.1j, 0.2]), "t_in" + _NUM + "0.1j"),
+    ],
+)
+def test_thresholds_refuse_what_is_no_pair_of_numbers(given, err):
+    g, u, dn = weights(h=64, d=40)
+    with pytest.raises(neuropil.ArgumentError) as e:
+        InputSparseFFN(g, u, dn, thresholds=given)
+    assert str(e.value) == err
+
+
+def test_torch_path_helpers_are_bound_once():
+    # The torch path imported _check_torch_x (and _torch_path) from neurons on
+    # every call; they are bound at import, in whichever order the modules load.
+    from neuropil import _input_sparse, errors, flyhash, neurons, quant
+
+    for name in ("_check_torch_x", "_torch_path", "_as_numpy"):
+        assert getattr(_input_sparse, name) is getattr(neurons, name)
+    # (and the shared checks come from errors, not through another module)
+    assert _input_sparse._real is neurons._real is errors._real
+    assert quant._check_level is flyhash._check_level is errors._check_level
+    for first in ("neuropil._input_sparse", "neuropil.neurons", "neuropil.quant"):
+        r = run_python(
+            f"import {first}\n"
+            "from neuropil import _input_sparse as i, neurons as n\n"
+            "assert i._check_torch_x is n._check_torch_x and n.InputSparseFFN is i.InputSparseFFN"
+        )
+        assert r.returncode == 0, (first, r.stderr)
 
 
 @pytest.mark.slow

@@ -1202,3 +1202,29 @@ def test_hopfield_cleanup_refuses_non_finite_patterns():
     with pytest.raises(neuropil.ArgumentError, match=r"patterns must be a floating .*got ndarray"):
         HopfieldCleanup(np.ones((3, 2, 2)))
     HopfieldCleanup(p)
+
+
+@pytest.mark.parametrize("kind", ["meta", "xpu", "hpu", "mps", "privateuseone"])
+def test_bank_size_on_devices_of_unknown_memory_is_only_bounded_by_overflow(kind):
+    # (device_memory only inspects the device object: these need no such device)
+    from neuropil.membrane import _checks
+
+    device = torch.device(kind)
+    assert _checks.device_memory(device) is None  # was the host's RAM (but for meta)
+    host = _checks.device_memory(torch.device("cpu"))
+    assert host is None or host > 0
+    # a state of 2**52 bytes: past any host's RAM, maybe not an accelerator's
+    dims = {"L": 2**20, "H": 2**20, "W": 2**10, "batch": 1, "K": 8}
+    _checks.check_bank_size(dims, torch.float32, device, 0)  # was refused (host RAM)
+    if host is not None:
+        with pytest.raises(neuropil.ArgumentError, match=r"^L must give a bank that fits .* cpu"):
+            _checks.check_bank_size(dims, torch.float32, torch.device("cpu"), 0)
+    # past 2**63 bytes: refused everywhere
+    dims["W"] = 2**22
+    with pytest.raises(neuropil.ArgumentError, match=rf"fits in the memory of {kind}"):
+        _checks.check_bank_size(dims, torch.float32, device, 0)
+    # the CPU-side counters are still measured against the host
+    if host is not None:
+        dims = {"L": 4, "H": 2, "W": 2, "batch": 2**20, "K": 2**30}
+        with pytest.raises(neuropil.ArgumentError, match=r"fits in the memory of cpu"):
+            _checks.check_bank_size(dims, torch.float32, device, 0)

@@ -2033,6 +2033,80 @@ def test_torch_float_dtypes_numpy_lacks_are_widened_exactly_and_complex32_refuse
         q.matvec(x.to(torch.complex64).conj())
 
 
+def test_torch_real_tensors_with_the_negative_bit_give_the_plain_answer():
+    # A complex tensor is refused before any conversion, so the conjugate bit
+    # never reaches numpy(); a real tensor can still carry the negative bit
+    # (the imaginary part of a conjugated view), which numpy() refuses.
+    torch = pytest.importorskip("torch")
+    w = _matrix(43, 4, 64)
+    q = quantize(w)
+    x = torch.from_numpy(_matrix(44, 3, 64))
+    plain = q.matvec(-x)
+    for neg in (torch.complex(torch.zeros_like(x), x).conj().imag, torch._neg_view(x)):
+        assert neg.is_neg() and not neg.is_conj()
+        assert torch.equal(q.matvec(neg), plain)
+        assert torch.equal(q.matvec_rows(neg[0], [1, 3]), q.matvec_rows(-x[0], [1, 3]))
+        assert torch.equal(q.matvec(neg.requires_grad_()), plain)
+    lw = torch._neg_view(torch.from_numpy(w))
+    assert np.array_equal(quantize(lw).data, quantize(-w).data)
+    # bfloat16 is widened (a copy, which resolves the bit)
+    nb = torch._neg_view(x.to(torch.bfloat16))
+    assert torch.equal(q.matvec(nb), q.matvec(-x.to(torch.bfloat16)))
+    for dt in (torch.complex64, torch.complex128):
+        for z in (x.to(dt), x.to(dt).conj(), x.to(dt).requires_grad_()):
+            name = str(dt).removeprefix("torch.")  # (as numpy names it, as before)
+            with pytest.raises(DTypeError, match=rf"^x must have dtype float32 .*; got {name}$"):
+                q.matvec(z)
+
+
+def test_a_plain_torch_cpu_vector_takes_no_resolve_or_detach_step(monkeypatch):
+    # matvec on a torch CPU float32 vector: resolve_conj().resolve_neg() and
+    # detach() cost ~0.5 us a call (+10%); a plain tensor needs none of them.
+    torch = pytest.importorskip("torch")
+    q = quantize(_matrix(45, 4, 64))
+    x = torch.from_numpy(_matrix(46, 1, 64)[0])
+    want = q.matvec(x)
+    calls = []
+    for name in ("resolve_conj", "resolve_neg", "detach"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, _n=name, _r=real: calls.append(_n) or _r(t, *a)
+        )
+    assert torch.equal(q.matvec(x), want)
+    assert torch.equal(q.matvec_rows(x, [0, 2]), want[[0, 2]])
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("scales", "mins", "found"),
+    [
+        (lambda q: q.scales.tolist(), lambda q: q.mins, "scales .*; got list$"),
+        (lambda q: q.scales, lambda q: q.mins.tolist(), "mins .*; got list$"),
+        (lambda q: q.scales.view(np.uint16), lambda q: q.mins, "scales .*; got dtype uint16$"),
+        (lambda q: q.scales.astype(np.float64), lambda q: q.mins, "scales .*; got dtype float64$"),
+        (
+            lambda q: pytest.importorskip("torch").from_numpy(q.scales),
+            lambda q: q.mins,
+            r"scales .*; got a torch Tensor of dtype torch\.float16$",
+        ),
+        (
+            lambda q: pytest.importorskip("torch").from_numpy(q.scales.astype(np.float32)),
+            lambda q: q.mins,
+            r"scales .*; got a torch Tensor of dtype torch\.float32$",
+        ),
+    ],
+    ids=["list", "list-mins", "uint16", "float64", "torch-float16", "torch-float32"],
+)
+def test_scales_of_another_kind_get_one_message(scales, mins, found):
+    # Torch scales got the core's "must have dtype uint16 (float16 bits) or
+    # float32; got Tensor" (uint16 is refused here), list scales an AttributeError.
+    q = quantize(_matrix(47, 8, 64), scheme="asym")
+    fmt = (q.shape, q.bits, q.group_size, q.scheme)
+    with pytest.raises(DTypeError, match="^" + found.replace(
+        " .*", " must be a float16 or float32 numpy array")):  # fmt: skip
+        QuantizedWeights(q.data, scales(q), mins(q), *fmt)
+
+
 @pytest.mark.parametrize("bad", ["no", "", 1, 0, None, np.float64(1.0)])
 def test_search_must_be_a_bool(bad):
     # bool(search) took "no" (any non-empty string) as True.
@@ -2101,7 +2175,9 @@ def test_constructor_checks_what_load_file_checks(tmp_path):
         with pytest.raises(ShapeError, match=wrong):
             QuantizedWeights(data, scales, mins, *fmt)
     # float16 scales as their uint16 bits (what the core reads) would slip a NaN past isfinite
-    with pytest.raises(DTypeError, match="scales must be float16 or float32; got dtype uint16"):
+    with pytest.raises(
+        DTypeError, match="scales must be a float16 or float32 numpy array; got dtype uint16"
+    ):
         QuantizedWeights(q.data, q.scales.view(np.uint16), q.mins.view(np.uint16), *fmt)
     again = QuantizedWeights(q.data, q.scales, q.mins, *fmt)
     assert np.array_equal(again.dequantize(), q.dequantize())
@@ -2114,13 +2190,13 @@ def test_from_linear_refuses_non_modules_and_non_finite_biases():
     for bad in ("x", None, torch.nn.ReLU(), torch.zeros(4, 64)):
         with pytest.raises(ArgumentError, match=r"linear must be an nn\.Linear"):
             QuantizedLinear.from_linear(bad)
-    for value in (float("nan"), float("inf")):
-        lin = torch.nn.Linear(64, 8)
-        with torch.no_grad():
-            lin.bias[3] = value
-        # kept, every output would be NaN or Inf (NaN weights were refused)
-        with pytest.raises(ArgumentError, match="bias must be finite; got 1 NaN or Inf"):
-            QuantizedLinear.from_linear(lin)
+    lin = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.bias[3] = float("nan")
+    # kept, every output would be NaN (NaN weights were refused); +-inf is kept
+    # (test_from_linear_keeps_infinite_biases)
+    with pytest.raises(ArgumentError, match=r"bias must not hold NaN; got NaN at index 3 \(1 of 8"):
+        QuantizedLinear.from_linear(lin)
     lin = torch.nn.Linear(64, 8, bias=False)
     x = torch.randn(3, 64)
     torch.testing.assert_close(QuantizedLinear.from_linear(lin)(x), lin(x), atol=0.1, rtol=0.1)
@@ -2165,3 +2241,63 @@ def test_quantize_model_skip_none_keeps_no_layer_and_bad_arguments_are_named():
         assert isinstance(model[0], torch.nn.Linear)  # left as it was
     with pytest.raises(ArgumentError, match=r"model must be a torch\.nn\.Module; got str"):
         quantize_model("x")
+
+
+def test_from_linear_keeps_infinite_biases():
+    # A -inf bias bans tokens in an lm_head; such models quantized before the
+    # bad-input sweep refused every non-finite bias. Forward gives nn.Linear's result.
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.bias[2] = float("-inf")
+        lin.bias[5] = float("inf")
+    q = QuantizedLinear.from_linear(lin)
+    assert torch.equal(q.bias, lin.bias.detach())
+    # what nn.Linear gives with the same (dequantized) weight
+    ref = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(q.quantized().dequantize()))
+        ref.bias.copy_(lin.bias)
+    for shape in ((64,), (1, 64), (3, 64), (2, 5, 64)):
+        x = torch.randn(shape)
+        y, want = q(x), ref(x).detach()
+        assert y.shape == want.shape
+        assert torch.equal(torch.isposinf(y), torch.isposinf(want))
+        assert torch.equal(torch.isneginf(y), torch.isneginf(want))
+        assert not y.isnan().any()
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+        assert (y[..., 2] == float("-inf")).all() and (y[..., 5] == float("inf")).all()
+
+
+def test_quantize_model_names_the_layer_it_cannot_quantize():
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear, quantize_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Sequential(torch.nn.Linear(8, 64)))
+    with torch.no_grad():
+        model[1][0].bias[4] = float("nan")
+        model[0].bias[0] = float("-inf")  # kept
+    # a bad argument is no layer's fault
+    with pytest.raises(ArgumentError, match=r"^group_size must be one of .*; got 8$"):
+        quantize_model(model, group_size=8)
+    with pytest.raises(ArgumentError) as info:
+        quantize_model(model, group_size=32)
+    msg = str(info.value)
+    assert msg.startswith("layer '1.0': bias must not hold NaN; got NaN at index 4"), msg
+    assert msg.endswith("(keep it in float with skip=['1.0'])"), msg
+    assert isinstance(info.value.__cause__, ArgumentError)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # left as it was
+    # the same exception type as from_linear's (a weight it refuses)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    model[0].weight = torch.nn.Parameter(torch.zeros(8, 64, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(DTypeError, match=r"^layer '0': ") as info:
+        quantize_model(model)
+    assert isinstance(info.value.__cause__, DTypeError)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    quantize_model(model, skip=["1"])  # the hint works
+    assert isinstance(model[0], QuantizedLinear) and isinstance(model[1], torch.nn.Linear)

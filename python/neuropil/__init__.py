@@ -121,6 +121,15 @@ def dot(a: Any, b: Any) -> float:
     return _native.dot(_float32_if_torch(a), _float32_if_torch(b))
 
 
+def _setting(get: Any) -> Any:
+    """``get()``, or what is wrong with the environment variable it reads: a
+    description must describe a bad setting, not fail on it."""
+    try:
+        return get()
+    except NeuropilError as e:
+        return f"unusable ({type(e).__name__}: {e})"
+
+
 def info(probe_torch: bool = True) -> dict[str, Any]:
     """Describes this installation.
 
@@ -131,17 +140,20 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
     Returns:
         A dict with ``version``, ``simd_level``, ``simd_levels`` (all the CPU
         supports), ``cpu_features``, ``threads``, ``spin_us`` (how long the
-        short-call threads spin between calls, ``NEUROPIL_SPIN_US``), ``torch``
+        short-call threads spin between calls, ``NEUROPIL_SPIN_US``; these two
+        are ``"unusable (ArgumentError: ...)"`` when ``NEUROPIL_NUM_THREADS`` or
+        ``NEUROPIL_SPIN_US`` is malformed: every parallel call then raises
+        that error; ``simd_level`` likewise for ``NEUROPIL_KERNEL``), ``torch``
         (version, None when not installed, or ``"installed, but unusable (...)"``
         when importing it fails), ``cuda`` (bool) and ``cuda_devices`` (names).
     """
     out: dict[str, Any] = {
         "version": __version__,
-        "simd_level": _native.simd_level(),
+        "simd_level": _setting(_native.simd_level),
         "simd_levels": _native.simd_levels(),
         "cpu_features": _native.cpu_features(),
-        "threads": _native.get_num_threads(),
-        "spin_us": _native.spin_us(),
+        "threads": _setting(_native.get_num_threads),
+        "spin_us": _setting(_native.spin_us),
         "torch": None,
         "cuda": False,
         "cuda_devices": [],

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _real, _shown
 
 __all__ = ["InputSparseFFN"]
 
@@ -21,27 +21,33 @@ _COUNTERS = ("calls", "rows", "kept_inputs", "kept_hidden")
 _F32 = np.dtype(np.float32)
 
 
-def _torch_path(x: Any) -> bool:
-    from .neurons import _torch_path as f
-
-    return f(x)
-
-
-def _as_numpy(x: Any) -> Any:
-    from .neurons import _as_numpy as conv
-
-    return conv(x)
-
-
 def _threshold(name: str, v: Any) -> float | None:
     if v is None:
         return None
-    from .neurons import _real
-
     t = _real(name, v, "a finite value >= 0 or None")
     if not (t >= 0 and np.isfinite(t)):
         raise ArgumentError(f"{name} must be a finite value >= 0 or None; got {_shown(v)}")
     return t
+
+
+def _pair(thresholds: Any) -> tuple[Any, Any]:
+    """``thresholds`` as its two items: a tuple or list, or a 1-D numpy array
+    or torch tensor of length 2 (each item is checked by :func:`_threshold`)."""
+    if isinstance(thresholds, (tuple, list)):
+        if len(thresholds) == 2:
+            return thresholds[0], thresholds[1]
+        found = _shown(thresholds)
+    elif isinstance(thresholds, np.ndarray) or type(thresholds).__module__.startswith("torch"):
+        shape = tuple(getattr(thresholds, "shape", ()))
+        if shape == (2,):
+            return thresholds[0], thresholds[1]
+        found = f"{type(thresholds).__name__} of shape {shape}"
+    else:
+        found = _shown(thresholds)
+    raise ArgumentError(
+        f"thresholds must be a pair (t_in, t_hidden) of numbers or None (a tuple, list, "
+        f"or 1-D array or tensor of length 2); got {found}"
+    )
 
 
 def _check_shapes(conv: list[Any]) -> None:
@@ -87,8 +93,9 @@ class InputSparseFFN:
         dtype: ``"float32"`` or ``"float16"`` weight storage.
         up_bias: (h,) float (ungated FFNs).
         down_bias: (d,) float.
-        thresholds: ``(t_in, t_hidden)`` known thresholds (else
-            :meth:`calibrate` sets them; None: dense).
+        thresholds: ``(t_in, t_hidden)`` known thresholds, each a number or
+            None (keep all), as a tuple, list or 1-D array/tensor of length 2
+            (else :meth:`calibrate` sets them; None: dense).
 
     The weights are copied into the layout (input-major gate/up slices,
     neuron-major down columns); the originals are not kept.
@@ -157,12 +164,7 @@ class InputSparseFFN:
         # reads the pair once, never one old and one new value.
         self._t: tuple[float | None, float | None] = (None, None)
         if thresholds is not None:
-            if not isinstance(thresholds, (tuple, list)) or len(thresholds) != 2:
-                raise ArgumentError(
-                    f"thresholds must be a pair (t_in, t_hidden) of numbers or None; "
-                    f"got {_shown(thresholds)}"
-                )
-            self.set_thresholds(*thresholds)
+            self.set_thresholds(*_pair(thresholds))
 
     @property
     def num_neurons(self) -> int:
@@ -326,8 +328,6 @@ class InputSparseFFN:
         t_in, t_h = (None, None) if dense else self._t
         is_torch = type(x).__module__.startswith("torch")
         if is_torch and _torch_path(x):
-            from .neurons import _check_torch_x
-
             _check_torch_x(x, self.dim)
             return self._torch_forward(x, t_in, t_h)
         a, single = self._rows(x)
@@ -388,3 +388,9 @@ class InputSparseFFN:
             f"InputSparseFFN(h={self.num_neurons}, d={self.dim}, {self.activation}, "
             f"{self.dtype}, {t})"
         )
+
+
+# Bound once, here at the end: neurons imports this module at its own end (it
+# re-exports InputSparseFFN), so whichever of the two is imported first, the
+# other finds the names it needs already defined.
+from .neurons import _as_numpy, _check_torch_x, _torch_path  # noqa: E402

@@ -10,6 +10,7 @@ float weight lives only for that call).
 
 from __future__ import annotations
 
+import glob
 import json
 import warnings
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError
+from .errors import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError
 from .quant import (
     QuantizedWeights,
     ScaleDType,
@@ -245,11 +246,13 @@ class QuantizedLinear(nn.Module):
         bias = getattr(linear, "bias", None)
         if bias is not None and not isinstance(bias, torch.Tensor):
             raise ArgumentError(f"bias must be a tensor or None; got {type(bias).__name__}")
-        if bias is not None and not bool(torch.isfinite(bias.detach()).all()):
-            bad = bias.detach()[~torch.isfinite(bias.detach())]
+        # NaN is refused (every output would be NaN); +-Inf is kept: a -inf
+        # bias is how an lm_head bans tokens, and forward gives what nn.Linear does.
+        if bias is not None and bias.is_floating_point() and bool(torch.isnan(bias.detach()).any()):
+            nan = torch.isnan(bias.detach().reshape(-1)).nonzero().reshape(-1)
             raise ArgumentError(
-                f"bias must be finite; got {bad.numel()} NaN or Inf values "
-                f"({bad[:4].tolist()}...) in {type(linear).__name__}.bias"
+                f"bias must not hold NaN; got NaN at index {int(nan[0])} ({nan.numel()} of "
+                f"{bias.numel()} values) in {type(linear).__name__}.bias"
             )
         qw = quantize(weight, bits, group_size, scheme, scale_dtype=scale_dtype, search=search)
         return cls.from_quantized(qw, bias).to(weight.device)
@@ -552,6 +555,10 @@ def quantize_model(
             string, an iterable of strings or None, a ``skip`` pattern that
             matches no module, or a bad ``bits``/``group_size``/``scheme``
             (the model is left as it was).
+        ArgumentError, ShapeError, DTypeError: a layer that
+            :meth:`QuantizedLinear.from_linear` refuses (a NaN bias, non-finite
+            weights...): its error, the layer's name added (the model is left
+            as it was).
 
     Example::
 
@@ -576,11 +583,28 @@ def quantize_model(
     # be (non-finite weights, a shape the scheme refuses) leaves the model as
     # it was; a Linear shared under several names gets one QuantizedLinear.
     done: dict[int, QuantizedLinear] = {}
-    for _name, mod in targets:
+    if targets:
+        # The arguments first, on a stand-in row (256 columns: every group
+        # size divides it), so an error they cause is not blamed on a layer.
+        quantize(
+            np.zeros((1, 256), np.float32),
+            bits,
+            group_size,
+            scheme,
+            scale_dtype=scale_dtype,
+            search=search,
+        )
+    for name, mod in targets:
         if id(mod) not in done:
-            done[id(mod)] = QuantizedLinear.from_linear(
-                mod, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
-            )
+            try:
+                done[id(mod)] = QuantizedLinear.from_linear(
+                    mod, bits, group_size, scheme, scale_dtype=scale_dtype, search=search
+                )
+            except NeuropilError as e:
+                # Which layer: from_linear's message names only its argument
+                # (hint as `neuropil quantize --skip`).
+                hint = glob.escape(name)
+                raise type(e)(f"layer {name!r}: {e} (keep it in float with skip=[{hint!r}])") from e
     for name, mod in targets:
         _replace(model, name, done[id(mod)])
     _mark_transformers_model(model)

@@ -14,6 +14,7 @@ was read and is malformed raises :class:`FormatError`.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -56,13 +57,51 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
+def _check_level(level: Any) -> None:
+    """``level`` is None or a name (the core checks which); other types would
+    reach the bindings and fail there without naming the argument."""
+    if level is not None and not isinstance(level, str):
+        raise ArgumentError(
+            f"level must be None or a SIMD level name ('scalar', 'avx2', 'avx512', 'neon'); "
+            f"got {_shown(level)}"
+        )
+
+
 def _real(name: str, v: Any, want: str) -> float:
     """``v`` as a float, or ArgumentError (``{name} must be {want}; got ...``)
-    for what is no real number: a string, None, a bool, a list (``float()``
-    would parse ``"0.5"`` or raise an error that names no argument)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+    for what is no real number: a string, None, a bool, a list, a complex
+    (``float()`` would parse ``"0.5"`` or raise an error that names no argument).
+
+    Any :class:`numbers.Real` is one (int, float, numpy scalars,
+    ``fractions.Fraction``), and so is a 0-d numpy array or torch tensor of a
+    real integer or floating dtype (``torch.tensor(0.5)``, a tensor's
+    ``.quantile(0.9)``), read with ``.item()``. torch is detected by the
+    type's module: this module must not import it."""
+    if type(v) is float:  # the common case, first
+        return v
+    if isinstance(v, (bool, np.bool_)):
         raise ArgumentError(f"{name} must be {want}; got {_shown(v)}")
+    if not isinstance(v, numbers.Real):
+        if not _real_0d(v):
+            raise ArgumentError(f"{name} must be {want}; got {_shown(v)}")
+        v = v.item()
     try:
         return float(v)
     except OverflowError:  # an int past float's range
         raise ArgumentError(f"{name} must be {want}; got {v}") from None
+
+
+def _real_0d(v: Any) -> bool:
+    """Whether ``v`` is a 0-d numpy array or torch tensor of a real integer or
+    floating dtype (not bool, not complex)."""
+    if isinstance(v, np.ndarray):
+        return v.ndim == 0 and v.dtype.kind in "iuf"
+    if type(v).__module__.startswith("torch"):
+        try:
+            dtype = v.dtype
+            return v.ndim == 0 and (
+                dtype.is_floating_point or str(dtype).startswith(("torch.int", "torch.uint"))
+            )
+        except AttributeError:  # no tensor (a torch.dtype, a module...)
+            return False
+    return False

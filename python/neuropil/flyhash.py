@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _check_level, _shown
 
 __all__ = ["BinaryIndex", "FlyHash"]
 
@@ -61,16 +61,6 @@ def _check_float(name: str, value: Any) -> float:
         return float(value)
     except OverflowError:  # an int past float's range (10**400)
         raise ArgumentError(f"{name} must be a finite number; got {value}") from None
-
-
-def _check_level(level: Any) -> None:
-    """``level`` is None or a name (the core checks which); other types would
-    reach the bindings and fail there without naming the argument."""
-    if level is not None and not isinstance(level, str):
-        raise ArgumentError(
-            f"level must be None or a SIMD level name ('scalar', 'avx2', 'avx512', 'neon'); "
-            f"got {_shown(level)}"
-        )
 
 
 def _rows(x: Any, name: str = "x", d: int | None = None, want: str = "floats") -> tuple[Any, bool]:

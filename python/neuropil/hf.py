@@ -680,9 +680,11 @@ def sparse_decode_attention(
         frac = count[..., None].float() / n_ok.clamp(min=1)
         rows = int((n_ok > 0).expand_as(frac).sum())
         fraction = float(frac.sum()) / rows if rows else 0.0
-    # (detached: a statistic, so a query that requires grad gives no
-    # "converting a tensor with requires_grad" warning)
-    info = {"fraction_read": fraction, "dropped_bound": float(bound.detach().max())}
+    # (detached where it requires grad: a statistic, so such a query gives no
+    # "converting a tensor with requires_grad" warning; detach costs a call)
+    if bound.requires_grad:
+        bound = bound.detach()
+    info = {"fraction_read": fraction, "dropped_bound": float(bound.max())}
     return out, info
 
 

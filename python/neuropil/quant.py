@@ -39,8 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _shown
-from .flyhash import _check_level
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _check_level, _shown
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +57,8 @@ _MAX_EXTENT = 2**63 - 1
 # The tensors a QuantizedWeights entry `name` is stored as (`.mins` is reserved
 # even where absent: a plain `name.mins` would be read back as its mins).
 _PARTS = ("qdata", "scales", "mins")
+# The dtypes scales and mins are stored in.
+_SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 #: What ``scale_dtype`` takes: a name (``"float16"``, ``"float32"``), a numpy
 #: dtype or scalar type (``np.dtype("float16")``, ``np.float16``) or a torch dtype.
@@ -149,29 +150,42 @@ def _plain_array(v: Any) -> np.ndarray | _safetensors.BF16:
 def _as_numpy(w: Any, name: str) -> Any:
     """A torch tensor as numpy (CPU values, detached), for the core to check as
     it checks numpy input: a float dtype numpy lacks (bfloat16, float8) is
-    widened to float32, exactly; every other dtype keeps its numpy dtype, so
-    integer, bool and complex tensors are refused by the core with the message
-    a numpy array of that dtype gets (``x must have dtype float32 ...; got
-    int64``), never cast; one numpy has no dtype for (complex32, qint8) is
-    refused here. Anything else passes as it is. ``name`` names the argument."""
+    widened to float32, exactly; every other real dtype keeps its numpy dtype,
+    so integer and bool tensors are refused by the core with the message a
+    numpy array of that dtype gets (``x must have dtype float32 ...; got
+    int64``), never cast; a complex tensor (a conjugated view too) is refused
+    here with that message, and so is one numpy has no dtype for (qint8).
+    Anything else passes as it is. ``name`` names the argument."""
     if type(w).__module__.startswith("torch"):
         import torch
 
         if not isinstance(w, torch.Tensor):
             return w
-        w = w.detach().cpu()
+        # (each step only where needed: this runs on every matvec of a tensor)
+        if w.requires_grad:
+            w = w.detach()
+        if not w.is_cpu:
+            w = w.cpu()
         if w.layout != torch.strided:
             raise ArgumentError(f"{name} must be a dense tensor; got layout {w.layout}")
-        if w.dtype.is_floating_point and w.dtype not in (
-            torch.float32,
-            torch.float16,
-            torch.float64,
-        ):
+        dtype = w.dtype
+        if dtype.is_complex:
+            # (named as numpy names it, as the core does for a complex64 array;
+            # complex32 has no numpy name)
+            found = dtype if dtype == torch.complex32 else str(dtype).removeprefix("torch.")
+            raise DTypeError(
+                f"{name} must have dtype float32 (or another float dtype, converted once); "
+                f"got {found}"
+            )
+        if dtype.is_floating_point and dtype not in (torch.float32, torch.float16, torch.float64):
             w = w.float()
+        elif w.is_neg():
+            # A real view with its negative bit set (``z.conj().imag``): numpy()
+            # refuses it. (A conjugate bit is complex only, refused above.)
+            w = w.resolve_neg()
         try:
-            # (a complex view with its conjugate bit set must be resolved first)
-            return w.resolve_conj().resolve_neg().numpy()
-        except TypeError:  # a dtype numpy has no match for (complex32, qint8)
+            return w.numpy()
+        except TypeError:  # a dtype numpy has no match for (qint8)
             raise DTypeError(
                 f"{name} must have dtype float32 (or another float dtype, converted once); "
                 f"got {w.dtype}"
@@ -184,7 +198,7 @@ def _like_input(y: Any, x: Any) -> Any:
     import torch
 
     out = torch.from_numpy(y)
-    return out if x.device.type == "cpu" else out.to(x.device)
+    return out if x.is_cpu else out.to(x.device)
 
 
 class QuantizedWeights:
@@ -243,17 +257,30 @@ class QuantizedWeights:
         self.mins = mins
         self.shape = _shape_arg(shape)
         self.bits, self.group_size, self.scheme = _resolve(bits, group_size, scheme)
-        _native.quant_check(*self._args())  # the dtypes and the buffers' lengths
+        self._check_scale_dtypes(names)
+        _native.quant_check(*self._args())  # data's dtype and the buffers' lengths
         self._check_layout(names)
+
+    def _check_scale_dtypes(self, names: tuple[str, str, str]) -> None:
+        """``scales`` and ``mins`` are float16 or float32 numpy arrays, checked
+        before the core sees them: it takes float16 as its uint16 bits (and
+        would say so for a tensor), and a list has no dtype to pass it."""
+        for arr, name in ((self.scales, names[1]), (self.mins, names[2])):
+            if arr is None or (isinstance(arr, np.ndarray) and arr.dtype in _SCALE_DTYPES):
+                continue
+            if isinstance(arr, np.ndarray):
+                found = f"dtype {arr.dtype}"
+            elif type(arr).__module__.startswith("torch") and hasattr(arr, "dtype"):
+                found = f"a torch {type(arr).__name__} of dtype {arr.dtype}"
+            else:
+                found = type(arr).__name__
+            raise DTypeError(f"{name} must be a float16 or float32 numpy array; got {found}")
 
     def _check_layout(self, names: tuple[str, str, str]) -> None:
         """What the core leaves to this class: it reads the buffers flat and
         checks their lengths only (a (4, 200) matrix has as many code bytes as
         an (8, 100) one; a (1, 8) scale array as many scales as (8, 1)), it
         takes float16 scales as their uint16 bits, and it reads any values."""
-        for arr, name in ((self.scales, names[1]), (self.mins, names[2])):
-            if arr is not None and arr.dtype not in (np.float16, np.float32):
-                raise DTypeError(f"{name} must be float16 or float32; got dtype {arr.dtype}")
         rows, cols = self.shape
         groups = -(-cols // self.group_size)
         want = [

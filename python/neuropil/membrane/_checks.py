@@ -29,15 +29,18 @@ def check_int(name: str, v: Any, minimum: int = 1) -> None:
 
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory ``device`` has: a CUDA device's total, the host's
-    physical memory for the CPU (and devices that share it), ``None`` where
-    unknown (the meta device allocates nothing)."""
-    if device.type == "meta":
-        return None
+    physical memory for the CPU, ``None`` where unknown: the meta device
+    (it allocates nothing) and every other type (``xpu``, ``hpu``, ``mps``,
+    ``privateuseone``...: their memory is not the host's, and a bank that fits
+    the accelerator must not be refused for exceeding the host's RAM; only
+    the 2**63-byte overflow bound applies there)."""
     if device.type == "cuda":
         try:
             return int(torch.cuda.get_device_properties(device).total_memory)
         except (RuntimeError, AssertionError, ValueError):
             return None
+    if device.type != "cpu":
+        return None
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows)

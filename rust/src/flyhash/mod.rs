@@ -87,6 +87,61 @@ fn too_big(what: &'static str, bytes: u128) -> Error {
     )
 }
 
+/// A count for a message: exact below 1e18, else in scientific notation (a
+/// float's `Display` would print all 300 digits of 1e300).
+fn count(x: f64) -> String {
+    if x < 1e18 {
+        format!("{}", x as u128)
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+/// The configuration gives too many outputs (`m_f`), or a projection of
+/// `bytes` (f64: past u128 for absurd ratios): names `input_dim` when even
+/// `output_dim = input_dim` (`expansion_ratio` 1) would be too big (the input
+/// dimension itself is the problem), else `expansion_ratio`, with the other
+/// argument and the size it gives in the found value.
+fn too_many_outputs(config: &Config, m_f: f64, bytes: f64, bytes_at_ratio_1: f64) -> Error {
+    let (d, er) = (config.input_dim, config.expansion_ratio);
+    let projection = bytes > MAX_BYTES as f64;
+    let input_too_big = if projection {
+        bytes_at_ratio_1 > MAX_BYTES as f64
+    } else {
+        d as f64 > u32::MAX as f64
+    };
+    let (arg, found) = if input_too_big {
+        ("input_dim", format!("{d} (with expansion_ratio={er:?}"))
+    } else {
+        ("expansion_ratio", format!("{er:?} (with input_dim={d}"))
+    };
+    if projection {
+        Error::value(
+            arg,
+            format!(
+                "small enough for the {} projection to fit in {} GiB ({MAX_BYTES} bytes)",
+                config.kind.name(),
+                MAX_BYTES >> 30
+            ),
+            format!(
+                "{found}: output_dim = {}, a projection of {} bytes)",
+                count(m_f),
+                count(bytes)
+            ),
+        )
+    } else {
+        Error::value(
+            arg,
+            format!(
+                "small enough for output_dim = floor(input_dim * expansion_ratio) to be \
+                 at most {} (u32 output indices)",
+                u32::MAX
+            ),
+            format!("{found}: output_dim = {})", count(m_f)),
+        )
+    }
+}
+
 impl FlyHash {
     /// Validates `config` and generates the projection.
     pub fn new(config: Config) -> Result<Self> {
@@ -106,9 +161,7 @@ impl FlyHash {
                 format!("{er} (output_dim = 0)"),
             ));
         }
-        if m_f > u32::MAX as f64 {
-            return Err(too_big("expansion_ratio", m_f as u128 * 4));
-        }
+        // (saturates for an absurd ratio: the size check below refuses it)
         let m = m_f as usize;
         let af = config.active_fraction;
         if !af.is_finite() || af <= 0.0 {
@@ -144,8 +197,9 @@ impl FlyHash {
             return Err(Error::value("connectivity", "a number in (0, 1]", ct));
         }
         let mut c = 0;
-        let bytes: u128 = match config.kind {
-            Kind::Sign => m as u128 * projection::sign_row_bytes(d) as u128,
+        // Bytes of one projection row (0 for `seeded`: it has no weights).
+        let row_bytes = match config.kind {
+            Kind::Sign => projection::sign_row_bytes(d),
             Kind::Seeded => 0,
             Kind::Sparse => {
                 if d > MAX_SPARSE_DIM {
@@ -165,12 +219,14 @@ impl FlyHash {
                 }
                 // Per row: c u16 offsets, the sign bits, a u32 row number per
                 // input block (see `plan`).
-                let nblocks = projection::sparse_blocks(d);
-                m as u128 * (2 * c + projection::sparse_sign_bytes(c) + 4 * nblocks) as u128
+                2 * c + projection::sparse_sign_bytes(c) + 4 * projection::sparse_blocks(d)
             }
         };
-        if bytes > MAX_BYTES as u128 {
-            return Err(too_big("output_dim", bytes));
+        // In f64: m_f * row_bytes overflows u128 for a ratio like 1e300.
+        let bytes = m_f * row_bytes as f64;
+        if bytes > MAX_BYTES as f64 || m_f > u32::MAX as f64 {
+            let at_ratio_1 = d as f64 * row_bytes as f64;
+            return Err(too_many_outputs(&config, m_f, bytes, at_ratio_1));
         }
         let weights = match config.kind {
             Kind::Sign => Weights::Sign(projection::generate_sign(config.seed, d, m)),
@@ -416,6 +472,38 @@ mod tests {
         c.active_fraction = 0.05;
         c.expansion_ratio = 1e9;
         assert!(FlyHash::new(c).unwrap_err().to_string().contains("GiB"));
+        // The argument that made the projection too big, the limit, the size.
+        let mut c = cfg(Kind::Sign);
+        c.input_dim = 1 << 62;
+        assert_eq!(
+            FlyHash::new(c.clone()).unwrap_err().to_string(),
+            format!(
+                "input_dim must be small enough for the sign projection to fit in 8 GiB \
+                 (8589934592 bytes); got {} (with expansion_ratio={:?}: output_dim = {}, \
+                 a projection of {} bytes)",
+                1u64 << 62,
+                c.expansion_ratio,
+                count((1u64 << 62) as f64 * c.expansion_ratio),
+                count((1u64 << 62) as f64 * c.expansion_ratio * (1u64 << 59) as f64),
+            )
+        );
+        c.input_dim = 1536;
+        c.expansion_ratio = 1e300;
+        let err = FlyHash::new(c.clone()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("expansion_ratio must be small enough for the sign projection")
+                && err.contains("got 1e300 (with input_dim=1536: output_dim = 1.536e303, "),
+            "{err}"
+        );
+        // No projection to speak of: the output indices' limit.
+        c.kind = Kind::Seeded;
+        c.expansion_ratio = 4e9;
+        assert_eq!(
+            FlyHash::new(c).unwrap_err().to_string(),
+            "expansion_ratio must be small enough for output_dim = floor(input_dim * \
+             expansion_ratio) to be at most 4294967295 (u32 output indices); got 4000000000.0 \
+             (with input_dim=1536: output_dim = 6144000000000)"
+        );
         let fh = FlyHash::new(cfg(Kind::Seeded)).unwrap();
         let mut out = vec![0u32; fh.active_bits];
         let err = fh

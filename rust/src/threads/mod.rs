@@ -92,10 +92,21 @@ fn build(n: usize) -> Result<Arc<ThreadPool>> {
         .map_err(|e| Error::Threads(format!("could not start {n} threads: {e}")))
 }
 
-/// Thread count from `NEUROPIL_NUM_THREADS`, else the number of available cores.
+/// Thread count from `NEUROPIL_NUM_THREADS`, else the number of available cores
+/// (at most [`MAX_THREADS`], so `set_num_threads(num_threads())` always works).
 pub fn default_num_threads() -> Result<usize> {
-    match std::env::var("NEUROPIL_NUM_THREADS") {
-        Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
+    count_from(
+        std::env::var("NEUROPIL_NUM_THREADS").ok(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )
+}
+
+/// The pool size for `NEUROPIL_NUM_THREADS` set to `env` (unset: `None`) on a
+/// host with `cores` cores: a core count past [`MAX_THREADS`] gets the largest
+/// pool `set_num_threads` accepts; a set value past it is refused.
+fn count_from(env: Option<String>, cores: usize) -> Result<usize> {
+    match env {
+        Some(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
             Ok(n) if n >= 1 => check_count("NEUROPIL_NUM_THREADS", n, format!("{s:?}")),
             _ => Err(Error::value(
                 "NEUROPIL_NUM_THREADS",
@@ -103,7 +114,7 @@ pub fn default_num_threads() -> Result<usize> {
                 format!("{s:?}"),
             )),
         },
-        _ => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        _ => Ok(cores.clamp(1, MAX_THREADS)),
     }
 }
 
@@ -185,5 +196,42 @@ mod tests {
             format!("n must be a positive integer at most {MAX_THREADS}; got 1000000")
         );
         assert_eq!(num_threads().unwrap(), 3);
+    }
+
+    #[test]
+    fn default_is_capped_at_the_maximum() {
+        for (cores, n) in [
+            (0, 1),
+            (1, 1),
+            (MAX_THREADS, MAX_THREADS),
+            (MAX_THREADS + 1, MAX_THREADS),
+            (usize::MAX, MAX_THREADS),
+        ] {
+            assert_eq!(count_from(None, cores).unwrap(), n);
+            assert_eq!(count_from(Some(" ".into()), cores).unwrap(), n);
+            // The default is a size set_num_threads accepts.
+            assert!(check_count("n", n, n).is_ok());
+        }
+        assert_eq!(count_from(Some(" 7 ".into()), 9000).unwrap(), 7);
+    }
+
+    #[test]
+    fn env_count_past_the_maximum_is_an_error_naming_it() {
+        // (count_from, not the variable itself: the environment is process-wide
+        // and tests run in parallel; the Python tests set it in a subprocess)
+        let err = count_from(Some("5000".into()), 8).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "NEUROPIL_NUM_THREADS must be a positive integer at most {MAX_THREADS}; got \"5000\""
+            )
+        );
+        let err = count_from(Some("0".into()), 8).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "NEUROPIL_NUM_THREADS must be a positive integer; got \"0\""
+        );
+        let err = count_from(Some("four".into()), 8).unwrap_err().to_string();
+        assert!(err.contains("got \"four\""), "{err}");
     }
 }
