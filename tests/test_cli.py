@@ -776,3 +776,16 @@ def test_info_says_plainly_when_torch_is_missing_or_broken(tmp_path):
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
         assert lines["torch"].startswith("installed, but unusable (") and why in lines["torch"]
+
+
+def test_convert_takes_skip_none_and_refuses_non_string_patterns(tmp_path):
+    # The CLI's converter, called from Python, read skip=None as an iterable
+    # (TypeError) and a pattern 5 as its own error; both now follow quantize_model.
+    from neuropil import _quant_cli
+    from neuropil.errors import ArgumentError
+
+    src = _save(tmp_path / "in.safetensors", {"w": np.ones((64, 64), np.float32)})
+    report = _quant_cli.convert(src, tmp_path / "out.safetensors", skip=None, progress=False)
+    assert [r["tensor"] for r in report["tensors"]] == ["w"]
+    with pytest.raises(ArgumentError, match=r"--skip patterns must be strings .*got 5"):
+        _quant_cli.convert(src, tmp_path / "out2.safetensors", skip=[5], progress=False)

@@ -44,7 +44,15 @@ import numpy as np
 from . import _safetensors
 from .errors import ArgumentError, FormatError, NeuropilError, _shown
 from .quant import FORMAT as QUANT_FORMAT
-from .quant import QuantizedWeights, _check_skip, _resolve, _skipped, quantize, save_file
+from .quant import (
+    QuantizedWeights,
+    _check_skip,
+    _resolve,
+    _skip_patterns,
+    _skipped,
+    quantize,
+    save_file,
+)
 
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 # GGUF tensor types read as they are stored (the gguf reader gives them typed):
@@ -227,7 +235,7 @@ def convert(
     bits: int | None = None,
     group_size: int | None = None,
     scheme: str = "asym",
-    skip: str | Iterable[str] = (),
+    skip: str | Iterable[str] | None = (),
     min_size: int = 4096,
     search: bool = False,
     progress: bool = True,
@@ -253,7 +261,7 @@ def convert(
         raise ArgumentError(f"min_size must be an integer >= 0; got {_shown(min_size)}")
     _check_paths(Path(src), Path(dst))
     source = read_any(src)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)  # one string: one pattern
+    skip = _skip_patterns(skip, "--skip")  # one string: one pattern; None: none
     gguf_names = source.gguf_names
     _check_skip(
         source.entries,
