@@ -284,7 +284,7 @@ def test_calibrate_checks_its_samples_and_flattens_leading_dims(cls):
         (x[:, :, :39], neuropil.ShapeError, r"samples must have shape \(n, 40\).*got \(2, 6, 39\)"),
         (x[:0], neuropil.ShapeError, r"samples must have shape \(n, 40\).*got \(0, 6, 40\)"),
         (np.float32(1.0), neuropil.ShapeError, r"samples must have shape .*got \(\)"),
-        (np.full((3, 40), np.nan, np.float32), neuropil.ArgumentError, "samples must be finite"),
+        (np.full((3, 40), np.nan), neuropil.ArgumentError, "samples must.*NaN at flat index 0"),
         (np.ones((3, 40), np.int64), neuropil.DTypeError, "samples must be a float.*int64"),
     ):
         with pytest.raises(err, match=match):

@@ -1260,3 +1260,29 @@ def test_metadata_written_by_save_loads_for_every_value():
             ix = RangeIndex(keys, "kmeans", **kw)
             ix.save(path)
             assert RangeIndex.load(path).stats == ix.stats, kw
+
+
+def test_non_finite_inputs_of_the_torch_path_are_named_by_position():
+    # The torch (CUDA) path said only "must be finite (no NaN or Inf)"; it now
+    # names the first bad value and its flat index, as the core does for numpy.
+    torch = pytest.importorskip("torch")
+    from neuropil.range import _TorchRange
+
+    keys = low_rank(100, 8, 2, 1)
+    ix = RangeIndex(keys)
+    tr = _TorchRange(torch.from_numpy(keys))
+    q = torch.ones(2, 8)
+    q[1, 3] = float("nan")
+    with pytest.raises(neuropil.ArgumentError, match=r"queries must.*got NaN at flat index 11$"):
+        tr.search(q, 0.0, ix)
+    with pytest.raises(neuropil.ArgumentError, match=r"thresholds must.*-inf at flat index 1$"):
+        tr.search(torch.ones(2, 8), torch.tensor([0.0, -float("inf")]), ix)
+    bad = torch.from_numpy(keys.copy())
+    bad[5, 0] = float("inf")
+    with pytest.raises(neuropil.ArgumentError, match=r"keys must be .*got inf at flat index 40$"):
+        _TorchRange(bad)
+    with pytest.raises(neuropil.ArgumentError, match=r"keys must be .*got inf at flat index 40$"):
+        tr.add(bad)
+    # the numpy path (the core) words it the same way
+    with pytest.raises(neuropil.ArgumentError, match=r"queries must.*got NaN at flat index 11$"):
+        ix.search(q.numpy(), [0.0, 0.0])

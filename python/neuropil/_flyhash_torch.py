@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._scoped import no_tf32
-from .errors import ArgumentError, DTypeError, ShapeError
+from .errors import DTypeError, ShapeError, _non_finite
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +87,7 @@ def activations(fh: FlyHash, x: torch.Tensor) -> torch.Tensor:
     _check_input(fh, x)
     x = x.to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
-        raise ArgumentError("x must be finite (no NaN or Inf); got a non-finite value")
+        raise _non_finite("x", x)
     w = _weights(fh, x.device)
     m = fh.output_dim
     out = torch.empty((x.shape[0], m), dtype=torch.float32, device=x.device)

@@ -105,3 +105,20 @@ def _real_0d(v: Any) -> bool:
         except AttributeError:  # no tensor (a torch.dtype, a module...)
             return False
     return False
+
+
+def _non_finite(name: str, a: Any) -> ArgumentError:
+    """The error for an array or tensor ``a`` holding NaN or Inf, naming the
+    first one as the core's ``validate::finite`` does ("got NaN at flat index
+    12"). Called only once a check failed, so the search (and on a GPU its
+    sync) costs nothing on the good path."""
+    if type(a).__module__.startswith("torch"):
+        flat = a.detach().reshape(-1)
+        i = int((~flat.isfinite()).nonzero()[0, 0])
+        v = float(flat[i])
+    else:
+        flat = np.asarray(a).reshape(-1)
+        i = int(np.flatnonzero(~np.isfinite(flat))[0])
+        v = float(flat[i])
+    shown = "NaN" if v != v else ("inf" if v > 0 else "-inf")
+    return ArgumentError(f"{name} must be finite (no NaN or Inf); got {shown} at flat index {i}")

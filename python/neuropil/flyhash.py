@@ -113,7 +113,8 @@ class FlyHash:
     Raises:
         ArgumentError: a parameter is out of range, e.g. ``active_fraction`` that
             gives 0 winners or more winners than outputs, ``connectivity`` outside
-            (0, 1], or a projection that would need more than 8 GiB.
+            (0, 1], a stored projection that would need more than 8 GiB, or
+            (``"seeded"``, which stores none) more than 2**32 - 1 outputs.
 
     Pickles and deep-copies as its constructor call (the arguments and :attr:`seed`;
     the projection is regenerated from them, identical, and validated as here).

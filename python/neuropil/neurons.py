@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _real, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _non_finite, _real, _shown
 
 __all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 
@@ -153,7 +153,7 @@ def _samples(samples: Any, d: int) -> np.ndarray:
         raise ShapeError(f"samples must have shape (n, {d}) (or (..., {d})), n >= 1; got {x.shape}")
     x = x.reshape(-1, d)
     if not np.isfinite(x).all():
-        raise ArgumentError("samples must be finite (no NaN or Inf)")
+        raise _non_finite("samples", x)
     return x
 
 

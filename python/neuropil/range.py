@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _native, _safetensors
 from ._scoped import no_tf32
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _real, _shown
+from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _non_finite, _real, _shown
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
 
@@ -727,7 +727,7 @@ class _TorchRange:
             )
         keys = keys.detach().to(torch.float32).contiguous()
         if not torch.isfinite(keys).all():
-            raise ArgumentError("keys must be finite (no NaN or Inf)")
+            raise _non_finite("keys", keys)
         self.__setstate__({"keys": keys, "bound": _norm_bound(keys)})
 
     def snapshot(self) -> tuple[Any, int, float]:
@@ -774,7 +774,7 @@ class _TorchRange:
             )
         q = q.to(self.device, torch.float32)
         if not torch.isfinite(q).all():
-            raise ArgumentError("queries must be finite (no NaN or Inf)")
+            raise _non_finite("queries", q)
         return q
 
     @staticmethod
@@ -803,7 +803,7 @@ class _TorchRange:
                 f"got {tuple(t.shape)}"
             )
         if not torch.isfinite(t).all():
-            raise ArgumentError("thresholds must be finite (no NaN or Inf)")
+            raise _non_finite("thresholds", t)
         owner._check_overflow(q, bound, lambda: keys)
         s = self.scores(q, keys)
         rows, ids = torch.nonzero(s >= t[:, None], as_tuple=True)
@@ -834,7 +834,7 @@ class _TorchRange:
             )
         k = k.to(self.device, torch.float32)
         if not torch.isfinite(k).all():
-            raise ArgumentError("keys must be finite (no NaN or Inf)")
+            raise _non_finite("keys", k)
         bound = _norm_bound(k)
         m = k.shape[0]
         with self._lock:  # (adds one at a time: each appends after the last one's rows)
