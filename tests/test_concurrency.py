@@ -481,6 +481,16 @@ def test_range_index_search_beside_add_checks_the_keys_it_sees_for_overflow():
     want = ix.search(q, 0.0)
     at = _paused_at(ix, "add", "added")
 
+    _assert_searches_around_add_see_overflow(ix, q, big[:3], want, at)
+
+
+def _assert_searches_around_add_see_overflow(
+    ix: Any, q: Any, keys: Any, want: Any, at: Any
+) -> None:
+    """Adds ``keys`` (norm ~3e19) to ``ix`` while a search runs at each of the
+    add's pauses ``at["add"]`` (bound raised, keys not yet in: the old answer)
+    and ``at["added"]`` (keys in: the overflow error)."""
+
     def searcher() -> tuple[Any, Any]:
         try:
             assert at["add"][0].wait(TIMEOUT)
@@ -497,7 +507,7 @@ def test_range_index_search_beside_add_checks_the_keys_it_sees_for_overflow():
             at["added"][1].set()
         return before, after
 
-    before, after = together([lambda: ix.add(big[:3]), searcher])[1]
+    before, after = together([lambda: ix.add(keys), searcher])[1]
     assert same(before, want)
     assert isinstance(after, neuropil.ArgumentError), f"no overflow error; got {after}"
     assert "max |k| = 2.828e+19" in str(after)
@@ -733,26 +743,7 @@ def test_torch_range_search_beside_add_checks_the_keys_it_sees_for_overflow():
 
     ix._torch.add = paused_add
 
-    def searcher() -> tuple[Any, Any]:
-        try:
-            assert points["add"][0].wait(TIMEOUT)
-            before = ix.search(q, 0.0)
-        finally:
-            points["add"][1].set()
-        try:
-            assert points["added"][0].wait(TIMEOUT)
-            try:
-                after = ix.search(q, 0.0)
-            except neuropil.ArgumentError as e:
-                after = e
-        finally:
-            points["added"][1].set()
-        return before, after
-
-    before, after = together([lambda: ix.add(torch.from_numpy(big[:3])), searcher])[1]
-    assert same(before, want)
-    assert isinstance(after, neuropil.ArgumentError), f"no overflow error; got {after}"
-    assert "max |k| = 2.828e+19" in str(after)
+    _assert_searches_around_add_see_overflow(ix, q, torch.from_numpy(big[:3]), want, points)
     with pytest.raises(neuropil.ArgumentError, match="within float32"):
         ix.search(q, 0.0)
 
