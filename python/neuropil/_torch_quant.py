@@ -232,8 +232,8 @@ class QuantizedLinear(nn.Module):
 
         Raises:
             ArgumentError: ``linear`` is not a module with a ``weight`` tensor
-                (an ``nn.Linear``), its bias holds NaN or Inf (as its weight
-                may not: every output would be NaN or Inf), or an argument
+                (an ``nn.Linear``), its bias holds NaN (every output would be
+                NaN; an infinite bias, e.g. a -inf one banning tokens, is kept), or an argument
                 :func:`~neuropil.quant.quantize` refuses.
             ShapeError, DTypeError: the weight is not a 2-D float tensor.
         """
