@@ -22,7 +22,8 @@ inside those interpreters, derandomized (``NEUROPIL_FUZZ_RANDOM=1`` explores
 new examples each run, ``NEUROPIL_FUZZ_SCALE=20`` runs 20 times as many).
 
 Defects found in modules owned elsewhere are ``xfail(strict=True)`` with the
-reason; the test passes (XPASS fails) once they are fixed.
+reason; the test passes (XPASS fails) once they are fixed. A message that does
+not show the found value is one (``LACKS_FOUND``: only that failure is expected).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
+import types
 from typing import Any
 
 import numpy as np
@@ -57,9 +60,10 @@ HYPOTHESIS_RANDOM = os.environ.get("NEUROPIL_FUZZ_RANDOM") == "1"
 HYPOTHESIS_SCALE = int(os.environ.get("NEUROPIL_FUZZ_SCALE", "1"))  # examples x this
 
 
-def xfail(reason: str) -> pytest.MarkDecorator:
-    """A defect in a module this audit does not own: expected to fail until fixed."""
-    return pytest.mark.xfail(strict=True, reason=reason)
+def xfail(reason: str, raises: Any = None) -> pytest.MarkDecorator:
+    """A defect in a module this audit does not own: expected to fail until fixed
+    (failing with ``raises`` only, where given: any other failure still fails)."""
+    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)
 
 
 # ------------------------------------------------------------------ machinery
@@ -151,28 +155,44 @@ def run_cases(setup: str, cases: dict[str, str], timeout: float = 120) -> dict[s
     return {label: results[label] for label in cases}
 
 
+class MissingFoundValue(AssertionError):
+    """The message does not show the found value (see :func:`expect`)."""
+
+
+def check_message(msg: str, needles: tuple[str, ...]) -> None:
+    """``msg`` holds every needle (the argument's name, the expected and the
+    found value). A needle ``"got X"`` is the found value: X must come after
+    the message's first "got" (``got dtype int64``, ``got shape (0, 8)`` hold
+    "got int64", "got (0, 8)"); these are checked last and raise
+    :class:`MissingFoundValue`, so a defect mark can expect just that."""
+    for n in needles:
+        if not n.startswith("got "):
+            assert n in msg, f"{n!r} not in the message: {msg!r}"
+    got = re.search(r"\bgot\b", msg)
+    for n in needles:
+        if n.startswith("got ") and (got is None or n[4:] not in msg[got.end() :]):
+            raise MissingFoundValue(f"found value {n[4:]!r} not shown after 'got': {msg!r}")
+
+
 def expect(fn: Any, exc: type[BaseException] | tuple, *needles: str) -> BaseException:
-    """``fn()`` raises ``exc`` whose message holds every needle (the argument's
-    name, the expected and the found value)."""
+    """``fn()`` raises ``exc`` whose message holds every needle (:func:`check_message`)."""
     with pytest.raises(exc) as info:
         fn()
-    msg = str(info.value)
-    for n in needles:
-        assert n in msg, f"{n!r} not in the message: {msg!r}"
+    check_message(str(info.value), needles)
     return info.value
 
 
 def check_result(res: dict, exc: str | None, needles: tuple[str, ...]) -> None:
     """A :func:`run_cases` result raised ``exc`` (a class name in its MRO)
-    with every needle in its message (``exc=None``: the call succeeded)."""
+    with every needle in its message (:func:`check_message`; ``exc=None``: the
+    call succeeded)."""
     assert res["exc"] not in ("CRASH", "HANG", "NOT RUN"), f"{res['exc']}:\n{res['msg']}"
     assert "PanicException" not in res["mro"], res
     if exc is None:
         assert res["exc"] is None, res
         return
     assert exc in res["mro"], res
-    for n in needles:
-        assert n in res["msg"], f"{n!r} not in the message: {res['msg']!r}"
+    check_message(res["msg"], needles)
 
 
 # ------------------------------------------------------------------ objects
@@ -243,1290 +263,123 @@ LAYOUTS = {
 
 
 # ================================================================== bad arguments, in process
-# (thunk, expected exception, needles): the needles are the argument's name
-# (as "<name> must"), the expected and the found value.
+# Each case calls an entry point with one bad argument: it must raise the given
+# exception, with every needle in its message (check_message): "<arg> must" (the
+# argument named) and "got <found>" (the value found). Tables are written per
+# entry point and argument, as value kinds x entry points:
+# - rows(entry, arg, call, table): the cases call(v) for the rows
+#   (kind, v, exception, *needles[, marks]) of table, "<arg> must" added to the
+#   needles (unless arg is None); a v that is a function is called when the case
+#   runs (torch tensors, objects of helpers);
+# - scalars(*values): rows of values refused with ArgumentError, shown by repr();
+# - keywords(entry, call, arg=values, ...): the scalars() rows of call(arg=v);
+# - bad_arrays(good, kinds): rows of wrong-dtype, -rank or -extent and NaN/Inf
+#   variants of an array; out_of_range(...): IndexError cases.
 def P(id_: str, fn: Any, exc: Any, *needles: str, marks: Any = ()) -> Any:
     return pytest.param(fn, exc, needles, id=id_, marks=marks)
 
 
-QUANT_CASES = [
-    P("w-str", lambda: quantize("abc"), DTypeError, "w must", "float32", "<U3"),
-    P("w-None", lambda: quantize(None), DTypeError, "w must", "object"),
-    P("w-ragged", lambda: quantize([[1.0] * 64, [1.0]]), DTypeError, "w must", "list"),
-    P("w-object", lambda: quantize(W.astype(object)), DTypeError, "w must", "object"),
-    P("w-complex", lambda: quantize(W.astype(np.complex64)), DTypeError, "w must", "complex64"),
-    P("w-int64", lambda: quantize(W.astype(np.int64)), DTypeError, "w must", "int64"),
-    P("w-uint8", lambda: quantize(W.astype(np.uint8)), DTypeError, "w must", "uint8"),
-    P("w-bool", lambda: quantize(W > 0), DTypeError, "w must", "bool"),
-    P("w-0d", lambda: quantize(np.float32(1)), ShapeError, "w must", "(rows, cols)", "()"),
-    P("w-1d", lambda: quantize(W[0]), ShapeError, "w must", "(64,)"),
-    P("w-3d", lambda: quantize(W[None]), ShapeError, "w must", "(1, 8, 64)"),
-    P("w-0-rows", lambda: quantize(W[:0]), ShapeError, "w must", "empty", "(0, 64)"),
-    P("w-0-cols", lambda: quantize(W[:, :0]), ShapeError, "w must", "empty", "(8, 0)"),
-    P("w-nan", lambda: quantize(np.where(W > 1, np.nan, W)), ArgumentError, "w must", "NaN"),
-    P("w-inf", lambda: quantize(np.where(W > 1, -np.inf, W)), ArgumentError, "w must", "-inf"),
-    P("w-beyond-float16", lambda: quantize(W * 1e30), ArgumentError, "w must", "float32"),
-    P("bits-bool", lambda: quantize(W, bits=True), ArgumentError, "bits must", "True"),
-    P("bits-float", lambda: quantize(W, bits=4.0), ArgumentError, "bits must", "4.0"),
-    P("bits-neg", lambda: quantize(W, bits=-1), ArgumentError, "bits must", "-1"),
-    P("bits-5", lambda: quantize(W, bits=5), ArgumentError, "bits must", "2, 3, 4, 8", "5"),
-    P("bits-2**62", lambda: quantize(W, bits=2**62), ArgumentError, "bits must", str(2**62)),
-    P("group-0", lambda: quantize(W, group_size=0), ArgumentError, "group_size must", "0"),
-    P("group-2**62", lambda: quantize(W, group_size=2**62), ArgumentError, "group_size must"),
-    P("scheme-None", lambda: quantize(W, scheme=None), ArgumentError, "scheme must", "None"),
-    P("q4_0-48-cols", lambda: quantize(W[:, :48], scheme="q4_0"), ArgumentError, "32", "48"),
-    P("scale-f64", lambda: quantize(W, scale_dtype="float64"), ArgumentError, "scale_dtype must"),
-    P("scale-None", lambda: quantize(W, scale_dtype=None), ArgumentError, "scale_dtype must"),
-    P(
-        "search-str",
-        lambda: quantize(W, search="no"),
-        ArgumentError,
-        "search must",
-        "'no'",
-    ),
-    P("matvec-str", lambda: qw().matvec("x"), DTypeError, "x must", "<U1"),
-    P("matvec-None", lambda: qw().matvec(None), DTypeError, "x must", "object"),
-    P("matvec-len", lambda: qw().matvec(X64[:63]), ShapeError, "x must", "(64,)", "(63,)"),
-    P("matvec-0d", lambda: qw().matvec(np.float32(1)), ShapeError, "x must", "()"),
-    P("matvec-3d", lambda: qw().matvec(X64[None, None]), ShapeError, "x must", "(1, 1, 64)"),
-    P("matvec-int64", lambda: qw().matvec(X64.astype(np.int64)), DTypeError, "x must", "int64"),
-    P("matvec-bool", lambda: qw().matvec(X64 > 0), DTypeError, "x must", "bool"),
-    P(
-        "matvec-complex",
-        lambda: qw().matvec(X64.astype(np.complex128)),
-        DTypeError,
-        "x must",
-        "complex128",
-    ),
-    P("matvec-object", lambda: qw().matvec(X64.astype(object)), DTypeError, "x must", "object"),
-    P("matvec-nan", lambda: qw().matvec(X64 * np.nan), ArgumentError, "x must", "NaN"),
-    P("matvec-level-name", lambda: qw().matvec(X64, level="sse"), ArgumentError, "level must"),
-    P(
-        "matvec-level-int",
-        lambda: qw().matvec(X64, level=3),
-        ArgumentError,
-        "level must",
-        "got 3",
-    ),
-    P("rows-str", lambda: qw().matvec_rows(X64, "a"), ArgumentError, "rows must", "<U1"),
-    P("rows-float", lambda: qw().matvec_rows(X64, [1.0]), ArgumentError, "rows must", "float64"),
-    P("rows-bool", lambda: qw().matvec_rows(X64, np.array([True])), ArgumentError, "rows must"),
-    P("rows-None", lambda: qw().matvec_rows(X64, None), ArgumentError, "rows must", "object"),
-    P("rows-neg", lambda: qw().matvec_rows(X64, [-1]), IndexError, "-1", "out of range"),
-    P("rows-past-end", lambda: qw().matvec_rows(X64, [8]), IndexError, "8", "out of range"),
-    P(
-        "rows-uint64-2**63",
-        lambda: qw().matvec_rows(X64, np.array([2**63], np.uint64)),
-        IndexError,
-        "index 9223372036854775808 ",
-    ),
-    P(
-        "rows-2d",
-        lambda: qw().matvec_rows(X64, [[1, 2], [3, 4]]),
-        ShapeError,
-        "rows must",
-        "(2, 2)",
-    ),
-    P("rows-x-2d", lambda: qw().matvec_rows(XF[:2, :1].repeat(64, 1), [1]), ShapeError, "x must"),
-    P(
-        "gguf-short",
-        lambda: QuantizedWeights.from_gguf(b"\0" * 10, "q4_0", (1, 32)),
-        FormatError,
-        "18 bytes",
-        "10",
-    ),
-    P(
-        "gguf-neg-shape",
-        lambda: QuantizedWeights.from_gguf(b"\0" * 18, "q4_0", (-1, 32)),
-        ArgumentError,
-        "shape must",
-        "-1",
-    ),
-    P(
-        "gguf-huge-shape",
-        lambda: QuantizedWeights.from_gguf(b"\0" * 18, "q4_0", (2**62, 2**62)),
-        FormatError,
-        "too large",
-    ),
-    P(
-        "gguf-str",
-        lambda: QuantizedWeights.from_gguf("abc", "q4_0", (1, 32)),
-        DTypeError,
-        "raw must",
-        "<U3",
-    ),
-    P(
-        "gguf-nan-scale",
-        lambda: QuantizedWeights.from_gguf(
-            np.frombuffer(np.float16(np.nan).tobytes() + b"\0" * 16, np.uint8), "q4_0", (1, 32)
-        ),
-        FormatError,
-        "non-finite scale",
-    ),
-    P(
-        "ctor-huge-shape",
-        lambda: QuantizedWeights(qw().data, qw().scales, qw().mins, (2**62, 2**62), 4, 64, "asym"),
-        ArgumentError,
-        "shape must",
-    ),
-    P(
-        "ctor-short-data",
-        lambda: QuantizedWeights(qw().data[:3], qw().scales, qw().mins, (8, 64), 4, 64, "asym"),
-        ShapeError,
-        "data must",
-        "(96,)",
-    ),
-    P(
-        "ctor-data-f32",
-        lambda: QuantizedWeights(
-            qw().data.astype(np.float32), qw().scales, qw().mins, (8, 64), 4, 64, "asym"
-        ),
-        DTypeError,
-        "data must",
-        "float32",
-    ),
-    P(
-        "ctor-mins-None",
-        lambda: QuantizedWeights(qw().data, qw().scales, None, (8, 64), 4, 64, "asym"),
-        ArgumentError,
-        "mins must",
-    ),
-    P(
-        "ctor-nan-scales",
-        lambda: QuantizedWeights(
-            qw().data, np.full_like(qw().scales, np.nan), qw().mins, (8, 64), 4, 64, "asym"
-        ),
-        ArgumentError,
-        "scales must be finite",
-        "nan at (0, 0)",
-    ),
-    P(
-        "ctor-scales-wrong-2d-shape",
-        lambda: QuantizedWeights(
-            qw().data,
-            qw().scales.reshape(1, -1),
-            qw().mins.reshape(1, -1),
-            (8, 64),
-            4,
-            64,
-            "asym",
-        ),
-        ShapeError,
-        "scales must",
-        "(8, 1)",
-        "(1, 8)",
-    ),
-    P("to_gguf-asym", lambda: qw().to_gguf(), ArgumentError, "scheme must", "asym"),
-    P(
-        "save_file-reserved",
-        lambda: save_file("/nonexistent/x", {"__metadata__": W}),
-        ArgumentError,
-        "__metadata__",
-    ),
-    P("save_file-int-key", lambda: save_file("/nonexistent/x", {1: W}), ArgumentError, "keys must"),
-]
+def _run_with(call: Any, v: Any) -> Any:
+    return call(v() if isinstance(v, types.FunctionType) else v)
 
 
-@pytest.mark.parametrize(("fn", "exc", "needles"), QUANT_CASES)
-def test_quant_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
+def rows(entry: str, arg: str | None, call: Any, table: list, marks: Any = ()) -> list:
+    out = []
+    for kind, v, exc, *rest in table:
+        needles = [n for n in rest if isinstance(n, str)]
+        more = [m for m in rest if not isinstance(m, str)]
+        name = f"{entry}-{arg}-{kind}" if arg else f"{entry}-{kind}"
+        needles = [f"{arg} must", *needles] if arg else needles
+        fn = functools.partial(_run_with, call, v)
+        out.append(P(name, fn, exc, *needles, marks=[*marks, *more]))
+    return out
 
 
-FLYHASH_CASES = [
-    P("dim-str", lambda: FlyHash("16"), ArgumentError, "input_dim must", "'16'"),
-    P("dim-float", lambda: FlyHash(16.0), ArgumentError, "input_dim must", "16.0"),
-    P("dim-bool", lambda: FlyHash(True), ArgumentError, "input_dim must", "True"),
-    P("dim-0", lambda: FlyHash(0), ArgumentError, "input_dim must", ">= 1", "0"),
-    P("dim-neg", lambda: FlyHash(-3), ArgumentError, "input_dim must", "-3"),
-    P(
-        "dim-2**62",
-        lambda: FlyHash(2**62, seed=0),
-        ArgumentError,
-        "input_dim must be small enough for the sign projection to fit in 8 GiB "
-        "(8589934592 bytes); got 4611686018427387904 (with expansion_ratio=13.0: ",
-        "a projection of 3.456e37 bytes)",
-    ),
-    P("dim-2**70", lambda: FlyHash(2**70, seed=0), ArgumentError, "input_dim must", str(2**70)),
-    P(
-        "ratio-nan",
-        lambda: FlyHash(16, float("nan"), seed=0),
-        ArgumentError,
-        "expansion_ratio must",
-        "NaN",
-    ),
-    P(
-        "ratio-inf",
-        lambda: FlyHash(16, float("inf"), seed=0),
-        ArgumentError,
-        "expansion_ratio must",
-    ),
-    P("ratio-neg", lambda: FlyHash(16, -1.0, seed=0), ArgumentError, "expansion_ratio must", "-1"),
-    P(
-        "ratio-str",
-        lambda: FlyHash(16, "13", seed=0),
-        ArgumentError,
-        "expansion_ratio must",
-        "'13'",
-    ),
-    P(
-        "ratio-huge-int",
-        lambda: FlyHash(16, 10**400, seed=0),
-        ArgumentError,
-        "expansion_ratio must",
-        "finite",
-    ),
-    P("ratio-1e300", lambda: FlyHash(16, 1e300, seed=0), ArgumentError, "8 GiB"),
-    P(
-        "fraction-nan",
-        lambda: FlyHash(16, active_fraction=float("nan"), seed=0),
-        ArgumentError,
-        "active_fraction must",
-        "NaN",
-    ),
-    P(
-        "fraction-0",
-        lambda: FlyHash(16, active_fraction=0, seed=0),
-        ArgumentError,
-        "active_fraction must",
-        "(0, 1]",
-    ),
-    P(
-        "fraction-1.5",
-        lambda: FlyHash(16, active_fraction=1.5, seed=0),
-        ArgumentError,
-        "active_fraction must",
-        "1.5",
-    ),
-    P(
-        "fraction-tiny",
-        lambda: FlyHash(16, active_fraction=1e-9, seed=0),
-        ArgumentError,
-        "active_fraction must",
-        "active_bits = 0",
-    ),
-    P("seed-neg", lambda: FlyHash(16, seed=-1), ArgumentError, "seed must", "-1"),
-    P("seed-2**64", lambda: FlyHash(16, seed=2**64), ArgumentError, "seed must", str(2**64)),
-    P("seed-float", lambda: FlyHash(16, seed=1.0), ArgumentError, "seed must", "1.0"),
-    P(
-        "projection-bad",
-        lambda: FlyHash(16, seed=0, projection="dense"),
-        ArgumentError,
-        "projection must",
-        "'dense'",
-    ),
-    P(
-        "projection-None",
-        lambda: FlyHash(16, seed=0, projection=None),
-        ArgumentError,
-        "projection must",
-        "None",
-    ),
-    # connectivity is read by sparse projections only, but a NaN is refused for
-    # every projection (it used to be kept, saved and loaded)
-    *[
-        P(
-            f"connectivity-{bad}-{proj}",
-            lambda bad=bad, proj=proj: FlyHash(
-                16, seed=0, projection=proj, connectivity=float(bad)
-            ),
-            ArgumentError,
-            "connectivity must",
-            "(0, 1]",
-        )
-        for bad in ("nan", "inf", "0", "2")
-        for proj in ("sign", "sparse", "seeded")
-    ],
-    P(
-        "connectivity-tiny",
-        lambda: FlyHash(16, seed=0, projection="sparse", connectivity=1e-9),
-        ArgumentError,
-        "connectivity must",
-        "0 connections",
-    ),
-    P(
-        "sparse-dim-70000",
-        lambda: FlyHash(70000, 1.0, seed=0, projection="sparse", connectivity=0.01),
-        ArgumentError,
-        "input_dim must",
-        "65535",
-    ),
-    P("binary-str", lambda: FlyHash(16, seed=0, binary="yes"), ArgumentError, "binary must"),
-    P("binary-sign", lambda: FlyHash(16, seed=0, binary=True), ArgumentError, "binary must"),
-]
-for _m in ("encode", "activations", "encode_indices", "hash"):
-    FLYHASH_CASES += [
-        P(f"{_m}-str", lambda m=_m: getattr(fh(), m)("abc"), DTypeError, "x must", "str"),
-        P(f"{_m}-None", lambda m=_m: getattr(fh(), m)(None), DTypeError, "x must", "NoneType"),
-        P(
-            f"{_m}-ragged",
-            lambda m=_m: getattr(fh(), m)([[0.5] * 16, [1.0]]),
-            ShapeError,
-            "x must",
-            "ragged",
-        ),
-        P(
-            f"{_m}-object",
-            lambda m=_m: getattr(fh(), m)(XFH.astype(object)),
-            DTypeError,
-            "x must",
-            "object",
-        ),
-        P(
-            f"{_m}-complex",
-            lambda m=_m: getattr(fh(), m)(XFH.astype(np.complex64)),
-            DTypeError,
-            "x must",
-            "complex64",
-        ),
-        P(
-            f"{_m}-int64",
-            lambda m=_m: getattr(fh(), m)(XFH.astype(np.int64)),
-            DTypeError,
-            "x must",
-            "int64",
-        ),
-        P(
-            f"{_m}-uint8",
-            lambda m=_m: getattr(fh(), m)(XFH.astype(np.uint8)),
-            DTypeError,
-            "x must",
-            "uint8",
-        ),
-        P(f"{_m}-bool", lambda m=_m: getattr(fh(), m)(XFH > 0), DTypeError, "x must", "bool"),
-        P(f"{_m}-0d", lambda m=_m: getattr(fh(), m)(np.float32(1)), ShapeError, "x must", "()"),
-        P(f"{_m}-3d", lambda m=_m: getattr(fh(), m)(XFH[None]), ShapeError, "x must", "(1, 5, 16)"),
-        P(
-            f"{_m}-width",
-            lambda m=_m: getattr(fh(), m)(XFH[:, :15]),
-            ShapeError,
-            "x must",
-            "(n, 16)",
-            "(5, 15)",
-        ),
-        P(
-            f"{_m}-1d-width",
-            lambda m=_m: getattr(fh(), m)(XFH[0, :15]),
-            ShapeError,
-            "x must",
-            "(15,)",
-        ),
-        P(f"{_m}-0-cols", lambda m=_m: getattr(fh(), m)(XFH[:, :0]), ShapeError, "x must"),
-        P(f"{_m}-nan", lambda m=_m: getattr(fh(), m)(XFH * np.nan), ArgumentError, "x must", "NaN"),
-        P(f"{_m}-inf", lambda m=_m: getattr(fh(), m)(XFH * np.inf), ArgumentError, "x must"),
-        P(
-            f"{_m}-level-name",
-            lambda m=_m: getattr(fh(), m)(XFH, level="sse"),
-            ArgumentError,
-            "level must",
-            "sse",
-        ),
-        P(
-            f"{_m}-level-int",
-            lambda m=_m: getattr(fh(), m)(XFH, level=1),
-            ArgumentError,
-            "level must",
-            "1",
-        ),
-    ]
-
-BINARY_INDEX_CASES = [
-    P("nbits-str", lambda: BinaryIndex("16"), ArgumentError, "nbits must", "'16'"),
-    P("nbits-0", lambda: BinaryIndex(0), ArgumentError, "nbits must", "0"),
-    P("nbits-float", lambda: BinaryIndex(16.0), ArgumentError, "nbits must", "16.0"),
-    P("nbits-2**62", lambda: BinaryIndex(2**62), ArgumentError, "nbits must", "2^30"),
-    P("nbits-2**70", lambda: BinaryIndex(2**70), ArgumentError, "nbits must", str(2**70)),
-    P(
-        "add-float",
-        lambda: bix().add(CODES.astype(np.float32)),
-        DTypeError,
-        "codes must",
-        "uint8",
-        "float32",
-    ),
-    P("add-int8", lambda: bix().add(CODES.astype(np.int8)), DTypeError, "codes must", "int8"),
-    P("add-bool", lambda: bix().add(CODES > 0), DTypeError, "codes must", "bool"),
-    P("add-str", lambda: bix().add("ab"), DTypeError, "codes must", "str"),
-    P("add-None", lambda: bix().add(None), DTypeError, "codes must", "NoneType"),
-    P("add-3d", lambda: bix().add(CODES[None]), ShapeError, "codes must", "(1, 6, 2)"),
-    P("add-width", lambda: bix().add(CODES[:, :1]), ShapeError, "codes must", "(n, 2)", "(6, 1)"),
-    P("add-ids-neg", lambda: bix().add(CODES, ids=[-1] * 6), ArgumentError, "ids must", "-1"),
-    P(
-        "add-ids-float",
-        lambda: bix().add(CODES, ids=np.arange(6.0)),
-        DTypeError,
-        "ids must",
-        "float64",
-    ),
-    P("add-ids-len", lambda: bix().add(CODES, ids=[1, 2]), ShapeError, "ids must", "(6,)", "(2,)"),
-    P("add-ids-2d", lambda: bix().add(CODES, ids=[list(range(6))]), ShapeError, "ids must"),
-    P(
-        "add-ids-uint64-2**63",
-        lambda: bix().add(CODES, ids=np.full(6, 2**63, np.uint64)),
-        ArgumentError,
-        "ids must",
-        "9223372036854775808",
-    ),
-    P(
-        "add-ids-int64-max",
-        lambda: bix().add(CODES, ids=np.full(6, 2**63 - 1)),
-        ArgumentError,
-        "ids must",
-    ),
-    P("add-ids-bool", lambda: bix().add(CODES, ids=np.ones(6, bool)), DTypeError, "ids must"),
-    P("add-ids-scalar", lambda: bix().add(CODES[:1], ids=3), ShapeError, "ids must", "()"),
-    P(
-        "add-bits-past-nbits",
-        lambda: BinaryIndex(12).add(np.full((1, 2), 255, np.uint8)),
-        ArgumentError,
-        "codes must",
-        "bit 12",
-    ),
-    P("k-0", lambda: bix().search(CODES, 0), ArgumentError, "k must", "0"),
-    P("k-neg", lambda: bix().search(CODES, -1), ArgumentError, "k must", "-1"),
-    P("k-float", lambda: bix().search(CODES, 2.0), ArgumentError, "k must", "2.0"),
-    P("k-bool", lambda: bix().search(CODES, True), ArgumentError, "k must", "True"),
-    P("k-2**62", lambda: bix().search(CODES, 2**62), ArgumentError, "k must", "8 GiB"),
-    P("k-2**70", lambda: bix().search(CODES, 2**70), ArgumentError, "k must", str(2**70)),
-    P(
-        "metric-bad",
-        lambda: bix().search(CODES, 3, metric="l2"),
-        ArgumentError,
-        "metric must",
-        "l2",
-    ),
-    P(
-        "metric-None",
-        lambda: bix().search(CODES, 3, metric=None),
-        ArgumentError,
-        "metric must",
-        "None",
-    ),
-    P(
-        "queries-float",
-        lambda: bix().search(CODES.astype(np.float32), 3),
-        DTypeError,
-        "queries must",
-        "float32",
-    ),
-    P("radius-neg", lambda: bix().range_search(CODES, -1), ArgumentError, "max_distance must"),
-    P(
-        "radius-2**40",
-        lambda: bix().range_search(CODES, 2**40),
-        ArgumentError,
-        "max_distance must",
-        str(2**40),
-    ),
-    P("radius-float", lambda: bix().range_search(CODES, 1.5), ArgumentError, "max_distance must"),
-    P("remove-str", lambda: bix().remove("a"), DTypeError, "ids must", "<U1"),
-    P("remove-float", lambda: bix().remove([1.0]), DTypeError, "ids must", "float64"),
-    P("remove-None", lambda: bix().remove(None), DTypeError, "ids must", "object"),
-    P("remove-bool", lambda: bix().remove(np.array([True])), DTypeError, "ids must", "bool"),
-    P("remove-2d", lambda: bix().remove([[1, 2]]), ShapeError, "ids must", "(1, 2)"),
-    P("remove-ragged", lambda: bix().remove([[1], [1, 2]]), ShapeError, "ids must", "ragged"),
-]
+def _label(v: Any) -> str:
+    """A short id for a bad value: lists by name, big ints as 2**k, 2**k-1 or 10**k."""
+    if isinstance(v, list):
+        return "list" if v else "empty-list"
+    if type(v) is not int or abs(v) < 2**32:
+        return repr(v)
+    k, digits = v.bit_length(), str(v)
+    if v in (2 ** (k - 1), 2**k - 1):
+        return f"2**{k - 1}" if v == 2 ** (k - 1) else f"2**{k}-1"
+    return f"10**{len(digits) - 1}" if digits.rstrip("0") == "1" else digits
 
 
-@pytest.mark.parametrize(("fn", "exc", "needles"), FLYHASH_CASES + BINARY_INDEX_CASES)
-def test_flyhash_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
+def scalars(*values: Any) -> list:
+    """Rows of bad values the message shows as repr() does: ArgumentError, "got <repr>"."""
+    return [(_label(v), v, ArgumentError, f"got {v!r}") for v in values]
+
+
+def keywords(entry: str, call: Any, **bad: tuple) -> list:
+    """scalars() rows of ``call(arg=v)`` for each keyword argument and its bad values."""
+    out = []
+    for arg, values in bad.items():
+        out += rows(entry, arg, lambda v, a=arg: call(**{a: v}), scalars(*values))
+    return out
+
+
+ARRAY_KINDS = {
+    "bool": lambda a: a > 0,
+    "0d": lambda a: np.float32(1),
+    "1d": lambda a: a[0],
+    "3d": lambda a: a[None],
+    "width": lambda a: a[..., :-1],  # one column short
+    "1d-width": lambda a: a[0, :-1],
+    "0-rows": lambda a: a[:0],
+    "0-cols": lambda a: a[:, :0],
+    "nan": lambda a: a * np.nan,
+    "inf": lambda a: a * np.inf,
+}
+
+
+def bad_arrays(good: np.ndarray, kinds: str) -> list:
+    """Rows of the variants of the array ``good`` named in ``kinds`` (a dtype
+    name, or a key of ARRAY_KINDS): a wrong dtype (DTypeError), rank or extent
+    (ShapeError), NaN or Inf (ArgumentError), each with its found value."""
+    out = []
+    for kind in kinds.split():
+        v = ARRAY_KINDS[kind](good) if kind in ARRAY_KINDS else good.astype(kind)
+        if kind in ("nan", "inf"):
+            first = v.flat[np.flatnonzero(~np.isfinite(v))[0]]
+            out.append((kind, v, ArgumentError, f"got {'NaN' if first != first else first}"))
+        elif v.shape != good.shape:
+            out.append((kind, v, ShapeError, f"got {v.shape}"))
+        else:
+            out.append((kind, v, DTypeError, f"got {v.dtype}"))
+    return out
+
+
+def out_of_range(entry: str, name: str, call: Any, *values: Any) -> list:
+    """IndexError cases: ``call(v)`` refuses the (first) index of v, naming it."""
+    out = []
+    for v in values:
+        i = int(np.ravel(v)[0])
+        fn = functools.partial(call, v)
+        needle = f"{name} index {i} is out of range"
+        out.append(P(f"{entry}-index={_label(i)}", fn, IndexError, needle))
+    return out
+
+
+def _qw_with(**kw: Any) -> QuantizedWeights:
+    """``QuantizedWeights`` built from qw()'s arguments, those of ``kw`` replaced."""
+    q = qw()
+    args = {"data": q.data, "scales": q.scales, "mins": q.mins, "shape": (8, 64), "bits": 4,
+            "group_size": 64, "scheme": "asym"}  # fmt: skip
+    return QuantizedWeights(**{**args, **kw})
 
 
 def nc() -> NeuronCache:
     return NeuronCache(8, 3)
 
 
-NEURON_CACHE_CASES = [
-    P("n-str", lambda: NeuronCache("8"), ArgumentError, "num_neurons must", "'8'"),
-    P("n-0", lambda: NeuronCache(0), ArgumentError, "num_neurons must", ">= 1", "0"),
-    P("n-float", lambda: NeuronCache(8.0), ArgumentError, "num_neurons must", "8.0"),
-    P("n-bool", lambda: NeuronCache(True), ArgumentError, "num_neurons must", "True"),
-    P("n-2**40", lambda: NeuronCache(2**40), ArgumentError, "num_neurons must", "2^32"),
-    P("n-2**70", lambda: NeuronCache(2**70), ArgumentError, "num_neurons must", str(2**70)),
-    P("capacity-above-n", lambda: NeuronCache(8, 9), ArgumentError, "capacity must", "8", "9"),
-    P("capacity-neg", lambda: NeuronCache(8, -1), ArgumentError, "capacity must", "-1"),
-    P("capacity-float", lambda: NeuronCache(8, 2.0), ArgumentError, "capacity must", "2.0"),
-    P(
-        "capacity-bytes-no-bpn",
-        lambda: NeuronCache(8, capacity_bytes=10),
-        ArgumentError,
-        "bytes_per_neuron",
-    ),
-    P(
-        "bytes-per-neuron-2**70",
-        lambda: NeuronCache(8, bytes_per_neuron=2**70),
-        ArgumentError,
-        "bytes_per_neuron must",
-        str(2**70),
-    ),
-    P("policy-bad", lambda: NeuronCache(8, policy="lru"), ArgumentError, "policy must", "'lru'"),
-    P("policy-list", lambda: NeuronCache(8, policy=[]), ArgumentError, "policy must", "[]"),
-    P("decay-nan", lambda: NeuronCache(8, decay=float("nan")), ArgumentError, "decay must", "nan"),
-    P("decay-0", lambda: NeuronCache(8, decay=0.0), ArgumentError, "decay must", "(0, 1]"),
-    P("decay-2", lambda: NeuronCache(8, decay=2), ArgumentError, "decay must", "2"),
-    P("decay-str", lambda: NeuronCache(8, decay="0.5"), ArgumentError, "decay must", "'0.5'"),
-    P(
-        "decay-underflows-float32",
-        lambda: NeuronCache(8, decay=1e-50),
-        ArgumentError,
-        "decay must",
-        "1e-50",
-    ),
-    P(
-        "window-0",
-        lambda: NeuronCache(8, policy="window", window=0),
-        ArgumentError,
-        "window must",
-        "0",
-    ),
-    P("window-missing", lambda: NeuronCache(8, policy="window"), ArgumentError, "window must"),
-    P(
-        "window-2**70",
-        lambda: NeuronCache(8, policy="window", window=2**70),
-        ArgumentError,
-        "window must",
-        str(2**70),
-    ),
-    P(
-        "hysteresis-nan",
-        lambda: NeuronCache(8, hysteresis=float("nan")),
-        ArgumentError,
-        "hysteresis must",
-        "nan",
-    ),
-    P("hysteresis-neg", lambda: NeuronCache(8, hysteresis=-1), ArgumentError, "hysteresis must"),
-    P(
-        "hysteresis-str",
-        lambda: NeuronCache(8, hysteresis="x"),
-        ArgumentError,
-        "hysteresis must",
-        "'x'",
-    ),
-    P(
-        "hysteresis-None",
-        lambda: NeuronCache(8, hysteresis=None),
-        ArgumentError,
-        "hysteresis must",
-        "None",
-    ),
-    # 1e300 is finite, but inf as the core's float32: the message shows what was passed
-    P(
-        "hysteresis-1e300",
-        lambda: NeuronCache(8, hysteresis=1e300),
-        ArgumentError,
-        "hysteresis must",
-        "1e+300",
-    ),
-    P(
-        "reclassify-neg",
-        lambda: NeuronCache(8, reclassify_every=-1),
-        ArgumentError,
-        "reclassify_every must",
-        "-1",
-    ),
-    P(
-        "reclassify-2**64",
-        lambda: NeuronCache(8, reclassify_every=2**64),
-        ArgumentError,
-        "reclassify_every must",
-        str(2**64),
-    ),
-    P("record-str", lambda: nc().record("ab"), DTypeError, "active must", "<U2"),
-    P("record-None", lambda: nc().record(None), DTypeError, "active must", "object"),
-    P("record-float", lambda: nc().record([1.0]), DTypeError, "active must", "float64"),
-    P("record-complex", lambda: nc().record(np.ones(2, np.complex64)), DTypeError, "active must"),
-    P("record-neg", lambda: nc().record([-1]), IndexError, "-1", "out of range"),
-    P("record-past-end", lambda: nc().record([8]), IndexError, "8", "out of range"),
-    P("record-int8-neg", lambda: nc().record(np.array([-3], np.int8)), IndexError, "-3"),
-    P(
-        "record-uint64-max",
-        lambda: nc().record(np.array([2**64 - 1], np.uint64)),
-        IndexError,
-        "18446744073709551615",
-    ),
-    P("record-2d-ids", lambda: nc().record([[1, 2]]), ShapeError, "ids must", "(1, 2)"),
-    P("record-0d", lambda: nc().record(3), ShapeError, "ids must", "()"),
-    P("record-ragged", lambda: nc().record([[1], [1, 2]]), ShapeError, "active must", "ragged"),
-    P(
-        "record-mask-width",
-        lambda: nc().record(np.ones(7, bool)),
-        ShapeError,
-        "active mask must",
-        "(7,)",
-    ),
-    P(
-        "record-mask-3d",
-        lambda: nc().record(np.ones((1, 2, 8), bool)),
-        ShapeError,
-        "active mask must",
-    ),
-    P("set_hot-repeated", lambda: nc().set_hot([1, 1]), ArgumentError, "hot must", "1 repeated"),
-    P("set_hot-too-many", lambda: nc().set_hot([1, 2, 3, 4]), ArgumentError, "hot must", "4"),
-    P("set_hot-neg", lambda: nc().set_hot([-1]), IndexError, "-1"),
-    P("set_hot-past-end", lambda: nc().set_hot([8]), IndexError, "8"),
-    P("set_hot-float", lambda: nc().set_hot([1.5]), DTypeError, "ids must", "float64"),
-    P("set_hot-bool", lambda: nc().set_hot(np.array([True])), DTypeError, "ids must", "bool"),
-    P("set_hot-2d", lambda: nc().set_hot([[1, 2]]), ShapeError, "ids must", "(1, 2)"),
-    P("frequency-str", lambda: nc().activation_frequency("a"), ArgumentError, "neuron must"),
-    P("frequency-neg", lambda: nc().activation_frequency(-1), IndexError, "-1"),
-    P("frequency-2**70", lambda: nc().activation_frequency(2**70), IndexError, str(2**70)),
-]
-
-
 def ffn(cls: type = SparseFFN, **kw: Any) -> Any:
     return cls(GATE, UP, DOWN, **kw)
 
 
-FFN_CASES: list[Any] = []
-for _c in (SparseFFN, InputSparseFFN):
-    _n = _c.__name__
-    FFN_CASES += [
-        P(f"{_n}-gate-str", lambda c=_c: c("a", UP, DOWN), DTypeError, "gate must", "<U1"),
-        P(f"{_n}-up-None", lambda c=_c: c(GATE, None, DOWN), DTypeError, "up must", "object"),
-        P(
-            f"{_n}-gate-int64",
-            lambda c=_c: c(GATE.astype(np.int64), UP, DOWN),
-            DTypeError,
-            "gate must",
-            "int64",
-        ),
-        P(f"{_n}-gate-bool", lambda c=_c: c(GATE > 0, UP, DOWN), DTypeError, "gate must", "bool"),
-        P(
-            f"{_n}-gate-complex",
-            lambda c=_c: c(GATE + 0j, UP, DOWN),
-            DTypeError,
-            "gate must",
-            "complex",
-        ),
-        P(
-            f"{_n}-gate-nan",
-            lambda c=_c: c(GATE * np.nan, UP, DOWN),
-            ArgumentError,
-            "gate must",
-            "NaN",
-        ),
-        P(f"{_n}-down-inf", lambda c=_c: c(GATE, UP, DOWN * np.inf), ArgumentError, "down must"),
-        P(
-            f"{_n}-gate-shape",
-            lambda c=_c: c(GATE[:, :7], UP, DOWN),
-            ShapeError,
-            "gate must",
-            "(16, 8)",
-            "(16, 7)",
-        ),
-        # a transposed down holds as many values: it must be refused, not read
-        # in the wrong layout (InputSparseFFN did, giving wrong answers)
-        P(
-            f"{_n}-down-transposed",
-            lambda c=_c: c(GATE, UP, DOWN.T),
-            ShapeError,
-            "down must",
-            "(8, 16)",
-            "(16, 8)",
-        ),
-        P(f"{_n}-gate-3d", lambda c=_c: c(GATE[None], UP, DOWN), ShapeError, "gate must"),
-        P(
-            f"{_n}-0-neurons",
-            lambda c=_c: c(GATE[:0], UP[:0], DOWN[:, :0]),
-            ShapeError,
-            "up must",
-            "(0, 8)",
-        ),
-        P(
-            f"{_n}-activation-bad",
-            lambda c=_c: ffn(c, activation="tanh"),
-            ArgumentError,
-            "activation must",
-            "tanh",
-        ),
-        P(
-            f"{_n}-activation-None",
-            lambda c=_c: ffn(c, activation=None),
-            ArgumentError,
-            "activation must",
-            "None",
-        ),
-        P(f"{_n}-bits-3", lambda c=_c: ffn(c, bits=3), ArgumentError, "bits must", "3"),
-        P(f"{_n}-bits-float", lambda c=_c: ffn(c, bits=4.0), ArgumentError, "bits must", "4.0"),
-        P(f"{_n}-bits-bool", lambda c=_c: ffn(c, bits=True), ArgumentError, "bits must", "True"),
-        P(f"{_n}-dtype", lambda c=_c: ffn(c, dtype="bfloat16"), ArgumentError, "dtype must"),
-        P(
-            f"{_n}-up_bias-gated",
-            lambda c=_c: ffn(c, up_bias=np.zeros(H, np.float32)),
-            ArgumentError,
-            "up_bias must",
-        ),
-        P(
-            f"{_n}-up_bias-len",
-            lambda c=_c: c(None, UP, DOWN, up_bias=np.zeros(H + 1)),
-            ShapeError,
-            "up_bias must",
-            "(17,)",
-        ),
-        P(
-            f"{_n}-down_bias-str",
-            lambda c=_c: ffn(c, down_bias="x"),
-            DTypeError,
-            "down_bias must",
-            "<U1",
-        ),
-        P(
-            f"{_n}-down_bias-nan",
-            lambda c=_c: ffn(c, down_bias=np.full(D, np.nan)),
-            ArgumentError,
-            "down_bias must",
-        ),
-        P(f"{_n}-x-str", lambda c=_c: ffn(c)("a"), DTypeError, "x must", "<U1"),
-        P(f"{_n}-x-None", lambda c=_c: ffn(c)(None), DTypeError, "x must", "object"),
-        P(f"{_n}-x-ragged", lambda c=_c: ffn(c)([[1.0] * 8, [1.0]]), ShapeError, "ragged"),
-        P(f"{_n}-x-int64", lambda c=_c: ffn(c)(XF.astype(np.int64)), DTypeError, "x must", "int64"),
-        P(f"{_n}-x-bool", lambda c=_c: ffn(c)(XF > 0), DTypeError, "x must", "bool"),
-        P(f"{_n}-x-0d", lambda c=_c: ffn(c)(np.float32(1)), ShapeError, "x must", "()"),
-        P(f"{_n}-x-3d", lambda c=_c: ffn(c)(XF[None]), ShapeError, "x must", "(1, 3, 8)"),
-        P(f"{_n}-x-width", lambda c=_c: ffn(c)(XF[:, :7]), ShapeError, "x must", "(3, 7)"),
-        P(f"{_n}-x-1d-width", lambda c=_c: ffn(c)(XF[0, :7]), ShapeError, "x must", "(7,)"),
-        P(f"{_n}-x-nan", lambda c=_c: ffn(c)(XF * np.nan), ArgumentError, "x must", "NaN"),
-        P(
-            f"{_n}-sparsity-nan",
-            lambda c=_c: ffn(c).calibrate(XF, float("nan")),
-            ArgumentError,
-            "sparsity must",
-            "nan",
-        ),
-        P(
-            f"{_n}-sparsity-1",
-            lambda c=_c: ffn(c).calibrate(XF, 1.0),
-            ArgumentError,
-            "sparsity must",
-            "1.0",
-        ),
-        P(
-            f"{_n}-sparsity-str",
-            lambda c=_c: ffn(c).calibrate(XF, "0.5"),
-            ArgumentError,
-            "sparsity must",
-            "'0.5'",
-        ),
-        P(
-            f"{_n}-samples-nan",
-            lambda c=_c: ffn(c).calibrate(XF * np.nan, 0.5),
-            ArgumentError,
-            "samples must",
-        ),
-        P(
-            f"{_n}-samples-empty",
-            lambda c=_c: ffn(c).calibrate(XF[:0], 0.5),
-            ShapeError,
-            "samples must",
-            "(0, 8)",
-        ),
-        P(
-            f"{_n}-samples-int",
-            lambda c=_c: ffn(c).calibrate(XF.astype(int), 0.5),
-            DTypeError,
-            "samples must",
-        ),
-    ]
-FFN_CASES += [
-    P(
-        "SparseFFN-hot_capacity-neg",
-        lambda: ffn(hot_capacity=-1),
-        ArgumentError,
-        "hot_capacity must",
-    ),
-    P(
-        "SparseFFN-hot_capacity-above-h",
-        lambda: ffn(hot_capacity=H + 1),
-        ArgumentError,
-        "hot_capacity must",
-        "17",
-    ),
-    P(
-        "SparseFFN-threshold-nan",
-        lambda: ffn(threshold=float("nan")),
-        ArgumentError,
-        "threshold must",
-        "nan",
-    ),
-    P(
-        "SparseFFN-threshold-str",
-        lambda: ffn(threshold="a"),
-        ArgumentError,
-        "threshold must",
-        "'a'",
-    ),
-    P("SparseFFN-top_k-0", lambda: ffn(top_k=0), ArgumentError, "top_k must", "0"),
-    P("SparseFFN-top_k-above-h", lambda: ffn(top_k=H + 1), ArgumentError, "top_k must", "17"),
-    P("SparseFFN-top_k-float", lambda: ffn(top_k=2.0), ArgumentError, "top_k must", "2.0"),
-    # the setters check as the constructor does (they used to store anything:
-    # int(2.7) kept 2, a negative k reached the core as 0)
-    P(
-        "SparseFFN-set-threshold-nan",
-        lambda: setattr(ffn(), "threshold", float("nan")),
-        ArgumentError,
-        "threshold must",
-        "nan",
-    ),
-    P(
-        "SparseFFN-set-threshold-str",
-        lambda: setattr(ffn(), "threshold", "a"),
-        ArgumentError,
-        "threshold must",
-        "'a'",
-    ),
-    P(
-        "SparseFFN-set-top_k-2.7",
-        lambda: setattr(ffn(), "top_k", 2.7),
-        ArgumentError,
-        "top_k must",
-        "2.7",
-    ),
-    P(
-        "SparseFFN-set-top_k-neg",
-        lambda: setattr(ffn(), "top_k", -1),
-        ArgumentError,
-        "top_k must",
-        "-1",
-    ),
-    P(
-        "SparseFFN-set-top_k-2**70",
-        lambda: setattr(ffn(), "top_k", 2**70),
-        ArgumentError,
-        "top_k must",
-        str(2**70),
-    ),
-    P("SparseFFN-set_hot-repeated", lambda: ffn().set_hot([1, 1]), ArgumentError, "hot must"),
-    P("SparseFFN-set_hot-neg", lambda: ffn().set_hot([-1]), ArgumentError, "ids must", "-1"),
-    P(
-        "SparseFFN-set_hot-float",
-        lambda: ffn().set_hot([1.5]),
-        ArgumentError,
-        "ids must",
-        "float64",
-    ),
-    P("SparseFFN-set_hot-2d", lambda: ffn().set_hot([[1, 2]]), ShapeError, "ids must"),
-    P("SparseFFN-set_hot-past-end", lambda: ffn().set_hot([H]), IndexError, "16"),
-    P(
-        "InputSparseFFN-thresholds-nan",
-        lambda: ffn(InputSparseFFN, thresholds=(np.nan, None)),
-        ArgumentError,
-        "t_in must",
-        "nan",
-    ),
-    P(
-        "InputSparseFFN-thresholds-str",
-        lambda: ffn(InputSparseFFN, thresholds=(None, "a")),
-        ArgumentError,
-        "t_hidden must",
-        "'a'",
-    ),
-    P(
-        "InputSparseFFN-thresholds-one",
-        lambda: ffn(InputSparseFFN, thresholds=(1.0,)),
-        ArgumentError,
-        "thresholds must",
-        "(1.0,)",
-    ),
-    P(
-        "InputSparseFFN-thresholds-scalar",
-        lambda: ffn(InputSparseFFN, thresholds=1.0),
-        ArgumentError,
-        "thresholds must",
-        "1.0",
-    ),
-    P(
-        "InputSparseFFN-set-t_in-neg",
-        lambda: setattr(ffn(InputSparseFFN), "t_in", -1),
-        ArgumentError,
-        "t_in must",
-        "-1",
-    ),
-    P(
-        "InputSparseFFN-hidden-t_in-str",
-        lambda: ffn(InputSparseFFN).hidden(XF, "a"),
-        ArgumentError,
-        "t_in must",
-        "'a'",
-    ),
-    P(
-        "InputSparseFFN-int4-odd",
-        lambda: InputSparseFFN(GATE[:15], UP[:15], DOWN[:, :15], bits=4),
-        ArgumentError,
-        "divisible by 2",
-    ),
-]
-
-
-@pytest.mark.parametrize(("fn", "exc", "needles"), NEURON_CACHE_CASES + FFN_CASES)
-def test_neurons_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
-
-
-RANGE_CASES = [
-    P("keys-str", lambda: RangeIndex("a"), DTypeError, "keys must", "<U1"),
-    P("keys-None", lambda: RangeIndex(None), DTypeError, "keys must", "object"),
-    P("keys-ragged", lambda: RangeIndex([[1.0], [1.0, 2.0]]), ShapeError, "keys must", "ragged"),
-    P("keys-int64", lambda: RangeIndex(KEYS.astype(np.int64)), DTypeError, "keys must", "int64"),
-    P("keys-bool", lambda: RangeIndex(KEYS > 0), DTypeError, "keys must", "bool"),
-    P("keys-complex", lambda: RangeIndex(KEYS + 0j), DTypeError, "keys must", "complex"),
-    P("keys-0d", lambda: RangeIndex(np.float32(1)), ShapeError, "keys must", "()"),
-    P("keys-1d", lambda: RangeIndex(KEYS[0]), ShapeError, "keys must", "(8,)"),
-    P("keys-0-rows", lambda: RangeIndex(KEYS[:0]), ShapeError, "keys must", "(0, 8)"),
-    P("keys-0-cols", lambda: RangeIndex(KEYS[:, :0]), ShapeError, "keys must", "(100, 0)"),
-    P("keys-nan", lambda: RangeIndex(KEYS * np.nan), ArgumentError, "keys must", "NaN"),
-    P("method-bad", lambda: RangeIndex(KEYS, "hnsw"), ArgumentError, "method must", "'hnsw'"),
-    P("method-None", lambda: RangeIndex(KEYS, None), ArgumentError, "method must", "None"),
-    P("leaf-0", lambda: RangeIndex(KEYS, leaf=0), ArgumentError, "leaf must", "0"),
-    P("leaf-2**64", lambda: RangeIndex(KEYS, leaf=2**64), ArgumentError, "leaf must"),
-    P("leaf-float", lambda: RangeIndex(KEYS, leaf=64.0), ArgumentError, "leaf must", "64.0"),
-    P(
-        "branching-1",
-        lambda: RangeIndex(KEYS, "kmeans", branching=1),
-        ArgumentError,
-        "branching must",
-    ),
-    P(
-        "rebuild-nan",
-        lambda: RangeIndex(KEYS, rebuild_fraction=float("nan")),
-        ArgumentError,
-        "rebuild_fraction must",
-        "NaN",
-    ),
-    P(
-        "rebuild-neg",
-        lambda: RangeIndex(KEYS, rebuild_fraction=-1),
-        ArgumentError,
-        "rebuild_fraction must",
-    ),
-    *[
-        P(
-            f"rebuild-{bad!r}",
-            lambda bad=bad: RangeIndex(KEYS, rebuild_fraction=bad),
-            ArgumentError,
-            "rebuild_fraction must",
-        )
-        for bad in ("a", None)
-    ],
-    P("seed-neg", lambda: RangeIndex(KEYS, seed=-1), ArgumentError, "seed must", "-1"),
-    P(
-        "thresholds-nan",
-        lambda: rix().search(QUERIES, np.full(3, np.nan)),
-        ArgumentError,
-        "thresholds must",
-        "NaN",
-    ),
-    P(
-        "thresholds-len",
-        lambda: rix().search(QUERIES, np.zeros(2)),
-        ShapeError,
-        "thresholds must",
-        "(3,)",
-        "(2,)",
-    ),
-    P(
-        "thresholds-2d",
-        lambda: rix().search(QUERIES, np.zeros((3, 1))),
-        ShapeError,
-        "thresholds must",
-    ),
-    P("thresholds-str", lambda: rix().search(QUERIES, "a"), DTypeError, "thresholds must"),
-    P("queries-1d", lambda: rix().search(QUERIES[0], 0.0), ShapeError, "queries must", "(8,)"),
-    P(
-        "queries-width",
-        lambda: rix().search(QUERIES[:, :7], np.zeros(3)),
-        ShapeError,
-        "queries must",
-        "(3, 7)",
-    ),
-    P(
-        "queries-nan",
-        lambda: rix().search(QUERIES * np.nan, np.zeros(3)),
-        ArgumentError,
-        "queries must",
-    ),
-    P(
-        "queries-int",
-        lambda: rix().search(QUERIES.astype(int), np.zeros(3)),
-        DTypeError,
-        "queries must",
-        "int64",
-    ),
-    P("topk-0", lambda: rix().topk(QUERIES, 0), ArgumentError, "k must", "0"),
-    P("topk-past-n", lambda: rix().topk(QUERIES, 101), ArgumentError, "k must", "101"),
-    P("topk-2**70", lambda: rix().topk(QUERIES, 2**70), ArgumentError, "k must", str(2**70)),
-    P("topk-float", lambda: rix().topk(QUERIES, 2.0), ArgumentError, "k must", "2.0"),
-    P("topk-str", lambda: rix().topk(QUERIES, "3"), ArgumentError, "k must", "'3'"),
-    P("add-width", lambda: RangeIndex(KEYS).add(KEYS[:, :7]), ShapeError, "keys must", "(100, 7)"),
-    P("add-nan", lambda: RangeIndex(KEYS).add(KEYS * np.nan), ArgumentError, "keys must"),
-    P("add-1d", lambda: RangeIndex(KEYS).add(KEYS[0]), ShapeError, "keys must", "(8,)"),
-]
-
-
-@pytest.mark.parametrize(("fn", "exc", "needles"), RANGE_CASES)
-def test_range_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
-
-
-WINDOWS_CASES = [
-    P("frames-str", lambda: SlidingWindows("a", 3), DTypeError, "frames must", "<U1"),
-    P("frames-None", lambda: SlidingWindows(None, 3), DTypeError, "frames must", "object"),
-    P(
-        "frames-ragged",
-        lambda: SlidingWindows([[1.0], [1.0, 2.0]], 3),
-        ShapeError,
-        "frames must",
-        "ragged",
-    ),
-    P(
-        "frames-complex",
-        lambda: SlidingWindows(FRAMES + 0j, 3),
-        DTypeError,
-        "frames must",
-        "complex",
-    ),
-    P(
-        "frames-object",
-        lambda: SlidingWindows(FRAMES.astype(object), 3),
-        DTypeError,
-        "frames must",
-        "object",
-    ),
-    P(
-        "frames-datetime",
-        lambda: SlidingWindows(np.zeros((5, 2), "M8[s]"), 2),
-        DTypeError,
-        "frames must",
-        "datetime64",
-    ),
-    P("frames-0d", lambda: SlidingWindows(np.float32(1), 3), ShapeError, "frames must", "()"),
-    P("frames-1d", lambda: SlidingWindows(FRAMES[0], 3), ShapeError, "frames must", "(4,)"),
-    P("frames-3d", lambda: SlidingWindows(FRAMES[None], 3), ShapeError, "frames must"),
-    P("frames-0-rows", lambda: SlidingWindows(FRAMES[:0], 3), ShapeError, "frames must", "(0, 4)"),
-    P("frames-0-cols", lambda: SlidingWindows(FRAMES[:, :0], 3), ShapeError, "frames must"),
-    P("window-0", lambda: SlidingWindows(FRAMES, 0), ArgumentError, "window must", "0"),
-    P("window-float", lambda: SlidingWindows(FRAMES, 3.0), ArgumentError, "window must", "3.0"),
-    P("window-bool", lambda: SlidingWindows(FRAMES, True), ArgumentError, "window must", "True"),
-    P("window-str", lambda: SlidingWindows(FRAMES, "3"), ArgumentError, "window must", "'3'"),
-    P("window-21", lambda: SlidingWindows(FRAMES, 21), ArgumentError, "window must", "21"),
-    P("window-2**62", lambda: SlidingWindows(FRAMES, 2**62), ArgumentError, "window must"),
-    P(
-        "window-2**64",
-        lambda: SlidingWindows(FRAMES, 2**64),
-        ArgumentError,
-        "window must",
-        str(2**64),
-    ),
-    P("stride-0", lambda: SlidingWindows(FRAMES, 3, 0), ArgumentError, "stride must", "0"),
-    P(
-        "episodes-neg",
-        lambda: SlidingWindows(FRAMES, 3, episodes=[-1, 21]),
-        ArgumentError,
-        "episodes must",
-        "-1",
-    ),
-    P(
-        "episodes-float",
-        lambda: SlidingWindows(FRAMES, 3, episodes=[10.0, 10.0]),
-        DTypeError,
-        "episodes must",
-        "float64",
-    ),
-    P(
-        "episodes-sum",
-        lambda: SlidingWindows(FRAMES, 3, episodes=[10, 11]),
-        ArgumentError,
-        "episodes must",
-        "21",
-    ),
-    P(
-        "episodes-2d",
-        lambda: SlidingWindows(FRAMES, 3, episodes=[[10, 10]]),
-        ShapeError,
-        "episodes must",
-    ),
-    P(
-        "episodes-empty",
-        lambda: SlidingWindows(FRAMES, 3, episodes=[]),
-        ArgumentError,
-        "episodes must",
-    ),
-    P(
-        "episodes-overflowing-sum",
-        lambda: SlidingWindows(FRAMES, 3, episodes=np.array([2**62] * 4 + [20])),
-        ArgumentError,
-        "episodes must",
-    ),
-    P(
-        "episodes-uint64-max",
-        lambda: SlidingWindows(FRAMES, 3, episodes=np.array([2**64 - 1], np.uint64)),
-        IndexError,
-        "18446744073709551615",
-    ),
-    P(
-        "targets-len",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": np.zeros(19)}),
-        ShapeError,
-        "targets['a'] must",
-        "(19,)",
-    ),
-    P(
-        "targets-str",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": "x"}),
-        DTypeError,
-        "targets['a'] must",
-    ),
-    P(
-        "targets-ragged",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": [[1], [1, 2]]}),
-        ShapeError,
-        "targets['a'] must",
-        "ragged",
-    ),
-    P(
-        "targets-key-int",
-        lambda: SlidingWindows(FRAMES, 3, targets={1: np.zeros(20)}),
-        ArgumentError,
-        "targets keys must",
-        "1",
-    ),
-    P(
-        "targets-list",
-        lambda: SlidingWindows(FRAMES, 3, targets=[("a", np.zeros(20))]),
-        ArgumentError,
-        "targets must",
-        "list",
-    ),
-    P(
-        "target_offset-too-negative",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": np.zeros(20)}, target_offset=-3),
-        ArgumentError,
-        "target_offset['a'] must",
-        "-3",
-    ),
-    P(
-        "target_offset-float",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": np.zeros(20)}, target_offset=1.0),
-        ArgumentError,
-        "target_offset['a'] must",
-        "1.0",
-    ),
-    P(
-        "target_offset-unknown",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": np.zeros(20)}, target_offset={"b": 1}),
-        ArgumentError,
-        "target_offset",
-        "'b'",
-    ),
-    P("take-past-end", lambda: sw().take([17]), IndexError, "17", "out of range"),
-    P("take-before-start", lambda: sw().take([-18]), IndexError, "-18", "out of range"),
-    P("take-float", lambda: sw().take([1.0]), DTypeError, "indices must", "float64"),
-    P("take-str", lambda: sw().take("a"), DTypeError, "indices must", "<U1"),
-    P("take-None", lambda: sw().take(None), DTypeError, "indices must", "object"),
-    P("take-2d", lambda: sw().take([[1]]), ShapeError, "indices must", "(1, 1)"),
-    P("take-bool", lambda: sw().take(np.array([True])), DTypeError, "indices must", "bool"),
-    P(
-        "take-uint64-max",
-        lambda: sw().take(np.array([2**64 - 1], np.uint64)),
-        IndexError,
-        "18446744073709551615",
-    ),
-    P("take-scalar", lambda: sw().take(1), ShapeError, "indices must", "()"),
-    P("getitem-past-end", lambda: sw()[17], IndexError, "17"),
-    P("getitem-2**70", lambda: sw()[2**70], IndexError, str(2**70)),
-    P("getitem-float", lambda: sw()[1.0], ArgumentError, "i must", "1.0"),
-    P("getitem-list", lambda: sw()[[1, 2]], ArgumentError, "i must", "[1, 2]"),
-    P("target-name", lambda: sw().target("b", 0), ArgumentError, "name must", "'b'"),
-    P("batch_size-0", lambda: sw().batches(0), ArgumentError, "batch_size must", "0"),
-    P("batch_size-float", lambda: sw().batches(2.0), ArgumentError, "batch_size must", "2.0"),
-    P("seed-neg", lambda: sw().batches(2, seed=-1), ArgumentError, "seed must", "-1"),
-    P("seed-2**64", lambda: sw().batches(2, seed=2**64), ArgumentError, "seed must"),
-    P("rank-past-world", lambda: sw().batches(2, rank=1), ArgumentError, "rank must", "1"),
-    P("world_size-0", lambda: sw().batches(2, world_size=0), ArgumentError, "world_size must"),
-    P(
-        "world_size-2**64",
-        lambda: sw().batches(2, world_size=2**64),
-        ArgumentError,
-        "world_size must",
-        str(2**64),
-    ),
-    P("epoch-2**64", lambda: sw().batches(2, epoch=2**64), ArgumentError, "epoch must", str(2**64)),
-    P(
-        "epoch_order-epoch-2**64",
-        lambda: sw().epoch_order(epoch=2**64),
-        ArgumentError,
-        "epoch must",
-    ),
-    P("epoch_order-rank-neg", lambda: sw().epoch_order(rank=-1), ArgumentError, "rank must"),
-    P("prefetch-neg", lambda: sw().batches(2, prefetch=-1), ArgumentError, "prefetch must", "-1"),
-    P(
-        "memory_plan-batch_size-neg",
-        lambda: sw().memory_plan(batch_size=-1),
-        ArgumentError,
-        "batch_size must",
-        "-1",
-    ),
-    P(
-        "memory_plan-batch_size-str",
-        lambda: sw().memory_plan(batch_size="a"),
-        ArgumentError,
-        "batch_size must",
-        "'a'",
-    ),
-    P(
-        "memory_plan-prefetch-neg",
-        lambda: sw().memory_plan(prefetch=-5),
-        ArgumentError,
-        "prefetch must",
-        "-5",
-    ),
-    P(
-        "memory_plan-available-neg",
-        lambda: sw().memory_plan(available=-5),
-        ArgumentError,
-        "available must",
-        "-5",
-    ),
-    P(
-        "memory_plan-available-str",
-        lambda: sw().memory_plan(available="a"),
-        ArgumentError,
-        "available must",
-        "'a'",
-    ),
-    P(
-        "memory_plan-headroom-nan",
-        lambda: sw().memory_plan(headroom=float("nan")),
-        ArgumentError,
-        "headroom must",
-        "nan",
-    ),
-    P(
-        "memory_plan-headroom-0",
-        lambda: sw().memory_plan(headroom=0),
-        ArgumentError,
-        "headroom must",
-        "0",
-    ),
-    P("materialize-chunk-0", lambda: sw().materialize(chunk=0), ArgumentError, "chunk must"),
-    P(
-        "materialize-available-nan",
-        lambda: sw().materialize(available=float("nan")),
-        ArgumentError,
-        "available must",
-        "nan",
-    ),
-]
-
-
-@pytest.mark.parametrize(("fn", "exc", "needles"), WINDOWS_CASES)
-def test_windows_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
-
-
-# ------------------------------------------------------------------ torch inputs
-def _torch():
-    import torch
-
-    return torch
+def _torch() -> Any:
+    return importlib.import_module("torch")
 
 
 def T(a: np.ndarray, **kw: Any) -> Any:
@@ -1534,108 +387,6 @@ def T(a: np.ndarray, **kw: Any) -> Any:
     torch = _torch()
     grad = kw.pop("requires_grad", False)
     return torch.tensor(a, **kw).requires_grad_(grad)
-
-
-TORCH_INPUT_CASES = [
-    *[
-        P(
-            f"quant-{name}",
-            fn,
-            DTypeError,
-            needle,
-            marks=pytest.mark.filterwarnings("ignore:Casting complex values"),
-        )
-        for name, fn, needle in [
-            ("matvec-int", lambda: qw().matvec(T(X64).long()), "x must"),
-            ("matvec-bool", lambda: qw().matvec(T(X64) > 0), "x must"),
-            ("matvec-complex", lambda: qw().matvec(T(X64).to(_torch().complex64)), "x must"),
-            ("quantize-int", lambda: quantize(T(W).long()), "w must"),
-        ]
-    ],
-    P("quant-matvec-width", lambda: qw().matvec(T(X64[:63])), ShapeError, "x must", "(63,)"),
-    P("flyhash-int", lambda: fh().encode(T(XFH).long()), DTypeError, "x must", "int64"),
-    P("flyhash-bool", lambda: fh().hash(T(XFH) > 0), DTypeError, "x must", "bool"),
-    P(
-        "flyhash-complex",
-        lambda: fh().encode(T(XFH).to(_torch().complex64)),
-        DTypeError,
-        "x must",
-        "complex64",
-    ),
-    P("flyhash-nan", lambda: fh().encode(T(XFH) * float("nan")), ArgumentError, "x must", "NaN"),
-    P("flyhash-3d", lambda: fh().encode(T(XFH)[None]), ShapeError, "x must", "(1, 5, 16)"),
-    P("flyhash-0d", lambda: fh().encode(T(np.float32(1))), ShapeError, "x must", "()"),
-    P("binary-index-int", lambda: bix().add(T(CODES).long()), DTypeError, "codes must", "int64"),
-    P("neurons-record-float", lambda: nc().record(T(np.ones(3))), DTypeError, "active must"),
-    P("ffn-x-int", lambda: ffn()(T(XF).long()), DTypeError, "x must", "int64"),
-    # a tensor that requires grad takes the torch ops: checked as the kernels check
-    P(
-        "ffn-grad-width",
-        lambda: ffn()(T(XF[:, :7], requires_grad=True)),
-        ShapeError,
-        "x must",
-        "(3, 7)",
-    ),
-    P(
-        "input-sparse-grad-width",
-        lambda: ffn(InputSparseFFN)(T(XF[:, :7], requires_grad=True)),
-        ShapeError,
-        "x must",
-        "(3, 7)",
-    ),
-    P(
-        "ffn-grad-complex",
-        lambda: ffn()(T(XF, dtype=_torch().complex64, requires_grad=True)),
-        DTypeError,
-        "x must",
-        "complex64",
-    ),
-    P("range-int-keys", lambda: RangeIndex(T(KEYS).long()), DTypeError, "keys must"),
-    P(
-        "windows-complex-target",
-        lambda: SlidingWindows(
-            T(FRAMES), 3, targets={"a": T(np.zeros(20), dtype=_torch().complex64)}
-        ),
-        DTypeError,
-        "targets['a'] must",
-        "complex64",
-    ),
-    P(
-        "windows-str-target",
-        lambda: SlidingWindows(T(FRAMES), 3, targets={"a": np.array(["a"] * 20)}),
-        DTypeError,
-        "targets['a'] must",
-        "<U1",
-    ),
-    P(
-        "windows-bf16-target-numpy-frames",
-        lambda: SlidingWindows(FRAMES, 3, targets={"a": T(np.zeros(20)).bfloat16()}),
-        DTypeError,
-        "targets['a']",
-        "bfloat16",
-    ),
-    P("windows-3d-frames", lambda: SlidingWindows(T(FRAMES)[None], 3), ShapeError, "frames must"),
-    P(
-        "windows-device-bad",
-        lambda: sw().batches(2, device="tpu"),
-        ArgumentError,
-        "device must",
-        "'tpu'",
-    ),
-    P(
-        "windows-device-int-type",
-        lambda: sw().batches(2, device=[1]),
-        ArgumentError,
-        "device must",
-        "[1]",
-    ),
-]
-
-
-@needs_torch
-@pytest.mark.parametrize(("fn", "exc", "needles"), TORCH_INPUT_CASES)
-def test_torch_inputs_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
 
 
 def _linear(nan_bias: bool = False) -> Any:
@@ -1660,122 +411,594 @@ def _ql() -> Any:
 
 
 def _torch_mod() -> Any:
-    import neuropil.torch as nt
-
-    return nt
+    return importlib.import_module("neuropil.torch")
 
 
-TORCH_MODULE_CASES = [
-    P(
-        "from_linear-bits",
-        lambda: _torch_mod().QuantizedLinear.from_linear(_linear(), bits=5),
-        ArgumentError,
-        "bits must",
-        "5",
-    ),
-    P(
-        "from_linear-conv",
-        lambda: _torch_mod().QuantizedLinear.from_linear(_torch().nn.Conv1d(2, 2, 1)),
-        ShapeError,
-        "w must",
-    ),
-    P(
-        "from_linear-nan-weight",
-        lambda: _torch_mod().QuantizedLinear.from_linear(
-            _linear().requires_grad_(False).apply(lambda m: m.weight.fill_(float("nan")))
-        ),
-        ArgumentError,
-        "w must",
-        "NaN",
-    ),
-    P(
-        "from_linear-str",
-        lambda: _torch_mod().QuantizedLinear.from_linear("x"),
-        ArgumentError,
-        "linear must be an nn.Linear",
-        "got str",
-    ),
-    P(
-        "from_linear-nan-bias",
-        lambda: _torch_mod().QuantizedLinear.from_linear(_linear(nan_bias=True)),
-        ArgumentError,
-        "bias must",
-        "NaN",
-    ),
-    P("forward-int", lambda: _ql()(T(X64).long()), DTypeError, "x must", "int64"),
-    P("forward-width", lambda: _ql()(T(X64[:63])), ShapeError, "x must", "(63,)"),
-    P(
-        "forward-0d",
-        lambda: _ql()(T(np.float32(1))),
-        ShapeError,
-        "x must",
-        "()",
-    ),
-    P(
-        "forward-numpy",
-        lambda: _ql()(X64),
-        (DTypeError, ArgumentError),
-        "x must",
-        "ndarray",
-    ),
-    P(
-        "quantize_model-skip-typo",
-        lambda: _torch_mod().quantize_model(_mlp(), skip=["nope"]),
-        ArgumentError,
-        "skip pattern 'nope' must",
-    ),
-    P(
-        "quantize_model-bits",
-        lambda: _torch_mod().quantize_model(_mlp(), bits=7),
-        ArgumentError,
-        "bits must",
-        "7",
-    ),
-    # (skip=None keeps no layer, as the default (): tests/test_quant.py)
-    *[
-        P(f"quantize_model-{name}", fn, (ArgumentError, DTypeError), *needles)
-        for name, fn, needles in [
-            ("str", lambda: _torch_mod().quantize_model("x"), ("model must", "str")),
-            (
-                "skip-int",
-                lambda: _torch_mod().quantize_model(_mlp(), skip=[1]),
-                ("skip", "must be strings", "got 1"),
-            ),
-            (
-                "skip-not-iterable",
-                lambda: _torch_mod().quantize_model(_mlp(), skip=5),
-                ("skip must", "got 5"),
-            ),
-        ]
-    ],
-    P(
-        "sparsify-nan",
-        lambda: _torch_mod().sparsify_mlp(_mlp(), float("nan")),
-        ArgumentError,
-        "sparsity must",
-        "nan",
-    ),
-    P(
-        "sparsify-method",
-        lambda: _torch_mod().sparsify_mlp(_mlp(), 0.5, method="x"),
-        ArgumentError,
-        "method must",
-    ),
-    *[
-        P(
-            f"sparsify-sparsity-{bad!r}",
-            lambda bad=bad: _torch_mod().sparsify_mlp(_mlp(), bad),
-            ArgumentError,
-            "sparsity must",
-        )
-        for bad in ("a", None)
-    ],
+def _membrane() -> Any:
+    return importlib.import_module("neuropil.membrane")
+
+
+def bank() -> Any:
+    return _membrane().MembraneBank(8, 2, 2)
+
+
+def V(*shape: int, **kw: Any) -> Any:
+    return _torch().rand(*(shape or (8, 2, 2)), generator=_torch().Generator().manual_seed(0), **kw)
+
+
+NAN, INF = float("nan"), float("inf")
+# messages that show no found value: library defects, visible until fixed
+LACKS_FOUND = xfail("message lacks found value", raises=MissingFoundValue)
+
+# fmt: off
+QUANT_CASES = [
+    *rows("quantize", "w", quantize, [
+        ("str", "abc", DTypeError, "float32", "got <U3"),
+        ("None", None, DTypeError, "got object"),
+        ("ragged", [[1.0] * 64, [1.0]], DTypeError, "got list"),
+        *bad_arrays(W, "object complex64 int64 uint8 bool 1d 3d"),
+        ("0d", np.float32(1), ShapeError, "(rows, cols)", "got ()"),
+        ("0-rows", W[:0], ShapeError, "empty", "got shape (0, 64)"),
+        ("0-cols", W[:, :0], ShapeError, "empty", "got shape (8, 0)"),
+        ("nan", np.where(W > 1, np.nan, W), ArgumentError, "got NaN at flat index 3"),
+        ("-inf", np.where(W > 1, -np.inf, W), ArgumentError, "got -inf at flat index 3"),
+        ("beyond-float16", W * 1e30, ArgumentError, "float32", "got row 0 group 0 with scale inf"),
+    ]),
+    *rows("quantize", "bits", lambda v: quantize(W, bits=v), [
+        *scalars(True, 4.0, -1, 2**62), ("5", 5, ArgumentError, "2, 3, 4, 8", "got 5")]),
+    *keywords("quantize", lambda **kw: quantize(W, **kw), group_size=(0, 2**62), scheme=(None,),
+              search=("no",)),
+    P("quantize-q4_0-48-cols", lambda: quantize(W[:, :48], scheme="q4_0"), ArgumentError,
+      "w must", "divisible by 32", "got 48 columns"),
+    *rows("quantize", "scale_dtype", lambda v: quantize(W, scale_dtype=v), [
+        ("float64", "float64", ArgumentError, 'got "float64"'), *scalars(None)]),
+    *rows("matvec", "x", lambda v: qw().matvec(v), [
+        ("str", "x", DTypeError, "got <U1"),
+        ("None", None, DTypeError, "got object"),
+        ("len", X64[:63], ShapeError, "(64,)", "got (63,)"),
+        ("3d", X64[None, None], ShapeError, "got (1, 1, 64)"),
+        *bad_arrays(X64, "0d int64 bool complex128 object nan"),
+    ]),
+    *rows("matvec", "level", lambda v: qw().matvec(X64, level=v), [
+        ("sse", "sse", ArgumentError, 'got "sse"'), *scalars(3)]),
+    *rows("matvec_rows", "rows", lambda v: qw().matvec_rows(X64, v), [
+        ("str", "a", ArgumentError, "got dtype <U1"),
+        ("float", [1.0], ArgumentError, "got dtype float64"),
+        ("bool", np.array([True]), ArgumentError, "got dtype bool"),
+        ("None", None, ArgumentError, "got dtype object"),
+        ("2d", [[1, 2], [3, 4]], ShapeError, "got shape (2, 2)"),
+    ]),
+    *out_of_range("matvec_rows", "rows", lambda v: qw().matvec_rows(X64, v),
+                  [-1], [8], np.array([2**63], np.uint64)),
+    P("matvec_rows-x-2d", lambda: qw().matvec_rows(XF[:2, :1].repeat(64, 1), [1]), ShapeError,
+      "x must", "got (2, 64)"),
+    P("from_gguf-raw-short", lambda: QuantizedWeights.from_gguf(b"\0" * 10, "q4_0", (1, 32)),
+      FormatError, "expected 18 bytes", "got 10"),
+    P("from_gguf-raw-str", lambda: QuantizedWeights.from_gguf("abc", "q4_0", (1, 32)), DTypeError,
+      "raw must", "got dtype <U3"),
+    P("from_gguf-raw-nan-scale", lambda: QuantizedWeights.from_gguf(
+        np.frombuffer(np.float16(np.nan).tobytes() + b"\0" * 16, np.uint8), "q4_0", (1, 32)),
+      FormatError, "block 0 has a non-finite scale (NaN)"),
+    P("from_gguf-shape-neg", lambda: QuantizedWeights.from_gguf(b"\0" * 18, "q4_0", (-1, 32)),
+      ArgumentError, "shape must", "got (-1, 32)"),
+    P("from_gguf-shape-huge", lambda: QuantizedWeights.from_gguf(b"\0" * 18, "q4_0", (2**62,) * 2),
+      FormatError, f"shape ({2**62}, {2**62}) is too large"),
+    *rows("QuantizedWeights", None, lambda kw: _qw_with(**kw), [  # kw: arguments replaced
+        ("shape-huge", {"shape": (2**62, 2**62)}, ArgumentError, "shape must", f"got {2**62}"),
+        ("data-short", lambda: {"data": qw().data[:3]}, ShapeError, "data must", "got (96,)"),
+        ("data-float32", lambda: {"data": qw().data.astype(np.float32)}, DTypeError,
+         "data must", "got float32"),
+        ("mins-None", {"mins": None}, ArgumentError, "mins must", "got None"),
+        ("scales-nan", lambda: {"scales": np.full_like(qw().scales, np.nan)}, ArgumentError,
+         "scales must be finite", "got nan at (0, 0)"),
+        ("scales-2d-shape", lambda: {"scales": qw().scales.reshape(1, -1),
+                                     "mins": qw().mins.reshape(1, -1)},
+         ShapeError, "scales must", "(8, 1)", "got (1, 8)"),
+    ]),
+    P("to_gguf-scheme-asym", lambda: qw().to_gguf(), ArgumentError, "scheme must", "got asym"),
+    P("save_file-entries-reserved", lambda: save_file("/nonexistent/x", {"__metadata__": W}),
+      ArgumentError, "entries key '__metadata__' is reserved"),
+    P("save_file-entries-int-key", lambda: save_file("/nonexistent/x", {1: W}), ArgumentError,
+      "entries keys must", "got 1"),
 ]
 
+FLYHASH_X = [  # encode, activations, encode_indices and hash check x alike
+    ("str", "abc", DTypeError, "got str"),
+    ("None", None, DTypeError, "got NoneType"),
+    ("ragged", [[0.5] * 16, [1.0]], ShapeError, "got a ragged sequence"),
+    *bad_arrays(XFH, "object complex64 int64 uint8 bool 0d 3d 1d-width 0-cols nan inf"),
+    ("width", XFH[:, :15], ShapeError, "(n, 16)", "got (5, 15)"),
+]
+FLYHASH_CASES = [
+    *rows("FlyHash", "input_dim", FlyHash, [
+        *scalars("16", 16.0, True, -3), ("0", 0, ArgumentError, ">= 1", "got 0")]),
+    *rows("FlyHash", "input_dim", lambda v: FlyHash(v, seed=0), [
+        ("2**62", 2**62, ArgumentError, "input_dim must be small enough for the sign projection "
+         f"to fit in 8 GiB (8589934592 bytes); got {2**62} (with expansion_ratio=13.0: ",
+         "a projection of 3.456e37 bytes)"),
+        *scalars(2**70)]),
+    *rows("FlyHash", "expansion_ratio", lambda v: FlyHash(16, v, seed=0), [
+        ("nan", NAN, ArgumentError, "got NaN"), ("inf", INF, ArgumentError, "got inf"),
+        ("-1.0", -1.0, ArgumentError, "got -1"), *scalars("13"),
+        ("10**400", 10**400, ArgumentError, "finite", f"got {10**400}"),
+        ("1e300", 1e300, ArgumentError, "8 GiB", "got 1e300")]),
+    *rows("FlyHash", "active_fraction", lambda v: FlyHash(16, active_fraction=v, seed=0), [
+        ("nan", NAN, ArgumentError, "got NaN"), ("0", 0, ArgumentError, "(0, 1]", "got 0"),
+        *scalars(1.5), ("1e-9", 1e-9, ArgumentError, "got 0.000000001 (active_bits = 0)")]),
+    *keywords("FlyHash", lambda **kw: FlyHash(16, **kw), seed=(-1, 2**64, 1.0)),
+    *keywords("FlyHash", lambda **kw: FlyHash(16, seed=0, **kw), projection=("dense", None)),
+    # connectivity is read by sparse projections only, but a NaN is refused for
+    # every projection (it used to be kept, saved and loaded)
+    *[c for proj in ("sign", "sparse", "seeded") for c in rows(
+        f"FlyHash-{proj}", "connectivity",
+        lambda v, p=proj: FlyHash(16, seed=0, projection=p, connectivity=v), [
+            (f"{v}", v, ArgumentError, "(0, 1]", f"got {shown}")
+            for v, shown in ((NAN, "NaN"), (INF, "inf"), (0.0, "0"), (2.0, "2"))])],
+    *rows("FlyHash-sparse", "connectivity",
+          lambda v: FlyHash(16, seed=0, projection="sparse", connectivity=v), [
+              ("1e-9", 1e-9, ArgumentError, "got 0.000000001 (0 connections)")]),
+    P("FlyHash-sparse-input_dim-70000",
+      lambda: FlyHash(70000, 1.0, seed=0, projection="sparse", connectivity=0.01),
+      ArgumentError, "input_dim must", "65535", "got 70000"),
+    *rows("FlyHash", "binary", lambda v: FlyHash(16, seed=0, binary=v), [
+        *scalars("yes"), ("True-sign", True, ArgumentError, 'got True with projection="sign"')]),
+    *[c for m in ("encode", "activations", "encode_indices", "hash") for c in [
+        *rows(f"FlyHash.{m}", "x", lambda v, m=m: getattr(fh(), m)(v), FLYHASH_X),
+        *rows(f"FlyHash.{m}", "level", lambda v, m=m: getattr(fh(), m)(XFH, level=v), [
+            ("sse", "sse", ArgumentError, 'got "sse"'), *scalars(1)]),
+    ]],
+    *rows("BinaryIndex", "nbits", BinaryIndex, [
+        *scalars("16", 0, 16.0, 2**70), ("2**62", 2**62, ArgumentError, "2^30", f"got {2**62}")]),
+    *rows("BinaryIndex.add", "codes", lambda v: bix().add(v), [
+        ("float32", CODES.astype(np.float32), DTypeError, "uint8", "got float32"),
+        *bad_arrays(CODES, "int8 bool 3d"),
+        ("str", "ab", DTypeError, "got str"),
+        ("None", None, DTypeError, "got NoneType"),
+        ("width", CODES[:, :1], ShapeError, "(n, 2)", "got (6, 1)"),
+    ]),
+    *rows("BinaryIndex.add", "ids", lambda v: bix().add(CODES, ids=v), [
+        ("neg", [-1] * 6, ArgumentError, "got -1"),
+        ("float", np.arange(6.0), DTypeError, "got float64"),
+        ("len", [1, 2], ShapeError, "(6,)", "got (2,)"),
+        ("2d", [list(range(6))], ShapeError, "got (1, 6)"),
+        ("uint64-2**63", np.full(6, 2**63, np.uint64), ArgumentError, f"got {2**63}"),
+        ("int64-max", np.full(6, 2**63 - 1), ArgumentError, f"got {2**63 - 1}"),
+        ("bool", np.ones(6, bool), DTypeError, "got bool"),
+    ]),
+    P("BinaryIndex.add-ids-scalar", lambda: bix().add(CODES[:1], ids=3), ShapeError, "ids must",
+      "got ()"),
+    P("BinaryIndex.add-codes-bits-past-nbits",
+      lambda: BinaryIndex(12).add(np.full((1, 2), 255, np.uint8)), ArgumentError, "codes must",
+      "got row 0 with bits set past bit 12"),
+    *rows("BinaryIndex.search", "k", lambda v: bix().search(CODES, v), [
+        *scalars(0, -1, 2.0, True, 2**70),
+        # (the message shows the bytes asked for, "a request for 309237645312.0 GiB", not k)
+        ("2**62", 2**62, ArgumentError, "8 GiB", f"got {2**62}", LACKS_FOUND)]),
+    *rows("BinaryIndex.search", "metric", lambda v: bix().search(CODES, 3, metric=v), [
+        ("l2", "l2", ArgumentError, 'got "l2"'), *scalars(None)]),
+    *rows("BinaryIndex.search", "queries", lambda v: bix().search(v, 3),
+          bad_arrays(CODES, "float32")),
+    *rows("BinaryIndex.range_search", "max_distance", lambda v: bix().range_search(CODES, v),
+          scalars(-1, 2**40, 1.5)),
+    *rows("BinaryIndex.remove", "ids", lambda v: bix().remove(v), [
+        ("str", "a", DTypeError, "got <U1"),
+        ("float", [1.0], DTypeError, "got float64"),
+        ("None", None, DTypeError, "got object"),
+        ("bool", np.array([True]), DTypeError, "got bool"),
+        ("2d", [[1, 2]], ShapeError, "got (1, 2)"),
+        ("ragged", [[1], [1, 2]], ShapeError, "got a ragged sequence"),
+    ]),
+]
 
-@needs_torch
-@pytest.mark.parametrize(("fn", "exc", "needles"), TORCH_MODULE_CASES)
-def test_torch_modules_bad_arguments(fn, exc, needles):
+NEURONS_CASES = [
+    *rows("NeuronCache", "num_neurons", NeuronCache, [
+        *scalars("8", 8.0, True, 2**70), ("0", 0, ArgumentError, ">= 1", "got 0"),
+        ("2**40", 2**40, ArgumentError, "2^32", f"got {2**40}")]),
+    *rows("NeuronCache", "capacity", lambda v: NeuronCache(8, v), [
+        ("9", 9, ArgumentError, "num_neurons = 8", "got 9"), *scalars(-1, 2.0)]),
+    P("NeuronCache-capacity_bytes-without-bytes_per_neuron",
+      lambda: NeuronCache(8, capacity_bytes=10), ArgumentError,
+      "capacity_bytes needs bytes_per_neuron > 0", "got 0"),
+    # 1e300 is finite, but inf as the core's float32: the message shows what was passed
+    *keywords("NeuronCache", lambda **kw: NeuronCache(8, **kw), bytes_per_neuron=(2**70,),
+              policy=("lru", []), hysteresis=(NAN, -1, "x", None, 1e300),
+              reclassify_every=(-1, 2**64)),
+    *rows("NeuronCache", "decay", lambda v: NeuronCache(8, decay=v), [
+        *scalars(NAN, 2, "0.5"), ("0.0", 0.0, ArgumentError, "(0, 1]", "got 0.0"),
+        ("1e-50", 1e-50, ArgumentError, "got 1e-50 (0 as float32)")]),
+    *keywords("NeuronCache", lambda **kw: NeuronCache(8, policy="window", **kw),
+              window=(0, None, 2**70)),
+    *rows("NeuronCache.record", "active", lambda v: nc().record(v), [
+        ("str", "ab", DTypeError, "got dtype <U2"),
+        ("None", None, DTypeError, "got dtype object"),
+        ("float", [1.0], DTypeError, "got dtype float64"),
+        ("complex", np.ones(2, np.complex64), DTypeError, "got dtype complex64"),
+        ("ragged", [[1], [1, 2]], ShapeError, "got a ragged sequence"),
+    ]),
+    *rows("NeuronCache.record", "active ids", lambda v: nc().record(v), [
+        ("2d", [[1, 2]], ShapeError, "got (1, 2)"), ("0d", 3, ShapeError, "got ()")]),
+    *rows("NeuronCache.record", "active mask", lambda v: nc().record(v), [
+        ("width", np.ones(7, bool), ShapeError, "got (7,)"),
+        ("3d", np.ones((1, 2, 8), bool), ShapeError, "got (1, 2, 8)")]),
+    *out_of_range("NeuronCache.record", "active", lambda v: nc().record(v),
+                  [-1], [8], np.array([-3], np.int8), np.array([2**64 - 1], np.uint64)),
+    *rows("NeuronCache.set_hot", "hot", lambda v: nc().set_hot(v), [
+        ("repeated", [1, 1], ArgumentError, "got 1 repeated"),
+        ("too-many", [1, 2, 3, 4], ArgumentError, "got 4")]),
+    *out_of_range("NeuronCache.set_hot", "hot", lambda v: nc().set_hot(v), [-1], [8]),
+    *rows("NeuronCache.set_hot", "ids", lambda v: nc().set_hot(v), [
+        ("float", [1.5], DTypeError, "got dtype float64"),
+        ("bool", np.array([True]), DTypeError, "got dtype bool"),
+        ("2d", [[1, 2]], ShapeError, "got (1, 2)")]),
+    *rows("NeuronCache.activation_frequency", "neuron", lambda v: nc().activation_frequency(v),
+          scalars("a")),
+    *out_of_range("NeuronCache.activation_frequency", "neuron",
+                  lambda v: nc().activation_frequency(v), -1, 2**70),
+]
+for _c in (SparseFFN, InputSparseFFN):
+    _n = _c.__name__
+    NEURONS_CASES += [
+        *rows(_n, "gate", lambda v, c=_c: c(v, UP, DOWN), [
+            ("str", "a", DTypeError, "got <U1"),
+            *bad_arrays(GATE, "int64 bool complex64 nan 3d"),
+            ("width", GATE[:, :7], ShapeError, "(16, 8)", "got (16, 7)")]),
+        *rows(_n, "up", lambda v, c=_c: c(GATE, v, DOWN), [
+            ("None", None, DTypeError, "got object")]),
+        # a transposed down holds as many values: it must be refused, not read
+        # in the wrong layout (InputSparseFFN did, giving wrong answers)
+        *rows(_n, "down", lambda v, c=_c: c(GATE, UP, v), [
+            *bad_arrays(DOWN, "inf"),
+            ("transposed", DOWN.T, ShapeError, "(8, 16)", "got (16, 8)")]),
+        P(f"{_n}-0-neurons", lambda c=_c: c(GATE[:0], UP[:0], DOWN[:, :0]), ShapeError, "up must",
+          "got shape (0, 8)"),
+        *rows(_n, "activation", lambda v, c=_c: ffn(c, activation=v), [
+            ("tanh", "tanh", ArgumentError, 'got "tanh"'), *scalars(None)]),
+        *keywords(_n, lambda c=_c, **kw: ffn(c, **kw), bits=(3, 4.0, True), dtype=("bfloat16",)),
+        *rows(_n, "up_bias", lambda v, c=_c: ffn(c, up_bias=v), [
+            ("gated", np.zeros(H, np.float32), ArgumentError,
+             "got up_bias of shape (16,) with a gate")]),
+        *rows(_n, "up_bias", lambda v, c=_c: c(None, UP, DOWN, up_bias=v), [
+            ("len", np.zeros(H + 1), ShapeError, "got (17,)")]),
+        *rows(_n, "down_bias", lambda v, c=_c: ffn(c, down_bias=v), [
+            ("str", "x", DTypeError, "got <U1"),
+            ("nan", np.full(D, np.nan), ArgumentError, "got NaN")]),
+        *rows(_n, "x", lambda v, c=_c: ffn(c)(v), [
+            ("str", "a", DTypeError, "got <U1"), ("None", None, DTypeError, "got object"),
+            *bad_arrays(XF, "int64 bool 0d 3d width 1d-width nan")]),
+        # (the message names "input", not x: "input must be an array; got a ragged sequence")
+        *rows(_n, None, lambda v, c=_c: ffn(c)(v), [
+            ("x-ragged", [[1.0] * 8, [1.0]], ShapeError, "got a ragged sequence")]),
+        *rows(f"{_n}.calibrate", "sparsity", lambda v, c=_c: ffn(c).calibrate(XF, v),
+              scalars(NAN, 1.0, "0.5")),
+        *rows(f"{_n}.calibrate", "samples", lambda v, c=_c: ffn(c).calibrate(v, 0.5),
+              bad_arrays(XF, "nan 0-rows int64")),
+    ]
+NEURONS_CASES += [
+    *keywords("SparseFFN", ffn, hot_capacity=(-1, H + 1), threshold=(NAN, "a"),
+              top_k=(0, H + 1, 2.0)),
+    # the setters check as the constructor does (they used to store anything:
+    # int(2.7) kept 2, a negative k reached the core as 0)
+    *rows("SparseFFN.threshold=", "threshold", lambda v: setattr(ffn(), "threshold", v),
+          scalars(NAN, "a")),
+    *rows("SparseFFN.top_k=", "top_k", lambda v: setattr(ffn(), "top_k", v),
+          scalars(2.7, -1, 2**70)),
+    *rows("SparseFFN.set_hot", "hot", lambda v: ffn().set_hot(v), [
+        ("repeated", [1, 1], ArgumentError, "got 1 repeated")]),
+    *rows("SparseFFN.set_hot", "ids", lambda v: ffn().set_hot(v), [
+        ("neg", [-1], ArgumentError, "got -1"),
+        ("float", [1.5], ArgumentError, "got dtype float64"),
+        ("2d", [[1, 2]], ShapeError, "got (1, 2)")]),
+    *out_of_range("SparseFFN.set_hot", "hot", lambda v: ffn().set_hot(v), [H]),
+    *rows("InputSparseFFN", None, lambda v: ffn(InputSparseFFN, thresholds=v), [
+        ("thresholds-nan", (np.nan, None), ArgumentError, "t_in must", "got nan"),
+        ("thresholds-str", (None, "a"), ArgumentError, "t_hidden must", "got 'a'"),
+        ("thresholds-one", (1.0,), ArgumentError, "thresholds must", "got (1.0,)"),
+        ("thresholds-scalar", 1.0, ArgumentError, "thresholds must", "got 1.0")]),
+    *rows("InputSparseFFN.t_in=", "t_in", lambda v: setattr(ffn(InputSparseFFN), "t_in", v),
+          scalars(-1)),
+    *rows("InputSparseFFN.hidden", "t_in", lambda v: ffn(InputSparseFFN).hidden(XF, v),
+          scalars("a")),
+    P("InputSparseFFN-int4-odd", lambda: InputSparseFFN(GATE[:15], UP[:15], DOWN[:, :15], bits=4),
+      ArgumentError, "up must", "divisible by 2", "got (15, 8)"),
+]
+
+RANGE_CASES = [
+    *rows("RangeIndex", "keys", RangeIndex, [
+        ("str", "a", DTypeError, "got <U1"),
+        ("None", None, DTypeError, "got object"),
+        ("ragged", [[1.0], [1.0, 2.0]], ShapeError, "got a ragged sequence"),
+        *bad_arrays(KEYS, "int64 bool complex64 0d 1d 0-rows 0-cols nan")]),
+    *keywords("RangeIndex", lambda **kw: RangeIndex(KEYS, **kw), method=("hnsw", None),
+              leaf=(0, 2**64, 64.0), seed=(-1,)),
+    *rows("RangeIndex", "branching", lambda v: RangeIndex(KEYS, "kmeans", branching=v),
+          scalars(1)),
+    *rows("RangeIndex", "rebuild_fraction", lambda v: RangeIndex(KEYS, rebuild_fraction=v), [
+        ("nan", NAN, ArgumentError, "got NaN"), *scalars(-1, "a", None)]),
+    *rows("RangeIndex.search", "thresholds", lambda v: rix().search(QUERIES, v), [
+        ("nan", np.full(3, np.nan), ArgumentError, "got NaN"),
+        ("len", np.zeros(2), ShapeError, "(3,)", "got (2,)"),
+        ("2d", np.zeros((3, 1)), ShapeError, "got (3, 1)"),
+        ("str", "a", DTypeError, "got <U1")]),
+    P("RangeIndex.search-queries-1d", lambda: rix().search(QUERIES[0], 0.0), ShapeError,
+      "queries must", "got (8,)"),
+    *rows("RangeIndex.search", "queries", lambda v: rix().search(v, np.zeros(3)),
+          bad_arrays(QUERIES, "width nan int64")),
+    *rows("RangeIndex.topk", "k", lambda v: rix().topk(QUERIES, v),
+          scalars(0, 101, 2**70, 2.0, "3")),
+    *rows("RangeIndex.add", "keys", lambda v: RangeIndex(KEYS).add(v),
+          bad_arrays(KEYS, "width nan 1d")),
+]
+
+_TARGET = {"a": np.zeros(20)}
+WINDOWS_CASES = [
+    *rows("SlidingWindows", "frames", lambda v: SlidingWindows(v, 3), [
+        ("str", "a", DTypeError, "got <U1"),
+        ("None", None, DTypeError, "got object"),
+        ("ragged", [[1.0], [1.0, 2.0]], ShapeError, "got a ragged sequence"),
+        *bad_arrays(FRAMES, "complex64 object 0d 1d 3d 0-rows 0-cols")]),
+    P("SlidingWindows-frames-datetime64", lambda: SlidingWindows(np.zeros((5, 2), "M8[s]"), 2),
+      DTypeError, "frames must", "got datetime64[s]"),
+    *rows("SlidingWindows", "window", lambda v: SlidingWindows(FRAMES, v), [
+        *scalars(0, 3.0, True, "3", 2**64), ("21", 21, ArgumentError, "got window (21 frames)"),
+        ("2**62", 2**62, ArgumentError, f"got window ({2**62} frames)")]),
+    *keywords("SlidingWindows", lambda **kw: SlidingWindows(FRAMES, 3, **kw), stride=(0,)),
+    *rows("SlidingWindows", "episodes", lambda v: SlidingWindows(FRAMES, 3, episodes=v), [
+        ("neg", [-1, 21], ArgumentError, "got -1"),
+        ("float", [10.0, 10.0], DTypeError, "got dtype float64"),
+        ("sum", [10, 11], ArgumentError, "got 2 values summing to 21"),
+        ("2d", [[10, 10]], ShapeError, "got (1, 2)"),
+        ("empty", [], ArgumentError, "got 0 values summing to 0"),
+        ("overflowing-sum", np.array([2**62] * 4 + [20]), ArgumentError,
+         f"got a sum of {2**64 - 1}")]),
+    P("SlidingWindows-episodes-uint64-max",
+      lambda: SlidingWindows(FRAMES, 3, episodes=np.array([2**64 - 1], np.uint64)), IndexError,
+      f"episodes holds {2**64 - 1}, out of range"),
+    *rows("SlidingWindows", "targets['a']", lambda v: SlidingWindows(FRAMES, 3, targets={"a": v}), [
+        ("len", np.zeros(19), ShapeError, "got (19,)"),
+        ("str", "x", DTypeError, "got <U1"),
+        ("ragged", [[1], [1, 2]], ShapeError, "got a ragged sequence")]),
+    *rows("SlidingWindows", None, lambda v: SlidingWindows(FRAMES, 3, targets=v), [
+        ("targets-key-int", {1: np.zeros(20)}, ArgumentError, "targets keys must", "got 1"),
+        ("targets-list", [("a", np.zeros(20))], ArgumentError, "targets must", "got list")]),
+    *rows("SlidingWindows", "target_offset['a']",
+          lambda v: SlidingWindows(FRAMES, 3, targets=_TARGET, target_offset=v), scalars(-3, 1.0)),
+    P("SlidingWindows-target_offset-unknown",
+      lambda: SlidingWindows(FRAMES, 3, targets=_TARGET, target_offset={"b": 1}), ArgumentError,
+      "target_offset names unknown targets: ['b']"),
+    *rows("SlidingWindows.take", "indices", lambda v: sw().take(v), [
+        ("float", [1.0], DTypeError, "got dtype float64"),
+        ("str", "a", DTypeError, "got dtype <U1"),
+        ("None", None, DTypeError, "got dtype object"),
+        ("2d", [[1]], ShapeError, "got (1, 1)"),
+        ("bool", np.array([True]), DTypeError, "got dtype bool"),
+        ("scalar", 1, ShapeError, "got ()")]),
+    *out_of_range("SlidingWindows.take", "window", lambda v: sw().take(v), [17], [-18]),
+    P("SlidingWindows.take-indices-uint64-max",
+      lambda: sw().take(np.array([2**64 - 1], np.uint64)), IndexError,
+      f"indices holds {2**64 - 1}, out of range"),
+    *out_of_range("SlidingWindows.__getitem__", "window", lambda v: sw()[v], 17, 2**70),
+    *rows("SlidingWindows.__getitem__", "i", lambda v: sw()[v], scalars(1.0, [1, 2])),
+    *rows("SlidingWindows.target", "name", lambda v: sw().target(v, 0), scalars("b")),
+    *rows("SlidingWindows.batches", "batch_size", lambda v: sw().batches(v), scalars(0, 2.0)),
+    *keywords("SlidingWindows.batches", lambda **kw: sw().batches(2, **kw), seed=(-1, 2**64),
+              rank=(1,), world_size=(0, 2**64), epoch=(2**64,), prefetch=(-1,)),
+    *keywords("SlidingWindows.epoch_order", lambda **kw: sw().epoch_order(**kw), epoch=(2**64,),
+              rank=(-1,)),
+    *keywords("SlidingWindows.memory_plan", lambda **kw: sw().memory_plan(**kw),
+              batch_size=(-1, "a"), prefetch=(-5,), available=(-5, "a"), headroom=(NAN, 0)),
+    *keywords("SlidingWindows.materialize", lambda **kw: sw().materialize(**kw), chunk=(0,),
+              available=(NAN,)),
+]
+
+# torch tensors where arrays are taken, torch modules (built when the case runs)
+_COMPLEX_CAST = pytest.mark.filterwarnings("ignore:Casting complex values")
+TORCH_CASES = [
+    *rows("matvec", "x", lambda v: qw().matvec(v), [
+        ("torch-int64", lambda: T(X64).long(), DTypeError, "got int64"),
+        ("torch-bool", lambda: T(X64) > 0, DTypeError, "got bool"),
+        ("torch-complex64", lambda: T(X64).to(_torch().complex64), DTypeError, "got complex64"),
+        ("torch-len", lambda: T(X64[:63]), ShapeError, "got (63,)")], marks=[_COMPLEX_CAST]),
+    *rows("quantize", "w", quantize, [
+        ("torch-int64", lambda: T(W).long(), DTypeError, "got int64")], marks=[_COMPLEX_CAST]),
+    *rows("FlyHash.encode", "x", lambda v: fh().encode(v), [
+        ("torch-int64", lambda: T(XFH).long(), DTypeError, "got int64"),
+        ("torch-complex64", lambda: T(XFH).to(_torch().complex64), DTypeError, "got complex64"),
+        ("torch-nan", lambda: T(XFH) * NAN, ArgumentError, "got NaN"),
+        ("torch-3d", lambda: T(XFH)[None], ShapeError, "got (1, 5, 16)"),
+        ("torch-0d", lambda: T(np.float32(1)), ShapeError, "got ()")]),
+    P("FlyHash.hash-x-torch-bool", lambda: fh().hash(T(XFH) > 0), DTypeError, "x must", "got bool"),
+    P("BinaryIndex.add-codes-torch-int64", lambda: bix().add(T(CODES).long()), DTypeError,
+      "codes must", "got int64"),
+    P("NeuronCache.record-active-torch-float64", lambda: nc().record(T(np.ones(3))), DTypeError,
+      "active must", "got dtype float64"),
+    P("SparseFFN-x-torch-int64", lambda: ffn()(T(XF).long()), DTypeError, "x must", "got int64"),
+    # a tensor that requires grad takes the torch ops: checked as the kernels check
+    *[P(f"{c.__name__}-x-torch-grad-width",
+        lambda c=c: ffn(c)(T(XF[:, :7], requires_grad=True)), ShapeError, "x must", "got (3, 7)")
+      for c in (SparseFFN, InputSparseFFN)],
+    P("SparseFFN-x-torch-grad-complex64",
+      lambda: ffn()(T(XF, dtype=_torch().complex64, requires_grad=True)), DTypeError, "x must",
+      "got torch.complex64"),
+    P("RangeIndex-keys-torch-int64", lambda: RangeIndex(T(KEYS).long()), DTypeError, "keys must",
+      "got int64"),
+    *rows("SlidingWindows", "targets['a']",
+          lambda t: SlidingWindows(t[0], 3, targets={"a": t[1]}), [  # t: (frames, target)
+        ("torch-complex64", lambda: (T(FRAMES), T(np.zeros(20), dtype=_torch().complex64)),
+         DTypeError, "got torch.complex64"),
+        ("str-torch-frames", lambda: (T(FRAMES), np.array(["a"] * 20)), DTypeError, "got <U1")]),
+    P("SlidingWindows-targets-bfloat16-numpy-frames",
+      lambda: SlidingWindows(FRAMES, 3, targets={"a": T(np.zeros(20)).bfloat16()}), DTypeError,
+      "targets['a'] is a bfloat16 tensor"),
+    P("SlidingWindows-frames-torch-3d", lambda: SlidingWindows(T(FRAMES)[None], 3), ShapeError,
+      "frames must", "got (1, 20, 4)"),
+    *rows("SlidingWindows.batches", "device", lambda v: sw().batches(2, device=v),
+          scalars("tpu", [1])),
+    *rows("QuantizedLinear.from_linear", "bits",
+          lambda v: _torch_mod().QuantizedLinear.from_linear(_linear(), bits=v), scalars(5)),
+    *rows("QuantizedLinear.from_linear", None,
+          lambda v: _torch_mod().QuantizedLinear.from_linear(v), [
+        ("conv", lambda: _torch().nn.Conv1d(2, 2, 1), ShapeError, "w must", "got (2, 2, 1)"),
+        ("nan-weight", lambda: _linear().requires_grad_(False).apply(
+            lambda m: m.weight.fill_(NAN)), ArgumentError, "w must", "got NaN"),
+        ("str", "x", ArgumentError, "linear must be an nn.Linear", "got str"),
+        ("nan-bias", lambda: _linear(nan_bias=True), ArgumentError, "bias must",
+         "got NaN at index 0")]),
+    *rows("QuantizedLinear", "x", lambda v: _ql()(v), [
+        ("torch-int64", lambda: T(X64).long(), DTypeError, "got torch.int64"),
+        ("torch-len", lambda: T(X64[:63]), ShapeError, "got (63,)"),
+        ("torch-0d", lambda: T(np.float32(1)), ShapeError, "got ()"),
+        ("numpy", X64, DTypeError, "got ndarray")]),
+    P("quantize_model-skip-typo", lambda: _torch_mod().quantize_model(_mlp(), skip=["nope"]),
+      ArgumentError, "skip pattern 'nope' must"),
+    *rows("quantize_model", "bits", lambda v: _torch_mod().quantize_model(_mlp(), bits=v),
+          scalars(7)),
+    # (skip=None keeps no layer, as the default (): tests/test_quant.py)
+    *rows("quantize_model", "model", lambda v: _torch_mod().quantize_model(v), [
+        ("str", "x", ArgumentError, "got str")]),
+    *rows("quantize_model", None, lambda v: _torch_mod().quantize_model(_mlp(), skip=v), [
+        ("skip-int", [1], ArgumentError, "skip patterns must be strings", "got 1"),
+        ("skip-not-iterable", 5, ArgumentError, "skip must", "got 5")]),
+    *rows("sparsify_mlp", "sparsity", lambda v: _torch_mod().sparsify_mlp(_mlp(), v),
+          scalars(NAN, "a", None)),
+    *rows("sparsify_mlp", "method", lambda v: _torch_mod().sparsify_mlp(_mlp(), 0.5, method=v),
+          scalars("x")),
+]
+
+HF_CASES = [
+    *rows("sparse_decode_attention", "query", lambda v: sda(v, *_qkv()[1:], 0.3), [
+        ("numpy", lambda: _qkv()[0].numpy(), DTypeError, "got ndarray"),
+        ("int32", lambda: _qkv()[0].int(), DTypeError, "got torch.int32"),
+        ("bool", lambda: _qkv()[0] > 0, DTypeError, "got torch.bool"),
+        ("3d", lambda: _qkv()[0][0], ShapeError, "got (4, 1, 8)"),
+        ("2-tokens", lambda: _qkv()[0].expand(2, 4, 2, 8), ShapeError, "got (2, 4, 2, 8)")]),
+    P("sparse_decode_attention-query-heads-not-multiple",
+      lambda: sda(_qkv()[0][:, :3], *_qkv()[1:], 0.3), ShapeError, "query heads must", "got 3"),
+    P("sparse_decode_attention-key-list",
+      lambda: sda(_qkv()[0], _qkv()[1].tolist(), _qkv()[2], 0.3), DTypeError, "key must",
+      "got list"),
+    P("sparse_decode_attention-key-0-kv-heads",
+      lambda: sda(_qkv()[0], _qkv()[1][:, :0], _qkv()[2][:, :0], 0.3), ShapeError, "key must",
+      "kv_heads >= 1", "got (2, 0, 10, 8)"),
+    P("sparse_decode_attention-key-0-keys",
+      lambda: sda(_qkv()[0], _qkv()[1][:, :, :0], _qkv()[2][:, :, :0], 0.3), ShapeError,
+      "key must", "n >= 1", "got (2, 2, 0, 8)"),
+    *rows("sparse_decode_attention", "value", lambda v: sda(*_qkv()[:2], v, 0.3), [
+        ("complex64", lambda: _qkv()[2].to(_torch().complex64), DTypeError, "got torch.complex64"),
+        ("shape", lambda: _qkv()[2][..., :7], ShapeError, "got (2, 2, 10, 7)")]),
+    *rows("sparse_decode_attention", "scaling", lambda v: sda(*_qkv(), v), scalars(NAN, "a")),
+    *keywords("sparse_decode_attention", lambda **kw: sda(*_qkv(), 0.3, **kw),
+              strategy=("all",), top_p=(1.0, NAN), sinks=(-1,), window=(True,)),
+    *keywords("sparse_decode_attention", lambda **kw: sda(*_qkv(), 0.3, strategy="top_k", **kw),
+              top_k=(0, 2.0)),
+    *keywords("sparse_decode_attention",
+              lambda **kw: sda(*_qkv(), 0.3, strategy="threshold", **kw), threshold=(None, INF)),
+    *rows("sparse_decode_attention", "attention_mask",  # query (2, 4, 1, 8), key (2, 2, 10, 8)
+          lambda v: sda(*_qkv(), 0.3, attention_mask=v), [
+              *[(k, lambda s=s: _torch().ones(*s).bool(), ShapeError, f"got {s}")
+                for k, s in (("short", (2, 1, 1, 5)), ("batch", (3, 1, 1, 10)), ("2d", (2, 10)))],
+              ("int64", lambda: _torch().ones(2, 1, 1, 10).long(), DTypeError, "got torch.int64"),
+              ("numpy", np.ones((2, 1, 1, 10), bool), DTypeError, "got ndarray")]),
+    *keywords("SparseCache", lambda **kw: _cache(**kw), strategy=("all",), top_p=(0.0,),
+              sinks=(1.5,), method=("hnsw",)),
+    *keywords("SparseCache", lambda **kw: _cache(strategy="top_k", **kw), top_k=(-2,)),
+    *keywords("SparseCache", lambda **kw: _cache(strategy="threshold", **kw), threshold=(NAN,)),
+    # (a bare NeuropilError whose message names no argument)
+    P("SparseCache-model-object", lambda: _hf().SparseCache(object()), NeuropilError,
+      "SparseCache needs", "got object"),
+    *rows("cache_kwargs", "model", lambda v: _hf().cache_kwargs(v, None), [
+        ("int", 3, ArgumentError, "got int")]),
+]
+
+MEMBRANE_CASES = [
+    *rows("MembraneBank", "L", lambda v: _membrane().MembraneBank(v, 2, 2), [
+        *scalars("8", 0, 8.0), ("3-hadamard", 3, ArgumentError, "power of two", "got 3")]),
+    # extents whose sizes overflow (torch's RuntimeError 'Storage size calculation
+    # overflowed', numpy's ValueError 'array is too big' were raised): refused
+    # before any allocation, the message giving the bytes needed
+    P("MembraneBank-H-W-2**40", lambda: _membrane().MembraneBank(8, 2**40, 2**40), ArgumentError,
+      "H must", "bytes", f"got L=8, H={2**40}, W={2**40}"),
+    P("MembraneBank-L-2**62-gaussian",
+      lambda: _membrane().MembraneBank(2**62, 1, 1, codes="gaussian"), ArgumentError, "L must",
+      "bytes", f"got L={2**62}"),
+    *rows("MembraneBank", "codes", lambda v: _membrane().MembraneBank(8, 2, 2, codes=v), [
+        *scalars("walsh"), ("None", None, ArgumentError, "got NoneType"),
+        # ("codes must be finite; got NaN or Inf": neither which nor where)
+        ("nan", lambda: V(8, 8) * NAN, ArgumentError, "got NaN at", LACKS_FOUND),
+        ("int64", lambda: _torch().eye(8, dtype=_torch().int64), DTypeError, "got torch.int64")]),
+    *keywords("MembraneBank", lambda **kw: _membrane().MembraneBank(8, 2, 2, **kw), K=(0,),
+              readout=("x",), persistence=(NAN, "a"), device=("tpu",), seed=(-1,)),
+    *rows("MembraneBank", "dtype", lambda v: _membrane().MembraneBank(8, 2, 2, dtype=v), [
+        ("int64", lambda: _torch().int64, DTypeError, "got torch.int64"),
+        ("str", "float32", DTypeError, "got float32")]),
+    *rows("MembraneBank.store", "values", lambda v: bank().store(v), [
+        ("list", [[1.0]], ArgumentError, "got list"),
+        ("float64", lambda: V().double(), DTypeError, "got torch.float64"),
+        ("int64", lambda: V().long(), DTypeError, "got torch.int64"),
+        ("nan", lambda: V() * NAN, ArgumentError, "got 32 NaN or Inf entries"),
+        ("2d", lambda: V(2, 2), ShapeError, "got (2, 2)"),
+        ("hw", lambda: V(8, 1, 2), ShapeError, "got (8, 1, 2)"),
+        ("0", lambda: V(0, 2, 2), ShapeError, "got shape (0, 2, 2)")]),
+    P("MembraneBank.store-values-9-keys", lambda: bank().store(V(9, 2, 2)), ShapeError,
+      "values hold 9 patterns"),
+    *rows("MembraneBank.store", "keys", lambda v: bank().store(V(2, 2, 2), keys=v), [
+        ("past-K", [0, 8], ArgumentError, "got 8"), ("neg", [0, -1], ArgumentError, "got -1"),
+        ("float", [0.0, 1.0], DTypeError, "got dtype float64"),
+        ("len", [0], ShapeError, "got shape (1,)")]),
+    *rows("MembraneBank.store", "keys", lambda v: bank().store(V(1, 2, 2), keys=v), [
+        ("uint64-max", np.array([2**64 - 1], np.uint64), ArgumentError, f"got {2**64 - 1}")]),
+    *rows("MembraneBank.store", "alphas", lambda v: bank().store(V(), alphas=v), [
+        *scalars(NAN, "x"), ("shape", lambda: _torch().ones(3), ShapeError, "got (3,)")]),
+    *rows("MembraneBank.read", "keys", lambda v: bank().read(v), [
+        ("past-K", [8], ArgumentError, "got 8"), ("empty", [], ShapeError, "got shape (0,)")]),
+    *rows("MembraneBank.read", "readout", lambda v: bank().read(readout=v), scalars("x")),
+    *keywords("MembraneBank.decay", lambda lam=0.5, **kw: bank().decay(lam, **kw),
+              lam=(NAN, 0.0, "0.5"), steps=(-1,)),
+    *rows("MembraneBank.grow", "K", lambda v: bank().grow(v), scalars(4)),
+    *rows("psnr", None, lambda xy: _membrane().psnr(*xy), [  # xy: (x, y)
+        ("y-shape", lambda: (V(), V(1, 2, 2)), ShapeError, "y must", "got (1, 2, 2)"),
+        ("x-numpy", (np.ones(3), np.ones(3)), ArgumentError, "x must", "got ndarray"),
+        ("x-empty", lambda: (V(0, 2, 2),) * 2, ShapeError, "x must", "got shape (0, 2, 2)")]),
+    P("psnr-data_range-nan", lambda: _membrane().psnr(V(), V(), data_range=NAN), ArgumentError,
+      "data_range must", "got nan"),
+    P("ssim-x-small", lambda: _membrane().ssim(V(1, 1), V(1, 1)), ShapeError, "x must",
+      "got 1x1"),
+    P("coherence_stats-C-1d", lambda: _membrane().coherence_stats(V(3)), ShapeError, "C must",
+      "got (3,)"),
+    *rows("HopfieldCleanup", "patterns", lambda v: _membrane().HopfieldCleanup(v), [
+        ("numpy", np.ones((3, 2, 2)), ArgumentError, "got ndarray"),
+        ("empty", lambda: V(0, 2, 2), ShapeError, "got (0, 2, 2)"),
+        ("nan", lambda: V(3, 2, 2) * NAN, ArgumentError, "got 12 NaN or Inf entries")]),
+    *rows("AdaptivePersistence", "bank", lambda v: _membrane().AdaptivePersistence(v), [
+        ("str", "x", ArgumentError, "got str")]),
+]
+TOP_LEVEL_CASES = [
+    P("dot-b-len", lambda: neuropil.dot(X64, X64[:3]), ShapeError, "b must", "(64,)", "got (3,)"),
+    P("dot-a-str", lambda: neuropil.dot("a", "b"), DTypeError, "a must", "got <U1"),
+    P("dot-a-int64", lambda: neuropil.dot(np.ones(3, int), np.ones(3)), DTypeError, "a must",
+      "got int64"),
+    P("dot-a-2d", lambda: neuropil.dot(W, W), ShapeError, "a must", "got (8, 64)"),
+    *rows("set_num_threads", "n", neuropil.set_num_threads, [
+        *scalars(0, "2"), ("2**70", 2**70, ArgumentError, "at most 4096", f"got {2**70}")]),
+]
+# fmt: on
+
+
+def marked(cases: list, mark: Any) -> list:
+    return [pytest.param(*c.values, id=c.id, marks=[mark, *c.marks]) for c in cases]
+
+
+BAD_ARGUMENTS = [*QUANT_CASES, *FLYHASH_CASES, *NEURONS_CASES, *RANGE_CASES, *WINDOWS_CASES,
+                 *marked(TORCH_CASES, needs_torch), *marked(HF_CASES, needs_hf),
+                 *marked(MEMBRANE_CASES, needs_torch)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fn", "exc", "needles"), BAD_ARGUMENTS)
+def test_bad_arguments(fn, exc, needles):
+    expect(fn, exc, *needles)
+
+
+@pytest.mark.parametrize(("fn", "exc", "needles"), TOP_LEVEL_CASES)
+def test_top_level_bad_arguments(fn, exc, needles, restore_threads):
     expect(fn, exc, *needles)
 
 
@@ -1911,7 +1134,7 @@ def test_real_arguments_take_any_real_number(name, call, ct, value, vt):
                          ids=[a[0] for a in REAL_ARGS])  # fmt: skip
 def test_real_arguments_refuse_what_is_no_real_number(name, call, ct, value, found, vt):
     _skip_without_torch(ct, vt)
-    expect(lambda: call(value()), ArgumentError, f"{name} must", found)
+    expect(lambda: call(value()), ArgumentError, f"{name} must", f"got {found}")
 
 
 def _qkv(b: int = 2, heads: int = 4, kv: int = 2, n: int = 10, d: int = 8) -> tuple:
@@ -1944,181 +1167,11 @@ def _tiny_llama_config() -> Any:
 
 
 def _hf() -> Any:
-    from neuropil import hf
-
-    return hf
+    return importlib.import_module("neuropil.hf")
 
 
 def _cache(**kw: Any) -> Any:
     return _hf().SparseCache(_tiny_llama_config(), **kw)
-
-
-HF_CASES = [
-    P(
-        "query-numpy",
-        lambda: sda(_qkv()[0].numpy(), *_qkv()[1:], 0.3),
-        DTypeError,
-        "query must",
-        "ndarray",
-    ),
-    P(
-        "key-list",
-        lambda: sda(_qkv()[0], _qkv()[1].tolist(), _qkv()[2], 0.3),
-        DTypeError,
-        "key must",
-        "list",
-    ),
-    P(
-        "query-int",
-        lambda: sda(_qkv()[0].int(), *_qkv()[1:], 0.3),
-        DTypeError,
-        "query must",
-        "int32",
-    ),
-    P("query-bool", lambda: sda(_qkv()[0] > 0, *_qkv()[1:], 0.3), DTypeError, "query must"),
-    P(
-        "value-complex",
-        lambda: sda(*_qkv()[:2], _qkv()[2].to(_torch().complex64), 0.3),
-        DTypeError,
-        "value must",
-        "complex64",
-    ),
-    P("query-3d", lambda: sda(_qkv()[0][0], *_qkv()[1:], 0.3), ShapeError, "query must"),
-    P(
-        "query-2-tokens",
-        lambda: sda(_qkv()[0].expand(2, 4, 2, 8), *_qkv()[1:], 0.3),
-        ShapeError,
-        "query must",
-        "(2, 4, 2, 8)",
-    ),
-    P(
-        "heads-not-multiple",
-        lambda: sda(_qkv()[0][:, :3], *_qkv()[1:], 0.3),
-        ShapeError,
-        "query heads must",
-        "3",
-    ),
-    P(
-        "kv-heads-0",
-        lambda: sda(_qkv()[0], _qkv()[1][:, :0], _qkv()[2][:, :0], 0.3),
-        ShapeError,
-        "key must",
-        "kv_heads >= 1",
-    ),
-    P(
-        "keys-0",
-        lambda: sda(_qkv()[0], _qkv()[1][:, :, :0], _qkv()[2][:, :, :0], 0.3),
-        ShapeError,
-        "key must",
-        "n >= 1",
-    ),
-    P("value-shape", lambda: sda(*_qkv()[:2], _qkv()[2][..., :7], 0.3), ShapeError, "value must"),
-    P("scaling-nan", lambda: sda(*_qkv(), float("nan")), ArgumentError, "scaling must", "nan"),
-    P("scaling-str", lambda: sda(*_qkv(), "a"), ArgumentError, "scaling must", "'a'"),
-    P(
-        "strategy-bad",
-        lambda: sda(*_qkv(), 0.3, strategy="all"),
-        ArgumentError,
-        "strategy must",
-        "'all'",
-    ),
-    P("top_p-1", lambda: sda(*_qkv(), 0.3, top_p=1.0), ArgumentError, "top_p must", "1.0"),
-    P("top_p-nan", lambda: sda(*_qkv(), 0.3, top_p=float("nan")), ArgumentError, "top_p must"),
-    P(
-        "top_k-0",
-        lambda: sda(*_qkv(), 0.3, strategy="top_k", top_k=0),
-        ArgumentError,
-        "top_k must",
-        "0",
-    ),
-    P(
-        "top_k-float",
-        lambda: sda(*_qkv(), 0.3, strategy="top_k", top_k=2.0),
-        ArgumentError,
-        "top_k must",
-        "2.0",
-    ),
-    P(
-        "threshold-None",
-        lambda: sda(*_qkv(), 0.3, strategy="threshold"),
-        ArgumentError,
-        "threshold must",
-        "None",
-    ),
-    P(
-        "threshold-inf",
-        lambda: sda(*_qkv(), 0.3, strategy="threshold", threshold=float("inf")),
-        ArgumentError,
-        "threshold must",
-        "inf",
-    ),
-    P("sinks-neg", lambda: sda(*_qkv(), 0.3, sinks=-1), ArgumentError, "sinks must", "-1"),
-    P("window-bool", lambda: sda(*_qkv(), 0.3, window=True), ArgumentError, "window must"),
-    P(
-        "mask-short",
-        lambda: sda(*_qkv(), 0.3, attention_mask=_torch().ones(2, 1, 1, 5).bool()),
-        ShapeError,
-        "attention_mask must",
-        "(2, 1, 1, 5)",
-    ),
-    P(
-        "mask-batch",
-        lambda: sda(*_qkv(), 0.3, attention_mask=_torch().ones(3, 1, 1, 10).bool()),
-        ShapeError,
-        "attention_mask must",
-        "(3, 1, 1, 10)",
-    ),
-    P(
-        "mask-2d",
-        lambda: sda(*_qkv(), 0.3, attention_mask=_torch().ones(2, 10).bool()),
-        ShapeError,
-        "attention_mask must",
-        "(2, 10)",
-    ),
-    P(
-        "mask-int",
-        lambda: sda(*_qkv(), 0.3, attention_mask=_torch().ones(2, 1, 1, 10).long()),
-        DTypeError,
-        "attention_mask must",
-        "int64",
-    ),
-    P(
-        "mask-numpy",
-        lambda: sda(*_qkv(), 0.3, attention_mask=np.ones((2, 1, 1, 10), bool)),
-        DTypeError,
-        "attention_mask must",
-        "ndarray",
-    ),
-    P("cache-strategy", lambda: _cache(strategy="all"), ArgumentError, "strategy must"),
-    P("cache-top_p", lambda: _cache(top_p=0.0), ArgumentError, "top_p must", "0.0"),
-    P("cache-top_k", lambda: _cache(strategy="top_k", top_k=-2), ArgumentError, "top_k must"),
-    P(
-        "cache-threshold",
-        lambda: _cache(strategy="threshold", threshold=float("nan")),
-        ArgumentError,
-        "threshold must",
-    ),
-    P("cache-sinks", lambda: _cache(sinks=1.5), ArgumentError, "sinks must", "1.5"),
-    P("cache-method", lambda: _cache(method="hnsw"), ArgumentError, "method must", "'hnsw'"),
-    P(
-        "cache-model",
-        lambda: _hf().SparseCache(object()),
-        NeuropilError,
-        "SparseCache needs",
-    ),
-    P(
-        "cache_kwargs-model",
-        lambda: _hf().cache_kwargs(3, None),
-        ArgumentError,
-        "model must",
-    ),
-]
-
-
-@needs_hf
-@pytest.mark.parametrize(("fn", "exc", "needles"), HF_CASES)
-def test_hf_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
 
 
 @needs_hf
@@ -2175,217 +1228,6 @@ def test_hf_cpu_threshold_past_float32_generates(threshold):
         assert s["fraction_read"] == 1.0
     else:
         assert s["fraction_read"] < 0.5
-
-
-def _membrane() -> Any:
-    import neuropil.membrane as m
-
-    return m
-
-
-def bank() -> Any:
-    return _membrane().MembraneBank(8, 2, 2)
-
-
-def V(*shape: int, **kw: Any) -> Any:
-    return _torch().rand(*(shape or (8, 2, 2)), generator=_torch().Generator().manual_seed(0), **kw)
-
-
-MEMBRANE_CASES = [
-    P("L-str", lambda: _membrane().MembraneBank("8", 2, 2), ArgumentError, "L must", "'8'"),
-    P("L-0", lambda: _membrane().MembraneBank(0, 2, 2), ArgumentError, "L must", "0"),
-    P("L-float", lambda: _membrane().MembraneBank(8.0, 2, 2), ArgumentError, "L must", "8.0"),
-    P(
-        "L-3-hadamard",
-        lambda: _membrane().MembraneBank(3, 2, 2),
-        ArgumentError,
-        "L must",
-        "power of two",
-    ),
-    # extents whose sizes overflow (torch's RuntimeError 'Storage size calculation
-    # overflowed', numpy's ValueError 'array is too big' were raised): refused
-    # before any allocation, the message giving the bytes needed
-    *[
-        P(f"huge-{name}", fn, (ArgumentError, ShapeError), needle, "bytes")
-        for name, fn, needle in [
-            ("H-W", lambda: _membrane().MembraneBank(8, 2**40, 2**40), "H must"),
-            (
-                "L-gaussian",
-                lambda: _membrane().MembraneBank(2**62, 1, 1, codes="gaussian"),
-                "L must",
-            ),
-        ]
-    ],
-    P(
-        "codes-name",
-        lambda: _membrane().MembraneBank(8, 2, 2, codes="walsh"),
-        ArgumentError,
-        "codes must",
-        "'walsh'",
-    ),
-    P(
-        "codes-None",
-        lambda: _membrane().MembraneBank(8, 2, 2, codes=None),
-        ArgumentError,
-        "codes must",
-        "NoneType",
-    ),
-    P(
-        "codes-nan",
-        lambda: _membrane().MembraneBank(8, 2, 2, codes=V(8, 8) * float("nan")),
-        ArgumentError,
-        "codes must",
-    ),
-    P(
-        "codes-int",
-        lambda: _membrane().MembraneBank(8, 2, 2, codes=_torch().eye(8, dtype=_torch().int64)),
-        DTypeError,
-        "codes must",
-        "int64",
-    ),
-    P("K-0", lambda: _membrane().MembraneBank(8, 2, 2, K=0), ArgumentError, "K must", "0"),
-    P(
-        "readout",
-        lambda: _membrane().MembraneBank(8, 2, 2, readout="x"),
-        ArgumentError,
-        "readout must",
-    ),
-    P(
-        "persistence-nan",
-        lambda: _membrane().MembraneBank(8, 2, 2, persistence=float("nan")),
-        ArgumentError,
-        "persistence must",
-    ),
-    P(
-        "persistence-str",
-        lambda: _membrane().MembraneBank(8, 2, 2, persistence="a"),
-        ArgumentError,
-        "persistence must",
-        "'a'",
-    ),
-    P(
-        "device",
-        lambda: _membrane().MembraneBank(8, 2, 2, device="tpu"),
-        ArgumentError,
-        "device must",
-        "'tpu'",
-    ),
-    P(
-        "dtype-int",
-        lambda: _membrane().MembraneBank(8, 2, 2, dtype=_torch().int64),
-        DTypeError,
-        "dtype must",
-        "int64",
-    ),
-    P(
-        "dtype-str",
-        lambda: _membrane().MembraneBank(8, 2, 2, dtype="float32"),
-        DTypeError,
-        "dtype must",
-    ),
-    P("seed-neg", lambda: _membrane().MembraneBank(8, 2, 2, seed=-1), ArgumentError, "seed must"),
-    P("store-list", lambda: bank().store([[1.0]]), ArgumentError, "values must", "list"),
-    P("store-f64", lambda: bank().store(V().double()), DTypeError, "values must", "float64"),
-    P("store-int", lambda: bank().store(V().long()), DTypeError, "values must", "int64"),
-    P("store-nan", lambda: bank().store(V() * float("nan")), ArgumentError, "values must"),
-    P("store-2d", lambda: bank().store(V(2, 2)), ShapeError, "values must", "(2, 2)"),
-    P("store-hw", lambda: bank().store(V(8, 1, 2)), ShapeError, "values must", "(8, 1, 2)"),
-    P("store-0", lambda: bank().store(V(0, 2, 2)), ShapeError, "values must"),
-    P("store-9-keys", lambda: bank().store(V(9, 2, 2)), ShapeError, "values", "9"),
-    P(
-        "store-keys-past-K",
-        lambda: bank().store(V(2, 2, 2), keys=[0, 8]),
-        ArgumentError,
-        "keys must",
-        "8",
-    ),
-    P(
-        "store-keys-neg",
-        lambda: bank().store(V(2, 2, 2), keys=[0, -1]),
-        ArgumentError,
-        "keys must",
-        "-1",
-    ),
-    P(
-        "store-keys-float",
-        lambda: bank().store(V(2, 2, 2), keys=[0.0, 1.0]),
-        DTypeError,
-        "keys must",
-        "float64",
-    ),
-    P("store-keys-len", lambda: bank().store(V(2, 2, 2), keys=[0]), ShapeError, "keys must"),
-    P(
-        "store-keys-uint64-max",
-        lambda: bank().store(V(1, 2, 2), keys=np.array([2**64 - 1], np.uint64)),
-        ArgumentError,
-        "keys must",
-        "18446744073709551615",
-    ),
-    P(
-        "store-alphas-nan",
-        lambda: bank().store(V(), alphas=float("nan")),
-        ArgumentError,
-        "alphas must",
-    ),
-    P("store-alphas-str", lambda: bank().store(V(), alphas="x"), ArgumentError, "alphas must"),
-    P(
-        "store-alphas-shape",
-        lambda: bank().store(V(), alphas=_torch().ones(3)),
-        ShapeError,
-        "alphas must",
-    ),
-    P("read-keys-past-K", lambda: bank().read([8]), ArgumentError, "keys must", "8"),
-    P("read-keys-empty", lambda: bank().read([]), ShapeError, "keys must"),
-    P("read-readout", lambda: bank().read(readout="x"), ArgumentError, "readout must"),
-    P("decay-nan", lambda: bank().decay(float("nan")), ArgumentError, "lam must", "nan"),
-    P("decay-0", lambda: bank().decay(0.0), ArgumentError, "lam must"),
-    P("decay-str", lambda: bank().decay("0.5"), ArgumentError, "lam must", "'0.5'"),
-    P("decay-steps-neg", lambda: bank().decay(0.5, -1), ArgumentError, "steps must", "-1"),
-    P("grow-smaller", lambda: bank().grow(4), ArgumentError, "K must", "4"),
-    P("psnr-shape", lambda: _membrane().psnr(V(), V(1, 2, 2)), ShapeError, "y must"),
-    P("psnr-numpy", lambda: _membrane().psnr(np.ones(3), np.ones(3)), ArgumentError, "x must"),
-    P(
-        "psnr-range-nan",
-        lambda: _membrane().psnr(V(), V(), data_range=float("nan")),
-        ArgumentError,
-        "data_range must",
-    ),
-    P("psnr-empty", lambda: _membrane().psnr(V(0, 2, 2), V(0, 2, 2)), ShapeError, "x must"),
-    P("ssim-small", lambda: _membrane().ssim(V(1, 1), V(1, 1)), ShapeError, "x must"),
-    P("coherence-1d", lambda: _membrane().coherence_stats(V(3)), ShapeError, "C must"),
-    P(
-        "hopfield-numpy",
-        lambda: _membrane().HopfieldCleanup(np.ones((3, 2, 2))),
-        ArgumentError,
-        "patterns must",
-    ),
-    P(
-        "hopfield-empty",
-        lambda: _membrane().HopfieldCleanup(V(0, 2, 2)),
-        ShapeError,
-        "patterns must",
-    ),
-    P(
-        "hopfield-nan",
-        lambda: _membrane().HopfieldCleanup(V(3, 2, 2) * float("nan")),
-        ArgumentError,
-        "patterns must",
-        "NaN",
-    ),
-    P(
-        "adaptive-bank",
-        lambda: _membrane().AdaptivePersistence("x"),
-        ArgumentError,
-        "bank must",
-        "str",
-    ),
-]
-
-
-@needs_torch
-@pytest.mark.parametrize(("fn", "exc", "needles"), MEMBRANE_CASES)
-def test_membrane_bad_arguments(fn, exc, needles):
-    expect(fn, exc, *needles)
 
 
 # ================================================================== valid edge cases
@@ -2804,79 +1646,56 @@ ix.add(np.zeros((4, 2), np.uint8))
 w = np.ones((16, 8), np.float32)
 """
 
+# label: (statement, expected exception class name or None, needles (see check_message))
+# fmt: off
 RISKY = {
-    # label: (statement, expected exception class name or None, needles)
-    "windows-headroom-str": ("sw.memory_plan(headroom='a')", "ArgumentError", ("headroom must",)),
+    "windows-headroom-str": ("sw.memory_plan(headroom='a')", "ArgumentError",
+                             ("headroom must", "got 'a'")),
     "windows-prefetch-2**62": (
-        "assert sum(len(b['frames']) for b in sw.batches(2, prefetch=2**62)) == len(sw)",
-        None,
-        (),
-    ),
+        "assert sum(len(b['frames']) for b in sw.batches(2, prefetch=2**62)) == len(sw)", None, ()),
     "windows-batch-2**62": (
-        "assert [len(b['frames']) for b in sw.batches(2**62, prefetch=3)] == [len(sw)]",
-        None,
-        (),
-    ),
+        "assert [len(b['frames']) for b in sw.batches(2**62, prefetch=3)] == [len(sw)]", None, ()),
     "windows-take-broadcast": ("sw.take(B((2**40,), np.int64))", "MemoryError", ()),
     "windows-frames-broadcast": ("SlidingWindows(B((2**40, 4)), 3)", "MemoryError", ()),
-    "flyhash-dim-2**62": (
-        "FlyHash(2**62, seed=0)",
-        "ArgumentError",
-        (
-            "input_dim must be small enough for the sign projection to fit in 8 GiB",
-            "(8589934592 bytes); got 4611686018427387904 (with expansion_ratio=13.0",
-            "a projection of 3.456e37 bytes",
-        ),
-    ),
-    "flyhash-ratio-1e9": ("FlyHash(64, 1e9, seed=0)", "ArgumentError", ("8 GiB",)),
-    "flyhash-encode-broadcast": ("fh.encode(B((2**34, 16)))", "ArgumentError", ("x must", "8 GiB")),
-    "flyhash-hash-broadcast": ("fh.hash(B((2**36, 16)))", "ArgumentError", ("x must", "8 GiB")),
-    "binary-index-k-2**62": (
-        "ix.search(np.zeros((1, 2), np.uint8), 2**62)",
-        "ArgumentError",
-        ("k must", "8 GiB"),
-    ),
-    "binary-index-nbits-2**62": ("BinaryIndex(2**62)", "ArgumentError", ("nbits must",)),
+    "flyhash-dim-2**62": ("FlyHash(2**62, seed=0)", "ArgumentError", (
+        "input_dim must be small enough for the sign projection to fit in 8 GiB",
+        "(8589934592 bytes); got 4611686018427387904 (with expansion_ratio=13.0",
+        "a projection of 3.456e37 bytes")),
+    "flyhash-ratio-1e9": ("FlyHash(64, 1e9, seed=0)", "ArgumentError",
+                          ("expansion_ratio must", "8 GiB", "got 1000000000.0")),
+    "flyhash-encode-broadcast": ("fh.encode(B((2**34, 16)))", "ArgumentError",
+                                 ("x must", "8 GiB", f"got {(2**34, 16)}")),
+    "flyhash-hash-broadcast": ("fh.hash(B((2**36, 16)))", "ArgumentError",
+                               ("x must", "8 GiB", f"got {(2**36, 16)}")),
+    "binary-index-k-2**62": ("ix.search(np.zeros((1, 2), np.uint8), 2**62)", "ArgumentError",
+                             ("k must", "8 GiB", f"got {2**62}")),
+    "binary-index-nbits-2**62": ("BinaryIndex(2**62)", "ArgumentError",
+                                 ("nbits must", f"got {2**62}")),
     "binary-index-broadcast-codes": ("ix.add(B((2**40, 2), np.uint8))", "MemoryError", ()),
     "binary-index-broadcast-queries": ("ix.search(B((2**40, 2), np.uint8), 1)", "MemoryError", ()),
     "quant-broadcast": ("quantize(B((2**40, 64)))", "MemoryError", ()),
     "quant-matvec-broadcast": (
-        "quantize(np.ones((8, 64), np.float32)).matvec(B((2**40, 64)))",
-        "MemoryError",
-        (),
-    ),
-    "quant-gguf-huge": (
-        "QuantizedWeights.from_gguf(b'\\\\0' * 18, 'q4_0', (2**62, 2**62))",
-        "FormatError",
-        ("too large",),
-    ),
-    "range-topk-2**62": (
-        "RangeIndex(np.ones((4, 2), np.float32)).topk(np.ones((1, 2)), 2**62)",
-        "ArgumentError",
-        ("k must",),
-    ),
+        "quantize(np.ones((8, 64), np.float32)).matvec(B((2**40, 64)))", "MemoryError", ()),
+    "quant-gguf-huge": ("QuantizedWeights.from_gguf(b'\\\\0' * 18, 'q4_0', (2**62, 2**62))",
+                        "FormatError", (f"shape ({2**62}, {2**62}) is too large",)),
+    "range-topk-2**62": ("RangeIndex(np.ones((4, 2), np.float32)).topk(np.ones((1, 2)), 2**62)",
+                         "ArgumentError", ("k must", f"got {2**62}")),
     "range-broadcast-keys": ("RangeIndex(B((2**40, 8)))", "MemoryError", ()),
     "ffn-broadcast-x": ("SparseFFN(w, w, w.T)(B((2**40, 8)))", "MemoryError", ()),
     "input-sparse-broadcast-x": ("InputSparseFFN(w, w, w.T)(B((2**40, 8)))", "MemoryError", ()),
     "neuron-cache-window-2**62": (
         "c = NeuronCache(8, 3, policy='window', window=2**62)\n"
         "for i in range(5): c.record([i])\n"
-        "c.reclassify(); assert c.hot_neurons().tolist() == [2, 3, 4]",
-        None,
-        (),
-    ),
-    "neuron-cache-broadcast-mask": (
-        "NeuronCache(8).record(B((2**40, 8), bool))",
-        "MemoryError",
-        (),
-    ),
+        "c.reclassify(); assert c.hot_neurons().tolist() == [2, 3, 4]", None, ()),
+    "neuron-cache-broadcast-mask": ("NeuronCache(8).record(B((2**40, 8), bool))", "MemoryError",
+                                    ()),
     # refused before any thread starts (a million would take many minutes to start)
-    "set_num_threads-10**6": (
-        "import neuropil; neuropil.set_num_threads(10**6)",
-        "ArgumentError",
-        ("n must", "at most 4096", "1000000"),
-    ),
+    "set_num_threads-10**6": ("import neuropil; neuropil.set_num_threads(10**6)", "ArgumentError",
+                              ("n must", "at most 4096", "got 1000000")),
 }
+# fmt: on
+# (their messages show the bytes asked for, "got a request for 13312.0 GiB", not the argument)
+RISKY_LACKS_FOUND = ("flyhash-encode-broadcast", "flyhash-hash-broadcast", "binary-index-k-2**62")
 
 
 @pytest.fixture(scope="module")
@@ -2885,33 +1704,12 @@ def risky_results():
 
 
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_AS")
-@pytest.mark.parametrize("label", list(RISKY))
+@pytest.mark.parametrize(
+    "label", [pytest.param(k, marks=LACKS_FOUND) if k in RISKY_LACKS_FOUND else k for k in RISKY]
+)
 def test_risky_calls(risky_results, label):
     _, exc, needles = RISKY[label]
     check_result(risky_results[label], exc, needles)
-
-
-TOP_LEVEL_CASES = [
-    P("dot-lengths", lambda: neuropil.dot(X64, X64[:3]), ShapeError, "b must", "(3,)"),
-    P("dot-str", lambda: neuropil.dot("a", "b"), DTypeError, "a must", "<U1"),
-    P("dot-int", lambda: neuropil.dot(np.ones(3, int), np.ones(3)), DTypeError, "a must", "int64"),
-    P("dot-2d", lambda: neuropil.dot(W, W), ShapeError, "a must", "(8, 64)"),
-    P("threads-0", lambda: neuropil.set_num_threads(0), ArgumentError, "n must", "0"),
-    P("threads-str", lambda: neuropil.set_num_threads("2"), ArgumentError, "n must", "'2'"),
-    P(
-        "threads-2**70",
-        lambda: neuropil.set_num_threads(2**70),
-        ArgumentError,
-        "n must",
-        "at most 4096",
-        str(2**70),
-    ),
-]
-
-
-@pytest.mark.parametrize(("fn", "exc", "needles"), TOP_LEVEL_CASES)
-def test_top_level_bad_arguments(fn, exc, needles, restore_threads):
-    expect(fn, exc, *needles)
 
 
 def test_num_threads_env_var_past_the_bound():
