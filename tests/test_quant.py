@@ -1201,6 +1201,25 @@ def test_quantized_weights_pickle_through_the_constructor():
         pickle.loads(blob)
 
 
+def test_jit_traced_quantized_linear_computes_on_new_inputs():
+    # torch.jit.trace records torch ops: through the Rust kernel the graph held
+    # the traced call's output as a constant (every later input gave it back).
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    from neuropil.torch import QuantizedLinear
+
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), bits=4, group_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's TracerWarnings about shapes)
+        traced = torch.jit.trace(q, torch.randn(2, 64))
+    for x in (torch.randn(2, 64), torch.randn(2, 64) * 10):
+        torch.testing.assert_close(traced(x), q(x), rtol=1e-3, atol=1e-3)
+        assert torch.equal(traced(x), q._torch_forward(x))
+    assert "aten::" in str(traced.graph)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_quantized_linear_under_autocast_returns_the_autocast_dtype(device):
     # As nn.Linear does: float32/float16/bfloat16 inputs give the autocast dtype.

@@ -851,6 +851,36 @@ def test_pickle_round_trip_of_torch_frames_and_dataset():
         _same_bits(v, ds.__getitems__([4, 0, 9]).batch[k])
 
 
+@needs_torch
+def test_torch_frames_moved_to_shared_memory_are_read_where_they_are_now():
+    # Pickling a CPU tensor for a spawn / forkserver DataLoader worker (torch's
+    # ForkingPickler reduction) moves its storage to shared memory in place and
+    # frees the old buffer; windows must follow the tensor, not read freed memory.
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch
+    import torch.multiprocessing  # (registers torch's reductions)
+
+    f = torch.arange(400 * 8, dtype=torch.float32).reshape(400, 8)
+    y = torch.arange(400)
+    sw = SlidingWindows(f, 4, targets={"y": y}, target_offset=1)
+    sw.take([0, 7])  # the first gather, before the move
+    ptr = f.data_ptr()
+    ForkingPickler(io.BytesIO()).dump(sw.as_dataset())
+    assert f.is_shared() and f.data_ptr() != ptr  # (the move this test is about)
+    f.add_(0.5)  # written where the tensor lives now
+    y.share_memory_()
+    y.mul_(3)
+    starts = [0, 7, 123, 395]
+    got = sw.take(starts)
+    for i, s in enumerate(starts):
+        assert torch.equal(got["frames"][i], f[s : s + 4])
+        assert int(got["y"][i]) == 3 * (s + 4)
+    batch = next(iter(sw.batches(16, shuffle=False)))
+    assert torch.equal(batch["frames"][0], f[0:4])
+
+
 def test_mmap_loaded_windows_pickle_as_a_file_reference(tmp_path):
     import copy
     import os

@@ -28,11 +28,12 @@ def _cache_rows(quick: bool) -> list[Row]:
         counts.__iadd__(mask.sum(0))
 
     t_np = median_seconds(numpy_record, repeat=3 if quick else 5)
-    for name, kw in [
+    policies: list[tuple[str, dict[str, Any]]] = [
         ("frequency", {}),
         ("frequency, decay 0.99", {"decay": 0.99}),
         ("window k=16", {"policy": "window", "window": 16}),
-    ]:
+    ]
+    for name, kw in policies:
         c = NeuronCache(n, n // 5, hysteresis=0.1, **kw)
         t = median_seconds(lambda c=c: c.record(mask), repeat=3 if quick else 5)
         rows.append(
@@ -276,6 +277,7 @@ def _real_rows(verbose: bool) -> list[Row]:
 
 
 def neurons(quick: bool = False, verbose: bool = True) -> list[Row]:
+    torch: Any  # (the module, or None without torch)
     try:
         import torch
 

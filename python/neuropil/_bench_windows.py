@@ -113,7 +113,8 @@ def _speed(n: int, d: int, repeat: int, quick: bool) -> list[Row]:
         k[0] += 1
         return starts[i * B : (i + 1) * B]
 
-    raw = sw._arrays[0].raw
+    raw = sw._arrays[0].source()
+    assert raw is not None  # (numpy frames)
     out_u8 = np.empty((B, W * d * 4), dtype=np.uint8)
     view = np.lib.stride_tricks.sliding_window_view(frames, W, axis=0)  # (n-W+1, d, W)
     ar = np.arange(W)

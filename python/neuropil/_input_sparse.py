@@ -5,6 +5,7 @@ Re-exported by :mod:`neuropil.neurons`; see :class:`InputSparseFFN`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -143,7 +144,11 @@ class InputSparseFFN:
 
         dtype = _weight_dtype(bits, dtype)
         _check_up_bias(gate, up_bias)
-        conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
+        # (Any: a None up or down goes to the core too, whose DTypeError names it)
+        conv: list[Any] = [
+            None if a is None else _as_numpy(a, name)
+            for a, name in zip((gate, up, down, up_bias, down_bias), _WEIGHT_NAMES, strict=True)
+        ]
         _check_shapes(conv)
         self._ffn = _native._InputSparseFfn(
             conv[0], conv[1], conv[2], _activation(activation), dtype, conv[3], conv[4]
@@ -216,7 +221,7 @@ class InputSparseFFN:
         self._t = (self._t[0], _threshold("t_hidden", value))
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
-        a = _as_numpy(x)
+        a = _as_numpy(x, "x")
         if a.ndim == 1:
             return a.reshape(1, -1), True
         return a, False
@@ -263,7 +268,7 @@ class InputSparseFFN:
         """Counters since creation or :meth:`reset_stats`: ``calls``, ``rows``,
         ``kept_inputs`` / ``kept_hidden`` ((row, input) and (row, neuron) pairs
         kept), and their densities ``input_density`` and ``hidden_density``."""
-        s = dict(self._ffn.stats())
+        s: dict[str, float] = dict(self._ffn.stats())
         for k, v in self._stats_base.items():
             s[k] += v
         s["input_density"] = s["kept_inputs"] / max(s["rows"] * self.dim, 1)
@@ -361,8 +366,11 @@ class InputSparseFFN:
                 ],
             )
         gate, up, down = dev[1]
+        assert up is not None and down is not None  # (weights() gives both)
         ub, db = dev[2]
-        act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
+        fns: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+        fns = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+        act = fns[self.activation]
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         if t_in is not None:
             x = torch.where(x.abs() > t_in, x, zero)
@@ -393,4 +401,4 @@ class InputSparseFFN:
 # Bound once, here at the end: neurons imports this module at its own end (it
 # re-exports InputSparseFFN), so whichever of the two is imported first, the
 # other finds the names it needs already defined.
-from .neurons import _as_numpy, _check_torch_x, _torch_path  # noqa: E402
+from .neurons import _WEIGHT_NAMES, _as_numpy, _check_torch_x, _torch_path  # noqa: E402

@@ -37,7 +37,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -205,7 +205,9 @@ def read_any(path: str | Path) -> Source:
 
 def _rel_error(w: np.ndarray, d: np.ndarray) -> float:
     w = w.astype(np.float32)
-    return float(np.linalg.norm(w - d) / max(np.linalg.norm(w), 1e-30))
+    # (max's real type: mypy joins a numpy scalar and a float to comparison protocols)
+    den = cast("np.floating[Any] | float", max(np.linalg.norm(w), 1e-30))
+    return float(np.linalg.norm(w - d) / den)
 
 
 def _check_paths(src: Path, dst: Path) -> None:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+
+class _Thunk(Protocol):
+    """A call with no arguments. (Not ``Callable[[], Any]``: mypy cannot infer a
+    lambda with default arguments, ``lambda lv=level: ...``, in that context,
+    python/mypy#15459; with a protocol it types the lambda alone, then checks it.)"""
+
+    def __call__(self) -> Any: ...
 
 
 def median_seconds(
-    fn: Callable[[], Any],
+    fn: _Thunk,
     *,
     repeat: int = 7,
     warmup: int = 1,

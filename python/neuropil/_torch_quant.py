@@ -15,7 +15,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,7 +129,8 @@ def _cpu_linear(
     rows, cols = fmt[0], fmt[1]
     xn = x.detach().to(torch.float32).numpy().reshape(-1, cols)
     try:
-        y = _native.quant_matvec(*views, *fmt, xn[0] if xn.shape[0] == 1 else xn)
+        # (one star: mypy cannot line two fixed-length star arguments up with the parameters)
+        y = _native.quant_matvec(*(views + fmt), xn[0] if xn.shape[0] == 1 else xn)
     except ArgumentError:
         if bool(torch.isfinite(x).all()):
             raise
@@ -162,6 +163,11 @@ class QuantizedLinear(nn.Module):
     then fills); its ``scale_dtype`` is the name ``"float16"`` or ``"float32"``.
     :meth:`from_linear` and :func:`quantize_model` also take a numpy or torch dtype.
     """
+
+    # The buffers (registered in __init__; nn.Module's __getattr__ is typed Tensor | Module).
+    qdata: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
 
     def __init__(
         self,
@@ -398,7 +404,10 @@ class QuantizedLinear(nn.Module):
                     self.scheme,
                 )
             return self._torch_forward(x)
-        views = self._cpu_views() if x.is_cpu and not force_torch else None
+        # (torch.jit.trace records torch ops only: through the kernel, the traced
+        # graph would hold this call's output as a constant)
+        cpu = x.is_cpu and not force_torch and not torch.jit.is_tracing()
+        views = self._cpu_views() if cpu else None
         if views is not None:
             # The CPU path, kept short: a decoding step calls it for every
             # Linear of the model, and a small layer's kernel takes 10-25 us.
@@ -420,7 +429,8 @@ class QuantizedLinear(nn.Module):
         # cast does not (`model.half()` would turn large float32 scales into
         # inf, `model.to(torch.bfloat16)` give scales no kernel reads).
         self.__dict__.pop("_views", None)
-        packed = {n: self._buffers[n] for n in ("scales", "mins")}
+        # (_buffers' values are typed Tensor | None; these two are always tensors)
+        packed = cast("dict[str, torch.Tensor]", {n: self._buffers[n] for n in ("scales", "mins")})
         for n in packed:
             self._buffers[n] = None  # (None buffers are skipped by the cast)
         try:
@@ -436,7 +446,7 @@ class QuantizedLinear(nn.Module):
         self.__dict__.pop("_views", None)
         for n in ("scales", "mins"):
             t = state_dict.get(prefix + n)
-            mine = self._buffers[n]
+            mine = cast(torch.Tensor, self._buffers[n])  # (always a tensor, never None)
             if isinstance(t, torch.Tensor) and t.dtype != mine.dtype and t.numel():
                 # copy_ would cast silently; a float32 -> float16 cast rounds or
                 # overflows the scales.
@@ -458,7 +468,7 @@ class QuantizedLinear(nn.Module):
         while the buffers are the same tensors on the same memory (``.to()``,
         ``load_state_dict`` with ``assign=True`` or a reassignment replace
         them; an in-place ``load_state_dict`` writes through the views)."""
-        b = self._buffers
+        b = cast("dict[str, torch.Tensor]", self._buffers)  # (these three: never None)
         key = tuple((id(t), t.data_ptr()) for t in (b["qdata"], b["scales"], b["mins"]))
         cached = self.__dict__.get("_views")
         if cached is not None and cached[0] == key:
@@ -741,7 +751,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
 
 def _device_of(mod: nn.Module) -> torch.device:
     """The device of a module's first parameter, else first buffer (CPU for none)."""
-    t = next(iter(mod.parameters()), None)
+    t: torch.Tensor | None = next(iter(mod.parameters()), None)
     if t is None:
         t = next(iter(mod.buffers()), None)
     return torch.device("cpu") if t is None else t.device

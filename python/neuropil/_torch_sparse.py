@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -104,9 +104,9 @@ class SparseMLP(nn.Module):
 
     def __init__(
         self,
-        gate: nn.Linear | None,
-        up: nn.Linear,
-        down: nn.Linear,
+        gate: nn.Module | None,
+        up: nn.Module,
+        down: nn.Module,
         activation: str,
         threshold: float | None = None,
         rust_max_rows: int = 8,
@@ -506,12 +506,12 @@ class SparseMLP(nn.Module):
             # calling this module, is never written to here.
             ffn = self._rust_for(method, kernel=True)
             if ffn is not None:
-                a = x.detach().numpy()
+                xn = x.detach().numpy()
                 if method == "teal":
-                    y = ffn._forward(a.reshape(-1) if rows == 1 else a.reshape(rows, shape[-1]),
+                    y = ffn._forward(xn.reshape(-1) if rows == 1 else xn.reshape(rows, shape[-1]),
                                      t_in, threshold)  # fmt: skip
                 else:
-                    y = ffn._ffn.forward(a.reshape(rows, shape[-1]), "threshold", threshold)
+                    y = ffn._ffn.forward(xn.reshape(rows, shape[-1]), "threshold", threshold)
                 return torch.from_numpy(y.reshape(*shape[:-1], y.shape[-1]))
         if method == "teal":
             return self._teal(x, threshold, t_in)
@@ -631,6 +631,8 @@ class _AppliedLinear(nn.Module):
     :class:`SparseMLP` in ``intermediate`` applies them, so its forward passes
     its input through."""
 
+    bias: torch.Tensor | None  # (registered in __init__)
+
     def __init__(self, lin: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
@@ -661,7 +663,7 @@ def _find_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     quantized first); BERT-style ones must be ``nn.Linear`` (see sparsify_mlp)."""
     from ._torch_quant import QuantizedLinear
 
-    found = []
+    found: list[tuple[str, nn.Module, str]] = []
     for name, mod in model.named_modules():
         if isinstance(mod, SparseMLP):
             found.append((name, mod, "sparse"))
@@ -808,16 +810,19 @@ def sparsify_mlp(
             assert isinstance(mod, SparseMLP)
             sparse[name] = mod
         elif kind == "llama":
-            sm = SparseMLP(mod.gate_proj, mod.up_proj, mod.down_proj, _act_name(model, "silu"),
+            # (casts: _find_mlps checked them, nn.Linear or QuantizedLinear modules)
+            sm = SparseMLP(cast(nn.Module, mod.gate_proj), cast(nn.Module, mod.up_proj),
+                           cast(nn.Module, mod.down_proj), _act_name(model, "silu"),
                            rust_max_rows=rust_max_rows, method=method,
                            names=("gate_proj", "up_proj", "down_proj"))  # fmt: skip
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, sm)
             sparse[name] = sm
         else:
-            inter, output = mod.intermediate, mod.output
-            down = _AppliedLinear(output.dense)
-            sm = SparseMLP(None, inter.dense, down, _act_name(model, "gelu"),
+            # (casts: _find_mlps checked intermediate.dense and output.dense, nn.Linear)
+            inter, output = cast(nn.Module, mod.intermediate), cast(nn.Module, mod.output)
+            down = _AppliedLinear(cast(nn.Linear, output.dense))
+            sm = SparseMLP(None, cast(nn.Linear, inter.dense), down, _act_name(model, "gelu"),
                            rust_max_rows=rust_max_rows, method=method,
                            names=(None, "dense", None))  # fmt: skip
             mod.intermediate = sm

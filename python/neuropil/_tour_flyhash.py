@@ -36,7 +36,7 @@ def flyhash(out: Path, verbose: bool = True) -> dict[str, Any]:
     recall = float(np.mean([len(set(ids[i, 1:]) & set(exact[i])) / 10 for i in range(n)]))
     q = int(np.argmax([len(s) < 120 for s in sentences]))
     quality = _flyhash_quality.run(quick=True, out_dir=out, verbose=False, embeddings=emb)
-    result = {
+    result: dict[str, Any] = {
         "sentences": n,
         "dims": d,
         "encoder": repr(fh),

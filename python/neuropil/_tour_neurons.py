@@ -45,7 +45,7 @@ def neurons(out: Path, verbose: bool = True) -> dict[str, Any]:
     xc, xe = captured
     mlp = layer.mlp
     w = [p.weight.detach().numpy() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    ffn = SparseFFN(*w, activation="silu", hot_capacity=w[0].shape[0] // 5)
+    ffn = SparseFFN(w[0], w[1], w[2], activation="silu", hot_capacity=w[0].shape[0] // 5)
     t = ffn.calibrate(xc, sparsity=0.5)
     g = xe @ w[0].T
     a = g / (1 + np.exp(-g))

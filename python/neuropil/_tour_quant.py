@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,7 +31,8 @@ def quant(out: Path, verbose: bool = True) -> dict[str, Any]:
     for t in reader.tensors:
         if t.tensor_type.name != "Q4_1":
             continue
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        # (a cast: these Q4_1 tensors are matrices; from_gguf checks the shape)
+        shape = cast("tuple[int, int]", tuple(int(s) for s in reversed(t.shape.tolist())))
         raw = np.asarray(t.data)
         again = quantize(QuantizedWeights.from_gguf(raw, "q4_1", shape).dequantize(), scheme="q4_1")
         eq = (raw.reshape(-1, 20) == again.to_gguf().reshape(-1, 20)).all(axis=1)

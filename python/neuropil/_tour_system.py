@@ -36,8 +36,8 @@ def kernels(out: Path, verbose: bool = True) -> dict[str, Any]:
                 worst = max(worst, abs(got - want))
                 sims[i, j] = sims[j, i] = got
     np.fill_diagonal(sims, -1)
-    i, j = np.unravel_index(np.argmax(sims), sims.shape)
-    result = {
+    i, j = map(int, np.unravel_index(np.argmax(sims), sims.shape))
+    result: dict[str, Any] = {
         "texts": n,
         "dims": int(profiles.shape[1]),
         "levels": _native.simd_levels(),

@@ -127,7 +127,9 @@ def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:
         # In slices of 64 MiB: a memmapped or huge array is never copied whole.
         flat = arr.reshape(-1).view(np.uint8)
         for lo in range(0, flat.size, 64 << 20):
-            f.write(memoryview(flat[lo : lo + (64 << 20)]))
+            # (numpy's stubs give ndarray __buffer__ on Python 3.12+ only; it has the
+            # buffer protocol on every version)
+            f.write(memoryview(flat[lo : lo + (64 << 20)]))  # type: ignore[arg-type]
 
 
 def _bad(path: Path, detail: str) -> FormatError:

@@ -46,7 +46,7 @@ def license_bigram_profiles() -> tuple[list[str], npt.NDArray[np.float32]]:
         raw = np.frombuffer(texts[name].lower().encode("ascii", "replace"), dtype=np.uint8)
         letters = np.where((raw >= 97) & (raw <= 122), raw - 96, 0).astype(np.int64)
         counts = np.bincount(letters[:-1] * 27 + letters[1:], minlength=27 * 27)
-        out[row] = counts / max(np.linalg.norm(counts), 1.0)
+        out[row] = counts / max(float(np.linalg.norm(counts)), 1.0)
     return names, out
 
 

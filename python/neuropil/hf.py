@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ class SparseLayer(DynamicLayer):
 
     def __getstate__(self) -> dict[str, Any]:
         # (copy.deepcopy of a prefilled cache, pickling: a lock copies as a new one)
-        state = dict(super().__getstate__())
+        # (object.__getstate__ is Python 3.11+, as transformers >= 5 is; mypy checks for 3.10)
+        state = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_lock", None)
         return state
 
@@ -354,8 +355,9 @@ def _check_mask(mask: Any, bsz: int, n: int) -> None:
 
 def _check_model(model: Any, config: Any) -> None:
     if not hasattr(config, "get_text_config"):
-        raise NeuropilError(
-            f"SparseCache needs a transformers model or config; got {type(model).__name__}"
+        raise ArgumentError(
+            "model must be a transformers model or config (SparseCache reads its text config); "
+            f"got {type(model).__name__}"
         )
     text = config.get_text_config(decoder=True)
     missing = [
@@ -433,7 +435,8 @@ def _select_cpu(
     if cache.strategy == "threshold":
         # Within float32 (a logit threshold past it selects what +-F32_MAX does:
         # nothing or everything), so the search never gets an infinite one.
-        t = np.full(rows, _f32(cache.threshold / scaling), dtype=np.float32)
+        # (a cast: _check_strategy gave the "threshold" strategy a float threshold)
+        t = np.full(rows, _f32(cast(float, cache.threshold) / scaling), dtype=np.float32)
     else:  # top_p
         # Only the allowed keys can be dropped, so they alone count in the margin (as in the
         # torch path): padding does not widen a row's selection.
@@ -644,6 +647,7 @@ def sparse_decode_attention(
     elif strategy == "top_k":
         zt = z.topk(min(top_k, n), dim=-1).values[..., -1:]
     elif strategy == "threshold":
+        assert threshold is not None  # (_check_strategy: "threshold" has one)
         zt = torch.full_like(zmax, _f32(float(threshold)))
     else:
         zt = zmax + math.log1p(-top_p) - torch.log(n_ok)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -84,7 +85,11 @@ def _weight_dtype(bits: Any, dtype: str) -> str:
     return dtype
 
 
-def _as_numpy(x: Any, arg: str = "input", want: str = "an array") -> np.ndarray:
+#: The weight arguments of SparseFFN and InputSparseFFN, in order.
+_WEIGHT_NAMES = ("gate", "up", "down", "up_bias", "down_bias")
+
+
+def _as_numpy(x: Any, arg: str, want: str = "an array") -> np.ndarray:
     """numpy view of an array-like or a CPU torch tensor (CUDA tensors are copied to the host).
     A ragged nested list raises ShapeError: ``{arg} must be {want}; got a ragged sequence``."""
     if type(x).__module__.startswith("torch"):
@@ -128,9 +133,10 @@ def _check_up_bias(gate: Any, up_bias: Any) -> None:
     it to the gate's pre-activation and the CUDA path would drop it, neither
     of which is ``act(gate x) * (up x + b)``."""
     if gate is not None and up_bias is not None:
+        shape = np.shape(_as_numpy(up_bias, "up_bias"))
         raise ArgumentError(
             "up_bias must be None for a gated FFN (it is the bias of an ungated FFN's up "
-            f"projection); got up_bias of shape {np.shape(_as_numpy(up_bias))} with a gate"
+            f"projection); got up_bias of shape {shape} with a gate"
         )
 
 
@@ -146,7 +152,7 @@ def _fraction(name: str, v: Any) -> float:
 def _samples(samples: Any, d: int) -> np.ndarray:
     """Calibration samples as (n, d) with n >= 1 and finite values; leading
     dimensions (hidden states ``(batch, tokens, d)``) are flattened."""
-    x = _as_numpy(samples)
+    x = _as_numpy(samples, "samples")
     if x.dtype.kind != "f":
         raise DTypeError(f"samples must be a float array or tensor; got dtype {x.dtype}")
     if x.ndim == 0 or x.shape[-1] != d or x.size == 0:
@@ -306,7 +312,7 @@ class NeuronCache:
             raise ArgumentError(f"capacity must be at most num_neurons = {n}; got {cap}")
         if not isinstance(policy, str) or policy not in _POLICIES:
             raise ArgumentError(f"policy must be one of {_POLICIES}; got {policy!r}")
-        self._args = {
+        self._args: dict[str, Any] = {
             "num_neurons": n,
             "capacity": cap,
             "bytes_per_neuron": bpn,
@@ -582,7 +588,11 @@ class SparseFFN:
     ) -> None:
         dtype = _weight_dtype(bits, dtype)
         _check_up_bias(gate, up_bias)
-        conv = [None if a is None else _as_numpy(a) for a in (gate, up, down, up_bias, down_bias)]
+        # (Any: a None up or down goes to the core too, whose DTypeError names it)
+        conv: list[Any] = [
+            None if a is None else _as_numpy(a, name)
+            for a, name in zip((gate, up, down, up_bias, down_bias), _WEIGHT_NAMES, strict=True)
+        ]
         self._ffn = _native._SparseFfn(
             conv[0], conv[1], conv[2], _activation(activation), dtype, conv[3], conv[4]
         )
@@ -746,7 +756,7 @@ class SparseFFN:
         ``active_pairs``, ``hot_fetches``/``cold_fetches`` (neurons read from the
         hot tier / the backing store), ``cold_bytes``, and ``density``
         (active_pairs / (rows x h))."""
-        s = dict(self._ffn.stats())
+        s: dict[str, float] = dict(self._ffn.stats())
         for k, v in self._stats_base.items():
             s[k] += v
         s["density"] = s["active_pairs"] / max(s["rows"] * self.num_neurons, 1)
@@ -810,7 +820,7 @@ class SparseFFN:
         self._stats_base = dict(state["stats"])
 
     def _rows(self, x: Any) -> tuple[Any, bool]:
-        a = _as_numpy(x)
+        a = _as_numpy(x, "x")
         if a.ndim == 1:
             if a.shape[0] != self.dim:
                 raise ShapeError(
@@ -848,6 +858,7 @@ class SparseFFN:
         elif top_k is not None:
             y = self._ffn.forward(a, "topk", float(top_k))
         else:
+            assert threshold is not None  # (both None went dense)
             y = self._ffn.forward(a, "threshold", float(threshold))
         out = y[0] if single else y
         if is_torch:
@@ -878,7 +889,10 @@ class SparseFFN:
                 [None if w is None else torch.from_numpy(w).to(x.device, x.dtype) for w in ws],
             )
         gate, up, down = dev[1]
-        acts = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation]
+        assert up is not None and down is not None  # (weights() gives both)
+        fns: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+        fns = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+        acts = fns[self.activation]
         if self._bias_up is not None or self._bias_down is not None:
             ub, db = (
                 None if b is None else torch.from_numpy(b).to(x.device, x.dtype)

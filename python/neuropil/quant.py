@@ -317,7 +317,7 @@ class QuantizedWeights:
             return None
         return s.view(np.uint16) if s.dtype == np.float16 else s
 
-    def _args(self) -> tuple[Any, ...]:
+    def _args(self) -> tuple[Any, Any, Any, int, int, int, int, str]:
         return (
             self.data,
             self._native_scales(self.scales),

@@ -122,7 +122,7 @@ class RangeIndex:
                 raise ArgumentError(
                     f"{name} must be an integer between {lo} and {hi}; got {_shown(v)}"
                 )
-        self._params = {
+        self._params: dict[str, Any] = {
             "method": method,
             "leaf": int(leaf),
             "branching": int(branching),
@@ -643,6 +643,7 @@ def _thresholds(t: Any, q: Any) -> Any:
 def _ceil_f32(t: np.ndarray) -> np.ndarray:
     """The least float32 >= each value of ``t`` (floats or integers of any
     size; NaN and Inf pass through for the finiteness check)."""
+    f: np.ndarray | None
     if t.dtype.kind == "f":
         _check_f32_range(t)
         f = t.astype(np.float32)

@@ -134,13 +134,32 @@ class _Array:
             self.raw = None
             self.wide = _wide_rows(data, _itemsize(data) * int(np.prod(self.trail, dtype=np.int64)))
         elif self.torch:
-            import torch
-
-            flat = data.reshape(data.shape[0], -1)
-            self.raw = flat.view(torch.uint8).numpy() if flat.shape[1] else None
+            self.raw = None  # remade by `source` whenever the tensor's memory moved
+            self._view: tuple[int, np.ndarray | None] | None = None
         else:
             self.raw = data.reshape(data.shape[0], -1).view(np.uint8)
         self.row_bytes = int(np.prod(self.trail, dtype=np.int64)) * _itemsize(data)
+
+    def source(self) -> np.ndarray | None:
+        """The data's rows as a ``(n, row_bytes)`` uint8 numpy view (``None`` for
+        0-byte rows or CUDA data).
+
+        A CPU tensor's view is remade whenever its memory moved: pickling the
+        tensor for a spawn or forkserver ``DataLoader`` worker (torch's
+        ``share_memory_``) swaps its storage in place and frees the old one,
+        which a view kept from construction would go on reading.
+        """
+        if not self.torch or self.cuda:
+            return self.raw
+        import torch
+
+        ptr = self.data.data_ptr()
+        cached = self._view
+        if cached is None or cached[0] != ptr:
+            flat = self.data.reshape(self.data.shape[0], -1)
+            cached = (ptr, flat.view(torch.uint8).numpy() if flat.shape[1] else None)
+            self._view = cached
+        return cached[1]
 
     def item_shape(self) -> tuple[int, ...]:
         return self.trail if self.squeeze else (self.rows, *self.trail)
@@ -166,8 +185,10 @@ class _Array:
         if self.cuda:
             _cuda_gather(self, starts, user)
         elif raw is not None and raw.shape[1]:
+            src = self.source()
+            assert src is not None  # (None only on CUDA or for 0-byte rows)
             _native.windows_gather(
-                self.raw,
+                src,
                 starts,
                 self.shift,
                 self.rows,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArgumentError, DTypeError, ShapeError, _shown
+from ..errors import ArgumentError, DTypeError, ShapeError, _non_finite, _shown
 
 # Past this many bytes a tensor's size overflows torch's int64 byte count.
 _MAX_BYTES = 2**63 - 1
@@ -98,7 +98,7 @@ def check_codes(codes: torch.Tensor, name: str = "codes") -> None:
     if bool(torch.isfinite(c).all()) and not bool(bad.any()):
         return
     if not bool(torch.isfinite(c).all()):
-        raise ArgumentError(f"{name} must be finite; got NaN or Inf")
+        raise _non_finite(name, c)
     cols = torch.nonzero(bad).flatten()[:5].tolist()
     raise ArgumentError(
         f"{name} must have columns of non-zero, finite norm (computed in float64); got "

@@ -120,10 +120,9 @@ impl BinaryIndex {
     pub fn add(&mut self, codes: &[u8], n: usize, ids: Option<&[i64]>) -> Result<()> {
         self.check_codes("codes", codes, n)?;
         if (self.codes.len() + codes.len()) as u128 > MAX_BYTES as u128 {
-            return Err(super::too_big(
-                "codes",
-                (self.codes.len() + codes.len()) as u128,
-            ));
+            let found = format!("{n} codes to add to {}", self.len());
+            let bytes = (self.codes.len() + codes.len()) as u128;
+            return Err(super::too_big("codes", found, "index", bytes));
         }
         // The next automatic id follows the largest id, so an id must leave room
         // for it; everything is checked before anything changes.
@@ -204,7 +203,13 @@ impl BinaryIndex {
             return Err(Error::value("k", "a positive integer", 0));
         }
         if nq as u128 * k as u128 * 12 > MAX_BYTES as u128 {
-            return Err(super::too_big("k", nq as u128 * k as u128 * 12));
+            let found = format!("{k} for {nq} quer{}", if nq == 1 { "y" } else { "ies" });
+            return Err(super::too_big(
+                "k",
+                found,
+                "results",
+                nq as u128 * k as u128 * 12,
+            ));
         }
         Ok(())
     }

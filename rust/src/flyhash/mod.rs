@@ -76,12 +76,16 @@ pub enum Output<'a> {
     Activations(&'a mut [f32]),
 }
 
-fn too_big(what: &'static str, bytes: u128) -> Error {
+/// `what` (shown as `found`) would make `result` take `bytes`, over [`MAX_BYTES`].
+fn too_big(what: &'static str, found: String, result: &str, bytes: u128) -> Error {
     Error::value(
         what,
-        format!("at most {} GiB", MAX_BYTES >> 30),
         format!(
-            "a request for {:.1} GiB",
+            "small enough for the {result} to fit in {} GiB ({MAX_BYTES} bytes)",
+            MAX_BYTES >> 30
+        ),
+        format!(
+            "{found} ({result}: {bytes} bytes, {:.1} GiB)",
             bytes as f64 / (1u64 << 30) as f64
         ),
     )
@@ -257,7 +261,8 @@ impl FlyHash {
     pub fn output_len(&self, n: usize, per_row: usize, elem_bytes: usize) -> Result<usize> {
         let bytes = n as u128 * per_row as u128 * elem_bytes as u128;
         if bytes > MAX_BYTES as u128 {
-            return Err(too_big("x", bytes));
+            let shape = format!("shape ({n}, {})", self.config.input_dim);
+            return Err(too_big("x", shape, "output", bytes));
         }
         Ok(n * per_row)
     }
