@@ -39,6 +39,22 @@ def test_info_json_via_console_script_and_module(module):
     assert data["simd_level"] == neuropil.simd_level()
 
 
+def test_version_flag_and_a_reader_that_left_the_pipe():
+    r = run_cli("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"neuropil {neuropil.__version__}")
+    # `neuropil info --json | head -c 1`: a reader gone before the output is
+    # written ends the command quietly with the shell's SIGPIPE code (it was a
+    # "neuropil: error: [Errno 32] Broken pipe" and status 1).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([console_script(), "info", "--json"], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
+
+
 @pytest.mark.parametrize(
     ("var", "value", "key", "expected"),
     [

@@ -165,7 +165,7 @@ def test_env_override_invalid_level_raises_clear_error(value, reason):
 def test_set_num_threads_resizes_the_pool(restore_threads):
     neuropil.set_num_threads(1)
     assert neuropil.get_num_threads() == 1
-    neuropil.set_num_threads(3)
+    neuropil.set_num_threads(np.int64(3))  # a numpy integer is an integer (a shape's entry)
     assert neuropil.get_num_threads() == 3
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((2, 500_000), dtype=np.float32)
@@ -174,9 +174,16 @@ def test_set_num_threads_resizes_the_pool(restore_threads):
     assert _native.dot(a, b) == three  # chunked sum: independent of the thread count
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
-def test_set_num_threads_rejects_non_positive_integers(bad, restore_threads):
-    with pytest.raises(ArgumentError, match="n must be a positive integer"):
+BAD_THREADS = [
+    (0, "0"), (-2, "-2"), (1.5, "1.5"), (True, "True"), ("4", "'4'"),
+    (np.float32(2), "2.0"), (np.bool_(True), "True"), (np.int64(0), "0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("bad", "shown"), BAD_THREADS)
+def test_set_num_threads_rejects_non_positive_integers(bad, shown, restore_threads):
+    # (numpy scalars shown as numbers, not numpy 2's "np.int64(0)")
+    with pytest.raises(ArgumentError, match=f"n must be a positive integer.*; got {shown}$"):
         neuropil.set_num_threads(bad)
 
 

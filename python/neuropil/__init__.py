@@ -12,8 +12,10 @@ import builtins
 import importlib.util
 from typing import Any
 
+import numpy as np
+
 from . import _native
-from .errors import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError
+from .errors import ArgumentError, DTypeError, FormatError, NeuropilError, ShapeError, _shown
 
 __version__: str = _native.__version__
 
@@ -54,9 +56,9 @@ def set_num_threads(n: int) -> None:
     Raises:
         ArgumentError: ``n`` is not an integer in [1, 4096].
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise ArgumentError(f"n must be a positive integer at most 4096; got {n!r}")
-    _native.set_num_threads(n)  # (refuses 0, negative and past 4096 counts, 2**70 too)
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise ArgumentError(f"n must be a positive integer at most 4096; got {_shown(n)}")
+    _native.set_num_threads(int(n))  # (refuses 0, negative and past 4096 counts, 2**70 too)
 
 
 def get_num_threads() -> int:

@@ -668,9 +668,10 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
         FormatError: the file is malformed (a tensor whose shape differs from
             the model's, a malformed ``sparse_config`` of a
             :class:`~neuropil.torch.SparseMLP`...) or names a quantized layer
-            the model lacks (``strict``): found before the model changes; or
-            (``strict``) the other tensors of the file and the model differ:
-            found after the file's tensors are loaded.
+            the model lacks, or (``strict``) the other tensors of the file and
+            the model differ: all found before the model changes. A tensor
+            naming a buffer the model does not save (BERT's ``position_ids``,
+            kept from older checkpoints) is skipped, as transformers skips it.
     """
     entries = _load_entries(path, bf16_bits=True)
     plain: dict[str, torch.Tensor] = {}
@@ -710,9 +711,16 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     # after the layers were replaced).
     from ._torch_sparse import _CONFIG, SparseMLP, _parse_config
 
-    state = model.state_dict()
+    # Every name a replaced layer goes by (a module shared by two attributes,
+    # as save_quantized writes it: packed once, its other name's tensors plain).
+    every = list(model.named_modules(remove_duplicate=False))
+    for name, new in list(layers.items()):
+        old = model.get_submodule(name)
+        layers.update({n: new for n, m in every if m is old and n not in layers})
+    state = _state_after(model, layers)
     for key, t in plain.items():
-        if key in state and tuple(state[key].shape) != tuple(t.shape):
+        mine = state.get(key)
+        if isinstance(mine, torch.Tensor) and tuple(mine.shape) != tuple(t.shape):
             raise FormatError(
                 f"{path}: {key!r} has shape {tuple(t.shape)} in the file; "
                 f"the model's is {tuple(state[key].shape)}"
@@ -721,6 +729,18 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
         if leaf == _CONFIG and key in state:
             if isinstance(model.get_submodule(owner), SparseMLP):
                 _parse_config(t, f"{path}: {key}", FormatError)
+    # A buffer the model does not save (BERT's position_ids, which older
+    # checkpoints carry and `neuropil quantize` keeps) is skipped, as
+    # transformers' own loading skips it.
+    transient = {n for n, _ in model.named_buffers() if n not in model.state_dict()}
+    plain = {k: t for k, t in plain.items() if k not in transient}
+    if strict:
+        unexpected, missing = _strict_mismatch(state, plain, layers)
+        if unexpected or missing:
+            raise FormatError(
+                f"{path}: tensors the model lacks: {unexpected[:5]}; "
+                f"model tensors the file lacks: {missing[:5]}"
+            )
     if not strict and not layers and any(isinstance(v, QuantizedWeights) for v in entries.values()):
         warnings.warn(
             f"{path}: no quantized layer of the file matched a layer of the model "
@@ -729,24 +749,37 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
         )
     for name, new in layers.items():
         _replace(model, name, new)
-    result = model.load_state_dict(plain, strict=False)
-    if strict:
-        covered = {f"{n}.{b}" for n in layers for b in ("qdata", "scales", "mins", "_extra_state")}
-        # A tied tensor (lm_head sharing the embeddings) is loaded through its twin.
-        state = model.state_dict(keep_vars=True)
-        loaded = {state[k].data_ptr() for k in plain if k in state}
-        missing = [
-            k
-            for k in result.missing_keys
-            if k not in covered and not (k in state and state[k].data_ptr() in loaded)
-        ]
-        if result.unexpected_keys or missing:
-            raise FormatError(
-                f"{path}: tensors the model lacks: {result.unexpected_keys[:5]}; "
-                f"model tensors the file lacks: {missing[:5]}"
-            )
+    model.load_state_dict(plain, strict=False)
     _mark_transformers_model(model)
     return model
+
+
+def _state_after(model: nn.Module, layers: dict[str, QuantizedLinear]) -> dict[str, Any]:
+    """``model``'s state once each ``layers[name]`` replaces the layer ``name``."""
+    state = {
+        k: t
+        for k, t in model.state_dict(keep_vars=True).items()
+        if k.rpartition(".")[0] not in layers
+    }
+    for name, new in layers.items():
+        state.update({f"{name}.{k}": t for k, t in new.state_dict(keep_vars=True).items()})
+    return state
+
+
+def _strict_mismatch(
+    state: dict[str, Any], plain: dict[str, torch.Tensor], layers: dict[str, QuantizedLinear]
+) -> tuple[list[str], list[str]]:
+    """The file's tensors the model lacks, and the model's the file lacks, in
+    the model's ``state`` after the quantized ``layers`` replace theirs (whose
+    packed tensors the file's quantized entries fill)."""
+    covered = {f"{n}.{b}" for n in layers for b in ("qdata", "scales", "mins", "_extra_state")}
+    # A tied tensor (lm_head sharing the embeddings) is loaded through its twin.
+    # (a module's extra state need not be a tensor: it has no address)
+    ptr = {k: t.data_ptr() if isinstance(t, torch.Tensor) else 0 for k, t in state.items()}
+    loaded = {ptr[k] for k in plain if k in state} - {0}
+    unexpected = [k for k in plain if k not in state]
+    missing = [k for k in state if k not in plain and k not in covered and ptr[k] not in loaded]
+    return unexpected, missing
 
 
 def _device_of(mod: nn.Module) -> torch.device:

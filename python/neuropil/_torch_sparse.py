@@ -116,9 +116,11 @@ class SparseMLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in _ACTS:
-            raise ArgumentError(f"activation must be one of {sorted(_ACTS)}; got {activation!r}")
+            raise ArgumentError(
+                f"activation must be one of {sorted(_ACTS)}; got {_shown(activation)}"
+            )
         if method not in _METHODS:
-            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
+            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {_shown(method)}")
         self._calib_x: list[torch.Tensor] | None = None
         # The layers live under their model names when registered; the
         # unregistered ones (names[i] is None) are held outside the module tree.
@@ -214,7 +216,7 @@ class SparseMLP(nn.Module):
     def _set_config(self, method: str, threshold: float | None, t_in: float | None) -> None:
         """Validates and stores a calibration (a new buffer on the old one's device)."""
         if method not in _METHODS:
-            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
+            raise ArgumentError(f"method must be one of {list(_METHODS)}; got {_shown(method)}")
         ts = []
         for name, v in (("threshold", threshold), ("t_in", t_in)):
             f = None if v is None else float(v)
@@ -793,7 +795,7 @@ def sparsify_mlp(
     if not 0.0 <= s < 1.0:
         raise ArgumentError(f"sparsity must be in [0, 1); got {_shown(sparsity)}")
     if method not in _METHODS:
-        raise ArgumentError(f"method must be one of {list(_METHODS)}; got {method!r}")
+        raise ArgumentError(f"method must be one of {list(_METHODS)}; got {_shown(method)}")
     hs = s if hidden_sparsity is None else _real("hidden_sparsity", hidden_sparsity, "in [0, 1)")
     if hidden_sparsity is not None and method != "teal":
         raise ArgumentError(f"hidden_sparsity applies to method='teal' only; got method={method!r}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from . import __version__
 from . import info as _info
 from .errors import NeuropilError
 
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import _bench, _tour
 
     p = _Parser(prog="neuropil", description=__doc__)
+    p.add_argument("--version", action="version", version=f"neuropil {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="version, SIMD level, threads, torch/CUDA")
@@ -221,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"neuropil: error: {e}", file=sys.stderr)
         # (a file error reported with its path keeps the OSError as its cause)
         return 1 if isinstance(e.__cause__, OSError) else 2
+    except BrokenPipeError:
+        # The reader of stdout left (`neuropil info --json | head -1`): what it
+        # read is all it wanted. stdout is pointed at /dev/null so the flush at
+        # exit does not fail again; 141 is the shell's code for a SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
         return 1
