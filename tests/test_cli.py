@@ -130,6 +130,11 @@ def test_tour_text_report(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "== system ==" in r.stdout and "== kernels ==" in r.stdout
     assert "sections ran" in r.stdout
+    # A report folder that cannot be made fails at once, before any section.
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("tour", "--only", "system", "--out", str(tmp_path / "afile" / "sub"))
+    assert r.returncode == 1 and "== system ==" not in r.stdout
+    assert r.stderr.startswith("neuropil: error:") and "afile" in r.stderr
 
 
 def test_bench_quick_json(capsys):
@@ -300,6 +305,27 @@ def test_skip_keeps_gguf_tensors_of_the_target_format_in_float(tmp_path, capsys)
     blocks = quant.quantize(w["skip.me"], scheme="q8_0")
     np.testing.assert_array_equal(skipped, blocks.dequantize())
     assert report["bytes_after"] == kept.memory_bytes + skipped.nbytes
+
+
+def test_gguf_blocks_packed_again_get_a_note_and_empty_tensors_are_kept(tmp_path, capsys):
+    # Q8_0 blocks quantized to 4-bit asym are rounded once more: the report
+    # says which scheme keeps them; --scheme q8_0 carries them over (no note).
+    rng = np.random.default_rng(1)
+    src = _write_gguf(tmp_path / "in.gguf", {"w": rng.standard_normal((8, 64)).astype(np.float32)})
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--min-size", "0"]) == 0
+    assert "note: 1 Q8_0 tensors of the GGUF file were re-quantized; --scheme q8_0 keeps them" in (
+        capsys.readouterr().out
+    )
+    assert cli.main(["quantize", str(src), str(out), "--scheme", "q8_0", "--min-size", "0"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    # An empty matrix has nothing to pack: kept (it was "w must not be empty").
+    src = _save(tmp_path / "e.safetensors", {"e": np.zeros((0, 64), np.float32),
+                                             "w": np.ones((64, 64), np.float32)})  # fmt: skip
+    assert cli.main(["quantize", str(src), str(out), "--min-size", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["tensor"] for r in report["kept"]] == ["e"] and report["quantized_tensors"] == 1
+    assert quant.load_file(out)["e"].shape == (0, 64)
 
 
 @pytest.mark.parametrize(

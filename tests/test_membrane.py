@@ -490,7 +490,14 @@ def _rewrite(path, edit_meta=None, edit_tensors=None):
 @pytest.mark.parametrize(
     "meta,tensors,msg",
     [
-        (lambda m: m.update(version=2), None, "version must be 1"),
+        (lambda m: m.update(version=0), None, "version must be 1; got 0"),
+        # a newer version says what to do (was "format version must be 1; got 2")
+        (
+            lambda m: m.update(version=2),
+            None,
+            r"bank\.safetensors: version 2 is newer than this neuropil \(.+\) reads "
+            r"\(up to 1\): upgrade neuropil$",
+        ),
         (lambda m: m.update(format="other"), None, "format must be"),
         (lambda m: m.pop("L"), None, "'L' is missing"),
         (lambda m: m.update(K="20"), None, "'K' must be"),
@@ -504,6 +511,13 @@ def _rewrite(path, edit_meta=None, edit_tensors=None):
         (None, lambda t: t.pop("reads"), "tensors must be"),
         (None, lambda t: t.update(C=torch.zeros_like(t["C"])), "zero columns"),
         (lambda m: m.update(code_kind="hadamard"), None, "not the Hadamard code book"),
+        # (loaded before: any string was kept as the bank's code_kind)
+        (
+            lambda m: m.update(code_kind="x"),
+            None,
+            r"code_kind must be one of \('hadamard', 'dct', 'gaussian', 'orthogonal', 'auto', "
+            r"'custom', 'grown'\); got 'x'",
+        ),
     ],
 )
 def test_load_rejects_malformed_files(tmp_path, meta, tensors, msg):
@@ -511,6 +525,39 @@ def test_load_rejects_malformed_files(tmp_path, meta, tensors, msg):
     _rewrite(path, meta, tensors)
     with pytest.raises(neuropil.FormatError, match=msg):
         MembraneBank.load(path)
+
+
+@pytest.mark.parametrize("raw", ["[]", "1", "null", '"x"'])
+def test_load_rejects_metadata_that_is_json_but_no_object(tmp_path, raw):
+    # (was AttributeError: 'list' object has no attribute 'get', from the message)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={"neuropil": raw})
+    kind = type(json.loads(raw)).__name__
+    with pytest.raises(
+        neuropil.FormatError,
+        match=rf"bank\.safetensors: metadata 'neuropil' must be a JSON object; got {kind}$",
+    ):
+        MembraneBank.load(path)
+
+
+@pytest.mark.parametrize(
+    "kind", ["hadamard", "dct", "gaussian", "orthogonal", "auto", "custom", "grown"]
+)
+def test_load_keeps_every_code_kind_a_bank_can_have(tmp_path, kind):
+    if kind == "custom":
+        bank = MembraneBank(16, 2, 2, codes=torch.linalg.qr(torch.randn(16, 8))[0])
+    else:
+        bank = MembraneBank(16, 2, 2, codes="gaussian" if kind == "grown" else kind, K=8)
+        if kind == "grown":
+            bank.grow(12)
+    assert bank.code_kind == kind
+    bank.save(tmp_path / "b.safetensors")
+    assert MembraneBank.load(tmp_path / "b.safetensors").code_kind == kind
 
 
 def test_load_rejects_truncated_and_foreign_files(tmp_path):

@@ -307,7 +307,12 @@ def _tamper(path, out, fn):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda h: h["__metadata__"].update(format_version="9"), "format_version must be 1"),
+        (lambda h: h["__metadata__"].update(format_version="0"), "format_version must be 1"),
+        (
+            lambda h: h["__metadata__"].update(format_version="9"),
+            r"bad\.safetensors: format_version 9 is newer than this neuropil \(.+\) reads "
+            r"\(up to 1\): upgrade neuropil$",
+        ),
         (lambda h: h["__metadata__"].update(format="other"), "metadata format"),
         (lambda h: h["__metadata__"].update({"neuropil.quant": "{"}), "not JSON"),
         (
@@ -345,6 +350,54 @@ def test_tampered_files_raise_format_error(tmp_path, edit, message):
     _tamper(path, bad, edit)
     with pytest.raises(FormatError, match=message):
         QuantizedWeights.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # None was the constructor's default (bits None loaded as 4 bits)
+        ("bits", None, "bits must be an integer; got None"),
+        ("group_size", None, "group_size must be an integer; got None"),
+        ("bits", 4.0, "bits must be an integer; got 4.0"),
+        ("bits", True, "bits must be an integer; got True"),
+        ("scheme", "ASYM", r"scheme must be one of \['asym', .*\]; got 'ASYM'"),
+        ("scheme", None, r"scheme must be one of \['asym', .*\]; got None"),
+        ("extra", 1, r"format entry has unknown fields \['extra'\]"),
+    ],
+)
+def test_every_format_field_is_validated_none_is_no_default(tmp_path, field, value, message):
+    path = tmp_path / "w.safetensors"
+    quantize(_matrix(6, 10, 100)).save(path)
+    bad = tmp_path / "bad.safetensors"
+
+    def edit(h):
+        formats = json.loads(h["__metadata__"]["neuropil.quant"])
+        formats["weight"][field] = value
+        h["__metadata__"]["neuropil.quant"] = json.dumps(formats)
+
+    _tamper(path, bad, edit)
+    with pytest.raises(FormatError, match=r"bad\.safetensors: tensor 'weight': " + message):
+        QuantizedWeights.load(bad)
+    with pytest.raises(FormatError, match=message):
+        load_file(bad)
+
+
+def test_load_refuses_an_extra_tensor_load_file_reads_it_as_an_entry(tmp_path):
+    # QuantizedWeights.load reads what save writes (one entry's tensors); an
+    # extra tensor was silently ignored. load_file reads a save_file file of
+    # quantized entries and plain arrays: the extra tensor is one of them; and
+    # load(name=) reads one entry of such a file.
+    q = quantize(_matrix(6, 10, 100))
+    path = tmp_path / "w.safetensors"
+    save_file(path, {"weight": q, "extra": np.zeros(4, np.uint8)})
+    with pytest.raises(
+        FormatError,
+        match=r"w\.safetensors: unexpected tensors \['extra'\] beside the quantized entry 'weight'",
+    ):
+        QuantizedWeights.load(path)
+    assert np.array_equal(QuantizedWeights.load(path, name="weight").data, q.data)
+    entries = load_file(path)
+    assert sorted(entries) == ["extra", "weight"] and entries["extra"].tolist() == [0] * 4
 
 
 def test_truncated_files_raise_format_error(tmp_path):
@@ -515,11 +568,36 @@ def test_quantize_model_is_all_or_nothing_and_keeps_ties(tmp_path):
     with pytest.raises(FormatError, match="'c' is 64x64 in the file"):
         load_quantized(other, path, strict=False)
     assert all(type(m) is torch.nn.Linear for m in other.values())
-    # strict: a model layer the file lacks is reported.
+    # strict: a model layer the file lacks is reported, before anything changes
+    # (the layers were replaced and the tensors loaded before the check).
     more = fresh()
     more["d"] = torch.nn.Linear(8, 8)
-    with pytest.raises(FormatError, match="file lacks"):
+    before = {k: v.clone() for k, v in more.state_dict().items()}
+    with pytest.raises(FormatError, match=r"file lacks: \['d.weight', 'd.bias'\]"):
         load_quantized(more, path)
+    assert all(type(m) is torch.nn.Linear for m in more.values())
+    assert all(torch.equal(before[k], v) for k, v in more.state_dict().items())
+    # A tensor naming a buffer the model does not save (BERT's position_ids,
+    # kept from older checkpoints by `neuropil quantize`) is skipped, as
+    # transformers skips it; a tensor the model lacks altogether is reported.
+    from safetensors.torch import load_file as st_load
+    from safetensors.torch import save_file as st_save
+
+    tensors = st_load(str(path))
+    meta = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    with_ids = tmp_path / "ids.safetensors"
+    st_save({**tensors, "pos": torch.arange(8)}, str(with_ids), metadata=meta["__metadata__"])
+
+    def whole():
+        m = fresh()
+        m["b"] = m["a"]
+        return m
+
+    holder = whole()
+    holder.register_buffer("pos", torch.arange(8), persistent=False)
+    assert isinstance(load_quantized(holder, with_ids)["c"], QuantizedLinear)
+    with pytest.raises(FormatError, match=r"tensors the model lacks: \['pos'\]"):
+        load_quantized(whole(), with_ids)
 
 
 def test_cli_quantizes_a_safetensors_file(tmp_path):

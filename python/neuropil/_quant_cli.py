@@ -301,6 +301,7 @@ def convert(
             stored.ndim == 2
             and (bf16 or stored.dtype.kind == "f")
             and stored.size >= min_size
+            and stored.size > 0  # (nothing to pack: kept, as under --min-size)
             and not skipped(name)
         )
         if not wanted:
@@ -357,6 +358,10 @@ def convert(
         "tensors": rows,
         "kept": kept,
     }
+
+
+#: GGUF block types neuropil reads, and the scheme that keeps each one's bytes.
+_GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 
 def _float16_if_exact(values: np.ndarray) -> np.ndarray:
@@ -423,6 +428,17 @@ def main(args: Any) -> int:
             f"... {len(report['kept'])} tensors kept unquantized ("
             + ", ".join(f"{dt}: {c}" for dt, c in sorted(counts.items()))
             + ")",
+            file=out,
+        )
+    # GGUF block tensors of another scheme were dequantized and packed again
+    # (one more rounding): say which scheme keeps them exactly.
+    again = Counter(
+        r["from"] for r in report["tensors"] if r["from"] in _GGUF_SCHEMES and r["rel_error"]
+    )
+    for kind, n in sorted(again.items()):
+        print(
+            f"note: {n} {kind} tensors of the GGUF file were re-quantized; "
+            f"--scheme {_GGUF_SCHEMES[kind]} keeps them as they are",
             file=out,
         )
     mb = 1 << 20

@@ -32,6 +32,9 @@ def run(
 ) -> int:
     names = select(SECTIONS, only, "--only")
     out = Path(out_dir)
+    # Made first: a path that cannot be a folder fails here (OSError: one
+    # "neuropil: error:" line), not in the section that writes the first figure.
+    out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     failed = 0
     for name in names:

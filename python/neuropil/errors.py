@@ -122,3 +122,31 @@ def _non_finite(name: str, a: Any) -> ArgumentError:
         v = float(flat[i])
     shown = "NaN" if v != v else ("inf" if v > 0 else "-inf")
     return ArgumentError(f"{name} must be finite (no NaN or Inf); got {shown} at flat index {i}")
+
+
+def _check_format_version(
+    where: Any, found: Any, supported: int, field: str = "format_version"
+) -> None:
+    """FormatError unless ``found`` (a file's ``field``: an int, or its decimal
+    string as the safetensors metadata stores it) is ``supported``. A version
+    newer than this neuropil reads says so and what to do
+    (``x.st: format_version 3 is newer than this neuropil (0.1.0) reads (up to
+    2): upgrade neuropil``); anything else (older, missing, not a version)
+    gives ``x.st: format_version must be 2; got '0'``."""
+    version: int | None = None
+    if type(found) is int:
+        version = found
+    elif isinstance(found, str) and found.isascii() and found.isdigit() and len(found) <= 30:
+        # (canonical ASCII digits only: int() would take "+1", " 1", "1_0", fullwidth digits)
+        if str(int(found)) == found:
+            version = int(found)
+    if version == supported:
+        return
+    if version is not None and version > supported:
+        from . import _native  # (lazily: the bindings import this module)
+
+        raise FormatError(
+            f"{where}: {field} {version} is newer than this neuropil ({_native.__version__}) "
+            f"reads (up to {supported}): upgrade neuropil"
+        )
+    raise FormatError(f"{where}: {field} must be {supported}; got {found!r}")

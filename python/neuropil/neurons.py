@@ -41,7 +41,16 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _non_finite, _real, _shown
+from .errors import (
+    ArgumentError,
+    DTypeError,
+    FormatError,
+    ShapeError,
+    _check_format_version,
+    _non_finite,
+    _real,
+    _shown,
+)
 
 __all__ = ["InputSparseFFN", "NeuronCache", "SparseFFN"]
 
@@ -488,14 +497,14 @@ class NeuronCache:
 
     def _restore(self, tensors: dict[str, Any], meta: dict[str, Any], path: Any) -> None:
         """Builds this cache from a file's (or a pickle's) tensors and metadata,
-        checking every field; FormatError (naming ``path``) on anything wrong."""
+        checking every field; FormatError (naming ``path``) on anything wrong.
+
+        The tensors' names, dtypes and the length of ``counts`` are checked
+        against the config before the cache is built: its size comes from the
+        metadata, and a tampered ``num_neurons`` must not allocate that much."""
         if meta.get("format") != FORMAT:
             raise FormatError(f"{path}: not a neuron cache file (format {meta.get('format')!r})")
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise FormatError(
-                f"{path}: format_version must be {FORMAT_VERSION}; "
-                f"got {meta.get('format_version')!r}"
-            )
+        _check_format_version(path, meta.get("format_version"), FORMAT_VERSION)
         try:
             args = json.loads(meta["config"])
             counters = json.loads(meta["counters"])
@@ -504,22 +513,61 @@ class NeuronCache:
                     "hysteresis", "reclassify_every"}  # fmt: skip
             if not isinstance(args, dict) or set(args) != keys:
                 raise ValueError(f"config keys must be {sorted(keys)}")
+            if type(args["capacity"]) is not int:  # (None is the constructor's default: 20%)
+                raise ValueError(f"config capacity must be an integer; got {args['capacity']!r}")
             if not isinstance(counters, list) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**64 for c in counters
             ):
                 raise ValueError("counters must be non-negative integers")
             if not isinstance(classified, bool):
                 raise ValueError("classified must be a bool")
-            self.__init__(**args)  # type: ignore[misc]
-        except (KeyError, ValueError, TypeError, ArgumentError) as e:
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
             raise FormatError(f"{path}: invalid metadata ({e})") from e
         want = {"counts": np.uint64, "scores": np.float32, "last": np.uint64, "hot": np.uint32}
+        if set(tensors) != set(want):
+            unexpected = sorted(set(map(str, tensors)) - set(want))
+            raise FormatError(
+                f"{path}: tensors must be {sorted(want)}; got {sorted(map(str, tensors))}"
+                + (f" (unexpected {', '.join(map(repr, unexpected))})" if unexpected else "")
+            )
         for name, dt in want.items():
-            t = tensors.get(name)
+            t = tensors[name]
             if not isinstance(t, np.ndarray) or t.dtype != dt or t.ndim != 1:
-                raise FormatError(f"{path}: tensor {name!r} missing or not a 1-D {np.dtype(dt)}")
+                found = (
+                    f"{t.dtype} of shape {t.shape}"
+                    if isinstance(t, np.ndarray)
+                    else type(t).__name__
+                )
+                raise FormatError(
+                    f"{path}: tensor {name!r} must be a 1-D {np.dtype(dt)}; got {found}"
+                )
+        n = args["num_neurons"]
+        if type(n) is int and len(tensors["counts"]) != n:
+            # (before __init__, which allocates num_neurons-sized state)
+            raise FormatError(
+                f"{path}: tensor 'counts' must hold num_neurons = {n} values; "
+                f"got {len(tensors['counts'])}"
+            )
+        try:
+            self.__init__(**args)  # type: ignore[misc]
+        except (ValueError, TypeError, ArgumentError) as e:
+            raise FormatError(f"{path}: invalid metadata ({e})") from e
+        n, policy, decay = self.num_neurons, self.policy, self._args["decay"]
+        lengths = {  # (the core keeps scores for a decayed frequency, last for a window)
+            "scores": (n if decay is not None else 0, f"policy {policy!r}, decay {decay!r}"),
+            "last": (n if policy == "window" else 0, f"policy {policy!r}"),
+        }
+        for name, (length, why) in lengths.items():
+            if len(tensors[name]) != length:
+                raise FormatError(
+                    f"{path}: tensor {name!r} must hold {length} values ({why}); "
+                    f"got {len(tensors[name])}"
+                )
         t = {k: np.ascontiguousarray(tensors[k]) for k in want}
-        self._c.load_state(t["counts"], t["scores"], t["last"], t["hot"], counters, classified)
+        try:
+            self._c.load_state(t["counts"], t["scores"], t["last"], t["hot"], counters, classified)
+        except FormatError as e:  # the core's own checks (values, counters, hot set)
+            raise FormatError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         s = self.stats()

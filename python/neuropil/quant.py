@@ -39,7 +39,15 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native, _safetensors
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _check_level, _shown
+from .errors import (
+    ArgumentError,
+    DTypeError,
+    FormatError,
+    ShapeError,
+    _check_format_version,
+    _check_level,
+    _shown,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +65,8 @@ _MAX_EXTENT = 2**63 - 1
 # The tensors a QuantizedWeights entry `name` is stored as (`.mins` is reserved
 # even where absent: a plain `name.mins` would be read back as its mins).
 _PARTS = ("qdata", "scales", "mins")
+# The fields of a quantized entry's format in the metadata (QuantizedWeights._meta).
+_ENTRY_KEYS = ("shape", "bits", "group_size", "scheme", "scale_dtype")
 # The dtypes scales and mins are stored in.
 _SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
@@ -67,7 +77,7 @@ ScaleDType: TypeAlias = "str | np.dtype[Any] | type[np.generic] | torch.dtype"
 
 def _resolve(bits: int | None, group_size: int | None, scheme: str) -> tuple[int, int, str]:
     if not isinstance(scheme, str) or scheme.lower() not in SCHEMES:
-        raise ArgumentError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+        raise ArgumentError(f"scheme must be one of {', '.join(SCHEMES)}; got {_shown(scheme)}")
     scheme = scheme.lower()
     if scheme in _GGUF:
         b, g = _GGUF[scheme]
@@ -124,7 +134,7 @@ def _scale_dtype(v: Any) -> str:
         return name
     raise ArgumentError(
         "scale_dtype must be float16 or float32 (a name, a numpy dtype or type, or a "
-        f"torch dtype); got {v!r}"
+        f"torch dtype); got {_shown(v)}"
     )
 
 
@@ -502,9 +512,15 @@ class QuantizedWeights:
     def load(cls, path: str | Path, name: str | None = None) -> QuantizedWeights:
         """Reads a file written by :meth:`save` (or the entry ``name`` of :func:`save_file`).
 
+        Without ``name`` the file must be what :meth:`save` writes: one
+        quantized entry's tensors and nothing else (with ``name``, the file's
+        other entries are left unread, as :func:`load_file` reads them).
+
         Raises:
             OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
-            FormatError: the file or any metadata field is malformed or inconsistent.
+            FormatError: the file or any metadata field is malformed or
+                inconsistent; without ``name``, a file of several quantized
+                entries or with a tensor of no quantized entry.
         """
         entries = load_file(path)
         quantized = {k: v for k, v in entries.items() if isinstance(v, QuantizedWeights)}
@@ -513,6 +529,13 @@ class QuantizedWeights:
                 raise FormatError(
                     f"{path}: holds {len(quantized)} quantized tensors; pass name= one of "
                     f"{sorted(quantized)}"
+                )
+            unexpected = sorted(k for k in entries if k not in quantized)
+            if unexpected:
+                raise FormatError(
+                    f"{path}: unexpected tensors {unexpected} beside the quantized entry "
+                    f"{next(iter(quantized))!r} (a file of QuantizedWeights.save holds only its "
+                    "tensors; to read one entry of a save_file file, pass name=)"
                 )
             return next(iter(quantized.values()))
         if name not in quantized:
@@ -662,10 +685,7 @@ def _load_entries(path: str | Path, *, bf16_bits: bool) -> dict[str, Any]:
     tensors, meta, dtypes = _safetensors.read(path, bf16_as_f32=not bf16_bits)
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata format must be {FORMAT!r}; got {meta.get('format')!r}")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise FormatError(
-            f"{path}: format_version must be {FORMAT_VERSION}; got {meta.get('format_version')!r}"
-        )
+    _check_format_version(path, meta.get("format_version"), FORMAT_VERSION)
     try:
         formats = json.loads(meta.get("neuropil.quant", ""))
     except (ValueError, RecursionError) as e:  # not JSON, nested too deep, huge numbers
@@ -685,6 +705,20 @@ def _load_entries(path: str | Path, *, bf16_bits: bool) -> dict[str, Any]:
             bits, g, scheme, sdt = f["bits"], f["group_size"], f["scheme"], f["scale_dtype"]
         except KeyError as e:
             raise FormatError(f"{where}: format entry lacks {e}") from e
+        unknown = sorted(set(f) - set(_ENTRY_KEYS))
+        if unknown:
+            raise FormatError(
+                f"{where}: format entry has unknown fields {unknown} (known: {list(_ENTRY_KEYS)})"
+            )
+        # Every field as save_file writes it: the constructor's defaults (None
+        # for bits or group_size) and spellings ("ASYM") are no file's values.
+        for field, v in (("bits", bits), ("group_size", g)):
+            if type(v) is not int:
+                raise FormatError(f"{where}: {field} must be an integer; got {_shown(v)}")
+        if scheme not in SCHEMES:
+            raise FormatError(
+                f"{where}: scheme must be one of {list(SCHEMES)}; got {_shown(scheme)}"
+            )
         if not (
             isinstance(shape, list)
             and len(shape) == 2

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .._safetensors import BF16, write
-from ..errors import ArgumentError, FormatError, NeuropilError
+from ..errors import ArgumentError, FormatError, NeuropilError, _check_format_version
 from ._checks import check_codes
+from .bank import _CODE_KINDS as _NAMED_CODES
 
 FORMAT = "neuropil.membrane.MembraneBank"
 VERSION = 1
@@ -25,6 +26,9 @@ _DTYPES = {
     "float16": torch.float16,
 }
 _TENSORS = ("M", "C", "gains", "counts", "reads")
+# What a bank's code_kind can be: a named code book, one passed as a tensor,
+# or one extended by MembraneBank.grow.
+_CODE_KINDS = (*_NAMED_CODES, "custom", "grown")
 
 
 def _dtype_key(dtype: torch.dtype) -> str:
@@ -140,11 +144,13 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
         meta = json.loads(raw["neuropil"])
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: metadata is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise FormatError(
+            f"{path}: metadata 'neuropil' must be a JSON object; got {type(meta).__name__}"
+        )
+    if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: format must be {FORMAT!r}; got {meta.get('format')!r}")
-    version = _field(meta, "version", int, path)
-    if version != VERSION:
-        raise FormatError(f"{path}: format version must be {VERSION}; got {version}")
+    _check_format_version(path, _field(meta, "version", int, path), VERSION, "version")
     dims = {n: _field(meta, n, int, path) for n in ("L", "H", "W", "batch", "K")}
     for n, v in dims.items():
         if v < 1:
@@ -156,6 +162,8 @@ def load_bank(cls: Any, path: Any, device: Any) -> Any:
     readout = _field(meta, "readout", str, path)
     precision = _field(meta, "precision", str, path)
     code_kind = _field(meta, "code_kind", str, path)
+    if code_kind not in _CODE_KINDS:
+        raise FormatError(f"{path}: code_kind must be one of {_CODE_KINDS}; got {code_kind!r}")
     seed = _field(meta, "seed", int, path)
     steps = _field(meta, "steps", int, path)
     if steps < 0:
