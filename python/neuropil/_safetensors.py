@@ -7,20 +7,23 @@ an 8-byte little-endian header length, a JSON header mapping each tensor name to
 string values, then the raw little-endian tensor bytes. Every field is checked
 on load; anything malformed, truncated or inconsistent raises
 :class:`~neuropil.errors.FormatError`. Saving writes a temporary file beside the
-target and renames it, so a failed save never destroys an existing file; the new
-file gets the mode of the file it replaces, else the mode ``open()`` would give
-(``0o666`` less the umask). As ``open()``, saving follows a symbolic link and
-writes a pipe or device (``/dev/null``) in place (see :func:`replacing`).
+target, syncs it and renames it, so a failed save never destroys an existing
+file; the new file gets the mode of the file it replaces, else the mode
+``open()`` would give (``0o666`` less the umask). As ``open()``, saving follows
+a symbolic link, writes a pipe or device (``/dev/null``) in place, and refuses
+a write-protected file, a loop of links and a path ending in a separator (see
+:func:`replacing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn
@@ -49,40 +52,41 @@ _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items() if k not in ("BF16",)}
 MAX_HEADER = 100 << 20
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux's
-    /proc); elsewhere set and restored at once (process-global for a moment)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def new_file_mode(path: Path) -> int:
-    """The permission bits the saved file takes: those of the file it replaces,
-    else those a plain ``open(path, "w")`` would create."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        return 0o666 & ~_umask()
+# Why a save refuses a file it may not write: the rename would bypass its mode.
+_NOT_WRITABLE = (
+    "Permission denied: the file is not writable (write-protected), so a save does not replace it"
+)
+_MAX_LINKS = 40  # symbolic links followed before ELOOP, as Linux's open (MAXSYMLINKS)
+_MAX_NAME = 255  # bytes of a file name on the usual file systems (NAME_MAX)
+_TEMP_TRIES = 100  # temporary names tried before giving up
+_SEPARATORS = tuple({os.sep, os.altsep or os.sep})
 
 
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[tuple[int, str]]:
+def replacing(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     """The temporary file a save writes, renamed over ``path`` when the block ends.
 
-    Yields ``(fd, tmp)`` of a fresh ``mkstemp`` file beside ``path`` (the block
-    closes ``fd``); on success the file takes :func:`new_file_mode` and replaces
-    ``path``. On any error it is removed, and an ``OSError`` (from ``mkstemp``,
-    writing or the rename, which name the hidden temporary file or nothing) is
-    raised again as the same subclass with its errno and strerror and ``path``
-    as ``filename``, as ``open(path, "wb")`` would, the original as its cause.
+    Yields ``(fd, tmp)`` of a new file beside ``path`` (the block closes
+    ``fd``); on success it is synced, takes the mode of the file it replaces
+    (else the ``0o666`` less the umask a plain ``open`` gives) and replaces
+    ``path``, and the folder is synced (best effort). On any error it is
+    removed, and an ``OSError`` is raised again as the same subclass with its
+    errno and strerror and ``path`` as ``filename``, as ``open(path, "wb")``
+    would, the original as its cause. The Rust writer (FlyHash, BinaryIndex)
+    behaves the same way. Refused, as ``open(path, "wb")`` refuses them, with
+    nothing written:
+
+    * a path ending in a separator (``"dir/"``): ``IsADirectoryError`` (or the
+      error about its folder);
+    * a loop of symbolic links: ``OSError`` ``ELOOP``;
+    * a folder: ``IsADirectoryError``;
+    * an existing file this process may not write (mode ``0o444``...):
+      ``PermissionError`` (a rename would replace it regardless of its mode).
+
+    A folder that cannot take the temporary file raises ``PermissionError``
+    naming the folder. The temporary name is ``.{name}.{random}.tmp``, the name
+    shortened to fit 255 bytes, created exclusively (``O_EXCL``; a name already
+    taken, a leftover of a killed save, is skipped for another).
 
     As ``open(path, "wb")`` does, a symbolic link is followed (the file it
     points to is replaced, the link stays), and an existing target that is not
@@ -91,44 +95,149 @@ def replacing(path: Path) -> Iterator[tuple[int, str]]:
     over it would replace the device or pipe itself (as root, ``/dev/null``
     would become a plain file); a write cut short there stays partial.
     """
-    if special_file(path):
-        # (opened through its links: /dev/stdout's resolve only in the kernel,
-        # as /proc/self/fd/1 -> "pipe:[N]")
+    raw = os.fspath(path)
+    if raw.endswith(_SEPARATORS):
+        _trailing_separator(raw)
+    if special_file(raw):
+        # (stat'ed and opened through its links: /dev/stdout's resolve only in
+        # the kernel, as /proc/self/fd/1 -> "pipe:[N]")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(raw, os.O_WRONLY | os.O_TRUNC)
         except OSError as e:
-            _reraise(e, path)
+            _reraise(e, raw)
         try:
-            yield fd, str(path)
+            yield fd, raw
         except OSError as e:
-            _reraise(e, path)
+            _reraise(e, raw)
         return
-    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    target = _resolve_links(raw)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as e:
-        _reraise(e, path)
+        old: os.stat_result | None = os.stat(target)
+    except OSError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), raw)
+    if old is not None and not os.access(
+        target, os.W_OK, effective_ids=os.access in os.supports_effective_ids
+    ):
+        raise PermissionError(errno.EACCES, _NOT_WRITABLE, raw)
+    fd, tmp = _create_temp(target, raw, replacing=old is not None)
+    own = os.dup(fd)  # the block closes fd; this one syncs what it wrote
     try:
-        yield fd, tmp
-        os.chmod(tmp, new_file_mode(target))  # mkstemp made it 0600
+        try:
+            yield fd, tmp
+            os.fsync(own)
+        finally:
+            os.close(own)
+        if old is not None:
+            os.chmod(tmp, old.st_mode & 0o7777)  # made 0o600 while written
         os.replace(tmp, target)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if not isinstance(e, OSError):
             raise
-        _reraise(e, path)
+        _reraise(e, raw)
+    _sync_folder(os.path.dirname(target) or ".")
 
 
-def _reraise(e: OSError, path: Path) -> NoReturn:
+def _trailing_separator(raw: str) -> NoReturn:
+    """Raises what ``open(raw, "wb")`` raises for a path ending in a separator
+    (it never creates a file): the error about its folder, else ``EISDIR``."""
+    stripped = raw.rstrip("".join(_SEPARATORS))
+    if stripped:
+        parent = os.path.dirname(stripped) or "."
+        try:
+            st = os.stat(parent)
+        except OSError as e:
+            _reraise(e, raw)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), raw)
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), raw)
+
+
+def _resolve_links(raw: str) -> str:
+    """Where ``raw`` leads through its symbolic links, followed one by one (a
+    dangling link leads to the name it points to, which ``open`` creates);
+    the OS's ``OSError`` (``ELOOP``) naming ``raw`` for a loop."""
+    cur = raw
+    for _ in range(_MAX_LINKS + 1):
+        if not os.path.islink(cur):
+            return cur
+        try:
+            to = os.readlink(cur)
+        except OSError as e:
+            _reraise(e, raw)
+        cur = os.path.join(os.path.dirname(cur), to)  # (an absolute `to` replaces it)
+    try:
+        os.stat(raw)
+    except OSError as e:
+        _reraise(e, raw)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), raw)
+
+
+def _temp_name(name: str, tag: str) -> str:
+    """``.{name}.{tag}.tmp``, ``name`` shortened (whole characters) so the whole
+    fits 255 bytes: a name ``open`` takes never fails for its temporary one."""
+    tail = f".{tag}.tmp"
+    room = _MAX_NAME - 1 - len(tail)
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}{tail}"
+
+
+def _create_temp(target: str, raw: str, replacing: bool) -> tuple[int, str]:
+    """A new temporary file beside ``target``, created exclusively, private
+    (``0o600``) when it will replace a file (it takes that file's mode before
+    the rename), else with ``open``'s mode (``0o666`` less the umask)."""
+    folder, name = os.path.split(target)
+    folder = folder or "."
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    tmp = ""
+    for _ in range(_TEMP_TRIES):
+        tmp = os.path.join(folder, _temp_name(name, secrets.token_hex(4)))
+        try:
+            return os.open(tmp, flags, 0o600 if replacing else 0o666), tmp
+        except FileExistsError:
+            continue  # (a leftover of a killed save, or another process's: not ours)
+        except PermissionError as e:
+            raise PermissionError(
+                e.errno,
+                f"Permission denied: cannot create a temporary file in this folder to save "
+                f"'{name}' (a save writes one beside the file, then renames it over the file)",
+                folder,
+            ) from e
+        except OSError as e:
+            _reraise(e, raw)
+    raise FileExistsError(
+        errno.EEXIST,
+        f"no free temporary file name after {_TEMP_TRIES} tries (the last: {tmp})",
+        raw,
+    )
+
+
+def _sync_folder(folder: str) -> None:
+    """Syncs a folder after a rename in it, best effort (POSIX only)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _reraise(e: OSError, path: str | os.PathLike[str]) -> NoReturn:
     """Raises ``e`` again as the same ``OSError`` subclass naming ``path`` (``e``
     itself when it carries no errno)."""
     if e.errno is None:
         raise e
-    raise type(e)(e.errno, e.strerror, str(path)) from e
+    raise type(e)(e.errno, e.strerror, os.fspath(path)) from e
 
 
-def special_file(path: Path) -> bool:
+def special_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` exists (through links) and is neither a regular file nor a folder."""
     try:
         mode = os.stat(path).st_mode
@@ -167,11 +276,10 @@ class BF16:
 
 
 def write(
-    path: str | Path, tensors: Mapping[str, np.ndarray | BF16], metadata: dict[str, str]
+    path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray | BF16], metadata: dict[str, str]
 ) -> None:
     """Writes ``tensors`` (numpy arrays of any shape, or :class:`BF16` bits) and
-    string ``metadata`` atomically."""
-    path = Path(path)
+    string ``metadata`` atomically (see :func:`replacing`)."""
     header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
     arrays = []
@@ -321,7 +429,7 @@ def save(
     path: str | os.PathLike[str], tensors: dict[str, np.ndarray], metadata: dict[str, str]
 ) -> None:
     """:func:`write` under the name the capabilities' ``save`` methods use."""
-    write(Path(path), tensors, metadata)
+    write(path, tensors, metadata)
 
 
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

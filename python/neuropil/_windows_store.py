@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,11 +83,12 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
     Tensors are laid out by descending item size after a header padded to a
     multiple of 8 bytes, so every tensor's data is aligned to its item size in
     the file (and in a memory map of it). Each call writes its own temporary
-    file (``mkstemp`` in the same folder), so concurrent saves to one path never
+    file (created exclusively in the same folder), so concurrent saves to one path never
     mix; the last rename wins. The file gets the mode of the file it replaces,
-    else ``0o666`` minus the umask, as ``open`` would give it.
+    else ``0o666`` minus the umask, as ``open`` would give it. A write-protected
+    file, a loop of links or a path ending in a separator is refused as ``open``
+    refuses it (see :func:`neuropil._safetensors.replacing`).
     """
-    path = Path(path)
     tensors = [("frames", *_host(sw.frames, "frames")), ("episodes", sw.episode_offsets, "I64")]
     tensors += [(f"target.{k}", *_host(v, f"targets[{k!r}]")) for k, v in sw.targets.items()]
     # Widest items first (stable): with an 8-aligned data start, every tensor is aligned.
@@ -117,9 +117,7 @@ def save(sw: SlidingWindows, path: str | os.PathLike) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         _write_tensors(f, [arr for _, arr, _ in tensors])
-        f.flush()
-        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # (a pipe cannot be synced)
-            os.fsync(f.fileno())
+        # (replacing syncs the file before its rename; a pipe is not synced)
 
 
 def _write_tensors(f: Any, arrays: list[np.ndarray]) -> None:

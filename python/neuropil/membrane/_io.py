@@ -6,6 +6,7 @@ failed save never destroys an older file. Loading validates every field."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def save_bank(bank: Any, path: Any) -> None:
     file renamed over ``path`` (a pipe or device written in place), and a
     failed write (a full disk) raises the ``OSError`` ``open`` would, naming
     ``path``, with the old file intact."""
-    path = Path(path)
+    # (os.fspath, not Path: Path("dir/") drops the separator the writer refuses, as open does)
+    path = os.fspath(path)
     # Learned codes may have drifted since construction: never write a file load refuses.
     check_codes(bank.C, "codes")
     meta = {

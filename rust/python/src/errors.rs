@@ -50,8 +50,32 @@ fn os_error(path: &std::path::Path, source: &std::io::Error, msg: String) -> PyE
             let args = (code, strerror, filename);
             PyOSError::new_err(args)
         }
-        None => PyOSError::new_err(msg),
+        // A core error with its own text (a save refusing a write-protected
+        // file, say): the errno of its kind, so Python picks the subclass
+        // (`PermissionError`...) from it as for an OS error. These five
+        // values are the same on Linux, macOS and Windows' C runtime.
+        None => match errno_of(source.kind()) {
+            Some(code) => PyOSError::new_err((
+                code,
+                source.to_string(),
+                path.to_string_lossy().into_owned(),
+            )),
+            None => PyOSError::new_err(msg),
+        },
     }
+}
+
+/// The errno Python's `OSError` maps to the exception of an I/O error kind.
+fn errno_of(kind: std::io::ErrorKind) -> Option<i32> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::NotFound => 2,          // ENOENT: FileNotFoundError
+        K::PermissionDenied => 13, // EACCES: PermissionError
+        K::AlreadyExists => 17,    // EEXIST: FileExistsError
+        K::NotADirectory => 20,    // ENOTDIR: NotADirectoryError
+        K::IsADirectory => 21,     // EISDIR: IsADirectoryError
+        _ => return None,
+    })
 }
 
 /// `?`-friendly conversion: `core_call().or_raise()?`.

@@ -149,6 +149,26 @@ fn too_many_outputs(config: &Config, m_f: f64, bytes: f64, bytes_at_ratio_1: f64
 impl FlyHash {
     /// Validates `config` and generates the projection.
     pub fn new(config: Config) -> Result<Self> {
+        let (m, k, c) = Self::dims(&config)?;
+        let d = config.input_dim;
+        let weights = match config.kind {
+            Kind::Sign => Weights::Sign(projection::generate_sign(config.seed, d, m)),
+            Kind::Seeded => Weights::Seeded,
+            Kind::Sparse => projection::generate_sparse(config.seed, d, m, c, config.binary),
+        };
+        Ok(FlyHash {
+            config,
+            output_dim: m,
+            active_bits: k,
+            connections: c,
+            weights,
+        })
+    }
+
+    /// Validates `config` and returns `(output_dim, active_bits, connections)`
+    /// without allocating anything: what [`FlyHash::new`] would build (a
+    /// loader checks a file's tensors against these before generating).
+    pub fn dims(config: &Config) -> Result<(usize, usize, usize)> {
         let d = config.input_dim;
         if d == 0 {
             return Err(Error::value("input_dim", "a positive integer", 0));
@@ -230,20 +250,9 @@ impl FlyHash {
         let bytes = m_f * row_bytes as f64;
         if bytes > MAX_BYTES as f64 || m_f > u32::MAX as f64 {
             let at_ratio_1 = d as f64 * row_bytes as f64;
-            return Err(too_many_outputs(&config, m_f, bytes, at_ratio_1));
+            return Err(too_many_outputs(config, m_f, bytes, at_ratio_1));
         }
-        let weights = match config.kind {
-            Kind::Sign => Weights::Sign(projection::generate_sign(config.seed, d, m)),
-            Kind::Seeded => Weights::Seeded,
-            Kind::Sparse => projection::generate_sparse(config.seed, d, m, c, config.binary),
-        };
-        Ok(FlyHash {
-            config,
-            output_dim: m,
-            active_bits: k,
-            connections: c,
-            weights,
-        })
+        Ok((m, k, c))
     }
 
     /// Bytes the projection occupies (0 for `seeded`).
