@@ -45,14 +45,18 @@ def test_version_flag_and_a_reader_that_left_the_pipe():
     # `neuropil info --json | head -c 1`: a reader gone before the output is
     # written ends the command quietly with the shell's SIGPIPE code (it was a
     # "neuropil: error: [Errno 32] Broken pipe" and status 1).
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        r = subprocess.run([console_script(), "info", "--json"], stdout=write_end,
-                           stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
-    finally:
-        os.close(write_end)
-    assert (r.returncode, r.stderr) == (141, "")
+    # stdout buffered, as in a shell (PYTHONUNBUFFERED unset): the output of
+    # a short command is written at the end, and --version's by argparse.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for args in (["info", "--json"], ["info"], ["--version"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            r = subprocess.run([console_script(), *args], stdout=write_end, env=env,
+                               stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert (r.returncode, r.stderr) == (141, ""), args
 
 
 @pytest.mark.parametrize(

@@ -600,6 +600,41 @@ def test_quantize_model_is_all_or_nothing_and_keeps_ties(tmp_path):
         load_quantized(whole(), with_ids)
 
 
+def test_load_quantized_strict_with_parametrized_layers_and_non_tensor_extra_state(tmp_path):
+    # A replaced layer's whole subtree goes (weight_norm's parametrizations.*),
+    # and a module's non-tensor extra state, which save_quantized cannot write,
+    # is not asked of the file: both were refused as tensors the file lacks.
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from neuropil.torch import QuantizedLinear, load_quantized, quantize_model, save_quantized
+
+    class Extra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = 1
+
+        def get_extra_state(self):
+            return {"x": self.x}
+
+        def set_extra_state(self, state):
+            self.x = state["x"]
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict(
+            {"a": weight_norm(torch.nn.Linear(64, 32)), "o": torch.nn.Linear(64, 32), "e": Extra()}
+        )
+
+    model = quantize_model(make(), bits=4, group_size=32)
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, path)
+    back = load_quantized(make(), path)
+    assert isinstance(back["a"], QuantizedLinear) and isinstance(back["o"], QuantizedLinear)
+    x = torch.randn(3, 64)
+    assert torch.equal(back["a"](x), model["a"](x))
+
+
 def test_cli_quantizes_a_safetensors_file(tmp_path):
     from safetensors.numpy import save_file as st_save
 

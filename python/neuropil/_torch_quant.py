@@ -413,7 +413,12 @@ class QuantizedLinear(nn.Module):
             # Linear of the model, and a small layer's kernel takes 10-25 us.
             fmt = (self.out_features, self.in_features, self.bits, self.group_size, self.scheme)
             return _cpu_linear(x, views, self.bias, fmt, lambda: self._torch_forward(x))
-        if x.device.type == "cuda" and self.qdata.device == x.device and not force_torch:
+        if (
+            x.device.type == "cuda"
+            and self.qdata.device == x.device
+            and not force_torch
+            and not torch.jit.is_tracing()  # (Triton writes what the tracer cannot see)
+        ):
             if x.numel() == self.in_features:  # batch 1: Triton reads the packed codes
                 from ._triton_quant import gemv4
 
@@ -669,7 +674,9 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
             the model's, a malformed ``sparse_config`` of a
             :class:`~neuropil.torch.SparseMLP`...) or names a quantized layer
             the model lacks, or (``strict``) the other tensors of the file and
-            the model differ: all found before the model changes. A tensor
+            the model differ: found before the model changes (a file whose
+            tensors contradict each other, e.g. a shared layer's two copies,
+            can still fail in the final ``load_state_dict``). A tensor
             naming a buffer the model does not save (BERT's ``position_ids``,
             kept from older checkpoints) is skipped, as transformers skips it.
     """
@@ -732,7 +739,8 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     # A buffer the model does not save (BERT's position_ids, which older
     # checkpoints carry and `neuropil quantize` keeps) is skipped, as
     # transformers' own loading skips it.
-    transient = {n for n, _ in model.named_buffers() if n not in model.state_dict()}
+    saved = model.state_dict(keep_vars=True).keys()
+    transient = {n for n, _ in model.named_buffers() if n not in saved}
     plain = {k: t for k, t in plain.items() if k not in transient}
     if strict:
         unexpected, missing = _strict_mismatch(state, plain, layers)
@@ -755,12 +763,14 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
 
 
 def _state_after(model: nn.Module, layers: dict[str, QuantizedLinear]) -> dict[str, Any]:
-    """``model``'s state once each ``layers[name]`` replaces the layer ``name``."""
-    state = {
-        k: t
-        for k, t in model.state_dict(keep_vars=True).items()
-        if k.rpartition(".")[0] not in layers
-    }
+    """``model``'s state once each ``layers[name]`` replaces the layer ``name``
+    (and everything under it: a parametrized weight's ``parametrizations.*``)."""
+
+    def replaced(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in layers for i in range(1, len(parts)))
+
+    state = {k: t for k, t in model.state_dict(keep_vars=True).items() if not replaced(k)}
     for name, new in layers.items():
         state.update({f"{name}.{k}": t for k, t in new.state_dict(keep_vars=True).items()})
     return state
@@ -774,11 +784,16 @@ def _strict_mismatch(
     packed tensors the file's quantized entries fill)."""
     covered = {f"{n}.{b}" for n in layers for b in ("qdata", "scales", "mins", "_extra_state")}
     # A tied tensor (lm_head sharing the embeddings) is loaded through its twin.
-    # (a module's extra state need not be a tensor: it has no address)
-    ptr = {k: t.data_ptr() if isinstance(t, torch.Tensor) else 0 for k, t in state.items()}
-    loaded = {ptr[k] for k in plain if k in state} - {0}
+    # (a module's extra state need not be a tensor: save_quantized writes none
+    # of those, so none is looked for)
+    tensors = {k: t for k, t in state.items() if isinstance(t, torch.Tensor)}
+    loaded = {tensors[k].data_ptr() for k in plain if k in tensors} - {0}
     unexpected = [k for k in plain if k not in state]
-    missing = [k for k in state if k not in plain and k not in covered and ptr[k] not in loaded]
+    missing = [
+        k
+        for k, t in tensors.items()
+        if k not in plain and k not in covered and t.data_ptr() not in loaded
+    ]
     return unexpected, missing
 
 

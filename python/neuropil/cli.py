@@ -208,8 +208,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand. Bad input (a :class:`NeuropilError`) exits with 2, a
     file or system error (an ``OSError``: missing file, permission denied, name
     too long...) with 1, each as one ``neuropil: error:`` line; Ctrl-C with 130
-    and one line; anything else is a bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    and one line; a reader of stdout that left (``neuropil info | head -1``)
+    with 141, quietly; anything else is a bug and keeps its traceback."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            sys.stdout.flush()  # (--help, --version: a reader that left is seen here)
+            raise
+        code = _run(args)
+        # A pipe's output is buffered: written here, not at exit, where a
+        # reader that left would print "Exception ignored ... BrokenPipeError".
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # What the reader read is all it wanted. stdout goes to /dev/null so the
+        # flush at exit does not fail again; 141 is the shell's code for a SIGPIPE.
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # (not a file: nothing to flush at exit)
+            return 141
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+        return 141
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -225,11 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (a file error reported with its path keeps the OSError as its cause)
         return 1 if isinstance(e.__cause__, OSError) else 2
     except BrokenPipeError:
-        # The reader of stdout left (`neuropil info --json | head -1`): what it
-        # read is all it wanted. stdout is pointed at /dev/null so the flush at
-        # exit does not fail again; 141 is the shell's code for a SIGPIPE.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        raise  # (see main)
     except OSError as e:
         print(f"neuropil: error: {e}", file=sys.stderr)
         return 1
