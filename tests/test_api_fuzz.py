@@ -851,7 +851,9 @@ TORCH_CASES = [
           scalars(7)),
     # (skip=None keeps no layer, as the default (): tests/test_quant.py)
     *rows("quantize_model", "model", lambda v: _torch_mod().quantize_model(v), [
-        ("str", "x", ArgumentError, "got str")]),
+        ("str", "x", ArgumentError, "got str"),
+        ("linear", lambda: _torch().nn.Linear(64, 8), ArgumentError, "got an nn.Linear",
+         "from_linear")]),
     *rows("quantize_model", None, lambda v: _torch_mod().quantize_model(_mlp(), skip=v), [
         ("skip-int", [1], ArgumentError, "skip patterns must be strings", "got 1"),
         ("skip-not-iterable", 5, ArgumentError, "skip must", "got 5")]),

@@ -398,6 +398,17 @@ def test_malformed_files_raise_format_error(tmp_path):
         FlyHash.load(tmp_path / "ix.safetensors")
     with pytest.raises(neuropil.FormatError):
         BinaryIndex.load(good)
+    # A later format says what to do; an earlier or malformed one what was found.
+    for found, message in [
+        ("99", r'format_version 99 is newer than this neuropil \(.+\) reads \(up to 1\): upgrade'),
+        ("0", r'format_version must be "1"; got "0"'),
+        ("01", r'format_version must be "1"; got "01"'),
+    ]:
+        path = tmp_path / f"v{found}.safetensors"
+        path.write_bytes(raw)
+        _rewrite_header(path, lambda h, v=found: h["__metadata__"].update(format_version=v))
+        with pytest.raises(neuropil.FormatError, match=message):
+            FlyHash.load(path)
 
 
 def test_failed_save_keeps_the_old_file(tmp_path):

@@ -174,6 +174,14 @@ def test_malformed_files_raise_format_error(tmp_path, mutate):
         RangeIndex.load(path)
 
 
+def test_a_newer_format_version_says_to_upgrade(tmp_path):
+    path = tmp_path / "ix.safetensors"
+    RangeIndex(low_rank(50, 16, 2, 1)).save(path)
+    _rewrite(path, lambda h: h["__metadata__"].update(format_version="7"))
+    with pytest.raises(neuropil.FormatError, match=r"format_version 7 is newer .*upgrade neuropil"):
+        RangeIndex.load(path)
+
+
 def test_keys_of_another_dtype_are_a_format_error(tmp_path):
     # A well-formed safetensors file, but float64 keys: load names the field and dtype.
     from neuropil import _safetensors

@@ -566,7 +566,8 @@ def quantize_model(
         ``model``.
 
     Raises:
-        ArgumentError: ``model`` is not an ``nn.Module``, ``skip`` is not a
+        ArgumentError: ``model`` is not an ``nn.Module`` (or is an
+            ``nn.Linear`` itself: see :meth:`QuantizedLinear.from_linear`), ``skip`` is not a
             string, an iterable of strings or None, a ``skip`` pattern that
             matches no module, or a bad ``bits``/``group_size``/``scheme``
             (the model is left as it was).
@@ -585,6 +586,12 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        # (in place is impossible: it would become its own child named "")
+        raise ArgumentError(
+            "model must hold the Linear layers to replace; got an nn.Linear itself "
+            "(use QuantizedLinear.from_linear(layer, ...) for one layer)"
+        )
     skip = _skip_patterns(skip)
     # A pattern that matches nothing is a typo that would quantize the layer it
     # was meant to keep (as `neuropil quantize --skip`).

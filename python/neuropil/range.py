@@ -43,7 +43,16 @@ import numpy as np
 
 from . import _native, _safetensors
 from ._scoped import no_tf32
-from .errors import ArgumentError, DTypeError, FormatError, ShapeError, _non_finite, _real, _shown
+from .errors import (
+    ArgumentError,
+    DTypeError,
+    FormatError,
+    ShapeError,
+    _check_format_version,
+    _non_finite,
+    _real,
+    _shown,
+)
 
 __all__ = ["FORMAT_VERSION", "METHODS", "RangeIndex"]
 
@@ -375,11 +384,7 @@ class RangeIndex:
             raise FormatError(
                 f"{path}: format must be {_FORMAT_NAME!r}; got {meta.get('format')!r}"
             )
-        if meta.get("format_version") != str(FORMAT_VERSION):
-            raise FormatError(
-                f"{path}: format_version must be {FORMAT_VERSION}; "
-                f"got {meta.get('format_version')!r}"
-            )
+        _check_format_version(path, meta.get("format_version"), FORMAT_VERSION)
         params: dict[str, Any] = {
             "method": _meta_field(meta, "method", path),
             "leaf": int(_meta_field(meta, "leaf", path, _META_INT)),

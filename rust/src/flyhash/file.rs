@@ -404,10 +404,20 @@ fn parse(bytes: Vec<u8>, path: &Path, format: &str) -> Result<Parsed> {
         .map(String::as_str)
         .unwrap_or("<missing>");
     if version != FORMAT_VERSION {
-        return Err(fmt_err(
-            path,
-            format!("format_version must be {FORMAT_VERSION:?}; got {version:?}"),
-        ));
+        // A later version says what to do (as the Python loaders say it).
+        let newer = version.bytes().all(|b| b.is_ascii_digit())
+            && !version.starts_with('0')
+            && (version.len(), version) > (FORMAT_VERSION.len(), FORMAT_VERSION);
+        let message = if newer {
+            format!(
+                "format_version {version} is newer than this neuropil ({}) reads (up to \
+                 {FORMAT_VERSION}): upgrade neuropil",
+                env!("CARGO_PKG_VERSION")
+            )
+        } else {
+            format!("format_version must be {FORMAT_VERSION:?}; got {version:?}")
+        };
+        return Err(fmt_err(path, message));
     }
     Ok(Parsed { bytes, meta })
 }
