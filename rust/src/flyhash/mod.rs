@@ -10,6 +10,7 @@
 //! - [`hamming`], [`index`]: packed binary codes and their Hamming/Jaccard search.
 //! - [`file`](mod@file): safetensors persistence of encoders and indexes.
 
+mod atomic;
 pub mod file;
 pub mod hamming;
 pub mod index;
