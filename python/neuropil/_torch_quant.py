@@ -731,7 +731,8 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     for name, new in list(layers.items()):
         old = model.get_submodule(name)
         layers.update({n: new for n, m in every if m is old and n not in layers})
-    state = _state_after(model, layers)
+    own = model.state_dict(keep_vars=True)
+    state = _state_after(own, layers)
     for key, t in plain.items():
         mine = state.get(key)
         if isinstance(mine, torch.Tensor) and tuple(mine.shape) != tuple(t.shape):
@@ -746,8 +747,7 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     # A buffer the model does not save (BERT's position_ids, which older
     # checkpoints carry and `neuropil quantize` keeps) is skipped, as
     # transformers' own loading skips it.
-    saved = model.state_dict(keep_vars=True).keys()
-    transient = {n for n, _ in model.named_buffers() if n not in saved}
+    transient = {n for n, _ in model.named_buffers() if n not in own}
     plain = {k: t for k, t in plain.items() if k not in transient}
     if strict:
         unexpected, missing = _strict_mismatch(state, plain, layers)
@@ -769,15 +769,15 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     return model
 
 
-def _state_after(model: nn.Module, layers: dict[str, QuantizedLinear]) -> dict[str, Any]:
-    """``model``'s state once each ``layers[name]`` replaces the layer ``name``
+def _state_after(own: dict[str, Any], layers: dict[str, QuantizedLinear]) -> dict[str, Any]:
+    """A model's state (``own``) once each ``layers[name]`` replaces the layer ``name``
     (and everything under it: a parametrized weight's ``parametrizations.*``)."""
 
     def replaced(key: str) -> bool:
         parts = key.split(".")
         return any(".".join(parts[:i]) in layers for i in range(1, len(parts)))
 
-    state = {k: t for k, t in model.state_dict(keep_vars=True).items() if not replaced(k)}
+    state = {k: t for k, t in own.items() if not replaced(k)}
     for name, new in layers.items():
         state.update({f"{name}.{k}": t for k, t in new.state_dict(keep_vars=True).items()})
     return state
