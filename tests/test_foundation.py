@@ -36,6 +36,7 @@ def test_info_reports_the_installation():
     assert data["threads"] == neuropil.get_num_threads() >= 1
     assert data["spin_us"] == int(os.environ.get("NEUROPIL_SPIN_US", "50"))
     assert isinstance(data["cuda"], bool)
+    assert data["errors"] == {}
     if HAS_TORCH:
         import torch
 
@@ -723,13 +724,14 @@ def test_info_describes_a_bad_thread_count_instead_of_raising():
     # (info raised the error every parallel call raises; `neuropil info` exited 2)
     r = run_python(
         "import json, neuropil; d = neuropil.info(probe_torch=False); "
-        "print(json.dumps([d['threads'], d['spin_us']]))",
+        "print(json.dumps([d['threads'], d['spin_us'], d['errors']]))",
         env={"NEUROPIL_NUM_THREADS": "5000"},
     )
     assert r.returncode == 0, r.stderr
-    threads, spin = json.loads(r.stdout)
-    assert threads == (
-        "unusable (ArgumentError: NEUROPIL_NUM_THREADS must be a positive integer at most "
-        '4096; got "5000")'
-    )
-    assert isinstance(spin, int)
+    threads, spin, errors = json.loads(r.stdout)
+    # (the field stays typed: None, with the error beside it, not a message in it)
+    assert threads is None and isinstance(spin, int)
+    assert errors == {
+        "threads": "ArgumentError: NEUROPIL_NUM_THREADS must be a positive integer at most "
+        '4096; got "5000"'
+    }

@@ -650,31 +650,41 @@ def test_cuda_path_matches_cpu(smollm2, smollm2_ids):
     # of the threshold can be kept on one device and dropped on the other (the
     # matmuls round differently): rows holding one are left out, and must be
     # rare; on every other row a different masking rule would show.
-    fed: dict[int, torch.Tensor] = {}
+    fed: dict[str, dict[int, torch.Tensor]] = {"cpu": {}, "gpu": {}}
     hooks = [
-        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: fed.setdefault(i, a[0]))
-        for i, layer in enumerate(cpu.model.layers)
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i, d=d: fed[d].setdefault(i, a[0]))
+        for d, model in (("cpu", cpu), ("gpu", gpu))
+        for i, layer in enumerate(model.model.layers)
     ]
     with torch.no_grad():
         a = cpu(ev).logits
+        b = gpu(ev.cuda()).logits.cpu()
         for h in hooks:
             h.remove()
-        b = gpu(ev.cuda()).logits.cpu()
         flipped_rows = 0
-        for i, x in fed.items():
-            mc, mg = cpu.model.layers[i].mlp, gpu.model.layers[i].mlp
-            t = mc.threshold
-            act_c, act_g = F.silu(mc.gate(x)), F.silu(mg.gate(x.cuda())).cpu()
-            torch.testing.assert_close(act_g, act_c, atol=1e-3, rtol=1e-3)
-            flip = (act_c.abs() > t) != (act_g.abs() > t)
-            clean = ~flip.any(-1)
-            flipped_rows += int((~clean).sum())
-            y_c, y_g = mc(x), mg(x.cuda()).cpu()
-            torch.testing.assert_close(y_g[clean], y_c[clean], atol=1e-3, rtol=1e-3)
-    assert flipped_rows <= 0.02 * len(fed) * ev.shape[1]
-    # End to end, 30 layers of masks carry those few flips on: the predictions agree.
+        first_flip = ev.shape[1]  # the first position where some layer's mask flipped
+        for side in ("cpu", "gpu"):  # (the GPU model's own inputs, too: its own flips)
+            for i, x in fed[side].items():
+                x = x.cpu()
+                mc, mg = cpu.model.layers[i].mlp, gpu.model.layers[i].mlp
+                t = mc.threshold
+                act_c, act_g = F.silu(mc.gate(x)), F.silu(mg.gate(x.cuda())).cpu()
+                torch.testing.assert_close(act_g, act_c, atol=1e-3, rtol=1e-3)
+                flip = ((act_c.abs() > t) != (act_g.abs() > t)).any(-1)  # (batch, positions)
+                clean = ~flip
+                if side == "cpu":
+                    flipped_rows += int(flip.sum())
+                    y_c, y_g = mc(x), mg(x.cuda()).cpu()
+                    torch.testing.assert_close(y_g[clean], y_c[clean], atol=1e-3, rtol=1e-3)
+                if flip.any():
+                    first_flip = min(first_flip, int(flip.any(0).nonzero()[0]))
+    assert flipped_rows <= 0.02 * len(fed["cpu"]) * ev.shape[1]
+    # End to end, a flip at position p changes every later position through
+    # attention, and 30 layers amplify it (on the H100 two flips 1e-7 and 6e-7
+    # of the threshold away moved later logits by up to 4): the logits agree
+    # before the first flip, and the greedy predictions agree throughout.
+    torch.testing.assert_close(b[:, :first_flip], a[:, :first_flip], atol=1e-2, rtol=1e-3)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
-    assert torch.allclose(a, b, atol=1.0)
 
 
 @pytest.mark.cuda

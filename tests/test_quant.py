@@ -600,6 +600,32 @@ def test_quantize_model_is_all_or_nothing_and_keeps_ties(tmp_path):
         load_quantized(whole(), with_ids)
 
 
+def test_save_quantized_packs_a_shared_layer_once(tmp_path):
+    # A layer shared under two names was packed under its first and written
+    # again in full, as plain tensors, under its second; the file now holds it
+    # once, and a strict load gives both names the same quantized layer.
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    from neuropil.torch import QuantizedLinear, load_quantized, quantize_model, save_quantized
+
+    def make():
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(256, 256)
+        return torch.nn.ModuleDict({"a": shared, "b": shared, "c": torch.nn.Linear(256, 64)})
+
+    model = quantize_model(make(), bits=4, group_size=64)
+    path = tmp_path / "m.safetensors"
+    save_quantized(model, path)
+    with safe_open(str(path), "np") as f:
+        keys = set(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"a", "c"}, sorted(keys)
+    back = load_quantized(make(), path)
+    assert isinstance(back["b"], QuantizedLinear) and back["a"] is back["b"]
+    x = torch.randn(3, 256)
+    assert torch.equal(back["b"](x), model["b"](x))
+
+
 def test_load_quantized_strict_with_parametrized_layers_and_non_tensor_extra_state(tmp_path):
     # A replaced layer's whole subtree goes (weight_norm's parametrizations.*),
     # and a module's non-tensor extra state, which save_quantized cannot write,

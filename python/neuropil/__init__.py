@@ -123,13 +123,15 @@ def dot(a: Any, b: Any) -> float:
     return _native.dot(_float32_if_torch(a), _float32_if_torch(b))
 
 
-def _setting(get: Any) -> Any:
-    """``get()``, or what is wrong with the environment variable it reads: a
-    description must describe a bad setting, not fail on it."""
+def _setting(get: Any, key: str, errors: dict[str, str]) -> Any:
+    """``get()``, or ``None`` with what is wrong with the environment variable it
+    reads put in ``errors[key]``: a description must describe a bad setting,
+    not fail on it (and a typed field must not turn into a message)."""
     try:
         return get()
     except NeuropilError as e:
-        return f"unusable ({type(e).__name__}: {e})"
+        errors[key] = f"{type(e).__name__}: {e}"
+        return None
 
 
 def info(probe_torch: bool = True) -> dict[str, Any]:
@@ -141,24 +143,28 @@ def info(probe_torch: bool = True) -> dict[str, Any]:
 
     Returns:
         A dict with ``version``, ``simd_level``, ``simd_levels`` (all the CPU
-        supports), ``cpu_features``, ``threads``, ``spin_us`` (how long the
-        short-call threads spin between calls, ``NEUROPIL_SPIN_US``; these two
-        are ``"unusable (ArgumentError: ...)"`` when ``NEUROPIL_NUM_THREADS`` or
-        ``NEUROPIL_SPIN_US`` is malformed: every parallel call then raises
-        that error; ``simd_level`` likewise for ``NEUROPIL_KERNEL``), ``torch``
-        (version, None when not installed, or ``"installed, but unusable (...)"``
-        when importing it fails), ``cuda`` (bool) and ``cuda_devices`` (names).
+        supports), ``cpu_features``, ``threads`` (int), ``spin_us`` (int: how
+        long the short-call threads spin between calls, ``NEUROPIL_SPIN_US``),
+        ``torch`` (version, None when not installed, or ``"installed, but
+        unusable (...)"`` when importing it fails), ``cuda`` (bool),
+        ``cuda_devices`` (names) and ``errors``: a malformed
+        ``NEUROPIL_NUM_THREADS``, ``NEUROPIL_SPIN_US`` or ``NEUROPIL_KERNEL``
+        makes ``threads``, ``spin_us`` or ``simd_level`` ``None`` and
+        ``errors[field]`` the error every call that needs it raises
+        (``"ArgumentError: ..."``); ``{}`` when nothing is wrong.
     """
+    errors: dict[str, str] = {}
     out: dict[str, Any] = {
         "version": __version__,
-        "simd_level": _setting(_native.simd_level),
+        "simd_level": _setting(_native.simd_level, "simd_level", errors),
         "simd_levels": _native.simd_levels(),
         "cpu_features": _native.cpu_features(),
-        "threads": _setting(_native.get_num_threads),
-        "spin_us": _setting(_native.spin_us),
+        "threads": _setting(_native.get_num_threads, "threads", errors),
+        "spin_us": _setting(_native.spin_us, "spin_us", errors),
         "torch": None,
         "cuda": False,
         "cuda_devices": [],
+        "errors": errors,
     }
     if importlib.util.find_spec("torch") is None:
         return out

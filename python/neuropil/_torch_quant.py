@@ -650,12 +650,21 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     """
     entries: dict[str, Any] = {}
     covered: set[str] = set()
-    for name, mod in model.named_modules():
+    aliases: list[str] = []
+    packed: set[int] = set()
+    # A layer shared under several names is written once, under its first name;
+    # its other names are left out (load_quantized replaces the layer under
+    # every name it has in the model), not written again as plain tensors.
+    for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, QuantizedLinear):
+            if id(mod) in packed:
+                aliases.append(f"{name}.")
+                continue
+            packed.add(id(mod))
             entries[f"{name}.weight"] = mod.quantized()
             covered.update(f"{name}.{b}" for b in ("qdata", "scales", "mins", "_extra_state"))
     for key, t in model.state_dict().items():
-        if key not in covered and isinstance(t, torch.Tensor):
+        if key not in covered and not key.startswith(tuple(aliases)) and isinstance(t, torch.Tensor):
             # save_file keeps the dtype (bfloat16 as BF16 bits) and copies
             # a device tensor to the host
             entries[key] = t

@@ -15,6 +15,8 @@ def system(out: Path, verbose: bool = True) -> dict[str, Any]:
     report = info()
     if verbose:
         for k, v in report.items():
+            if isinstance(v, dict):  # errors: field -> what is wrong with its setting
+                v = [f"{a}: {b}" for a, b in v.items()] or ["-"]
             print(f"  {k:<13} {', '.join(map(str, v)) if isinstance(v, list) else v}")
     return report
 

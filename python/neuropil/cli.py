@@ -55,9 +55,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    errors = data.pop("errors")
     width = max(len(k) for k in data)
     for key, value in data.items():
-        if isinstance(value, list):
+        if key in errors:  # a malformed NEUROPIL_* setting: what is wrong with it
+            value = f"unusable ({errors[key]})"
+        elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         elif key == "torch" and value is None:
             value = "not installed"
