@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -83,12 +84,16 @@ def test_info_reports_a_bad_environment_setting_instead_of_failing(var, value, k
             exe + ["--json"] * json_out, capture_output=True, text=True, env=env, timeout=300
         )
         assert r.returncode == 0, r.stderr
-        if json_out:
-            shown = json.loads(r.stdout)[key]
+        if json_out:  # (the field stays typed: None, the error in `errors`)
+            data = json.loads(r.stdout)
+            assert data[key] is None and list(data["errors"]) == [key], data
+            shown = data["errors"][key]
+            assert re.match(r"\w+Error: ", shown) and expected in shown, shown
         else:
             line = next(ln for ln in r.stdout.splitlines() if ln.split()[0] == key)
             shown = line.split(None, 1)[1]
-        assert shown.startswith("unusable (") and expected in shown, shown
+            assert re.match(r"unusable \(\w+Error: ", shown) and expected in shown, shown
+            assert not any(ln.startswith("errors") for ln in r.stdout.splitlines())
 
 
 def test_a_parallel_call_with_a_bad_thread_count_raises_naming_the_variable():
@@ -835,3 +840,262 @@ def test_convert_takes_skip_none_and_refuses_non_string_patterns(tmp_path):
     assert [r["tensor"] for r in report["tensors"]] == ["w"]
     with pytest.raises(ArgumentError, match=r"--skip patterns must be strings .*got 5"):
         _quant_cli.convert(src, tmp_path / "out2.safetensors", skip=[5], progress=False)
+
+
+# ------------------------------------------------------------------ quantize streams its output
+
+
+def _mixed_safetensors(tmp_path: Path) -> Path:
+    """Every kind of entry: packed float32 and float16 matrices, a bfloat16
+    matrix kept by --skip, a small matrix kept by --min-size, 1-D, 0-d and
+    integer tensors, an empty matrix."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixed.safetensors"
+    mlp = "model.layers.0.mlp"
+    _safetensors.write(
+        path,
+        {
+            f"{mlp}.up_proj.weight": rng.standard_normal((96, 128)).astype(np.float32),
+            f"{mlp}.down_proj.weight": rng.standard_normal((128, 96)).astype(np.float16),
+            "model.embed.weight": _safetensors.BF16(_bf16_bits(rng.standard_normal((64, 64)))),
+            "model.small.weight": rng.standard_normal((8, 32)).astype(np.float32),
+            "model.norm.weight": rng.standard_normal(128).astype(np.float32),
+            "model.scale": np.array(0.5, np.float32),
+            "model.ids": np.arange(10, dtype=np.int64),
+            "model.empty.weight": np.zeros((0, 64), np.float32),
+        },
+        {},
+    )
+    return path
+
+
+def _llama_gguf(tmp_path: Path) -> Path:
+    """A Llama-architecture GGUF (renamed, q/k rows reordered when read): Q8_0
+    q and k projections, a Q8_0 embedding and an F16 up projection, F32 norms."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize as gguf_quantize
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    rng = np.random.default_rng(3)
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    for name, shape in [("token_embd.weight", (96, 64)), ("blk.0.attn_q.weight", (64, 64)),
+                        ("blk.0.attn_k.weight", (32, 64))]:  # fmt: skip
+        w = rng.standard_normal(shape).astype(np.float32)
+        writer.add_tensor(name, gguf_quantize(w, q8), raw_dtype=q8)
+    writer.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((128, 64)).astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(64).astype(np.float32))
+    writer.add_tensor("output_norm.weight", rng.standard_normal(64).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _recording_entries(monkeypatch) -> dict:
+    """The entries convert stores, by name, recorded as it writes each one:
+    the dict the old convert held and gave save_file(dst, out) at the end."""
+    from neuropil import _quant_cli
+
+    entries: dict = {}
+    real = _quant_cli._entry_tensors
+
+    def recording(name, entry):
+        entries[name] = entry
+        return real(name, entry)
+
+    monkeypatch.setattr(_quant_cli, "_entry_tensors", recording)
+    return entries
+
+
+def _split(blob: bytes) -> tuple[bytes, bytes]:
+    """A safetensors file's JSON header, trailing spaces stripped, and its data."""
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 : 8 + n].rstrip(b" "), blob[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "source,argv",
+    [
+        ("safetensors", {"skip": ("model.embed",)}),
+        ("safetensors", {"bits": 8, "group_size": 32, "scheme": "sym"}),
+        ("gguf", {"scheme": "q8_0", "skip": ("token_embd",)}),
+        ("gguf", {"bits": 4, "group_size": 32}),
+    ],
+)
+def test_a_streamed_output_is_what_save_file_writes(tmp_path, monkeypatch, capsysbinary, source,
+                                                    argv):  # fmt: skip
+    # convert writes each tensor as it is made, the header (offsets) last, in
+    # room reserved before the data; the file is the one save_file writes for
+    # the same entries but for spaces padding the header (the format allows
+    # them), and exactly that file when written to stdout (it cannot seek: the
+    # header goes first). Both load with every reader.
+    from safetensors import safe_open
+
+    from neuropil import _quant_cli, _safetensors_stream
+
+    src = _mixed_safetensors(tmp_path) if source == "safetensors" else _llama_gguf(tmp_path)
+    entries = _recording_entries(monkeypatch)
+
+    def no_move(*args):  # (the room reserved for the header is an upper bound)
+        raise AssertionError("the header outgrew its room")
+
+    monkeypatch.setattr(_safetensors_stream, "_move_up", no_move)
+    streamed = tmp_path / "streamed.safetensors"
+    report = _quant_cli.convert(src, streamed, min_size=1024, progress=False, **argv)
+    assert report["quantized_tensors"] >= 2 and report["kept"]
+    whole = tmp_path / "whole.safetensors"
+    quant.save_file(whole, entries)
+    header, data = _split(streamed.read_bytes())
+    assert (header, data) == _split(whole.read_bytes())
+    assert int.from_bytes(streamed.read_bytes()[:8], "little") % 8 == 0  # data aligned
+    # to stdout: byte for byte
+    capsysbinary.readouterr()
+    _quant_cli.convert(src, "-", min_size=1024, progress=False, **argv)
+    assert capsysbinary.readouterr().out == whole.read_bytes()
+    # every reader: safetensors, neuropil's loaders
+    tensors, meta, _ = _safetensors.read(whole)
+    with safe_open(str(streamed), "np") as f:
+        assert f.metadata() == meta and set(f.keys()) == set(tensors)
+    for name, arr in _safetensors.read(streamed)[0].items():
+        np.testing.assert_array_equal(arr, tensors[name])
+    back, want = quant.load_file(streamed), quant.load_file(whole)
+    assert list(back) == list(want) and set(back) == set(entries)
+    for name, q in back.items():
+        if isinstance(q, quant.QuantizedWeights):
+            np.testing.assert_array_equal(q.dequantize(), want[name].dequantize())
+            assert quant.QuantizedWeights.load(streamed, name).shape == q.shape
+
+
+def test_gguf_q_and_k_rows_are_put_in_order_as_they_are_converted(tmp_path):
+    # The reordered copy of a q or k projection is made when it is converted
+    # (one at a time), not as the file is read; its rows are those
+    # transformers' GGUF loader gives.
+    from gguf import GGUFReader
+
+    from neuropil import _quant_cli
+
+    src = _llama_gguf(tmp_path)
+    source = _quant_cli.read_any(src)
+    value, _ = source.entries["model.layers.0.self_attn.k_proj.weight"]
+    _, raw, shape = value
+    assert isinstance(raw, _quant_cli.Lazy) and shape == (32, 64)
+    out = tmp_path / "out.safetensors"
+    _quant_cli.convert(src, out, scheme="q8_0", min_size=0, progress=False)
+    k = quant.load_file(out)["model.layers.0.self_attn.k_proj.weight"].dequantize()
+    t = next(t for t in GGUFReader(src).tensors if t.name == "blk.0.attn_k.weight")
+    stored = quant.QuantizedWeights.from_gguf(np.asarray(t.data), "q8_0", (32, 64)).dequantize()
+    heads = 2  # each head's rows: its two rotary halves interleaved in the file
+    want = stored.reshape(heads, 8, 2, 64).swapaxes(1, 2).reshape(32, 64)
+    np.testing.assert_array_equal(k, want)
+
+
+@pytest.mark.parametrize("failure", ["a tensor that cannot be quantized", "Ctrl-C"])
+def test_a_conversion_that_fails_midway_keeps_the_old_output_and_no_temp_file(
+    tmp_path, capsys, monkeypatch, failure
+):
+    # The output is written as the tensors are converted, into a temporary
+    # file beside OUT, renamed over it only at the end.
+    from neuropil import _quant_cli
+
+    rng = np.random.default_rng(0)
+    # (large enough to go past the writer's buffer as each is written)
+    tensors = {f"layers.{i}.weight": rng.standard_normal((128, 512)).astype(np.float32)
+               for i in range(3)}  # fmt: skip
+    if failure != "Ctrl-C":
+        tensors["layers.1.weight"][5, 5] = np.nan
+    src = _save(tmp_path / "in.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the old output")
+    out.chmod(0o640)
+    seen: list[list[tuple[str, int]]] = []
+    real = _quant_cli.quantize
+
+    def quantize(w, *args, **kwargs):  # (the files beside OUT as each tensor is packed)
+        seen.append([(p.name, p.stat().st_size) for p in tmp_path.glob(".out.safetensors.*")])
+        if failure == "Ctrl-C" and len(seen) == 3:  # (the first call checks the format)
+            raise KeyboardInterrupt
+        return real(w, *args, **kwargs)
+
+    monkeypatch.setattr(_quant_cli, "quantize", quantize)
+    code = cli.main(["quantize", str(src), str(out), "--json"])
+    assert code == (130 if failure == "Ctrl-C" else 2)
+    err = capsys.readouterr().err
+    assert ("interrupted" if failure == "Ctrl-C" else "tensor 'layers.1.weight'") in err, err
+    assert out.read_bytes() == b"the old output" and stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+    # the first tensor had been written when the second was being packed
+    assert len(seen) == 3 and len(seen[2]) == 1 and seen[2][0][1] > 128 * 512 // 2, seen
+
+
+def test_tensor_names_that_would_clash_are_refused_before_any_is_converted(
+    tmp_path, capsys, monkeypatch
+):
+    # A packed `w` is stored as w.qdata, w.scales and w.mins (a name reserved
+    # even where a symmetric scheme has no mins): a tensor `w.mins` beside it
+    # would be read back as its mins. save_file refused it after every tensor
+    # was quantized; the names are now checked before any is.
+    from neuropil import _quant_cli
+
+    src = _save(tmp_path / "in.safetensors",
+                {"w": np.ones((64, 64), np.float32), "w.mins": np.ones(4, np.float32)})  # fmt: skip
+    calls = []
+    real = _quant_cli.quantize
+    monkeypatch.setattr(
+        _quant_cli, "quantize", lambda w, *a, **k: calls.append(1) or real(w, *a, **k)
+    )
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["quantize", str(src), str(out), "--json", "--scheme", "sym"]) == 2
+    err = capsys.readouterr().err
+    assert "must name distinct tensors" in err and "'w.mins'" in err, err
+    assert len(calls) == 1 and not out.exists()  # (the one call checks the format)
+
+
+@pytest.mark.parametrize("json_report", [False, True])
+@pytest.mark.parametrize("stdout", ["pipe", "file"])
+def test_quantize_to_dash_writes_stdout_and_the_report_to_stderr(tmp_path, stdout, json_report):
+    # `neuropil quantize IN -` wrote a file named "-"; "-" is stdout, as for
+    # most commands (a file named "-" is "./-"), the report going to stderr.
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    src = _save(tmp_path / "in.safetensors", {"w": w, "b": np.ones(64, np.float32)})
+    cmd = [sys.executable, "-m", "neuropil", "quantize", str(src), "-"]
+    cmd += ["--json"] if json_report else []
+    captured = tmp_path / "captured.safetensors"
+    if stdout == "pipe":  # `... - | cat > x`
+        r = subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp_path)
+        captured.write_bytes(r.stdout)
+    else:  # `... - > x` (written in order from where stdout is, as to a pipe)
+        with open(captured, "wb") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, timeout=300, cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert not (tmp_path / "-").exists()
+    back = quant.load_file(captured)
+    np.testing.assert_array_equal(back["w"].data, quant.quantize(w).data)
+    np.testing.assert_array_equal(back["b"], np.ones(64, np.float32))
+    if json_report:
+        report = json.loads(err)
+        assert (report["output"], report["quantized_tensors"]) == ("-", 1)
+    else:
+        assert "tensors quantized" in err and "-> -:" in err
+    # a file named "-": ./-
+    assert cli.main(["quantize", str(src), str(tmp_path / "-"), "--json"]) == 0
+    assert set(quant.load_file(tmp_path / "-")) == {"w", "b"}
+
+
+def test_quantize_to_dash_with_a_reader_that_left_exits_quietly(tmp_path):
+    # `neuropil quantize IN - | head -c 100`: what the reader read is all it wanted.
+    src = _save(tmp_path / "in.safetensors", {"w": np.ones((512, 512), np.float32)})
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "neuropil", "quantize", str(src), "-", "--json"],
+                           stdout=write_end, stderr=subprocess.PIPE, timeout=300,
+                           cwd=tmp_path)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and b"Traceback" not in r.stderr, r.stderr.decode()
+    assert os.listdir(tmp_path) == ["in.safetensors"]

@@ -22,42 +22,73 @@ error (exit 2) before anything is written, as a typo would otherwise quantize
 the layer it meant to keep. The output loads with ``neuropil.quant.load_file``
 (bfloat16 as float32 values) and ``neuropil.torch.load_quantized``. The report
 lists the quantized tensors and (``--json``: ``kept``) those copied, with
-their type in the file and the dtype written. When OUT is stdout
-(``/dev/stdout``, ``| cat > out``), the report (text or ``--json``) goes to
+their type in the file and the dtype written. When OUT is stdout (``-``,
+``/dev/stdout``, ``| cat > out``), the report (text or ``--json``) goes to
 stderr: printed after the file's bytes it would corrupt the file.
+
+Memory: one tensor at a time (its float32 values and packed form), whatever the
+size of the model. The input is read through a memory map, and each tensor is
+written as soon as it is converted (``_safetensors_stream``: the header, which
+comes first, is filled in at the end), into a temporary file renamed over OUT
+at the end; stdout or a pipe gets the data through an anonymous temporary file
+(in ``TMPDIR``), after the header.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import IO, Any, NamedTuple, cast
 
 import numpy as np
 
 from . import _safetensors
+from . import _safetensors_stream as _stream
 from .errors import ArgumentError, FormatError, NeuropilError, _shown
-from .quant import FORMAT as QUANT_FORMAT
 from .quant import (
+    _ENTRY_KEYS,
+    _PARTS,
     QuantizedWeights,
+    _check_names,
     _check_skip,
+    _entry_tensors,
+    _file_metadata,
     _resolve,
     _skip_patterns,
     _skipped,
     quantize,
-    save_file,
 )
+from .quant import FORMAT as QUANT_FORMAT
 
+#: GGUF block types neuropil reads, and the scheme that keeps each one's bytes.
 _GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 # GGUF tensor types read as they are stored (the gguf reader gives them typed):
 # copied in their dtype, never dequantized.
 _GGUF_PLAIN = ("F32", "F16", "F64", "I8", "I16", "I32", "I64")
+
+
+class Lazy:
+    """A tensor of :attr:`Source.entries` made when it is converted (GGUF q/k
+    rows put in order, other GGUF block types dequantized): a copy, so it is
+    made for one tensor at a time, not for the whole file as it is read.
+
+    Attributes:
+        shape: the tensor's shape.
+        floating: whether its values are floats (bfloat16 bits included).
+        load: makes it (raises :class:`FormatError` for a bad file).
+    """
+
+    __slots__ = ("floating", "load", "shape")
+
+    def __init__(self, shape: tuple[int, ...], floating: bool, load: Callable[[], Any]) -> None:
+        self.shape, self.floating, self.load = shape, floating, load
 
 
 class Source(NamedTuple):
@@ -65,9 +96,13 @@ class Source(NamedTuple):
 
     Attributes:
         entries: name -> (value, bytes in the file); a value is a numpy array
-            (any dtype, as stored), :class:`_safetensors.BF16` bits, or GGUF
-            ``Q4_0``/``Q4_1``/``Q8_0`` blocks as ``(scheme, raw blocks, shape)``
-            (other GGUF block types are dequantized to float32).
+            (any dtype, as stored), :class:`_safetensors.BF16` bits, GGUF
+            ``Q4_0``/``Q4_1``/``Q8_0`` blocks as ``(scheme, raw blocks, shape)``,
+            or a :class:`Lazy` one of these (other GGUF block types are
+            dequantized to float32). Arrays and raw blocks are read-only views
+            of the file, mapped into memory: read from disk when used, they
+            take no memory of their own, so a model larger than the RAM can be
+            read (the file must not change meanwhile).
         kinds: name -> the tensor's type in the file (``"F16"``, ``"BF16"``,
             ``"Q4_1"``...).
         gguf_names: name -> the GGUF file's own name, for tensors renamed to
@@ -83,7 +118,7 @@ class Source(NamedTuple):
 
 
 def _read_safetensors(path: Path) -> Source:
-    tensors, meta, dtypes = _safetensors.read(path)
+    tensors, meta, dtypes = _safetensors.read(path, mapped=True)
     if meta.get("format") == QUANT_FORMAT:
         raise FormatError(
             f"{path}: input is already quantized (format {QUANT_FORMAT!r}); "
@@ -98,13 +133,12 @@ def _read_safetensors(path: Path) -> Source:
 def _read_gguf(path: Path) -> Source:
     try:
         from gguf import GGUFReader
-        from gguf.quants import dequantize
     except ImportError as e:  # pragma: no cover - the hf extra installs gguf
         raise NeuropilError(
             "reading GGUF needs the gguf package: pip install 'neuropil[hf]'"
         ) from e
     try:
-        reader = GGUFReader(path)
+        reader = GGUFReader(path)  # (its tensors' data: views of a memory map of the file)
         llama = _field(reader, "general.architecture") == "llama"
         heads = (
             (_field(reader, "llama.attention.head_count"),
@@ -115,31 +149,70 @@ def _read_gguf(path: Path) -> Source:
         kinds: dict[str, str] = {}
         renamed: dict[str, str] = {}
         for t in reader.tensors:
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            kind = t.tensor_type.name
             name = _hf_name(t.name) if llama else t.name
             if name != t.name:
                 renamed[name] = t.name
-            kinds[name] = kind
-            value: Any
-            if kind in _GGUF_SCHEMES and len(shape) == 2:
-                raw = np.asarray(t.data).reshape(shape[0], -1)
-                value = (_GGUF_SCHEMES[kind], _unpermute(t.name, raw, heads), shape)
-            elif kind in _GGUF_PLAIN:
-                value = _unpermute(t.name, np.asarray(t.data).reshape(shape), heads)
-            elif kind == "BF16":  # raw bytes: kept as bfloat16 bits, not widened
-                bits = np.asarray(t.data).view(np.uint16).reshape(shape)
-                value = _safetensors.BF16(_unpermute(t.name, bits, heads))
-            else:
-                arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-                value = _unpermute(t.name, arr.astype(np.float32), heads)
-            out[name] = (value, int(t.n_bytes))
+            kinds[name] = t.tensor_type.name
+            out[name] = (_gguf_value(path, t, heads), int(t.n_bytes))
         blocks = frozenset(n for n, k in kinds.items() if k not in (*_GGUF_PLAIN, "BF16"))
         return Source(out, kinds, renamed, blocks)
     except NeuropilError:
         raise
     except Exception as e:  # the gguf reader raises many kinds on a bad file
-        raise FormatError(f"{path}: not a valid GGUF file: {type(e).__name__}: {e}") from e
+        raise _bad_gguf(path, e) from e
+
+
+def _gguf_value(path: Path, t: Any, heads: tuple[int, int] | None) -> Any:
+    """A GGUF reader's tensor as a value of :attr:`Source.entries`: a view of
+    the file where it can be one, else :class:`Lazy`."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    kind = t.tensor_type.name
+    data = np.asarray(t.data)  # (a view: np.asarray keeps a memmap's memory)
+    rows = _head_rows(t.name, shape, heads)  # (checked as the file is read)
+    if kind in _GGUF_SCHEMES and len(shape) == 2:
+        raw = data.reshape(shape[0], -1)
+        return (_GGUF_SCHEMES[kind], _in_order(path, raw, rows, False), shape)
+    if kind in _GGUF_PLAIN:
+        arr = data.reshape(shape)
+        return _in_order(path, arr, rows, arr.dtype.kind == "f")
+    if kind == "BF16":  # raw bytes: kept as bfloat16 bits, not widened
+        bits = data.view(np.uint16).reshape(shape)
+        if rows is None:
+            return _safetensors.BF16(bits)
+        return _lazy(path, shape, True, lambda: _safetensors.BF16(_unpermute(bits, rows)))
+
+    def dequantized() -> np.ndarray:
+        arr = dequantize(data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        return arr if rows is None else _unpermute(arr, rows)
+
+    return _lazy(path, shape, True, dequantized)
+
+
+def _in_order(path: Path, arr: np.ndarray, rows: int | None, floating: bool) -> Any:
+    """``arr``, or a :class:`Lazy` copy with its rows put in order (q and k)."""
+    if rows is None:
+        return arr
+    return _lazy(path, arr.shape, floating, lambda: _unpermute(arr, rows))
+
+
+def _lazy(path: Path, shape: tuple[int, ...], floating: bool, make: Callable[[], Any]) -> Lazy:
+    """A :class:`Lazy` of ``make`` that raises what reading the file raised."""
+
+    def load() -> Any:
+        try:
+            return make()
+        except (NeuropilError, MemoryError):
+            raise
+        except Exception as e:  # (gguf's dequantize, as _read_gguf)
+            raise _bad_gguf(path, e) from e
+
+    return Lazy(shape, floating, load)
+
+
+def _bad_gguf(path: Path, e: Exception) -> FormatError:
+    return FormatError(f"{path}: not a valid GGUF file: {type(e).__name__}: {e}")
 
 
 #: GGUF's Llama tensor names -> the ``transformers`` module names (what
@@ -182,16 +255,28 @@ def _hf_name(name: str) -> str:
     return name
 
 
-def _unpermute(name: str, rows: Any, heads: tuple[int, int] | None) -> Any:
-    """Undoes llama.cpp's reordering of the q and k projections' rows (its
-    converter interleaves each head's two rotary halves), as transformers'
-    GGUF loader does; only rows move, so packed blocks stay valid."""
+def _head_rows(name: str, shape: tuple[int, ...], heads: tuple[int, int] | None) -> int | None:
+    """The number of heads whose rows a q or k projection of a Llama GGUF has
+    reordered (see :func:`_unpermute`), else None.
+
+    Raises:
+        FormatError: the rows do not split into the file's head count.
+    """
     if heads is None or not name.endswith(("attn_q.weight", "attn_k.weight")):
-        return rows
+        return None
     n = heads[0] if "attn_q" in name else heads[1]
-    r = rows.shape[0]
+    r = shape[0] if shape else 0
     if not n or r % (2 * n):
         raise FormatError(f"{name}: {r} rows do not split into {n} heads of two halves")
+    return int(n)
+
+
+def _unpermute(rows: Any, n: int) -> Any:
+    """Undoes llama.cpp's reordering of the q and k projections' rows (its
+    converter interleaves each of the ``n`` heads' two rotary halves), as
+    transformers' GGUF loader does; only rows move, so packed blocks stay
+    valid. A copy (the reordered rows are no view of the file)."""
+    r = rows.shape[0]
     return rows.reshape(n, r // n // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
@@ -203,11 +288,29 @@ def read_any(path: str | Path) -> Source:
     return _read_gguf(path) if magic == b"GGUF" else _read_safetensors(path)
 
 
-def _rel_error(w: np.ndarray, d: np.ndarray) -> float:
-    w = w.astype(np.float32)
-    # (max's real type: mypy joins a numpy scalar and a float to comparison protocols)
-    den = cast("np.floating[Any] | float", max(np.linalg.norm(w), 1e-30))
-    return float(np.linalg.norm(w - d) / den)
+#: Bytes of float32 values compared at once by :func:`_rel_error`.
+_ERROR_BLOCK = 8 << 20
+
+
+def _rel_error(w: np.ndarray, q: QuantizedWeights) -> float:
+    """``|w - q| / |w|`` (Frobenius norms), over blocks of rows of a few MiB:
+    a whole dequantized matrix (and the difference) would double the memory
+    the largest tensor takes."""
+    rows, cols = q.shape
+    step = max(1, _ERROR_BLOCK // (4 * cols))
+    diff = norm = 0.0
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        mins = None if q.mins is None else q.mins[a:b]
+        part = QuantizedWeights(
+            q.data[a:b], q.scales[a:b], mins, (b - a, cols), q.bits, q.group_size, q.scheme
+        )
+        wa = w[a:b].astype(np.float32, copy=False)  # (float16, float64: this block only)
+        d = part.dequantize()
+        np.subtract(wa, d, out=d)
+        diff += float(np.vdot(d, d))
+        norm += float(np.vdot(wa, wa))
+    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -244,12 +347,21 @@ def convert(
 ) -> dict[str, Any]:
     """Quantizes the tensors of ``src`` into ``dst``; returns the report.
 
+    ``dst`` is a path, or the string ``"-"`` for stdout (a file named ``-``:
+    ``"./-"`` or a ``Path``). One tensor is held at a time: the input is read
+    through a memory map, and each tensor is converted and written before the
+    next one (see ``_safetensors_stream``), into a temporary file renamed over
+    ``dst`` at the end, so an error or interrupt leaves an existing ``dst`` as
+    it was. For stdout or a pipe, the data waits in an anonymous temporary file
+    (in ``TMPDIR``) until the header, which comes first, is known.
+
     Raises:
         ArgumentError: a bad ``bits``/``group_size``/``scheme`` or ``min_size``,
             or a ``dst`` that is a folder, lies in a missing folder or is ``src``
             itself (checked before anything is read), or a ``skip`` pattern
-            that matches no tensor or module of ``src`` (checked before
-            anything is quantized or written).
+            that matches no tensor or module of ``src``, or tensor names that
+            would clash in ``dst`` (``w`` quantized beside a ``w.scales``)
+            (checked before anything is quantized or written).
         FormatError: ``src`` is unreadable, not safetensors or GGUF, or already
             a neuropil quantized file.
         NeuropilError: ``dst`` cannot be written.
@@ -261,7 +373,9 @@ def convert(
     quantize(np.zeros((1, 32), np.float32), bits, group_size, scheme)
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ArgumentError(f"min_size must be an integer >= 0; got {_shown(min_size)}")
-    _check_paths(Path(src), Path(dst))
+    stdout = _stdout_bytes() if _is_dash(dst) else None
+    if stdout is None:
+        _check_paths(Path(src), Path(dst))
     source = read_any(src)
     skip = _skip_patterns(skip, "--skip")  # one string: one pattern; None: none
     gguf_names = source.gguf_names
@@ -276,74 +390,43 @@ def convert(
     def skipped(name: str) -> bool:  # by its name, or by its GGUF name before renaming
         return _skipped(name, skip) or (name in gguf_names and _skipped(gguf_names[name], skip))
 
-    out: dict[str, Any] = {}
+    packed = {
+        name: _packs(value, skipped(name), scheme, min_size)
+        for name, (value, _) in source.entries.items()
+    }
+    # save_file's check of the names (`w` packed as `w.qdata`, `w.scales`,
+    # `w.mins` beside a tensor `w.scales`), before any tensor is converted: it
+    # tells packed entries by their type, which the placeholder has.
+    _check_names({n: _PACKED if p else None for n, p in packed.items()})
+    fmt = _Format(bits, group_size, scheme, search)
     rows: list[dict[str, Any]] = []
     kept: list[dict[str, Any]] = []
+    formats: dict[str, Any] = {}
     before = after = 0
-    for name, (value, nbytes) in tqdm(
-        source.entries.items(), desc="quantize", disable=not progress, unit="tensor"
-    ):
-        before += nbytes
-        if isinstance(value, tuple):  # GGUF blocks
-            gscheme, raw, shape = value
-            # (a skipped tensor is dequantized and copied in float below)
-            if gscheme == scheme and not skipped(name):
-                q = QuantizedWeights.from_gguf(raw, gscheme, shape)
-                out[name] = q
-                after += q.memory_bytes
-                kind = source.kinds[name]
-                rows.append({"tensor": name, "shape": list(shape), "from": kind, "rel_error": 0.0})
-                continue
-            value = QuantizedWeights.from_gguf(raw, gscheme, shape).dequantize()
-        bf16 = isinstance(value, _safetensors.BF16)
-        stored = value.bits if bf16 else np.asarray(value)
-        wanted = (
-            stored.ndim == 2
-            and (bf16 or stored.dtype.kind == "f")
-            and stored.size >= min_size
-            and stored.size > 0  # (nothing to pack: kept, as under --min-size)
-            and not skipped(name)
-        )
-        if not wanted:
-            # Copied in its dtype (float16, bfloat16, float32, float64, ints);
-            # values dequantized from GGUF blocks as float32, or float16 where
-            # that holds every one of them exactly.
-            if name in source.dequantized:
-                value = _float16_if_exact(stored)
-            out[name] = value
-            after += value.nbytes
-            kept.append(
-                {
-                    "tensor": name,
-                    "shape": list(stored.shape),
-                    "from": source.kinds[name],
-                    "dtype": "bfloat16" if bf16 else str(value.dtype),
-                }
-            )
-            continue
-        arr = value.to_f32() if bf16 else stored
-        try:
-            q = quantize(arr, bits, group_size, scheme, search=search)
-        except NeuropilError as e:
-            # The core names its argument `w`; the user needs the tensor, and a
-            # hint that works as printed: the name as a glob matching only
-            # itself ("[" and "*" escaped), quoted for the shell.
-            hint = shlex.quote(glob.escape(name))
-            raise type(e)(
-                f"tensor {name!r} {tuple(arr.shape)}: {e} (keep it in float with --skip {hint})"
-            ) from e
-        out[name] = q
-        after += q.memory_bytes
-        rows.append(
-            {
-                "tensor": name,
-                "shape": list(arr.shape),
-                "from": source.kinds[name],
-                "rel_error": _rel_error(arr, q.dequantize()),
-            }
-        )
     try:
-        save_file(dst, out)
+        with (
+            _stream.writing_stream(stdout)
+            if stdout is not None
+            else _stream.writing(dst, _header_room(source.entries, packed))
+        ) as out:
+            for name, (value, nbytes) in tqdm(
+                source.entries.items(), desc="quantize", disable=not progress, unit="tensor"
+            ):
+                entry, row = _convert_one(name, value, packed[name], fmt, source)
+                before += nbytes
+                if isinstance(entry, QuantizedWeights):
+                    rows.append(row)
+                    formats[name] = entry._meta()
+                    after += entry.memory_bytes
+                else:
+                    kept.append(row)
+                    after += entry.nbytes
+                for part, arr in _entry_tensors(name, entry).items():
+                    out.add(part, arr)
+                del entry  # (before the next one is made: one tensor at a time)
+            out.finish(_file_metadata(formats))
+    except BrokenPipeError:
+        raise  # a reader of stdout that left: the command line exits quietly
     except OSError as e:
         raise NeuropilError(f"output {str(dst)!r}: cannot write: {e}") from e
     return {
@@ -360,8 +443,126 @@ def convert(
     }
 
 
-#: GGUF block types neuropil reads, and the scheme that keeps each one's bytes.
-_GGUF_SCHEMES = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+class _Format(NamedTuple):
+    bits: int
+    group_size: int
+    scheme: str
+    search: bool
+
+
+#: Marks an entry :func:`convert` will store packed, for ``_check_names``
+#: (which tells them by type) before any is made.
+_PACKED = QuantizedWeights.__new__(QuantizedWeights)
+
+
+def _peek(value: Any) -> tuple[tuple[int, ...], bool]:
+    """A :attr:`Source.entries` value's shape, and whether its values are
+    floats (GGUF blocks: dequantized to float32), without reading it."""
+    if isinstance(value, tuple):  # GGUF blocks
+        return tuple(value[2]), True
+    if isinstance(value, (Lazy, _safetensors.BF16)):
+        return value.shape, isinstance(value, _safetensors.BF16) or value.floating
+    return value.shape, value.dtype.kind == "f"
+
+
+def _packs(value: Any, skipped: bool, scheme: str, min_size: int) -> bool:
+    """Whether an entry is stored packed: GGUF blocks of the target scheme
+    (carried over), or a float matrix of at least ``min_size`` values, unless
+    ``--skip`` keeps it in float (a skipped block tensor is dequantized)."""
+    if skipped:
+        return False
+    if isinstance(value, tuple) and value[0] == scheme:
+        return True
+    shape, floating = _peek(value)
+    size = int(np.prod(shape))
+    # (an empty matrix has nothing to pack: kept, as under --min-size)
+    return len(shape) == 2 and floating and size >= min_size and size > 0
+
+
+def _load(value: Any) -> Any:
+    return value.load() if isinstance(value, Lazy) else value
+
+
+def _convert_one(
+    name: str, value: Any, packed: bool, fmt: _Format, source: Source
+) -> tuple[Any, dict[str, Any]]:
+    """One entry as it is stored (a :class:`QuantizedWeights`, an array or
+    :class:`_safetensors.BF16` bits) and its row of the report."""
+    kind = source.kinds[name]
+    if isinstance(value, tuple):  # GGUF blocks
+        gscheme, raw, shape = value
+        q = QuantizedWeights.from_gguf(_load(raw), gscheme, shape)
+        if packed and gscheme == fmt.scheme:
+            return q, {"tensor": name, "shape": list(shape), "from": kind, "rel_error": 0.0}
+        value = q.dequantize()  # (packed again below, or copied in float)
+        del q  # (the blocks' copy goes before the matrix is packed again)
+    value = _load(value)
+    bf16 = isinstance(value, _safetensors.BF16)
+    stored = value.bits if bf16 else np.asarray(value)
+    if not packed:
+        # Copied in its dtype (float16, bfloat16, float32, float64, ints);
+        # values dequantized from GGUF blocks as float32, or float16 where
+        # that holds every one of them exactly.
+        if name in source.dequantized:
+            value = _float16_if_exact(stored)
+        dtype = "bfloat16" if bf16 else str(value.dtype)
+        return value, {"tensor": name, "shape": list(stored.shape), "from": kind, "dtype": dtype}
+    arr = value.to_f32() if bf16 else stored
+    try:
+        q = quantize(arr, fmt.bits, fmt.group_size, fmt.scheme, search=fmt.search)
+    except NeuropilError as e:
+        # The core names its argument `w`; the user needs the tensor, and a
+        # hint that works as printed: the name as a glob matching only
+        # itself ("[" and "*" escaped), quoted for the shell.
+        hint = shlex.quote(glob.escape(name))
+        raise type(e)(
+            f"tensor {name!r} {tuple(arr.shape)}: {e} (keep it in float with --skip {hint})"
+        ) from e
+    row = {"tensor": name, "shape": list(arr.shape), "from": kind, "rel_error": _rel_error(arr, q)}
+    return q, row
+
+
+# At most the characters of one field of a packed entry's format in the
+# metadata besides its key, `"key":value,`: 4 and the value, at most 41 (a shape
+# of two 19-digit extents; "float16" takes 9), and some to spare.
+_FIELD_ROOM = 48
+
+
+def _header_room(entries: Mapping[str, tuple[Any, int]], packed: Mapping[str, bool]) -> int:
+    """An upper bound of the output's header, reserved before any tensor is
+    written (see ``_safetensors_stream``): every entry's tensors' entries, and a
+    packed entry's format in the metadata, counted twice as it is a JSON
+    string there (a character escaped takes at most two)."""
+    room = 256  # (the metadata's other keys and values, and the braces)
+    for name, (value, _) in entries.items():
+        if packed[name]:
+            room += sum(_stream.entry_room(f"{name}.{part}", 2) for part in _PARTS)
+            fields = sum(len(k) + _FIELD_ROOM for k in _ENTRY_KEYS)
+            room += 2 * (len(json.dumps(name)) + 4 + fields)  # (`"name":{...},`)
+        else:
+            room += _stream.entry_room(name, len(_peek(value)[0]))
+    return room
+
+
+def _is_dash(dst: str | Path) -> bool:
+    """Whether ``dst`` is ``"-"``, stdout (a string: a ``Path`` is a file name)."""
+    return isinstance(dst, str) and dst == "-"
+
+
+def _stdout_bytes() -> IO[bytes]:
+    """Binary stdout, for OUT ``-``, emptied of text printed before.
+
+    Raises:
+        ArgumentError: stdout is not a binary stream (closed, or replaced by a
+            text-only one).
+    """
+    buffer = getattr(sys.stdout, "buffer", None)
+    if sys.stdout is None or buffer is None or sys.stdout.closed:
+        raise ArgumentError(
+            f"output '-' means stdout, which must be an open binary stream; got {sys.stdout!r}"
+        )
+    sys.stdout.flush()
+    return cast("IO[bytes]", buffer)
 
 
 def _float16_if_exact(values: np.ndarray) -> np.ndarray:
@@ -397,7 +598,7 @@ def main(args: Any) -> int:
     # `quantize IN /dev/stdout | ...`: the file's bytes go to stdout, so the
     # report goes to stderr instead of after them (checked before the save,
     # which may rename a new file over a regular OUT).
-    out = sys.stderr if _is_stdout(args.output) else sys.stdout
+    out = sys.stderr if _is_dash(args.output) or _is_stdout(args.output) else sys.stdout
     report = convert(
         args.input,
         args.output,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
 import secrets
 import stat
@@ -192,7 +193,8 @@ def _create_temp(target: str, raw: str, replacing: bool) -> tuple[int, str]:
     the rename), else with ``open``'s mode (``0o666`` less the umask)."""
     folder, name = os.path.split(target)
     folder = folder or "."
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    # (readable too: a streamed save moves its data up in it; see _safetensors_stream)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     flags |= getattr(os, "O_CLOEXEC", 0)
     tmp = ""
     for _ in range(_TEMP_TRIES):
@@ -279,32 +281,53 @@ def write(
     path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray | BF16], metadata: dict[str, str]
 ) -> None:
     """Writes ``tensors`` (numpy arrays of any shape, or :class:`BF16` bits) and
-    string ``metadata`` atomically (see :func:`replacing`)."""
-    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    string ``metadata`` atomically (see :func:`replacing`). (``neuropil
+    quantize`` writes its tensors one at a time instead, with the same pieces:
+    see ``_safetensors_stream``.)"""
+    entries: dict[str, dict[str, object]] = {}
     offset = 0
     arrays = []
     for name, arr in tensors.items():
-        a = np.asarray(arr.bits if isinstance(arr, BF16) else arr)
-        if not a.flags.c_contiguous:
-            a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
-        key = "BF16" if isinstance(arr, BF16) else _NAMES.get(a.dtype.newbyteorder("<").str)
-        if key is None:
-            raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        header[name] = {
+        key, a = prepared(name, arr)
+        entries[name] = {
             "dtype": key,
             "shape": list(a.shape),
             "data_offsets": [offset, offset + a.nbytes],
         }
         offset += a.nbytes
         arrays.append(a)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw = header_bytes(metadata, entries)
     with replacing(path) as (fd, _), os.fdopen(fd, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for a in arrays:
             f.write(a.data)  # C-contiguous: its own bytes, no copy (tobytes would make one)
+
+
+def prepared(name: str, arr: np.ndarray | BF16) -> tuple[str, np.ndarray]:
+    """``(dtype name, array)``: a tensor as it is stored, C-contiguous and
+    little-endian (copied only where it is not), and its safetensors dtype.
+
+    Raises:
+        FormatError: a dtype safetensors has no name for (complex, object...).
+    """
+    a = np.asarray(arr.bits if isinstance(arr, BF16) else arr)
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
+    key = "BF16" if isinstance(arr, BF16) else _NAMES.get(a.dtype.newbyteorder("<").str)
+    if key is None:
+        raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
+    return key, a.astype(a.dtype.newbyteorder("<"), copy=False)
+
+
+def header_bytes(metadata: Mapping[str, str], entries: Mapping[str, object]) -> bytes:
+    """The JSON header of ``entries`` (name -> ``{"dtype", "shape",
+    "data_offsets"}``) and string ``metadata``, padded with spaces to a
+    multiple of 8 bytes (so the data, and each 8-byte-aligned tensor, starts
+    aligned, as the ``safetensors`` package pads it)."""
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **entries}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
 
 
 def _capped_prod(values: list[int], cap: int) -> int:
@@ -325,7 +348,7 @@ def _fail(path: Path, detail: str) -> FormatError:
 
 
 def read(
-    path: str | Path, *, bf16_as_f32: bool = False
+    path: str | Path, *, bf16_as_f32: bool = False, mapped: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """Reads a safetensors file.
 
@@ -334,6 +357,13 @@ def read(
         bf16_as_f32: decode BF16 tensors to ``float32`` (exact); else they come
             back as their ``uint16`` bits (for callers that count the file's
             bytes or decode themselves, e.g. ``neuropil quantize``).
+        mapped: map the file into memory (read-only) and return read-only
+            views of it instead of copies, so a tensor's bytes are read from
+            disk when first used and, being the file's pages, never take
+            memory of their own (``neuropil quantize`` reads a model larger
+            than the RAM this way). The file must not change while they are
+            in use: a file cut short under them crashes the process (SIGBUS).
+            BF16 tensors decoded by ``bf16_as_f32`` are new arrays either way.
 
     Returns:
         ``(tensors, metadata, dtypes)``: arrays by name, the ``__metadata__``
@@ -346,14 +376,14 @@ def read(
             expected structure, or a tensor's offsets disagree with its shape.
     """
     path = Path(path)
-    blob = path.read_bytes()  # OSError (FileNotFoundError...) as from open()
+    blob = _mapped(path) if mapped else path.read_bytes()  # OSError as from open()
     if len(blob) < 8:
         raise _fail(path, f"{len(blob)} bytes is shorter than the 8-byte header length")
     n = int.from_bytes(blob[:8], "little")
     if n > min(MAX_HEADER, len(blob) - 8):
         raise _fail(path, f"header length {n} exceeds the file ({len(blob)} bytes)")
     try:
-        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+        header = json.loads(bytes(blob[8 : 8 + n]).decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, too deep, huge numbers
         raise _fail(path, f"header is not JSON ({type(e).__name__}: {e})") from e
     if not isinstance(header, dict):
@@ -399,7 +429,8 @@ def read(
         if _capped_prod(extents, sys.maxsize) > sys.maxsize:  # numpy's limit, even if empty
             raise _fail(path, f"tensor {name!r} has shape {shape}, too large for an array")
         try:
-            arr = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape).copy()
+            arr = np.frombuffer(data[offs[0] : offs[1]], dtype=dtype).reshape(shape)
+            arr = arr if mapped else arr.copy()
         except (ValueError, OverflowError) as e:  # numpy's own limits (e.g. ndim > 32)
             raise _fail(path, f"tensor {name!r} has shape {shape} ({e})") from e
         if bf16_as_f32 and dt == "BF16":
@@ -416,6 +447,18 @@ def read(
     if end != len(data):
         raise _fail(path, f"{len(data) - end} trailing bytes after the last tensor")
     return tensors, meta, dtypes
+
+
+def _mapped(path: Path) -> bytes | memoryview:
+    """The file's bytes as a read-only memory map (the views of it keep it
+    open), or read where it cannot be mapped (an empty file, a pipe, a file
+    system without mmap), as without ``mapped``."""
+    with open(path, "rb") as f:  # OSError (FileNotFoundError...) as from open()
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            with contextlib.suppress(OSError):
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        return f.read()
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -664,7 +664,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
             entries[f"{name}.weight"] = mod.quantized()
             covered.update(f"{name}.{b}" for b in ("qdata", "scales", "mins", "_extra_state"))
     for key, t in model.state_dict().items():
-        if key not in covered and not key.startswith(tuple(aliases)) and isinstance(t, torch.Tensor):
+        alias = key.startswith(tuple(aliases))
+        if key not in covered and not alias and isinstance(t, torch.Tensor):
             # save_file keeps the dtype (bfloat16 as BF16 bits) and copies
             # a device tensor to the host
             entries[key] = t

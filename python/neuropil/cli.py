@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quantize", help="pack a safetensors or GGUF file's weights (2/3/4/8-bit)")
     s.add_argument("input", help="safetensors or GGUF file")
-    s.add_argument("output", help="safetensors file to write (neuropil.torch.load_quantized)")
+    s.add_argument(
+        "output",
+        help="safetensors file to write (neuropil.torch.load_quantized); - for stdout "
+        "(the report then goes to stderr; ./- names a file '-')",
+    )
     s.add_argument(
         "--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4; GGUF schemes: theirs)"
     )
@@ -243,8 +247,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Ctrl-C is the user's choice, not a bug: no traceback. Savers write a
         # temporary file and remove it on any exception, so a file target is
-        # never left half written; a pipe or device target (/dev/stdout, a named
-        # pipe) is written in place, so an interrupted write there is partial.
+        # never left half written; a pipe or device target (`-`, /dev/stdout, a
+        # named pipe) gets its bytes only at the end, in one copy (`neuropil
+        # quantize` converts into a temporary file first), but a copy
+        # interrupted midway leaves it a partial file.
         # 130 is the shell's code for a SIGINT.
         print("\nneuropil: interrupted", file=sys.stderr)
         return 130

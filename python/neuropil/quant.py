@@ -622,20 +622,29 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
     tensors: dict[str, np.ndarray | _safetensors.BF16] = {}
     formats: dict[str, Any] = {}
     for name, v in entries.items():
+        tensors.update(_entry_tensors(name, v))
         if isinstance(v, QuantizedWeights):
-            tensors[f"{name}.qdata"] = v.data
-            tensors[f"{name}.scales"] = v.scales
-            if v.mins is not None:
-                tensors[f"{name}.mins"] = v.mins
             formats[name] = v._meta()
-        else:
-            tensors[name] = _plain_array(v)
-    meta = {
+    _safetensors.write(path, tensors, _file_metadata(formats))
+
+
+def _entry_tensors(name: str, v: Any) -> dict[str, np.ndarray | _safetensors.BF16]:
+    """The tensors :func:`save_file` stores an entry as (``neuropil quantize``
+    writes them one entry at a time with this too)."""
+    if not isinstance(v, QuantizedWeights):
+        return {name: _plain_array(v)}
+    parts = {f"{name}.qdata": v.data, f"{name}.scales": v.scales}
+    return parts if v.mins is None else {**parts, f"{name}.mins": v.mins}
+
+
+def _file_metadata(formats: dict[str, Any]) -> dict[str, str]:
+    """The metadata of a :func:`save_file` file whose quantized entries have
+    ``formats`` (name -> :meth:`QuantizedWeights._meta`)."""
+    return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "neuropil.quant": json.dumps(formats, separators=(",", ":")),
     }
-    _safetensors.write(path, tensors, meta)
 
 
 def _check_names(entries: dict[str, Any]) -> None:
