@@ -861,6 +861,9 @@ TORCH_CASES = [
           scalars(NAN, "a", None)),
     *rows("sparsify_mlp", "method", lambda v: _torch_mod().sparsify_mlp(_mlp(), 0.5, method=v),
           scalars("x")),
+    # (an AttributeError on 'NoneType' before)
+    *rows("sparsify_mlp", "model", lambda v: _torch_mod().sparsify_mlp(v, 0.0), [
+        ("none", None, ArgumentError, "model must be a torch.nn.Module", "got NoneType")]),
 ]
 
 HF_CASES = [

@@ -297,6 +297,18 @@ def test_calibrate_checks_its_samples_and_flattens_leading_dims(cls):
 # ------------------------------------------------------------------ NeuronCache
 
 
+def test_a_repeated_id_counts_once_and_policy_errors_show_python_values():
+    # [3, 1, 3] counted neuron 3 twice: a frequency of 2 ("fraction of tokens").
+    c, m = NeuronCache(8, 2), NeuronCache(8, 2)
+    c.record(np.array([3, 1, 3]))
+    m.record(np.isin(np.arange(8), [1, 3]))
+    assert c.activation_frequency(3) == 1.0 and c.stats()["events"] == 2
+    np.testing.assert_array_equal(c.activation_frequency(), m.activation_frequency())
+    # (the message showed Rust's `window=Some(5)`)
+    with pytest.raises(neuropil.ArgumentError, match=r'got policy="static", decay=None, window=5$'):
+        NeuronCache(100, policy="static", window=5)
+
+
 def test_seed_api_and_out_of_range_ids_raise():
     c = NeuronCache(100, capacity=5)
     for _ in range(100):

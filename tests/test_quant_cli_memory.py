@@ -16,7 +16,7 @@ import pytest
 
 from neuropil import _quant_cli, _safetensors, quant
 from neuropil import _safetensors_stream as stream
-from neuropil.errors import ArgumentError, FormatError
+from neuropil.errors import ArgumentError, DTypeError, FormatError
 
 
 def _model(path: Path, n: int = 8, shape: tuple[int, int] = (512, 1024)) -> Path:
@@ -141,7 +141,7 @@ def test_the_writer_refuses_a_name_twice_and_an_unfinished_file(tmp_path):
     with pytest.raises(RuntimeError, match=r"without Writer\.finish"):
         with stream.writing(path, 100) as w:
             w.add("a", np.ones(3))
-    with pytest.raises(FormatError, match=r"dtype complex128 cannot be saved"):
+    with pytest.raises(DTypeError, match=r"a dtype safetensors stores .*; got complex128"):
         with stream.writing(path, 100) as w:
             w.add("z", np.ones(3, complex))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["s.safetensors"]

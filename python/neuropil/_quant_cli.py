@@ -4,7 +4,8 @@ Every 2-D float tensor with at least ``--min-size`` elements whose name matches
 no ``--skip`` pattern is quantized; everything else is copied in its dtype
 (float16, bfloat16, float32, float64, ints: a bfloat16 tensor stays 2 bytes a
 value). GGUF tensors already in the target block format (``Q4_0``, ``Q4_1``,
-``Q8_0``) are carried over byte for byte; other GGUF block types are
+``Q8_0``) are carried over byte for byte, whatever their size (``--min-size``
+does not turn packed blocks into float); other GGUF block types are
 dequantized by the ``gguf`` package first. A GGUF block tensor kept in float
 (by ``--skip``, or as 1-D) is dequantized to float32, as ``d * q (+ m)``
 needs (float16 only where it holds every value exactly, which real weights

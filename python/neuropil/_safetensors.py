@@ -309,14 +309,17 @@ def prepared(name: str, arr: np.ndarray | BF16) -> tuple[str, np.ndarray]:
     little-endian (copied only where it is not), and its safetensors dtype.
 
     Raises:
-        FormatError: a dtype safetensors has no name for (complex, object...).
+        DTypeError: a dtype safetensors has no name for (complex, strings, objects).
     """
     a = np.asarray(arr.bits if isinstance(arr, BF16) else arr)
     if not a.flags.c_contiguous:
         a = a.copy(order="C")  # np.ascontiguousarray would make a 0-d array 1-d
     key = "BF16" if isinstance(arr, BF16) else _NAMES.get(a.dtype.newbyteorder("<").str)
     if key is None:
-        raise FormatError(f"tensor {name!r}: dtype {a.dtype} cannot be saved to safetensors")
+        raise DTypeError(
+            f"tensor {name!r} must have a dtype safetensors stores (bool, integers, "
+            f"float16/32/64, bfloat16); got {a.dtype}"
+        )
     return key, a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 

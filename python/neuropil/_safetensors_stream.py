@@ -71,7 +71,7 @@ class Writer:
 
         Raises:
             ArgumentError: ``name`` was added before, or is ``__metadata__``.
-            FormatError: a dtype safetensors cannot store.
+            DTypeError: a dtype safetensors cannot store.
         """
         if self._metadata is not None:
             raise RuntimeError("Writer.add after Writer.finish")

@@ -643,8 +643,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Writes a model's quantized layers and every other tensor of its state to one
     safetensors file (the format of ``neuropil quantize``).
 
-    A bfloat16 tensor (a bf16 model's norms, embeddings, biases, layers kept in
-    float) is stored as the safetensors dtype ``BF16``, bit for bit, from its
+    A bfloat16 tensor (a bf16 model's norms, embeddings, layers kept in float
+    and their biases; a quantized layer keeps its bias in float32) is stored as
+    the safetensors dtype ``BF16``, bit for bit, from its
     own bytes (no float32 copy); every other tensor (float16, float32,
     float64, integer, bool; on any device) in its own dtype.
     """
@@ -677,6 +678,10 @@ def load_quantized(model: nn.Module, path: str | Path, strict: bool = True) -> n
     each quantized ``<name>.weight`` replaces the ``nn.Linear`` ``<name>``, other
     tensors load as state. A ``transformers`` model is then marked as quantized,
     as by :func:`quantize_model` (``save_pretrained`` / ``from_pretrained`` work).
+    A quantized entry whose module is not a linear layer (an embedding table,
+    which ``neuropil quantize`` packs like any large matrix) is dequantized into
+    that module's float weight: packed in the file, not in memory (``--skip
+    embed_tokens`` keeps it in float in the file too).
 
     A tensor is cast to the dtype of the model's tensor it fills, as
     ``load_state_dict`` casts: ``BF16`` ones are read as bfloat16 (into a

@@ -126,7 +126,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import _bench, _tour
 
-    p = _Parser(prog="neuropil", description=__doc__)
+    p = _Parser(
+        prog="neuropil",
+        description="The neuropil command line: describe the installation, find the real "
+        "data, tour every capability, benchmark against baselines, quantize model files.",
+    )
     p.add_argument("--version", action="version", version=f"neuropil {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -201,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         "word up to the next option: put input and output first, end the patterns with --, or "
         "write --skip=PATTERN (repeated --skip's add up)",
     )
-    s.add_argument("--min-size", type=int, default=4096, help="smallest tensor to quantize")
+    s.add_argument(
+        "--min-size",
+        type=int,
+        default=4096,
+        help="smallest tensor to quantize, in elements (default 4096); GGUF blocks already "
+        "in the --scheme format are carried over whatever their size",
+    )
     s.add_argument(
         "--json",
         action="store_true",

@@ -1,6 +1,7 @@
 """The exceptions neuropil raises.
 
-Every error raised on bad input is a :class:`NeuropilError`. The subclasses also
+Every error raised on bad input is a :class:`NeuropilError`, except an index
+out of range, which raises ``IndexError`` as Python's sequences do. The subclasses also
 derive from the matching built-in, so ``except ValueError`` keeps working for
 code that does not know neuropil. Messages name the argument, the expected and
 the found value, e.g. ``x must have shape (n, 1536); got (3, 1535)``.

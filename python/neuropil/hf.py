@@ -179,7 +179,8 @@ class SparseCache(Cache):
         threshold: Logit threshold (``scaling * q.k``) for ``"threshold"``.
         sinks: First keys of each row always read (attention sinks): its first
             unmasked keys, so under left padding its first real tokens.
-        window: Most recent keys always read.
+        window: Most recent keys always read (the current token's own key is
+            read even with ``window=0``).
         method: :class:`~neuropil.range.RangeIndex` method.
 
     Raises:

@@ -286,7 +286,9 @@ class NeuronCache:
 
     Raises:
         ArgumentError: capacity above ``num_neurons``, unknown policy, decay
-            outside (0, 1], a window of 0, negative hysteresis.
+            outside (0, 1], a window of 0, negative hysteresis; ``window``
+            missing for policy ``"window"``, ``decay`` given with a policy other
+            than ``"frequency"``, or ``window`` with one other than ``"window"``.
 
     Pickles and deep-copies as what :meth:`save` writes (settings, counts, scores,
     recent tokens, hot set, counters), validated as :meth:`load` validates a file.
@@ -356,7 +358,8 @@ class NeuronCache:
 
         Args:
             active: One token's active neuron ids (list or integer array, shape
-                (k,)); one token's boolean mask (bool, shape (num_neurons,)); or
+                (k,); a repeated id counts once, as in a mask: a neuron fires in
+                a token or not); one token's boolean mask (bool, shape (num_neurons,)); or
                 a batch of tokens (bool, shape (n, num_neurons)), recorded in one
                 parallel pass. numpy arrays or torch tensors.
 

@@ -617,6 +617,8 @@ def save_file(path: str | Path, entries: dict[str, Any]) -> None:
             names the same tensor as another entry (``{"w": q, "w.scales": a}``:
             ``name.qdata``, ``name.scales`` and ``name.mins`` belong to the
             quantized entry ``name``). Checked before anything is written.
+        DTypeError: an entry's dtype has no safetensors type (complex, strings,
+            objects). Checked before anything is written.
     """
     _check_names(entries)
     tensors: dict[str, np.ndarray | _safetensors.BF16] = {}

@@ -30,7 +30,12 @@ fn policy(name: &str, decay: Option<f32>, window: Option<u64>) -> PyResult<Polic
         ("frequency" | "window" | "static", _) => Err(Error::value(
             "decay/window",
             "decay only with policy 'frequency', window only with policy 'window'",
-            format!("policy={name:?}, decay={decay:?}, window={window:?}"),
+            // (Python's spelling of the values: None, not Rust's Some(5))
+            format!(
+                "policy={name:?}, decay={}, window={}",
+                decay.map_or("None".into(), |g| g.to_string()),
+                window.map_or("None".into(), |k| k.to_string())
+            ),
         ))
         .or_raise(),
         _ => Err(Error::value(

@@ -187,8 +187,10 @@ impl NeuronCache {
         }
     }
 
-    /// Records one token whose active neurons are `ids` (each occurrence counts).
-    /// Fails, recording nothing, if any id is outside `[0, num_neurons)`.
+    /// Records one token whose active neurons are `ids`; a repeated id counts
+    /// once, as it would in a mask (a neuron fires in a token or not: counted
+    /// twice, its frequency could pass 1). Fails, recording nothing, if any id
+    /// is outside `[0, num_neurons)`.
     pub fn record_indices(&mut self, ids: &[i64]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&j| j < 0 || j as u64 >= self.n as u64) {
             return Err(Error::Index {
@@ -197,6 +199,16 @@ impl NeuronCache {
                 len: self.n,
             });
         }
+        let unique;
+        let ids = if ids.windows(2).all(|w| w[0] < w[1]) {
+            ids // (ascending ids, as top-k and nonzero give them: no copy)
+        } else {
+            let mut v = ids.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            unique = v;
+            &unique[..]
+        };
         if let Some(g) = self.decay() {
             self.scores.iter_mut().for_each(|s| *s *= g);
         }

@@ -48,6 +48,20 @@ fn seed_behaviour_and_out_of_range_ids_raise() {
 }
 
 #[test]
+fn a_repeated_id_counts_once_as_in_a_mask() {
+    // Counted per occurrence, [3, 1, 3] gave neuron 3 a frequency of 2.
+    let (mut by_ids, mut by_mask) = (
+        NeuronCache::new(8, cfg(2, freq())).unwrap(),
+        NeuronCache::new(8, cfg(2, freq())).unwrap(),
+    );
+    by_ids.record_indices(&[3, 1, 3]).unwrap();
+    by_mask.record_batch(&[0, 1, 0, 1, 0, 0, 0, 0], 1).unwrap();
+    assert_eq!(by_ids.activation_frequency(3).unwrap(), 1.0);
+    assert_eq!(by_ids.stats().events, 2);
+    assert_eq!(by_ids.counts(), by_mask.counts());
+}
+
+#[test]
 fn bad_config_is_rejected() {
     assert!(NeuronCache::new(10, cfg(11, freq())).is_err());
     assert!(NeuronCache::new(10, cfg(5, Policy::Frequency { decay: Some(1.5) })).is_err());
