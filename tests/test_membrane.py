@@ -1275,3 +1275,46 @@ def test_bank_size_on_devices_of_unknown_memory_is_only_bounded_by_overflow(kind
         dims = {"L": 4, "H": 2, "W": 2, "batch": 2**20, "K": 2**30}
         with pytest.raises(neuropil.ArgumentError, match=r"fits in the memory of cpu"):
             _checks.check_bank_size(dims, torch.float32, device, 0)
+
+
+# ---------------------------------------------------------------- mutation-testing round
+def test_read_all_recalls_every_key_with_the_readout_asked_for():
+    bank = MembraneBank(8, 2, 3, batch=2, codes="gaussian", K=8)
+    v = torch.rand(2, 8, 2, 3, generator=torch.Generator().manual_seed(0))
+    bank.store(v)
+    for readout in ("correlation", "pinv"):
+        got = bank.read_all(readout=readout)
+        assert got.shape == (2, 8, 2, 3)
+        assert torch.equal(got, bank.read(range(8), readout=readout))
+    assert torch.allclose(bank.read_all("pinv"), v, atol=1e-5)  # gaussian codes: pinv exact
+    assert not torch.allclose(bank.read_all(), v, atol=1e-2)  # correlation: crosstalk
+
+
+def test_step_without_argument_applies_one_persistence_step():
+    bank = MembraneBank(8, 2, 2, codes="hadamard", persistence=0.5)
+    v = torch.rand(8, 2, 2, generator=torch.Generator().manual_seed(0))
+    bank.store(v)  # one step (decays the empty state), then the write
+    assert bank.steps == 1
+    bank.step()
+    assert bank.steps == 2 and torch.allclose(bank.read()[0], v / 2, atol=1e-6)
+    bank.step(0)
+    assert bank.steps == 2
+
+
+def test_repr_names_the_bank_settings():
+    bank = MembraneBank(8, 2, 3, batch=2, codes="dct", K=6, dtype=torch.float64)
+    assert repr(bank) == (
+        "MembraneBank(L=8, H=2, W=3, batch=2, K=6, codes='dct', readout='correlation', "
+        "dtype=torch.float64, device='cpu')"
+    )
+
+
+def test_a_one_layer_hadamard_bank_is_a_power_of_two_too():
+    # L = 1 = 2**0: the Hadamard code book is [[1]], and a bank of one layer
+    # stores and recalls one pattern exactly.
+    assert torch.equal(hadamard_codes(1, 1), torch.ones(1, 1))
+    assert torch.equal(generate_codes(1, 1), torch.ones(1, 1))
+    bank = MembraneBank(1, 3, 3)
+    v = torch.rand(1, 3, 3, generator=torch.Generator().manual_seed(0))
+    bank.store(v)
+    assert torch.equal(bank.read()[0], v)

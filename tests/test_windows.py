@@ -1023,3 +1023,121 @@ def test_load_refuses_bytes_after_the_last_tensor(tmp_path, mmap):
         assert f"a file of {len(good)} bytes; found {len(good) + len(extra)} bytes" in msg
     path.write_bytes(good)
     assert np.array_equal(np.asarray(SlidingWindows.load(path, mmap=mmap).frames), f)
+
+
+# ---------------------------------------------------------------- mutation-testing round
+
+
+def test_epoch_order_takes_every_seed_of_its_range_and_matches_the_batches():
+    # seed is documented as [0, 2**64): both ends are valid, and the order is the
+    # one batches() visits (one episode, stride 1: window i starts at frame i).
+    sw = SlidingWindows(frames_for(60), 4)
+    np.testing.assert_array_equal(sw.epoch_order(), sw.epoch_order(seed=0, epoch=0))
+    for seed in (0, 2**64 - 1):
+        order = sw.epoch_order(seed=seed, epoch=1)
+        assert sorted(order.tolist()) == list(range(len(sw)))
+        visited = [b["frames"][:, 0, 0] / 10 for b in sw.batches(16, seed=seed, epoch=1)]
+        np.testing.assert_array_equal(np.concatenate(visited), order)
+    assert not np.array_equal(sw.epoch_order(seed=0), sw.epoch_order(seed=2**64 - 1))
+    for seed in (-1, 2**64):
+        with pytest.raises(ArgumentError, match="seed must be"):
+            sw.epoch_order(seed=seed)
+        with pytest.raises(ArgumentError, match="seed must be"):
+            sw.batches(4, seed=seed)
+
+
+def test_repr_names_the_windows_and_their_layout():
+    sw = SlidingWindows(frames_for(50), 10, stride=2, episodes=[20, 30],
+                        targets={"y": np.arange(50)}, target_offset=0)  # fmt: skip
+    assert repr(sw) == (
+        "SlidingWindows(17 windows of 10 x 3 float32 (numpy), stride 2, 2 episodes, targets ['y'])"
+    )
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "dtype,dim",
+    [("float32", 3), ("int8", 3), ("float16", 5), ("float64", 1), ("int16", 4)],
+)
+def test_gpu_gather_code_path_takes_rows_of_any_width(dtype, dim):
+    # The CUDA gather views rows as the widest integer type dividing them (8, 4, 2
+    # or 1 bytes): rows of 12, 3, 10, 8 and 8 bytes must all give the CPU's windows.
+    import torch
+
+    from neuropil.windows import _cuda_gather
+
+    f = torch.from_numpy(frames_for(120, dim).astype(dtype))
+    y = torch.arange(120, dtype=getattr(torch, dtype)).reshape(120, 1).expand(120, dim)
+    sw = SlidingWindows(f, 6, stride=3, episodes=[50, 70],
+                        targets={"y": y.contiguous(), "w": y.contiguous()},
+                        target_offset={"y": 1, "w": None})  # fmt: skip
+    idx = np.array([0, 7, len(sw) - 1, 3])
+    want = SlidingWindows(f.numpy(), 6, stride=3, episodes=[50, 70],
+                          targets={"y": y.numpy(), "w": y.numpy()},
+                          target_offset={"y": 1, "w": None}).take(idx)  # fmt: skip
+    starts = torch.from_numpy(sw._layout.starts(idx))
+    for a in sw._arrays:
+        out = torch.empty((len(idx), *a.item_shape()), dtype=a.dtype)
+        _cuda_gather(a, starts, out)
+        np.testing.assert_array_equal(out.numpy(), want[a.name], err_msg=a.name)
+
+
+def test_save_load_round_trips_big_endian_arrays_by_value(tmp_path):
+    # Big-endian frames are valid windows; safetensors is little-endian, so they
+    # are written converted: the same values come back.
+    f = frames_for(40, 3)
+    y = np.arange(40, dtype=np.int64) * 3
+    sw = SlidingWindows(f.astype(">f4"), 5, targets={"y": y.astype(">i8")}, target_offset=1)
+    path = tmp_path / "be.safetensors"
+    sw.save(path)
+    for mmap in (True, False):
+        back = SlidingWindows.load(path, mmap=mmap)
+        got = back.take(np.arange(len(back)))
+        np.testing.assert_array_equal(got["frames"], sw.take(np.arange(len(sw)))["frames"])
+        np.testing.assert_array_equal(got["y"], y[sw.starts + 5])
+
+
+@needs_torch
+def test_save_load_round_trips_bfloat16_frames_and_targets(tmp_path):
+    # A bfloat16 target needs torch frames (numpy has no bfloat16): load refused
+    # the file save wrote for float32 torch frames with one ("inconsistent content").
+    import pickle
+
+    import torch
+
+    f = torch.from_numpy(frames_for(90, 4))
+    targets = {"b": torch.arange(90).to(torch.bfloat16), "y": np.arange(90)}
+    offsets = {"b": 0, "y": 1}
+    path = tmp_path / "bf16.safetensors"
+    for frames in (f, f.to(torch.bfloat16)):
+        sw = SlidingWindows(frames, 5, episodes=[30, 60], targets=targets, target_offset=offsets)
+        sw.save(path)
+        for mmap in (True, False):
+            back = SlidingWindows.load(path, mmap=mmap)
+            assert back.torch and back.targets["b"].dtype == torch.bfloat16
+            assert back.frames.dtype == frames.dtype
+            _assert_same_windows(sw, back)
+        _assert_same_windows(sw, pickle.loads(pickle.dumps(SlidingWindows.load(path))))
+
+
+@needs_torch
+def test_a_gathered_batch_is_a_sequence_of_its_samples():
+    # DataLoader hands collate_fn what __getitems__ returns: a WindowBatch that
+    # reads as the sequence of its samples (index, slice, iterate), so torch's
+    # default_collate stacks it back into the same batch.
+    import torch
+
+    f = frames_for(60, 4)
+    sw = SlidingWindows(f, 5, targets={"y": np.arange(60)}, target_offset=0)
+    ds = sw.as_dataset()
+    wb = ds.__getitems__([4, 0, 9, 2])
+    assert len(wb) == 4 and ds.collate(wb) is wb.batch
+    assert torch.equal(wb[2]["frames"], torch.from_numpy(f[9:14])) and int(wb[2]["y"]) == 13
+    part = wb[1:3]
+    assert type(part) is type(wb) and len(part) == 2
+    for k in ("frames", "y"):
+        assert torch.equal(part.batch[k], wb.batch[k][1:3])
+        assert torch.equal(part[1][k], wb[2][k])
+    assert [int(s["y"]) for s in wb] == [8, 4, 13, 6]
+    stacked = ds.collate(list(wb))
+    assert all(torch.equal(stacked[k], wb.batch[k]) for k in wb.batch)

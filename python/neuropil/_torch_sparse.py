@@ -787,9 +787,10 @@ def sparsify_mlp(
         hidden threshold; each module's ``t_in`` holds the input one).
 
     Raises:
-        ArgumentError: ``model`` is not an ``nn.Module``, sparsity or hidden_sparsity outside [0, 1),
-            hidden_sparsity with ``"cats"``, no FFN found, an unsupported
-            activation, or calibration missing or of an unknown kind.
+        ArgumentError: ``model`` is not an ``nn.Module``, sparsity or
+            hidden_sparsity outside [0, 1), hidden_sparsity with ``"cats"``, no
+            FFN found, an unsupported activation, or calibration missing or of
+            an unknown kind.
     """
     if not isinstance(model, nn.Module):
         raise ArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")

@@ -208,13 +208,25 @@ def load(path: str | os.PathLike, mmap: bool = True) -> SlidingWindows:
         raise _bad(path, f"frames must be 2-D; got shape {arrays['frames'][0].shape}")
     if arrays["episodes"][1] != "I64" or arrays["episodes"][0].ndim != 1:
         raise _bad(path, "episodes must be a 1-D I64 tensor")
+    frames = arrays["frames"][0]
+    if isinstance(frames, np.ndarray) and any(arrays[f"target.{k}"][1] == "BF16" for k in names):
+        # A bfloat16 target is a torch tensor (numpy has no bfloat16), which only
+        # torch frames carry, as the object saved had: the frames are handed to
+        # torch in place, a memory map of them copy-on-write (torch takes no
+        # read-only memory; writes stay private), still paged in on use.
+        import torch
+
+        if isinstance(frames, np.memmap):
+            frames = np.memmap(path, dtype=frames.dtype, mode="c", offset=frames.offset,
+                               shape=frames.shape)  # fmt: skip
+        frames = torch.from_numpy(frames)
     # Every array was read or mapped from the file stat'ed first (a save
     # renames a new file in place: another inode), so the signature holds.
     if _stat_key(os.stat(path)) != _stat_key(before):
         raise _bad(path, "the file changed while it was being read")
     try:
         sw = SlidingWindows(
-            arrays["frames"][0],
+            frames,
             window,
             stride,
             episodes=np.asarray(arrays["episodes"][0]),
