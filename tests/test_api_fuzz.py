@@ -957,6 +957,8 @@ MEMBRANE_CASES = [
     *rows("psnr", None, lambda xy: _membrane().psnr(*xy), [  # xy: (x, y)
         ("y-shape", lambda: (V(), V(1, 2, 2)), ShapeError, "y must", "got (1, 2, 2)"),
         ("x-numpy", (np.ones(3), np.ones(3)), ArgumentError, "x must", "got ndarray"),
+        ("y-int64", lambda: (V(3), _torch().ones(3, dtype=_torch().int64)), DTypeError,
+         "y must be a floating tensor", "got torch.int64"),
         ("x-empty", lambda: (V(0, 2, 2),) * 2, ShapeError, "x must", "got shape (0, 2, 2)")]),
     P("psnr-data_range-nan", lambda: _membrane().psnr(V(), V(), data_range=NAN), ArgumentError,
       "data_range must", "got nan"),
@@ -967,7 +969,12 @@ MEMBRANE_CASES = [
     *rows("HopfieldCleanup", "patterns", lambda v: _membrane().HopfieldCleanup(v), [
         ("numpy", np.ones((3, 2, 2)), ArgumentError, "got ndarray"),
         ("empty", lambda: V(0, 2, 2), ShapeError, "got (0, 2, 2)"),
-        ("nan", lambda: V(3, 2, 2) * NAN, ArgumentError, "got 12 NaN or Inf entries")]),
+        ("nan", lambda: V(3, 2, 2) * NAN, ArgumentError, "got 12 NaN or Inf entries"),
+        ("int64", lambda: _torch().ones(3, 2, dtype=_torch().int64), DTypeError,
+         "got torch.int64")]),
+    P("HopfieldCleanup.similarity-y-numpy",
+      lambda: _membrane().HopfieldCleanup(V(3, 2)).similarity(np.ones((2, 2))), ArgumentError,
+      "y must be a torch.Tensor", "got ndarray"),
     *rows("AdaptivePersistence", "bank", lambda v: _membrane().AdaptivePersistence(v), [
         ("str", "x", ArgumentError, "got str")]),
 ]

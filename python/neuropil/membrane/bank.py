@@ -111,10 +111,14 @@ class MembraneBank(_OwnLock):
             need more memory than the device has (the host's physical memory
             for the CPU; the message gives the bytes needed): refused before
             anything is allocated (:meth:`grow` checks its ``K`` the same way).
+        DTypeError: ``dtype`` is not a floating dtype, or custom ``codes`` are
+            not of ``dtype``.
+        ShapeError: custom ``codes`` are not ``(L, K)``.
 
     Attributes:
         M: The state, ``(B, L, H, W)`` tensor of ``dtype`` on ``device``.
-        C: The code book, ``(L, K)``, unit columns.
+        C: The code book, ``(L, K)``: unit columns for the named code books,
+            custom ``codes`` as given.
         counts: ``(B, K)`` int64 CPU tensor: stores per key since :meth:`clear`.
         reads: ``(B, K)`` int64 CPU tensor: reads per key (used by
             :class:`~neuropil.membrane.AdaptivePersistence`).
@@ -328,7 +332,9 @@ class MembraneBank(_OwnLock):
         With automatic persistence the state first decays by ``lam`` (one step).
         Sparse COO ``values`` with at most ``SPARSE_MAX_DENSITY`` (0.15%) non-zeros
         take a scatter path costing ``nnz * L`` instead of the GEMM's
-        ``K * H * W * L``; denser ones are densified (the GEMM is faster there).
+        ``K * H * W * L``; denser ones are densified. (The cut-off was measured on
+        one torch thread, where the scatter path is faster below it; with several
+        threads the dense GEMM can be as fast or faster: BENCHMARKS.md.)
 
         Args:
             values: ``(K', H, W)`` (the same patterns for every bank) or

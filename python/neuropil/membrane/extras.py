@@ -34,11 +34,12 @@ class HopfieldCleanup:
     """
 
     def __init__(self, patterns: torch.Tensor, beta: float = 64.0) -> None:
-        if not isinstance(patterns, torch.Tensor) or not patterns.is_floating_point():
-            found = (
-                patterns.dtype if isinstance(patterns, torch.Tensor) else type(patterns).__name__
+        if not isinstance(patterns, torch.Tensor):
+            raise ArgumentError(
+                f"patterns must be a floating torch.Tensor; got {type(patterns).__name__}"
             )
-            raise ArgumentError(f"patterns must be a floating torch.Tensor; got {found}")
+        if not patterns.is_floating_point():
+            raise DTypeError(f"patterns must be a floating torch.Tensor; got {patterns.dtype}")
         if patterns.ndim not in (2, 3) or patterns.shape[0] == 0:
             raise ShapeError(
                 f"patterns must have shape (P, H, W) or (P, D); got {tuple(patterns.shape)}"
@@ -62,6 +63,8 @@ class HopfieldCleanup:
 
         Returns ``(..., P)``.
         """
+        if not isinstance(y, torch.Tensor):  # (an AttributeError on .to before)
+            raise ArgumentError(f"y must be a torch.Tensor; got {type(y).__name__}")
         if tuple(y.shape[y.ndim - len(self.shape) :]) != self.shape:
             raise ShapeError(
                 f"y must have shape (..., {', '.join(map(str, self.shape))}); got {tuple(y.shape)}"

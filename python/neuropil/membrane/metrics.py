@@ -12,7 +12,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ..errors import ArgumentError, ShapeError, _shown
+from ..errors import ArgumentError, DTypeError, ShapeError, _shown
 
 __all__ = ["psnr", "ssim"]
 
@@ -22,7 +22,7 @@ def _pair(x: torch.Tensor, y: torch.Tensor, fn: str) -> tuple[torch.Tensor, torc
         if not isinstance(t, torch.Tensor):
             raise ArgumentError(f"{fn}: {name} must be a torch.Tensor; got {type(t).__name__}")
         if not t.is_floating_point():
-            raise ArgumentError(f"{fn}: {name} must be a floating tensor; got {t.dtype}")
+            raise DTypeError(f"{fn}: {name} must be a floating tensor; got {t.dtype}")
     if x.shape != y.shape:
         raise ShapeError(f"{fn}: y must have the shape of x {tuple(x.shape)}; got {tuple(y.shape)}")
     if x.device != y.device:
