@@ -50,6 +50,17 @@ def test_default_size_memory_and_counts():
     assert np.array_equal(out, FlyHash(1536, seed=0).encode(x))
 
 
+def test_constructor_arguments_read_back():
+    # Each property reports its constructor argument (or what it derives:
+    # m = floor(d * ratio), k = floor(m * fraction), round(connectivity * d)
+    # connections, ceil(m / 8) code bytes).
+    fh = FlyHash(40, 2.5, 0.2, seed=3, projection="sparse", connectivity=0.25, binary=True)
+    assert (fh.input_dim, fh.output_dim, fh.active_bits) == (40, 100, 20)
+    assert (fh.expansion_ratio, fh.active_fraction, fh.connectivity) == (2.5, 0.2, 0.25)
+    assert (fh.connections, fh.binary, fh.projection, fh.seed) == (10, True, "sparse", 3)
+    assert fh.code_bytes == 13
+
+
 def test_seed_none_draws_and_reports_a_seed():
     a, b = FlyHash(16, 4.0, 0.25), FlyHash(16, 4.0, 0.25)
     assert a.seed != b.seed
@@ -400,7 +411,7 @@ def test_malformed_files_raise_format_error(tmp_path):
         BinaryIndex.load(good)
     # A later format says what to do; an earlier or malformed one what was found.
     for found, message in [
-        ("99", r'format_version 99 is newer than this neuropil \(.+\) reads \(up to 1\): upgrade'),
+        ("99", r"format_version 99 is newer than this neuropil \(.+\) reads \(up to 1\): upgrade"),
         ("0", r'format_version must be "1"; got "0"'),
         ("01", r'format_version must be "1"; got "01"'),
     ]:
@@ -530,6 +541,23 @@ def test_index_bad_input():
     with pytest.raises(neuropil.ArgumentError, match="nbits"):
         BinaryIndex(0)
     assert ix.remove([]) == 0 and len(ix) == 2
+
+
+def test_index_ranges_end_at_their_documented_bounds():
+    # nbits >= 1 (a 1-bit index works: ceil(1 / 8) = 1 byte, the top 7 bits clear);
+    # max_distance runs up to 2**32 - 1 inclusive (everything is within it).
+    ix = BinaryIndex(1)
+    assert (ix.nbits, ix.code_bytes) == (1, 1)
+    ix.add(np.array([[1], [0]], np.uint8))
+    assert repr(ix) == "BinaryIndex(nbits=1, len=2)"
+    with pytest.raises(neuropil.ArgumentError, match="bits set past bit 1"):
+        ix.add(np.array([[2]], np.uint8))
+    lims, d, ids = ix.range_search(np.array([[1]], np.uint8), 2**32 - 1)
+    assert lims.tolist() == [0, 2] and d.tolist() == [0, 1] and ids.tolist() == [0, 1]
+    with pytest.raises(
+        neuropil.ArgumentError, match=rf"max_distance must be an integer in \[0, {2**32 - 1}\]"
+    ):
+        ix.range_search(np.array([[1]], np.uint8), 2**32)
 
 
 def test_index_takes_uint64_ids_by_value_and_names_dtypes_plainly():

@@ -175,6 +175,36 @@ def test_thresholds_take_any_pair_of_numbers(pair, given):
     np.testing.assert_array_equal(ffn(x), want(x))
 
 
+def test_threshold_setters_change_one_threshold_and_check_it():
+    g, u, dn = weights(h=64, d=40)
+    x = np.random.default_rng(6).standard_normal((3, 40)).astype(np.float32)
+    ffn = InputSparseFFN(g, u, dn)
+    ffn.t_hidden = 0.3
+    assert (ffn.t_in, ffn.t_hidden) == (None, 0.3)
+    ffn.t_in = 0.5
+    assert (ffn.t_in, ffn.t_hidden) == (0.5, 0.3)
+    np.testing.assert_array_equal(ffn(x), InputSparseFFN(g, u, dn, thresholds=(0.5, 0.3))(x))
+    for name in ("t_in", "t_hidden"):
+        with pytest.raises(neuropil.ArgumentError, match=name + _NUM + "nan"):
+            setattr(ffn, name, float("nan"))
+    assert (ffn.t_in, ffn.t_hidden) == (0.5, 0.3)
+    ffn.t_hidden = None
+    assert (ffn.t_in, ffn.t_hidden) == (0.5, None)
+
+
+def test_memory_bytes_counts_the_stored_weights():
+    # float32 holds 4 bytes per weight (at least), float16 and 8-bit less, an
+    # ungated FFN (no gate) less than a gated one.
+    g, u, dn = weights(h=64, d=40)
+    size = {
+        kw: InputSparseFFN(g, u, dn, **dict([kw])).memory_bytes
+        for kw in (("dtype", "float32"), ("dtype", "float16"), ("bits", 8))
+    }
+    assert size[("dtype", "float32")] >= 4 * 3 * 64 * 40
+    assert size[("dtype", "float32")] > size[("dtype", "float16")] > size[("bits", 8)] > 0
+    assert InputSparseFFN(None, u, dn).memory_bytes < size[("dtype", "float32")]
+
+
 _PAIR = (
     "thresholds must be a pair (t_in, t_hidden) of numbers or None (a tuple, list, "
     "or 1-D array or tensor of length 2); got "

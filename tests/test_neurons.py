@@ -1616,6 +1616,49 @@ def test_ragged_lists_raise_shape_error_naming_the_argument():
     assert cache.stats() == same.stats() != NeuronCache(10, capacity=3).stats()
 
 
+def test_calibrating_at_sparsity_zero_computes_every_neuron():
+    # "0.0 for sparsity 0, which computes every neuron": dense, not a threshold
+    # of 0 (which would drop relu's zeros from the counts).
+    g, u, dn = weights()
+    ffn = SparseFFN(g, u, dn, activation="relu")
+    x = np.random.default_rng(0).standard_normal((20, 40)).astype(np.float32)
+    assert ffn.calibrate(x, 0.0) == 0.0
+    assert ffn.threshold is None and ffn.top_k is None and "dense" in repr(ffn)
+    ffn(x)
+    assert ffn.stats()["density"] == 1.0
+
+
+def test_reset_stats_zeroes_hits_and_misses_and_keeps_activity_and_hot_set():
+    c = NeuronCache(10, 3)
+    c.record([1, 2])
+    c.reclassify()
+    c.record([1, 5])
+    s = c.stats()
+    assert (s["hits"], s["misses"], s["total_activations"]) == (1, 1, 2)
+    freq, hot = c.activation_frequency(), c.hot_neurons()
+    c.reset_stats()
+    s = c.stats()
+    assert (s["hits"], s["misses"], s["hit_rate"]) == (0, 0, 0.0)
+    assert (s["total_activations"], s["events"], s["num_hot"]) == (2, 4, 2)
+    np.testing.assert_array_equal(c.activation_frequency(), freq)
+    np.testing.assert_array_equal(c.hot_neurons(), hot)
+
+
+def test_reprs_name_the_mode():
+    # dense until a threshold or top_k is set; top_k takes precedence over threshold
+    g, u, dn = weights(h=8, d=4)
+    ffn = SparseFFN(g, u, dn, hot_capacity=4)
+    assert repr(ffn) == "SparseFFN(h=8, d=4, silu, float32, dense, hot tier 0)"
+    ffn.set_threshold(0.25)
+    ffn.set_hot([1, 2])
+    assert repr(ffn) == "SparseFFN(h=8, d=4, silu, float32, threshold=0.25, hot tier 2)"
+    ffn.top_k = 3
+    assert repr(ffn) == "SparseFFN(h=8, d=4, silu, float32, top_k=3, hot tier 2)"
+    assert repr(NeuronCache(10, 3)) == (
+        "NeuronCache(10 neurons, policy='frequency', hot 0/3, hit rate 0.000)"
+    )
+
+
 @pytest.mark.parametrize("method", ["cats", "teal"])
 def test_sparse_mlp_sees_every_replacement_of_a_weight(method):
     # The Rust copy was keyed on the parameters' versions, which `p.data = w`

@@ -323,6 +323,29 @@ def test_scores_that_may_overflow_float32_are_rejected():
         ix.search(q, 0.0)
 
 
+def test_the_overflow_check_refuses_a_product_just_past_float32():
+    # max |q| * max |k| = 1.005 * 3.4e38 would give an Inf score: refused
+    # (the check keeps a rounding slack of 2**-7 below the limit, never above);
+    # 0.98 of it is answered, finite and exact.
+    f32_max = float(np.finfo(np.float32).max)
+    ix = RangeIndex(np.array([[2e19, 0.0], [0.0, 1.0]], np.float32), "flat")
+    ok = np.array([[0.98 * f32_max / 2e19, 0.0]], np.float32)
+    lims, ids, scores = ix.search(ok, 0.0)
+    assert lims.tolist() == [0, 2] and ids.tolist() == [0, 1] and np.isfinite(scores).all()
+    assert ix.topk(ok, 1)[0].tolist() == [[0]]
+    bad = np.array([[1.005 * f32_max / 2e19, 0.0]], np.float32)
+    for call in (lambda: ix.search(bad, 0.0), lambda: ix.topk(bad, 1)):
+        with pytest.raises(neuropil.ArgumentError, match=r"within float32.*product 3\.42e\+38"):
+            call()
+
+
+def test_dimension_and_repr_describe_the_index():
+    ix = RangeIndex(low_rank(40, 6, 2, 0), "pca")
+    assert (len(ix), ix.d, ix.method, ix.device) == (40, 6, "pca", "cpu")
+    assert repr(ix) == "RangeIndex(n=40, d=6, method='pca', device='cpu')"
+    assert ix.stats["seed"] == 0  # the default seed
+
+
 def test_a_refused_add_keeps_the_core_error_and_the_overflow_bound():
     # add raises the key-norm bound before the core appends (so a search
     # beside it never sees keys beyond the bound, tests/test_concurrency.py):
@@ -1115,6 +1138,44 @@ def test_an_empty_batch_is_no_search_to_auto():
         ix.search(empty, -5.0 if i % 2 else np.zeros(0, np.float32))
         assert ix.last_work.shape == (0,)
     assert [pruned() for _ in range(16)] == [False] * 15 + [True]
+
+
+def test_rebuild_takes_the_appended_keys_into_the_tree():
+    keys = low_rank(300, 8, 2, 1)
+    ix = RangeIndex(keys[:200], rebuild_min=1000)
+    ix.add(keys[200:])
+    s = ix.stats
+    assert (s["indexed"], s["pending"], s["builds"]) == (200, 100, 1)
+    q = low_rank(3, 8, 2, 5)
+    want = ix.search(q, 0.0)
+    ix.rebuild()
+    s = ix.stats
+    assert (s["indexed"], s["pending"], s["builds"]) == (300, 0, 2)
+    for a, b in zip(ix.search(q, 0.0), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_torch_path_add_appends_the_given_keys():
+    # The CUDA path's logic, on CPU tensors: appended keys (within the buffer
+    # and past it, which grows it) are the ones searched and returned by keys().
+    torch = pytest.importorskip("torch")
+    from neuropil.range import _TorchRange
+
+    keys = low_rank(40, 8, 2, 1)
+    ix = RangeIndex(keys[:10])
+    ix._native, ix._torch = None, _TorchRange(torch.from_numpy(keys[:10]))
+    ix.add(torch.from_numpy(keys[10:25]))  # grows the buffer
+    ix.add(keys[25:])
+    assert len(ix) == 40
+    np.testing.assert_array_equal(ix.keys().numpy(), keys)
+    q = low_rank(2, 8, 2, 7)
+    lims, ids, _ = ix.search(torch.from_numpy(q), 0.0)
+    want = RangeIndex(keys, "flat").search(q, 0.0)
+    np.testing.assert_array_equal(lims.numpy(), want[0])
+    np.testing.assert_array_equal(ids.numpy(), want[1])
+    # k = 1, the smallest k, is taken
+    ids, _ = ix.topk(torch.from_numpy(q), 1)
+    np.testing.assert_array_equal(ids.numpy(), RangeIndex(keys, "flat").topk(q, 1)[0])
 
 
 def test_an_empty_torch_batch_gets_empty_tensors():
