@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -337,6 +338,15 @@ def test_the_overflow_check_refuses_a_product_just_past_float32():
     for call in (lambda: ix.search(bad, 0.0), lambda: ix.topk(bad, 1)):
         with pytest.raises(neuropil.ArgumentError, match=r"within float32.*product 3\.42e\+38"):
             call()
+    # The limit the message states is the one checked: a product under
+    # float32's largest value but within the slack is refused, and said to be
+    # over the limit (the message gave 3.403e+38 as the limit before).
+    near = np.array([[0.995 * f32_max / 2e19, 0.0]], np.float32)
+    with pytest.raises(neuropil.ArgumentError) as e:
+        ix.search(near, 0.0)
+    found = re.findall(r"<= ([\d.e+]+)\).*product ([\d.e+]+)", str(e.value))
+    limit, product = (float(v) for v in found[0])
+    assert product > limit and product < f32_max, str(e.value)
 
 
 def test_dimension_and_repr_describe_the_index():

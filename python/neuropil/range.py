@@ -272,8 +272,10 @@ class RangeIndex:
         kn = _max_norm(keys())
         if qn * kn * _ROUNDING > _F32_MAX:
             raise ArgumentError(
+                # (the limit stated is the one checked: float32's largest value
+                # less the norms' rounding slack, not float32's largest value)
                 "queries and keys must keep q . k within float32 "
-                f"(max |q| * max |k| <= {_F32_MAX:.4g}); got max |q| = {qn:.4g}, "
+                f"(max |q| * max |k| <= {_F32_MAX / _ROUNDING:.4g}); got max |q| = {qn:.4g}, "
                 f"max |k| = {kn:.4g}, product {qn * kn:.4g} "
                 "(scale queries or keys down)"
             )
