@@ -193,7 +193,9 @@ class InputSparseFFN:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the stored weights and scales."""
+        """Bytes of the stored weights and scales, as held: the padding of
+        each tile of neurons to whole SIMD lanes included (a few bytes past
+        ``weights x element size`` for small layers)."""
         return self._ffn.memory_bytes
 
     def set_thresholds(self, t_in: float | None, t_hidden: float | None) -> None:
