@@ -1121,6 +1121,35 @@ def test_save_load_round_trips_bfloat16_frames_and_targets(tmp_path):
 
 
 @needs_torch
+def test_mmap_load_maps_bfloat16_arrays_instead_of_copying_them(tmp_path):
+    # load(mmap=True) copied every bfloat16 array whole (np.array of the map);
+    # now they are mapped copy-on-write: nothing of their size is allocated,
+    # and a write to the loaded tensor stays out of the file.
+    import tracemalloc
+
+    import torch
+
+    n = 1 << 20  # 2 MiB of bfloat16 frames (4 values a row), as much target
+    frames = torch.arange(4 * n, dtype=torch.float32).reshape(n, 4).to(torch.bfloat16)
+    target = torch.arange(n, dtype=torch.float32).to(torch.bfloat16)
+    path = tmp_path / "bf16.safetensors"
+    SlidingWindows(frames, 8, targets={"b": target}, target_offset=0).save(path)
+    saved = path.read_bytes()
+    tracemalloc.start()
+    try:
+        back = SlidingWindows.load(path, mmap=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (1 << 20), peak  # (a copy of either array: 2 MiB or more)
+    assert torch.equal(back.frames, frames) and torch.equal(back.targets["b"], target)
+    back.targets["b"][0] = 5.0
+    back.frames[0, 0] = 5.0
+    assert path.read_bytes() == saved
+    assert torch.equal(SlidingWindows.load(path, mmap=True).targets["b"], target)
+
+
+@needs_torch
 def test_a_gathered_batch_is_a_sequence_of_its_samples():
     # DataLoader hands collate_fn what __getitems__ returns: a WindowBatch that
     # reads as the sequence of its samples (index, slice, iterate), so torch's

@@ -345,5 +345,11 @@ def _tensor(
     if dtype == "BF16":
         import torch
 
-        arr = torch.from_numpy(np.array(arr)).view(torch.bfloat16)
+        if isinstance(arr, np.memmap):
+            # torch takes no read-only memory: the same bytes mapped
+            # copy-on-write (writes stay private), still paged in on use
+            # rather than copied whole.
+            arr = np.memmap(path, dtype=np_dtype, mode="c", offset=start + begin,
+                            shape=tuple(shape))  # fmt: skip
+        arr = torch.from_numpy(arr).view(torch.bfloat16)
     return arr, dtype

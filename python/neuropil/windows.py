@@ -816,9 +816,10 @@ class SlidingWindows:
                 array stored misaligned (files of older versions) is copied.
                 Such an object pickles as a reference to the file (see the
                 class docstring); with ``mmap=False`` the arrays pickle by value.
-                bfloat16 arrays are read into torch tensors (numpy has no
-                bfloat16), and a file with a bfloat16 target gives torch frames
-                (mapped copy-on-write), as the object saved had.
+                bfloat16 arrays become torch tensors (numpy has no bfloat16),
+                mapped copy-on-write with ``mmap`` (writes stay private), and a
+                file with a bfloat16 target gives torch frames, as the object
+                saved had.
 
         Raises:
             OSError: the file cannot be read (``FileNotFoundError``...), as from ``open``.
